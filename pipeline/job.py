@@ -1,0 +1,171 @@
+"""The whole job: quantize on Ray, assemble the artifacts, verify them, evaluate, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pipeline import fixtures
+from pipeline.assemble import AssembleError, ResultSource, assemble_gguf, assemble_gptq
+from pipeline.calibration import eval_windows, load_text, tokenize_stream
+from pipeline.config import JobConfig
+from pipeline.run import STRATA_VERSION, run_job
+from pipeline.verify import verify_gguf, verify_gptq
+from workers.result import QuantSpec
+
+log = logging.getLogger("strata.job")
+
+
+def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
+    out = Path(cfg.output.dir)
+    paths = {}
+    if "gptq" in cfg.output.formats:
+        paths["gptq"] = out / f"{cfg.name}-gptq"
+    if "gguf" in cfg.output.formats:
+        paths["gguf"] = out / f"{cfg.name}-{'Q4_0' if cfg.quant.bits == 4 else 'Q8_0'}.gguf"
+    return paths
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
+    """Run, assemble, verify and evaluate; returns the report (also written as JSON)."""
+    t0 = time.perf_counter()
+    paths = artifact_paths(cfg)
+    for path in paths.values():  # fail before hours of work, not after
+        if path.exists() and not cfg.output.overwrite:
+            raise AssembleError(f"output {path} exists; pass --overwrite (output.overwrite: true) to replace it")
+
+    outcome = run_job(cfg, progress=progress)
+    results = ResultSource(outcome.store, outcome.records)
+    timings = {"quantize_s": outcome.wall_s}
+
+    t = time.perf_counter()
+    for fmt, path in paths.items():
+        log.info("assembling %s → %s", fmt, path)
+        if fmt == "gptq":
+            assemble_gptq(
+                outcome.reader,
+                results,
+                path,
+                shard_size=cfg.output.shard_size,
+                overwrite=cfg.output.overwrite,
+                tool_version=STRATA_VERSION,
+            )
+        else:
+            assemble_gguf(
+                outcome.reader,
+                results,
+                path,
+                tokenizer_pre=cfg.output.gguf_tokenizer_pre,
+                overwrite=cfg.output.overwrite,
+                name=cfg.name,
+            )
+    timings["assemble_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    checks, gguf_model = [], None
+    if "gptq" in paths:
+        checks.append(verify_gptq(paths["gptq"], outcome.reader, results))
+    if "gguf" in paths:
+        summary, gguf_model = verify_gguf(paths["gguf"], outcome.reader, results)
+        checks.append(summary)
+    timings["verify_s"] = time.perf_counter() - t
+
+    quality = None
+    if cfg.eval is not None:
+        t = time.perf_counter()
+        quality = evaluate_job(cfg, outcome, results, gguf_model)
+        timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+
+    report = {
+        "run_id": outcome.run_id,
+        "store": str(getattr(outcome.store, "root", outcome.store)),
+        "method": cfg.quant.method,
+        "quant": cfg.quant.model_dump(),
+        "workers": cfg.run.workers,
+        "artifacts": {fmt: {"path": str(p), "bytes": size_of(p)} for fmt, p in paths.items()},
+        "checks": checks,
+        "quality": quality,
+        "timings": timings,
+        "phase_s": outcome.phase_s,
+        "solved_blocks": len(outcome.solved_blocks),
+        "replayed_blocks": len(outcome.resumed_blocks),
+    }
+    report_path = Path(cfg.output.dir) / f"{cfg.name}-report.json"
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=1))
+    report["report_path"] = str(report_path)
+    return report
+
+
+def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> dict:
+    """fp16 reference, the RTN baseline on the same grid, and strata's result (as the
+    GGUF loaded by transformers when there is one, else the dequantized results)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.eval import evaluate, load_reference, rtn_weights, with_weights
+
+    model_path = fixtures.resolve(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    windows = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    ref = load_reference(model_path)
+    spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
+    label = f"strata {cfg.quant.method.upper()} W{cfg.quant.bits} g{cfg.quant.group_size}"
+    models = {"fp16 (reference)": ref}
+    if "rtn" in cfg.eval.baselines and cfg.quant.method != "rtn":
+        models[f"RTN W{cfg.quant.bits} g{cfg.quant.group_size}"] = with_weights(ref, rtn_weights(ref, spec))
+    if gguf_model is not None:
+        models[f"{label} (GGUF via transformers)"] = gguf_model
+    else:
+        weights = {name: results.get(name).dequantize() for name in results.entries}
+        models[label] = with_weights(ref, weights)
+    log.info("evaluating %d models on %d × %d held-out tokens", len(models), *windows.shape)
+    rows = evaluate(models, windows, reference="fp16 (reference)")
+    return {"text": cfg.eval.text, "windows": list(windows.shape), "rows": rows}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    q = report["quant"]
+    lines.append(
+        f"strata run {report['run_id']}: {report['method'].upper()} {q['bits']}-bit group {q['group_size']} "
+        f"{'sym' if q['sym'] else 'asym'}, {report['workers']} worker(s)"
+    )
+    if report.get("quality"):
+        rows = report["quality"]["rows"]
+        w = max(len(n) for n in rows)
+        lines.append("")
+        lines.append(
+            f"held-out perplexity: {report['quality']['text']}, {report['quality']['windows'][0]} windows × "
+            f"{report['quality']['windows'][1]} tokens"
+        )
+        lines.append(f"{'model'.ljust(w)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'top-1':>6}")
+        for name, r in rows.items():
+            lines.append(
+                f"{name.ljust(w)}  {r['ppl']:8.3f}  {r['ppl_increase']:+8.2%}  {r['kld']:7.4f}  {r['top1']:6.1%}"
+            )
+    lines.append("")
+    lines.append("artifacts:")
+    for fmt, a in report["artifacts"].items():
+        lines.append(f"  {fmt:5s} {a['bytes'] / 1e6:9.1f} MB  {a['path']}")
+    for check in report["checks"]:
+        lines.append(
+            f"  verified {check['format']}: {check['bit_exact_linears']} linears bit-exact"
+            + (f" in {check['reader']}" if "reader" in check else "")
+        )
+    t = report["timings"]
+    lines.append("")
+    lines.append("wall time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()))
+    ph = report.get("phase_s") or {}
+    if ph:
+        lines.append("per-worker phases (summed over blocks): " + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()))
+    lines.append(f"record: {report['store']}/runs/{report['run_id']}   report: {report.get('report_path', '')}")
+    return "\n".join(lines)

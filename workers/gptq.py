@@ -1,0 +1,145 @@
+"""GPTQ: round one input column at a time and push the error onto the columns not yet rounded.
+
+Minimises ‖W X − Ŵ X‖² over the codes, with H = 2·XᵀX / n the Hessian of that loss
+in each row of W. With U the upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹,
+column j is rounded to q_j and the rest of the row is corrected by
+
+    e_j = (w_j − ŵ_j) / U[j, j],      W[:, j:] −= e_j · U[j, j:],
+
+applied lazily in blocks of ``block_size`` columns (Frantar et al., 2022). Rows are
+independent given H, so linears that share an input (q/k/v, gate/up) can be stacked
+and solved as one matrix with the same result.
+
+Options: act-order (columns in decreasing diag(H)), with static groups (group
+parameters from the original weights, g_idx = k // G) or without (groups along the
+processing order, g_idx non-monotone); group scales from min/max or an MSE shrink
+search; a partial last group when K % G ≠ 0. Dead inputs (diag(H) = 0) get weight 0.
+When the Cholesky fails, the damping λ is multiplied by 10 and retried.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.grids import dequantize, group_params, group_slices, quantize
+from workers.result import QuantizedLinear, QuantSpec
+
+
+def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper U with UᵀU = (H + λ·mean(diag H)·I)⁻¹, in float64; returns U and the λ used."""
+    h = hessian.to(torch.float64)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = torch.diag(h).mean().clamp(min=1e-12)
+    lam = damp
+    for _ in range(max_tries):
+        chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, lam
+        lam *= 10.0
+    raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ): the relative error of the layer's output on X."""
+    h = hessian.float()
+    err = weight.float() - approx.float()
+    num = ((err @ h) * err).sum()
+    den = ((weight.float() @ h) * weight.float()).sum().clamp(min=1e-30)
+    return float(num / den)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = True,
+    mse_grid: int = 0,
+) -> QuantizedLinear:
+    """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring."""
+    w = weight.float().clone()
+    n_rows, n_cols = w.shape
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    group_len = spec.group_len(n_cols)
+    n_groups = len(group_slices(n_cols, spec))
+    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=w.device)
+    ready = [False] * n_groups
+
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+    else:
+        perm = torch.arange(n_cols, device=w.device)
+    col_group = torch.arange(n_cols, device=w.device) // group_len
+    if act_order and not static_groups:
+        pos_group = col_group  # groups follow the processing order
+    else:
+        pos_group = col_group[perm]
+    if act_order and static_groups:
+        for g, (start, end) in enumerate(group_slices(n_cols, spec)):
+            scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
+            ready[g] = True
+
+    wp = w[:, perm]
+    upper, lam = damped_inverse_cholesky(h[perm][:, perm], damp)
+    upper = upper.to(torch.float32)
+    codes_p = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=w.device)
+    pos_group_list = pos_group.tolist()
+
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        w_blk = wp[:, i1:i2].clone()
+        err_blk = torch.zeros_like(w_blk)
+        u_blk = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            pos = i1 + i
+            g = pos_group_list[pos]
+            if not ready[g]:
+                # first column of a group along the processing order: params from the
+                # error-compensated weights of its columns (the last group may be partial)
+                end = min((g + 1) * group_len, n_cols)
+                cols = torch.cat([w_blk[:, i:], wp[:, i2:end]], dim=1)[:, : end - pos]
+                scales[:, g], zeros[:, g] = group_params(cols, spec, mse_grid=mse_grid)
+                ready[g] = True
+            col = w_blk[:, i : i + 1]
+            s, z = scales[:, g], zeros[:, g]
+            q = quantize(col, s, z, spec.maxq)
+            codes_p[:, pos] = q[:, 0]
+            err = (col[:, 0] - dequantize(q, s, z)[:, 0]) / u_blk[i, i]
+            w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
+            err_blk[:, i] = err
+        wp[:, i2:] -= err_blk @ upper[i1:i2, i2:]
+
+    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=w.device)
+    codes[:, perm] = codes_p.to(torch.uint8)
+    g_idx = torch.empty(n_cols, dtype=torch.int32, device=w.device)
+    g_idx[perm] = pos_group.to(torch.int32)
+    result = QuantizedLinear(
+        spec=spec,
+        codes=codes,
+        scales=scales.half(),
+        zeros=zeros.to(torch.uint8),
+        g_idx=g_idx,
+        method="gptq",
+        perm=perm.to(torch.int64) if act_order else None,
+        params={
+            "damp": damp,
+            "damp_used": lam,
+            "block_size": block_size,
+            "act_order": act_order,
+            "static_groups": static_groups,
+            "mse_grid": mse_grid,
+            "dead_inputs": int(dead.sum()),
+        },
+    )
+    return result

@@ -1,0 +1,126 @@
+"""The neutral result of quantizing one linear layer, shared by solvers and formats.
+
+A weight W of shape [N, K] (N outputs, K inputs) is stored as
+
+    W[n, k] ≈ scales[n, g_idx[k]] · (codes[n, k] − zeros[n, g_idx[k]])
+
+with integer codes in [0, 2^bits − 1], one scale and one integer zero point per
+(output row, input group). Scales are kept in float16 because every published
+format stores them that way: the solver rounds them *before* it rounds the weights,
+so each format carries exactly the solver's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """The integer grid: bits, group size along the input dim (-1 = whole row), symmetry."""
+
+    bits: int = 4
+    group_size: int = 64
+    sym: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be one of 2, 3, 4, 8, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be -1 or positive, got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def sym_zero(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def num_groups(self, in_features: int) -> int:
+        return math.ceil(in_features / self.group_len(in_features))
+
+
+@dataclass
+class QuantizedLinear:
+    """Codes, fp16 scales and integer zeros of one linear, in the original column order."""
+
+    spec: QuantSpec
+    codes: torch.Tensor  # uint8 [N, K]
+    scales: torch.Tensor  # float16 [N, nG]
+    zeros: torch.Tensor  # uint8 [N, nG]
+    g_idx: torch.Tensor  # int32 [K]
+    method: str = "rtn"
+    perm: torch.Tensor | None = None  # int64 [K], act-order processing order
+    params: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W[n, k] = scales[n, g_idx[k]] · (codes[n, k] − zeros[n, g_idx[k]]), computed in fp32."""
+        g = self.g_idx.long()
+        scale = self.scales.float()[:, g]
+        zero = self.zeros.float()[:, g]
+        return (scale * (self.codes.float() - zero)).to(dtype)
+
+    def rows(self, start: int, end: int) -> QuantizedLinear:
+        """The result for output rows [start, end) — used to split a jointly solved stack."""
+        return QuantizedLinear(
+            spec=self.spec,
+            codes=self.codes[start:end].contiguous(),
+            scales=self.scales[start:end].contiguous(),
+            zeros=self.zeros[start:end].contiguous(),
+            g_idx=self.g_idx,
+            method=self.method,
+            perm=self.perm,
+            params=dict(self.params),
+        )
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Tensors and string metadata, ready for a safetensors file."""
+        tensors = {
+            "codes": self.codes.contiguous(),
+            "scales": self.scales.contiguous(),
+            "zeros": self.zeros.contiguous(),
+            "g_idx": self.g_idx.contiguous(),
+        }
+        if self.perm is not None:
+            tensors["perm"] = self.perm.contiguous()
+        metadata = {
+            "schema": str(SCHEMA_VERSION),
+            "bits": str(self.spec.bits),
+            "group_size": str(self.spec.group_size),
+            "sym": "true" if self.spec.sym else "false",
+            "method": self.method,
+            "params": json.dumps(self.params, sort_keys=True),
+        }
+        return tensors, metadata
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> QuantizedLinear:
+        if metadata.get("schema") != str(SCHEMA_VERSION):
+            raise ValueError(f"unsupported result schema {metadata.get('schema')!r}")
+        spec = QuantSpec(
+            bits=int(metadata["bits"]), group_size=int(metadata["group_size"]), sym=metadata["sym"] == "true"
+        )
+        return cls(
+            spec=spec,
+            codes=tensors["codes"],
+            scales=tensors["scales"],
+            zeros=tensors["zeros"],
+            g_idx=tensors["g_idx"],
+            method=metadata["method"],
+            perm=tensors.get("perm"),
+            params=json.loads(metadata["params"]),
+        )
