@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,6 +130,72 @@ def commit_folder(tmp: Path, dest: Path) -> None:
         os.replace(tmp, dest)
 
 
+def _write_quantized_checkpoint(
+    reader: CheckpointReader,
+    results: ResultSource,
+    tmp: Path,
+    pack: Callable[[QuantizedLinear, str], dict[str, torch.Tensor]],
+    shard_size: str,
+) -> tuple[QuantizedLinear, list[str]]:
+    """Stream every tensor into safetensors shards in ``tmp``: quantized linears through
+    ``pack`` (their biases as float16), every other tensor as stored. Returns one result
+    (all must share its spec: a checkpoint has one quantization_config) and the modules
+    with a 2-D weight that were left unquantized (for the config's ignore list). On
+    AssembleError the staging folder is removed."""
+    try:
+        return _write_tensors(reader, results, tmp, pack, shard_size)
+    except AssembleError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_tensors(reader, results, tmp, pack, shard_size) -> tuple[QuantizedLinear, list[str]]:
+    writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
+    first: QuantizedLinear | None = None
+    unquantized: list[str] = []
+    for name in reader.tensor_names:
+        linear, _, leaf = name.rpartition(".")
+        if linear in results and leaf == "weight":
+            result = results.get(linear)
+            if first is None:
+                first = result
+            elif result.spec != first.spec:
+                raise AssembleError(f"{linear}: {result.spec} differs from {first.spec}; one config holds one spec")
+            try:
+                packed = pack(result, linear)
+            except ValueError as err:
+                raise AssembleError(f"{linear}: {err}") from err
+            for tname, tensor in packed.items():
+                writer.add(tname, tensor)
+        elif linear in results and leaf == "bias":
+            writer.add(name, reader.load([name])[name].to(torch.float16))
+        else:
+            if leaf == "weight" and len(reader.shape(name)) == 2:
+                unquantized.append(linear)
+            writer.add(name, reader.load([name])[name])
+    writer.close()
+    if first is None:
+        raise AssembleError("the run record lists no quantized linear")
+    return first, unquantized
+
+
+def _finish_checkpoint(reader: CheckpointReader, tmp: Path, dest: Path, qcfg: dict, *, quantize_config: bool) -> Path:
+    config = dict(reader.config)
+    config["quantization_config"] = qcfg
+    config["dtype"] = "float16"
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if quantize_config:
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    copy_tokenizer(reader.path, tmp)
+    commit_folder(tmp, dest)
+    return dest
+
+
+def _not_converted(unquantized: list[str]) -> list[str]:
+    """Unquantized modules with 2-D weights, less embeddings and lm_head (readers skip those)."""
+    return [m for m in unquantized if not m.endswith(("embed_tokens", "lm_head", "wte", "wpe"))]
+
+
 def assemble_gptq(
     reader: CheckpointReader,
     results: ResultSource,
@@ -140,31 +207,48 @@ def assemble_gptq(
 ) -> Path:
     """A GPTQ checkpoint: quantized linears packed, every other tensor copied as stored."""
     tmp = staging_folder(dest, overwrite)
-    writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
-    spec, params = None, {}
-    for name in reader.tensor_names:
-        linear, _, leaf = name.rpartition(".")
-        if linear in results and leaf == "weight":
-            result = results.get(linear)
-            spec, params = result.spec, result.params
-            for tname, tensor in gptq_format.pack_linear(result, linear).items():
-                writer.add(tname, tensor)
-        elif linear in results and leaf == "bias":
-            writer.add(name, reader.load([name])[name].to(torch.float16))
-        else:
-            writer.add(name, reader.load([name])[name])
-    writer.close()
-    if spec is None:
-        raise AssembleError("the run record lists no quantized linear")
-    config = dict(reader.config)
-    qcfg = gptq_format.quantization_config(spec, params, tool_version)
-    config["quantization_config"] = qcfg
-    config["dtype"] = "float16"
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
-    copy_tokenizer(reader.path, tmp)
-    commit_folder(tmp, dest)
-    return dest
+    result, _ = _write_quantized_checkpoint(reader, results, tmp, gptq_format.pack_linear, shard_size)
+    qcfg = gptq_format.quantization_config(result.spec, result.params, tool_version)
+    return _finish_checkpoint(reader, tmp, dest, qcfg, quantize_config=True)
+
+
+def assemble_awq(
+    reader: CheckpointReader,
+    results: ResultSource,
+    dest: Path,
+    *,
+    shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """An AWQ GEMM checkpoint (4-bit, zero point): quantized linears packed, every other
+    tensor copied as stored. Results AWQ cannot hold (see pipeline.formats.awq) raise
+    AssembleError before anything is published."""
+    from pipeline.formats import awq as awq_format
+
+    tmp = staging_folder(dest, overwrite)
+    result, unquantized = _write_quantized_checkpoint(reader, results, tmp, awq_format.pack_linear, shard_size)
+    qcfg = awq_format.quantization_config(result.spec)
+    qcfg["modules_to_not_convert"] = _not_converted(unquantized) or None
+    return _finish_checkpoint(reader, tmp, dest, qcfg, quantize_config=True)
+
+
+def assemble_compressed_tensors(
+    reader: CheckpointReader,
+    results: ResultSource,
+    dest: Path,
+    *,
+    shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """A compressed-tensors "pack-quantized" checkpoint: quantized linears packed, every
+    other tensor copied as stored; unquantized linears are listed under ``ignore``."""
+    from pipeline.formats import compressed_tensors as ct_format
+
+    tmp = staging_folder(dest, overwrite)
+    result, unquantized = _write_quantized_checkpoint(reader, results, tmp, ct_format.pack_linear, shard_size)
+    qcfg = ct_format.quantization_config(result.spec, result.params)
+    qcfg["ignore"] = ["lm_head", *_not_converted(unquantized)]
+    return _finish_checkpoint(reader, tmp, dest, qcfg, quantize_config=False)
 
 
 def assemble_gguf(

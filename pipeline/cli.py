@@ -1,4 +1,4 @@
-"""strata command line: fixtures, run, demo, verify."""
+"""strata command line: fixtures, run, demo, verify, report, compare."""
 
 from __future__ import annotations
 
@@ -71,6 +71,59 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipeline import submit
+
+    extra = [a for pair in args.set for a in ("--set", pair)] + (["--no-eval"] if args.no_eval else [])
+    job_id = submit.submit(args.config, args.address, job_id=args.job_id, args=extra)
+    print(job_id)
+    if not args.follow:
+        return 0
+    state = submit.logs(job_id, args.address, follow=True)
+    print(f"job {job_id}: {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    from pipeline import submit
+
+    info = submit.status(args.job_id, args.address)
+    print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from pipeline import submit
+
+    state = submit.logs(args.job_id, args.address, follow=args.follow)
+    return 0 if state in (None, "SUCCEEDED") else 1
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import build_report, load_report, read_records
+    from pipeline.store import open_store
+
+    store = open_store(args.store) if args.store else None
+    report = load_report(args.report, store)
+    store = store or open_store(report["store"])
+    records = read_records(store, report["run_id"])
+    if not records:
+        raise SystemExit(f"strata: error: no block records for run {report['run_id']!r} in {store}")
+    files = build_report(report, records, Path(args.out) if args.out else Path(args.report).with_suffix(""))
+    for kind, path in files.items():
+        print(f"{kind:12s} {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from pipeline.report import compare_reports, load_report
+
+    files = compare_reports([load_report(p) for p in args.reports], Path(args.out))
+    for kind, path in files.items():
+        print(f"{kind:12s} {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description="Quantize large checkpoints block by block on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -99,6 +152,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="runs")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("report", help="write the HTML / markdown report and plots for a finished job")
+    p.add_argument("report", metavar="RUN_REPORT_JSON")
+    p.add_argument("--store", help="the run store (default: the one named in the report)")
+    p.add_argument("--out", help="output folder (default: the JSON's path without .json)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="several job reports in one table and one perplexity-vs-bits plot")
+    p.add_argument("reports", nargs="+", metavar="REPORT_JSON")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_compare)
+
+    address_help = "the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
+    p = sub.add_parser("submit", help="submit a job config to a Ray cluster (Ray Jobs API)")
+    p.add_argument("config")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument("--follow", action="store_true", help="stream the job's log until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    for name, helptext, func in (("status", "a submitted job's status", cmd_status), ("logs", "a job's log", cmd_logs)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job_id")
+        p.add_argument("--address", help=address_help)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=func)
+
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -113,11 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
     from pipeline.fixtures import FixtureError
+    from pipeline.submit import SubmitError
     from pipeline.verify import VerifyError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, CalibrationError, AssembleError, FixtureError, VerifyError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        CalibrationError,
+        AssembleError,
+        FixtureError,
+        VerifyError,
+        SubmitError,
+    ) as err:
         print(f"strata: error: {err}", file=sys.stderr)
         return 2
 

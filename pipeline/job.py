@@ -11,6 +11,7 @@ from pipeline import fixtures
 from pipeline.assemble import AssembleError, ResultSource, assemble_gguf, assemble_gptq
 from pipeline.calibration import eval_windows, load_text, tokenize_stream
 from pipeline.config import JobConfig
+from pipeline.report import build_report, count_params
 from pipeline.run import STRATA_VERSION, run_job
 from pipeline.verify import verify_gguf, verify_gptq
 from workers.result import QuantSpec
@@ -88,6 +89,8 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     report = {
         "run_id": outcome.run_id,
         "store": str(getattr(outcome.store, "root", outcome.store)),
+        "model": cfg.model,
+        "params": count_params(outcome.reader.path, outcome.reader.weight_map),
         "method": cfg.quant.method,
         "quant": cfg.quant.model_dump(),
         "workers": cfg.run.workers,
@@ -103,6 +106,12 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     report["report_path"] = str(report_path)
+    try:
+        files = build_report(report, outcome.records, report_path.with_suffix(""))
+        report["report_files"] = {kind: str(path) for kind, path in files.items()}
+    except Exception:  # the artifacts and the JSON are written; `strata report` can redo this part
+        log.exception("writing the HTML/markdown report failed; retry with `strata report %s`", report_path)
+        report["report_files"] = {}
     return report
 
 
@@ -168,4 +177,8 @@ def format_report(report: dict) -> str:
     if ph:
         lines.append("per-worker phases (summed over blocks): " + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()))
     lines.append(f"record: {report['store']}/runs/{report['run_id']}   report: {report.get('report_path', '')}")
+    if (report.get("report_files") or {}).get("html"):
+        lines.append(
+            f"html report: {report['report_files']['html']}   model card: {report['report_files']['markdown']}"
+        )
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from pipeline import fixtures
 from pipeline.calibration import calibration_windows, load_text, tokenize_stream
 from pipeline.checkpoint import CheckpointReader
 from pipeline.config import ConfigError, JobConfig, check_against_model
-from pipeline.store import open_store, sha256_bytes
+from pipeline.store import StoreError, open_store, sha256_bytes
 from workers.actor import BlockWorker, WorkerJob
 from workers.result import QuantSpec
 
@@ -81,14 +81,18 @@ def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch
 
 def record_is_complete(store, record_key: str) -> dict | None:
     """The block record if it exists and every result it lists is stored with its hash."""
-    if not store.exists(record_key):
-        return None
-    record = store.get_json(record_key)
-    if not record.get("complete"):
-        return None
-    for entry in record["results"]:
-        if not store.exists(entry["key"]) or sha256_bytes(store.get_bytes(entry["key"])) != entry["sha256"]:
+    try:
+        if not store.exists(record_key):
             return None
+        record = store.get_json(record_key)
+        if not record.get("complete"):
+            return None
+        for entry in record["results"]:
+            if not store.exists(entry["key"]) or sha256_bytes(store.get_bytes(entry["key"])) != entry["sha256"]:
+                return None
+    except (StoreError, ValueError) as err:  # corrupt or unreadable: the block is redone
+        log.warning("block record %s is not usable (%s); the block will be solved again", record_key, err)
+        return None
     return record
 
 

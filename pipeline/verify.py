@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -10,7 +12,10 @@ from safetensors import safe_open
 
 from pipeline.assemble import ResultSource
 from pipeline.checkpoint import CheckpointReader
+from pipeline.formats import awq as awq_format
+from pipeline.formats import compressed_tensors as ct_format
 from pipeline.formats import gptq as gptq_format
+from workers.result import QuantizedLinear
 
 
 class VerifyError(RuntimeError):
@@ -36,35 +41,32 @@ def _load(paths: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def verify_gptq(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _verify_packed(
+    folder: Path,
+    reader: CheckpointReader,
+    results: ResultSource,
+    fmt: str,
+    expected: Callable[[QuantizedLinear], Expected],
+    decode: Callable[[dict[str, torch.Tensor], str, QuantizedLinear], torch.Tensor],
+) -> dict:
     """Every tensor present with the right dtype and shape; packed linears decode (by the
     FORMATS.md rule) to exactly the solver's dequantized weights; other tensors equal."""
-    config = json.loads((folder / "config.json").read_text())
-    qcfg = config.get("quantization_config") or {}
-    if qcfg.get("quant_method") != "gptq":
-        raise VerifyError(f"{folder}/config.json has no gptq quantization_config")
-    bits, fmt = int(qcfg["bits"]), qcfg["checkpoint_format"]
     paths = _open_safetensors(folder)
     linears = exact = others = 0
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
         if linear in results and leaf == "weight":
             result = results.get(linear)
-            n_rows, n_cols = result.shape
-            n_groups = result.scales.shape[1]
-            tensors = _load(paths, [f"{linear}.{s}" for s in ("qweight", "qzeros", "scales", "g_idx")])
-            expected = {
-                "qweight": ((n_cols * bits // 32, n_rows), torch.int32),
-                "qzeros": ((n_groups, n_rows * bits // 32), torch.int32),
-                "scales": ((n_groups, n_rows), torch.float16),
-                "g_idx": ((n_cols,), torch.int32),
-            }
-            for suffix, (shape, dtype) in expected.items():
+            shapes = expected(result)
+            tensors = _load(paths, [f"{linear}.{suffix}" for suffix in shapes])
+            for suffix, (shape, dtype) in shapes.items():
                 t = tensors[f"{linear}.{suffix}"]
                 if tuple(t.shape) != shape or t.dtype != dtype:
                     raise VerifyError(f"{linear}.{suffix}: {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-            decoded = gptq_format.unpack_linear(tensors, linear, bits, fmt)
-            if not torch.equal(decoded, result.dequantize()):
+            if not torch.equal(decode(tensors, linear, result), result.dequantize()):
                 raise VerifyError(f"{linear}: packed weights differ from the solver's result")
             linears += 1
             exact += 1
@@ -76,7 +78,89 @@ def verify_gptq(folder: Path, reader: CheckpointReader, results: ResultSource) -
             if got.dtype != want.dtype or not torch.equal(got, want):
                 raise VerifyError(f"{name} differs from the checkpoint")
             others += 1
-    return {"format": "gptq", "quantized_linears": linears, "bit_exact_linears": exact, "other_tensors": others}
+    return {"format": fmt, "quantized_linears": linears, "bit_exact_linears": exact, "other_tensors": others}
+
+
+def _quantization_config(folder: Path, method: str) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("quant_method") != method:
+        raise VerifyError(f"{folder}/config.json has no {method} quantization_config")
+    return qcfg
+
+
+def verify_gptq(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+    """Every tensor present with the right dtype and shape; packed linears decode (by the
+    FORMATS.md rule) to exactly the solver's dequantized weights; other tensors equal."""
+    qcfg = _quantization_config(folder, "gptq")
+    bits, fmt = int(qcfg["bits"]), qcfg["checkpoint_format"]
+
+    def expected(result: QuantizedLinear) -> Expected:
+        n_rows, n_cols = result.shape
+        n_groups = result.scales.shape[1]
+        return {
+            "qweight": ((n_cols * bits // 32, n_rows), torch.int32),
+            "qzeros": ((n_groups, n_rows * bits // 32), torch.int32),
+            "scales": ((n_groups, n_rows), torch.float16),
+            "g_idx": ((n_cols,), torch.int32),
+        }
+
+    def decode(tensors, linear, _result):
+        return gptq_format.unpack_linear(tensors, linear, bits, fmt)
+
+    return _verify_packed(folder, reader, results, "gptq", expected, decode)
+
+
+def verify_awq(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+    """AWQ GEMM: config, tensor shapes and dtypes, and every packed linear decoding (by the
+    FORMATS.md rule, ORDER-interleaved nibbles) to exactly the solver's weights."""
+    qcfg = _quantization_config(folder, "awq")
+    if int(qcfg["bits"]) != 4 or qcfg.get("version") != "gemm" or not qcfg.get("zero_point"):
+        raise VerifyError(f"{folder}: expected a 4-bit zero-point GEMM AWQ config, got {qcfg}")
+    group = int(qcfg["group_size"])
+
+    def expected(result: QuantizedLinear) -> Expected:
+        n_rows, n_cols = result.shape
+        return {
+            "qweight": ((n_cols, n_rows // 8), torch.int32),
+            "qzeros": ((n_cols // group, n_rows // 8), torch.int32),
+            "scales": ((n_cols // group, n_rows), torch.float16),
+        }
+
+    def decode(tensors, linear, _result):
+        return awq_format.unpack_linear(tensors, linear, group)
+
+    return _verify_packed(folder, reader, results, "awq", expected, decode)
+
+
+def verify_compressed_tensors(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+    """compressed-tensors pack-quantized: config, tensor shapes and dtypes (zero points
+    only when asymmetric), and every packed linear decoding to exactly the solver's weights."""
+    qcfg = _quantization_config(folder, "compressed-tensors")
+    if qcfg.get("format") != "pack-quantized" or qcfg.get("quantization_status") != "compressed":
+        raise VerifyError(f"{folder}: expected a compressed pack-quantized config")
+    groups = list(qcfg["config_groups"].values())
+    if len(groups) != 1:
+        raise VerifyError(f"{folder}: expected one config group, got {len(groups)}")
+    weights = groups[0]["weights"]
+    bits, sym = int(weights["num_bits"]), bool(weights["symmetric"])
+
+    def expected(result: QuantizedLinear) -> Expected:
+        n_rows, n_cols = result.shape
+        n_groups = result.scales.shape[1]
+        out = {
+            "weight_packed": ((n_rows, math.ceil(n_cols * bits / 32)), torch.int32),
+            "weight_scale": ((n_rows, n_groups), torch.float16),
+            "weight_shape": ((2,), torch.int64),
+        }
+        if not sym:
+            out["weight_zero_point"] = ((math.ceil(n_rows * bits / 32), n_groups), torch.int32)
+        return out
+
+    def decode(tensors, linear, _result):
+        return ct_format.unpack_linear(tensors, linear, bits, sym)
+
+    return _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
 
 
 def verify_gguf(path: Path, reader: CheckpointReader, results: ResultSource):

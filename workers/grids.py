@@ -28,11 +28,14 @@ FP16_MAX = 65504.0
 
 
 def round_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Scale as float16 would store it, never zero (an all-zero group gets scale 1)."""
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.clamp(max=FP16_MAX).half().float()
-    # fp16 underflow to 0 for vanishing groups: use the smallest positive fp16 instead
-    return torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
+    """The smallest float16 value ≥ scale (so the grid still spans the group and nothing
+    clips), never zero: an all-zero group gets scale 1, a vanishing one the least fp16."""
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).clamp(max=FP16_MAX)
+    half = scale.half()
+    below = half.float() < scale
+    half = torch.where(below, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+    half = torch.where(half > 0, half, torch.full_like(half, 2.0**-24))
+    return half.float()
 
 
 def minmax_params(

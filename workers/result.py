@@ -97,30 +97,36 @@ class QuantizedLinear:
         }
         if self.perm is not None:
             tensors["perm"] = self.perm.contiguous()
+        # one metadata entry: safetensors writes several in no fixed order, and results are
+        # compared by hash across runs and worker counts
         metadata = {
-            "schema": str(SCHEMA_VERSION),
-            "bits": str(self.spec.bits),
-            "group_size": str(self.spec.group_size),
-            "sym": "true" if self.spec.sym else "false",
-            "method": self.method,
-            "params": json.dumps(self.params, sort_keys=True),
+            "strata_result": json.dumps(
+                {
+                    "schema": SCHEMA_VERSION,
+                    "bits": self.spec.bits,
+                    "group_size": self.spec.group_size,
+                    "sym": self.spec.sym,
+                    "method": self.method,
+                    "params": self.params,
+                },
+                sort_keys=True,
+            )
         }
         return tensors, metadata
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> QuantizedLinear:
-        if metadata.get("schema") != str(SCHEMA_VERSION):
-            raise ValueError(f"unsupported result schema {metadata.get('schema')!r}")
-        spec = QuantSpec(
-            bits=int(metadata["bits"]), group_size=int(metadata["group_size"]), sym=metadata["sym"] == "true"
-        )
+        meta = json.loads(metadata["strata_result"])
+        if meta.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"unsupported result schema {meta.get('schema')!r}")
+        spec = QuantSpec(bits=int(meta["bits"]), group_size=int(meta["group_size"]), sym=bool(meta["sym"]))
         return cls(
             spec=spec,
             codes=tensors["codes"],
             scales=tensors["scales"],
             zeros=tensors["zeros"],
             g_idx=tensors["g_idx"],
-            method=metadata["method"],
+            method=meta["method"],
             perm=tensors.get("perm"),
-            params=json.loads(metadata["params"]),
+            params=meta["params"],
         )

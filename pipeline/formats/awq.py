@@ -1,0 +1,111 @@
+"""AWQ GEMM safetensors (quant_method "awq", version "gemm"): packing, unpacking, config.
+
+Layout (FORMATS.md): per quantized Linear ``<m>`` with W [N, K] and group size G,
+
+* ``<m>.qweight`` int32 [K, N/8] — codes packed along the *output* dim;
+* ``<m>.qzeros``  int32 [K/G, N/8] — zero points, packed the same way, stored as is;
+* ``<m>.scales``  float16 [K/G, N].
+
+Inside word c, nibble p (bits 4p..4p+3) holds column 8c + ORDER[p] with
+ORDER = [0, 2, 4, 6, 1, 3, 5, 7] (the interleave the GEMM kernel unpacks in registers).
+Dequantize: ``W[n, k] = scales[k // G, n] · (code[k, n] − zero[k // G, n])``.
+
+AWQ is 4-bit with a zero point, and has neither partial groups nor a g_idx. A symmetric
+4-bit result is storable too: its zero point is 8 in every group, written as is, and
+AWQ readers subtract it like any other zero. What cannot be stored raises ValueError:
+bits ≠ 4, G = −1, K % G ≠ 0, N % 8 ≠ 0, and act-order results whose g_idx is not k // G.
+
+The exported scales are the solver's fp16 scales; AWQ's own per-channel activation
+scales, if a solver used them, must already be folded into the neighbouring float tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.result import QuantizedLinear, QuantSpec
+
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds column 8c + ORDER[p]
+PACK = 8  # 4-bit values per int32
+
+
+def check_storable(result: QuantizedLinear) -> None:
+    """Raise ValueError, naming the reason, when AWQ GEMM cannot hold ``result`` exactly."""
+    spec = result.spec
+    n_rows, n_cols = result.shape
+    if spec.bits != 4:
+        raise ValueError(f"AWQ GEMM stores 4-bit codes only, got {spec.bits}-bit")
+    if spec.group_size == -1:
+        raise ValueError("AWQ GEMM needs a positive group_size; G = -1 (one group per row) has no AWQ form")
+    if n_cols % spec.group_size:
+        raise ValueError(
+            f"AWQ has no partial groups: in_features {n_cols} is not a multiple of group_size {spec.group_size}"
+        )
+    if n_rows % PACK:
+        raise ValueError(f"AWQ packs 8 output columns per int32: out_features {n_rows} is not a multiple of 8")
+    expected = torch.arange(n_cols, dtype=torch.int64) // spec.group_size
+    if not torch.equal(result.g_idx.long().cpu(), expected):
+        raise ValueError(
+            "AWQ has no g_idx: this result uses act-order without static groups (g_idx != k // G); "
+            "requantize with static_groups, or publish it as GPTQ"
+        )
+
+
+def pack_columns(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] 4-bit values (C % 8 == 0) → int32 [R, C/8] in AWQ's interleaved nibble order."""
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > 15):
+        raise ValueError("a value does not fit in 4 bits")
+    rows, cols = v.shape
+    grouped = v.reshape(rows, cols // PACK, PACK)
+    word = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    for p, col in enumerate(ORDER):
+        word |= grouped[:, :, col] << (4 * p)
+    # int64 holding 0..2^32-1 → the same 32 bits as int32
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_columns(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_columns`: int32 [R, C/8] → int64 [R, C]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    rows, n_words = w.shape
+    out = torch.empty(rows, n_words, PACK, dtype=torch.int64)
+    for p, col in enumerate(ORDER):
+        out[:, :, col] = (w >> (4 * p)) & 0xF
+    return out.reshape(rows, n_words * PACK)
+
+
+def pack_linear(result: QuantizedLinear, prefix: str, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The AWQ GEMM tensors of one linear, named ``<prefix>.qweight``, ``.qzeros``, ``.scales``."""
+    check_storable(result)
+    out = {
+        f"{prefix}.qweight": pack_columns(result.codes.t()),  # [K, N/8]
+        f"{prefix}.qzeros": pack_columns(result.zeros.t()),  # [nG, N/8]
+        f"{prefix}.scales": result.scales.t().contiguous().to(torch.float16),  # [nG, N]
+    }
+    if bias is not None:
+        out[f"{prefix}.bias"] = bias.to(torch.float16)
+    return out
+
+
+def unpack_linear(tensors: dict[str, torch.Tensor], prefix: str, group_size: int) -> torch.Tensor:
+    """Dequantized W [N, K] (float32) from the stored tensors, by the FORMATS.md rule."""
+    codes = unpack_columns(tensors[f"{prefix}.qweight"])  # [K, N]
+    zeros = unpack_columns(tensors[f"{prefix}.qzeros"])  # [nG, N]
+    scales = tensors[f"{prefix}.scales"].float()  # [nG, N]
+    g = torch.arange(codes.shape[0]) // group_size
+    w = scales[g] * (codes.float() - zeros[g].float())  # [K, N]
+    return w.t().contiguous()
+
+
+def quantization_config(spec: QuantSpec) -> dict:
+    if spec.bits != 4 or spec.group_size < 1:
+        raise ValueError(f"AWQ GEMM needs 4-bit with a positive group_size, got {spec}")
+    return {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": spec.group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
