@@ -58,7 +58,7 @@ def cmd_verify(args) -> int:
     from pipeline.config import parse_config
     from pipeline.run import load_records
     from pipeline.store import open_store
-    from pipeline.verify import verify_gguf, verify_gptq
+    from pipeline.verify import VerifyError, verify_awq, verify_compressed_tensors, verify_gguf, verify_gptq
 
     store = open_store(args.store)
     run = store.get_json(f"runs/{args.run_id}/run.json")
@@ -66,7 +66,17 @@ def cmd_verify(args) -> int:
     reader = CheckpointReader(fixtures.resolve(cfg.model))
     results = ResultSource(store, load_records(store, f"runs/{args.run_id}", reader.num_layers))
     path = Path(args.artifact)
-    summary = verify_gguf(path, reader, results)[0] if path.suffix == ".gguf" else verify_gptq(path, reader, results)
+    if path.suffix == ".gguf":
+        summary = verify_gguf(path, reader, results)[0]
+    else:
+        import json
+
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
+        if method not in verifiers:
+            raise VerifyError(f"{path} is not a GGUF file nor a folder with a gptq/awq/compressed-tensors config")
+        summary = verifiers[method](path, reader, results)
     print(summary)
     return 0
 

@@ -36,6 +36,9 @@ class QuantConfig(_Strict):
     act_order: bool = False
     static_groups: bool = True
     mse_grid: int = Field(0, ge=0, description="shrink steps of the scale search; 0 = min/max")
+    true_sequential: bool = Field(
+        True, description="solve q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones before it"
+    )
     allow_partial_group: bool = Field(
         False, description="accept K % group_size != 0 (a last, partial group) instead of failing"
     )
@@ -67,7 +70,7 @@ class RunConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: str = "out"
-    formats: list[Literal["gptq", "gguf"]] = ["gptq", "gguf"]
+    formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf"]] = ["gptq", "gguf"]
     shard_size: str = "5GB"
     gguf_tokenizer_pre: str = "default"
     overwrite: bool = False
@@ -91,6 +94,10 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
+        if "awq" in self.output.formats and (self.quant.bits != 4 or self.quant.group_size == -1):
+            raise ValueError("awq output holds 4-bit results with a group size (not -1) only")
+        if "compressed-tensors" in self.output.formats and self.quant.bits == 3:
+            raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
         if "gguf" in self.output.formats:
             if self.quant.bits not in (4, 8) or not self.quant.sym:
                 raise ValueError("gguf output carries symmetric 4-bit (Q4_0) or 8-bit (Q8_0) results only so far")

@@ -8,12 +8,19 @@ import time
 from pathlib import Path
 
 from pipeline import fixtures
-from pipeline.assemble import AssembleError, ResultSource, assemble_gguf, assemble_gptq
+from pipeline.assemble import (
+    AssembleError,
+    ResultSource,
+    assemble_awq,
+    assemble_compressed_tensors,
+    assemble_gguf,
+    assemble_gptq,
+)
 from pipeline.calibration import eval_windows, load_text, tokenize_stream
 from pipeline.config import JobConfig
 from pipeline.report import build_report, count_params
 from pipeline.run import STRATA_VERSION, run_job
-from pipeline.verify import verify_gguf, verify_gptq
+from pipeline.verify import verify_awq, verify_compressed_tensors, verify_gguf, verify_gptq
 from workers.result import QuantSpec
 
 log = logging.getLogger("strata.job")
@@ -24,6 +31,10 @@ def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
     paths = {}
     if "gptq" in cfg.output.formats:
         paths["gptq"] = out / f"{cfg.name}-gptq"
+    if "awq" in cfg.output.formats:
+        paths["awq"] = out / f"{cfg.name}-awq"
+    if "compressed-tensors" in cfg.output.formats:
+        paths["compressed-tensors"] = out / f"{cfg.name}-compressed-tensors"
     if "gguf" in cfg.output.formats:
         paths["gguf"] = out / f"{cfg.name}-{'Q4_0' if cfg.quant.bits == 4 else 'Q8_0'}.gguf"
     return paths
@@ -59,6 +70,14 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
                 overwrite=cfg.output.overwrite,
                 tool_version=STRATA_VERSION,
             )
+        elif fmt == "awq":
+            assemble_awq(
+                outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
+            )
+        elif fmt == "compressed-tensors":
+            assemble_compressed_tensors(
+                outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
+            )
         else:
             assemble_gguf(
                 outcome.reader,
@@ -72,8 +91,10 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
 
     t = time.perf_counter()
     checks, gguf_model = [], None
-    if "gptq" in paths:
-        checks.append(verify_gptq(paths["gptq"], outcome.reader, results))
+    folder_verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
+    for fmt, verifier in folder_verifiers.items():
+        if fmt in paths:
+            checks.append(verifier(paths[fmt], outcome.reader, results))
     if "gguf" in paths:
         summary, gguf_model = verify_gguf(paths["gguf"], outcome.reader, results)
         checks.append(summary)

@@ -177,6 +177,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         act_order=cfg.quant.act_order,
         static_groups=cfg.quant.static_groups,
         mse_grid=cfg.quant.mse_grid,
+        true_sequential=cfg.quant.true_sequential,
         hessian_dtype=cfg.run.hessian_dtype,
         threads=threads,
     )

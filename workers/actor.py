@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from workers.block import block_linears, build_block, decoder_layers, run_block
+from workers.block import block_linears, build_block, decoder_layers, run_block, shared_input_groups
 from workers.gptq import gptq_quantize, relative_output_error
 from workers.result import QuantizedLinear, QuantSpec
 from workers.rtn import rtn_quantize
@@ -41,6 +41,7 @@ class WorkerJob:
     act_order: bool = False
     static_groups: bool = True
     mse_grid: int = 0
+    true_sequential: bool = True
     hessian_dtype: str = "float64"
     threads: int = 1
     extra: dict = field(default_factory=dict)
@@ -190,73 +191,99 @@ class BlockWorker:
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings}
 
     def _solve_block(self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict) -> tuple[dict, list]:
-        job = self.job
-        t = time.perf_counter()
-        if job.method == "gptq":
-            groups, accs = collect_hessians(layer, self.batches, getattr(torch, job.hessian_dtype))
-        else:
-            groups, accs = [[name] for name in linears], {}
-        timings["stats"] = time.perf_counter() - t
+        """Solve every linear of the block; returns {linear: dequantized weight} and record entries.
 
-        t = time.perf_counter()
+        Linears that read the same input form a group with one Hessian. With true_sequential
+        each group is a stage: its statistics come from inputs that already pass through the
+        quantized groups before it (q/k/v → o → gate/up → down). Otherwise one stage holds all
+        groups and the statistics come from one pass.
+        """
+        job = self.job
+        for phase in ("stats", "reduce", "solve", "broadcast"):
+            timings[phase] = 0.0
+        if job.method == "gptq":
+            t = time.perf_counter()
+            groups = shared_input_groups(layer, *self.batches[0])
+            timings["stats"] += time.perf_counter() - t
+            stages = [[g] for g in groups] if job.true_sequential else [groups]
+        else:
+            groups = [[name] for name in linears]
+            stages = [groups]
         costs = []
         for names in groups:
             k = linears[names[0]].in_features
             rows = sum(linears[n].out_features for n in names)
             costs.append(float(k) ** 3 + float(k) ** 2 * rows)
-        owners = assign_owners(costs, self.world)
-        total_rows = torch.tensor([accs[groups[0][0]].count if accs else 0], dtype=torch.int64)
-        if self.group_ready:
+        owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world))}
+        total_rows = torch.tensor([sum(h.shape[0] * h.shape[1] for h, _ in self.batches)], dtype=torch.int64)
+        if self.group_ready and job.method == "gptq":
             dist.all_reduce(total_rows)
-            for names, owner in zip(groups, owners):
-                if names[0] in accs:
-                    dist.reduce(accs[names[0]].sum, dst=owner)
-        timings["reduce"] = time.perf_counter() - t
+        originals = {n: m.weight.data for n, m in linears.items()}
 
-        t = time.perf_counter()
-        outputs, solved = [], {}
-        for names, owner in zip(groups, owners):
-            if owner != self.rank:
-                continue
-            weight = torch.cat([linears[n].weight.data for n in names], dim=0)
+        quantized, outputs = {}, []
+        for stage in stages:
+            accs: dict[str, HessianAccumulator] = {}
             if job.method == "gptq":
-                hessian = accs[names[0]].hessian(total_count=int(total_rows))
-                result = gptq_quantize(
-                    weight,
-                    hessian,
-                    job.spec,
-                    damp=job.damp,
-                    block_size=job.block_size,
-                    act_order=job.act_order,
-                    static_groups=job.static_groups,
-                    mse_grid=job.mse_grid,
+                t = time.perf_counter()
+                leaders = [names[0] for names in stage]
+                accs = collect_hessians(
+                    layer, self.batches, leaders, getattr(torch, job.hessian_dtype), stop_early=job.true_sequential
                 )
-            else:
-                hessian = None
-                result = rtn_quantize(weight, job.spec, mse_grid=job.mse_grid)
-            start = 0
-            for n in names:
-                rows = linears[n].out_features
-                part = result.rows(start, start + rows)
-                start += rows
-                dequant = part.dequantize()
-                solved[n] = dequant
-                outputs.append(self._store_result(b, n, part, linears[n].weight.data, dequant, hessian))
-        timings["solve"] = time.perf_counter() - t
+                timings["stats"] += time.perf_counter() - t
+                t = time.perf_counter()
+                if self.group_ready:
+                    for names in stage:
+                        dist.reduce(accs[names[0]].sum, dst=owner_of[tuple(names)])
+                timings["reduce"] += time.perf_counter() - t
 
-        t = time.perf_counter()
-        quantized = dict(solved)
-        if job.propagate == "quantized":
-            for names, owner in zip(groups, owners):
+            t = time.perf_counter()
+            solved = {}
+            for names in stage:
+                if owner_of[tuple(names)] != self.rank:
+                    continue
+                weight = torch.cat([originals[n] for n in names], dim=0)
+                if job.method == "gptq":
+                    hessian = accs[names[0]].hessian(total_count=int(total_rows))
+                    result = gptq_quantize(
+                        weight,
+                        hessian,
+                        job.spec,
+                        damp=job.damp,
+                        block_size=job.block_size,
+                        act_order=job.act_order,
+                        static_groups=job.static_groups,
+                        mse_grid=job.mse_grid,
+                    )
+                    result.params["true_sequential"] = job.true_sequential
+                else:
+                    hessian = None
+                    result = rtn_quantize(weight, job.spec, mse_grid=job.mse_grid)
+                start = 0
+                for n in names:
+                    rows = linears[n].out_features
+                    part = result.rows(start, start + rows)
+                    start += rows
+                    solved[n] = part.dequantize()
+                    outputs.append(self._store_result(b, n, part, originals[n], solved[n], hessian))
+            timings["solve"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            needed = job.propagate == "quantized" or job.true_sequential
+            for names in stage:
+                owner = owner_of[tuple(names)]
                 for n in names:
                     if owner == self.rank:
-                        buf = solved[n]
-                    else:
-                        buf = torch.empty_like(linears[n].weight.data)
-                    if self.group_ready:
-                        dist.broadcast(buf, src=owner)
-                    quantized[n] = buf
-        timings["broadcast"] = time.perf_counter() - t
+                        quantized[n] = solved[n]
+                    elif needed:
+                        quantized[n] = torch.empty_like(originals[n])
+                    if needed and self.group_ready:
+                        dist.broadcast(quantized[n], src=owner)
+                    if job.true_sequential:
+                        linears[n].weight.data = quantized[n]
+            timings["broadcast"] += time.perf_counter() - t
+
+        for n, weight in originals.items():  # the caller decides what propagates
+            linears[n].weight.data = weight
         return quantized, outputs
 
     def _store_result(self, b, name, result, weight, dequant, hessian) -> dict:
@@ -296,51 +323,41 @@ class BlockWorker:
 
 
 def collect_hessians(
-    layer: nn.Module, batches: list[tuple[torch.Tensor, dict]], dtype: torch.dtype
-) -> tuple[list[list[str]], dict[str, HessianAccumulator]]:
-    """Σ xᵀx of every distinct linear input in the block, over all batches.
+    layer: nn.Module,
+    batches: list[tuple[torch.Tensor, dict]],
+    leaders: list[str],
+    dtype: torch.dtype,
+    stop_early: bool = False,
+) -> dict[str, HessianAccumulator]:
+    """Σ xᵀx of the inputs of the named linears over all batches.
 
-    Linears that read the very same tensor (q/k/v; gate/up) form one group and share one
-    accumulator, keyed by the group's first linear. The grouping is read off the first
-    batch; later batches hook only each group's first linear.
+    With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
+    its input, so a stage early in the block costs only the part of the block before it.
     """
     linears = block_linears(layer)
-    seen: list[tuple[torch.Tensor, list[str]]] = []
-    accs: dict[str, HessianAccumulator] = {}
+    accs = {name: HessianAccumulator(linears[name].in_features, dtype=dtype) for name in leaders}
+    seen: set[str] = set()
 
-    def first_batch_hook(name):
-        def fn(module, args):
-            for tensor, names in seen:
-                if tensor is args[0]:
-                    names.append(name)
-                    return
-            seen.append((args[0], [name]))
-            accs[name] = HessianAccumulator(module.in_features, dtype=dtype)
-            accs[name].add(args[0])
-
-        return fn
-
-    def leader_hook(name):
+    def hook(name):
         def fn(_module, args):
             accs[name].add(args[0])
+            seen.add(name)
+            if stop_early and len(seen) == len(leaders):
+                raise _StopForward
 
         return fn
 
     if not batches:
         raise ValueError("this worker holds no calibration samples")
-    hooks = [m.register_forward_pre_hook(first_batch_hook(n)) for n, m in linears.items()]
+    hooks = [linears[name].register_forward_pre_hook(hook(name)) for name in leaders]
     try:
-        run_block(layer, *batches[0])
+        for hidden, kwargs in batches:
+            seen.clear()
+            try:
+                run_block(layer, hidden, kwargs)
+            except _StopForward:
+                pass
     finally:
         for h in hooks:
             h.remove()
-    groups = [names for _, names in seen]
-    seen.clear()
-    hooks = [linears[names[0]].register_forward_pre_hook(leader_hook(names[0])) for names in groups]
-    try:
-        for hidden, kwargs in batches[1:]:
-            run_block(layer, hidden, kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return groups, accs
+    return accs

@@ -102,7 +102,7 @@ def quantization_config(spec: QuantSpec, params: dict, tool_version: str) -> dic
         "desc_act": bool(params.get("act_order", False)),
         "static_groups": bool(params.get("static_groups", True)),
         "sym": spec.sym,
-        "true_sequential": False,
+        "true_sequential": bool(params.get("true_sequential", False)),
         "damp_percent": params.get("damp", 0.01),
         "checkpoint_format": fmt,
         "format": fmt,
@@ -110,7 +110,7 @@ def quantization_config(spec: QuantSpec, params: dict, tool_version: str) -> dic
             "quantizer": [f"strata:{tool_version}"],
             "damp_percent": params.get("damp", 0.01),
             "static_groups": bool(params.get("static_groups", True)),
-            "true_sequential": False,
+            "true_sequential": bool(params.get("true_sequential", False)),
             "mse_grid": params.get("mse_grid", 0),
         },
     }
