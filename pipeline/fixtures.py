@@ -221,3 +221,82 @@ def fetch_all() -> dict[str, Path]:
     for novel in ("emma", "mansfieldpark", "persuasion"):
         out[f"austen/{novel}"] = austen(novel)
     return out
+
+
+def synthetic_llama(
+    folder: Path,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    seed: int = 0,
+) -> Path:
+    """A random Llama checkpoint of any shape, written one block per shard (so writing it
+    never holds more than one block), with SmolLM2's tokenizer. For scaling and memory
+    benchmarks; weights are N(0, 0.02²) in fp16."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder = Path(folder)
+    if _manifest_ok(folder):
+        return folder
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = "float16"
+    gen = torch.Generator().manual_seed(seed)
+    head_dim = hidden // heads
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.02).half()
+
+    weight_map: dict[str, str] = {}
+    shards = layers + 1
+    for b in range(layers):
+        p = f"model.layers.{b}."
+        block = {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.float16),
+            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+            p + "mlp.up_proj.weight": rand(intermediate, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, intermediate),
+        }
+        name = f"model-{b + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(block, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(block, name))
+        del block
+    rest = {"model.embed_tokens.weight": rand(len(tokenizer), hidden), "model.norm.weight": torch.ones(hidden).half()}
+    name = f"model-{shards:05d}-of-{shards:05d}.safetensors"
+    save_file(rest, str(tmp / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, name))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "strata-fixture.json").write_text(
+        json.dumps({"source": "synthetic", "files": {p.name: {"bytes": p.stat().st_size} for p in tmp.iterdir()}})
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder

@@ -26,18 +26,23 @@ from workers.result import QuantizedLinear, QuantSpec
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
-    """Upper U with UᵀU = (H + λ·mean(diag H)·I)⁻¹, in float64; returns U and the λ used."""
-    h = hessian.to(torch.float64)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = torch.diag(h).mean().clamp(min=1e-12)
+    """Upper U with UᵀU = (H + λ·mean(diag H)·I)⁻¹; returns U (float32) and the λ used.
+
+    Factorised in float32 (as GPTQ's reference; float64 costs 2–4× on CPUs), retried in
+    float64 when float32 fails, and with λ × 10 when both fail.
+    """
+    mean_diag = torch.diag(hessian).to(torch.float64).mean().clamp(min=1e-12).item()
     lam = damp
     for _ in range(max_tries):
-        chol, info = torch.linalg.cholesky_ex(h + lam * mean_diag * eye)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        for dtype in (torch.float32, torch.float64):
+            h = hessian.to(dtype)
+            h = h + torch.diag(torch.full((h.shape[0],), lam * mean_diag, dtype=dtype, device=h.device))
+            chol, info = torch.linalg.cholesky_ex(h)
+            if int(info) != 0:
+                continue
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if int(info) == 0 and torch.isfinite(upper).all():
-                return upper, lam
+                return upper.to(torch.float32), lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
 
@@ -65,7 +70,7 @@ def gptq_quantize(
     """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring."""
     w = weight.float().clone()
     n_rows, n_cols = w.shape
-    h = hessian.to(torch.float64).clone()
+    h = hessian.to(torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -92,7 +97,6 @@ def gptq_quantize(
 
     wp = w[:, perm]
     upper, lam = damped_inverse_cholesky(h[perm][:, perm], damp)
-    upper = upper.to(torch.float32)
     codes_p = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=w.device)
     pos_group_list = pos_group.tolist()
 

@@ -1,0 +1,84 @@
+"""Shared bits of the benchmarks: machine description, a peak-RSS sampler, a run helper."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+
+import psutil
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = psutil.virtual_memory().total / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, no GPU, {platform.python_version()}"
+
+
+class PeakRSS:
+    """Samples the RSS of this process and of every Ray worker actor process every 50 ms."""
+
+    def __init__(self, match: str = "RayBlockWorker", period: float = 0.05):
+        self.match, self.period = match, period
+        self.driver = 0
+        self.workers: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            for p in psutil.process_iter(["pid", "cmdline"]):
+                try:
+                    if any(self.match in part for part in (p.info["cmdline"] or [])):
+                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_config(model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, **quant):
+    """One quantization run (no artifacts, no eval); returns the RunOutcome."""
+    from pipeline.config import parse_config
+    from pipeline.run import run_job
+
+    cfg = parse_config(
+        {
+            "name": "bench",
+            "model": model,
+            "calibration": {"source": "fixture:austen/emma", "num_samples": samples, "seq_len": seq_len},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 64, **quant},
+            "run": {
+                "workers": workers,
+                "propagate": propagate,
+                "batch_size": 4,
+                "store": store,
+                "threads_per_worker": 1,
+            },
+            "output": {"formats": ["gptq"]},
+            "eval": None,
+        }
+    )
+    return run_job(cfg, progress=False)
+
+
+def block_seconds(outcome) -> float:
+    """Wall time of the block loop: the sum of the per-block wall times in the records."""
+    return sum(r["wall_s"] for r in outcome.records.values())
