@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from pipeline.checkpoint import CheckpointReader
@@ -52,9 +53,22 @@ class ResultSource:
     def __init__(self, store, records: dict[int, dict]):
         self.store = store
         self.entries = {e["name"]: e for r in records.values() for e in r["results"]}
+        self.floats = {f["name"]: f for e in self.entries.values() for f in e.get("float_results", [])}
 
     def __contains__(self, linear_name: str) -> bool:
         return linear_name in self.entries
+
+    def float_tensor(self, reader: CheckpointReader, name: str) -> torch.Tensor:
+        """A float tensor as published: the method's changed copy when the run stored one
+        (AWQ folds its scales into norms and biases), else the checkpoint's, in its dtype."""
+        original = reader.load([name])[name]
+        entry = self.floats.get(name)
+        if entry is None:
+            return original
+        data = self.store.get_bytes(entry["key"])
+        if sha256_bytes(data) != entry["sha256"]:
+            raise AssembleError(f"stored float result {entry['key']} does not match the hash in its block record")
+        return load_safetensors(data)[name].to(original.dtype)
 
     def get(self, linear_name: str) -> QuantizedLinear:
         entry = self.entries[linear_name]
@@ -168,11 +182,11 @@ def _write_tensors(reader, results, tmp, pack, shard_size) -> tuple[QuantizedLin
             for tname, tensor in packed.items():
                 writer.add(tname, tensor)
         elif linear in results and leaf == "bias":
-            writer.add(name, reader.load([name])[name].to(torch.float16))
+            writer.add(name, results.float_tensor(reader, name).to(torch.float16))
         else:
             if leaf == "weight" and len(reader.shape(name)) == 2:
                 unquantized.append(linear)
-            writer.add(name, reader.load([name])[name])
+            writer.add(name, results.float_tensor(reader, name))
     writer.close()
     if first is None:
         raise AssembleError("the run record lists no quantized linear")
@@ -259,9 +273,20 @@ def assemble_gguf(
     tokenizer_pre: str = "default",
     overwrite: bool = False,
     name: str = "model",
+    gguf_type: str = "auto",
+    embedding_type: str = "auto",
+    tool_version: str = "0.1.0",
+    threads: int = 0,
 ) -> Path:
-    """A llama.cpp GGUF whose quantized linears carry the solver's codes and scales exactly
-    (symmetric 4-bit → Q4_0, 8-bit → Q8_0); norms F32, other tensors F16."""
+    """A llama.cpp GGUF of the solver's result; norms F32, embeddings / output per ``embedding_type``.
+
+    ``gguf_type`` "auto" (or a type that holds the result exactly) writes the solver's codes and scales as they
+    are: symmetric ≤ 4-bit → Q4_0, asymmetric ≤ 4-bit → Q5_0 (or Q8_0 when named), symmetric 8-bit → Q8_0;
+    Q4_1 holds ≤ 4-bit results with the offset −scale·z rounded to fp16 ("nearly" exact). Any other type
+    (Q4_K_M, Q6_K …) is a named fallback: an F16 GGUF of the dequantized solver output is written first and
+    re-quantized by llama.cpp. The file says which in ``strata.carry`` / ``strata.requantized`` /
+    ``strata.source_type``; :func:`pipeline.verify.verify_gguf` measures the difference.
+    """
     from pipeline.formats import gguf as gguf_format
 
     if dest.exists() and not overwrite:
@@ -269,8 +294,46 @@ def assemble_gguf(
     config = reader.config
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads", n_head))
+    specs = {(e["bits"], bool(e["sym"]), e.get("group_size")) for e in results.entries.values()}
+    if len(specs) != 1:
+        raise AssembleError(f"one GGUF holds one quantization spec; the run record has {sorted(specs, key=str)}")
+    bits, sym, group_size = next(iter(specs))
+    try:
+        target, carry = gguf_format.resolve_type(gguf_type, bits, sym)
+    except ValueError as err:
+        raise AssembleError(str(err)) from err
+    requant = carry == "requantized"
+    emb = embedding_type.upper()
+    if emb == "AUTO":
+        emb = None if requant else "F16"  # llama.cpp's own recipe for re-quantized files
+    elif emb not in gguf_format.NATIVE_TENSOR_TYPES and emb not in gguf_format.KQUANT_TENSOR_TYPES:
+        raise AssembleError(f"unknown embedding type {embedding_type!r}")
+    hidden = int(config["hidden_size"])
+    block = 256 if emb in gguf_format.KQUANT_TENSOR_TYPES else 32
+    if emb not in (None, "F32", "F16", "BF16") and hidden % block:
+        raise AssembleError(
+            f"embedding type {emb} needs rows of a multiple of {block} values; hidden_size is {hidden} "
+            "(pick F16, Q8_0 or another legacy type)"
+        )
+    # embeddings llama.cpp has to quantize (k-quants) are written F16 and handed to llama_model_quantize
+    emb_native = emb if emb in gguf_format.NATIVE_TENSOR_TYPES else "F16"
+    linear_type = "F16" if requant else target
+
+    metadata = {
+        "strata.version": tool_version,
+        "strata.method": results.get(next(iter(results.entries))).method,
+        "strata.bits": int(bits),
+        "strata.sym": bool(sym),
+        "strata.carry": carry,
+        "strata.requantized": requant,
+        "strata.source_type": "F16 (dequantized solver output)" if requant else target,
+        "strata.target_type": target,
+        "strata.embedding_type": emb or "llama.cpp default",
+    }
+    if group_size is not None:
+        metadata["strata.group_size"] = int(group_size)
+
     plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
-    bits = set()
     for tname in reader.tensor_names:
         gname = gguf_format.hf_to_gguf_name(tname)
         if gname is None:
@@ -278,41 +341,65 @@ def assemble_gguf(
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
         if linear in results and leaf == "weight":
-            entry = results.entries[linear]
-            if not entry["sym"] or entry["bits"] not in (4, 8):
-                raise AssembleError(
-                    f"{linear}: GGUF carries symmetric 4- or 8-bit results exactly; got "
-                    f"{entry['bits']}-bit {'sym' if entry['sym'] else 'asym'}"
-                )
-            bits.add(entry["bits"])
-            plan.append((tname, gname, "Q4_0" if entry["bits"] == 4 else "Q8_0", shape))
+            plan.append((tname, gname, linear_type, shape))
+        elif len(shape) == 1:
+            plan.append((tname, gname, "F32", shape))
+        elif gname in ("token_embd.weight", "output.weight"):
+            plan.append((tname, gname, emb_native, shape))
         else:
-            plan.append((tname, gname, "F32" if len(shape) == 1 else "F16", shape))
-    file_type = 2 if bits == {4} else 7  # llama.cpp's MOSTLY_Q4_0 / MOSTLY_Q8_0
+            plan.append((tname, gname, "F16", shape))
 
-    tmp = dest.with_name(f".{dest.name}.tmp")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    needs_llama = requant or (emb is not None and emb != emb_native)
+    first = dest.with_name(f".{dest.name}.src.tmp") if needs_llama else tmp
+    file_type = gguf_format.FILE_TYPES["F16" if requant else target]
     writer = gguf_format.GGUFStreamWriter(
-        str(tmp), config, str(reader.path), tokenizer_pre=tokenizer_pre, name=name, file_type=file_type
+        str(first),
+        config,
+        str(reader.path),
+        tokenizer_pre=tokenizer_pre,
+        name=name,
+        file_type=file_type,
+        metadata=metadata,
     )
-    for _, gname, gtype, shape in plan:
-        writer.add_tensor_info(gname, gtype, shape)
-    writer.write_header()
-    for tname, gname, gtype, _ in plan:
-        linear = tname.rpartition(".")[0]
-        if gtype in ("Q4_0", "Q8_0"):
-            result = results.get(linear)
-            if linear.endswith("q_proj"):
-                result = gguf_format.permute_qk_result(result, n_head)
-            elif linear.endswith("k_proj"):
-                result = gguf_format.permute_qk_result(result, n_kv)
-            data = gguf_format.encode_q4_0(result) if gtype == "Q4_0" else gguf_format.encode_q8_0(result)
-        else:
-            tensor = reader.load([tname])[tname]
-            if tname.endswith(("q_proj.weight", "k_proj.weight")):
-                tensor = gguf_format.permute_qk_rows(tensor, n_head if "q_proj" in tname else n_kv)
-            data = tensor.to(torch.float32 if gtype == "F32" else torch.float16).numpy()
-        writer.write_data(gname, data)
-    writer.close()
+    try:
+        for _, gname, gtype, shape in plan:
+            writer.add_tensor_info(gname, gtype, shape)
+        writer.write_header()
+        for tname, gname, gtype, _ in plan:
+            linear = tname.rpartition(".")[0]
+            heads = n_head if tname.endswith("q_proj.weight") else n_kv if tname.endswith("k_proj.weight") else None
+            if linear in results and tname.endswith(".weight"):
+                result = results.get(linear)
+                if heads is not None:
+                    result = gguf_format.permute_qk_result(result, heads)
+                try:
+                    data = result.dequantize().half().numpy() if requant else gguf_format.encode(result, gtype)
+                except ValueError as err:
+                    raise AssembleError(f"{linear}: {err}") from err
+            else:
+                tensor = results.float_tensor(reader, tname).float()
+                if heads is not None:
+                    tensor = gguf_format.permute_qk_rows(tensor, heads)
+                data = gguf_format.quantize_float(tensor.numpy(), gtype)
+            writer.write_data(gname, data)
+        writer.close()
+        if needs_llama:
+            gguf_format.llama_quantize(
+                first,
+                tmp,
+                target,
+                token_embedding_type=emb,
+                output_tensor_type=emb,
+                nthread=threads,
+            )
+    except BaseException:
+        for p in {first, tmp}:
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        if needs_llama:
+            first.unlink(missing_ok=True)
     os.replace(tmp, dest)
     return dest

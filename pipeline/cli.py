@@ -1,4 +1,4 @@
-"""strata command line: fixtures, run, demo, verify, report, compare."""
+"""strata command line: fixtures, run, demo, verify, eval, report, compare."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def cmd_fixtures(args) -> int:
 def cmd_run(args) -> int:
     from pipeline.config import load_config
     from pipeline.job import format_report, run_full_job
+    from pipeline.verify import QualityGateError
 
     overrides = _overrides(args.set)
     if args.workers:
@@ -45,7 +46,38 @@ def cmd_run(args) -> int:
     if args.no_eval:
         overrides["eval"] = None
     cfg = load_config(args.config, overrides)
-    report = run_full_job(cfg, progress=not args.quiet)
+    try:
+        report = run_full_job(cfg, progress=not args.quiet)
+    except QualityGateError as err:  # artifacts and report are written: show them, then fail
+        if err.report is not None:
+            print()
+            print(format_report(err.report))
+        raise
+    print()
+    print(format_report(report))
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from pipeline.job import format_report, run_full_job
+    from pipeline.run import resume_config
+    from pipeline.verify import QualityGateError
+
+    overrides = _overrides(args.set)
+    if args.workers:
+        overrides["run.workers"] = args.workers
+    if args.overwrite:
+        overrides["output.overwrite"] = True
+    if args.no_eval:
+        overrides["eval"] = None
+    cfg = resume_config(args.run_id, args.store, overrides)
+    try:
+        report = run_full_job(cfg, progress=not args.quiet)
+    except QualityGateError as err:  # artifacts and report are written: show them, then fail
+        if err.report is not None:
+            print()
+            print(format_report(err.report))
+        raise
     print()
     print(format_report(report))
     return 0
@@ -66,8 +98,9 @@ def cmd_verify(args) -> int:
     reader = CheckpointReader(fixtures.resolve(cfg.model))
     results = ResultSource(store, load_records(store, f"runs/{args.run_id}", reader.num_layers))
     path = Path(args.artifact)
+    model = None
     if path.suffix == ".gguf":
-        summary = verify_gguf(path, reader, results)[0]
+        summary, model = verify_gguf(path, reader, results, llamacpp=args.llamacpp)
     else:
         import json
 
@@ -78,6 +111,25 @@ def cmd_verify(args) -> int:
             raise VerifyError(f"{path} is not a GGUF file nor a folder with a gptq/awq/compressed-tensors config")
         summary = verifiers[method](path, reader, results)
     print(summary)
+    if args.max_ppl_increase is not None:
+        from pipeline.verify import QualityGateError, evaluate_artifact, gate_message, gate_rows
+
+        ev = cfg.eval
+        quality = evaluate_artifact(
+            path,
+            reader,
+            results,
+            text=args.eval_text or (ev.text if ev else "fixture:austen/persuasion"),
+            windows=args.eval_windows or (ev.windows if ev else 32),
+            seq_len=args.eval_seq_len or (ev.seq_len if ev else 512),
+            gguf_model=model,
+        )
+        for name, row in quality["rows"].items():
+            print(f"{name}: ppl {row['ppl']:.3f} ({row['ppl_increase']:+.2%}), KLD {row['kld']:.4f}")
+        gate = gate_rows(quality["rows"], args.max_ppl_increase)
+        if not gate["passed"]:
+            raise QualityGateError(gate_message(gate))
+        print(gate_message(gate))
     return 0
 
 
@@ -156,10 +208,30 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("resume", help="continue a run from its record (config from its run.json)")
+    p.add_argument("run_id")
+    p.add_argument("--store", required=True, help="the run store: a folder or s3://bucket/prefix")
+    p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("verify", help="verify an artifact against its run record")
     p.add_argument("artifact")
     p.add_argument("--run-id", required=True)
     p.add_argument("--store", default="runs")
+    p.add_argument("--llamacpp", action="store_true", help="also load a GGUF in llama.cpp and compare logits")
+    p.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        metavar="X",
+        help="release gate: exit non-zero when held-out perplexity rises more than X (a fraction, 0.05 = 5%%)",
+    )
+    p.add_argument("--eval-text", help="held-out text for the gate (default: the run's eval.text)")
+    p.add_argument("--eval-windows", type=int, help="windows for the gate (default: the run's eval.windows)")
+    p.add_argument("--eval-seq-len", type=int, help="tokens per window (default: the run's eval.seq_len)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("report", help="write the HTML / markdown report and plots for a finished job")
@@ -172,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reports", nargs="+", metavar="REPORT_JSON")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_compare)
+
+    from pipeline.evaluate_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     address_help = "the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
     p = sub.add_parser("submit", help="submit a job config to a Ray cluster (Ray Jobs API)")
@@ -197,14 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("urllib3", "filelock", "transformers"):
+    for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipeline.assemble import AssembleError
     from pipeline.calibration import CalibrationError
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
+    from pipeline.eval import EvalError
     from pipeline.fixtures import FixtureError
+    from pipeline.run import RunError
+    from pipeline.store import StoreError
     from pipeline.submit import SubmitError
     from pipeline.verify import VerifyError
 
@@ -218,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         FixtureError,
         VerifyError,
         SubmitError,
+        StoreError,
+        RunError,
+        EvalError,
     ) as err:
         print(f"strata: error: {err}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ class CalibrationConfig(_Strict):
 
 
 class QuantConfig(_Strict):
-    method: Literal["gptq", "rtn"] = "gptq"
+    method: Literal["gptq", "rtn", "awq", "awq_gptq"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 64
     sym: bool = True
@@ -42,6 +42,9 @@ class QuantConfig(_Strict):
     allow_partial_group: bool = Field(
         False, description="accept K % group_size != 0 (a last, partial group) instead of failing"
     )
+    awq_grid: int = Field(20, ge=1, description="AWQ: α grid size (α = i / n) and clip-ratio steps")
+    awq_duo: bool = Field(False, description="AWQ: duo scaling s = mean|x|^α / mean|w|^(1−α)")
+    awq_clip: bool = Field(True, description="AWQ (method awq): per-group clip search after scaling")
 
     @field_validator("group_size")
     @classmethod
@@ -59,6 +62,7 @@ class RunConfig(_Strict):
     run_id: str | None = None
     hessian_dtype: Literal["float32", "float64"] = "float64"
     threads_per_worker: int | None = Field(None, ge=1)
+    max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 
     @field_validator("run_id")
     @classmethod
@@ -73,6 +77,15 @@ class OutputConfig(_Strict):
     formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf"]] = ["gptq", "gguf"]
     shard_size: str = "5GB"
     gguf_tokenizer_pre: str = "default"
+    gguf_type: Literal[
+        "auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"
+    ] = Field("auto", description="auto = the type holding the result exactly; others may re-quantize (llama.cpp)")
+    gguf_embedding_type: Literal["auto", "F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] = Field(
+        "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
+    )
+    max_ppl_increase: float | None = Field(
+        None, ge=0, description="release gate: fail the job when perplexity rises more than this fraction"
+    )
     overwrite: bool = False
 
 
@@ -99,12 +112,19 @@ class JobConfig(_Strict):
         if "compressed-tensors" in self.output.formats and self.quant.bits == 3:
             raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
         if "gguf" in self.output.formats:
-            if self.quant.bits not in (4, 8) or not self.quant.sym:
-                raise ValueError("gguf output carries symmetric 4-bit (Q4_0) or 8-bit (Q8_0) results only so far")
-            if self.quant.group_size != -1 and self.quant.group_size % 32:
-                raise ValueError("gguf output needs a group size that is a multiple of 32 (its block size)")
-            if self.quant.act_order and not self.quant.static_groups:
-                raise ValueError("gguf output needs static groups with act_order")
+            from pipeline.formats.gguf import resolve_type
+
+            try:
+                _, carry = resolve_type(self.output.gguf_type, self.quant.bits, self.quant.sym)
+            except ValueError as err:
+                raise ValueError(f"gguf output: {err}") from None
+            if carry != "requantized":  # the solver's blocks go into the file: they must line up with ggml's
+                if self.quant.group_size != -1 and self.quant.group_size % 32:
+                    raise ValueError("gguf output needs a group size that is a multiple of 32 (its block size)")
+                if self.quant.act_order and not self.quant.static_groups:
+                    raise ValueError("gguf output needs static groups with act_order")
+        if self.output.max_ppl_increase is not None and self.eval is None:
+            raise ValueError("output.max_ppl_increase needs an eval section (the gate compares held-out perplexity)")
         return self
 
 

@@ -18,9 +18,18 @@ from pipeline.assemble import (
 )
 from pipeline.calibration import eval_windows, load_text, tokenize_stream
 from pipeline.config import JobConfig
+from pipeline.modelcard import write_model_cards
 from pipeline.report import build_report, count_params
 from pipeline.run import STRATA_VERSION, run_job
-from pipeline.verify import verify_awq, verify_compressed_tensors, verify_gguf, verify_gptq
+from pipeline.verify import (
+    QualityGateError,
+    gate_message,
+    gate_rows,
+    verify_awq,
+    verify_compressed_tensors,
+    verify_gguf,
+    verify_gptq,
+)
 from workers.result import QuantSpec
 
 log = logging.getLogger("strata.job")
@@ -36,7 +45,10 @@ def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
     if "compressed-tensors" in cfg.output.formats:
         paths["compressed-tensors"] = out / f"{cfg.name}-compressed-tensors"
     if "gguf" in cfg.output.formats:
-        paths["gguf"] = out / f"{cfg.name}-{'Q4_0' if cfg.quant.bits == 4 else 'Q8_0'}.gguf"
+        from pipeline.formats.gguf import resolve_type
+
+        gguf_type, _ = resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
+        paths["gguf"] = out / f"{cfg.name}-{gguf_type}.gguf"
     return paths
 
 
@@ -86,6 +98,9 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
                 tokenizer_pre=cfg.output.gguf_tokenizer_pre,
                 overwrite=cfg.output.overwrite,
                 name=cfg.name,
+                gguf_type=cfg.output.gguf_type,
+                embedding_type=cfg.output.gguf_embedding_type,
+                tool_version=STRATA_VERSION,
             )
     timings["assemble_s"] = time.perf_counter() - t
 
@@ -96,7 +111,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         if fmt in paths:
             checks.append(verifier(paths[fmt], outcome.reader, results))
     if "gguf" in paths:
-        summary, gguf_model = verify_gguf(paths["gguf"], outcome.reader, results)
+        summary, gguf_model = verify_gguf(paths["gguf"], outcome.reader, results, llamacpp=llamacpp_available())
         checks.append(summary)
     timings["verify_s"] = time.perf_counter() - t
 
@@ -114,6 +129,8 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "params": count_params(outcome.reader.path, outcome.reader.weight_map),
         "method": cfg.quant.method,
         "quant": cfg.quant.model_dump(),
+        "calibration": cfg.calibration.model_dump(),
+        "tool_version": STRATA_VERSION,
         "workers": cfg.run.workers,
         "artifacts": {fmt: {"path": str(p), "bytes": size_of(p)} for fmt, p in paths.items()},
         "checks": checks,
@@ -123,6 +140,9 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "solved_blocks": len(outcome.solved_blocks),
         "replayed_blocks": len(outcome.resumed_blocks),
     }
+    if quality is not None and cfg.output.max_ppl_increase is not None:
+        report["gate"] = gate_rows(quality["rows"], cfg.output.max_ppl_increase)
+    report["model_cards"] = {k: str(p) for k, p in write_model_cards(report, outcome.reader.config).items()}
     report_path = Path(cfg.output.dir) / f"{cfg.name}-report.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
@@ -133,7 +153,18 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     except Exception:  # the artifacts and the JSON are written; `strata report` can redo this part
         log.exception("writing the HTML/markdown report failed; retry with `strata report %s`", report_path)
         report["report_files"] = {}
+    if report.get("gate") and not report["gate"]["passed"]:
+        raise QualityGateError(
+            f"{gate_message(report['gate'])}; artifacts kept in {cfg.output.dir}, report {report_path}", report
+        )
     return report
+
+
+def llamacpp_available() -> bool:
+    """Whether llama-cpp-python is installed (then GGUF files are also checked in llama.cpp)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> dict:
@@ -141,7 +172,7 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
     GGUF loaded by transformers when there is one, else the dequantized results)."""
     from transformers import AutoTokenizer
 
-    from pipeline.eval import evaluate, load_reference, rtn_weights, with_weights
+    from pipeline.eval import EvalWindows, evaluate, load_reference, rtn_weights, with_weights
 
     model_path = fixtures.resolve(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -159,7 +190,8 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
         models[label] = with_weights(ref, weights)
     log.info("evaluating %d models on %d × %d held-out tokens", len(models), *windows.shape)
     rows = evaluate(models, windows, reference="fp16 (reference)")
-    return {"text": cfg.eval.text, "windows": list(windows.shape), "rows": rows}
+    ids_sha256 = EvalWindows.from_tensor(windows).sha256()  # the same hash `strata eval` writes
+    return {"text": cfg.eval.text, "windows": list(windows.shape), "token_ids_sha256": ids_sha256, "rows": rows}
 
 
 def format_report(report: dict) -> str:
@@ -191,6 +223,22 @@ def format_report(report: dict) -> str:
             f"  verified {check['format']}: {check['bit_exact_linears']} linears bit-exact"
             + (f" in {check['reader']}" if "reader" in check else "")
         )
+        if check.get("weight_error"):
+            e = check["weight_error"]
+            how = "re-quantized by llama.cpp" if check.get("requantized") else check.get("carry", "")
+            lines.append(
+                f"    {check.get('gguf_type')} {how}: max |Δ| {e['max_abs']:.3g}, mean |Δ| {e['mean_abs']:.3g}, "
+                f"rel RMS {e['rel_rms']:.3g} vs the solver's weights"
+            )
+        if check.get("llamacpp"):
+            lc = check["llamacpp"]
+            lines.append(
+                f"    llama.cpp vs transformers logits: top-1 {lc['top1_agreement']:.1%}, "
+                f"mean |Δ| {lc['mean_abs_diff']:.4f} (std {lc['logit_std']:.3f})"
+            )
+    if report.get("gate"):
+        lines.append("")
+        lines.append(gate_message(report["gate"]))
     t = report["timings"]
     lines.append("")
     lines.append("wall time: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in t.items()))

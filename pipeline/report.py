@@ -91,6 +91,8 @@ def load_report(path: str | Path, store=None) -> dict:
     the cached checkpoint when the report predates them (best effort: left out if the
     run or the model cannot be found). ``store``: a store object; default the report's."""
     report = json.loads(Path(path).read_text())
+    if report.get("kind") == "strata-eval":
+        return eval_to_report(report)
     if report.get("model") and report.get("params"):
         return report
     try:
@@ -106,6 +108,35 @@ def load_report(path: str | Path, store=None) -> dict:
     except Exception:  # optional enrichment; the report stands without it
         pass
     return report
+
+
+def eval_to_report(data: dict) -> dict:
+    """A `strata eval` results JSON (pipeline.eval, schema 1) in the shape of a job report,
+    so report tables and `strata compare` take it; rows carry their own size, memory and
+    speed."""
+    qe = data.get("quant_error") or {}
+    w = data.get("windows") or {}
+    rows = {}
+    for m in data.get("models") or []:
+        rows[m["name"]] = {**m, "bytes": m.get("bytes_on_disk"), "ours": not m.get("reference")}
+    return {
+        "run_id": qe.get("run_id") or f"eval {str(w.get('token_ids_sha256', ''))[:8]}",
+        "model": (data.get("reference") or {}).get("path"),
+        "params": data.get("params"),
+        "method": "eval",
+        "quant": {},
+        "artifacts": {},
+        "checks": [],
+        "quality": {
+            "text": (data.get("text") or {}).get("source", "?"),
+            "windows": [w.get("count"), w.get("context")],
+            "stride": w.get("stride"),
+            "rows": rows,
+        },
+        "machine": data.get("machine"),
+        "timings": {},
+        "eval": True,
+    }
 
 
 def cached_model_path(model: str) -> Path | None:
@@ -141,12 +172,12 @@ def row_bits(name: str, row: dict, report: dict) -> tuple[float | None, str, int
     bytes, so it shares that size. Without a parameter count: bits + 16 / group size.
     """
     params = report.get("params")
+    if row.get("bits_per_weight"):
+        return float(row["bits_per_weight"]), "row", row.get("bytes")
     ref = REFERENCE_RE.search(name)
     if ref:
         bits = float(ref.group(2))
         return bits, "dtype", int(params * bits / 8) if params else None
-    if row.get("bits_per_weight"):
-        return float(row["bits_per_weight"]), "row", row.get("bytes")
     q = report.get("quant") or {}
     m = GRID_RE.search(name)
     grid = (int(m.group(1)), int(m.group(2))) if m else None
@@ -171,6 +202,7 @@ def quality_rows(report: dict) -> list[dict]:
     for name, row in (quality.get("rows") or {}).items():
         bpw, source, size = row_bits(name, row, report)
         fmt = row_artifact(name, report)
+        memory, speed = row.get("memory") or {}, row.get("speed") or {}
         out.append(
             {
                 "name": name,
@@ -185,8 +217,12 @@ def quality_rows(report: dict) -> list[dict]:
                 "bpw_source": source,
                 "bytes": size,
                 "quantize_s": (report.get("timings") or {}).get("quantize_s") if fmt else None,
-                "reference": bool(REFERENCE_RE.search(name)),
-                "ours": fmt is not None,
+                "reference": bool(row.get("reference", REFERENCE_RE.search(name))),
+                "ours": bool(row.get("ours", fmt is not None)),
+                "memory_bytes": memory.get("param_bytes"),
+                "rss_delta_bytes": memory.get("rss_delta_bytes"),
+                "prefill_tps": speed.get("prefill_tokens_per_s"),
+                "decode_tps": speed.get("decode_tokens_per_s"),
             }
         )
     return out
@@ -225,6 +261,31 @@ def fmt_bpw(row: dict) -> str:
 
 
 TABLE_HEAD = ["Model", "bpw", "Size", "PPL", "Δ PPL", "KLD", "KLD p99", "Top-1", "Quantize time"]
+
+
+def fmt_rate(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+# optional columns, shown when any row has the value (`strata eval` results carry them)
+EXTRA_COLUMNS = (
+    ("In memory", "memory_bytes", fmt_bytes),
+    ("RSS Δ at load", "rss_delta_bytes", fmt_bytes),
+    ("Prefill tok/s", "prefill_tps", fmt_rate),
+    ("Decode tok/s", "decode_tps", fmt_rate),
+)
+
+
+def extra_columns(rows: list[dict]) -> list[tuple[str, str, object]]:
+    return [c for c in EXTRA_COLUMNS if any(r.get(c[1]) is not None for r in rows)]
+
+
+def table_head(rows: list[dict], head: list[str] = TABLE_HEAD) -> list[str]:
+    return head + [c[0] for c in extra_columns(rows)]
+
+
+def extra_cells(row: dict, columns) -> list[str]:
+    return [fmt(row.get(key)) for _, key, fmt in columns]
 
 
 def table_cells(row: dict) -> list[str]:
@@ -274,7 +335,17 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     quality = report.get("quality")
     if quality:
         w = quality.get("windows") or ["?", "?"]
-        items.append(("Evaluation", f"{quality.get('text', '?')}, {w[0]} windows × {w[1]} tokens"))
+        stride = f", stride {quality['stride']}" if quality.get("stride") not in (None, w[1]) else ""
+        items.append(("Evaluation", f"{quality.get('text', '?')}, {w[0]} windows × {w[1]} tokens{stride}"))
+    machine = report.get("machine")
+    if machine:
+        items.append(
+            (
+                "Machine",
+                f"{machine.get('cpu_model', '?')}, nproc {machine.get('nproc', '?')}, "
+                f"{machine.get('threads', '?')} threads",
+            )
+        )
     t = report.get("timings") or {}
     if t:
         items.append(("Wall time", ", ".join(f"{k.removesuffix('_s')} {fmt_seconds(v)}" for k, v in t.items())))
@@ -611,7 +682,8 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
     title = f"strata {str(report.get('method', '?')).upper()} W{q.get('bits', '?')} g{q.get('group_size', '?')}"
     if report.get("model"):
         title += f" — {report['model']}"
-    cells = [table_cells(r) for r in rows]
+    extras = extra_columns(rows)
+    cells = [table_cells(r) + extra_cells(r, extras) for r in rows]
     cfg = config_items(report)
     checks = check_lines(report)
     artifacts = report.get("artifacts") or {}
@@ -628,7 +700,7 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
             "KLD and top-1 agreement against the reference.",
             "",
         ]
-        md += _md_table(TABLE_HEAD, cells)
+        md += _md_table(table_head(rows), cells)
         md += ["", f"<sub>{BPW_NOTE}</sub>"]
     if artifacts:
         md += ["", "## Artifacts", ""]
@@ -658,7 +730,7 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
     if rows:
         parts += [
             "<h2>Quality</h2>",
-            _html_table(TABLE_HEAD, cells, [r["ours"] for r in rows]),
+            _html_table(table_head(rows), cells, [r["ours"] for r in rows]),
             f'<p class="note">{html.escape(BPW_NOTE)}</p>',
         ]
     if artifacts:
@@ -682,7 +754,7 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
     return {"html": html_path, "markdown": md_path, **files}
 
 
-COMPARE_HEAD = ["Run", "Model", "bpw", "Size", "PPL", "Δ PPL", "KLD", "Top-1", "Quantize time"]
+COMPARE_HEAD = ["Run", "Model", "bpw", "Size", "PPL", "Δ PPL", "KLD", "KLD p99", "Top-1", "Quantize time"]
 
 
 def compare_reports(reports: list[dict], out_dir: Path) -> dict[str, Path]:
@@ -701,6 +773,7 @@ def compare_reports(reports: list[dict], out_dir: Path) -> dict[str, Path]:
             r["show_run"] = r["ours"] and len(reports) > 1
             rows.append(r)
     cells = []
+    extras = extra_columns(rows)
     for r in rows:
         ref = r["reference"]
         cells.append(
@@ -712,16 +785,18 @@ def compare_reports(reports: list[dict], out_dir: Path) -> dict[str, Path]:
                 fmt_ppl(r["ppl"]),
                 "—" if ref else f"{r['ppl_increase']:+.2%}",
                 "—" if ref else f"{r['kld']:.4f}",
+                "—" if ref else f"{r['kld_p99']:.4f}",
                 "—" if ref else f"{r['top1']:.1%}",
                 fmt_seconds(r["quantize_s"]),
             ]
+            + extra_cells(r, extras)
         )
     files: dict[str, Path] = {}
     if rows:
         files["ppl_vs_bits"] = plot_ppl_vs_bits(rows, out_dir / "ppl_vs_bits.png", "Perplexity vs bits per weight")
     texts = sorted({(rep.get("quality") or {}).get("text", "?") for rep in reports if rep.get("quality")})
     md = ["# strata comparison", "", f"{len(reports)} runs; held-out text: " + ", ".join(f"`{t}`" for t in texts), ""]
-    md += _md_table(COMPARE_HEAD, cells, left=2)
+    md += _md_table(table_head(rows, COMPARE_HEAD), cells, left=2)
     md += ["", f"<sub>{BPW_NOTE}</sub>"]
     if "ppl_vs_bits" in files:
         md += ["", "![Perplexity vs bits per weight](ppl_vs_bits.png)"]
@@ -733,7 +808,7 @@ def compare_reports(reports: list[dict], out_dir: Path) -> dict[str, Path]:
         f"<style>{CSS}</style></head><body>",
         "<h1>strata comparison</h1>",
         f'<p class="sub">{len(reports)} runs; held-out text: {html.escape(", ".join(texts))}</p>',
-        _html_table(COMPARE_HEAD, cells, [r["ours"] for r in rows], left=2),
+        _html_table(table_head(rows, COMPARE_HEAD), cells, [r["ours"] for r in rows], left=2),
         f'<p class="note">{html.escape(BPW_NOTE)}</p>',
     ]
     if "ppl_vs_bits" in files:

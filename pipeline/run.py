@@ -12,15 +12,17 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from pipeline import fixtures
-from pipeline.calibration import calibration_windows, load_text, tokenize_stream
-from pipeline.checkpoint import CheckpointReader
-from pipeline.config import ConfigError, JobConfig, check_against_model
+from pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
+from pipeline.checkpoint import CheckpointError, CheckpointReader
+from pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
 from pipeline.store import StoreError, open_store, sha256_bytes
 from workers.actor import BlockWorker, WorkerJob
 from workers.result import QuantSpec
@@ -28,6 +30,13 @@ from workers.result import QuantSpec
 log = logging.getLogger("strata.run")
 
 STRATA_VERSION = "0.1.0"
+
+
+FAULTS_ENV = "STRATA_TEST_FAULTS"  # test-only fault injection (see RayBlockWorker); JSON
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (e.g. workers lost more often than run.max_restarts allows)."""
 
 
 @dataclass
@@ -39,17 +48,54 @@ class RunOutcome:
     records: dict[int, dict]
     wall_s: float
     phase_s: dict[str, float] = field(default_factory=dict)
-    solved_blocks: list[int] = field(default_factory=list)
-    resumed_blocks: list[int] = field(default_factory=list)
+    solved_blocks: list[int] = field(default_factory=list)  # solved in this run (each at most once)
+    resumed_blocks: list[int] = field(default_factory=list)  # done before this run started, replayed
+    restarts: int = 0  # worker groups replaced after a lost worker
+    restart_replays: list[int] = field(default_factory=list)  # blocks replayed to rebuild a replaced group
 
 
 class RayBlockWorker(BlockWorker):
-    """The worker as Ray runs it: adds the node address for the collective's rendezvous."""
+    """The worker as Ray runs it: adds the node address for the collective's rendezvous, its pid,
+    and a test-only fault hook.
+
+    ``faults`` (from the driver's ``STRATA_TEST_FAULTS``, JSON) injects failures for the fault
+    tests: ``{"kill": {"block": B, "rank": R, "marker": PATH, "after_s": S}}`` SIGKILLs this
+    worker's process S seconds into block B (once: the marker file, created first, keeps the
+    replacement alive); ``{"sleep": {"block": B, "rank": R, "seconds": S}}`` stalls block B.
+    """
+
+    def __init__(self, rank, world, reader, store, job, faults: dict | None = None):
+        super().__init__(rank, world, reader, store, job)
+        self.faults = faults or {}
 
     def node_ip(self) -> str:
         import ray
 
         return ray.util.get_node_ip_address()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def process_block(self, b: int, replay: dict | None = None) -> dict:
+        kill = self.faults.get("kill")
+        if kill and kill.get("block") == b and kill.get("rank", 0) == self.rank and replay is None:
+            marker = kill["marker"]
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # once per marker, across processes
+            except FileExistsError:
+                fd = None
+            if fd is not None:
+                os.write(fd, f"{os.getpid()} block {b}\n".encode())
+                os.close(fd)
+                delay = float(kill.get("after_s", 0.0))
+                if delay <= 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                else:
+                    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        pause = self.faults.get("sleep")
+        if pause and pause.get("block") == b and pause.get("rank", 0) == self.rank:
+            time.sleep(float(pause["seconds"]))
+        return super().process_block(b, replay)
 
 
 def start_ray(num_workers: int) -> None:
@@ -88,8 +134,9 @@ def record_is_complete(store, record_key: str) -> dict | None:
         if not record.get("complete"):
             return None
         for entry in record["results"]:
-            if not store.exists(entry["key"]) or sha256_bytes(store.get_bytes(entry["key"])) != entry["sha256"]:
-                return None
+            for item in (entry, *entry.get("float_results", [])):  # AWQ's folded float tensors too
+                if not store.exists(item["key"]) or sha256_bytes(store.get_bytes(item["key"])) != item["sha256"]:
+                    return None
     except (StoreError, ValueError) as err:  # corrupt or unreadable: the block is redone
         log.warning("block record %s is not usable (%s); the block will be solved again", record_key, err)
         return None
@@ -114,27 +161,181 @@ def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> lis
     return shards
 
 
+def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
+    """The decoder layers' path and the tensor names one block must hold, from the model's own
+    transformers class built on the meta device (no weights are read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workers.block import decoder_layers
+
+    config_dict = dict(reader.config)
+    model_type = config_dict.pop("model_type", None)
+    if not model_type:
+        raise CheckpointError(f"config.json of {str(reader.path)!r} has no model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **config_dict)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        layers_path, layers = decoder_layers(model)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"transformers cannot build model_type {model_type!r} from config.json: {err}") from None
+    return layers_path, sorted(layers[0].state_dict())
+
+
+def check_checkpoint(reader: CheckpointReader) -> str:
+    """Every block holds exactly the tensors its layer class needs (checked from the index and the
+    shard headers, before any worker starts); returns the decoder layers' path."""
+    layers_path, suffixes = expected_block_names(reader)
+    want = set(suffixes)
+    for b in range(reader.num_layers):
+        prefix = f"{layers_path}.{b}."
+        have = {n[len(prefix) :] for n in reader.block_names(b, layers_path)}
+        missing = sorted(want - have)
+        if missing:
+            shown = ", ".join(prefix + m for m in missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"block {b} lacks {len(missing)} tensor(s) in the checkpoint index: {shown}; "
+                "the index or the shards are incomplete"
+            )
+    return layers_path
+
+
+def load_tokenizer(model_path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError … for a missing tokenizer
+        raise CheckpointError(
+            f"cannot load the tokenizer from {str(model_path)!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)"
+        ) from None
+
+
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
+    """Everything that can be checked without Ray: checkpoint headers and completeness, the
+    config against the model, tokenizer and calibration text."""
     model_path = fixtures.resolve(cfg.model)
     reader = CheckpointReader(model_path)
     check_against_model(cfg, reader.config)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    check_checkpoint(reader)
+    tokenizer = load_tokenizer(model_path)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed)
     return reader, token_ids, tokenizer
 
 
+# errors a worker raises that say something about the input or the store: re-raised as they are
+_INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
+
+
+class _WorkerLost(Exception):
+    """Internal: a worker of the group died (or the collective broke because one did)."""
+
+
+def _collect(refs: list) -> list:
+    """``ray.get`` of every ref, failing at the first failure (a collective whose peer died never
+    returns, so waiting for all would hang). A lost worker becomes ``_WorkerLost``; a worker's
+    own error is re-raised as the error it raised."""
+    import ray
+    from ray.exceptions import (
+        NodeDiedError,
+        ObjectLostError,
+        OwnerDiedError,
+        RayActorError,
+        RayTaskError,
+        WorkerCrashedError,
+    )
+
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+    except (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, OwnerDiedError) as err:
+        raise _WorkerLost(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, _INPUT_ERRORS):
+            raise cause from None
+        if _collective_broke(cause) or _peer_died(pending):  # the gloo group broke: a peer is gone
+            raise _WorkerLost(f"collective failed: {str(cause).splitlines()[0][:300]}") from err
+        raise
+    return ray.get(refs)
+
+
+def _collective_broke(err) -> bool:
+    """A torch.distributed failure of the kind a dead peer causes (gloo raises plain RuntimeErrors)."""
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "gloo" in text.lower() or "Connection reset by peer" in text or "Connection closed by peer" in text
+    )
+
+
+def _peer_died(pending: list, timeout_s: float = 10.0) -> bool:
+    """Whether another task of the same step ends with its actor dead (checked for a short while)."""
+    import ray
+    from ray.exceptions import RayActorError, WorkerCrashedError
+
+    if not pending:
+        return False
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except (RayActorError, WorkerCrashedError):
+            return True
+        except Exception:
+            pass
+    return False
+
+
+def _teardown(actors: list, graceful: bool) -> None:
+    import ray
+
+    for a in actors:
+        if graceful:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:  # a dead actor has nothing to shut down
+                pass
+        try:
+            ray.kill(a, no_restart=True)
+        except Exception:
+            pass
+
+
+def injected_faults() -> dict:
+    """The test-only fault schedule from ``STRATA_TEST_FAULTS`` (empty when unset)."""
+    raw = os.environ.get(FAULTS_ENV)
+    if not raw:
+        return {}
+    try:
+        faults = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{FAULTS_ENV} is not JSON: {err}") from None
+    log.warning("test fault injection is on: %s", faults)
+    return faults
+
+
 def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
-    """Quantize every block of the model on Ray workers and record the results in the store."""
+    """Quantize every block of the model on Ray workers and record the results in the store.
+
+    A lost worker (its process killed, its node gone) breaks the whole collective group: the
+    group is torn down, W fresh workers are started, the blocks finished so far are replayed
+    (forward only, through their stored results, as on resume) and the failed block is redone.
+    At most ``run.max_restarts`` times; past that a RunError, with every finished block kept.
+    """
     import ray
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    reader, token_ids, _ = prepare(cfg)
     store = open_store(cfg.run.store)
+    store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
+    reader, token_ids, _ = prepare(cfg)
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
     run_id = cfg.run.run_id or f"{cfg.name}-{fingerprint[:12]}"
@@ -178,71 +379,133 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         static_groups=cfg.quant.static_groups,
         mse_grid=cfg.quant.mse_grid,
         true_sequential=cfg.quant.true_sequential,
+        awq_grid=cfg.quant.awq_grid,
+        awq_duo=cfg.quant.awq_duo,
+        awq_clip=cfg.quant.awq_clip,
         hessian_dtype=cfg.run.hessian_dtype,
         threads=threads,
     )
+    faults = injected_faults()
 
     start_ray(workers_n)
     actor_cls = ray.remote(RayBlockWorker)
-    actors = [
-        actor_cls.options(num_cpus=1, max_concurrency=1).remote(rank, workers_n, reader, store, job)
-        for rank in range(workers_n)
-    ]
     phase: dict[str, float] = {}
     records: dict[int, dict] = dict(done)
-    solved, resumed = [], []
-    try:
-        if workers_n > 1:
-            address, port = ray.get([actors[0].node_ip.remote(), actors[0].rendezvous.remote()])
-            ray.get([a.init_group.remote(address, port) for a in actors])
-        ray.get([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
-        log.info(
-            "run %s: %d blocks, %d workers × %d threads, %d samples × %d tokens, %d blocks already done",
-            run_id,
-            n_blocks,
-            workers_n,
-            threads,
-            *token_ids.shape,
-            len(done),
+    solved: list[int] = []
+    resumed: list[int] = []
+    restart_replays: list[int] = []
+    losses: list[dict] = []
+    log.info(
+        "run %s: %d blocks, %d workers × %d threads, %d samples × %d tokens, %d blocks already done",
+        run_id,
+        n_blocks,
+        workers_n,
+        threads,
+        *token_ids.shape,
+        len(done),
+    )
+    bar = tqdm(total=n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
+    while True:
+        actors = [
+            actor_cls.options(num_cpus=1, max_concurrency=1).remote(rank, workers_n, reader, store, job, faults)
+            for rank in range(workers_n)
+        ]
+        restarting = bool(losses)
+        b = -1
+        ok = False
+        try:
+            if workers_n > 1:
+                address, port = _collect([actors[0].node_ip.remote(), actors[0].rendezvous.remote()])
+                _collect([a.init_group.remote(address, port) for a in actors])
+            _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
+            for b in range(n_blocks):
+                t_block = time.perf_counter()
+                replay = records.get(b)
+                outs = _collect([a.process_block.remote(b, replay) for a in actors])
+                if replay is None:
+                    for out in outs:
+                        for k, v in out["timings"].items():
+                            phase[k] = phase.get(k, 0.0) + v / workers_n
+                    results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
+                    record = {
+                        "block": b,
+                        "complete": True,
+                        "results": results,
+                        "timings": {str(out["rank"]): out["timings"] for out in outs},
+                        "wall_s": time.perf_counter() - t_block,
+                    }
+                    store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
+                    records[b] = record
+                    solved.append(b)
+                elif b in done and b not in resumed:
+                    resumed.append(b)
+                else:
+                    restart_replays.append(b)
+                if not (restarting and replay is not None):
+                    bar.set_postfix_str(
+                        f"block {b} {time.perf_counter() - t_block:.1f}s" + (" (replayed)" if replay else "")
+                    )
+                    bar.update(1)
+            ok = True
+        except _WorkerLost as err:
+            losses.append({"block": b, "error": str(err)})
+            log.warning(
+                "lost a worker during %s (%s); worker loss %d, run.max_restarts = %d",
+                f"block {b}" if b >= 0 else "setup",
+                err,
+                len(losses),
+                cfg.run.max_restarts,
+            )
+            if len(losses) > cfg.run.max_restarts:
+                bar.close()
+                raise RunError(
+                    f"run {run_id}: lost workers {len(losses)} times, more than run.max_restarts = "
+                    f"{cfg.run.max_restarts} allows (last: {err}); the {len(records)} finished block(s) are kept: "
+                    f"continue with `strata resume {run_id} --store {cfg.run.store}`"
+                ) from None
+        finally:
+            _teardown(actors, graceful=ok)
+        if ok:
+            break
+        log.warning(
+            "starting %d fresh workers; replaying the %d finished block(s) before block %d", workers_n, len(records), b
         )
-        bar = tqdm(total=n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
-        for b in range(n_blocks):
-            t_block = time.perf_counter()
-            replay = done.get(b)
-            outs = ray.get([a.process_block.remote(b, replay) for a in actors])
-            for out in outs:
-                for k, v in out["timings"].items():
-                    phase[k] = phase.get(k, 0.0) + v / workers_n
-            if replay is None:
-                results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
-                record = {
-                    "block": b,
-                    "complete": True,
-                    "results": results,
-                    "timings": {str(out["rank"]): out["timings"] for out in outs},
-                    "wall_s": time.perf_counter() - t_block,
-                }
-                store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
-                records[b] = record
-                solved.append(b)
-            else:
-                resumed.append(b)
-            bar.set_postfix_str(f"block {b} {time.perf_counter() - t_block:.1f}s" + (" (replayed)" if replay else ""))
-            bar.update(1)
-        bar.close()
-    finally:
-        for a in actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=30)
-            except Exception:  # a dead actor has nothing to shut down
-                pass
-            ray.kill(a)
+    bar.close()
     wall = time.perf_counter() - t_start
     store.put_json(
         f"{prefix}/summary.json",
-        {"wall_s": wall, "phase_s": phase, "solved_blocks": solved, "replayed_blocks": resumed},
+        {
+            "wall_s": wall,
+            "phase_s": phase,
+            "solved_blocks": solved,
+            "replayed_blocks": resumed,
+            "restarts": len(losses),
+            "lost_workers": losses,
+            "restart_replays": restart_replays,
+        },
     )
-    return RunOutcome(run_id, prefix, store, reader, records, wall, phase, solved, resumed)
+    return RunOutcome(
+        run_id, prefix, store, reader, records, wall, phase, solved, resumed, len(losses), restart_replays
+    )
+
+
+def resume_config(run_id: str, store_location: str, overrides: dict | None = None) -> JobConfig:
+    """The config a run was started with (from its run.json), pointed at this store and run id."""
+    store = open_store(store_location)
+    key = f"runs/{run_id}/run.json"
+    if not store.exists(key):
+        raise ConfigError(f"no run {run_id!r} in {store_location} (no {key})")
+    data = store.get_json(key)["config"]
+    data["run"] = {**data.get("run", {}), "run_id": run_id, "store": store_location}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    return parse_config(data, f"run.json of {run_id}")
 
 
 def result_key_map(records: dict[int, dict]) -> dict[str, dict]:

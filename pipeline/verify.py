@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -74,7 +76,7 @@ def _verify_packed(
             _load(paths, [name])
         else:
             got = _load(paths, [name])[name]
-            want = reader.load([name])[name]
+            want = results.float_tensor(reader, name)
             if got.dtype != want.dtype or not torch.equal(got, want):
                 raise VerifyError(f"{name} differs from the checkpoint")
             others += 1
@@ -163,33 +165,270 @@ def verify_compressed_tensors(folder: Path, reader: CheckpointReader, results: R
     return _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
 
 
-def verify_gguf(path: Path, reader: CheckpointReader, results: ResultSource):
-    """Load the GGUF with transformers (gguf-py's dequantizer) and compare every weight:
-    quantized linears must equal the solver's dequantized weights bit for bit, other
-    tensors the checkpoint's. Returns the summary and the loaded model."""
+LLAMACPP_PROMPT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife."
+)
+
+
+def _weight_error(got: torch.Tensor, want: torch.Tensor) -> dict:
+    diff = (got - want).abs()
+    return {
+        "max_abs": float(diff.max()),
+        "sum_abs": float(diff.double().sum()),
+        "sq_err": float((got - want).double().pow(2).sum()),
+        "sq_ref": float(want.double().pow(2).sum()),
+        "n": diff.numel(),
+    }
+
+
+def _merge_errors(parts: list[dict]) -> dict:
+    if not parts:
+        return {}
+    n = sum(p["n"] for p in parts)
+    return {
+        "max_abs": max(p["max_abs"] for p in parts),
+        "mean_abs": sum(p["sum_abs"] for p in parts) / n,
+        "rel_rms": math.sqrt(sum(p["sq_err"] for p in parts) / max(sum(p["sq_ref"] for p in parts), 1e-30)),
+    }
+
+
+def verify_gguf(
+    path: Path,
+    reader: CheckpointReader,
+    results: ResultSource,
+    *,
+    llamacpp: bool = False,
+    prompt: str = LLAMACPP_PROMPT,
+):
+    """Load the GGUF with transformers (gguf-py's dequantizer) and compare every weight with the run record.
+
+    Files that carry the solver's result exactly (``strata.carry`` "exact", or no strata keys) must give the
+    solver's dequantized weights bit for bit. Q4_1 ("nearly": fp16 offsets) and re-quantized files
+    (``strata.requantized``) are measured instead: max / mean |Δ| and relative RMS error against the solver's
+    weights, bounded so that a broken layout fails (Q4_1: the fp16 rounding of −scale·z; re-quantized:
+    relative RMS < 0.5). Other tensors must equal the checkpoint's unless ``strata.embedding_type`` quantized
+    them. With ``llamacpp``, the file is also loaded with llama.cpp and its logits on ``prompt`` compared with
+    transformers' (see :func:`compare_logits`). Returns the summary and the transformers model.
+    """
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
+    from pipeline.formats import gguf as gguf_format
+
+    meta = gguf_format.read_metadata(path)
+    carry = meta.get("strata.carry", "exact")
+    types: dict[str, int] = {}
+    gguf_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     state = model.state_dict()
-    linears = others = 0
+    linears = exact = others = 0
+    errors: list[dict] = []
+    quantized_other: dict[str, dict] = {}
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
         if name not in state:
             raise VerifyError(f"{path.name}: transformers did not load {name}")
         if linear in results and leaf == "weight":
-            if not torch.equal(state[name], results.get(linear).dequantize()):
-                diff = (state[name] - results.get(linear).dequantize()).abs().max()
-                raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
+            result = results.get(linear)
+            want = result.dequantize()
+            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
+            types[gtype] = types.get(gtype, 0) + 1
             linears += 1
+            if torch.equal(state[name], want):
+                exact += 1
+                errors.append(_weight_error(state[name], want))
+                continue
+            if carry == "exact":
+                diff = (state[name] - want).abs().max()
+                raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
+            err = _weight_error(state[name], want)
+            if carry == "nearly":
+                offset = (result.scales.float() * result.zeros.float()).abs().max()
+                bound = 2.0**-10 * float(offset) + 1e-6
+                if err["max_abs"] > bound:
+                    raise VerifyError(f"{path.name}: {name} is off by {err['max_abs']:g} (> {bound:g}) in Q4_1")
+            elif math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30)) > 0.5:
+                raise VerifyError(f"{path.name}: {name} re-quantized is far from the solver's result: {err}")
+            errors.append(err)
         else:
-            want = reader.load([name])[name].float()
-            if not torch.equal(state[name], want):
-                raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
+            want = results.float_tensor(reader, name)
+            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
+            if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
+                want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
+                if not torch.equal(state[name], want):
+                    raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
+            else:  # embeddings / output quantized on request (output.gguf_embedding_type)
+                err = _weight_error(state[name], want.float())
+                rel = math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30))
+                if rel > 0.5:
+                    raise VerifyError(f"{path.name}: {name} ({gtype}) is far from the checkpoint: rel RMS {rel:.3f}")
+                quantized_other[name] = {"type": gtype, "rel_rms": rel}
             others += 1
     summary = {
         "format": "gguf",
         "reader": "transformers (gguf-py)",
-        "bit_exact_linears": linears,
+        "gguf_type": meta.get("strata.target_type"),
+        "carry": carry,
+        "requantized": bool(meta.get("strata.requantized", False)),
+        "source_type": meta.get("strata.source_type"),
+        "linear_types": types,
+        "quantized_linears": linears,
+        "bit_exact_linears": exact,
         "other_tensors": others,
     }
+    if carry != "exact":
+        summary["weight_error"] = _merge_errors(errors)
+    if quantized_other:
+        summary["quantized_other_tensors"] = quantized_other
+    if llamacpp:
+        summary["llamacpp"] = check_llamacpp(path, model, reader.path, prompt)
+        summary["reader"] += " + llama.cpp"
     return summary, model
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+def load_llamacpp(path: Path, n_ctx: int = 512, n_threads: int | None = None):
+    """The GGUF in llama.cpp (llama-cpp-python), every position's logits kept."""
+    try:
+        from llama_cpp import Llama
+    except ImportError as err:
+        raise VerifyError("checking in llama.cpp needs llama-cpp-python (pip install 'strata[readers]')") from err
+    threads = n_threads or max(1, min(4, os.cpu_count() or 1))
+    try:
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=True,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+    except Exception as err:  # llama.cpp refused the file: its layout or metadata is wrong
+        raise VerifyError(f"llama.cpp could not load {path}: {err}") from err
+
+
+def llamacpp_logits(llm, ids: list[int]) -> torch.Tensor:
+    """float32 [T, vocab] logits of one sequence evaluated from an empty context."""
+    llm.reset()
+    llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """max / mean |Δ| of two [T, vocab] logit tensors, want's std, and top-1 agreement."""
+    diff = (got.float() - want.float()).abs()
+    return {
+        "tokens": int(want.shape[0]),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "logit_std": float(want.float().std()),
+        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+    }
+
+
+def check_llamacpp(path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACPP_PROMPT) -> dict:
+    """llama.cpp loads the GGUF, tokenizes ``prompt`` as the HF tokenizer does and gives the logits transformers
+    gives from the same file: top-1 agreement ≥ 0.9 and mean |Δ| ≤ 0.1 · std(logits), or VerifyError."""
+    from transformers import AutoTokenizer
+
+    hf_ids = AutoTokenizer.from_pretrained(tokenizer_dir).encode(prompt, add_special_tokens=False)
+    llm = load_llamacpp(path, n_ctx=max(64, len(hf_ids) + 8))
+    cpp_ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([hf_ids])).logits[0].float()
+    got = llamacpp_logits(llm, hf_ids)
+    out = compare_logits(got, want)
+    out["tokenizer_matches"] = list(cpp_ids) == list(hf_ids)
+    del llm
+    if not out["tokenizer_matches"]:
+        raise VerifyError(f"{path.name}: llama.cpp tokenizes the prompt differently: {cpp_ids} vs HF {hf_ids}")
+    if out["top1_agreement"] < 0.9 or out["mean_abs_diff"] > 0.1 * out["logit_std"]:
+        raise VerifyError(f"{path.name}: llama.cpp's logits disagree with transformers': {out}")
+    return out
+
+
+def llamacpp_perplexity(path: Path, windows: torch.Tensor, n_threads: int | None = None) -> dict:
+    """Perplexity of the GGUF in llama.cpp on token windows [W, T], each from an empty context (as eval.py)."""
+    llm = load_llamacpp(path, n_ctx=int(windows.shape[1]), n_threads=n_threads)
+    nll, count = 0.0, 0
+    for window in windows.tolist():
+        logits = llamacpp_logits(llm, window)[:-1].double()
+        targets = torch.tensor(window[1:])
+        nll += float(-torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).sum())
+        count += len(window) - 1
+    del llm
+    return {"ppl": math.exp(nll / count), "tokens": count}
+
+
+# ------------------------------------------------------------------------------------------------ release gate
+
+
+class QualityGateError(VerifyError):
+    """An artifact's held-out perplexity rose more than the release allows."""
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+def gate_rows(rows: dict[str, dict], max_ppl_increase: float) -> dict:
+    """The release gate over an evaluation's rows: every row measured on strata's result (name starting
+    "strata") must raise perplexity over the reference by at most ``max_ppl_increase`` (a fraction)."""
+    checked = {n: r["ppl_increase"] for n, r in rows.items() if n.lower().startswith("strata")}
+    if not checked:
+        raise VerifyError("the evaluation has no strata row to gate")
+    worst = max(checked, key=checked.get)
+    return {
+        "max_ppl_increase": max_ppl_increase,
+        "rows": checked,
+        "worst": worst,
+        "passed": all(v <= max_ppl_increase for v in checked.values()),
+    }
+
+
+def gate_message(gate: dict) -> str:
+    worst = gate["rows"][gate["worst"]]
+    verdict = "passed" if gate["passed"] else "FAILED"
+    return (
+        f"quality gate {verdict}: {gate['worst']} perplexity {worst:+.2%} vs the fp16 reference "
+        f"(allowed {gate['max_ppl_increase']:+.2%})"
+    )
+
+
+def evaluate_artifact(
+    path: Path,
+    reader: CheckpointReader,
+    results: ResultSource,
+    *,
+    text: str,
+    windows: int,
+    seq_len: int,
+    gguf_model=None,
+) -> dict:
+    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from.
+
+    A GGUF is scored as transformers loads it (``gguf_model``, or loaded here); a safetensors folder, once
+    verified bit-exact, as the reference model carrying the solver's dequantized weights (what it decodes to).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from pipeline.eval import evaluate, load_reference, with_weights
+
+    tokenizer = AutoTokenizer.from_pretrained(reader.path)
+    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
+    ref = load_reference(reader.path)
+    if path.suffix == ".gguf":
+        model = (
+            gguf_model
+            or AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        )
+    else:
+        model = with_weights(ref, {name: results.get(name).dequantize() for name in results.entries})
+    name = f"strata {path.name}"
+    rows = evaluate({"fp16 (reference)": ref, name: model}, ids, reference="fp16 (reference)")
+    return {"text": text, "windows": list(ids.shape), "rows": rows}

@@ -15,10 +15,14 @@ from gguf.quants import dequantize
 from pipeline.formats.gguf import (
     GGUFStreamWriter,
     encode_q4_0,
+    encode_q4_1,
+    encode_q5_0,
     encode_q8_0,
+    exact_type,
     hf_to_gguf_name,
     permute_qk_result,
     permute_qk_rows,
+    resolve_type,
     tokenizer_metadata,
     write_gguf,
 )
@@ -82,7 +86,9 @@ def _sym4(k: int = 64, group: int = 32) -> QuantizedLinear:
     [
         (lambda: rtn_quantize(_weight(8, 64), QuantSpec(4, 32, False)), encode_q4_0, "asymmetric"),
         (lambda: rtn_quantize(_weight(8, 64), QuantSpec(8, 32, True)), encode_q4_0, "4-bit"),
-        (lambda: rtn_quantize(_weight(8, 64), QuantSpec(4, 32, True)), encode_q8_0, "8-bit"),
+        (lambda: rtn_quantize(_weight(8, 64), QuantSpec(8, 32, False)), encode_q8_0, "8-bit"),
+        (lambda: rtn_quantize(_weight(8, 64), QuantSpec(8, 32, False)), encode_q5_0, "8-bit"),
+        (lambda: rtn_quantize(_weight(8, 64), QuantSpec(8, 32, True)), encode_q4_1, "8-bit"),
         (lambda: rtn_quantize(_weight(8, 64), QuantSpec(4, 16, True)), encode_q4_0, "multiple of 32"),
         (lambda: rtn_quantize(_weight(8, 80), QuantSpec(4, -1, True)), encode_q4_0, "K=80"),
         (lambda: rtn_quantize(_weight(8, 80), QuantSpec(8, 32, True)), encode_q8_0, "K=80"),
@@ -105,6 +111,79 @@ def test_encoders_reject_non_symmetric_zero() -> None:
     result.zeros[0, 0] = 7
     with pytest.raises(ValueError, match="zero"):
         encode_q4_0(result)
+
+
+def _asym(bits: int = 4, k: int = 96, group: int = 32, seed: int = 3) -> QuantizedLinear:
+    """An asymmetric result whose zero points include both ends of the range (0 and 2^b − 1)."""
+    result = rtn_quantize(_weight(16, k, seed=seed), QuantSpec(bits, group, False))
+    zeros = result.zeros.clone()
+    zeros[0, :], zeros[1, :] = 0, result.spec.maxq
+    result.zeros = zeros
+    return result
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, -1), (3, 32), (2, 64)])
+def test_asymmetric_results_are_exact_in_q5_0_and_q8_0(bits: int, group: int) -> None:
+    result = _asym(bits, 128 if group == 64 else 96, group)
+    q5 = encode_q5_0(result)
+    assert q5.shape == (16, result.shape[1] // 32 * 22)
+    assert torch.equal(_gguf_dequant(q5, GGMLQuantizationType.Q5_0), result.dequantize())
+    assert torch.equal(_gguf_dequant(encode_q8_0(result), Q8_0), result.dequantize())
+
+
+def test_symmetric_low_bit_results_are_exact_in_q4_0_and_q8_0() -> None:
+    for bits in (2, 3, 4):
+        result = rtn_quantize(_weight(8, 64, seed=bits), QuantSpec(bits, 32, True))
+        assert torch.equal(_gguf_dequant(encode_q4_0(result), Q4_0), result.dequantize())
+        assert torch.equal(_gguf_dequant(encode_q8_0(result), Q8_0), result.dequantize())
+
+
+def test_q5_0_bit_layout_by_hand() -> None:
+    # one block: codes 0..15 twice, zero 0 → q5 = q + 16: every fifth bit set, nibbles as Q4_0
+    codes = torch.arange(32, dtype=torch.uint8).remainder(16).reshape(1, 32)
+    result = QuantizedLinear(
+        spec=QuantSpec(4, 32, False),
+        codes=codes,
+        scales=torch.tensor([[0.25]], dtype=torch.float16),
+        zeros=torch.tensor([[0]], dtype=torch.uint8),
+        g_idx=torch.zeros(32, dtype=torch.int32),
+    )
+    block = encode_q5_0(result)[0]
+    assert block[:2].view(np.float16)[0] == np.float16(0.25)
+    assert block[2:6].view("<u4")[0] == 0xFFFFFFFF
+    assert list(block[6:]) == [j | (j << 4) for j in range(16)]
+    result.zeros[0, 0] = 15  # q5 = q + 1: fifth bit set for no value, value 15 → 16 sets bit 15 and bit 31
+    block = encode_q5_0(result)[0]
+    assert block[2:6].view("<u4")[0] == (1 << 15) | (1 << 31)
+
+
+def test_q4_1_is_nearly_exact_and_measured() -> None:
+    result = _asym(4, 96, 32)
+    blocks = encode_q4_1(result)
+    assert blocks.shape == (16, 3 * 20)
+    got = _gguf_dequant(blocks, GGMLQuantizationType.Q4_1)
+    want = result.dequantize()
+    err = (got - want).abs()
+    offset = (result.scales.float() * result.zeros.float()).abs().max()
+    assert float(err.max()) <= 2.0**-10 * float(offset)  # only the fp16 rounding of m = −scale·z
+    assert torch.equal(got[0], want[0])  # zero point 0: m = 0 exactly
+    # the same integers: d and the codes are the solver's
+    assert np.array_equal(blocks.reshape(16, 3, 20)[..., :2].view(np.float16)[..., 0], result.scales.numpy())
+
+
+def test_exact_and_resolved_types() -> None:
+    assert exact_type(4, True) == "Q4_0" and exact_type(4, False) == "Q5_0"
+    assert exact_type(8, True) == "Q8_0" and exact_type(8, False) is None
+    assert exact_type(3, False) == "Q5_0" and exact_type(2, True) == "Q4_0"
+    assert resolve_type("auto", 4, False) == ("Q5_0", "exact")
+    assert resolve_type("Q8_0", 4, False) == ("Q8_0", "exact")
+    assert resolve_type("Q4_1", 4, False) == ("Q4_1", "nearly")
+    assert resolve_type("Q4_0", 4, False) == ("Q4_0", "requantized")
+    assert resolve_type("Q4_K_M", 4, True) == ("Q4_K_M", "requantized")
+    with pytest.raises(ValueError, match="asymmetric 8-bit"):
+        resolve_type("auto", 8, False)
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_type("Q3_X", 4, True)
 
 
 # ----------------------------------------------------------------------------------------------- names / permutation
@@ -376,3 +455,111 @@ def test_stream_writer_checks_order_and_sizes(tokenizer_dir: Path, tmp_path: Pat
     w.write_data("a.weight", encode_q4_0(_sym4()))
     with pytest.raises(RuntimeError, match="missing"):
         w.close()
+
+
+# ----------------------------------------------------------------------------------------------- assembled from a run
+
+
+def stored_results(reader, root: Path, spec: QuantSpec, *, extreme_zeros: bool = False):
+    """RTN results for every decoder linear, stored and recorded as pipeline.run does; (ResultSource, {linear:
+    result}). With ``extreme_zeros`` an asymmetric result gets zero points 0 and 2^b − 1 on two rows."""
+    from pipeline.assemble import ResultSource
+    from pipeline.store import LocalStore, sha256_bytes
+    from workers.actor import result_to_bytes
+
+    store = LocalStore(root)
+    entries, results = [], {}
+    for name in reader.tensor_names:
+        linear, _, leaf = name.rpartition(".")
+        if leaf != "weight" or ".layers." not in name or "norm" in linear:
+            continue
+        result = rtn_quantize(reader.load([name])[name].float(), spec)
+        if extreme_zeros and not spec.sym:
+            result.zeros[0, :], result.zeros[1, :] = 0, spec.maxq
+        data = result_to_bytes(result)
+        key = f"run/{linear}.safetensors"
+        store.put_bytes(key, data)
+        entries.append(
+            {
+                "name": linear,
+                "key": key,
+                "sha256": sha256_bytes(data),
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "sym": spec.sym,
+            }
+        )
+        results[linear] = result
+    return ResultSource(store, {0: {"results": entries}}), results
+
+
+@pytest.fixture(scope="module")
+def tiny_reader(tiny_model_path):
+    from pipeline.checkpoint import CheckpointReader
+
+    return CheckpointReader(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def asym_source(tiny_reader, tmp_path_factory):
+    return stored_results(tiny_reader, tmp_path_factory.mktemp("asym"), QuantSpec(4, 32, False), extreme_zeros=True)
+
+
+@pytest.mark.parametrize("gguf_type,carry", [("auto", "exact"), ("Q8_0", "exact"), ("Q4_1", "nearly")])
+def test_asymmetric_run_assembles_and_verifies_in_transformers(
+    tiny_reader, asym_source, tmp_path: Path, gguf_type: str, carry: str
+) -> None:
+    from pipeline.assemble import assemble_gguf
+    from pipeline.formats.gguf import read_metadata
+    from pipeline.verify import verify_gguf
+
+    source, results = asym_source
+    path = assemble_gguf(tiny_reader, source, tmp_path / "tiny.gguf", gguf_type=gguf_type, tool_version="t")
+    meta = read_metadata(path)
+    want_type = "Q5_0" if gguf_type == "auto" else gguf_type
+    assert meta["strata.carry"] == carry and meta["strata.requantized"] is False
+    assert meta["strata.target_type"] == want_type and meta["strata.bits"] == 4 and meta["strata.sym"] is False
+    summary, _ = verify_gguf(path, tiny_reader, source)
+    assert summary["linear_types"] == {want_type: len(results)}
+    assert summary["quantized_linears"] == len(results) == 21
+    if carry == "exact":
+        assert summary["bit_exact_linears"] == 21 and "weight_error" not in summary
+    else:
+        err = summary["weight_error"]
+        assert 0 < err["max_abs"] < 1e-3 and err["rel_rms"] < 1e-3, err
+        print(f"Q4_1 vs solver: max |Δ| {err['max_abs']:.3g}, mean |Δ| {err['mean_abs']:.3g}, rel {err['rel_rms']:.3g}")
+
+
+def test_verify_catches_a_broken_exact_file(tiny_reader, asym_source, tmp_path: Path) -> None:
+    """A Q5_0 file whose bytes disagree with the record (one code changed) fails verification."""
+    from gguf import GGUFReader
+
+    from pipeline.assemble import assemble_gguf
+    from pipeline.verify import VerifyError, verify_gguf
+
+    source, _ = asym_source
+    path = assemble_gguf(tiny_reader, source, tmp_path / "tiny.gguf")
+    t = next(t for t in GGUFReader(path).tensors if t.name == "blk.1.ffn_up.weight")
+    raw = bytearray(path.read_bytes())
+    raw[int(t.data_offset) + 10] ^= 0x11  # two nibbles of the first block's codes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(VerifyError, match="ffn|mlp.up_proj"):
+        verify_gguf(path, tiny_reader, source)
+
+
+def test_embedding_type_and_refusals(tiny_reader, asym_source, tmp_path: Path) -> None:
+    from pipeline.assemble import AssembleError, assemble_gguf
+    from pipeline.verify import verify_gguf
+
+    source, _ = asym_source
+    path = assemble_gguf(tiny_reader, source, tmp_path / "e.gguf", embedding_type="Q8_0")
+    assert next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight").tensor_type == Q8_0
+    summary, _ = verify_gguf(path, tiny_reader, source)
+    assert summary["bit_exact_linears"] == 21
+    emb = summary["quantized_other_tensors"]["model.embed_tokens.weight"]
+    assert emb["type"] == "Q8_0" and emb["rel_rms"] < 0.01
+    with pytest.raises(AssembleError, match="exists"):
+        assemble_gguf(tiny_reader, source, path)
+    src8, _ = stored_results(tiny_reader, tmp_path / "s8", QuantSpec(8, 32, False))
+    with pytest.raises(AssembleError, match="asymmetric 8-bit"):
+        assemble_gguf(tiny_reader, src8, tmp_path / "a8.gguf")

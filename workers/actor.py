@@ -19,6 +19,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from workers.awq import (
+    AbsMeanAccumulator,
+    apply_clip,
+    column_scales,
+    fold_scales,
+    llama_scale_groups,
+    scale_gram,
+    search_clip,
+    search_scales,
+)
 from workers.block import block_linears, build_block, decoder_layers, run_block, shared_input_groups
 from workers.gptq import gptq_quantize, relative_output_error
 from workers.result import QuantizedLinear, QuantSpec
@@ -32,7 +42,7 @@ class WorkerJob:
 
     model_config: dict
     spec: QuantSpec
-    method: str = "gptq"  # gptq | rtn
+    method: str = "gptq"  # gptq | rtn | awq | awq_gptq
     propagate: str = "quantized"  # quantized | float
     run_prefix: str = "runs/run"
     batch_size: int = 8
@@ -42,6 +52,9 @@ class WorkerJob:
     static_groups: bool = True
     mse_grid: int = 0
     true_sequential: bool = True
+    awq_grid: int = 20
+    awq_duo: bool = False
+    awq_clip: bool = True
     hessian_dtype: str = "float64"
     threads: int = 1
     extra: dict = field(default_factory=dict)
@@ -82,6 +95,23 @@ def assign_owners(costs: list[float], world: int) -> list[int]:
         owners[i] = rank
         load[rank] += costs[i]
     return owners
+
+
+GRAM_METHODS = ("gptq", "awq", "awq_gptq")
+AWQ_METHODS = ("awq", "awq_gptq")
+# AWQ's rule: no clip search for q/k, whose error reaches the output through the q·k product
+AWQ_NO_CLIP = ("q_proj", "k_proj")
+FLOAT_SCHEMA_VERSION = 1
+
+
+def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
+    """One float tensor (under its checkpoint name) as deterministic safetensors bytes."""
+    import json
+
+    return save_safetensors(
+        {name: tensor.detach().float().cpu().contiguous()},
+        metadata={"strata_float": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
+    )
 
 
 class _StopForward(Exception):
@@ -178,34 +208,48 @@ class BlockWorker:
 
         outputs: list[dict] = []
         if replay is not None:
-            quantized = self._read_results(b, replay)
+            quantized, floats = self._read_results(b, replay)
         else:
-            quantized, outputs = self._solve_block(b, layer, linears, timings)
+            quantized, outputs, floats = self._solve_block(b, layer, linears, timings)
 
         t = time.perf_counter()
         if self.job.propagate == "quantized":
             for name, weight in quantized.items():
                 linears[name].weight.data = weight
+            for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
+                layer.get_parameter(name).data = tensor
         self.batches = [(run_block(layer, hidden, kwargs), kwargs) for hidden, kwargs in self.batches]
         timings["forward"] = time.perf_counter() - t
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings}
 
-    def _solve_block(self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict) -> tuple[dict, list]:
-        """Solve every linear of the block; returns {linear: dequantized weight} and record entries.
+    def _solve_block(
+        self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict
+    ) -> tuple[dict, list, dict]:
+        """Solve every linear of the block.
+
+        Returns {linear: dequantized weight}, the record entries this worker wrote, and
+        {float tensor name in the block: folded value} (AWQ; empty otherwise). The layer is
+        left as it came in (the caller decides what propagates).
 
         Linears that read the same input form a group with one Hessian. With true_sequential
         each group is a stage: its statistics come from inputs that already pass through the
         quantized groups before it (q/k/v → o → gate/up → down). Otherwise one stage holds all
         groups and the statistics come from one pass.
+
+        AWQ methods first search the scales of every group on the float block (Gram and
+        mean|x| reduced to the group's owner, scales broadcast), fold them all, and only
+        then quantize the folded block: RTN with the clip search ("awq"), or GPTQ with
+        fresh statistics of the folded block, true-sequential as for "gptq" ("awq_gptq").
         """
         job = self.job
         for phase in ("stats", "reduce", "solve", "broadcast"):
             timings[phase] = 0.0
-        if job.method == "gptq":
+        solver = "gptq" if job.method in ("gptq", "awq_gptq") else "rtn"
+        if job.method in GRAM_METHODS:
             t = time.perf_counter()
             groups = shared_input_groups(layer, *self.batches[0])
             timings["stats"] += time.perf_counter() - t
-            stages = [[g] for g in groups] if job.true_sequential else [groups]
+            stages = [[g] for g in groups] if job.true_sequential and solver == "gptq" else [groups]
         else:
             groups = [[name] for name in linears]
             stages = [groups]
@@ -216,14 +260,19 @@ class BlockWorker:
             costs.append(float(k) ** 3 + float(k) ** 2 * rows)
         owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world))}
         total_rows = torch.tensor([sum(h.shape[0] * h.shape[1] for h, _ in self.batches)], dtype=torch.int64)
-        if self.group_ready and job.method == "gptq":
+        if self.group_ready and job.method in GRAM_METHODS:
             dist.all_reduce(total_rows)
-        originals = {n: m.weight.data for n, m in linears.items()}
+        unfolded = {name: p.data for name, p in layer.named_parameters()}
+        floats: dict[str, torch.Tensor] = {}
+        awq_groups: dict[str, dict] = {}
+        if job.method in AWQ_METHODS:
+            floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, int(total_rows), timings)
+        originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
 
         quantized, outputs = {}, []
         for stage in stages:
             accs: dict[str, HessianAccumulator] = {}
-            if job.method == "gptq":
+            if solver == "gptq":
                 t = time.perf_counter()
                 leaders = [names[0] for names in stage]
                 accs = collect_hessians(
@@ -242,7 +291,8 @@ class BlockWorker:
                 if owner_of[tuple(names)] != self.rank:
                     continue
                 weight = torch.cat([originals[n] for n in names], dim=0)
-                if job.method == "gptq":
+                awq = awq_groups.get(names[0])
+                if solver == "gptq":
                     hessian = accs[names[0]].hessian(total_count=int(total_rows))
                     result = gptq_quantize(
                         weight,
@@ -255,16 +305,35 @@ class BlockWorker:
                         mse_grid=job.mse_grid,
                     )
                     result.params["true_sequential"] = job.true_sequential
+                elif awq is not None:
+                    hessian = awq["hessian"]
+                    target = weight
+                    if job.awq_clip:
+                        ratios = search_clip(weight, hessian, job.spec, grid=job.awq_grid)
+                        start = 0
+                        for n in names:  # q/k keep their full range (ratio 1)
+                            rows = linears[n].out_features
+                            if n.rsplit(".", 1)[-1] in AWQ_NO_CLIP:
+                                ratios[start : start + rows] = 1.0
+                            start += rows
+                        target = apply_clip(weight, ratios, job.spec)
+                    result = rtn_quantize(target, job.spec, mse_grid=job.mse_grid)
                 else:
                     hessian = None
                     result = rtn_quantize(weight, job.spec, mse_grid=job.mse_grid)
+                if awq is not None:
+                    result.method = job.method
+                    result.params.update(awq["params"])
                 start = 0
                 for n in names:
                     rows = linears[n].out_features
                     part = result.rows(start, start + rows)
                     start += rows
                     solved[n] = part.dequantize()
-                    outputs.append(self._store_result(b, n, part, originals[n], solved[n], hessian))
+                    entry = self._store_result(b, n, part, originals[n], solved[n], hessian)
+                    if awq is not None and n == names[0]:
+                        entry["float_results"] = awq["float_results"]
+                    outputs.append(entry)
             timings["solve"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -282,9 +351,106 @@ class BlockWorker:
                         linears[n].weight.data = quantized[n]
             timings["broadcast"] += time.perf_counter() - t
 
-        for n, weight in originals.items():  # the caller decides what propagates
-            linears[n].weight.data = weight
-        return quantized, outputs
+        for name, p in layer.named_parameters():  # the caller decides what propagates
+            p.data = unfolded[name]
+        return quantized, outputs, floats
+
+    def _awq_search_and_fold(
+        self, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        """AWQ scales for every group of the float block, then all folded into ``layer``.
+
+        Per group (in block order): Σ xᵀx and Σ|x| of its input from this worker's samples
+        (the forward stops at the group), reduced to the group's owner, which searches the
+        scales; the scales are broadcast and, once every group has its scales, every worker
+        folds them into its copy of the block (identical arithmetic, so identical tensors).
+        Searching all groups before folding any keeps each search on the float weights, as
+        the original AWQ does; the folds into v_proj / up_proj rows then precede their own
+        quantization.
+
+        Returns the folded float tensors that are not quantized linear weights (norm
+        weights, biases of v_proj / up_proj) by name in the block, and, for the groups this
+        worker owns, {leader linear: {"hessian": H' of the scaled inputs, "params": …,
+        "float_results": record entries of the folded tensors it stored}}.
+        """
+        job = self.job
+        dtype = getattr(torch, job.hessian_dtype)
+        linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        searched = []
+        for group in llama_scale_groups(layer):
+            key = tuple(group.linears)
+            if key not in owner_of:
+                raise ValueError(f"AWQ group {key} does not match the block's shared-input groups")
+            owner, leader = owner_of[key], group.linears[0]
+            t = time.perf_counter()
+            grams, means = _collect_stats(layer, self.batches, [leader], dtype, stop_early=True, abs_means=True)
+            timings["stats"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if self.group_ready:
+                dist.reduce(grams[leader].sum, dst=owner)
+                dist.reduce(means[leader].sum, dst=owner)
+            timings["reduce"] += time.perf_counter() - t
+            t = time.perf_counter()
+            found = None
+            if owner == self.rank:
+                weight = torch.cat([layer.get_submodule(n).weight.data for n in group.linears], dim=0)
+                x_mean = means[leader].mean(total_count=total_rows)
+                found = search_scales(
+                    weight, grams[leader].sum, x_mean, job.spec, grid=job.awq_grid, duo=job.awq_duo, expand=group.expand
+                )
+                scales = found.scales.float().contiguous()
+                hessian = grams[leader].hessian(total_count=total_rows)
+            else:
+                scales = torch.empty(group.slots(layer), dtype=torch.float32)
+                hessian = None
+            del grams, means
+            timings["solve"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if self.group_ready:
+                dist.broadcast(scales, src=owner)
+            timings["broadcast"] += time.perf_counter() - t
+            searched.append((group, owner, scales, found, hessian))
+
+        floats: dict[str, torch.Tensor] = {}
+        owned: dict[str, dict] = {}
+        for group, owner, scales, found, hessian in searched:
+            changed = fold_scales(layer, group, scales)
+            entries = []
+            for name in changed:
+                if name in linear_weights:
+                    continue  # a quantized linear (v_proj / up_proj rows): stored as its result
+                tensor = layer.get_parameter(name).data
+                floats[name] = tensor
+                if owner == self.rank:
+                    entries.append(self._store_float(b, name, tensor, group))
+            if owner == self.rank:
+                owned[group.linears[0]] = {
+                    "hessian": scale_gram(hessian, column_scales(group, scales)),
+                    "params": {
+                        "awq_alpha": found.alpha,
+                        "awq_grid": job.awq_grid,
+                        "awq_duo": job.awq_duo,
+                        "awq_clip": job.awq_clip and job.method == "awq",
+                        "awq_prev": group.prev,
+                        "awq_search_gain": 1.0 - found.loss / found.loss_identity if found.loss_identity > 0 else 0.0,
+                    },
+                    "float_results": entries,
+                }
+        return floats, owned
+
+    def _store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
+        full_name = f"{self.layers_path}.{b}.{name}"
+        data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
+        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
+        self.store.put_bytes(key, data)
+        return {
+            "name": full_name,
+            "key": key,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "shape": list(tensor.shape),
+            "dtype": "float32",
+        }
 
     def _store_result(self, b, name, result, weight, dequant, hessian) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"
@@ -306,15 +472,21 @@ class BlockWorker:
             info["output_rel_error"] = relative_output_error(weight, dequant, hessian)
         return info
 
-    def _read_results(self, b: int, record: dict) -> dict[str, torch.Tensor]:
+    def _read_results(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Dequantized weights and folded float tensors of a finished block, hash-checked."""
         prefix = f"{self.layers_path}.{b}."
-        weights = {}
+        weights, floats = {}, {}
         for entry in record["results"]:
             data = self.store.get_bytes(entry["key"])
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ValueError(f"stored result {entry['key']} does not match its record")
             weights[entry["name"][len(prefix) :]] = result_from_bytes(data).dequantize()
-        return weights
+            for f in entry.get("float_results", []):
+                data = self.store.get_bytes(f["key"])
+                if hashlib.sha256(data).hexdigest() != f["sha256"]:
+                    raise ValueError(f"stored float result {f['key']} does not match its record")
+                floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]]
+        return weights, floats
 
     def shutdown(self) -> None:
         if self.group_ready:
@@ -334,13 +506,28 @@ def collect_hessians(
     With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
     its input, so a stage early in the block costs only the part of the block before it.
     """
+    return _collect_stats(layer, batches, leaders, dtype, stop_early)[0]
+
+
+def _collect_stats(
+    layer: nn.Module,
+    batches: list[tuple[torch.Tensor, dict]],
+    leaders: list[str],
+    dtype: torch.dtype,
+    stop_early: bool = False,
+    abs_means: bool = False,
+) -> tuple[dict[str, HessianAccumulator], dict[str, AbsMeanAccumulator]]:
+    """Σ xᵀx (and with ``abs_means`` Σ|x| per channel) of the named linears' inputs."""
     linears = block_linears(layer)
     accs = {name: HessianAccumulator(linears[name].in_features, dtype=dtype) for name in leaders}
+    means = {name: AbsMeanAccumulator(linears[name].in_features) for name in leaders} if abs_means else {}
     seen: set[str] = set()
 
     def hook(name):
         def fn(_module, args):
             accs[name].add(args[0])
+            if abs_means:
+                means[name].add(args[0])
             seen.add(name)
             if stop_early and len(seen) == len(leaders):
                 raise _StopForward
@@ -360,4 +547,4 @@ def collect_hessians(
     finally:
         for h in hooks:
             h.remove()
-    return accs
+    return accs, means

@@ -37,6 +37,13 @@ setup_venv() {
   fi
 }
 
+peer_venv() {  # GPTQModel, a real reader of GPTQ/AWQ checkpoints, in a venv of its own
+  local venv=.venv-gptqmodel
+  [ -f "$venv/.strata-ready" ] && return 0
+  "$PYTHON" -m venv "$venv"
+  "$venv/bin/pip" install -q torch==2.13.0 gptqmodel==7.6.0 && touch "$venv/.strata-ready"
+}
+
 fixtures() {
   apt_install r-cran-janeaustenr   # Austen's novels (calibration and held-out text)
   "$VENV/bin/strata" fixtures
@@ -51,6 +58,7 @@ case "${1:-}" in
   test)
     setup_venv dev,readers
     apt_install chromium   # renders the HTML report in a test
+    peer_venv
     fixtures
     set +e
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:2}"

@@ -100,18 +100,44 @@ def permute_qk_result(result: QuantizedLinear, n_head: int) -> QuantizedLinear:
 
 # ----------------------------------------------------------------------------------------------- block encoders
 
+#: the legacy block types a solver's result can be written into without re-quantizing, and what each holds:
+#: exactly (the file dequantizes to the solver's weights bit for bit) or nearly (Q4_1: its offset m is one
+#: fp16 per block, so −scale·z is rounded to fp16)
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0")
+CARRY_TYPES = (*EXACT_TYPES, "Q4_1")
+#: types written by re-quantizing the dequantized solver output with llama.cpp
+REQUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 
-def _check_exact(result: QuantizedLinear, bits: int, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Codes [N, K] uint8 and per-block fp16 scales [N, K//32], or ValueError if ``fmt`` cannot carry it exactly."""
+
+def carry_kind(ggml_type: str, bits: int, sym: bool) -> str | None:
+    """How a legacy block type holds a ``bits``-bit result: "exact", "nearly" (Q4_1) or None (cannot).
+
+    Q4_0: symmetric ≤ 4-bit (q − z ∈ [−8, 7]); Q5_0: any ≤ 4-bit (q − z ∈ [−15, 15] ⊂ [−16, 15]);
+    Q8_0: any ≤ 4-bit or symmetric 8-bit (q − z fits int8); Q4_1: any ≤ 4-bit, m = fp16(−scale·z).
+    """
+    t = ggml_type.upper()
+    if t == "Q4_0":
+        return "exact" if bits <= 4 and sym else None
+    if t == "Q5_0":
+        return "exact" if bits <= 4 else None
+    if t == "Q8_0":
+        return "exact" if bits <= 4 or (bits == 8 and sym) else None
+    if t == "Q4_1":
+        return "nearly" if bits <= 4 else None
+    return None
+
+
+def exact_type(bits: int, sym: bool) -> str | None:
+    """The smallest legacy type holding a result exactly: sym ≤ 4-bit → Q4_0, asym ≤ 4-bit → Q5_0,
+    sym 8-bit → Q8_0; None for asymmetric 8-bit."""
+    return next((t for t in EXACT_TYPES if carry_kind(t, bits, sym) == "exact"), None)
+
+
+def _check_layout(result: QuantizedLinear, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes [N, K] uint8 and, per 32-value block, fp16 scales and uint8 zeros [N, K//32]; ValueError if the
+    groups do not line up with ggml's 32-value blocks (K or G not a multiple of 32, act-order g_idx)."""
     spec = result.spec
     n, k = result.shape
-    if spec.bits != bits:
-        raise ValueError(f"{fmt} carries {bits}-bit results exactly, got bits={spec.bits}")
-    if not spec.sym:
-        raise ValueError(f"{fmt} is symmetric; an asymmetric result cannot be carried exactly")
-    zero = 2 ** (bits - 1)
-    if not bool((result.zeros == zero).all()):
-        raise ValueError(f"{fmt} needs every zero point equal to {zero}")
     if k % QK:
         raise ValueError(f"{fmt} needs in_features to be a multiple of {QK}, got K={k}")
     g = spec.group_len(k)
@@ -125,30 +151,99 @@ def _check_exact(result: QuantizedLinear, bits: int, fmt: str) -> tuple[np.ndarr
         raise ValueError(
             f"scales must be float16 [{n}, {n_groups}], got {result.scales.dtype} {tuple(result.scales.shape)}"
         )
-    if int(result.codes.max()) > spec.maxq:
-        raise ValueError(f"codes exceed the {bits}-bit range")
+    if tuple(result.zeros.shape) != (n, n_groups):
+        raise ValueError(f"zeros must be [{n}, {n_groups}], got {tuple(result.zeros.shape)}")
+    if int(result.codes.max()) > spec.maxq or int(result.zeros.max()) > spec.maxq:
+        raise ValueError(f"codes or zeros exceed the {spec.bits}-bit range")
+    if spec.sym and not bool((result.zeros == spec.sym_zero).all()):
+        raise ValueError(f"{fmt}: a symmetric result needs every zero point equal to {spec.sym_zero}")
     block_group = torch.arange(k // QK) * QK // g
     d = result.scales.cpu()[:, block_group].contiguous().numpy()  # [N, K//32] float16
-    return result.codes.cpu().numpy().astype(np.uint8, copy=False), d
+    z = result.zeros.cpu()[:, block_group].contiguous().numpy().astype(np.uint8)
+    return result.codes.cpu().numpy().astype(np.uint8, copy=False), d, z
+
+
+def _check_carry(result: QuantizedLinear, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    spec = result.spec
+    if carry_kind(fmt, spec.bits, spec.sym) is None:
+        if fmt == "Q4_0" and spec.bits <= 4:
+            raise ValueError("Q4_0 is symmetric; an asymmetric result cannot be carried exactly (use Q5_0 or Q8_0)")
+        if fmt == "Q8_0" and spec.bits == 8:
+            raise ValueError("Q8_0 holds symmetric 8-bit results only: asymmetric 8-bit q − z does not fit int8")
+        most = "8-bit symmetric or ≤ 4-bit" if fmt == "Q8_0" else "≤ 4-bit"
+        raise ValueError(f"{fmt} carries {most} results, got {spec.bits}-bit {'sym' if spec.sym else 'asym'}")
+    return _check_layout(result, fmt)
+
+
+def _blocks(n: int, k: int, d: np.ndarray, *parts: np.ndarray) -> np.ndarray:
+    """Concatenate per-block fields ([N, K//32, bytes] uint8 each, d first) into [N, K//32 * block bytes]."""
+    fields = [d.reshape(n, k // QK, 1).view(np.uint8), *parts]
+    out = np.concatenate(fields, axis=-1)
+    return np.ascontiguousarray(out.reshape(n, -1))
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """[N, B, 32] values 0..15 → [N, B, 16] bytes: byte j holds q[j] (low) and q[j + 16] (high)."""
+    return (q[..., :16] & 0x0F) | ((q[..., 16:] & 0x0F) << 4)
 
 
 def encode_q4_0(result: QuantizedLinear) -> np.ndarray:
-    """Q4_0 blocks (uint8 [N, K//32*18]) carrying a symmetric 4-bit result exactly: d = scale, codes unchanged."""
-    q, d = _check_exact(result, 4, "Q4_0")
+    """Q4_0 blocks (uint8 [N, K//32*18]) carrying a symmetric ≤ 4-bit result exactly: d = scale, q − z + 8."""
+    q, d, z = _check_carry(result, "Q4_0")
     n, k = q.shape
-    blocks = q.reshape(n, k // QK, QK)
-    packed = blocks[..., :16] | (blocks[..., 16:] << 4)
-    out = np.concatenate([d.reshape(n, k // QK, 1).view(np.uint8), packed], axis=-1)
-    return np.ascontiguousarray(out.reshape(n, k // QK * 18))
+    signed = q.reshape(n, k // QK, QK).astype(np.int16) - z[..., None] + 8
+    return _blocks(n, k, d, _nibbles(signed.astype(np.uint8)))
+
+
+def encode_q5_0(result: QuantizedLinear) -> np.ndarray:
+    """Q5_0 blocks (uint8 [N, K//32*22]) carrying any ≤ 4-bit result exactly: d = scale, q5 = q − z + 16 ∈ [1, 31]
+    (fifth bits in a little-endian u32, bit j for value j; low nibbles as Q4_0)."""
+    q, d, z = _check_carry(result, "Q5_0")
+    n, k = q.shape
+    q5 = (q.reshape(n, k // QK, QK).astype(np.int16) - z[..., None] + 16).astype(np.uint8)
+    qh = np.packbits((q5 >> 4) & 1, axis=-1, bitorder="little")  # [N, B, 4]: bit j of the u32 = value j
+    return _blocks(n, k, d, qh, _nibbles(q5))
 
 
 def encode_q8_0(result: QuantizedLinear) -> np.ndarray:
-    """Q8_0 blocks (uint8 [N, K//32*34]) carrying a symmetric 8-bit result exactly: d = scale, int8 q - 128."""
-    q, d = _check_exact(result, 8, "Q8_0")
+    """Q8_0 blocks (uint8 [N, K//32*34]) carrying a symmetric 8-bit or any ≤ 4-bit result exactly:
+    d = scale, int8 q − z."""
+    q, d, z = _check_carry(result, "Q8_0")
     n, k = q.shape
-    signed = (q.astype(np.int16) - 128).astype(np.int8).view(np.uint8).reshape(n, k // QK, QK)
-    out = np.concatenate([d.reshape(n, k // QK, 1).view(np.uint8), signed], axis=-1)
-    return np.ascontiguousarray(out.reshape(n, k // QK * 34))
+    signed = q.reshape(n, k // QK, QK).astype(np.int16) - z[..., None]
+    return _blocks(n, k, d, signed.astype(np.int8).view(np.uint8))
+
+
+def encode_q4_1(result: QuantizedLinear) -> np.ndarray:
+    """Q4_1 blocks (uint8 [N, K//32*20]) carrying a ≤ 4-bit result nearly exactly: d = scale, m = fp16(−scale·z),
+    codes unchanged; x = d·q + m differs from scale·(q − z) by the fp16 rounding of m only."""
+    q, d, z = _check_carry(result, "Q4_1")
+    n, k = q.shape
+    m = (-(d.astype(np.float32) * z.astype(np.float32))).astype(np.float16)
+    return _blocks(n, k, d, m.reshape(n, k // QK, 1).view(np.uint8), _nibbles(q.reshape(n, k // QK, QK)))
+
+
+ENCODERS = {"Q4_0": encode_q4_0, "Q4_1": encode_q4_1, "Q5_0": encode_q5_0, "Q8_0": encode_q8_0}
+
+
+def encode(result: QuantizedLinear, ggml_type: str) -> np.ndarray:
+    """The blocks of ``result`` in one of :data:`CARRY_TYPES`."""
+    try:
+        return ENCODERS[ggml_type.upper()](result)
+    except KeyError:
+        raise ValueError(f"{ggml_type} cannot carry a solver's result (one of {', '.join(CARRY_TYPES)})") from None
+
+
+def quantize_float(array: np.ndarray, ggml_type: str) -> np.ndarray:
+    """A float tensor (embeddings, lm_head) as F32 / F16 / BF16 data or gguf-py-quantized legacy blocks."""
+    from gguf.quants import quantize
+
+    t = _ggml_type(ggml_type)
+    if t == GGMLQuantizationType.F32:
+        return array.astype(np.float32)
+    if t == GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return quantize(array.astype(np.float32), t)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -351,6 +446,32 @@ def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str
         writer.add_chat_template(meta["chat_template"])
 
 
+def add_extra_metadata(writer: GGUFWriter, metadata: dict[str, Any]) -> None:
+    """Extra keys (e.g. ``strata.*``): bool, int (u32, or i64 when negative or large), float (f32), str."""
+    for key, value in metadata.items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            if 0 <= value < 2**32:
+                writer.add_uint32(key, value)
+            else:
+                writer.add_int64(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            raise ValueError(f"metadata {key}: unsupported value type {type(value).__name__}")
+
+
+def read_metadata(path: str | os.PathLike[str], prefix: str = "strata.") -> dict[str, Any]:
+    """Scalar keys of a GGUF file starting with ``prefix`` (default: strata's own keys)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    return {k: f.contents() for k, f in fields.items() if k.startswith(prefix)}
+
+
 class GGUFStreamWriter:
     """A Llama GGUF written tensor by tensor: infos first, then the header, then the data in info order."""
 
@@ -363,6 +484,7 @@ class GGUFStreamWriter:
         tokenizer_pre: str = "default",
         name: str = "model",
         file_type: int = 2,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self._writer = GGUFWriter(self.path, ARCH)
@@ -370,6 +492,7 @@ class GGUFStreamWriter:
         if tokenizer_dir is not None:
             meta = tokenizer_metadata(tokenizer_dir, vocab_size=int(model_config["vocab_size"]))
             add_tokenizer_metadata(self._writer, meta, pre=tokenizer_pre)
+        add_extra_metadata(self._writer, metadata or {})
         self._pending: list[tuple[str, GGMLQuantizationType, int]] = []  # name, type, nbytes, in write order
         self._next = 0
         self._header_written = False
@@ -460,6 +583,7 @@ def write_gguf(
     tokenizer_pre: str = "default",
     name: str = "model",
     file_type: int = 2,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write a Llama GGUF: ``descriptors`` = (gguf name, ggml type, torch element shape) for the header, then
     ``arrays`` (any iterable, e.g. a generator, consumed one at a time) with the data in the same order.
@@ -467,7 +591,13 @@ def write_gguf(
     Float data is float32 (F32) / float16 (F16); quantized data is the uint8 blocks of :func:`encode_q4_0` etc.
     """
     with GGUFStreamWriter(
-        path, model_config, tokenizer_dir, tokenizer_pre=tokenizer_pre, name=name, file_type=file_type
+        path,
+        model_config,
+        tokenizer_dir,
+        tokenizer_pre=tokenizer_pre,
+        name=name,
+        file_type=file_type,
+        metadata=metadata,
     ) as w:
         for tensor_name, ggml_type, shape in descriptors:
             w.add_tensor_info(tensor_name, ggml_type, shape)
@@ -481,3 +611,85 @@ def write_gguf(
             w.write_data(tensor_name, array)
         if next(it, None) is not None:
             raise ValueError("more arrays than descriptors")
+
+
+# ----------------------------------------------------------------------------------------------- type choice
+
+
+#: llama.cpp's ``llama_ftype`` of a file whose weights are mostly of a given type
+FILE_TYPES = {
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "BF16": 32,
+}
+#: ggml tensor types (by name) llama.cpp can give embeddings / output through ``llama_model_quantize``
+KQUANT_TENSOR_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+#: tensor types gguf-py writes itself (floats and legacy blocks)
+NATIVE_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
+def resolve_type(gguf_type: str, bits: int, sym: bool) -> tuple[str, str]:
+    """(file type, how the solver's result gets there): "exact", "nearly" (Q4_1: fp16 offset) or "requantized"
+    (llama.cpp re-quantizes the dequantized result). ``auto`` is the exact type of the result."""
+    t = gguf_type.upper()
+    if t == "AUTO":
+        exact = exact_type(bits, sym)
+        if exact is None:
+            raise ValueError(
+                f"no GGUF type holds an asymmetric {bits}-bit result exactly; name a type to re-quantize to "
+                "(output.gguf_type, e.g. Q8_0 or Q6_K)"
+            )
+        return exact, "exact"
+    if t not in REQUANT_TYPES:
+        raise ValueError(f"unknown GGUF type {gguf_type!r}: one of auto, {', '.join(REQUANT_TYPES)}")
+    return t, carry_kind(t, bits, sym) or "requantized"
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+
+
+def llama_quantize(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    file_type: str,
+    *,
+    token_embedding_type: str | None = None,
+    output_tensor_type: str | None = None,
+    allow_requantize: bool = False,
+    nthread: int = 0,
+) -> None:
+    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp (llama-cpp-python's ``llama_model_quantize``).
+
+    ``file_type`` names a llama_ftype (Q4_K_M, Q6_K, Q4_0 …); tensors already of the type llama.cpp picks for
+    them are copied as they are. ``token_embedding_type`` / ``output_tensor_type`` name ggml types for
+    token_embd / output. Every key of ``src`` (strata.* included) is carried into ``dst``.
+    """
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise RuntimeError("re-quantizing to a k-quant needs llama-cpp-python (pip install 'strata[readers]')") from err
+    if file_type.upper() not in FILE_TYPES:
+        raise ValueError(f"unknown llama.cpp file type {file_type!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = int(nthread)
+    params.ftype = FILE_TYPES[file_type.upper()]
+    params.allow_requantize = bool(allow_requantize)
+    if token_embedding_type is not None:
+        params.token_embedding_type = int(_ggml_type(token_embedding_type))
+    if output_tensor_type is not None:
+        params.output_tensor_type = int(_ggml_type(output_tensor_type))
+    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+    if rc != 0 or not Path(dst).is_file():
+        raise RuntimeError(f"llama_model_quantize({src} → {file_type}) failed with code {rc}")

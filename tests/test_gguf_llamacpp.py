@@ -1,0 +1,170 @@
+"""strata's GGUF files in llama.cpp itself (llama-cpp-python), against transformers carrying the solver's weights.
+
+* The tiny model (sym 4-bit → Q4_0, asym 4-bit → Q5_0, both exact) and SmolLM2 (Q4_0) load in llama.cpp; its
+  logits on a token sequence agree with the transformers model that holds the solver's dequantized weights
+  (fp32): top-1 agreement ≥ 0.9 (tiny, random weights, near-ties) / ≥ 0.95 (SmolLM2) and mean |Δ| well under
+  the logit std. A wrong Q/K permutation, nibble order or scale would break both.
+* llama.cpp tokenizes like the HF tokenizer from our tokenizer metadata (SmolLM2: pre "smollm").
+* Q4_K_M is a named fallback: re-quantized by llama.cpp from an F16 GGUF of the dequantized solver output,
+  marked in the file (strata.requantized / strata.source_type) and measured against the solver's weights.
+* SmolLM2 Q4_0 perplexity on Persuasion windows in llama.cpp vs in transformers.
+
+Numbers are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.assemble import assemble_gguf
+from pipeline.checkpoint import CheckpointReader
+from pipeline.formats.gguf import read_metadata
+from pipeline.verify import compare_logits, llamacpp_logits, llamacpp_perplexity, load_llamacpp, verify_gguf
+from tests.test_gguf_format import stored_results
+from workers.result import QuantSpec
+
+pytest.importorskip("llama_cpp")
+
+SENTENCE = "Anne Elliot walked to Uppercross, 12 miles — and wrote: “It's done!”"
+
+
+def _dense(model_path: Path, results: dict) -> torch.nn.Module:
+    """The fp32 checkpoint with every quantized linear replaced by the solver's dequantized weight."""
+    from pipeline.eval import load_reference, with_weights
+
+    return with_weights(load_reference(model_path), {k: r.dequantize() for k, r in results.items()})
+
+
+def _ids(model_path: Path, n: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from pipeline.calibration import load_text
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    text = load_text("fixture:austen/persuasion")
+    return tok.encode(text[20000:30000], add_special_tokens=False)[:n]
+
+
+def _against_dense(path: Path, dense: torch.nn.Module, ids: list[int]) -> dict:
+    llm = load_llamacpp(path, n_ctx=len(ids))
+    got = llamacpp_logits(llm, ids)
+    del llm
+    with torch.no_grad():
+        want = dense(input_ids=torch.tensor([ids])).logits[0]
+    return compare_logits(got, want)
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path, tmp_path_factory):
+    reader = CheckpointReader(tiny_model_path)
+    root = tmp_path_factory.mktemp("tiny-llamacpp")
+    out = {"reader": reader, "root": root}
+    for sym in (True, False):
+        source, results = stored_results(reader, root / f"store-{sym}", QuantSpec(4, 32, sym), extreme_zeros=True)
+        out[sym] = (source, results, _dense(tiny_model_path, results))
+    return out
+
+
+@pytest.mark.parametrize("sym,gguf_type", [(True, "Q4_0"), (False, "Q5_0")])
+def test_tiny_exact_gguf_in_llamacpp_matches_the_solver(tiny, sym: bool, gguf_type: str) -> None:
+    source, _, dense = tiny[sym]
+    path = assemble_gguf(tiny["reader"], source, tiny["root"] / f"tiny-{gguf_type}.gguf", tokenizer_pre="smollm")
+    assert read_metadata(path)["strata.target_type"] == gguf_type
+    stats = _against_dense(path, dense, _ids(tiny["reader"].path, 96))
+    print(f"\ntiny {gguf_type} llama.cpp vs transformers(solver weights): {stats}")
+    assert stats["top1_agreement"] >= 0.9, stats
+    assert stats["mean_abs_diff"] <= 0.05 * stats["logit_std"], stats
+
+
+def test_tiny_verify_gguf_with_llamacpp_and_kquant_fallback(tiny) -> None:
+    source, results, dense = tiny[True]
+    path = assemble_gguf(tiny["reader"], source, tiny["root"] / "tiny-Q4_K_M.gguf", gguf_type="Q4_K_M")
+    meta = read_metadata(path)
+    assert meta["strata.requantized"] is True and meta["strata.carry"] == "requantized"
+    assert meta["strata.source_type"].startswith("F16") and meta["strata.target_type"] == "Q4_K_M"
+    summary, _ = verify_gguf(path, tiny["reader"], source, llamacpp=True)
+    print(f"\ntiny Q4_K_M (re-quantized): {summary}")
+    assert summary["requantized"] and summary["bit_exact_linears"] == 0
+    # tiny widths (128, 352) are not multiples of 256: llama.cpp falls back to legacy types, and says so
+    assert set(summary["linear_types"]) <= {"Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0"}
+    assert 0 < summary["weight_error"]["rel_rms"] < 0.2
+    assert summary["llamacpp"]["tokenizer_matches"] and summary["llamacpp"]["top1_agreement"] >= 0.9
+
+
+def test_a_broken_layout_fails_the_llamacpp_check(tiny, tmp_path: Path) -> None:
+    """Q rows left in HF order (no rotary permutation): llama.cpp's logits no longer match."""
+    import pipeline.formats.gguf as gguf_format
+
+    source, _, dense = tiny[True]
+    real = gguf_format.permute_qk_result
+    gguf_format.permute_qk_result = lambda result, n_head: result
+    try:
+        path = assemble_gguf(tiny["reader"], source, tmp_path / "broken.gguf")
+    finally:
+        gguf_format.permute_qk_result = real
+    stats = _against_dense(path, dense, _ids(tiny["reader"].path, 96))
+    print(f"\ntiny Q4_0 without the Q/K permutation: {stats}")
+    assert stats["mean_abs_diff"] > 0.05 * stats["logit_std"] or stats["top1_agreement"] < 0.9
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path, tmp_path_factory):
+    reader = CheckpointReader(smollm2_path)
+    root = tmp_path_factory.mktemp("smol-llamacpp")
+    source, results = stored_results(reader, root / "store", QuantSpec(4, 64, True))
+    path = assemble_gguf(reader, source, root / "smol-Q4_0.gguf", tokenizer_pre="smollm", name="smol")
+    return {"reader": reader, "root": root, "source": source, "results": results, "path": path}
+
+
+@pytest.mark.slow
+def test_smollm2_q4_0_logits_tokenizer_and_perplexity_in_llamacpp(smol) -> None:
+    from transformers import AutoTokenizer
+
+    from pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from pipeline.eval import evaluate, load_reference
+
+    reader, path = smol["reader"], smol["path"]
+    hf = AutoTokenizer.from_pretrained(reader.path)
+    llm = load_llamacpp(path, n_ctx=256)
+    for text in (SENTENCE, "It is a truth universally acknowledged. <|im_start|>user\nhi<|im_end|>"):
+        want = hf.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == want, text
+    del llm
+
+    dense = _dense(reader.path, smol["results"])
+    stats = _against_dense(path, dense, _ids(reader.path, 128))
+    print(f"\nSmolLM2 Q4_0 llama.cpp vs transformers(solver weights), 128 tokens: {stats}")
+    assert stats["top1_agreement"] >= 0.95, stats
+    assert stats["mean_abs_diff"] <= 0.05 * stats["logit_std"], stats
+
+    windows = eval_windows(tokenize_stream(hf, load_text("fixture:austen/persuasion")), 4, 256)
+    cpp = llamacpp_perplexity(path, windows)
+    rows = evaluate({"fp16": load_reference(reader.path), "strata Q4_0": dense}, windows, reference="fp16")
+    hf_ppl = rows["strata Q4_0"]["ppl"]
+    print(
+        f"SmolLM2 Q4_0 perplexity, Persuasion 4 × 256: llama.cpp {cpp['ppl']:.3f}, transformers {hf_ppl:.3f} "
+        f"(fp16 reference {rows['fp16']['ppl']:.3f})"
+    )
+    assert abs(math.log(cpp["ppl"] / hf_ppl)) < 0.02  # within 2%
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_is_a_marked_measured_fallback(smol) -> None:
+    reader, source = smol["reader"], smol["source"]
+    path = assemble_gguf(reader, source, smol["root"] / "smol-Q4_K_M.gguf", gguf_type="Q4_K_M", tokenizer_pre="smollm")
+    summary, _ = verify_gguf(path, reader, source, llamacpp=True)
+    print(f"\nSmolLM2 Q4_K_M re-quantized from the Q4_0 solver output: {summary}")
+    assert summary["requantized"] and read_metadata(path)["strata.requantized"] is True
+    assert "Q4_K" in summary["linear_types"] or "Q6_K" in summary["linear_types"]
+    assert summary["weight_error"]["rel_rms"] < 0.2
+    assert summary["llamacpp"]["top1_agreement"] >= 0.95

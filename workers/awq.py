@@ -1,0 +1,367 @@
+"""AWQ: activation-aware per-input-channel scales, folded into the op before the linears.
+
+For linears that read one input x ∈ ℝᴷ (q/k/v after the input norm, gate/up after the
+post-attention norm, o after v, down after up) AWQ multiplies the weights' input
+columns by s > 0 and divides the input by s, which the preceding op absorbs (a norm's
+weight, or the rows of the linear that produces x), so the float block computes the
+same function:
+
+    y = W x = (W · diag(s)) (x / s).
+
+Rounding W · diag(s) instead of W protects the columns of large activations. The
+scales are searched (Lin et al., 2023) over
+
+    s(α) = mean|x|^α · mean|ŵ|^(−β),   s ← s / sqrt(max(s) · min(s)),   α = i / n, i = 0 … n − 1,
+
+with β = 0, or β = 1 − α with ``duo`` scaling (ŵ: each weight over its group's absmax,
+averaged over the output rows of all linears in the group). Each candidate quantizes
+W · diag(s) on the grid (round-to-nearest, with the job's QuantSpec), dequantizes, divides
+the columns by s again, and is scored by the output error of the whole module group
+(q, k, v stacked; gate, up stacked) on the calibration inputs:
+
+    ‖Y − Ŷ‖² = ‖X (W − Ŵ)ᵀ‖² = tr((W − Ŵ) · XᵀX · (W − Ŵ)ᵀ).
+
+So the search needs only the Gram matrix S = XᵀX (the statistic GPTQ accumulates anyway)
+and the per-channel sums Σ|x|, never the activations: both are sums over calibration
+rows, so workers reduce them and the owner's search is exactly the single-worker one.
+(The original AWQ scores q/k/v by the attention output and gate/up by the MLP output;
+here the group's own outputs are the target.)
+
+Clipping: after scaling, each (output row, input group) may clip its range to
+m = f · max|w|, f ∈ {1, …, ``clip_min``} (``clip_grid`` + 1 steps); weights are clamped
+to [−m, m] and rounded on the min/max grid of the clamped group. Each (row, group)
+keeps the f with the least error of its *partial* output x_g · w_gᵀ, i.e.
+e_g S_gg e_gᵀ with S_gg the diagonal block of the Gram for the group's columns. That
+drops the cross terms e_g S_gh e_hᵀ between groups — the same approximation the
+original AWQ makes (it scores per-group partial sums) — and makes the search separable.
+
+AWQ then GPTQ: the folded weights W' = W · diag(s) see inputs x' = x / s, whose Hessian is
+H' = diag(1/s) · H · diag(1/s); GPTQ rounds W' with H' (:func:`scale_gram`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from workers.gptq import gptq_quantize
+from workers.grids import dequantize as grid_dequantize
+from workers.grids import group_slices, minmax_params, quantize
+from workers.result import QuantizedLinear, QuantSpec
+from workers.rtn import rtn_quantize
+
+
+class AbsMeanAccumulator:
+    """Running Σ|x| per input channel over rows x ∈ ℝᴷ and their count; mean|x| = Σ|x| / n.
+
+    Each batch is summed in float64, so sums split across workers add up to the
+    single-worker sum (up to fp64 rounding, far below the fp32 the search works in).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        self.sum += rows.double().abs().sum(dim=0)
+        self.count += rows.shape[0]
+
+    def mean(self, total_sum: torch.Tensor | None = None, total_count: int | None = None) -> torch.Tensor:
+        """mean|x| in float32 (from this accumulator, or from sums reduced across workers)."""
+        s = self.sum if total_sum is None else total_sum
+        n = self.count if total_count is None else total_count
+        if n == 0:
+            raise ValueError("no calibration rows reached this linear")
+        return (s / n).float()
+
+
+def scale_gram(gram: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The Gram (or Hessian) of the scaled inputs x / s: diag(1/s) · G · diag(1/s)."""
+    inv = 1.0 / scales.to(gram.dtype)
+    return gram * inv.unsqueeze(0) * inv.unsqueeze(1)
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr((W − Ŵ) G (W − Ŵ)ᵀ) = ‖X Wᵀ − X Ŵᵀ‖² for G = XᵀX."""
+    err = weight.float() - approx.float()
+    return float(((err @ gram.float()) * err).sum())
+
+
+def weight_group_mean(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """mean over rows of |w| / max|w of its (row, input group)| — AWQ's per-channel weight magnitude."""
+    w = weight.float().abs()
+    out = torch.empty_like(w)
+    for start, end in group_slices(w.shape[1], spec):
+        part = w[:, start:end]
+        out[:, start:end] = part / (part.amax(dim=1, keepdim=True) + 1e-6)
+    return out.mean(dim=0)
+
+
+def _tied_mean(values: torch.Tensor, expand: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Mean of per-input-channel values over the channels that share one scale (expand[c] = its slot)."""
+    if expand is None:
+        return values
+    total = torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, expand, values)
+    count = torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, expand, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def candidate_scales(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float, duo: bool = False
+) -> torch.Tensor:
+    """s = mean|x|^α (· mean|ŵ|^−(1−α) with duo), clamped at 1e-4, normalised by sqrt(max·min)."""
+    if duo:
+        if w_mean is None:
+            raise ValueError("duo scaling needs the weight magnitudes")
+        s = x_mean.pow(alpha) / (w_mean.pow(1.0 - alpha) + 1e-4)
+    else:
+        s = x_mean.pow(alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def fake_quantize_scaled(weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Ŵ = RTN(W · diag(s)) · diag(1/s): what the output sees after scaling, rounding and folding."""
+    scaled = weight.float() * scales.unsqueeze(0)
+    return rtn_dequantized(scaled, spec) / scales.unsqueeze(0)
+
+
+def rtn_dequantized(weight: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN(W) dequantized, as :func:`workers.rtn.rtn_quantize` gives it, all groups at once."""
+    n_rows, n_cols = weight.shape
+    g = spec.group_len(n_cols)
+    if n_cols % g:
+        return rtn_quantize(weight, spec).dequantize()
+    flat = weight.float().reshape(n_rows * (n_cols // g), g)
+    scale, zero = minmax_params(flat, spec)
+    return grid_dequantize(quantize(flat, scale, zero, spec.maxq), scale, zero).reshape(n_rows, n_cols)
+
+
+@dataclass
+class ScaleSearch:
+    """The chosen scales (one per slot of the preceding op) and what the search saw."""
+
+    scales: torch.Tensor  # [R] float32, one per output channel of the preceding op
+    alpha: float  # the chosen α; -1.0 when s = 1 (plain RTN) won
+    loss: float  # Gram loss of the chosen scales
+    loss_identity: float  # Gram loss of s = 1 (plain RTN)
+    losses: list[float]  # Gram loss per α on the grid
+
+
+def search_scales(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    x_mean: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    grid: int = 20,
+    duo: bool = False,
+    expand: torch.Tensor | None = None,
+) -> ScaleSearch:
+    """The α on the grid i/grid, i = 0 … grid − 1, whose scales minimise the group's Gram loss.
+
+    ``weight`` [N, K] stacks the linears that read the input (q/k/v, gate/up …); ``gram`` is
+    Σ xᵀx [K, K] of that input (any positive multiple gives the same choice) and ``x_mean``
+    mean|x| [K]. With ``expand`` [K] (int64) several input channels share one scale: channel
+    c gets the scale of slot expand[c] (o_proj under GQA, whose columns of one v row must
+    share a scale); mean|x| and mean|ŵ| are averaged over each slot's channels. The
+    returned scales are per slot; s = 1 (plain RTN) is always a candidate, so the result
+    is never worse than RTN on this loss.
+    """
+    w = weight.float()
+    g = gram.to(w.device, torch.float32)
+    g = g / g.diagonal().mean().clamp(min=1e-30)  # a positive multiple: same argmin, tame magnitudes
+    expand = None if expand is None else expand.to(w.device)
+    size = int(expand.max()) + 1 if expand is not None else w.shape[1]
+    x_slot = _tied_mean(x_mean.to(w.device, torch.float32), expand, size)
+    w_slot = _tied_mean(weight_group_mean(w, spec), expand, size) if duo else None
+
+    def loss_of(slot_scales: torch.Tensor) -> float:
+        s = slot_scales if expand is None else slot_scales[expand]
+        return output_error(w, fake_quantize_scaled(w, s, spec), g)
+
+    ones = torch.ones(size, device=w.device)
+    best_scales, best_alpha = ones, -1.0
+    best = loss_identity = loss_of(ones)
+    losses = []
+    for i in range(grid):
+        alpha = i / grid
+        s = candidate_scales(x_slot, w_slot, alpha, duo)
+        loss = loss_of(s)
+        losses.append(loss)
+        if loss < best:
+            best, best_scales, best_alpha = loss, s, alpha
+    return ScaleSearch(best_scales, best_alpha, best, loss_identity, losses)
+
+
+def search_clip(
+    weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, *, grid: int = 20, clip_min: float = 0.5
+) -> torch.Tensor:
+    """Per (row, input group) clip ratio f ∈ {1 − i·(1 − clip_min)/grid}, minimising e_g S_gg e_gᵀ.
+
+    ``weight`` [N, K] is the (already scaled) weight and ``gram`` the Gram of its input. A
+    candidate clamps the group to [−f·max|w|, f·max|w|] and rounds it on the min/max grid of
+    the clamped values; e_g is the rounding error of the group against the unclamped
+    weights. Only the diagonal Gram block of each group is used (module docstring). Returns
+    f [N, nG] (float32).
+    """
+    w = weight.float()
+    g = gram.float()
+    g = g / g.diagonal().mean().clamp(min=1e-30)
+    slices = group_slices(w.shape[1], spec)
+    best_f = torch.ones(w.shape[0], len(slices), device=w.device)
+    for j, (start, end) in enumerate(slices):
+        wg = w[:, start:end]
+        block = g[start:end, start:end]
+        absmax = wg.abs().amax(dim=1, keepdim=True)
+        best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+        for i in range(grid + 1):
+            f = 1.0 - i * (1.0 - clip_min) / grid
+            clamped = torch.maximum(torch.minimum(wg, absmax * f), -absmax * f)
+            scale, zero = minmax_params(clamped, spec)
+            err = wg - grid_dequantize(quantize(clamped, scale, zero, spec.maxq), scale, zero)
+            loss = ((err @ block) * err).sum(dim=1)
+            better = loss < best_err
+            best_err = torch.where(better, loss, best_err)
+            best_f[:, j] = torch.where(better, torch.full_like(loss, f), best_f[:, j])
+    return best_f
+
+
+def apply_clip(weight: torch.Tensor, ratios: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """W with each (row, group) clamped to [−f·max|w|, f·max|w|] for the ratios f [N, nG]."""
+    w = weight.float().clone()
+    for j, (start, end) in enumerate(group_slices(w.shape[1], spec)):
+        m = w[:, start:end].abs().amax(dim=1, keepdim=True) * ratios[:, j : j + 1]
+        w[:, start:end] = torch.maximum(torch.minimum(w[:, start:end], m), -m)
+    return w
+
+
+def awq_quantize(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    x_mean: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    grid: int = 20,
+    duo: bool = False,
+    clip: bool = True,
+    solver: str = "rtn",
+    **gptq_options,
+) -> tuple[QuantizedLinear, torch.Tensor, ScaleSearch]:
+    """AWQ for one group of linears that share an input, without folding (tests, measurements).
+
+    Returns the quantized *scaled* weight W · diag(s), the per-channel scales s (the caller
+    folds 1/s into the preceding op) and the search record. ``solver`` "rtn" rounds to
+    nearest after the clip search; "gptq" runs GPTQ on W · diag(s) with the Hessian of the
+    scaled inputs, 2·diag(1/s) G diag(1/s) / n (no clip search: GPTQ picks the rounding).
+    ``gram`` is Σ xᵀx; its scale does not matter here.
+    """
+    found = search_scales(weight, gram, x_mean, spec, grid=grid, duo=duo)
+    s = found.scales
+    scaled = weight.float() * s.unsqueeze(0)
+    gram_s = scale_gram(gram.float(), s)
+    if solver == "gptq":
+        result = gptq_quantize(scaled, gram_s, spec, **gptq_options)
+    elif solver == "rtn":
+        if clip:
+            scaled = apply_clip(scaled, search_clip(scaled, gram_s, spec), spec)
+        result = rtn_quantize(scaled, spec)
+    else:
+        raise ValueError(f"unknown solver {solver!r}")
+    return result, s, found
+
+
+# -- folding into a Llama-layout block ---------------------------------------------------
+
+
+@dataclass
+class ScaleGroup:
+    """Linears whose shared input is scaled, and the op before them that absorbs 1/s.
+
+    ``prev`` is a module path in the block: a norm (its weight, and bias if any, is divided
+    by s) or a linear (its output rows, and bias, are divided by s). ``expand`` maps each
+    input channel of the linears to its slot in ``prev``'s output (None: identity).
+    """
+
+    prev: str
+    linears: list[str]
+    expand: torch.Tensor | None = None
+
+    def slots(self, block: nn.Module) -> int:
+        prev = block.get_submodule(self.prev)
+        return prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
+
+
+def llama_scale_groups(block: nn.Module) -> list[ScaleGroup]:
+    """The four AWQ groups of a Llama-layout decoder layer (Llama, Mistral, Qwen2/3 …).
+
+    input_layernorm → q/k/v; v_proj → o_proj; post_attention_layernorm → gate/up;
+    up_proj → down_proj. With grouped-query attention (n_heads ≠ n_kv), o_proj input
+    channel c = h·d_head + i reads v row r = (h // (n_heads / n_kv))·d_head + i, so every
+    o_proj column fed by one v row shares that row's scale (``expand``).
+    """
+    names = {n for n, _ in block.named_modules()}
+    need = {
+        "input_layernorm",
+        "post_attention_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    }
+    if not need <= names:
+        raise ValueError(f"AWQ folding needs a Llama-layout block; missing {sorted(need - names)}")
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        if "Gemma" in type(block.get_submodule(norm)).__name__:
+            raise ValueError("AWQ folding assumes y = weight · x̂ norms (Gemma's (1 + weight) is not handled)")
+    v = block.get_submodule("self_attn.v_proj")
+    o = block.get_submodule("self_attn.o_proj")
+    attn = block.get_submodule("self_attn")
+    head_dim = int(getattr(attn, "head_dim", 0)) or v.out_features // max(1, int(attn.config.num_key_value_heads))
+    n_heads, n_kv = o.in_features // head_dim, v.out_features // head_dim
+    if n_heads * head_dim != o.in_features or n_kv * head_dim != v.out_features or n_heads % n_kv:
+        raise ValueError(f"cannot map o_proj inputs to v_proj rows (heads {n_heads}, kv heads {n_kv})")
+    c = torch.arange(o.in_features)
+    expand = (c // head_dim // (n_heads // n_kv)) * head_dim + c % head_dim
+    return [
+        ScaleGroup("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+        ScaleGroup("self_attn.v_proj", ["self_attn.o_proj"], None if n_heads == n_kv else expand),
+        ScaleGroup("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+        ScaleGroup("mlp.up_proj", ["mlp.down_proj"]),
+    ]
+
+
+@torch.no_grad()
+def fold_scales(block: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> list[str]:
+    """Divide ``group.prev``'s output channels by s and multiply the linears' input columns by s.
+
+    The block computes the same function afterwards (exactly in real arithmetic). Returns
+    the names (in the block) of the float tensors of ``prev`` that changed.
+    """
+    prev = block.get_submodule(group.prev)
+    s = scales.to(prev.weight.dtype)
+    changed = []
+    if isinstance(prev, nn.Linear):
+        prev.weight.data = prev.weight.data / s.unsqueeze(1)
+    else:
+        prev.weight.data = prev.weight.data / s
+    changed.append(f"{group.prev}.weight")
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = prev.bias.data / s
+        changed.append(f"{group.prev}.bias")
+    cols = s if group.expand is None else s[group.expand.to(s.device)]
+    for name in group.linears:
+        lin = block.get_submodule(name)
+        lin.weight.data = lin.weight.data * cols.to(lin.weight.dtype).unsqueeze(0)
+    return changed
+
+
+def column_scales(group: ScaleGroup, scales: torch.Tensor) -> torch.Tensor:
+    """The per-input-channel scales of the group's linears (slot scales expanded)."""
+    return scales if group.expand is None else scales[group.expand.to(scales.device)]
