@@ -101,11 +101,16 @@ def main() -> None:
         return sum(per[n] * numel[n] for n in weights) / total
 
     timings: dict[str, float] = {}
+
+    def done(step: str, since: float) -> None:
+        timings[step] = time.perf_counter() - since
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {step}: {timings[step]:.1f}s", flush=True)
+
     variants: dict[str, tuple[dict[str, torch.Tensor], float]] = {}
 
     t = time.perf_counter()
     hs = hessians(ref, calw)
-    timings["hessians"] = time.perf_counter() - t
+    done("hessians", t)
 
     t = time.perf_counter()
     res = {n: nf4_quantize(w, double_quant=False) for n, w in weights.items()}
@@ -118,11 +123,11 @@ def main() -> None:
         {n: r.dequantize() for n, r in res.items()},
         avg({n: r.bits_per_weight() for n, r in res.items()}),
     )
-    timings["nf4"] = time.perf_counter() - t
+    done("nf4", t)
 
     t = time.perf_counter()
     variants["GPTQ on NF4 + DQ"] = gptq_nf4_weights(weights, hs)
-    timings["gptq-nf4"] = time.perf_counter() - t
+    done("gptq-nf4", t)
 
     t = time.perf_counter()
     res8 = {n: fp8_quantize(w) for n, w in weights.items()}
@@ -135,7 +140,7 @@ def main() -> None:
         {n: rtn_quantize(w, int8).dequantize() for n, w in weights.items()},
         avg({n: 8 + 16 / w.shape[1] for n, w in weights.items()}),
     )
-    timings["fp8+int8"] = time.perf_counter() - t
+    done("fp8+int8", t)
 
     t = time.perf_counter()
     rtn_by_bits = {
@@ -148,7 +153,7 @@ def main() -> None:
         average_bits(choice, numel, COST),
     )
     variants["uniform W4 g64 RTN"] = (rtn_by_bits[4], COST[4])
-    timings["mixed"] = time.perf_counter() - t
+    done("mixed", t)
     hist = {b: sum(1 for c in choice.values() if c == b) for b in COST}
     err_mixed = sum(errors[n][choice[n]] for n in weights)
     err_w4 = sum(errors[n][4] for n in weights)
@@ -156,7 +161,7 @@ def main() -> None:
     t = time.perf_counter()
     models = {"fp32 reference": ref, **{k: with_weights(ref, v[0]) for k, v in variants.items()}}
     rows = evaluate(models, evalw, reference="fp32 reference")
-    timings["eval"] = time.perf_counter() - t
+    done("eval", t)
 
     print(
         f"\nSmolLM2-135M, Persuasion {args.windows} x {args.seq_len} tokens, calibration Emma "

@@ -84,7 +84,7 @@ class OutputConfig(_Strict):
         "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
     )
     max_ppl_increase: float | None = Field(
-        None, ge=0, description="release gate: fail the job when perplexity rises more than this fraction"
+        None, description="release gate: fail the job when perplexity rises more than this fraction (0.05 = 5%)"
     )
     overwrite: bool = False
 

@@ -422,10 +422,11 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 t_block = time.perf_counter()
                 replay = records.get(b)
                 outs = _collect([a.process_block.remote(b, replay) for a in actors])
-                if replay is None:
+                if not (restarting and replay is not None):  # a restart's replays are not counted twice
                     for out in outs:
                         for k, v in out["timings"].items():
                             phase[k] = phase.get(k, 0.0) + v / workers_n
+                if replay is None:
                     results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
                     record = {
                         "block": b,

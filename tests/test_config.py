@@ -89,3 +89,9 @@ def test_cli_reports_bad_config_cleanly(tmp_path, capsys):
     cfg.write_text("name: t\nmodel: /nonexistent\ncalibration: {source: x}\nquant: {bitz: 4}\n")
     assert main(["run", str(cfg)]) == 2
     assert "quant.bitz: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.name and cfg.quant.bits in (2, 3, 4, 8)

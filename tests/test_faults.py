@@ -185,7 +185,6 @@ def test_flaky_s3_run_matches_clean_run_and_leaks_no_credential(clean, proxied_s
     caplog.set_level(logging.DEBUG)
     report = run_full_job(parse_config(tiny_dict(tmp_path, workers=1, store=location)), progress=False)
     injected = sum(proxy.injected.values())
-    print(f"flaky S3 run: {proxy.requests} requests, {injected} faults injected {dict(proxy.injected)}")
     assert injected >= 10 and set(proxy.injected) >= {"slowdown", "reset", "truncate"}
     proxy.set_rules()
     store = open_store(location)
@@ -208,6 +207,7 @@ def test_flaky_s3_run_matches_clean_run_and_leaks_no_credential(clean, proxied_s
     ).encode()
     out, err = capfd.readouterr()
     written["stdout+stderr"] = (out + err).encode()
+    print(f"flaky S3 run: {proxy.requests} requests, {injected} faults injected {dict(proxy.injected)}")
     try:
         logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
         for path in logs.glob("worker-*"):

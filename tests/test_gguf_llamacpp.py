@@ -80,7 +80,9 @@ def test_tiny_exact_gguf_in_llamacpp_matches_the_solver(tiny, sym: bool, gguf_ty
     stats = _against_dense(path, dense, _ids(tiny["reader"].path, 96))
     print(f"\ntiny {gguf_type} llama.cpp vs transformers(solver weights): {stats}")
     assert stats["top1_agreement"] >= 0.9, stats
-    assert stats["mean_abs_diff"] <= 0.05 * stats["logit_std"], stats
+    # random weights give near-uniform attention, so the bound is tight: a file without the Q/K permutation
+    # lands at ~0.017 · std (test_a_broken_layout_fails_the_llamacpp_check), a correct one at ~0.007 · std
+    assert stats["mean_abs_diff"] <= 0.01 * stats["logit_std"], stats
 
 
 def test_tiny_verify_gguf_with_llamacpp_and_kquant_fallback(tiny) -> None:
@@ -111,7 +113,7 @@ def test_a_broken_layout_fails_the_llamacpp_check(tiny, tmp_path: Path) -> None:
         gguf_format.permute_qk_result = real
     stats = _against_dense(path, dense, _ids(tiny["reader"].path, 96))
     print(f"\ntiny Q4_0 without the Q/K permutation: {stats}")
-    assert stats["mean_abs_diff"] > 0.05 * stats["logit_std"] or stats["top1_agreement"] < 0.9
+    assert stats["mean_abs_diff"] > 0.01 * stats["logit_std"] or stats["top1_agreement"] < 0.9
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
