@@ -19,7 +19,9 @@ Two measurements:
   against the fp32 reference with pipeline.eval.evaluate. Runs in the main venv; the
   quantization itself runs in .venv-gptqmodel (benchmarks/peers_gptqmodel.py)::
 
-      .venv/bin/python benchmarks/peers.py --quality [--threads 2]
+      .venv/bin/python benchmarks/peers.py --quality [--threads 2] [--dtype auto|float32|float16|bfloat16]
+
+  (smoke test of the same path: --model fixture:tiny-llama --calib-windows 4 --eval-windows 2)
 
 GPTQModel's solve is fed H directly (its ``H`` / ``nsamples`` attributes, as its own
 ``materialize_global_hessian`` leaves them), so both solvers see bit-identical Hessians.
@@ -233,13 +235,14 @@ def quality(args) -> None:
     from pipeline.formats.gptq import unpack_linear
 
     torch.set_num_threads(args.threads)
-    model_dir = fixtures.smollm2()
+    model_dir = fixtures.resolve(args.model)
+    tag = "" if args.model == "fixture:smollm2-135m" else f"-{model_dir.name}"
     tok = AutoTokenizer.from_pretrained(model_dir)
     OUT.mkdir(parents=True, exist_ok=True)
-    ids_path = OUT / "calib-emma-64x512.safetensors"
-    calib = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), 64, SEQ_LEN)
+    ids_path = OUT / f"calib-emma-{args.calib_windows}x{SEQ_LEN}{tag}.safetensors"
+    calib = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), args.calib_windows, SEQ_LEN)
     save_file({"input_ids": calib.contiguous()}, str(ids_path))
-    folder = OUT / f"gptqmodel-w4g64-{'desc' if args.desc_act else 'plain'}"
+    folder = OUT / f"gptqmodel-w4g64-{'desc' if args.desc_act else 'plain'}-{args.dtype}-c{args.calib_windows}{tag}"
     if args.requantize or not (folder / "config.json").is_file():
         cmd = [
             str(ROOT / ".venv-gptqmodel" / "bin" / "python"),
@@ -252,6 +255,8 @@ def quality(args) -> None:
             str(folder),
             "--threads",
             str(args.threads),
+            "--dtype",
+            args.dtype,
         ] + (["--desc-act"] if args.desc_act else [])
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": str(args.threads), "PYTHONPATH": str(ROOT)}
         t = time.perf_counter()
@@ -274,7 +279,7 @@ def quality(args) -> None:
     )
     ref = load_reference(model_dir)
     fq = with_weights(ref, weights)
-    evalw = eval_windows(tokenize_stream(tok, load_text("fixture:austen/persuasion")), 32, SEQ_LEN)
+    evalw = eval_windows(tokenize_stream(tok, load_text("fixture:austen/persuasion")), args.eval_windows, SEQ_LEN)
     t = time.perf_counter()
     rows = evaluate({"ref (fp32)": ref, "GPTQModel GPTQ W4 g64 sym": fq}, evalw, reference="ref (fp32)")
     eval_s = time.perf_counter() - t
@@ -287,7 +292,8 @@ def quality(args) -> None:
             f"| {name} | {row['ppl']:.2f} | {row['ppl_increase'] * 100:+.1f}% | {row['kld']:.4f} "
             f"| {row['top1']:.3f} | {qs} |"
         )
-    print(f"# eval wall time {eval_s:.0f} s (32×{SEQ_LEN} Persuasion, two models)")
+    print(f"# eval wall time {eval_s:.0f} s ({args.eval_windows}×{SEQ_LEN} Persuasion, two models)")
+    print(f"# GPTQModel run: {json.dumps(meta)}")
 
 
 def main() -> None:
@@ -299,6 +305,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (solve: 1, quality: 2)")
     parser.add_argument("--desc-act", action="store_true", help="quality: GPTQModel with desc_act=True")
+    parser.add_argument("--model", default="fixture:smollm2-135m", help="quality: checkpoint (fixture or path)")
+    parser.add_argument("--calib-windows", type=int, default=64, help="quality: Emma windows for GPTQModel")
+    parser.add_argument("--eval-windows", type=int, default=32, help="quality: Persuasion windows")
+    parser.add_argument("--dtype", default="auto", help="quality: GPTQModel load dtype (auto = its own choice)")
     parser.add_argument("--requantize", action="store_true", help="quality: redo GPTQModel even if saved")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--desc-act", action="store_true")
+    parser.add_argument("--dtype", default="auto", help="load dtype; auto = GPTQModel's choice (bfloat16 on CPU)")
     args = parser.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(args.threads))
 
@@ -39,7 +40,9 @@ def main() -> None:
     calibration = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     qcfg = QuantizeConfig(bits=4, group_size=64, sym=True, desc_act=args.desc_act)
     t = time.perf_counter()
-    model = GPTQModel.load(args.model, qcfg, device="cpu")
+    kw = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
+    model = GPTQModel.load(args.model, qcfg, device="cpu", **kw)
+    dtype = str(next(model.model.parameters()).dtype)
     load_s = time.perf_counter() - t
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
@@ -57,6 +60,7 @@ def main() -> None:
         "damp_percent": qcfg.damp_percent,
         "act_group_aware": getattr(qcfg, "act_group_aware", None),
         "desc_act": qcfg.desc_act,
+        "load_dtype": dtype,
     }
     (out / "peers-gptqmodel.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
