@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.grids import dequantize, group_params, group_slices, quantize
+from workers.grids import group_params, group_slices
 from workers.result import QuantizedLinear, QuantSpec
 
 
@@ -37,11 +37,15 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int =
         for dtype in (torch.float32, torch.float64):
             h = hessian.to(dtype)
             h = h + torch.diag(torch.full((h.shape[0],), lam * mean_diag, dtype=dtype, device=h.device))
-            chol, info = torch.linalg.cholesky_ex(h)
+            # With J the exchange matrix and L L^T = J H J: H = R R^T for the upper R = J L J,
+            # so H^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J. One Cholesky and one triangular
+            # inverse instead of Cholesky, inverse and a second Cholesky.
+            chol, info = torch.linalg.cholesky_ex(torch.flip(h, (0, 1)))
             if int(info) != 0:
                 continue
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and torch.isfinite(upper).all():
+            eye = torch.eye(h.shape[0], dtype=dtype, device=h.device)
+            upper = torch.flip(torch.linalg.solve_triangular(chol, eye, upper=False), (0, 1))
+            if torch.isfinite(upper).all():
                 return upper.to(torch.float32), lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
@@ -95,16 +99,19 @@ def gptq_quantize(
             scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
             ready[g] = True
 
-    wp = w[:, perm]
+    # work on Wᵀ so that each column is a contiguous row and every update is in place
+    wt = w[:, perm].t().contiguous()  # [K, N] in processing order
     upper, lam = damped_inverse_cholesky(h[perm][:, perm], damp)
-    codes_p = torch.zeros(n_rows, n_cols, dtype=torch.float32, device=w.device)
+    codes_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=w.device)
     pos_group_list = pos_group.tolist()
+    maxq = float(spec.maxq)
 
     for i1 in range(0, n_cols, block_size):
         i2 = min(i1 + block_size, n_cols)
-        w_blk = wp[:, i1:i2].clone()
-        err_blk = torch.zeros_like(w_blk)
+        w_blk = wt[i1:i2]  # a view: updated in place
+        err_blk = torch.empty_like(w_blk)
         u_blk = upper[i1:i2, i1:i2]
+        inv_diag = (1.0 / torch.diag(u_blk)).tolist()
         for i in range(i2 - i1):
             pos = i1 + i
             g = pos_group_list[pos]
@@ -112,17 +119,17 @@ def gptq_quantize(
                 # first column of a group along the processing order: params from the
                 # error-compensated weights of its columns (the last group may be partial)
                 end = min((g + 1) * group_len, n_cols)
-                cols = torch.cat([w_blk[:, i:], wp[:, i2:end]], dim=1)[:, : end - pos]
-                scales[:, g], zeros[:, g] = group_params(cols, spec, mse_grid=mse_grid)
+                scales[:, g], zeros[:, g] = group_params(wt[pos:end].t(), spec, mse_grid=mse_grid)
                 ready[g] = True
-            col = w_blk[:, i : i + 1]
             s, z = scales[:, g], zeros[:, g]
-            q = quantize(col, s, z, spec.maxq)
-            codes_p[:, pos] = q[:, 0]
-            err = (col[:, 0] - dequantize(q, s, z)[:, 0]) / u_blk[i, i]
-            w_blk[:, i:] -= err.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)
-            err_blk[:, i] = err
-        wp[:, i2:] -= err_blk @ upper[i1:i2, i2:]
+            col = w_blk[i]
+            q = torch.div(col, s).round_().add_(z).clamp_(0.0, maxq)
+            codes_t[pos] = q
+            err = torch.sub(col, q.sub_(z).mul_(s)).mul_(inv_diag[i])
+            err_blk[i] = err
+            w_blk[i:].addr_(u_blk[i, i:], err, alpha=-1.0)
+        wt[i2:].addmm_(upper[i1:i2, i2:].t(), err_blk, alpha=-1.0)
+    codes_p = codes_t.t()
 
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=w.device)
     codes[:, perm] = codes_p.to(torch.uint8)
