@@ -1,5 +1,6 @@
 """The quantization toolbox on SmolLM2-135M: NF4, NF4 + double quant, GPTQ on NF4, FP8 E4M3,
-INT8 per-channel, mixed precision at 4.25 bits/weight and uniform W4 g64 RTN.
+INT8 per-channel, mixed precision at 4.25 bits/weight (RTN g64 at 2/3/4/8 bits chosen by an exact knapsack on
+absolute or relative Hessian-weighted error) and uniform W4 g64 RTN.
 
 Each variant fake-quantizes every linear inside the decoder layers (lm_head and embeddings stay
 fp32) and is scored with pipeline.eval.evaluate on Persuasion (perplexity, KLD and top-1 against
@@ -147,16 +148,28 @@ def main() -> None:
         b: {n: rtn_quantize(w, QuantSpec(b, 64, True)).dequantize() for n, w in weights.items()} for b in COST
     }
     errors = {n: {b: hessian_error(w, rtn_by_bits[b][n], hs[n]) for b in COST} for n, w in weights.items()}
+    # absolute tr(ΔW H ΔWᵀ) is in each layer's own output units; dividing by tr(W H Wᵀ) (the
+    # layer's output energy) makes the errors comparable across depth
+    energy = {n: hessian_error(w, torch.zeros_like(w), hs[n]) for n, w in weights.items()}
+    relative = {n: {b: e / energy[n] for b, e in per.items()} for n, per in errors.items()}
     choice = choose_bits_dp(errors, numel, args.target_bpw, COST)
-    variants[f"mixed RTN g64 @{args.target_bpw}"] = (
+    choice_rel = choose_bits_dp(relative, numel, args.target_bpw, COST)
+    variants[f"mixed abs-err @{args.target_bpw}"] = (
         {n: rtn_by_bits[b][n] for n, b in choice.items()},
         average_bits(choice, numel, COST),
+    )
+    variants[f"mixed rel-err @{args.target_bpw}"] = (
+        {n: rtn_by_bits[b][n] for n, b in choice_rel.items()},
+        average_bits(choice_rel, numel, COST),
     )
     variants["uniform W4 g64 RTN"] = (rtn_by_bits[4], COST[4])
     done("mixed", t)
     hist = {b: sum(1 for c in choice.values() if c == b) for b in COST}
+    hist_rel = {b: sum(1 for c in choice_rel.values() if c == b) for b in COST}
     err_mixed = sum(errors[n][choice[n]] for n in weights)
     err_w4 = sum(errors[n][4] for n in weights)
+    rel_mixed = sum(relative[n][choice_rel[n]] for n in weights)
+    rel_w4 = sum(relative[n][4] for n in weights)
 
     t = time.perf_counter()
     models = {"fp32 reference": ref, **{k: with_weights(ref, v[0]) for k, v in variants.items()}}
@@ -175,9 +188,8 @@ def main() -> None:
             f"| {name:<26} | {bpw:6.3f} | {row['ppl']:7.3f} | {100 * row['ppl_increase']:6.2f}% | "
             f"{row['kld']:7.4f} | {row['top1']:6.3f} |"
         )
-    print(
-        f"\nmixed bits per linear: {hist}; Σ Hessian-weighted error mixed {err_mixed:.4g} vs uniform 4-bit {err_w4:.4g}"
-    )
+    print(f"\nmixed abs-err: bits per linear {hist}; Σ tr(ΔW H ΔWᵀ) {err_mixed:.4g} vs uniform 4-bit {err_w4:.4g}")
+    print(f"mixed rel-err: bits per linear {hist_rel}; Σ relative error {rel_mixed:.4g} vs uniform 4-bit {rel_w4:.4g}")
     print(
         "timings (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())

@@ -113,6 +113,34 @@ def start_ray(num_workers: int) -> None:
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
+class RunMetrics:
+    """Ray metrics (exported with Ray's Prometheus metrics): blocks done, seconds per block,
+    worker peak memory. A cluster without the metrics agent simply gets no samples."""
+
+    def __init__(self):
+        try:
+            from ray.util.metrics import Counter, Gauge
+
+            self.blocks = Counter("strata_blocks_done", "blocks solved and recorded", tag_keys=("run",))
+            self.seconds = Gauge("strata_block_seconds", "wall seconds of the last block", tag_keys=("run",))
+            self.rss = Gauge("strata_worker_peak_rss_bytes", "peak RSS of a worker", tag_keys=("run", "rank"))
+        except Exception as err:  # metrics are an extra; never fail a run for them
+            log.debug("Ray metrics unavailable: %s", err)
+            self.blocks = None
+
+    def block_done(self, run_id: str, record: dict) -> None:
+        if self.blocks is None:
+            return
+        try:
+            self.blocks.inc(1, tags={"run": run_id})
+            self.seconds.set(record["wall_s"], tags={"run": run_id})
+            for rank, mib in record.get("peak_rss_mib", {}).items():
+                if mib is not None:
+                    self.rss.set(mib * 2**20, tags={"run": run_id, "rank": rank})
+        except Exception as err:
+            log.debug("could not record Ray metrics: %s", err)
+
+
 def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch.Tensor) -> dict[str, str]:
     """What a run's results depend on; a resumed run must match all of it."""
     quant = cfg.quant.model_dump()
@@ -405,6 +433,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         len(done),
     )
     bar = tqdm(total=n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
+    metrics = RunMetrics()
     while True:
         actors = [
             actor_cls.options(num_cpus=1, max_concurrency=1).remote(rank, workers_n, reader, store, job, faults)
@@ -433,8 +462,10 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                         "complete": True,
                         "results": results,
                         "timings": {str(out["rank"]): out["timings"] for out in outs},
+                        "peak_rss_mib": {str(out["rank"]): out.get("peak_rss_mib") for out in outs},
                         "wall_s": time.perf_counter() - t_block,
                     }
+                    metrics.block_done(run_id, record)
                     store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
                     records[b] = record
                     solved.append(b)

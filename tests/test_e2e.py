@@ -53,6 +53,20 @@ def test_two_workers_produce_verified_artifacts(two_worker_run):
     assert (tmp / "out" / "tiny-gptq" / "tokenizer.json").is_file()
     rows = report["quality"]["rows"]
     assert all(torch.isfinite(torch.tensor(r["ppl"])) for r in rows.values())
+    # per-block timing and memory of each worker in the record
+    record = json.loads(next((tmp / "store" / "runs" / report["run_id"] / "blocks").glob("*/record.json")).read_text())
+    assert set(record["timings"]) == set(record["peak_rss_mib"]) == {"0", "1"}
+    assert all(mib > 50 for mib in record["peak_rss_mib"].values())
+
+
+def test_json_log_lines():
+    import logging
+
+    from pipeline.cli import JsonLogFormatter
+
+    record = logging.LogRecord("strata.run", logging.INFO, __file__, 1, "block %d done", (3,), None)
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["message"] == "block 3 done" and entry["level"] == "INFO" and entry["logger"] == "strata.run"
 
 
 def _hashes(store_root, run_id):

@@ -9,6 +9,7 @@ linear's statistics to the worker that owns (solves) it.
 from __future__ import annotations
 
 import hashlib
+import resource
 import socket
 import time
 from dataclasses import dataclass, field
@@ -220,7 +221,8 @@ class BlockWorker:
                 layer.get_parameter(name).data = tensor
         self.batches = [(run_block(layer, hidden, kwargs), kwargs) for hidden, kwargs in self.batches]
         timings["forward"] = time.perf_counter() - t
-        return {"block": b, "rank": self.rank, "results": outputs, "timings": timings}
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
     def _solve_block(
         self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict
