@@ -187,7 +187,12 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
         models[f"{label} (GGUF via transformers)"] = gguf_model
     else:
         weights = {name: results.get(name).dequantize() for name in results.entries}
-        models[label] = with_weights(ref, weights)
+        quantized = with_weights(ref, weights)
+        if results.floats:  # AWQ folds its scales into norms and biases: use the folded copies
+            state = quantized.state_dict()
+            for name in results.floats:
+                state[name].copy_(results.float_tensor(outcome.reader, name).float())
+        models[label] = quantized
     log.info("evaluating %d models on %d × %d held-out tokens", len(models), *windows.shape)
     rows = evaluate(models, windows, reference="fp16 (reference)")
     ids_sha256 = EvalWindows.from_tensor(windows).sha256()  # the same hash `strata eval` writes

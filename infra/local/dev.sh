@@ -56,12 +56,12 @@ case "${1:-}" in
     exec "$VENV/bin/strata" demo --overwrite "${@:2}"
     ;;
   test)
-    setup_venv dev,readers
+    setup_venv dev,readers,bnb
     apt_install chromium   # renders the HTML report in a test
     peer_venv
     fixtures
     set +e
-    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:2}"
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider --durations=15 "${@:2}"
     rc=$?
     [ $rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }
     exit $rc
