@@ -40,7 +40,8 @@ def main() -> None:
         models["synthetic Llama (1536 wide, 6 blocks)"] = str(wide)
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     print(f"machine: {machine()}")
-    print(f"calibration: {args.samples} × {args.seq_len} tokens of Emma; GPTQ W4 g64 true-sequential")
+    print(f"calibration: {args.samples} × {args.seq_len} tokens of Emma; GPTQ W4 g64; 1 torch thread per worker")
+    print("float rows: all groups of a block solved at once; quantized (seq) rows: true-sequential stages")
     print(f"{'model':38s} {'propagate':10s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}")
     for label, model in models.items():
         for propagate, quant in (("float", {"true_sequential": False}), ("quantized", {})):

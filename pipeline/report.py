@@ -414,8 +414,8 @@ def plot_block_error(records: dict[int, dict], path: Path) -> Path:
     types = list(by_type)
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     for ax, key, title in (
-        (axes[0], "output_rel_error", "Output relative error  ‖WX − ŴX‖ / ‖WX‖"),
-        (axes[1], "weight_rel_error", "Weight relative error  ‖W − Ŵ‖ / ‖W‖"),
+        (axes[0], "output_rel_error", "Output relative error  ‖(W − Ŵ)X‖² / ‖WX‖²"),
+        (axes[1], "weight_rel_error", "Weight relative error  ‖W − Ŵ‖² / ‖W‖²"),
     ):
         values = []
         for i, t in enumerate(types):
