@@ -33,11 +33,7 @@ def cmd_fixtures(args) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.job import format_report, run_full_job
-    from pipeline.verify import QualityGateError
-
+def _job_overrides(args) -> dict:
     overrides = _overrides(args.set)
     if args.workers:
         overrides["run.workers"] = args.workers
@@ -45,9 +41,15 @@ def cmd_run(args) -> int:
         overrides["output.overwrite"] = True
     if args.no_eval:
         overrides["eval"] = None
-    cfg = load_config(args.config, overrides)
+    return overrides
+
+
+def _run_and_print(cfg, quiet: bool) -> int:
+    from pipeline.job import format_report, run_full_job
+    from pipeline.verify import QualityGateError
+
     try:
-        report = run_full_job(cfg, progress=not args.quiet)
+        report = run_full_job(cfg, progress=not quiet)
     except QualityGateError as err:  # artifacts and report are written: show them, then fail
         if err.report is not None:
             print()
@@ -56,31 +58,18 @@ def cmd_run(args) -> int:
     print()
     print(format_report(report))
     return 0
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import load_config
+
+    return _run_and_print(load_config(args.config, _job_overrides(args)), args.quiet)
 
 
 def cmd_resume(args) -> int:
-    from pipeline.job import format_report, run_full_job
     from pipeline.run import resume_config
-    from pipeline.verify import QualityGateError
 
-    overrides = _overrides(args.set)
-    if args.workers:
-        overrides["run.workers"] = args.workers
-    if args.overwrite:
-        overrides["output.overwrite"] = True
-    if args.no_eval:
-        overrides["eval"] = None
-    cfg = resume_config(args.run_id, args.store, overrides)
-    try:
-        report = run_full_job(cfg, progress=not args.quiet)
-    except QualityGateError as err:  # artifacts and report are written: show them, then fail
-        if err.report is not None:
-            print()
-            print(format_report(err.report))
-        raise
-    print()
-    print(format_report(report))
-    return 0
+    return _run_and_print(resume_config(args.run_id, args.store, _job_overrides(args)), args.quiet)
 
 
 def cmd_verify(args) -> int:
