@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
 from pipeline.checkpoint import CheckpointReader
 from pipeline.formats import gptq as gptq_format
@@ -78,32 +77,73 @@ class ResultSource:
         return result_from_bytes(data)
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
 class ShardedSafetensorsWriter:
-    """Writes tensors into safetensors shards of at most ``shard_bytes`` and an index."""
+    """Writes tensors into safetensors shards of at most ``shard_bytes`` and an index.
+
+    Streams: each tensor's bytes go to a data file as soon as it is added, and a shard is
+    finished by writing its header and copying the data behind it in chunks, so memory
+    stays at one tensor whatever the shard size (safetensors' own ``save_file`` needs the
+    whole shard in memory, twice).
+    """
 
     def __init__(self, folder: Path, shard_bytes: int, metadata: dict[str, str]):
         self.folder, self.shard_bytes, self.metadata = folder, shard_bytes, metadata
-        self.pending: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict] = {}
         self.pending_bytes = 0
+        self.data = None
         self.files: list[tuple[str, list[str]]] = []
         self.total = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+        if self.entries and self.pending_bytes + nbytes > self.shard_bytes:
             self._flush()
-        self.pending[name] = tensor.contiguous()
+        if self.data is None:
+            self.data = open(self.folder / f".data-{len(self.files):05d}", "wb")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.data.write(raw.tobytes())
+        self.entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.pending_bytes, self.pending_bytes + nbytes],
+        }
         self.pending_bytes += nbytes
         self.total += nbytes
 
     def _flush(self) -> None:
         name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.folder / name), metadata=self.metadata)
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        data_path = self.folder / f".data-{len(self.files):05d}"
+        if self.data is None:  # an empty shard (a model without tensors is refused upstream)
+            self.data = open(data_path, "wb")
+        self.data.close()
+        header = json.dumps({"__metadata__": self.metadata, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
+        with open(self.folder / name, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data_path.unlink()
+        self.files.append((name, list(self.entries)))
+        self.entries, self.pending_bytes, self.data = {}, 0, None
 
     def close(self) -> list[str]:
-        if self.pending or not self.files:
+        if self.entries or not self.files:
             self._flush()
         n = len(self.files)
         weight_map, names = {}, []
