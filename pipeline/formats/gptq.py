@@ -19,25 +19,27 @@ from workers.result import QuantizedLinear, QuantSpec
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned ints along axis 0 into int32 words, LSB first: value i at bit bits·i."""
-    values = np.asarray(values, dtype=np.uint64)
+    values = np.asarray(values)
     count = values.shape[0]
     if (count * bits) % 32:
         raise ValueError(f"{count} values of {bits} bits do not fill whole 32-bit words")
-    if values.size and int(values.max()) >= (1 << bits):
+    if values.size and (int(values.max()) >= (1 << bits) or int(values.min()) < 0):
         raise ValueError(f"a value does not fit in {bits} bits")
-    words = np.zeros((count * bits // 32,) + values.shape[1:], dtype=np.uint64)
-    if 32 % bits == 0:
+    if 32 % bits == 0:  # whole values per word: 32-bit arithmetic, one word-sized temporary at a time
         per_word = 32 // bits
         grouped = values.reshape((count // per_word, per_word) + values.shape[1:])
+        words32 = np.zeros((count // per_word,) + values.shape[1:], dtype=np.uint32)
         for j in range(per_word):
-            words |= grouped[:, j] << np.uint64(bits * j)
-    else:
-        for i in range(count):
-            bit = bits * i
-            word, shift = divmod(bit, 32)
-            words[word] |= (values[i] << np.uint64(shift)) & np.uint64(0xFFFFFFFF)
-            if shift + bits > 32:
-                words[word + 1] |= values[i] >> np.uint64(32 - shift)
+            words32 |= grouped[:, j].astype(np.uint32) << np.uint32(bits * j)
+        return words32.view(np.int32)
+    values = values.astype(np.uint64)
+    words = np.zeros((count * bits // 32,) + values.shape[1:], dtype=np.uint64)
+    for i in range(count):
+        bit = bits * i
+        word, shift = divmod(bit, 32)
+        words[word] |= (values[i] << np.uint64(shift)) & np.uint64(0xFFFFFFFF)
+        if shift + bits > 32:
+            words[word + 1] |= values[i] >> np.uint64(32 - shift)
     return words.astype(np.uint32).view(np.int32)
 
 
@@ -62,7 +64,7 @@ def checkpoint_format(spec: QuantSpec) -> str:
 def pack_linear(result: QuantizedLinear, prefix: str, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one linear, named ``<prefix>.qweight`` etc."""
     spec = result.spec
-    codes = result.codes.numpy().astype(np.uint64)  # [N, K]
+    codes = result.codes.numpy()  # uint8 [N, K]
     zeros = result.zeros.numpy().astype(np.int64)  # [N, nG]
     if checkpoint_format(spec) == "gptq":
         zeros = (zeros - 1) & spec.maxq  # v1 stores z − 1 (symmetric z = 2^(b−1), so never −1)
