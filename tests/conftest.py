@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -40,3 +43,19 @@ def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, size: str):
+    """A real tmpfs of ``size`` at ``path`` (a real ENOSPC from the kernel when it fills).
+    Skips the test, with the reason, where this machine does not allow mounting."""
+    path.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount(8) here")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)

@@ -8,16 +8,16 @@ by a worker, and the driver reports the worker's own error.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import struct
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
+
+from tests.conftest import mounted_tmpfs
 
 
 def tiny_dict(tmp: Path, model: str = "fixture:tiny-llama", **over) -> dict:
@@ -254,17 +254,8 @@ def test_missing_bucket(tmp_path, capsys, monkeypatch, s3_server):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 KiB tmpfs: room for run.json, not for a block's results (real ENOSPC)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "16k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_disk_full_on_the_local_store(tmp_path, small_disk, capsys, ray_session):

@@ -10,8 +10,6 @@ import hashlib
 import logging
 import os
 import pickle
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -29,6 +27,7 @@ from pipeline.store import (
     sha256_bytes,
 )
 from tests import s3_server as s3mod
+from tests.conftest import mounted_tmpfs
 from tests.fault_proxy import FaultProxy, Rule
 
 MiB = 1 << 20
@@ -240,17 +239,8 @@ def test_open_store(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 256 KiB tmpfs (real ENOSPC from the kernel); needs the right to mount."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_local_disk_full_is_a_clear_error_and_leaves_nothing(tiny_disk):
