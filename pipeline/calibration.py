@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -14,32 +15,66 @@ class CalibrationError(ValueError):
 
 
 def load_text(source: str, text_field: str = "text") -> str:
-    """Text from a .txt/.md file, a .jsonl or .parquet file (field ``text_field``),
-    a fixture (``fixture:austen/emma``) or a datasets name (``hf:NAME[:SPLIT]``)."""
+    """Text from a .txt/.md file, a .jsonl or .parquet file (field ``text_field``), each also as
+    ``s3://bucket/key`` (read through the store layer: endpoint and credentials from the
+    environment), a fixture (``fixture:austen/emma``) or a datasets name (``hf:NAME[:SPLIT]``)."""
     if source.startswith("hf:"):
         return _load_dataset_text(source[3:], text_field)
+    if source.startswith("s3://"):
+        return _parse_text(source, PurePosixPath(source).suffix.lower(), _read_s3(source), text_field)
     path = fixtures.resolve(source)
     if not path.is_file():
         raise CalibrationError(f"calibration source {source!r} does not exist")
-    suffix = path.suffix.lower()
+    return _parse_text(str(path), path.suffix.lower(), path, text_field)
+
+
+def _read_s3(source: str) -> bytes:
+    from pipeline.store import ObjectNotFound, StoreError, s3_object
+
+    try:
+        store, key = s3_object(source)
+        if not key:
+            raise StoreError(f"no object key in {source!r}; write s3://bucket/key")
+        return store.get_bytes(key, verify=False)
+    except ObjectNotFound as err:
+        raise CalibrationError(f"calibration source {source!r} does not exist ({err})") from None
+    except StoreError as err:
+        raise CalibrationError(f"cannot read calibration source {source!r}: {err}") from None
+
+
+def _parse_text(name: str, suffix: str, src: Path | bytes, text_field: str) -> str:
+    """The text of a file (``src``: its path, or its bytes as read from a store), by its suffix."""
+
+    def read_text() -> str:
+        if isinstance(src, Path):
+            return src.read_text()
+        try:
+            return src.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CalibrationError(f"{name} is not UTF-8 text: {err}") from None
+
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(path.read_text().splitlines()):
+        for i, line in enumerate(read_text().splitlines()):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line)[text_field])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise CalibrationError(f"{path}:{i + 1}: not a JSON object with a {text_field!r} field") from None
+                raise CalibrationError(f"{name}:{i + 1}: not a JSON object with a {text_field!r} field") from None
         return "\n\n".join(rows)
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(src if isinstance(src, Path) else pa.BufferReader(src))
+        except pa.ArrowException as err:
+            raise CalibrationError(f"{name} is not a readable parquet file: {err}") from None
         if text_field not in table.column_names:
-            raise CalibrationError(f"{path}: no column {text_field!r} (has {table.column_names})")
+            raise CalibrationError(f"{name}: no column {text_field!r} (has {table.column_names})")
         return "\n\n".join(str(x) for x in table.column(text_field).to_pylist() if x)
-    return path.read_text()
+    return read_text()
 
 
 def _load_dataset_text(spec: str, text_field: str) -> str:

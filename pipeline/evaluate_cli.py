@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline import fixtures
 from pipeline.eval import (
     DECODE_TOKENS,
     SCHEMA_VERSION,
@@ -52,14 +51,14 @@ def folder_method(path: Path) -> str | None:
 def open_run(run_id: str, store_ref: str):
     """(model reference, records, ResultSource) of a stored run."""
     from pipeline.assemble import ResultSource
-    from pipeline.checkpoint import CheckpointReader
+    from pipeline.checkpoint import open_checkpoint
     from pipeline.run import load_records
     from pipeline.store import open_store
 
     store = open_store(store_ref)
     run = store.get_json(f"runs/{run_id}/run.json")
     model = run["config"]["model"]
-    reader = CheckpointReader(fixtures.resolve(model))
+    reader = open_checkpoint(model)
     records = load_records(store, f"runs/{run_id}", reader.num_layers)
     return model, records, ResultSource(store, records)
 
@@ -113,7 +112,6 @@ def run_eval(
     from transformers import AutoTokenizer
 
     from pipeline.calibration import load_text, tokenize_stream
-    from pipeline.report import count_params
     from pipeline.run import STRATA_VERSION
 
     if threads:
@@ -131,7 +129,10 @@ def run_eval(
         reference = reference or run_model
     if not reference:
         raise EvalError("name the reference checkpoint (--reference) or a run (--run) whose model it is")
-    ref_path = fixtures.resolve(reference)
+    from pipeline.checkpoint import open_checkpoint
+
+    ref_reader = open_checkpoint(reference)  # a folder, fixture: or s3:// (small files cached locally)
+    ref_path = ref_reader.path
 
     tokenizer = AutoTokenizer.from_pretrained(ref_path)
     body = load_text(text, text_field)
@@ -159,7 +160,7 @@ def run_eval(
         return name
 
     warm_imports(ref_path, "llama.cpp" in gguf_backends)  # so the RSS deltas are the models', not the libraries'
-    ref, mem, secs = measure_load(lambda: load_reference(ref_path))
+    ref, mem, secs = measure_load(ref_reader.reference_model)
     ref_name = add(
         f"{ref_path.name} (reference)", ref, backend="transformers", fmt="safetensors", path=ref_path, memory=mem,
         load_s=secs,
@@ -210,7 +211,7 @@ def run_eval(
     log.info("evaluating %d models with %d threads", len(models), threads)
     rows = evaluate(models, wins, reference=ref_name, batch_size=batch_size)
 
-    params = count_params(ref_path) if any(ref_path.glob("*.safetensors")) else None
+    params = ref_reader.num_params()
     prompt = wins.ids[0, : min(DECODE_PROMPT, wins.context)].tolist()
     window_tokens = wins.count * wins.context
     out_models = []

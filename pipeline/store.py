@@ -14,6 +14,12 @@ them in an S3 bucket (AWS or any S3-compatible server) through boto3. Both offer
 * raise ``StoreError`` (or a subclass) with a message that says what to do, and never
   include a credential in a message, a log line or an object.
 
+Inputs strata did not write (a checkpoint's shards, calibration text) have no recorded
+sha256: ``get_bytes(key, verify=False)`` reads such an object whole (S3: its ETag is still
+checked where it is a plain MD5), ``stat`` / ``list_info`` give sizes and ETags, and
+``get_range`` / ``readinto_range`` read a byte range (S3: HTTP range GETs, long ranges
+split into parts fetched in parallel; ``etag`` makes the read fail if the object changed).
+
 ``S3Store`` takes its endpoint from the constructor or ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL``, and its credentials from the standard AWS chain (environment,
 shared config, instance role) of whichever process uses it: it is pickled to Ray workers
@@ -35,6 +41,8 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -91,6 +99,19 @@ def _check_prefix(prefix: str) -> str:
 
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's size in bytes and its ETag (S3's; a local file's is mtime and size)."""
+
+    size: int
+    etag: str
+
+
+def _check_range(key: str, start: int, end: int) -> None:
+    if not (isinstance(start, int) and isinstance(end, int)) or start < 0 or end < start:
+        raise StoreError(f"bad byte range [{start}, {end}) of {key!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,8 +172,17 @@ class LocalStore:
                 ) from err
             raise StoreError(f"cannot write {key!r} to {self}: {err.strerror or err}") from err
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
+        """The object's bytes, checked against its recorded sha256; ``verify=False`` for an input
+        strata did not write (no sha256 recorded): the bytes as they are."""
         path = self._path(key)
+        if not verify:
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                raise ObjectNotFound(f"no object {key!r} in {self}") from None
+            except OSError as err:
+                raise StoreError(f"cannot read {key!r} from {self}: {err.strerror or err}") from err
         side = self._sidecar(path)
         for attempt in range(3):
             try:
@@ -180,6 +210,48 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and a change tag (mtime and size) of an object; ObjectNotFound if there is none."""
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self}") from None
+        except OSError as err:
+            raise StoreError(f"cannot stat {key!r} in {self}: {err.strerror or err}") from err
+        return ObjectInfo(st.st_size, f"{st.st_mtime_ns:x}-{st.st_size:x}")
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        """``list`` with each object's size and change tag."""
+        return {key: self.stat(key) for key in self.list(prefix)}
+
+    def get_range(self, key: str, start: int, end: int, *, etag: str | None = None) -> bytes:
+        """Bytes [start, end) of an object (no checksum: a range cannot be checked against the
+        whole object's sha256). StoreError if the object is shorter or (with ``etag``) changed."""
+        out = bytearray(end - start) if end >= start else bytearray()
+        self.readinto_range(key, start, memoryview(out), etag=etag)
+        return bytes(out)
+
+    def readinto_range(self, key: str, start: int, out: memoryview, *, etag: str | None = None) -> None:
+        """Fill ``out`` with the object's bytes from ``start`` on (``os.pread``: no mapping, no seek)."""
+        _check_range(key, start, start + len(out))
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key!r} in {self}") from None
+        except OSError as err:
+            raise StoreError(f"cannot read {key!r} from {self}: {err.strerror or err}") from err
+        try:
+            if etag is not None:
+                st = os.fstat(fd)
+                if f"{st.st_mtime_ns:x}-{st.st_size:x}" != etag:
+                    raise StoreError(f"object {key!r} in {self} changed while it was being read; start again")
+            pread_into(fd, start, out, what=f"{key!r} in {self}")
+        except OSError as err:
+            raise StoreError(f"cannot read {key!r} from {self}: {err.strerror or err}") from err
+        finally:
+            os.close(fd)
+
     def list(self, prefix: str = "") -> list[str]:
         prefix = _check_prefix(prefix)
         base = self._path(prefix) if prefix else self.root
@@ -196,6 +268,19 @@ class LocalStore:
 
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
+
+
+def pread_into(fd: int, offset: int, out: memoryview, what: str = "the file") -> None:
+    """Fill ``out`` from ``fd`` at ``offset`` with ``os.preadv`` (short reads continued); a
+    StoreError if the file ends first."""
+    done, total = 0, len(out)
+    while done < total:
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise StoreError(
+                f"{what} ends at byte {offset + done}, before the {total} bytes asked for from byte {offset}"
+            )
+        done += n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +333,8 @@ class S3Store:
     bucket instead of failing. ``verify_etag``: also check the ETag the server returns
     against the MD5 of what was sent (turn off for SSE-KMS buckets, whose ETags are not
     MD5s; the server still checks Content-MD5 and the sha256 is still checked on read).
+    A range read longer than ``range_part_size`` is fetched as parts, up to
+    ``range_threads`` at a time, each a GET of its own with its own retries.
     """
 
     def __init__(
@@ -267,6 +354,8 @@ class S3Store:
         create_bucket: bool = False,
         verify_etag: bool = True,
         max_pool_connections: int = 16,
+        range_part_size: int = 16 * MiB,
+        range_threads: int = 4,
     ):
         if not bucket or "/" in bucket:
             raise StoreError(f"bad S3 bucket name {bucket!r}")
@@ -288,6 +377,8 @@ class S3Store:
         self.create_bucket = create_bucket
         self.verify_etag = verify_etag
         self.max_pool_connections = max_pool_connections
+        self.range_part_size = max(int(range_part_size), 1)
+        self.range_threads = max(int(range_threads), 1)
         self._client = None
         self._lock = threading.Lock()
         self.retry_count = 0  # retries this process made (for reports and tests)
@@ -566,7 +657,14 @@ class S3Store:
                 log.warning("could not abort the multipart upload of %r: %s", key, self._describe(err))
             raise
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, *, verify: bool = True) -> bytes:
+        """The object's bytes, checked against the sha256 recorded when strata wrote it.
+
+        ``verify=False``: an input strata did not write (no recorded sha256); its length is
+        checked, and its ETag where that is a plain MD5 (a single-part upload without KMS).
+        """
+        if not verify:
+            return self._get_foreign(key)
         full = self._key(key)
         client = self.client()
         what = f"get {key!r}"
@@ -603,6 +701,109 @@ class S3Store:
 
         return self._retrying(what, get)
 
+    def _get_foreign(self, key: str) -> bytes:
+        full = self._key(key)
+        client = self.client()
+        what = f"get {key!r}"
+        mismatches = 0
+
+        def get():
+            nonlocal mismatches
+            response = client.get_object(Bucket=self.bucket, Key=full)
+            body = response["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+            if "ContentLength" in response and len(data) != response["ContentLength"]:
+                raise _Transient(f"body truncated: {len(data)} of {response['ContentLength']} bytes")
+            etag = str(response.get("ETag", "")).strip('"')
+            if self.verify_etag and len(etag) == 32 and "-" not in etag:
+                actual = hashlib.md5(data).hexdigest()
+                if actual != etag:
+                    mismatches += 1
+                    if mismatches > min(2, self.retries):
+                        raise ChecksumError(
+                            f"{what}: object in {self._where()} does not match its ETag (MD5 {actual} of the "
+                            f"bytes read, ETag {etag}, {mismatches} reads)"
+                        )
+                    raise _Transient(f"MD5 of the bytes read is {actual}, ETag {etag}")
+            return data
+
+        return self._retrying(what, get)
+
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and ETag of an object (a HEAD); ObjectNotFound if there is none."""
+        full = self._key(key)
+        client = self.client()
+        head = self._retrying(f"stat {key!r}", lambda: client.head_object(Bucket=self.bucket, Key=full))
+        return ObjectInfo(int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
+
+    def get_range(self, key: str, start: int, end: int, *, etag: str | None = None) -> bytes:
+        """Bytes [start, end) of an object (HTTP range GETs; no checksum: a range cannot be checked
+        against the whole object's sha256). With ``etag``, a StoreError if the object changed."""
+        _check_range(key, start, end)
+        out = bytearray(end - start)
+        self.readinto_range(key, start, memoryview(out), etag=etag)
+        return bytes(out)
+
+    def readinto_range(self, key: str, start: int, out: memoryview, *, etag: str | None = None) -> None:
+        """Fill ``out`` with the object's bytes from ``start`` on: one range GET per part of at
+        most ``range_part_size`` bytes, up to ``range_threads`` at a time."""
+        end = start + len(out)
+        _check_range(key, start, end)
+        if start == end:
+            return
+        parts = [(a, min(a + self.range_part_size, end)) for a in range(start, end, self.range_part_size)]
+        if len(parts) == 1:
+            self._get_part(key, start, end, out, etag)
+            return
+        with ThreadPoolExecutor(min(self.range_threads, len(parts)), thread_name_prefix="strata-range") as pool:
+            futures = [pool.submit(self._get_part, key, a, b, out[a - start : b - start], etag) for a, b in parts]
+            for future in futures:
+                future.result()
+
+    def _get_part(self, key: str, start: int, end: int, out: memoryview, etag: str | None) -> None:
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+        client = self.client()
+        what = f"get bytes {start}-{end - 1} of {key!r}"
+
+        def get():
+            kwargs = {"Bucket": self.bucket, "Key": full, "Range": f"bytes={start}-{end - 1}"}
+            if etag:
+                kwargs["IfMatch"] = f'"{etag}"'
+            try:
+                response = client.get_object(**kwargs)
+            except ClientError as err:
+                code, status = self._code(err), self._status(err)
+                if code == "PreconditionFailed" or status == 412:
+                    raise StoreError(
+                        f"{what}: the object in {self._where()} changed while it was being read "
+                        f"(its ETag is no longer {etag}); start again"
+                    ) from None
+                if code == "InvalidRange" or status == 416:
+                    raise StoreError(f"{what}: the object in {self._where()} is shorter than that") from None
+                raise
+            body = response["Body"]
+            try:
+                data = body.read()
+            finally:
+                body.close()
+            if len(data) != end - start:
+                if response.get("ContentLength") == len(data) and len(data) < end - start:
+                    raise StoreError(
+                        f"{what}: the object in {self._where()} ends after {len(data)} of the {end - start} bytes"
+                    )
+                raise _Transient(f"range body has {len(data)} bytes, asked for {end - start}")
+            got = str(response.get("ContentRange", ""))
+            if got and not got.startswith(f"bytes {start}-{end - 1}/"):
+                raise _Transient(f"the server answered range {got!r} to bytes {start}-{end - 1}")
+            out[:] = data
+
+        self._retrying(what, get)
+
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -621,28 +822,43 @@ class S3Store:
         return self._retrying(f"exists {key!r}", head)
 
     def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        """Every key under ``prefix`` with its size and ETag (one LIST per 1000 keys)."""
         prefix = _check_prefix(prefix)
         folder = "/".join(p for p in (self.prefix, prefix) if p)
         query = f"{folder}/" if folder else ""
         strip = len(f"{self.prefix}/") if self.prefix else 0
         client = self.client()
-        keys, token = [], None
+        out, token = {}, None
         while True:
             kwargs = {"Bucket": self.bucket, "Prefix": query}
             if token:
                 kwargs["ContinuationToken"] = token
             page = self._retrying(f"list {prefix!r}", lambda kwargs=kwargs: client.list_objects_v2(**kwargs))
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            for obj in page.get("Contents", []):
+                out[obj["Key"][strip:]] = ObjectInfo(int(obj.get("Size", 0)), str(obj.get("ETag", "")).strip('"'))
             if not page.get("IsTruncated"):
                 break
             token = page["NextContinuationToken"]
-        return sorted(keys)
+        return dict(sorted(out.items()))
 
     def put_json(self, key: str, obj) -> None:
         self.put_bytes(key, _json_bytes(obj))
 
     def get_json(self, key: str):
         return json.loads(self.get_bytes(key))
+
+
+def s3_object(uri: str, **options) -> tuple[S3Store, str]:
+    """The store of an ``s3://bucket/key`` URI's bucket (options go to S3Store; endpoint and
+    credentials from the environment) and the key in it ('' for the bucket itself)."""
+    rest = uri[len("s3://") :] if uri.startswith("s3://") else ""
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StoreError(f"no bucket in {uri!r}; write s3://bucket/key")
+    return S3Store(bucket, **options), key.strip("/")
 
 
 def open_store(location: str, **options):
