@@ -2,6 +2,13 @@
 
 Every artifact is written into a hidden temporary folder next to its destination and
 renamed into place only when complete, so a reader never sees a partial artifact.
+
+Memory is bounded by the largest tensor, not the model: one tensor (a checkpoint tensor,
+or one linear's stored result and its packed form) is alive at a time and dropped before
+the next is read; shards are written through a data file and never held whole; tensors
+go to disk from their own buffer (no ``bytes`` copy); the NaN/Inf check of a float tensor
+runs in chunks (:data:`pipeline.checkpoint.FINITE_CHUNK` values) (``torch.isfinite`` on a whole fp16 tensor
+builds temporaries ~4.5× its size, which made the embedding of a 4 GB model cost 1.7 GB).
 """
 
 from __future__ import annotations
@@ -10,16 +17,18 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from pipeline.checkpoint import CheckpointReader
+from pipeline.checkpoint import CheckpointError, CheckpointReader, nonfinite_count
 from pipeline.formats import gptq as gptq_format
 from pipeline.store import sha256_bytes
 from workers.actor import result_from_bytes
-from workers.result import QuantizedLinear
+from workers.result import QuantizedLinear, QuantSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -35,6 +44,31 @@ TOKENIZER_FILES = (
 
 class AssembleError(RuntimeError):
     pass
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    """CheckpointError naming ``name`` if the float ``tensor`` holds a NaN or Inf; checked
+    chunk by chunk, so it allocates O(chunk), not O(tensor)."""
+    if not tensor.is_floating_point():
+        return
+    bad = nonfinite_count(tensor)
+    if bad:
+        raise CheckpointError(
+            f"tensor {name!r} ({where}) holds {bad} NaN/Inf value(s) of {tensor.numel()}; the checkpoint is damaged"
+        )
+
+
+@dataclass(frozen=True)
+class ResultSummary:
+    """What a checkpoint's quantization_config needs of its results, without their tensors."""
+
+    spec: QuantSpec
+    method: str
+    params: dict
+
+    @classmethod
+    def of(cls, result: QuantizedLinear) -> ResultSummary:
+        return cls(spec=result.spec, method=result.method, params=dict(result.params))
 
 
 def parse_size(text: str) -> int:
@@ -60,7 +94,8 @@ class ResultSource:
     def float_tensor(self, reader: CheckpointReader, name: str) -> torch.Tensor:
         """A float tensor as published: the method's changed copy when the run stored one
         (AWQ folds its scales into norms and biases), else the checkpoint's, in its dtype."""
-        original = reader.load([name])[name]
+        original = reader.load([name], check_finite=False)[name]
+        check_finite(name, original, f"shard {reader.weight_map[name]!r}")
         entry = self.floats.get(name)
         if entry is None:
             return original
@@ -70,6 +105,8 @@ class ResultSource:
         return load_safetensors(data)[name].to(original.dtype)
 
     def get(self, linear_name: str) -> QuantizedLinear:
+        """The stored result of one linear, read fresh each call: callers drop it after use
+        (nothing here caches results, so assembly holds one at a time)."""
         entry = self.entries[linear_name]
         data = self.store.get_bytes(entry["key"])
         if sha256_bytes(data) != entry["sha256"]:
@@ -96,10 +133,10 @@ SAFETENSORS_DTYPES = {
 class ShardedSafetensorsWriter:
     """Writes tensors into safetensors shards of at most ``shard_bytes`` and an index.
 
-    Streams: each tensor's bytes go to a data file as soon as it is added, and a shard is
-    finished by writing its header and copying the data behind it in chunks, so memory
-    stays at one tensor whatever the shard size (safetensors' own ``save_file`` needs the
-    whole shard in memory, twice).
+    Streams: each tensor's bytes go to a data file as soon as it is added, straight from
+    the tensor's own buffer, and a shard is finished by writing its header and copying the
+    data behind it in chunks, so memory stays at the tensor being added whatever the shard
+    size (safetensors' own ``save_file`` needs the whole shard in memory, twice).
     """
 
     def __init__(self, folder: Path, shard_bytes: int, metadata: dict[str, str]):
@@ -117,7 +154,7 @@ class ShardedSafetensorsWriter:
         if self.data is None:
             self.data = open(self.folder / f".data-{len(self.files):05d}", "wb")
         raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.data.write(raw.tobytes())
+        self.data.write(memoryview(raw))  # from the tensor's buffer: no bytes copy of it
         self.entries[name] = {
             "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -190,37 +227,40 @@ def _write_quantized_checkpoint(
     tmp: Path,
     pack: Callable[[QuantizedLinear, str], dict[str, torch.Tensor]],
     shard_size: str,
-) -> tuple[QuantizedLinear, list[str]]:
+    mixed_bits: bool = False,
+) -> tuple[ResultSummary, list[str]]:
     """Stream every tensor into safetensors shards in ``tmp``: quantized linears through
-    ``pack`` (their biases as float16), every other tensor as stored. Returns one result
-    (all must share its spec: a checkpoint has one quantization_config) and the modules
-    with a 2-D weight that were left unquantized (for the config's ignore list). On
-    AssembleError the staging folder is removed."""
+    ``pack`` (their biases as float16), every other tensor as stored. Returns the first
+    result's spec, method and params (all must share its spec: a checkpoint has one
+    quantization_config) and the modules with a 2-D weight that were left unquantized (for
+    the config's ignore list). On AssembleError the staging folder is removed."""
     try:
-        return _write_tensors(reader, results, tmp, pack, shard_size)
+        return _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits)
     except AssembleError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_tensors(reader, results, tmp, pack, shard_size) -> tuple[QuantizedLinear, list[str]]:
+def _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits=False) -> tuple[ResultSummary, list[str]]:
     writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
-    first: QuantizedLinear | None = None
+    first: ResultSummary | None = None  # a summary, not the result: no result outlives its tensor
     unquantized: list[str] = []
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
         if linear in results and leaf == "weight":
             result = results.get(linear)
             if first is None:
-                first = result
-            elif result.spec != first.spec:
+                first = ResultSummary.of(result)
+            elif result.spec != first.spec and not (mixed_bits and _same_but_bits(result.spec, first.spec)):
                 raise AssembleError(f"{linear}: {result.spec} differs from {first.spec}; one config holds one spec")
             try:
                 packed = pack(result, linear)
             except ValueError as err:
                 raise AssembleError(f"{linear}: {err}") from err
-            for tname, tensor in packed.items():
-                writer.add(tname, tensor)
+            del result  # the codes go before the packed tensors are written
+            for tname in list(packed):
+                writer.add(tname, packed.pop(tname))
+            del packed
         elif linear in results and leaf == "bias":
             writer.add(name, results.float_tensor(reader, name).to(torch.float16))
         else:
@@ -245,6 +285,42 @@ def _finish_checkpoint(reader: CheckpointReader, tmp: Path, dest: Path, qcfg: di
     return dest
 
 
+def _float_data(array: np.ndarray, gtype: str, quantize_float) -> np.ndarray:
+    """A float tensor's GGUF data: the array itself when it already has the type's dtype
+    (F16 from fp16, F32 from fp32: no copy), else ``quantize_float``'s conversion."""
+    if (gtype, array.dtype) in (("F16", np.float16), ("F32", np.float32)):
+        return array
+    return quantize_float(array, gtype)
+
+
+DEQUANT_CHUNK = 1 << 20  # values per row chunk of _dequantize_half (fp32 temporaries of ~4 MB each)
+
+
+def _dequantize_half(result: QuantizedLinear) -> torch.Tensor:
+    """``result.dequantize()`` as float16, computed in fp32 a few rows at a time: the same
+    values, with fp32 temporaries of :data:`DEQUANT_CHUNK` values instead of ~5× the
+    weight in fp32."""
+    n_rows, n_cols = result.shape
+    out = torch.empty(n_rows, n_cols, dtype=torch.float16)
+    step = max(1, DEQUANT_CHUNK // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        end = min(n_rows, start + step)
+        out[start:end] = result.rows(start, end).dequantize(torch.float32).half()
+    return out
+
+
+def _same_but_bits(a: QuantSpec, b: QuantSpec) -> bool:
+    return a.group_size == b.group_size and a.sym == b.sym
+
+
+def linear_bits(results: ResultSource) -> tuple[int, dict[str, int]]:
+    """Mixed precision: the width most linears have (ties: the lower) and {linear: bits} of the others."""
+    bits = {name: int(e["bits"]) for name, e in results.entries.items()}
+    counts = {b: list(bits.values()).count(b) for b in set(bits.values())}
+    base = min(counts, key=lambda b: (-counts[b], b))
+    return base, {n: b for n, b in bits.items() if b != base}
+
+
 def _not_converted(unquantized: list[str]) -> list[str]:
     """Unquantized modules with 2-D weights, less embeddings and lm_head (readers skip those)."""
     return [m for m in unquantized if not m.endswith(("embed_tokens", "lm_head", "wte", "wpe"))]
@@ -259,10 +335,13 @@ def assemble_gptq(
     overwrite: bool = False,
     tool_version: str = "0.1.0",
 ) -> Path:
-    """A GPTQ checkpoint: quantized linears packed, every other tensor copied as stored."""
+    """A GPTQ checkpoint: quantized linears packed, every other tensor copied as stored.
+    Per-linear widths (mixed precision) go in as ``dynamic`` overrides of the majority width."""
     tmp = staging_folder(dest, overwrite)
-    result, _ = _write_quantized_checkpoint(reader, results, tmp, gptq_format.pack_linear, shard_size)
-    qcfg = gptq_format.quantization_config(result.spec, result.params, tool_version)
+    result, _ = _write_quantized_checkpoint(reader, results, tmp, gptq_format.pack_linear, shard_size, mixed_bits=True)
+    base, others = linear_bits(results)
+    spec = QuantSpec(base, result.spec.group_size, result.spec.sym)
+    qcfg = gptq_format.quantization_config(spec, result.params, tool_version, dynamic_bits=others)
     return _finish_checkpoint(reader, tmp, dest, qcfg, quantize_config=True)
 
 
@@ -334,15 +413,19 @@ def assemble_gguf(
     config = reader.config
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads", n_head))
-    specs = {(e["bits"], bool(e["sym"]), e.get("group_size")) for e in results.entries.values()}
+    specs = {(bool(e["sym"]), e.get("group_size")) for e in results.entries.values()}
     if len(specs) != 1:
-        raise AssembleError(f"one GGUF holds one quantization spec; the run record has {sorted(specs, key=str)}")
-    bits, sym, group_size = next(iter(specs))
+        raise AssembleError(f"one GGUF holds one grid (sym, group size); the run record has {sorted(specs, key=str)}")
+    sym, group_size = next(iter(specs))
+    bits, mixed = linear_bits(results)  # mixed precision: {linear: its width} where it differs
     try:
         target, carry = gguf_format.resolve_type(gguf_type, bits, sym)
+        linear_types = {n: gguf_format.resolve_type("auto", b, sym)[0] for n, b in mixed.items()}
     except ValueError as err:
         raise AssembleError(str(err)) from err
     requant = carry == "requantized"
+    if mixed and (requant or gguf_type.upper() != "AUTO"):
+        raise AssembleError("per-linear bits need gguf_type auto: each tensor gets the exact type of its own width")
     emb = embedding_type.upper()
     if emb == "AUTO":
         emb = None if requant else "F16"  # llama.cpp's own recipe for re-quantized files
@@ -372,6 +455,8 @@ def assemble_gguf(
     }
     if group_size is not None:
         metadata["strata.group_size"] = int(group_size)
+    if mixed:
+        metadata["strata.mixed_linears"] = len(mixed)
 
     plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
     for tname in reader.tensor_names:
@@ -381,7 +466,7 @@ def assemble_gguf(
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
         if linear in results and leaf == "weight":
-            plan.append((tname, gname, linear_type, shape))
+            plan.append((tname, gname, linear_types.get(linear, linear_type), shape))
         elif len(shape) == 1:
             plan.append((tname, gname, "F32", shape))
         elif gname in ("token_embd.weight", "output.weight"):
@@ -415,15 +500,20 @@ def assemble_gguf(
                 if heads is not None:
                     result = gguf_format.permute_qk_result(result, heads)
                 try:
-                    data = result.dequantize().half().numpy() if requant else gguf_format.encode(result, gtype)
+                    data = _dequantize_half(result).numpy() if requant else gguf_format.encode(result, gtype)
                 except ValueError as err:
                     raise AssembleError(f"{linear}: {err}") from err
+                del result
             else:
-                tensor = results.float_tensor(reader, tname).float()
+                tensor = results.float_tensor(reader, tname)
+                if gtype not in ("F16", "F32") or tensor.dtype not in (torch.float16, torch.float32):
+                    tensor = tensor.float()  # gguf-py quantizes from float32; bf16 has no numpy form
                 if heads is not None:
                     tensor = gguf_format.permute_qk_rows(tensor, heads)
-                data = gguf_format.quantize_float(tensor.numpy(), gtype)
+                data = _float_data(tensor.numpy(), gtype, gguf_format.quantize_float)
+                del tensor
             writer.write_data(gname, data)
+            del data
         writer.close()
         if needs_llama:
             gguf_format.llama_quantize(

@@ -21,6 +21,7 @@ scales, if a solver used them, must already be folded into the neighbouring floa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from workers.result import QuantizedLinear, QuantSpec
@@ -52,17 +53,25 @@ def check_storable(result: QuantizedLinear) -> None:
 
 
 def pack_columns(values: torch.Tensor) -> torch.Tensor:
-    """[R, C] 4-bit values (C % 8 == 0) → int32 [R, C/8] in AWQ's interleaved nibble order."""
-    v = values.to(torch.int64)
+    """[R, C] 4-bit values (C % 8 == 0) → int32 [R, C/8] in AWQ's interleaved nibble order.
+
+    Packs in 32-bit words from the values' own dtype (uint8 codes stay uint8): the
+    temporaries are two word-sized arrays, half the size of uint8 codes, not int64 copies."""
+    v = values.detach().cpu()
     if v.numel() and (int(v.min()) < 0 or int(v.max()) > 15):
         raise ValueError("a value does not fit in 4 bits")
-    rows, cols = v.shape
-    grouped = v.reshape(rows, cols // PACK, PACK)
-    word = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    if v.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        v = v.to(torch.int64)
+    a = v.numpy()
+    rows, cols = a.shape
+    grouped = a.reshape(rows, cols // PACK, PACK)
+    word = np.zeros((rows, cols // PACK), dtype=np.uint32)
+    part = np.empty_like(word)
     for p, col in enumerate(ORDER):
-        word |= grouped[:, :, col] << (4 * p)
-    # int64 holding 0..2^32-1 → the same 32 bits as int32
-    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+        np.copyto(part, grouped[:, :, col], casting="unsafe")
+        np.left_shift(part, np.uint32(4 * p), out=part)
+        word |= part
+    return torch.from_numpy(word.view(np.int32))  # the same 32 bits as int32
 
 
 def unpack_columns(words: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,13 @@ def check_storable(result: QuantizedLinear) -> None:
 def pack_dim0(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack unsigned values along axis 0 (padded with zeros to a multiple of 32 values) into
     int32 words, value i at bit bits·i; ceil(count·bits/32) words."""
-    values = np.asarray(values, dtype=np.uint64)
+    values = np.asarray(values)
+    if values.dtype.kind not in "ui":
+        values = values.astype(np.uint64)
     count = values.shape[0]
     padded = math.ceil(count / 32) * 32
-    if padded != count:
-        pad = np.zeros((padded - count,) + values.shape[1:], dtype=np.uint64)
+    if padded != count:  # the values keep their (small) dtype: no 8-byte copy of a weight's codes
+        pad = np.zeros((padded - count,) + values.shape[1:], dtype=values.dtype)
         values = np.concatenate([values, pad], axis=0)
     return pack_bits(values, bits)[: math.ceil(count * bits / 32)]
 

@@ -11,6 +11,8 @@ because v1 cannot hold a zero of 0.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -25,12 +27,15 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"{count} values of {bits} bits do not fill whole 32-bit words")
     if values.size and (int(values.max()) >= (1 << bits) or int(values.min()) < 0):
         raise ValueError(f"a value does not fit in {bits} bits")
-    if 32 % bits == 0:  # whole values per word: 32-bit arithmetic, one word-sized temporary at a time
+    if 32 % bits == 0:  # whole values per word: 32-bit arithmetic in one reused word-sized temporary
         per_word = 32 // bits
         grouped = values.reshape((count // per_word, per_word) + values.shape[1:])
         words32 = np.zeros((count // per_word,) + values.shape[1:], dtype=np.uint32)
+        part = np.empty_like(words32)
         for j in range(per_word):
-            words32 |= grouped[:, j].astype(np.uint32) << np.uint32(bits * j)
+            np.copyto(part, grouped[:, j], casting="unsafe")
+            np.left_shift(part, np.uint32(bits * j), out=part)
+            words32 |= part
         return words32.view(np.int32)
     values = values.astype(np.uint64)
     words = np.zeros((count * bits // 32,) + values.shape[1:], dtype=np.uint64)
@@ -95,9 +100,27 @@ def unpack_linear(tensors: dict[str, torch.Tensor], prefix: str, bits: int, fmt:
     return w.t().contiguous()
 
 
-def quantization_config(spec: QuantSpec, params: dict, tool_version: str) -> dict:
+def dynamic_pattern(module: str) -> str:
+    """GPTQModel's ``dynamic`` key selecting exactly one module: ``+:`` (apply) and an anchored regex."""
+    return "+:^" + re.escape(module) + "$"
+
+
+def dynamic_module_bits(qcfg: dict) -> dict[str, int]:
+    """{module: bits} of the ``dynamic`` overrides strata writes (:func:`dynamic_pattern` keys)."""
+    out = {}
+    for key, fields in (qcfg.get("dynamic") or {}).items():
+        m = re.fullmatch(r"\+:\^(.*)\$", key)
+        if m is None or set(fields) != {"bits"}:
+            raise ValueError(f"unsupported dynamic override {key!r}: {fields}")
+        out[re.sub(r"\\(.)", r"\1", m.group(1))] = int(fields["bits"])
+    return out
+
+
+def quantization_config(spec: QuantSpec, params: dict, tool_version: str, dynamic_bits: dict | None = None) -> dict:
+    """The ``quantization_config`` of a GPTQ checkpoint. ``dynamic_bits`` ({module: bits}, mixed
+    precision) becomes GPTQModel's ``dynamic`` per-module overrides, one ``+:^name$`` key each."""
     fmt = checkpoint_format(spec)
-    return {
+    qcfg = {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
@@ -116,3 +139,6 @@ def quantization_config(spec: QuantSpec, params: dict, tool_version: str) -> dic
             "mse_grid": params.get("mse_grid", 0),
         },
     }
+    if dynamic_bits:
+        qcfg["dynamic"] = {dynamic_pattern(m): {"bits": int(b)} for m, b in sorted(dynamic_bits.items())}
+    return qcfg
