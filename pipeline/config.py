@@ -27,7 +27,7 @@ class CalibrationConfig(_Strict):
 
 
 class QuantConfig(_Strict):
-    method: Literal["gptq", "rtn", "awq", "awq_gptq"] = "gptq"
+    method: Literal["gptq", "rtn", "awq", "awq_gptq", "nf4", "gptq_nf4", "fp8"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 64
     sym: bool = True
@@ -45,6 +45,34 @@ class QuantConfig(_Strict):
     awq_grid: int = Field(20, ge=1, description="AWQ: α grid size (α = i / n) and clip-ratio steps")
     awq_duo: bool = Field(False, description="AWQ: duo scaling s = mean|x|^α / mean|w|^(1−α)")
     awq_clip: bool = Field(True, description="AWQ (method awq): per-group clip search after scaling")
+    nf4_blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="NF4 (nf4, gptq_nf4): weights per absmax block (bitsandbytes' blocksize)"
+    )
+    double_quant: bool = Field(True, description="NF4: 8-bit quantization of the absmax constants (4.127 bpw)")
+    fp8_type: Literal["e4m3", "e5m2"] = Field("e4m3", description="FP8: weight format")
+    fp8_block: tuple[int, int] | None = Field(
+        None, description="FP8: null = one scale per output channel; [bn, bk] = one scale per bn × bk block"
+    )
+    modules_to_not_convert: list[str] = Field(
+        [], description="linears kept in 16-bit: a module name or a dotted run of it (down_proj, layers.0.mlp)"
+    )
+    skip_outliers: bool = Field(
+        False, description="keep in 16-bit the linears whose input has outlier channels (from the Gram statistics)"
+    )
+    outlier_sigma: float = Field(6.0, gt=0, description="skip_outliers: robust z-score threshold of a channel's rms")
+    sensitivity_bits: list[Literal[2, 3, 4, 8]] = Field(
+        [], description="mixed precision: record each linear's error at these bit widths (read by strata plan)"
+    )
+    bits_overrides: dict[str, Literal[2, 3, 4, 8]] = Field(
+        {}, description="mixed precision: per-linear bits, {exact linear name or regex (re.search): bits}"
+    )
+
+    @field_validator("fp8_block")
+    @classmethod
+    def _fp8_block(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError("fp8_block must be two positive sizes [rows, columns] or null")
+        return v
 
     @field_validator("group_size")
     @classmethod
@@ -61,6 +89,15 @@ class RunConfig(_Strict):
     store: str = "runs"
     run_id: str | None = None
     hessian_dtype: Literal["float32", "float64"] = "float64"
+    hidden_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the hidden states kept between blocks (each block's forward runs in fp32)"
+    )
+    overlap_depth: int = Field(
+        2, ge=0, description="propagate float: blocks whose solves may queue behind the forward (0 = solve inline)"
+    )
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="spread: one worker per node where the cluster allows (a SPREAD placement group)"
+    )
     threads_per_worker: int | None = Field(None, ge=1)
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 
@@ -74,7 +111,7 @@ class RunConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: str = "out"
-    formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf"]] = ["gptq", "gguf"]
+    formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf", "bitsandbytes"]] = ["gptq", "gguf"]
     shard_size: str = "5GB"
     gguf_tokenizer_pre: str = "default"
     gguf_type: Literal[
@@ -96,6 +133,39 @@ class EvalConfig(_Strict):
     baselines: list[Literal["rtn"]] = ["rtn"]
 
 
+# output formats that can hold each method's results (integer methods: all but bitsandbytes)
+TOOLBOX_FORMATS = {"nf4": ["bitsandbytes"], "gptq_nf4": ["bitsandbytes"], "fp8": ["compressed-tensors"]}
+# formats that can list linears left in 16-bit (modules_to_not_convert / ignore / skip modules)
+SKIP_FORMATS = ["compressed-tensors", "awq", "bitsandbytes"]
+
+
+def _method_format_error(quant: QuantConfig, formats: list[str]) -> str | None:
+    """Why ``quant.method`` and its options cannot be written as ``formats`` (None when they can)."""
+    method = quant.method
+    allowed = TOOLBOX_FORMATS.get(method)
+    if allowed is not None:
+        bad = [f for f in formats if f not in allowed]
+        if bad:
+            return (
+                f"output format(s) {', '.join(bad)} cannot hold method {method} results; "
+                f"allowed for {method}: {', '.join(allowed)}"
+            )
+    elif "bitsandbytes" in formats:
+        return f"bitsandbytes output holds method nf4 / gptq_nf4 results only, not {method}"
+    if method == "fp8" and quant.fp8_type != "e4m3" and "compressed-tensors" in formats:
+        return "compressed-tensors stores FP8 E4M3 weights only; fp8_type e5m2 runs with output.formats: []"
+    if quant.modules_to_not_convert or quant.skip_outliers:
+        if method in ("awq", "awq_gptq"):
+            return "modules_to_not_convert / skip_outliers do not combine with AWQ (its scales fold across linears)"
+        bad = [f for f in formats if f not in SKIP_FORMATS]
+        if bad:
+            return (
+                f"output format(s) {', '.join(bad)} cannot leave linears in 16-bit (modules_to_not_convert / "
+                f"skip_outliers); use {', '.join(SKIP_FORMATS)}"
+            )
+    return None
+
+
 class JobConfig(_Strict):
     name: str = "job"
     model: str
@@ -107,9 +177,12 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
+        toolbox_error = _method_format_error(self.quant, self.output.formats)
+        if toolbox_error:
+            raise ValueError(toolbox_error)
         if "awq" in self.output.formats and (self.quant.bits != 4 or self.quant.group_size == -1):
             raise ValueError("awq output holds 4-bit results with a group size (not -1) only")
-        if "compressed-tensors" in self.output.formats and self.quant.bits == 3:
+        if "compressed-tensors" in self.output.formats and self.quant.bits == 3 and self.quant.method != "fp8":
             raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
         if "gguf" in self.output.formats:
             from pipeline.formats.gguf import resolve_type
@@ -123,6 +196,14 @@ class JobConfig(_Strict):
                     raise ValueError("gguf output needs a group size that is a multiple of 32 (its block size)")
                 if self.quant.act_order and not self.quant.static_groups:
                     raise ValueError("gguf output needs static groups with act_order")
+        if self.quant.bits_overrides or self.quant.sensitivity_bits:
+            if self.quant.method not in ("gptq", "rtn"):
+                raise ValueError("quant.bits_overrides / sensitivity_bits take method gptq or rtn")
+            bad = [f for f in self.output.formats if f not in ("gptq", "gguf")]
+            if self.quant.bits_overrides and bad:
+                raise ValueError(f"per-linear bits (quant.bits_overrides) export as gptq / gguf only, not {bad}")
+            if self.quant.bits_overrides and "gguf" in self.output.formats and self.output.gguf_type != "auto":
+                raise ValueError("gguf output of per-linear bits needs gguf_type auto (each tensor's exact type)")
         if self.output.max_ppl_increase is not None and self.eval is None:
             raise ValueError("output.max_ppl_increase needs an eval section (the gate compares held-out perplexity)")
         return self
@@ -167,6 +248,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
 
 def check_against_model(cfg: JobConfig, model_config: dict) -> None:
     """Checks that need the model: group size against every linear's input width."""
+    if cfg.quant.method in TOOLBOX_FORMATS:  # NF4 / FP8 do not use the integer group size
+        widths = {int(model_config["hidden_size"]), int(model_config["intermediate_size"])}
+        bad = sorted(k for k in widths if k % cfg.quant.nf4_blocksize)
+        if cfg.quant.method == "gptq_nf4" and bad:
+            raise ConfigError(
+                f"gptq_nf4 needs input widths that are multiples of quant.nf4_blocksize {cfg.quant.nf4_blocksize}; "
+                f"got {bad} (pick a smaller nf4_blocksize, e.g. 32, or method nf4)"
+            )
+        return
     g = cfg.quant.group_size
     if g == -1:
         return

@@ -7,7 +7,6 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline import fixtures
 from pipeline.assemble import (
     AssembleError,
     ResultSource,
@@ -16,17 +15,20 @@ from pipeline.assemble import (
     assemble_gguf,
     assemble_gptq,
 )
+from pipeline.assemble_toolbox import assemble_toolbox, method_label, quantized_only
 from pipeline.calibration import eval_windows, load_text, tokenize_stream
 from pipeline.config import JobConfig
 from pipeline.modelcard import write_model_cards
-from pipeline.report import build_report, count_params
+from pipeline.report import build_report
 from pipeline.run import STRATA_VERSION, run_job
 from pipeline.verify import (
     QualityGateError,
     gate_message,
     gate_rows,
     verify_awq,
+    verify_bitsandbytes,
     verify_compressed_tensors,
+    verify_fp8,
     verify_gguf,
     verify_gptq,
 )
@@ -44,6 +46,8 @@ def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
         paths["awq"] = out / f"{cfg.name}-awq"
     if "compressed-tensors" in cfg.output.formats:
         paths["compressed-tensors"] = out / f"{cfg.name}-compressed-tensors"
+    if "bitsandbytes" in cfg.output.formats:
+        paths["bitsandbytes"] = out / f"{cfg.name}-bnb-nf4"
     if "gguf" in cfg.output.formats:
         from pipeline.formats.gguf import resolve_type
 
@@ -67,7 +71,8 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
             raise AssembleError(f"output {path} exists; pass --overwrite (output.overwrite: true) to replace it")
 
     outcome = run_job(cfg, progress=progress)
-    results = ResultSource(outcome.store, outcome.records)
+    # linears kept in 16-bit (modules_to_not_convert / outliers) are published as the checkpoint's floats
+    results = quantized_only(outcome.store, outcome.records)
     timings = {"quantize_s": outcome.wall_s}
 
     t = time.perf_counter()
@@ -85,6 +90,10 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         elif fmt == "awq":
             assemble_awq(
                 outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
+            )
+        elif fmt == "bitsandbytes" or (fmt == "compressed-tensors" and cfg.quant.method == "fp8"):
+            assemble_toolbox(
+                fmt, outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
             )
         elif fmt == "compressed-tensors":
             assemble_compressed_tensors(
@@ -107,6 +116,9 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     t = time.perf_counter()
     checks, gguf_model = [], None
     folder_verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
+    folder_verifiers["bitsandbytes"] = verify_bitsandbytes
+    if cfg.quant.method == "fp8":
+        folder_verifiers["compressed-tensors"] = verify_fp8
     for fmt, verifier in folder_verifiers.items():
         if fmt in paths:
             checks.append(verifier(paths[fmt], outcome.reader, results))
@@ -126,7 +138,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "run_id": outcome.run_id,
         "store": str(getattr(outcome.store, "root", outcome.store)),
         "model": cfg.model,
-        "params": count_params(outcome.reader.path, outcome.reader.weight_map),
+        "params": outcome.reader.num_params(),
         "method": cfg.quant.method,
         "quant": cfg.quant.model_dump(),
         "calibration": cfg.calibration.model_dump(),
@@ -172,14 +184,14 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
     GGUF loaded by transformers when there is one, else the dequantized results)."""
     from transformers import AutoTokenizer
 
-    from pipeline.eval import EvalWindows, evaluate, load_reference, rtn_weights, with_weights
+    from pipeline.eval import EvalWindows, evaluate, rtn_weights, with_weights
 
-    model_path = fixtures.resolve(cfg.model)
+    model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     windows = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
-    ref = load_reference(model_path)
+    ref = outcome.reader.reference_model()
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
-    label = f"strata {cfg.quant.method.upper()} W{cfg.quant.bits} g{cfg.quant.group_size}"
+    label = method_label(cfg.quant.model_dump())
     models = {"fp16 (reference)": ref}
     if "rtn" in cfg.eval.baselines and cfg.quant.method != "rtn":
         models[f"RTN W{cfg.quant.bits} g{cfg.quant.group_size}"] = with_weights(ref, rtn_weights(ref, spec))
@@ -202,10 +214,7 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
 def format_report(report: dict) -> str:
     lines = []
     q = report["quant"]
-    lines.append(
-        f"strata run {report['run_id']}: {report['method'].upper()} {q['bits']}-bit group {q['group_size']} "
-        f"{'sym' if q['sym'] else 'asym'}, {report['workers']} worker(s)"
-    )
+    lines.append(f"strata run {report['run_id']}: {method_label(q)}, {report['workers']} worker(s)")
     if report.get("quality"):
         rows = report["quality"]["rows"]
         w = max(len(n) for n in rows)

@@ -95,9 +95,22 @@ def verify_gptq(folder: Path, reader: CheckpointReader, results: ResultSource) -
     """Every tensor present with the right dtype and shape; packed linears decode (by the
     FORMATS.md rule) to exactly the solver's dequantized weights; other tensors equal."""
     qcfg = _quantization_config(folder, "gptq")
-    bits, fmt = int(qcfg["bits"]), qcfg["checkpoint_format"]
+    base_bits, fmt = int(qcfg["bits"]), qcfg["checkpoint_format"]
+    try:  # mixed precision: per-module widths as ``dynamic`` overrides
+        declared = gptq_format.dynamic_module_bits(qcfg)
+    except ValueError as err:
+        raise VerifyError(f"{folder}/config.json: {err}") from None
+    stray = sorted(set(declared) - set(results.entries))
+    if stray:
+        raise VerifyError(f"{folder}/config.json: dynamic overrides name modules the run did not quantize: {stray[:3]}")
+    for linear, entry in results.entries.items():
+        if declared.get(linear, base_bits) != int(entry["bits"]):
+            raise VerifyError(
+                f"{linear}: config declares {declared.get(linear, base_bits)} bits, the run solved {entry['bits']}"
+            )
 
     def expected(result: QuantizedLinear) -> Expected:
+        bits = result.spec.bits  # equal to the declared width (checked above)
         n_rows, n_cols = result.shape
         n_groups = result.scales.shape[1]
         return {
@@ -108,7 +121,7 @@ def verify_gptq(folder: Path, reader: CheckpointReader, results: ResultSource) -
         }
 
     def decode(tensors, linear, _result):
-        return gptq_format.unpack_linear(tensors, linear, bits, fmt)
+        return gptq_format.unpack_linear(tensors, linear, declared.get(linear, base_bits), fmt)
 
     return _verify_packed(folder, reader, results, "gptq", expected, decode)
 
@@ -417,11 +430,11 @@ def evaluate_artifact(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from pipeline.eval import evaluate, load_reference, with_weights
+    from pipeline.eval import evaluate, with_weights
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
     ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
-    ref = load_reference(reader.path)
+    ref = reader.reference_model()  # an s3:// model's tensors come through the reader
     if path.suffix == ".gguf":
         model = (
             gguf_model
@@ -432,3 +445,92 @@ def evaluate_artifact(
     name = f"strata {path.name}"
     rows = evaluate({"fp16 (reference)": ref, name: model}, ids, reference="fp16 (reference)")
     return {"text": text, "windows": list(ids.shape), "rows": rows}
+
+
+def _skip_list_check(folder: Path, listed: list[str] | None, reader: CheckpointReader, results: ResultSource) -> int:
+    """Every linear the run left unquantized is in the config's skip list (as its full name)."""
+    from pipeline.assemble_toolbox import unquantized_linears
+
+    kept = unquantized_linears(reader, results)
+    missing = [m for m in kept if m not in (listed or [])]
+    if missing:
+        raise VerifyError(f"{folder}: unquantized linear(s) {missing[:3]} are not in the config's skip list")
+    return len(kept)
+
+
+def verify_bitsandbytes(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+    """bitsandbytes NF4: config (nf4, double quant as the results), every linear's packed codes,
+    absmax, maps and quant state present with the right dtype and shape and decoding (by the
+    FORMATS.md rule, :func:`pipeline.formats.bnb_nf4.decode_linear` in fp32) to exactly the stored
+    results (read hash-checked against the record); other tensors equal to the checkpoint; the
+    linears kept in 16-bit listed in ``llm_int8_skip_modules``."""
+    from pipeline.formats import bnb_nf4
+    from workers.nf4 import NF4Linear
+
+    qcfg = _quantization_config(folder, "bitsandbytes")
+    if not qcfg.get("load_in_4bit") or qcfg.get("bnb_4bit_quant_type") != "nf4":
+        raise VerifyError(f"{folder}: expected a 4-bit NF4 bitsandbytes config, got {qcfg}")
+    double_quant = bool(qcfg.get("bnb_4bit_use_double_quant"))
+
+    def expected(result) -> Expected:
+        if not isinstance(result, NF4Linear):
+            raise VerifyError(f"bitsandbytes artifact for a {type(result).__name__} result")
+        if result.double_quant != double_quant:
+            raise VerifyError(f"config says double quant {double_quant}, a result says {result.double_quant}")
+        n = result.codes.numel()
+        n_blocks = -(-n // result.blocksize)
+        out = {
+            "weight": (((n + 1) // 2, 1), torch.uint8),
+            "weight.absmax": ((n_blocks,), torch.uint8 if double_quant else torch.float32),
+            "weight.quant_map": ((16,), torch.float32),
+        }
+        if double_quant:
+            out["weight.nested_absmax"] = ((-(-n_blocks // result.nested_blocksize),), torch.float32)
+            out["weight.nested_quant_map"] = ((256,), torch.float32)
+        return out
+
+    def decode(tensors, linear, _result):
+        state_name = f"{linear}.weight.{bnb_nf4.QS_KEY}"
+        tensors = {**tensors, **_load(_open_safetensors(folder), [state_name])}
+        return bnb_nf4.decode_linear(tensors, linear, torch.float32)
+
+    summary = _verify_packed(folder, reader, results, "bitsandbytes", expected, decode)
+    summary["kept_linears"] = _skip_list_check(folder, qcfg.get("llm_int8_skip_modules"), reader, results)
+    return summary
+
+
+def verify_fp8(folder: Path, reader: CheckpointReader, results: ResultSource) -> dict:
+    """compressed-tensors float-quantized FP8: config (one group, 8-bit float weights, the results'
+    strategy / block), every linear's float8 weight and scale with the right dtype and shape and
+    decoding (float(q) · scale, fp32) to exactly the stored results; other tensors equal to the
+    checkpoint; the linears kept in 16-bit under ``ignore``."""
+    from pipeline.formats import fp8 as fp8_format
+    from workers.fp8 import FP8Linear
+
+    qcfg = _quantization_config(folder, "compressed-tensors")
+    if qcfg.get("format") != "float-quantized" or qcfg.get("quantization_status") != "compressed":
+        raise VerifyError(f"{folder}: expected a compressed float-quantized config")
+    groups = list(qcfg["config_groups"].values())
+    if len(groups) != 1:
+        raise VerifyError(f"{folder}: expected one config group, got {len(groups)}")
+    weights = groups[0]["weights"]
+    if weights.get("type") != "float" or int(weights.get("num_bits", 0)) != 8:
+        raise VerifyError(f"{folder}: expected 8-bit float weights, got {weights}")
+    block = tuple(weights["block_structure"]) if weights.get("strategy") == "block" else None
+
+    def expected(result) -> Expected:
+        if not isinstance(result, FP8Linear):
+            raise VerifyError(f"float-quantized artifact for a {type(result).__name__} result")
+        if result.block != block:
+            raise VerifyError(f"config says block {block}, a result has {result.block}")
+        return {
+            "weight": (tuple(result.shape), torch.float8_e4m3fn),
+            "weight_scale": (tuple(result.scale.shape), result.scale.dtype),
+        }
+
+    def decode(tensors, linear, _result):
+        return fp8_format.decode_linear(tensors, linear, block)
+
+    summary = _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
+    summary["kept_linears"] = _skip_list_check(folder, qcfg.get("ignore"), reader, results)
+    return summary

@@ -369,23 +369,65 @@ def gptq_nf4(
     ``double_quant``, is double-quantized *before* the codes are chosen, so the error feedback
     works against the exact scales a reader reconstructs. K % blocksize must be 0.
     """
-    w = weight.float().clone()
-    w[:, torch.diag(hessian) == 0] = 0.0
-    n_rows, n_cols = w.shape
-    if n_cols % blocksize:
-        raise ValueError(f"in_features {n_cols} must be a multiple of the NF4 blocksize {blocksize}")
-    stored, nested, offset, used = _block_scales(w, blocksize, double_quant, nested_blocksize)
-    codes, lam, dead = gptq_codebook(
-        w, hessian, NF4_LEVELS, used.view(n_rows, n_cols // blocksize), blocksize, damp=damp, block_size=block_size
-    )
-    return NF4Linear(
-        codes=codes,
-        absmax=stored,
-        shape=(n_rows, n_cols),
+    return gptq_nf4_stacked(
+        [weight],
+        hessian,
         blocksize=blocksize,
-        nested_absmax=nested,
-        offset=offset,
+        double_quant=double_quant,
         nested_blocksize=nested_blocksize,
-        method="gptq-nf4",
-        params={"double_quant": double_quant, "damp": damp, "damp_used": lam, "dead_inputs": dead},
+        damp=damp,
+        block_size=block_size,
+    )[0]
+
+
+def gptq_nf4_stacked(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    *,
+    blocksize: int = BLOCKSIZE,
+    double_quant: bool = True,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> list[NF4Linear]:
+    """:func:`gptq_nf4` of several linears that share one input (q/k/v, gate/up) in one solve.
+
+    Each linear keeps its own block scales (and double-quantization offset): they are computed
+    per tensor, as a reader quantizing each linear alone would. The error feedback of GPTQ runs
+    along rows given H, so the rows of all linears, stacked with their scales, are solved by one
+    :func:`gptq_codebook` (one damped inverse Cholesky) and split again — the same codes as
+    solving each linear alone.
+    """
+    dead_mask = torch.diag(hessian) == 0
+    parts, scales = [], []
+    for weight in weights:
+        w = weight.float().clone()
+        w[:, dead_mask] = 0.0
+        n_rows, n_cols = w.shape
+        if n_cols % blocksize:
+            raise ValueError(f"in_features {n_cols} must be a multiple of the NF4 blocksize {blocksize}")
+        stored, nested, offset, used = _block_scales(w, blocksize, double_quant, nested_blocksize)
+        parts.append((w, stored, nested, offset))
+        scales.append(used.view(n_rows, n_cols // blocksize))
+    stacked = torch.cat([w for w, *_ in parts], dim=0)
+    codes, lam, dead = gptq_codebook(
+        stacked, hessian, NF4_LEVELS, torch.cat(scales, dim=0), blocksize, damp=damp, block_size=block_size
     )
+    out, start = [], 0
+    for w, stored, nested, offset in parts:
+        n_rows, n_cols = w.shape
+        out.append(
+            NF4Linear(
+                codes=codes[start : start + n_rows].contiguous(),
+                absmax=stored,
+                shape=(n_rows, n_cols),
+                blocksize=blocksize,
+                nested_absmax=nested,
+                offset=offset,
+                nested_blocksize=nested_blocksize,
+                method="gptq-nf4",
+                params={"double_quant": double_quant, "damp": damp, "damp_used": lam, "dead_inputs": dead},
+            )
+        )
+        start += n_rows
+    return out

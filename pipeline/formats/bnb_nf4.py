@@ -62,8 +62,9 @@ def linear_tensors(result: NF4Linear, prefix: str, dtype: torch.dtype = torch.fl
     return out
 
 
-def decode_linear(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
-    """Reference decoder, by the rule in the module docstring, independent of NF4Linear."""
+def decode_linear(tensors: dict[str, torch.Tensor], prefix: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reference decoder, by the rule in the module docstring, independent of NF4Linear; the
+    result is cast to the quant state's dtype, or to ``dtype`` when given (fp32: no rounding)."""
     state = json.loads(bytes(tensors[f"{prefix}.weight.{QS_KEY}"].tolist()).decode("utf-8"))
     shape = tuple(state["shape"])
     codes = unpack_nibbles(tensors[f"{prefix}.weight"], shape).reshape(-1).long()
@@ -76,7 +77,7 @@ def decode_linear(tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor
         )
     scale = absmax.float().repeat_interleave(state["blocksize"])[: codes.numel()]
     w = tensors[f"{prefix}.weight.quant_map"].float()[codes] * scale
-    return w.reshape(shape).to(getattr(torch, state["dtype"]))
+    return w.reshape(shape).to(dtype or getattr(torch, state["dtype"]))
 
 
 def quantization_config(
