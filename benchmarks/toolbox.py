@@ -1,6 +1,8 @@
 """The quantization toolbox on SmolLM2-135M: NF4, NF4 + double quant, GPTQ on NF4, FP8 E4M3,
 INT8 per-channel, mixed precision at 4.25 bits/weight (RTN g64 at 2/3/4/8 bits chosen by an exact knapsack on
-absolute or relative Hessian-weighted error) and uniform W4 g64 RTN.
+absolute or relative Hessian-weighted error) and uniform W4 g64 RTN. These two mixed rows are the
+bare local-error proxies (both lose to uniform); benchmarks/mixed.py measures the sensitivity a run
+records (workers.mixed.linear_sensitivity) and a Fisher oracle against uniform GPTQ at equal bytes.
 
 Each variant fake-quantizes every linear inside the decoder layers (lm_head and embeddings stay
 fp32) and is scored with pipeline.eval.evaluate on Persuasion (perplexity, KLD and top-1 against

@@ -73,19 +73,27 @@ def cmd_resume(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from pipeline import fixtures
-    from pipeline.assemble import ResultSource
-    from pipeline.checkpoint import CheckpointReader
+    from pipeline.assemble_toolbox import quantized_only
+    from pipeline.checkpoint import open_checkpoint
     from pipeline.config import parse_config
     from pipeline.run import load_records
     from pipeline.store import open_store
-    from pipeline.verify import VerifyError, verify_awq, verify_compressed_tensors, verify_gguf, verify_gptq
+    from pipeline.verify import (
+        VerifyError,
+        verify_awq,
+        verify_bitsandbytes,
+        verify_compressed_tensors,
+        verify_fp8,
+        verify_gguf,
+        verify_gptq,
+    )
 
     store = open_store(args.store)
     run = store.get_json(f"runs/{args.run_id}/run.json")
     cfg = parse_config(run["config"], f"run {args.run_id}")
-    reader = CheckpointReader(fixtures.resolve(cfg.model))
-    results = ResultSource(store, load_records(store, f"runs/{args.run_id}", reader.num_layers))
+    reader = open_checkpoint(cfg.model)
+    # as the job assembled them: linears kept in 16-bit are the checkpoint's floats
+    results = quantized_only(store, load_records(store, f"runs/{args.run_id}", reader.num_layers))
     path = Path(args.artifact)
     model = None
     if path.suffix == ".gguf":
@@ -95,9 +103,16 @@ def cmd_verify(args) -> int:
 
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
         method = (config.get("quantization_config") or {}).get("quant_method")
-        verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
+        verifiers = {
+            "gptq": verify_gptq,
+            "awq": verify_awq,
+            "compressed-tensors": verify_fp8 if cfg.quant.method == "fp8" else verify_compressed_tensors,
+            "bitsandbytes": verify_bitsandbytes,
+        }
         if method not in verifiers:
-            raise VerifyError(f"{path} is not a GGUF file nor a folder with a gptq/awq/compressed-tensors config")
+            raise VerifyError(
+                f"{path} is not a GGUF file nor a folder with a gptq/awq/compressed-tensors/bitsandbytes config"
+            )
         summary = verifiers[method](path, reader, results)
     print(summary)
     if args.max_ppl_increase is not None:
@@ -163,6 +178,28 @@ def cmd_report(args) -> int:
     files = build_report(report, records, Path(args.out) if args.out else Path(args.report).with_suffix(""))
     for kind, path in files.items():
         print(f"{kind:12s} {path}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from pipeline.plan import plan_bits, probe_entries, write_planned_config
+    from pipeline.store import open_store
+
+    config, entries = probe_entries(open_store(args.store), args.run_id)
+    candidates = [int(b) for b in args.candidates.split(",")] if args.candidates else None
+    try:
+        plan = plan_bits(
+            entries,
+            base_bits=int(config["quant"]["bits"]),
+            target_bpw=args.target_bpw,
+            match_bits=args.match_bits,
+            match_group=args.match_group,
+            candidates=candidates,
+        )
+    except ValueError as err:
+        raise SystemExit(f"strata: error: {err}") from None
+    print(plan.summary())
+    print(write_planned_config(config, plan, Path(args.out), name=args.name))
     return 0
 
 
@@ -246,6 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", help="the run store (default: the one named in the report)")
     p.add_argument("--out", help="output folder (default: the JSON's path without .json)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("plan", help="mixed precision: per-linear bits from a probe run's sensitivities")
+    p.add_argument("run_id", metavar="RUN_ID", help="a run made with quant.sensitivity_bits (the probe)")
+    p.add_argument("--store", default="runs", help="the run store (default: runs)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--target-bpw", type=float, help="stored bits per weight of the quantized linears (GPTQ)")
+    budget.add_argument("--match-bits", type=int, help="exactly the size of every linear at this width (uniform)")
+    p.add_argument("--match-group", type=int, help="with --match-bits: at this group size (default: the run's)")
+    p.add_argument("--candidates", help="widths to choose from, e.g. 3,4,8 (default: those the probe recorded)")
+    p.add_argument("--out", required=True, help="the planned job config (YAML) to write")
+    p.add_argument("--name", help="job name in the planned config (default: the probe's, with -mixedX)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="several job reports in one table and one perplexity-vs-bits plot")
     p.add_argument("reports", nargs="+", metavar="REPORT_JSON")

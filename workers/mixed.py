@@ -12,6 +12,13 @@ over integer costs (costs made integer with exact fractions, divided by their gc
 :func:`choose_bits_greedy` starts every linear at its cheapest width and repeatedly takes the
 upgrade with the largest error reduction per extra bit (on each linear's lower convex hull),
 which is optimal for the Lagrangian relaxation but may leave budget unused.
+
+In a run the sizes are exact stored bits (:func:`gptq_stored_bits`, solved by
+:func:`choose_bits_by_cost`) and e_i is not the bare output error — that one ranks linears of
+different depths and roles on incomparable scales (on SmolLM2 it chooses *worse* than uniform
+4-bit) — but :func:`linear_sensitivity`: the output error weighted per output channel by its
+block-local Fisher (:func:`output_fisher`) and divided by the residual stream's scale
+(:func:`residual_scale`), all computable by the worker that owns the block.
 """
 
 from __future__ import annotations
@@ -60,48 +67,77 @@ def choose_bits_dp(
     """Exact minimum of Σ e_i(b_i) with Σ p_i c(b_i) ≤ target · Σ p_i (see the module docstring).
 
     Costs p_i · c(b) are made integers exactly (``Fraction`` of c, limited to denominator 1024)
-    and divided by their gcd. If the budget still has more than ``max_states`` units, costs are
-    rounded *up* to a coarser unit, so the result stays feasible (possibly not optimal).
-    Raises ValueError when even the cheapest choice exceeds the budget.
+    and solved by :func:`choose_bits_by_cost`. Raises ValueError when even the cheapest choice
+    exceeds the budget.
     """
     names = list(errors)
     fr = {b: Fraction(c).limit_denominator(1024) for b, c in cost.items()}
     denom = math.lcm(*(f.denominator for f in fr.values()))
     item_costs = {n: {b: int(params[n] * fr[b] * denom) for b in errors[n]} for n in names}
-    budget_exact = Fraction(target_bpw).limit_denominator(1 << 20) * sum(params[n] for n in names) * denom
+    budget = Fraction(target_bpw).limit_denominator(1 << 20) * sum(params[n] for n in names) * denom
+    try:
+        return choose_bits_by_cost(errors, item_costs, math.floor(budget), max_states=max_states)
+    except ValueError:
+        raise ValueError(f"no assignment fits {target_bpw} bits per weight") from None
+
+
+def choose_bits_by_cost(
+    errors: Mapping[str, Mapping[int, float]],
+    costs: Mapping[str, Mapping[int, int]],
+    budget: int,
+    max_states: int = 4_000_000,
+) -> dict[str, int]:
+    """Minimum of Σ e_i(b_i) subject to Σ c_i(b_i) ≤ budget, with integer costs c_i(b) (e.g. the exact
+    stored bits of linear i at width b: :func:`gptq_stored_bits`): a multiple-choice knapsack,
+    solved by dynamic programming over the budget.
+
+    Costs and budget are divided by the gcd of all costs (exact). If the budget still has more than
+    ``max_states`` units, every cost is rounded *up* to a coarser unit, so the result always fits
+    the budget (it may then miss the optimum by at most one unit per linear). Raises ValueError
+    when even the cheapest choice exceeds the budget.
+    """
+    names = list(errors)
     g = 0
-    for c in itertools.chain.from_iterable(d.values() for d in item_costs.values()):
-        g = math.gcd(g, c)
+    for c in itertools.chain.from_iterable((costs[n][b] for b in errors[n]) for n in names):
+        g = math.gcd(g, int(c))
     unit = max(g, 1)
-    budget = int(budget_exact // unit)
-    if budget > max_states:
-        unit = math.ceil(budget_exact / max_states)
-        budget = int(budget_exact // unit)
-    units = {n: {b: -(-c // unit) for b, c in item_costs[n].items()} for n in names}
+    states = budget // unit
+    if states > max_states:
+        unit = -(-budget // max_states)
+        states = budget // unit
+    units = {n: {b: -(-int(costs[n][b]) // unit) for b in errors[n]} for n in names}
     inf = float("inf")
-    best = np.full(budget + 1, inf)
+    best = np.full(states + 1, inf)
     best[0] = 0.0
-    picks = np.zeros((len(names), budget + 1), dtype=np.int16)
+    picks = np.zeros((len(names), states + 1), dtype=np.int16)
     for i, n in enumerate(names):
-        new = np.full(budget + 1, inf)
+        new = np.full(states + 1, inf)
         for b, c in units[n].items():
-            if c > budget:
+            if c > states:
                 continue
-            cand = np.full(budget + 1, inf)
-            cand[c:] = best[: budget + 1 - c] + errors[n][b]
+            cand = np.full(states + 1, inf)
+            cand[c:] = best[: states + 1 - c] + errors[n][b]
             better = cand < new
             new[better] = cand[better]
             picks[i, better] = b
         best = new
     end = int(np.argmin(best))
     if not math.isfinite(best[end]):
-        raise ValueError(f"no assignment fits {target_bpw} bits per weight")
+        raise ValueError(f"no assignment fits a budget of {budget}")
     choice: dict[str, int] = {}
     for i in range(len(names) - 1, -1, -1):
         b = int(picks[i, end])
         choice[names[i]] = b
         end -= units[names[i]][b]
     return {n: choice[n] for n in names}
+
+
+def gptq_stored_bits(bits: int, rows: int, cols: int, group_size: int) -> int:
+    """Bits one linear W [N = rows, K = cols] takes in a GPTQ checkpoint (pipeline/formats/gptq.py):
+    qweight K·N·b, qzeros n_G·N·b, scales n_G·N·16 (fp16), g_idx 32·K (int32), n_G = ⌈K / g⌉
+    (1 for g = -1). Biases are not counted (they do not depend on b)."""
+    n_groups = 1 if group_size == -1 else -(-cols // group_size)
+    return cols * rows * bits + n_groups * rows * (bits + 16) + 32 * cols
 
 
 def choose_bits_greedy(
@@ -172,3 +208,109 @@ def choose_bits_brute_force(
     if best is None:
         raise ValueError(f"no assignment fits {target_bpw} bits per weight")
     return best
+
+
+# ------------------------------------------------------------------------- the sensitivity recorded in a run
+
+
+def channel_energy(hiddens: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_t h_{t,c}² per channel c of the residual stream over all tokens of ``hiddens`` (each [..., d]),
+    float64, with the token count appended (shape [d + 1]): summable across workers (all-reduce)."""
+    d = hiddens[0].shape[-1]
+    out = torch.zeros(d + 1, dtype=torch.float64)
+    for h in hiddens:
+        flat = h.reshape(-1, d).double()
+        out[:d] += (flat * flat).sum(0)
+        out[d] += flat.shape[0]
+    return out
+
+
+def residual_scale(energy: torch.Tensor) -> float:
+    """ē = median_c E[h_c²] of the residual stream (from :func:`channel_energy`): its typical channel's
+    mean square. The median ignores the few "massive activation" channels that carry most of ‖h‖²
+    in deep layers but which the blocks' RMSNorm weights largely mute."""
+    count = float(energy[-1])
+    if count <= 0:
+        raise ValueError("no tokens in the residual-stream energy")
+    return float(torch.median(energy[:-1] / count))
+
+
+def output_fisher(
+    layer: torch.nn.Module, batches: list[tuple[torch.Tensor, dict]], names: list[str], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """How much each output channel of each linear moves the block's output: for linear i with output
+    z_i and the block output y, F̂_i[r] = Σ_t (J_tᵀ u_t)_r² with J_t = ∂y_t/∂z_{i,t} and u_t ~ N(0, I) —
+    an unbiased estimate of Σ_t (J_tᵀ J_t)_rr, i.e. the row Fisher of the linear under a loss whose
+    gradient at the block output is isotropic. One forward and one backward of the float block per
+    batch (``batches``: (hidden [B, T, d], forward kwargs)). Returns {name: float64 [out + 1]}: the
+    sums, then the token count (summable across workers)."""
+    modules = dict(layer.named_modules())
+    grads: dict[str, torch.Tensor] = {}
+    sums = {n: torch.zeros(modules[n].out_features + 1, dtype=torch.float64) for n in names}
+    hooks = []
+    for n in names:
+
+        def keep(_m, _args, out, n=n):
+            out.register_hook(lambda g: grads.__setitem__(n, g.detach()))
+
+        hooks.append(modules[n].register_forward_hook(keep))
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        with torch.enable_grad():
+            for hidden, kwargs in batches:
+                x = hidden.detach().float().requires_grad_(True)
+                y = layer(x, **kwargs)
+                y = y[0] if isinstance(y, tuple) else y
+                grads.clear()
+                torch.autograd.backward(y, torch.randn(y.shape, generator=gen, dtype=y.dtype))
+                for n in names:
+                    g = grads[n].reshape(-1, grads[n].shape[-1]).double()
+                    sums[n][:-1] += (g * g).sum(0)
+                    sums[n][-1] += g.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+def linear_sensitivity(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec,
+    bits: list[int],
+    scale: float,
+    *,
+    method: str = "rtn",
+    options: dict | None = None,
+    row_weight: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The sensitivity of one linear at each width b in ``bits``, as recorded in a probe run:
+
+        s(b) = Σ_r F̂_r · ((W − Ŵ_b) H (W − Ŵ_b)ᵀ)_rr / ē
+
+    Ŵ_b is W quantized by ``method`` (rtn or gptq, with ``options``) on ``spec``'s grid at b bits; H = 2·XᵀX/n
+    is the Hessian of the linear's input, so row r's term is 2·mean (ΔW_r x)², the error of output channel r;
+    F̂_r (``row_weight``, :func:`output_fisher` divided by its count; 1 when None) is how much channel r moves
+    the block's output; ē = :func:`residual_scale` of the block's input residual stream. Together this is a
+    block-local estimate of the loss increase ½·Σ_r F_r (ΔW H ΔWᵀ)_rr (the K-FAC form of a diagonal-output
+    Fisher F): the gradient at a block's output is taken as isotropic with variance ∝ 1/ē, because every later
+    block reads the residual stream through an RMSNorm. On SmolLM2 the empirical Fisher of the residual
+    writers (o_proj, down_proj) times ē stays within 2.5× across blocks 1–29 while each alone moves ~200×
+    (benchmarks/mixed.py). Returns {str(b): s(b)} (JSON keys).
+    """
+    from dataclasses import replace
+
+    from workers.methods import quantize_group
+
+    if scale <= 0:
+        raise ValueError(f"residual scale must be positive, got {scale}")
+    h = hessian.double()
+    out = {}
+    for b in sorted(set(bits)):
+        approx = quantize_group(method, weight, hessian, replace(spec, bits=int(b)), options or {}).dequantize()
+        err = weight.double() - approx.double()
+        rows = ((err @ h) * err).sum(1)  # (ΔW H ΔWᵀ)_rr
+        if row_weight is not None:
+            rows = rows * row_weight.double()
+        out[str(int(b))] = float(rows.sum()) / scale
+    return out

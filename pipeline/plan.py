@@ -1,0 +1,185 @@
+"""Mixed precision by sensitivity: ``strata plan`` turns a probe run into per-linear bits.
+
+A probe run is an ordinary run with ``quant.sensitivity_bits: [3, 4, 8]`` (``propagate: float``
+makes it cheap): the owner of every linear records, in the linear's record entry, its
+sensitivity at each of those widths (``workers.mixed``; the ``sensitivity`` field,
+{"bits": error}). :func:`plan_bits` chooses one width per linear that minimises the summed
+sensitivity under a budget of *stored bits* — the exact size of the linears in a GPTQ checkpoint
+(:func:`workers.mixed.gptq_stored_bits`: codes, zeros, fp16 scales and g_idx), so "the same size as
+uniform 4-bit" means the same bytes on disk. :func:`write_planned_config` writes the probe's config
+with ``quant.bits_overrides`` (the linears whose width differs from ``quant.bits``); running it
+quantizes each linear at its own width, and the GPTQ export carries the widths as ``dynamic``
+per-module overrides, the GGUF as per-tensor types.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError
+from workers.mixed import choose_bits_by_cost, gptq_stored_bits
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def override_pattern(key: str) -> str:
+    """The regex (matched with ``re.search``) of one ``quant.bits_overrides`` key: a plain dotted
+    name (``model.layers.3.mlp.down_proj``) matches that linear only (anchored and escaped);
+    anything else is a regex as written."""
+    if _PLAIN_NAME.fullmatch(key):
+        return f"^{re.escape(key)}$"
+    return key
+
+
+def bits_spec_overrides(bits_overrides: dict[str, int]) -> dict[str, dict]:
+    """``quant.bits_overrides`` as ``WorkerJob.spec_overrides`` ({regex: {"bits": b}}, in order)."""
+    out: dict[str, dict] = {}
+    for key, bits in bits_overrides.items():
+        pattern = override_pattern(key)
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"quant.bits_overrides: {key!r} is not a valid regex: {err}") from None
+        out[pattern] = {"bits": int(bits)}
+    return out
+
+
+@dataclass
+class Plan:
+    """A per-linear width assignment and what it costs."""
+
+    bits: dict[str, int]  # linear name → chosen width
+    base_bits: int  # quant.bits of the probe
+    group_size: int
+    budget_bits: int  # the allowed total stored bits of the quantized linears
+    stored_bits: int  # what the choice takes (≤ budget)
+    weights: int  # Σ weights of the quantized linears
+    sensitivity: float  # Σ recorded error of the choice
+    uniform_sensitivity: dict[int, float] = field(default_factory=dict)  # Σ error, every linear at b
+
+    @property
+    def bpw(self) -> float:
+        return self.stored_bits / self.weights
+
+    @property
+    def overrides(self) -> dict[str, int]:
+        """The linears whose width differs from ``base_bits`` (what ``quant.bits_overrides`` holds)."""
+        return {n: b for n, b in self.bits.items() if b != self.base_bits}
+
+    def summary(self) -> str:
+        hist = Counter(self.bits.values())
+        widths = ", ".join(f"{b}-bit × {hist[b]}" for b in sorted(hist))
+        uniform = ", ".join(f"{b}-bit {e:.4g}" for b, e in sorted(self.uniform_sensitivity.items()))
+        return (
+            f"{len(self.bits)} linears: {widths}; {self.bpw:.4f} stored bits/weight "
+            f"(budget {self.budget_bits / self.weights:.4f}); Σ sensitivity {self.sensitivity:.4g} "
+            f"(uniform: {uniform})"
+        )
+
+
+def probe_entries(store, run_id: str) -> tuple[dict, dict[str, dict]]:
+    """The probe run's config and its record entries by linear name (every block must be done and
+    every entry must carry a ``sensitivity``)."""
+    from pipeline.run import load_records, result_key_map
+
+    key = f"runs/{run_id}/run.json"
+    if not store.exists(key):
+        raise ConfigError(f"no run {run_id!r} in the store (no {key})")
+    run = store.get_json(key)
+    entries = result_key_map(load_records(store, f"runs/{run_id}", int(run["num_blocks"])))
+    missing = [n for n, e in entries.items() if not e.get("sensitivity")]
+    if missing:
+        raise ConfigError(
+            f"run {run_id!r} recorded no sensitivity for {len(missing)} linear(s) (e.g. {missing[0]}); "
+            "probe with quant.sensitivity_bits, e.g. --set 'quant.sensitivity_bits=[3,4,8]'"
+        )
+    return run["config"], entries
+
+
+def plan_bits(
+    entries: dict[str, dict],
+    *,
+    base_bits: int,
+    target_bpw: float | None = None,
+    match_bits: int | None = None,
+    match_group: int | None = None,
+    candidates: list[int] | None = None,
+) -> Plan:
+    """Choose each linear's width from its recorded sensitivities.
+
+    The budget is ``target_bpw`` stored bits per weight (GPTQ layout, over the quantized linears)
+    or, with ``match_bits``, exactly the stored bits of every linear at ``match_bits`` (the size of
+    the uniform checkpoint; at group size ``match_group`` when given, e.g. the size of uniform 4-bit
+    g32 for a g64 run). ``candidates`` defaults to the recorded widths.
+    """
+    if (target_bpw is None) == (match_bits is None):
+        raise ValueError("give exactly one of target_bpw and match_bits")
+    errors: dict[str, dict[int, float]] = {}
+    costs: dict[str, dict[int, int]] = {}
+    weights = 0
+    group_size = None
+    for name, entry in entries.items():
+        recorded = {int(b): float(e) for b, e in entry["sensitivity"].items()}
+        widths = sorted(recorded) if candidates is None else sorted(candidates)
+        absent = [b for b in widths if b not in recorded]
+        if absent:
+            raise ValueError(f"{name}: no sensitivity recorded at {absent} bits (recorded: {sorted(recorded)})")
+        rows, cols = entry["shape"]
+        group_size = int(entry["group_size"])
+        errors[name] = {b: recorded[b] for b in widths}
+        costs[name] = {b: gptq_stored_bits(b, rows, cols, group_size) for b in widths}
+        weights += rows * cols
+    if not errors:
+        raise ValueError("the run has no quantized linears")
+    if match_bits is not None:
+        budget = 0
+        for entry in entries.values():
+            rows, cols = entry["shape"]
+            group = int(entry["group_size"]) if match_group is None else match_group
+            budget += gptq_stored_bits(match_bits, rows, cols, group)
+    else:
+        budget = int(target_bpw * weights)
+    try:
+        choice = choose_bits_by_cost(errors, costs, budget, max_states=200_000)
+    except ValueError:
+        least = sum(min(c.values()) for c in costs.values()) / weights
+        raise ValueError(
+            f"no assignment fits {budget / weights:.4f} stored bits per weight (the smallest takes {least:.4f})"
+        ) from None
+    uniform = {}
+    for b in sorted({b for e in errors.values() for b in e}):
+        if all(b in e for e in errors.values()):
+            uniform[b] = sum(e[b] for e in errors.values())
+    return Plan(
+        bits=choice,
+        base_bits=base_bits,
+        group_size=int(group_size),
+        budget_bits=budget,
+        stored_bits=sum(costs[n][b] for n, b in choice.items()),
+        weights=weights,
+        sensitivity=sum(errors[n][b] for n, b in choice.items()),
+        uniform_sensitivity=uniform,
+    )
+
+
+def write_planned_config(config: dict, plan: Plan, dest: Path, *, name: str | None = None) -> Path:
+    """The probe's config with ``quant.bits_overrides`` from ``plan`` (and no sensitivity probe,
+    no fixed run id), written as YAML to ``dest`` (through a temporary name)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    data["quant"] = {**data["quant"], "bits_overrides": plan.overrides, "sensitivity_bits": []}
+    data["run"] = {**data.get("run", {}), "run_id": None}
+    data["name"] = name or f"{data.get('name', 'job')}-mixed{plan.bpw:.2f}".replace(".", "p")
+    from pipeline.config import parse_config
+
+    parse_config(data, f"planned config {dest}")  # what we write must load
+    header = f"# strata plan: {plan.summary()}\n"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(dest)
+    return dest
