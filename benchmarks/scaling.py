@@ -1,9 +1,13 @@
-"""W=2 against W=1 (one torch thread each), propagate float and quantized.
+"""W=2 against W=1 (one torch thread each): propagate float (solves inline, or queued behind the
+forward) and quantized (true-sequential).
 
-    .venv/bin/python benchmarks/scaling.py [--samples 16] [--seq-len 512]
+    .venv/bin/python -m benchmarks.scaling [--samples 16] [--seq-len 512] [--models smollm2,wide]
+                                           [--modes float-inline,float-overlap,quantized]
 
-Prints the block-loop wall time of each configuration and the speedup W=2 / W=1,
-measured one after the other in this script on this machine.
+Prints the block-loop wall time of each configuration (first block started → last record
+written, ``RunOutcome.loop_s``), the speedup W=1 / W=2, and the workers' summed CPU phases,
+measured one after the other in this script on this machine. ``--models tiny`` is a dry run
+on the 3-block test model (seconds).
 """
 
 from __future__ import annotations
@@ -15,16 +19,54 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import block_seconds, machine, run_config
+from benchmarks.common import machine
 from pipeline import fixtures
+
+# name → (propagate, quant overrides, run overrides)
+MODES = {
+    "float-inline": ("float", {"true_sequential": False}, {"overlap_depth": 0}),
+    "float-overlap": ("float", {"true_sequential": False}, {"overlap_depth": 2}),
+    "quantized": ("quantized", {}, {}),
+}
+
+
+def run_once(model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, quant: dict, run: dict):
+    """One quantization run (no artifacts, no eval); returns the RunOutcome."""
+    from pipeline.config import parse_config
+    from pipeline.run import run_job
+
+    cfg = parse_config(
+        {
+            "name": "bench",
+            "model": model,
+            "calibration": {"source": "fixture:austen/emma", "num_samples": samples, "seq_len": seq_len},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 64, "allow_partial_group": True, **quant},
+            "run": {
+                "workers": workers,
+                "propagate": propagate,
+                "batch_size": 4,
+                "store": store,
+                "threads_per_worker": 1,
+                **run,
+            },
+            "output": {"formats": ["gptq"]},
+            "eval": None,
+        }
+    )
+    return run_job(cfg, progress=False)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--models", default="smollm2,wide")
+    ap.add_argument("--models", default="smollm2,wide", help="comma list of smollm2, wide, tiny")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown mode(s) {unknown}; pick from {list(MODES)}")
     models = {}
     if "smollm2" in args.models:
         models["SmolLM2-135M (576 wide, 30 blocks)"] = "fixture:smollm2-135m"
@@ -38,23 +80,30 @@ def main() -> None:
             kv_heads=4,
         )
         models["synthetic Llama (1536 wide, 6 blocks)"] = str(wide)
+    if "tiny" in args.models:
+        models["tiny Llama (test fixture, 3 blocks)"] = str(fixtures.tiny_llama())
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     print(f"machine: {machine()}")
     print(f"calibration: {args.samples} × {args.seq_len} tokens of Emma; GPTQ W4 g64; 1 torch thread per worker")
-    print("float rows: all groups of a block solved at once; quantized (seq) rows: true-sequential stages")
-    print(f"{'model':38s} {'propagate':10s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}")
+    print("float modes: all groups of a block solved at once (one stage); quantized: true-sequential stages")
+    print("time: block loop wall s (RunOutcome.loop_s); phases: per-worker seconds summed over blocks, W=2")
+    print(f"{'model':38s} {'mode':14s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}  phases (W=2)")
     for label, model in models.items():
-        for propagate, quant in (("float", {"true_sequential": False}), ("quantized", {})):
-            times = {}
+        for mode in modes:
+            propagate, quant, run = MODES[mode]
+            times, phases = {}, {}
             for w in (1, 2):
                 tmp = Path(tempfile.mkdtemp(prefix="strata-bench-"))
                 try:
-                    outcome = run_config(model, str(tmp), w, propagate, args.samples, args.seq_len, **quant)
-                    times[w] = block_seconds(outcome)
+                    outcome = run_once(model, str(tmp), w, propagate, args.samples, args.seq_len, quant, run)
+                    times[w], phases[w] = outcome.loop_s, outcome.phase_s
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-            name = propagate + ("" if quant else " (seq)")
-            print(f"{label:38s} {name:10s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×", flush=True)
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[2].items()))
+            print(
+                f"{label:38s} {mode:14s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×  {shown}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline import fixtures
 from pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
-from pipeline.checkpoint import CheckpointError, CheckpointReader
+from pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
+from pipeline.plan import bits_spec_overrides
 from pipeline.store import StoreError, open_store, sha256_bytes
 from workers.actor import BlockWorker, WorkerJob
 from workers.result import QuantSpec
@@ -52,6 +52,8 @@ class RunOutcome:
     resumed_blocks: list[int] = field(default_factory=list)  # done before this run started, replayed
     restarts: int = 0  # worker groups replaced after a lost worker
     restart_replays: list[int] = field(default_factory=list)  # blocks replayed to rebuild a replaced group
+    loop_s: float = 0.0  # wall time of the block loop (first block started → last record written)
+    worker_nodes: dict[str, str] = field(default_factory=dict)  # rank → Ray node id (of the last worker group)
 
 
 class RayBlockWorker(BlockWorker):
@@ -75,6 +77,11 @@ class RayBlockWorker(BlockWorker):
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def process_block(self, b: int, replay: dict | None = None) -> dict:
         kill = self.faults.get("kill")
@@ -146,6 +153,8 @@ def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
     solve = {"quant": quant, "propagate": cfg.run.propagate, "hessian_dtype": cfg.run.hessian_dtype}
+    if cfg.run.hidden_dtype != "float32":  # only when set: fp32 runs keep the fingerprints they had
+        solve["hidden_dtype"] = cfg.run.hidden_dtype
     return {
         "model": reader.fingerprint(),
         "calibration": sha256_bytes(token_ids.numpy().tobytes()) + f":{tuple(token_ids.shape)}",
@@ -228,14 +237,16 @@ def check_checkpoint(reader: CheckpointReader) -> str:
     return layers_path
 
 
-def load_tokenizer(model_path):
+def load_tokenizer(model_path, name: str | None = None):
+    """The tokenizer of the model folder ``model_path`` (``name``: the model's location for
+    messages, e.g. the s3:// URI whose metadata folder ``model_path`` is)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except Exception as err:  # transformers raises OSError, ValueError, TypeError … for a missing tokenizer
         raise CheckpointError(
-            f"cannot load the tokenizer from {str(model_path)!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"cannot load the tokenizer from {name or str(model_path)!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
             "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)"
         ) from None
 
@@ -243,11 +254,10 @@ def load_tokenizer(model_path):
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
-    model_path = fixtures.resolve(cfg.model)
-    reader = CheckpointReader(model_path)
+    reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     check_against_model(cfg, reader.config)
     check_checkpoint(reader)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(reader.path, reader.uri)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed)
@@ -336,6 +346,45 @@ def _teardown(actors: list, graceful: bool) -> None:
             pass
 
 
+def _placement_group(workers: int, placement: str, timeout_s: float = 120.0):
+    """``run.placement: spread``: a placement group of one 1-CPU bundle per worker with Ray's
+    SPREAD strategy (bundles on distinct nodes where the cluster has them); None for ``pack``."""
+    if placement != "spread":
+        return None
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group([{"CPU": 1}] * workers, strategy="SPREAD")
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        _remove_placement_group(pg)
+        raise RunError(
+            f"run.placement spread: the cluster did not grant {workers} bundles of 1 CPU within {timeout_s:.0f}s "
+            f"(cluster resources: {ray.cluster_resources()})"
+        )
+    log.info("workers spread over the cluster's nodes (placement group of %d bundles)", workers)
+    return pg
+
+
+def _placement_options(pg, rank: int) -> dict:
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
+    }
+
+
+def _remove_placement_group(pg) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(pg)
+    except Exception as err:  # the cluster may be gone already
+        log.debug("could not remove the placement group: %s", err)
+
+
 def injected_faults() -> dict:
     """The test-only fault schedule from ``STRATA_TEST_FAULTS`` (empty when unset)."""
     raw = os.environ.get(FAULTS_ENV)
@@ -411,7 +460,18 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         awq_duo=cfg.quant.awq_duo,
         awq_clip=cfg.quant.awq_clip,
         hessian_dtype=cfg.run.hessian_dtype,
+        hidden_dtype=cfg.run.hidden_dtype,
+        overlap_depth=cfg.run.overlap_depth,
         threads=threads,
+        modules_to_not_convert=list(cfg.quant.modules_to_not_convert),
+        skip_outliers=cfg.quant.skip_outliers,
+        outlier_sigma=cfg.quant.outlier_sigma,
+        nf4_blocksize=cfg.quant.nf4_blocksize,
+        double_quant=cfg.quant.double_quant,
+        fp8_type=cfg.quant.fp8_type,
+        fp8_block=tuple(cfg.quant.fp8_block) if cfg.quant.fp8_block else None,
+        spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/plan.py)
+        sensitivity_bits=list(cfg.quant.sensitivity_bits),
     )
     faults = injected_faults()
 
@@ -434,90 +494,161 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
     )
     bar = tqdm(total=n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
     metrics = RunMetrics()
-    while True:
-        actors = [
-            actor_cls.options(num_cpus=1, max_concurrency=1).remote(rank, workers_n, reader, store, job, faults)
-            for rank in range(workers_n)
-        ]
-        restarting = bool(losses)
-        b = -1
-        ok = False
-        try:
-            if workers_n > 1:
-                address, port = _collect([actors[0].node_ip.remote(), actors[0].rendezvous.remote()])
-                _collect([a.init_group.remote(address, port) for a in actors])
-            _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
-            for b in range(n_blocks):
-                t_block = time.perf_counter()
-                replay = records.get(b)
-                outs = _collect([a.process_block.remote(b, replay) for a in actors])
-                if not (restarting and replay is not None):  # a restart's replays are not counted twice
-                    for out in outs:
-                        for k, v in out["timings"].items():
-                            phase[k] = phase.get(k, 0.0) + v / workers_n
-                if replay is None:
-                    results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
-                    record = {
-                        "block": b,
-                        "complete": True,
-                        "results": results,
-                        "timings": {str(out["rank"]): out["timings"] for out in outs},
-                        "peak_rss_mib": {str(out["rank"]): out.get("peak_rss_mib") for out in outs},
-                        "wall_s": time.perf_counter() - t_block,
+    t_loop: float | None = None
+    nodes: dict[str, str] = {}
+
+    def add_phases(timings_list: list[dict]) -> None:
+        for timings in timings_list:
+            for k, v in timings.items():
+                phase[k] = phase.get(k, 0.0) + v / workers_n
+
+    def write_record(b: int, outs: list[dict], t_block: float) -> None:
+        """Block b's record (last, after every result it lists is stored)."""
+        results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
+        record = {
+            "block": b,
+            "complete": True,
+            "results": results,
+            "timings": {str(out["rank"]): out["timings"] for out in outs},
+            "peak_rss_mib": {str(out["rank"]): out.get("peak_rss_mib") for out in outs},
+            "wall_s": time.perf_counter() - t_block,
+        }
+        metrics.block_done(run_id, record)
+        store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
+        records[b] = record
+        solved.append(b)
+        bar.set_postfix_str(f"block {b} {record['wall_s']:.1f}s")
+        bar.update(1)
+
+    def note_finished(queued: dict[int, dict], reports: list[dict]) -> None:
+        """Solves queued on the workers' solver threads (propagate float) that are stored now;
+        records are written in block order, each once every worker has stored its part."""
+        for report in reports:
+            if report["block"] not in queued:
+                raise RunError(f"worker {report['rank']} reported block {report['block']}, which was not queued")
+            queued[report["block"]]["finished"][report["rank"]] = report
+            add_phases([report["timings"]])
+        while queued and len(queued[first := min(queued)]["finished"]) == workers_n:
+            entry = queued.pop(first)
+            outs = []
+            for out in entry["outs"]:
+                report = entry["finished"][out["rank"]]
+                rss = [m for m in (out.get("peak_rss_mib"), report.get("peak_rss_mib")) if m is not None]
+                outs.append(
+                    {
+                        "rank": out["rank"],
+                        "results": report["results"],
+                        "timings": {**out["timings"], **report["timings"]},
+                        "peak_rss_mib": max(rss) if rss else None,
                     }
-                    metrics.block_done(run_id, record)
-                    store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
-                    records[b] = record
-                    solved.append(b)
-                elif b in done and b not in resumed:
-                    resumed.append(b)
-                else:
-                    restart_replays.append(b)
-                if not (restarting and replay is not None):
-                    bar.set_postfix_str(
-                        f"block {b} {time.perf_counter() - t_block:.1f}s" + (" (replayed)" if replay else "")
-                    )
-                    bar.update(1)
-            ok = True
-        except _WorkerLost as err:
-            losses.append({"block": b, "error": str(err)})
+                )
+            write_record(first, outs, entry["t"])
+
+    pg = _placement_group(workers_n, cfg.run.placement)
+    try:
+        while True:
+            actors = [
+                actor_cls.options(num_cpus=1, max_concurrency=1, **_placement_options(pg, rank)).remote(
+                    rank, workers_n, reader, store, job, faults
+                )
+                for rank in range(workers_n)
+            ]
+            restarting = bool(losses)
+            b = -1
+            ok = False
+            queued: dict[int, dict] = {}  # block → its process_block outputs and the solver reports so far
+            try:
+                if workers_n > 1:
+                    address, port = _collect([actors[0].node_ip.remote(), actors[0].rendezvous.remote()])
+                    _collect([a.init_group.remote(address, port) for a in actors])
+                nodes = {str(rank): node for rank, node in enumerate(_collect([a.node_id.remote() for a in actors]))}
+                _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
+                if t_loop is None:
+                    t_loop = time.perf_counter()
+                for b in range(n_blocks):
+                    t_block = time.perf_counter()
+                    replay = records.get(b)
+                    outs = _collect([a.process_block.remote(b, replay) for a in actors])
+                    if not (restarting and replay is not None):  # a restart's replays are not counted twice
+                        add_phases([out["timings"] for out in outs])
+                    if replay is None and all(out.get("queued") for out in outs):
+                        queued[b] = {"t": t_block, "outs": outs, "finished": {}}
+                    elif replay is None:
+                        write_record(b, outs, t_block)
+                    elif b in done and b not in resumed:
+                        resumed.append(b)
+                    else:
+                        restart_replays.append(b)
+                    if replay is not None and not restarting:
+                        bar.set_postfix_str(f"block {b} {time.perf_counter() - t_block:.1f}s (replayed)")
+                        bar.update(1)
+                    note_finished(queued, [r for out in outs for r in out.get("finished", [])])
+                if queued:  # propagate float: wait for the solves still queued behind the forward
+                    drained = _collect([a.drain.remote() for a in actors])
+                    note_finished(queued, [r for reports in drained for r in reports])
+                if queued:
+                    raise RunError(f"run {run_id}: the solves of block(s) {sorted(queued)} never finished")
+                ok = True
+            except _WorkerLost as err:
+                losses.append({"block": b, "error": str(err)})
+                log.warning(
+                    "lost a worker during %s (%s); worker loss %d, run.max_restarts = %d",
+                    f"block {b}" if b >= 0 else "setup",
+                    err,
+                    len(losses),
+                    cfg.run.max_restarts,
+                )
+                if len(losses) > cfg.run.max_restarts:
+                    bar.close()
+                    raise RunError(
+                        f"run {run_id}: lost workers {len(losses)} times, more than run.max_restarts = "
+                        f"{cfg.run.max_restarts} allows (last: {err}); the {len(records)} finished block(s) are kept: "
+                        f"continue with `strata resume {run_id} --store {cfg.run.store}`"
+                    ) from None
+            finally:
+                _teardown(actors, graceful=ok)
+            if ok:
+                break
             log.warning(
-                "lost a worker during %s (%s); worker loss %d, run.max_restarts = %d",
-                f"block {b}" if b >= 0 else "setup",
-                err,
-                len(losses),
-                cfg.run.max_restarts,
+                "starting %d fresh workers; replaying the %d finished block(s), then solving the rest (lost in block %d)",
+                workers_n,
+                len(records),
+                b,
             )
-            if len(losses) > cfg.run.max_restarts:
-                bar.close()
-                raise RunError(
-                    f"run {run_id}: lost workers {len(losses)} times, more than run.max_restarts = "
-                    f"{cfg.run.max_restarts} allows (last: {err}); the {len(records)} finished block(s) are kept: "
-                    f"continue with `strata resume {run_id} --store {cfg.run.store}`"
-                ) from None
-        finally:
-            _teardown(actors, graceful=ok)
-        if ok:
-            break
-        log.warning(
-            "starting %d fresh workers; replaying the %d finished block(s) before block %d", workers_n, len(records), b
-        )
+    finally:
+        if pg is not None:
+            _remove_placement_group(pg)
     bar.close()
     wall = time.perf_counter() - t_start
+    loop_s = time.perf_counter() - t_loop if t_loop is not None else 0.0
     store.put_json(
         f"{prefix}/summary.json",
         {
             "wall_s": wall,
+            "loop_s": loop_s,
             "phase_s": phase,
             "solved_blocks": solved,
             "replayed_blocks": resumed,
             "restarts": len(losses),
             "lost_workers": losses,
             "restart_replays": restart_replays,
+            "worker_nodes": nodes,
         },
     )
     return RunOutcome(
-        run_id, prefix, store, reader, records, wall, phase, solved, resumed, len(losses), restart_replays
+        run_id,
+        prefix,
+        store,
+        reader,
+        records,
+        wall,
+        phase,
+        solved,
+        resumed,
+        len(losses),
+        restart_replays,
+        loop_s,
+        nodes,
     )
 
 

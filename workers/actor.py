@@ -8,9 +8,12 @@ linear's statistics to the worker that owns (solves) it.
 
 from __future__ import annotations
 
+import collections
+import copy
 import hashlib
 import resource
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -22,18 +25,27 @@ from torch import nn
 
 from workers.awq import (
     AbsMeanAccumulator,
-    apply_clip,
     column_scales,
     fold_scales,
     llama_scale_groups,
     scale_gram,
-    search_clip,
     search_scales,
 )
 from workers.block import block_linears, build_block, decoder_layers, run_block, shared_input_groups
-from workers.gptq import gptq_quantize, relative_output_error
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from workers.gptq import relative_output_error
+from workers.methods import (
+    HESSIAN_METHODS,
+    Part,
+    Result,
+    matches_module,
+    outlier_group,
+    quantize_parts,
+    result_from_tensors,
+    result_kind,
+    spec_with_overrides,
+)
+from workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
+from workers.result import QuantSpec
 from workers.stats import HessianAccumulator
 
 
@@ -57,8 +69,43 @@ class WorkerJob:
     awq_duo: bool = False
     awq_clip: bool = True
     hessian_dtype: str = "float64"
+    hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
+    overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
     threads: int = 1
     extra: dict = field(default_factory=dict)
+    # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
+    spec_overrides: dict[str, dict] = field(default_factory=dict)
+    # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
+    sensitivity_bits: list[int] = field(default_factory=list)
+    # linears kept in 16-bit: named (dotted-component match) and/or detected from the Gram statistics
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    skip_outliers: bool = False
+    outlier_sigma: float = 6.0
+    nf4_blocksize: int = 64
+    double_quant: bool = True
+    fp8_type: str = "e4m3"
+    fp8_block: tuple[int, int] | None = None
+
+    def spec_for(self, full_name: str) -> QuantSpec:
+        """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
+        return spec_with_overrides(self.spec, full_name, self.spec_overrides)
+
+    def method_options(self) -> dict:
+        """The solver options :func:`workers.methods.quantize_group` takes."""
+        return {
+            "damp": self.damp,
+            "block_size": self.block_size,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "mse_grid": self.mse_grid,
+            "true_sequential": self.true_sequential,
+            "awq_clip": self.awq_clip,
+            "awq_grid": self.awq_grid,
+            "nf4_blocksize": self.nf4_blocksize,
+            "double_quant": self.double_quant,
+            "fp8_type": self.fp8_type,
+            "fp8_block": self.fp8_block,
+        }
 
 
 def free_port() -> int:
@@ -67,15 +114,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def result_to_bytes(result: QuantizedLinear) -> bytes:
+def result_to_bytes(result: Result) -> bytes:
+    """Deterministic safetensors bytes of any result (QuantizedLinear, NF4Linear, FP8Linear,
+    KeptLinear): its tensors and one JSON metadata entry (``strata_result``, sorted keys)."""
     tensors, metadata = result.to_tensors()
-    return save_safetensors({k: v.cpu() for k, v in tensors.items()}, metadata=metadata)
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
-def result_from_bytes(data: bytes) -> QuantizedLinear:
+def result_from_bytes(data: bytes) -> Result:
     tensors = load_safetensors(data)
     metadata = _safetensors_metadata(data)
-    return QuantizedLinear.from_tensors(tensors, metadata)
+    return result_from_tensors(tensors, metadata)
+
+
+def _grid_fields(result: Result) -> dict:
+    """The record fields that describe a result's grid: bits / group_size / sym for every kind
+    (NF4: 4-bit, its block as the group; FP8: 8-bit, per channel = -1; kept: 16-bit, null), plus
+    ``kind`` and the method's own settings for the non-integer kinds."""
+    kind = result_kind(result)
+    if kind == "int":
+        return {"bits": result.spec.bits, "group_size": result.spec.group_size, "sym": result.spec.sym}
+    if kind == "nf4":
+        return {
+            "bits": 4,
+            "group_size": result.blocksize,
+            "sym": True,
+            "kind": "nf4",
+            "double_quant": result.double_quant,
+            "bits_per_weight": result.bits_per_weight(),
+        }
+    if kind == "fp8":
+        return {
+            "bits": 8,
+            "group_size": -1 if result.block is None else result.block[1],
+            "sym": True,
+            "kind": "fp8",
+            "fp8_type": result.fmt,
+            "fp8_block": list(result.block) if result.block else None,
+            "bits_per_weight": result.bits_per_weight(),
+        }
+    return {"bits": 16, "group_size": None, "sym": None, "kind": "kept", "skipped": True, "reason": result.reason}
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -87,18 +165,29 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def assign_owners(costs: list[float], world: int) -> list[int]:
-    """Longest-processing-time-first: each unit of work to the least-loaded worker (deterministic)."""
-    load = [0.0] * world
+def assign_owners(costs: list[float], world: int, load: list[float] | None = None) -> list[int]:
+    """Longest-processing-time-first: each unit of work to the least-loaded worker (deterministic).
+
+    ``load`` (one entry per worker), when given, is the work each worker already has and is
+    updated in place, so balancing carries across calls (blocks whose solves are queued);
+    it is kept relative (its minimum subtracted) so it stays small. Ties go to the lower rank.
+    """
+    if load is None:
+        load = [0.0] * world
+    if len(load) != world:
+        raise ValueError(f"load has {len(load)} entries for {world} workers")
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         rank = min(range(world), key=lambda r: (load[r], r))
         owners[i] = rank
         load[rank] += costs[i]
+    low = min(load)
+    for r in range(world):
+        load[r] -= low
     return owners
 
 
-GRAM_METHODS = ("gptq", "awq", "awq_gptq")
+GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
 AWQ_METHODS = ("awq", "awq_gptq")
 # AWQ's rule: no clip search for q/k, whose error reaches the output through the q·k product
 AWQ_NO_CLIP = ("q_proj", "k_proj")
@@ -129,6 +218,78 @@ class _Catcher(nn.Module):
     def forward(self, hidden_states, *args, **kwargs):
         self.captured = (hidden_states, kwargs)
         raise _StopForward
+
+
+class _SolverQueue:
+    """One background thread that runs queued block solves in the order they were queued.
+
+    ``solve(b, layer, inputs, load)`` does one block's statistics, reductions, solves and store
+    writes and returns its report; ``load`` is the per-worker solve work carried across blocks
+    (LPT owners, :func:`assign_owners`). torch releases the GIL in its kernels, so the thread's
+    solves overlap the caller's forward passes. The first failure stops the thread and is raised
+    by every later call (``check``, ``put``, ``wait_empty``, ``take``).
+    """
+
+    def __init__(self, solve, world: int):
+        self._solve = solve
+        self.load = [0.0] * world
+        self._cond = threading.Condition()
+        self._items: collections.deque = collections.deque()
+        self._pending = 0  # queued or running
+        self._finished: list[dict] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="strata-solver", daemon=True)
+        self._thread.start()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def check(self) -> None:
+        with self._cond:
+            self._raise()
+
+    def put(self, b: int, layer: nn.Module, inputs: list, depth: int) -> None:
+        """Queue block ``b``, first waiting until fewer than ``depth`` blocks are queued or running."""
+        with self._cond:
+            while self._pending >= depth and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._items.append((b, layer, inputs))
+            self._pending += 1
+            self._cond.notify_all()
+
+    def wait_empty(self) -> None:
+        with self._cond:
+            while self._pending and self._error is None:
+                self._cond.wait()
+            self._raise()
+
+    def take(self) -> list[dict]:
+        """The reports of the blocks finished since the last call, in block order."""
+        with self._cond:
+            self._raise()
+            out, self._finished = self._finished, []
+            return out
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                b, layer, inputs = self._items.popleft()
+            try:
+                report = self._solve(b, layer, inputs, self.load)
+            except BaseException as err:  # raised to the driver by the next call
+                with self._cond:
+                    self._error = err
+                    self._cond.notify_all()
+                return
+            del layer, inputs  # the block's copy and its inputs are freed before the next block
+            with self._cond:
+                self._finished.append(report)
+                self._pending -= 1
+                self._cond.notify_all()
 
 
 class BlockWorker:
@@ -185,7 +346,7 @@ class BlockWorker:
                     pass
                 hidden, kwargs = catcher.captured
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
-                self.batches.append((hidden.detach().float(), kwargs))
+                self.batches.append((hidden.detach().to(getattr(torch, self.job.hidden_dtype)), kwargs))
         finally:
             self.meta_layers[0] = first
             embed.to("meta")
@@ -203,11 +364,15 @@ class BlockWorker:
         t = time.perf_counter()
         prefix = f"{self.layers_path}.{b}."
         tensors = self.reader.load_block(b)
+        if b + 1 < len(self.meta_layers) and hasattr(self.reader, "prefetch_block"):
+            self.reader.prefetch_block(b + 1)  # read the next block while this one is processed
         layer = build_block(self.meta_layers[b], {k[len(prefix) :]: v for k, v in tensors.items()}, torch.float32)
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
 
         outputs: list[dict] = []
+        if replay is None and self.overlaps():
+            return self._forward_and_queue(b, layer, timings)
         if replay is not None:
             quantized, floats = self._read_results(b, replay)
         else:
@@ -219,15 +384,95 @@ class BlockWorker:
                 linears[name].weight.data = weight
             for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
                 layer.get_parameter(name).data = tensor
-        self.batches = [(run_block(layer, hidden, kwargs), kwargs) for hidden, kwargs in self.batches]
+        self._advance(layer)
         timings["forward"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
+        if self._solver is not None:  # a replay after queued solves (resume with gaps): report what finished
+            out["finished"] = self._take_finished()
+        return out
+
+    def _advance(self, layer: nn.Module) -> None:
+        """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``."""
+        dtype = getattr(torch, self.job.hidden_dtype)
+        self.batches = [(run_block(layer, hidden.float(), kwargs).to(dtype), kwargs) for hidden, kwargs in self.batches]
+
+    # -- propagate float: solves queued behind the forward --------------------------
+
+    _solver: _SolverQueue | None = None
+
+    def overlaps(self) -> bool:
+        """Whether this run's solves run on a background thread behind the forward pass:
+        ``propagate: float`` (the next block's inputs do not wait for the solves) with
+        ``overlap_depth`` > 0, except AWQ, whose folded floats and scale search stay on the
+        synchronous path. The results are the same either way."""
+        return self.job.propagate == "float" and self.job.overlap_depth > 0 and self.job.method not in AWQ_METHODS
+
+    def _forward_and_queue(self, b: int, layer: nn.Module, timings: dict) -> dict:
+        """propagate float: advance the hidden states through the float block now and queue the
+        block's statistics, reductions and solves (a copy of the block and its inputs) on the
+        solver thread. The collectives of the queued blocks run on that thread only, in block
+        order on every worker, so ranks meet in the same order. Returns at once unless
+        ``job.overlap_depth`` blocks are already queued; ``finished`` lists the blocks whose
+        solves this worker has stored since the last call (their record entries)."""
+        solver = self._solver_queue()
+        solver.check()
+        solve_layer = copy.deepcopy(layer)  # the solver's own copy: its hooks and staged weights never meet the forward
+        inputs = self.batches
+        t = time.perf_counter()
+        self._advance(layer)
+        timings["forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        solver.put(b, solve_layer, inputs, self.job.overlap_depth)
+        timings["queue_wait"] = time.perf_counter() - t
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "block": b,
+            "rank": self.rank,
+            "results": [],
+            "timings": timings,
+            "peak_rss_mib": peak_rss_mib,
+            "queued": True,
+            "finished": self._take_finished(),
+        }
+
+    def _solver_queue(self) -> _SolverQueue:
+        if self._solver is None:
+            self._solver = _SolverQueue(self._solve_queued, self.world)
+        return self._solver
+
+    def _solve_queued(self, b: int, layer: nn.Module, inputs: list, load: list[float]) -> dict:
+        torch.set_num_threads(max(1, self.job.threads))
+        timings: dict[str, float] = {}
+        _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, batches=inputs, load=load)
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
+    def _take_finished(self) -> list[dict]:
+        return [] if self._solver is None else self._solver.take()
+
+    def drain(self) -> list[dict]:
+        """Wait until every queued solve is stored; the finished blocks not reported yet.
+        A failure of the solver thread is raised here (or by the next ``process_block``)."""
+        if self._solver is None:
+            return []
+        self._solver.wait_empty()
+        return self._solver.take()
+
     def _solve_block(
-        self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict
+        self,
+        b: int,
+        layer: nn.Module,
+        linears: dict[str, nn.Linear],
+        timings: dict,
+        batches: list[tuple[torch.Tensor, dict]] | None = None,
+        load: list[float] | None = None,
     ) -> tuple[dict, list, dict]:
         """Solve every linear of the block.
+
+        ``batches`` are the block's inputs (default: this worker's current hidden states);
+        ``load`` is the solve work each worker already has queued (the owners of this block's
+        groups are balanced against it, and it is updated; see :func:`assign_owners`).
 
         Returns {linear: dequantized weight}, the record entries this worker wrote, and
         {float tensor name in the block: folded value} (AWQ; empty otherwise). The layer is
@@ -244,12 +489,17 @@ class BlockWorker:
         fresh statistics of the folded block, true-sequential as for "gptq" ("awq_gptq").
         """
         job = self.job
+        batches = self.batches if batches is None else batches
         for phase in ("stats", "reduce", "solve", "broadcast"):
             timings[phase] = 0.0
-        solver = "gptq" if job.method in ("gptq", "awq_gptq") else "rtn"
-        if job.method in GRAM_METHODS:
+        # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
+        # (and for a mixed-precision probe, whose sensitivities are Hessian-weighted errors)
+        probe = bool(job.sensitivity_bits)
+        solver = "gptq" if job.method in HESSIAN_METHODS or job.skip_outliers or probe else "rtn"
+        uses_gram = job.method in GRAM_METHODS or job.skip_outliers or probe
+        if uses_gram:
             t = time.perf_counter()
-            groups = shared_input_groups(layer, *self.batches[0])
+            groups = shared_input_groups(layer, batches[0][0].float(), batches[0][1])
             timings["stats"] += time.perf_counter() - t
             stages = [[g] for g in groups] if job.true_sequential and solver == "gptq" else [groups]
         else:
@@ -260,10 +510,18 @@ class BlockWorker:
             k = linears[names[0]].in_features
             rows = sum(linears[n].out_features for n in names)
             costs.append(float(k) ** 3 + float(k) ** 2 * rows)
-        owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world))}
-        total_rows = torch.tensor([sum(h.shape[0] * h.shape[1] for h, _ in self.batches)], dtype=torch.int64)
-        if self.group_ready and job.method in GRAM_METHODS:
+        owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world, load))}
+        total_rows = torch.tensor([sum(h.shape[0] * h.shape[1] for h, _ in batches)], dtype=torch.int64)
+        if self.group_ready and uses_gram:
             dist.all_reduce(total_rows)
+        if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
+            energy = channel_energy([h for h, _ in batches])
+            fisher = output_fisher(layer, batches, list(linears), seed=b)  # float block, before any solve
+            if self.group_ready:
+                dist.all_reduce(energy)
+                for sums in fisher.values():
+                    dist.all_reduce(sums)
+            scale = residual_scale(energy)
         unfolded = {name: p.data for name, p in layer.named_parameters()}
         floats: dict[str, torch.Tensor] = {}
         awq_groups: dict[str, dict] = {}
@@ -278,7 +536,7 @@ class BlockWorker:
                 t = time.perf_counter()
                 leaders = [names[0] for names in stage]
                 accs = collect_hessians(
-                    layer, self.batches, leaders, getattr(torch, job.hessian_dtype), stop_early=job.true_sequential
+                    layer, batches, leaders, getattr(torch, job.hessian_dtype), stop_early=job.true_sequential
                 )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -294,52 +552,43 @@ class BlockWorker:
                     continue
                 weight = torch.cat([originals[n] for n in names], dim=0)
                 awq = awq_groups.get(names[0])
-                if solver == "gptq":
-                    hessian = accs[names[0]].hessian(total_count=int(total_rows))
-                    result = gptq_quantize(
-                        weight,
-                        hessian,
-                        job.spec,
-                        damp=job.damp,
-                        block_size=job.block_size,
-                        act_order=job.act_order,
-                        static_groups=job.static_groups,
-                        mse_grid=job.mse_grid,
-                    )
-                    result.params["true_sequential"] = job.true_sequential
-                elif awq is not None:
-                    hessian = awq["hessian"]
-                    target = weight
-                    if job.awq_clip:
-                        ratios = search_clip(weight, hessian, job.spec, grid=job.awq_grid)
-                        start = 0
-                        for n in names:  # q/k keep their full range (ratio 1)
-                            rows = linears[n].out_features
-                            if n.rsplit(".", 1)[-1] in AWQ_NO_CLIP:
-                                ratios[start : start + rows] = 1.0
-                            start += rows
-                        target = apply_clip(weight, ratios, job.spec)
-                    result = rtn_quantize(target, job.spec, mse_grid=job.mse_grid)
-                else:
-                    hessian = None
-                    result = rtn_quantize(weight, job.spec, mse_grid=job.mse_grid)
-                if awq is not None:
-                    result.method = job.method
-                    result.params.update(awq["params"])
-                start = 0
-                for n in names:
-                    rows = linears[n].out_features
-                    part = result.rows(start, start + rows)
-                    start += rows
+                gram = accs[names[0]].hessian(total_count=int(total_rows)) if solver == "gptq" else None
+                hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
+                parts = self._group_parts(b, names, linears, gram)
+                options = job.method_options()
+                if awq is not None:  # q/k keep their full range (clip ratio 1)
+                    rows_at, options["awq_no_clip_rows"] = 0, []
+                    for p in parts:
+                        if p.name.rsplit(".", 1)[-1] in AWQ_NO_CLIP:
+                            options["awq_no_clip_rows"].append((rows_at, rows_at + p.rows))
+                        rows_at += p.rows
+                results = quantize_parts(job.method, weight, hessian, parts, options)  # workers/methods.py
+                for n, part in zip(names, results):
+                    if awq is not None and result_kind(part) == "int":
+                        part.method = job.method
+                        part.params.update(awq["params"])
                     solved[n] = part.dequantize()
                     entry = self._store_result(b, n, part, originals[n], solved[n], hessian)
                     if awq is not None and n == names[0]:
                         entry["float_results"] = awq["float_results"]
+                    if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
+                        entry["sensitivity"] = linear_sensitivity(
+                            originals[n],
+                            gram,
+                            job.spec,
+                            job.sensitivity_bits,
+                            scale,
+                            method=job.method,
+                            options=options,
+                            row_weight=fisher[n][:-1] / fisher[n][-1],
+                        )
                     outputs.append(entry)
             timings["solve"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            needed = job.propagate == "quantized" or job.true_sequential
+            # every worker needs the weights for the next stage's statistics (true-sequential) or
+            # for propagation (quantized); propagate float's last stage needs them nowhere
+            needed = job.propagate == "quantized" or (job.true_sequential and stage is not stages[-1])
             for names in stage:
                 owner = owner_of[tuple(names)]
                 for n in names:
@@ -349,7 +598,7 @@ class BlockWorker:
                         quantized[n] = torch.empty_like(originals[n])
                     if needed and self.group_ready:
                         dist.broadcast(quantized[n], src=owner)
-                    if job.true_sequential:
+                    if needed and job.true_sequential:
                         linears[n].weight.data = quantized[n]
             timings["broadcast"] += time.perf_counter() - t
 
@@ -454,6 +703,25 @@ class BlockWorker:
             "dtype": "float32",
         }
 
+    def _group_parts(
+        self, b: int, names: list[str], linears: dict[str, nn.Linear], gram: torch.Tensor | None
+    ) -> list[Part]:
+        """Each linear of a group with its grid (``job.spec_for``) and whether it stays 16-bit:
+        named in ``modules_to_not_convert``, or (``skip_outliers``) the group's input has outlier
+        channels in its Hessian — then every linear reading that input is kept."""
+        job = self.job
+        outliers = job.skip_outliers and outlier_group(gram, job.outlier_sigma)
+        parts = []
+        for n in names:
+            full_name = f"{self.layers_path}.{b}.{n}"
+            keep = None
+            if matches_module(full_name, job.modules_to_not_convert):
+                keep = "modules_to_not_convert"
+            elif outliers:
+                keep = "outliers"
+            parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
+        return parts
+
     def _store_result(self, b, name, result, weight, dequant, hessian) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = result_to_bytes(result)
@@ -465,9 +733,7 @@ class BlockWorker:
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "shape": list(result.shape),
-            "bits": result.spec.bits,
-            "group_size": result.spec.group_size,
-            "sym": result.spec.sym,
+            **_grid_fields(result),
             "weight_rel_error": float((weight - dequant).pow(2).sum() / weight.pow(2).sum().clamp(min=1e-30)),
         }
         if hessian is not None:
@@ -543,7 +809,7 @@ def _collect_stats(
         for hidden, kwargs in batches:
             seen.clear()
             try:
-                run_block(layer, hidden, kwargs)
+                run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
             except _StopForward:
                 pass
     finally:
