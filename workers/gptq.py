@@ -10,6 +10,13 @@ applied lazily in blocks of ``block_size`` columns (Frantar et al., 2022). Rows 
 independent given H, so linears that share an input (q/k/v, gate/up) can be stacked
 and solved as one matrix with the same result.
 
+The solver computes the same ŵ_j without U: with R = U⁻¹ (H_λ = R Rᵀ, R upper, one
+Cholesky of the reversed H and no inverse), W − Ŵ = E·U gives E = (W − Ŵ)·R, so
+column j is rounded from w̃_j = w_j + Σ_{i<j} (w_i − ŵ_i)·R[i, j] / R[j, j] (see
+:func:`gptq_quantize`). When a group's parameters come from the error-compensated
+weights, those are the optimal ones given the columns already rounded,
+W_{≥t} + D_{<t} R_{<t,≥t} R_{≥t,≥t}⁻¹ — exactly what the U form holds at that point.
+
 Options: act-order (columns in decreasing diag(H)), with static groups (group
 parameters from the original weights, g_idx = k // G) or without (groups along the
 processing order, g_idx non-monotone); group scales from min/max or an MSE shrink
@@ -60,6 +67,62 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: t
     return float(num / den)
 
 
+def damped_cholesky_feedback(
+    hessian: torch.Tensor, damp: float, max_tries: int = 6, *, reversed_order: bool = False
+) -> tuple[torch.Tensor, float]:
+    """Upper unit-diagonal F with F[i, j] = R[i, j] / R[j, j], where R is the upper factor of
+    H + λ·mean(diag H)·I = R Rᵀ; returns F (float32) and the λ used.
+
+    With J the exchange matrix and L Lᵀ = J H J, R = J L J: one Cholesky, no inverse. R is
+    the inverse of :func:`damped_inverse_cholesky`'s U (UᵀU = H⁻¹ ⇔ H = U⁻¹U⁻ᵀ), which is
+    what lets :func:`gptq_quantize` skip the triangular inverse. Float32 first, float64 when
+    that fails, λ × 10 when both fail. ``reversed_order``: ``hessian`` is given as J H J
+    already (saves a copy when the caller permutes H anyway).
+    """
+    mean_diag = torch.diag(hessian).to(torch.float64).mean().clamp(min=1e-12).item()
+    lam = damp
+    for _ in range(max_tries):
+        for dtype in (torch.float32, torch.float64):
+            h = hessian.to(dtype, copy=True) if reversed_order else torch.flip(hessian.to(dtype), (0, 1))
+            h.diagonal().add_(lam * mean_diag)
+            chol, info = torch.linalg.cholesky_ex(h)
+            del h
+            if int(info) != 0:
+                continue
+            # F = J (L / diag(L) column-wise) J
+            feedback = torch.flip(chol.div_(torch.diag(chol).clone()), (0, 1)).to(torch.float32)
+            lo, hi = torch.aminmax(feedback)  # NaN propagates
+            if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                return feedback, lam
+        lam *= 10.0
+    raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
+
+
+_SUB_BATCH = 32  # columns per rank-1 sub-batch inside a lazy batch
+
+
+def _compensated(wt, w0t, resid_t, feedback, t, end, i1, i2, j1, j2) -> torch.Tensor:
+    """Rows [t, end) of the optimally compensated weights once columns < t are rounded:
+    W_{≥t} + D_{<t} H_{<t,≥t} H_{≥t,≥t}⁻¹ = W_{≥t} + D_{<t} R_{<t,≥t} R_{≥t,≥t}⁻¹ (H = R Rᵀ),
+    which is what the U form holds in its working copy at that moment.
+
+    ``wt`` holds w_j + Σ_{i<t} d_i F[i, j] for rows that have seen every column < t; rows at
+    or past the current sub-batch end ``j2`` (batch end ``i2``) still lack the columns from
+    ``j1`` (``i1``) on, which are added to a copy here. Then, with F_t = F[t:end, t:end]
+    unit upper triangular, the compensated rows are W0 + F_tᵀ⁻¹ (that − W0).
+    """
+    x = wt[t:end].clone()
+    a, b = max(j2, t), min(i2, end)
+    if a < b and j1 < t:
+        x[a - t : b - t].addmm_(feedback[j1:t, a:b].t(), resid_t[j1:t])
+    c = max(i2, t)
+    if c < end and i1 < t:
+        x[c - t :].addmm_(feedback[i1:t, c:end].t(), resid_t[i1:t])
+    x -= w0t[t:end]
+    delta = torch.linalg.solve_triangular(feedback[t:end, t:end].t(), x, upper=False, unitriangular=True)
+    return delta.add_(w0t[t:end])
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -71,78 +134,45 @@ def gptq_quantize(
     static_groups: bool = True,
     mse_grid: int = 0,
 ) -> QuantizedLinear:
-    """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring."""
-    w = weight.float().clone()
-    n_rows, n_cols = w.shape
-    h = hessian.to(torch.float32).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring.
 
-    group_len = spec.group_len(n_cols)
-    n_groups = len(group_slices(n_cols, spec))
-    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=w.device)
-    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=w.device)
-    ready = [False] * n_groups
+    The error feedback is applied in the equivalent form that needs only the Cholesky factor
+    R of H (no inverse): from W − Ŵ = E·U (E the matrix of the e_j) follows E = (W − Ŵ)·R,
+    so the weight that column j is rounded from is
 
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
-    else:
-        perm = torch.arange(n_cols, device=w.device)
-    col_group = torch.arange(n_cols, device=w.device) // group_len
-    if act_order and not static_groups:
-        pos_group = col_group  # groups follow the processing order
-    else:
-        pos_group = col_group[perm]
-    if act_order and static_groups:
-        for g, (start, end) in enumerate(group_slices(n_cols, spec)):
-            scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
-            ready[g] = True
+        w̃_j = w_j + Σ_{i<j} (w_i − ŵ_i) · F[i, j],      F[i, j] = R[i, j] / R[j, j],
 
-    # work on Wᵀ so that each column is a contiguous row and every update is in place
-    wt = w[:, perm].t().contiguous()  # [K, N] in processing order
-    upper, lam = damped_inverse_cholesky(h[perm][:, perm], damp)
-    codes_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=w.device)
-    pos_group_list = pos_group.tolist()
-    maxq = float(spec.maxq)
-
-    for i1 in range(0, n_cols, block_size):
-        i2 = min(i1 + block_size, n_cols)
-        w_blk = wt[i1:i2]  # a view: updated in place
-        err_blk = torch.empty_like(w_blk)
-        u_blk = upper[i1:i2, i1:i2]
-        inv_diag = (1.0 / torch.diag(u_blk)).tolist()
-        for i in range(i2 - i1):
-            pos = i1 + i
-            g = pos_group_list[pos]
-            if not ready[g]:
-                # first column of a group along the processing order: params from the
-                # error-compensated weights of its columns (the last group may be partial)
-                end = min((g + 1) * group_len, n_cols)
-                scales[:, g], zeros[:, g] = group_params(wt[pos:end].t(), spec, mse_grid=mse_grid)
-                ready[g] = True
-            s, z = scales[:, g], zeros[:, g]
-            col = w_blk[i]
-            q = torch.div(col, s).round_().add_(z).clamp_(0.0, maxq)
-            codes_t[pos] = q
-            err = torch.sub(col, q.sub_(z).mul_(s)).mul_(inv_diag[i])
-            err_blk[i] = err
-            w_blk[i:].addr_(u_blk[i, i:], err, alpha=-1.0)
-        wt[i2:].addmm_(upper[i1:i2, i2:].t(), err_blk, alpha=-1.0)
-    codes_p = codes_t.t()
-
-    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=w.device)
-    codes[:, perm] = codes_p.to(torch.uint8)
-    g_idx = torch.empty(n_cols, dtype=torch.int32, device=w.device)
-    g_idx[perm] = pos_group.to(torch.int32)
+    with w_i the original weights: the same w̃_j, ŵ_j as the U form in exact arithmetic,
+    one O(K³/3) factorisation instead of three. Within a lazy batch of ``block_size``
+    columns the feedback runs in sub-batches of 32 columns (rank-1 updates inside a
+    sub-batch, one matrix product per sub-batch for the rest of the batch, one per batch
+    for the columns after it). Per column the work is four in-place torch calls: x/s,
+    round, clamp to the code range shifted by −z, and d = w − s·q.
+    """
+    # One intra-op thread: LAPACK's Cholesky rounds differently with 1 and 2 threads (K ≥ 352),
+    # which flipped a few codes between a 1-worker run (2 threads) and a 2-worker run (1 each);
+    # the per-column ops are too small to gain from threads anyway.
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():  # no autograd bookkeeping on the many small views below
+            codes, scales, zeros, g_idx, perm, lam, dead = _solve(
+                weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid
+            )
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
+    # plain tensors out (clones made outside inference mode)
+    codes, scales, zeros, g_idx, perm = (t.clone() for t in (codes, scales, zeros, g_idx, perm))
     result = QuantizedLinear(
         spec=spec,
         codes=codes,
-        scales=scales.half(),
-        zeros=zeros.to(torch.uint8),
+        scales=scales,
+        zeros=zeros,
         g_idx=g_idx,
         method="gptq",
-        perm=perm.to(torch.int64) if act_order else None,
+        perm=perm if act_order else None,
         params={
             "damp": damp,
             "damp_used": lam,
@@ -150,7 +180,92 @@ def gptq_quantize(
             "act_order": act_order,
             "static_groups": static_groups,
             "mse_grid": mse_grid,
-            "dead_inputs": int(dead.sum()),
+            "dead_inputs": dead,
         },
     )
     return result
+
+
+def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid):
+    """The body of :func:`gptq_quantize`: (codes, fp16 scales, uint8 zeros, g_idx, perm, λ, dead)."""
+    n_rows, n_cols = weight.shape
+    dev = weight.device
+    diag_h = torch.diag(hessian).to(torch.float32)
+    dead = diag_h == 0
+
+    group_len = spec.group_len(n_cols)
+    n_groups = len(group_slices(n_cols, spec))
+    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    ready = [False] * n_groups
+
+    col_group = torch.arange(n_cols, device=dev) // group_len
+    w = weight.float().clone()
+    w[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(diag_h, descending=True, stable=True)
+        # groups follow the processing order, or (static) the original column order
+        pos_group = col_group[perm] if static_groups else col_group
+        w0t = w[:, perm].t().contiguous()  # W0ᵀ in processing order: each column a contiguous row
+    else:
+        perm = torch.arange(n_cols, device=dev)
+        pos_group = col_group
+        w0t = w.t().contiguous()
+    # J Pᵀ H P J (processing order, reversed) in one gather; dead inputs get H[k, k] = 1
+    rev = perm.flip(0)
+    h = hessian.index_select(0, rev).index_select(1, rev).to(torch.float32)
+    h.diagonal()[dead[rev]] = 1.0
+    if act_order and static_groups:
+        for g, (start, end) in enumerate(group_slices(n_cols, spec)):
+            scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
+            ready[g] = True
+    del w  # W0ᵀ (processing order) is the copy kept from here on
+    wt = w0t.clone()  # accumulates the feedback: row j ends as w̃_j
+    feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
+    del h
+    # codes minus zero point while solving (q − z ∈ [−z, maxq − z]); z is added at the end
+    codes_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)
+    resid_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)  # w − ŵ
+    pos_group_list = pos_group.tolist()
+    maxq = float(spec.maxq)
+    sym_zero = float(spec.sym_zero) if spec.sym else None
+    sub = _SUB_BATCH
+
+    g_cur, s, lo, hi = -1, None, None, None
+    for i1 in range(0, n_cols, block_size):
+        i2 = min(i1 + block_size, n_cols)
+        for j1 in range(i1, i2, sub):
+            j2 = min(j1 + sub, i2)
+            f_sub = feedback[j1:j2, j1:j2]
+            for k in range(j2 - j1):
+                pos = j1 + k
+                g = pos_group_list[pos]
+                if g != g_cur or not ready[g]:
+                    if not ready[g]:
+                        # first column of a group along the processing order: params from the
+                        # error-compensated weights of its columns (the last group may be partial)
+                        end = min((g + 1) * group_len, n_cols)
+                        current = _compensated(wt, w0t, resid_t, feedback, pos, end, i1, i2, j1, j2)
+                        scales[:, g], zeros[:, g] = group_params(current.t(), spec, mse_grid=mse_grid)
+                        ready[g] = True
+                    g_cur, s = g, scales[:, g]
+                    if sym_zero is not None:
+                        lo, hi = -sym_zero, maxq - sym_zero
+                    else:
+                        lo, hi = zeros[:, g].neg(), maxq - zeros[:, g]
+                q = codes_t[pos]
+                torch.div(wt[pos], s, out=q).round_().clamp_(lo, hi)
+                d = torch.addcmul(w0t[pos], q, s, value=-1.0, out=resid_t[pos])
+                if pos + 1 < j2:
+                    wt[pos + 1 : j2].addr_(f_sub[k, k + 1 :], d)
+            if j2 < i2:
+                wt[j2:i2].addmm_(feedback[j1:j2, j2:i2].t(), resid_t[j1:j2])
+        if i2 < n_cols:
+            wt[i2:].addmm_(feedback[i1:i2, i2:].t(), resid_t[i1:i2])
+    codes_t += zeros[:, pos_group].t()
+
+    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=dev)
+    codes[:, perm] = codes_t.t().to(torch.uint8)
+    g_idx = torch.empty(n_cols, dtype=torch.int32, device=dev)
+    g_idx[perm] = pos_group.to(torch.int32)
+    return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())

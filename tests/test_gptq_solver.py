@@ -1,0 +1,137 @@
+"""workers.gptq's solver against the textbook GPTQ update (Frantar et al., 2022).
+
+The solver applies the error feedback through F = R / diag(R) (H = R Rᵀ, one Cholesky, no
+inverse), in lazy batches and sub-batches; the reference below is the plain algorithm in
+float64: U = chol((H + λ·mean(diag H)·I)⁻¹) upper, every column rounded from the fully
+updated weights and its error pushed onto *all* the columns after it at once, group
+parameters taken from the fully updated weights when a group starts. Both must agree up
+to float rounding: the same codes almost everywhere and the same output error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.gptq import damped_cholesky_feedback, damped_inverse_cholesky, gptq_quantize, relative_output_error
+from workers.grids import group_params, group_slices
+from workers.result import QuantSpec
+
+
+def _problem(n=48, k=160, samples=384, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    x = torch.randn(samples, k, generator=g) @ mix * torch.linspace(0.2, 3.0, k)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return w, 2 * x.t() @ x / samples
+
+
+def reference_gptq(w, h, spec, *, damp=0.01, act_order=False, static_groups=True):
+    """Dequantized Ŵ and codes [N, K] (original column order) by the unbatched textbook update."""
+    n, k = w.shape
+    w = w.double().clone()
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(k)
+    glen = spec.group_len(k)
+    col_group = torch.arange(k) // glen
+    pos_group = col_group if (act_order and not static_groups) else col_group[perm]
+    params = {}
+    if act_order and static_groups:
+        for g, (a, b) in enumerate(group_slices(k, spec)):
+            params[g] = group_params(w[:, a:b].float(), spec)
+    hp = h[perm][:, perm]
+    hp = hp + torch.eye(k, dtype=hp.dtype) * damp * torch.diag(hp).mean()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)), upper=True)
+    wp = w[:, perm].clone()
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    deq = torch.zeros(n, k, dtype=torch.float64)
+    for j in range(k):
+        g = int(pos_group[j])
+        if g not in params:
+            end = min((g + 1) * glen, k)
+            params[g] = group_params(wp[:, j:end].float(), spec)
+        s, z = (t.double() for t in params[g])
+        q = torch.clamp(torch.round(wp[:, j] / s) + z, 0, spec.maxq)
+        codes[:, j], deq[:, j] = q, s * (q - z)
+        e = (wp[:, j] - deq[:, j]) / u[j, j]
+        wp[:, j:] -= e.unsqueeze(1) * u[j, j:].unsqueeze(0)
+    out_codes, out_deq = torch.empty_like(codes), torch.empty_like(deq)
+    out_codes[:, perm], out_deq[:, perm] = codes, deq
+    return out_deq.float(), out_codes.to(torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "bits,group,sym,act_order,static,block",
+    [
+        (4, 32, True, False, True, 128),  # plain: groups start along the way
+        (4, 32, True, True, False, 128),  # act-order, groups in processing order
+        (4, 32, True, True, True, 128),  # act-order, static groups
+        (3, 64, False, False, True, 128),  # asymmetric 3-bit, partial last group (160 = 64 + 64 + 32)
+        (4, 48, True, True, False, 64),  # groups straddle lazy-batch and sub-batch edges
+    ],
+)
+def test_solver_matches_textbook_gptq(bits, group, sym, act_order, static, block):
+    w, h = _problem()
+    spec = QuantSpec(bits, group, sym)
+    ref_deq, ref_codes = reference_gptq(w, h, spec, act_order=act_order, static_groups=static)
+    q = gptq_quantize(w, h, spec, act_order=act_order, static_groups=static, block_size=block)
+    deq = q.dequantize()
+    agree = (q.codes == ref_codes).float().mean().item()
+    e_ref, e = relative_output_error(w, ref_deq, h), relative_output_error(w, deq, h)
+    assert agree >= 0.995, f"codes agree on {agree:.4f}"
+    assert abs(e - e_ref) <= 2e-3 * e_ref, (e, e_ref)
+
+
+def test_feedback_factor_is_the_inverse_of_the_inverse_cholesky():
+    _, h = _problem(k=96)
+    f, lam = damped_cholesky_feedback(h, 0.01)
+    u, lam_u = damped_inverse_cholesky(h, 0.01)
+    assert lam == lam_u == 0.01
+    assert torch.equal(torch.diag(f), torch.ones(96)) and torch.equal(f, f.triu())
+    r = torch.linalg.inv(u.double())  # R = U⁻¹, F = R / diag(R) column-wise
+    assert torch.allclose(f.double(), r / torch.diag(r), atol=1e-4)
+
+
+def test_feedback_factor_retries_with_more_damping():
+    h = -torch.eye(8)  # not positive definite at any small damping
+    with pytest.raises(ValueError, match="not positive definite"):
+        damped_cholesky_feedback(h, 0.01, max_tries=2)
+    # indefinite only by a little: λ × 10 steps until it factors
+    h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))
+    _, lam = damped_cholesky_feedback(h, 0.01)
+    assert lam > 0.01
+
+
+def test_inputs_untouched_and_outputs_are_plain_tensors():
+    w, h = _problem()
+    w0, h0 = w.clone(), h.clone()
+    q = gptq_quantize(w, h, QuantSpec(4, 32, True), act_order=True, static_groups=False)
+    assert torch.equal(w, w0) and torch.equal(h, h0)
+    for t in (q.codes, q.scales, q.zeros, q.g_idx, q.perm):
+        assert not t.is_inference()  # usable with autograd later (the solve runs in inference mode)
+    # the returned codes reproduce the returned weights on the stored grid
+    g = q.g_idx.long()
+    again = q.scales.float()[:, g] * (q.codes.float() - q.zeros.float()[:, g])
+    assert torch.equal(again, q.dequantize())
+
+
+def test_results_do_not_depend_on_the_torch_thread_count():
+    """A 1-worker run uses 2 threads and a 2-worker run 1 each: the solve must not care."""
+    torch.manual_seed(3)
+    x = torch.randn(2048, 576)
+    hessian = x.T @ x / 2048
+    weight = torch.randn(96, 576)
+    before = torch.get_num_threads()
+    codes = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            result = gptq_quantize(weight, hessian, QuantSpec(4, 64, True), act_order=True, static_groups=False)
+            codes.append(result.codes)
+            assert torch.get_num_threads() == threads  # restored after the solve
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(codes[0], codes[1])
