@@ -1,0 +1,120 @@
+"""llm-compressor GPTQ (oneshot + GPTQModifier) on a checkpoint with given calibration token ids
+(the llm-compressor side of ``benchmarks/peers.py table``). Runs in .venv-llmcompressor, never
+the main venv (built by ``bash benchmarks/peers_venv.sh llmcompressor``)::
+
+    .venv-llmcompressor/bin/python benchmarks/peers_llmcompressor.py \
+        --model ~/.cache/strata/models/smollm2-135m-instruct --ids out/peers/calib-emma-32x512.safetensors \
+        --bits 4 --group-size 64 --out out/peers/table/llmcompressor-gptq-w4g64.safetensors
+
+The recipe is llm-compressor's own GPTQ defaults (GPTQModifier: dampening_frac 0.01, actorder
+"static", block_size 128; its observer's min/max group scales) on every Linear but lm_head,
+symmetric int weights of ``--bits`` in groups of ``--group-size`` (which must divide every
+linear's in_features: 576 and 1536 for SmolLM2, so 32 or 64, not 128). The calibration is
+exactly the given token ids, in order, as a datasets.Dataset (no shuffling, no truncation).
+
+After oneshot, GPTQ has left each linear's weight as its fake-quantized (dequantized) value
+next to weight_scale / weight_zero_point. Those weights are checked to lie on the grid
+(w / s + z within 1e-3 of an integer in [0, 2^b − 1] for every group) and written, as
+float32 under the key ``linear:<module name>``, to one safetensors file: the form
+``benchmarks/peers.py`` evaluates. A JSON with the timings and versions is written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--ids", required=True, help="safetensors with input_ids int64 [N, T]")
+    parser.add_argument("--out", required=True, help="safetensors of dequantized linears (linear:<name>)")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    ids = load_file(args.ids)["input_ids"]
+    n, t = ids.shape
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * t for _ in range(n)]})
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head" and m.in_features % args.group_size:
+            raise SystemExit(f"group size {args.group_size} does not divide {name}.in_features = {m.in_features}")
+    scheme = {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": args.bits,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": args.group_size,
+        },
+    }
+    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    t0 = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=recipe,
+        num_calibration_samples=n,
+        max_seq_length=t,
+        shuffle_calibration_samples=False,
+    )
+    quantize_s = time.perf_counter() - t0
+
+    maxq = 2**args.bits - 1
+    tensors = {}
+    for name, m in model.named_modules():
+        scale = getattr(m, "weight_scale", None)
+        if not isinstance(m, torch.nn.Linear) or scale is None:
+            continue
+        w = m.weight.detach().float()
+        s = scale.detach().float().repeat_interleave(args.group_size, dim=1)
+        zp = getattr(m, "weight_zero_point", None)
+        z = zp.detach().float().repeat_interleave(args.group_size, dim=1) if zp is not None else torch.zeros_like(s)
+        # llm-compressor's symmetric int grid is signed: q ∈ [−2^(b−1), 2^(b−1) − 1] with z = 0
+        q = w / s + z + 2 ** (args.bits - 1)
+        off = (q - q.round()).abs().max().item()
+        if off > 1e-3 or q.round().min() < 0 or q.round().max() > maxq:
+            raise SystemExit(f"{name}: weights are not on the {args.bits}-bit grid (max off-grid {off:.2e})")
+        tensors[f"linear:{name}"] = w.contiguous()
+    if not tensors:
+        raise SystemExit("no quantized linears found after oneshot")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out)
+    info = {
+        "tool": "llm-compressor",
+        "llmcompressor": llmcompressor.__version__,
+        "torch": torch.__version__,
+        "method": "GPTQ (GPTQModifier defaults: dampening_frac 0.01, actorder static)",
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "sym": True,
+        "quantize_s": quantize_s,
+        "threads": torch.get_num_threads(),
+        "calibration": [n, t],
+        "linears": len(tensors),
+    }
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
