@@ -54,8 +54,11 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_config(model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, **quant):
-    """One quantization run (no artifacts, no eval); returns the RunOutcome."""
+def run_config(
+    model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, run: dict | None = None, **quant
+):
+    """One quantization run (no artifacts, no eval); returns the RunOutcome. ``run``: extra
+    ``run`` section keys (e.g. overlap_depth)."""
     from pipeline.config import parse_config
     from pipeline.run import run_job
 
@@ -71,6 +74,7 @@ def run_config(model: str, store: str, workers: int, propagate: str, samples: in
                 "batch_size": 4,
                 "store": store,
                 "threads_per_worker": 1,
+                **(run or {}),
             },
             "output": {"formats": ["gptq"]},
             "eval": None,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from benchmarks.common import machine
+from benchmarks.common import machine, run_config
 from pipeline import fixtures
 
 # name → (propagate, quant overrides, run overrides)
@@ -28,32 +28,6 @@ MODES = {
     "float-overlap": ("float", {"true_sequential": False}, {"overlap_depth": 2}),
     "quantized": ("quantized", {}, {}),
 }
-
-
-def run_once(model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, quant: dict, run: dict):
-    """One quantization run (no artifacts, no eval); returns the RunOutcome."""
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
-
-    cfg = parse_config(
-        {
-            "name": "bench",
-            "model": model,
-            "calibration": {"source": "fixture:austen/emma", "num_samples": samples, "seq_len": seq_len},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 64, "allow_partial_group": True, **quant},
-            "run": {
-                "workers": workers,
-                "propagate": propagate,
-                "batch_size": 4,
-                "store": store,
-                "threads_per_worker": 1,
-                **run,
-            },
-            "output": {"formats": ["gptq"]},
-            "eval": None,
-        }
-    )
-    return run_job(cfg, progress=False)
 
 
 def main() -> None:
@@ -95,7 +69,10 @@ def main() -> None:
             for w in (1, 2):
                 tmp = Path(tempfile.mkdtemp(prefix="strata-bench-"))
                 try:
-                    outcome = run_once(model, str(tmp), w, propagate, args.samples, args.seq_len, quant, run)
+                    outcome = run_config(
+                        model, str(tmp), w, propagate, args.samples, args.seq_len, run=run,
+                        allow_partial_group=True, **quant,
+                    )  # fmt: skip
                     times[w], phases[w] = outcome.loop_s, outcome.phase_s
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
