@@ -13,7 +13,6 @@ helpers: by temp dir / GCS address and their descendants), never a global `ray s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,17 +26,9 @@ import yaml
 
 from pipeline.config import parse_config
 from pipeline.run import run_job
-from tests.test_submit import RAY_BIN, _free_port, _kill, _our_ray_pids
+from tests.test_submit import RAY_BIN, _free_port, _kill, _our_ray_pids, ray_cli_env, start_ray_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_AUTH_MODE"] = "disabled"  # head and joining node must agree (see tests/test_submit.py)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +65,7 @@ def two_nodes():
     ]
     markers = [str(temp_dir), f"127.0.0.1:{gcs}"]
     try:
-        for cmd in (head, node2):
-            done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+        start_ray_nodes([head, node2], ray_cli_env())
         yield f"127.0.0.1:{gcs}"
     finally:
         _kill(_our_ray_pids(markers))
@@ -121,7 +109,7 @@ DRIVER = textwrap.dedent(
 def test_two_node_run_matches_single_node(two_nodes, tmp_path, tiny_model_path, emma_path, ray_session):
     cfg_path = tmp_path / "multi.yaml"
     cfg_path.write_text(yaml.safe_dump(_config(tmp_path / "multi")))
-    env = {**_env(), "RAY_ADDRESS": two_nodes, "OMP_NUM_THREADS": "1"}
+    env = {**ray_cli_env(), "RAY_ADDRESS": two_nodes, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-c", DRIVER, str(cfg_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400

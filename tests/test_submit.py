@@ -122,13 +122,8 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if not RAY_BIN.exists():
-        pytest.skip("no ray CLI next to this Python")
-    pytest.importorskip("ray.dashboard.modules.job", reason="needs ray[default]")
-    temp_dir = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # short: socket paths live under it
-    gcs, dash = _free_port(), _free_port()
+def ray_cli_env() -> dict:
+    """The environment for `ray start` of a loopback test cluster (no inherited RAY_* settings)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -136,6 +131,25 @@ def ray_cluster():
     # ray.init() writes one) but not for a joining node: pin the mode so both agree. Off is
     # fine for a loopback-only test cluster; real clusters keep token auth (infra/README.md).
     env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def start_ray_nodes(commands: list[list[str]], env: dict) -> None:
+    """Runs each `ray start` command in turn; a RuntimeError with its output when one fails."""
+    for cmd in commands:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    if not RAY_BIN.exists():
+        pytest.skip("no ray CLI next to this Python")
+    pytest.importorskip("ray.dashboard.modules.job", reason="needs ray[default]")
+    temp_dir = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # short: socket paths live under it
+    gcs, dash = _free_port(), _free_port()
+    env = ray_cli_env()
     common = [
         "--node-ip-address=127.0.0.1",
         f"--temp-dir={temp_dir}",
@@ -160,10 +174,7 @@ def ray_cluster():
     markers = [str(temp_dir), f"127.0.0.1:{gcs}"]
     t0 = time.perf_counter()
     try:
-        for cmd in (head, worker):
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}")
+        start_ray_nodes([head, worker], env)
         address = f"http://127.0.0.1:{dash}"
         _wait_for_nodes(address, 2)
         print(f"two-node Ray cluster up in {time.perf_counter() - t0:.1f}s at {address}")
