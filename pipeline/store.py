@@ -663,8 +663,31 @@ class S3Store:
         ``verify=False``: an input strata did not write (no recorded sha256); its length is
         checked, and its ETag where that is a plain MD5 (a single-part upload without KMS).
         """
-        if not verify:
-            return self._get_foreign(key)
+        return self._get_checked(key, self._sha256_problem if verify else self._etag_problem)
+
+    def _sha256_problem(self, what: str, response: dict, data: bytes) -> str | None:
+        """Why ``data`` is not the object strata wrote (its recorded sha256), or None."""
+        expected = response.get("Metadata", {}).get(SHA256_META)
+        if expected is None:
+            raise ChecksumError(
+                f"{what}: object in {self._where()} has no recorded sha256 (x-amz-meta-{SHA256_META}); "
+                "it was not written by strata: delete it and redo the step that wrote it"
+            )
+        actual = sha256_bytes(data)
+        return None if actual == expected else f"sha256 of the bytes read is {actual}, recorded {expected}"
+
+    def _etag_problem(self, what: str, response: dict, data: bytes) -> str | None:
+        """For an input strata did not write: a mismatch with its ETag where that is a plain MD5
+        (a single-part upload without KMS), else None."""
+        etag = str(response.get("ETag", "")).strip('"')
+        if not (self.verify_etag and len(etag) == 32 and "-" not in etag):
+            return None
+        actual = hashlib.md5(data).hexdigest()
+        return None if actual == etag else f"MD5 of the bytes read is {actual}, ETag {etag}"
+
+    def _get_checked(self, key: str, problem_of) -> bytes:
+        """A whole-object GET, retried; a short body or a checksum mismatch (``problem_of``) is
+        transient until it survives fresh reads, then the stored object is taken as corrupt."""
         full = self._key(key)
         client = self.client()
         what = f"get {key!r}"
@@ -680,54 +703,16 @@ class S3Store:
                 body.close()
             if "ContentLength" in response and len(data) != response["ContentLength"]:
                 raise _Transient(f"body truncated: {len(data)} of {response['ContentLength']} bytes")
-            expected = response.get("Metadata", {}).get(SHA256_META)
-            if expected is None:
-                raise ChecksumError(
-                    f"{what}: object in {self._where()} has no recorded sha256 (x-amz-meta-{SHA256_META}); "
-                    "it was not written by strata: delete it and redo the step that wrote it"
-                )
-            actual = sha256_bytes(data)
-            if actual != expected:
+            problem = problem_of(what, response, data)
+            if problem is not None:
                 mismatches += 1
-                message = f"sha256 of the bytes read is {actual}, recorded {expected}"
                 # a mismatch that survives fresh reads is the stored object, not the network
                 if mismatches > min(2, self.retries):
                     raise ChecksumError(
-                        f"{what}: object in {self._where()} is corrupt: {message} ({mismatches} reads); "
+                        f"{what}: object in {self._where()} is corrupt: {problem} ({mismatches} reads); "
                         "delete it and redo the step that wrote it"
                     )
-                raise _Transient(message)
-            return data
-
-        return self._retrying(what, get)
-
-    def _get_foreign(self, key: str) -> bytes:
-        full = self._key(key)
-        client = self.client()
-        what = f"get {key!r}"
-        mismatches = 0
-
-        def get():
-            nonlocal mismatches
-            response = client.get_object(Bucket=self.bucket, Key=full)
-            body = response["Body"]
-            try:
-                data = body.read()
-            finally:
-                body.close()
-            if "ContentLength" in response and len(data) != response["ContentLength"]:
-                raise _Transient(f"body truncated: {len(data)} of {response['ContentLength']} bytes")
-            etag = str(response.get("ETag", "")).strip('"')
-            if self.verify_etag and len(etag) == 32 and "-" not in etag:
-                actual = hashlib.md5(data).hexdigest()
-                if actual != etag:
-                    mismatches += 1
-                    if mismatches > min(2, self.retries):
-                        raise ChecksumError(
-                            f"{what}: object in {self._where()} does not match its ETag (MD5 {actual} of the "
-                            f"bytes read, ETag {etag}, {mismatches} reads)"
-                        )
-                    raise _Transient(f"MD5 of the bytes read is {actual}, ETag {etag}")
+                raise _Transient(problem)
             return data
 
         return self._retrying(what, get)
