@@ -1,17 +1,27 @@
-"""One decoder block with Llama-70B shapes through strata's per-block path on this CPU.
+"""One decoder block with Llama-70B shapes through strata's per-block path, on CPU or GPU.
 
-    .venv/bin/python benchmarks/block70b.py [--scale 1.0] [--tokens 1024] [--threads 2]
+    .venv/bin/python -m benchmarks.block70b [--scale 1.0] [--tokens 1024] [--threads 2]
+    python3 -m benchmarks.block70b --device cuda --tokens 65536 --seq 2048 --json out.json
 
-hidden 8192, 64 heads / 8 KV heads, FFN 28672 (``--scale`` shrinks every width for a
-dry run). Random weights; the calibration is ``--tokens`` rows of random hidden states.
-Times each step (block load from safetensors, statistics, each GPTQ solve, forward),
-reports peak RSS, and projects a full 70B W4 run on 8×H100 from FLOP counts with the
-stated assumptions — a projection, not a measurement.
+hidden 8192, 64 heads / 8 KV heads, FFN 28672 (``--scale`` shrinks every width for a dry
+run). Random weights; the calibration is ``--tokens`` rows of random hidden states. Times
+each step (block load from safetensors, statistics Σ xᵀx in the pipeline's float64, each
+GPTQ solve, forward), reports peak memory, and projects a full 70B W4 run on 8 GPUs:
+
+* on CPU from FLOP counts and stated H100 rates — a projection with assumed rates;
+* on a GPU from the step times measured here at the projection's per-GPU token count
+  (256 × 2048 calibration tokens over 8 GPUs = 65 536), so only the storage bandwidth and
+  the interconnect (the Hessian reduction) remain assumptions — still a projection of a
+  whole run, built from one block's measured steps.
+
+With ``--device cuda`` it also measures the card's fp32 / tf32 / bf16 matrix rates and
+checks that the CUDA GPTQ solve agrees with the CPU one on the same W and H.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import tempfile
 import time
@@ -21,29 +31,90 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import machine
-from workers.actor import collect_hessians
+from workers.actor import _collect_stats, collect_hessians
+from workers.awq import llama_scale_groups, search_scales
 from workers.block import block_linears, build_block, shared_input_groups
-from workers.gptq import gptq_quantize
+from workers.gptq import gptq_quantize, relative_output_error
 from workers.result import QuantSpec
 
-# Assumptions for the projection (H100 SXM, dense, no sparsity): stated, not measured
-H100_FP32_TFLOPS = 50.0  # TF32 matmul effective for the Gram and GPTQ updates (of ~400 peak)
+# Assumptions for the CPU-side projection (H100 SXM, dense): stated, not measured
+H100_FP32_TFLOPS = 50.0  # matmul for the Gram and GPTQ updates
 H100_FP64_TFLOPS = 50.0  # fp64 tensor-core Cholesky (of 67 peak)
 H100_BF16_TFLOPS = 400.0  # forward in bf16 (of ~990 peak)
+# Assumptions that remain on a GPU run
 STORAGE_GBPS = 2.0  # per node, reading the bf16 checkpoint from object storage / NVMe
+INTERCONNECT_GBPS = 150.0  # NVLink all-reduce bus bandwidth per GPU for the Hessian reduction
+PROJ_TOKENS = 256 * 2048
+PROJ_GPUS = 8
+PROJ_BLOCKS = 80
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class Timer:
+    """Wall time of a step; on a GPU the queued kernels are waited for at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __enter__(self):
+        self.sync()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.sync()
+        self.seconds = time.perf_counter() - self.t
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
+    """Measured dense n³ matrix-product rate (mean of ``reps`` after three warm-ups)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    with Timer(device) as t:
+        for _ in range(reps):
+            a @ b
+    return 2 * n**3 * reps / t.seconds / 1e12
+
+
+def solve_agreement(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> dict:
+    """The same GPTQ problem solved on the CPU and on ``w``'s device: share of equal codes
+    and both relative output errors (codes may differ where the two roundings tie)."""
+    out = {}
+    results = {}
+    for dev in ("cpu", str(w.device)):
+        wd, hd = w.to(dev), h.to(dev)
+        with Timer(torch.device(dev)) as t:
+            results[dev] = gptq_quantize(wd, hd, spec, act_order=True, static_groups=True)
+        approx = results[dev].dequantize().float().to(dev)
+        out[dev] = {"seconds": t.seconds, "rel_error": relative_output_error(wd, approx, hd)}
+    cpu_codes = results["cpu"].codes
+    dev_codes = results[str(w.device)].codes.cpu()
+    out["codes_equal"] = float((cpu_codes == dev_codes).float().mean())
+    out["shape"] = list(w.shape)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="write the measurements here too")
+    ap.add_argument("--awq", action="store_true", help="also time AWQ's scale search per group (on by default on GPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -63,9 +134,12 @@ def main() -> None:
         head_dim=head_dim,
     )
     cfg._attn_implementation = "sdpa"
-    print(f"machine: {machine()}, torch threads {args.threads}")
-    print(f"block: hidden {hidden}, heads {heads}/{kv}, FFN {ffn}; {args.tokens} calibration tokens")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} torch threads"
+    print(f"machine: {machine()}; device: {where}", flush=True)
+    print(f"block: hidden {hidden}, heads {heads}/{kv}, FFN {ffn}; {args.tokens} calibration tokens", flush=True)
+    report: dict = {"device": where, "hidden": hidden, "ffn": ffn, "tokens": args.tokens, "seq": args.seq}
     steps: dict[str, float] = {}
+    timer = Timer(device)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         with torch.device("meta"):
@@ -82,68 +156,141 @@ def main() -> None:
         del tensors
         steps["write synthetic block (not part of a run)"] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        layer = build_block(meta, load_file(str(path)), torch.float32)
-        steps["load block (safetensors → fp32)"] = time.perf_counter() - t
+        with timer as t:
+            layer = build_block(meta, load_file(str(path)), torch.float32).to(device)
+        steps["load block (safetensors → fp32 on device)"] = t.seconds
         params = sum(p.numel() for p in layer.parameters())
 
-        seq = 512
+        seq = args.seq
         batches = []
-        rotary = LlamaRotaryEmbedding(cfg)
+        rotary = LlamaRotaryEmbedding(cfg).to(device)
         for _ in range(max(1, args.tokens // seq)):
-            h = torch.randn(1, seq, hidden, generator=gen)
-            pos = torch.arange(seq).unsqueeze(0)
+            h = torch.randn(1, seq, hidden, generator=gen).to(device)
+            pos = torch.arange(seq, device=device).unsqueeze(0)
             batches.append((h, {"position_embeddings": rotary(h, pos), "attention_mask": None, "position_ids": pos}))
 
-        t = time.perf_counter()
         groups = shared_input_groups(layer, *batches[0])
         accs = {}
-        for names in groups:
-            accs.update(collect_hessians(layer, batches, [names[0]], torch.float32, stop_early=True))
-        steps["statistics (Σ xᵀx, 4 stages)"] = time.perf_counter() - t
+        with timer as t:
+            for names in groups:
+                accs.update(collect_hessians(layer, batches, [names[0]], torch.float64, stop_early=True))
+        steps["statistics (Σ xᵀx fp64, 4 stages)"] = t.seconds
+        print(f"statistics done in {t.seconds:.2f} s", flush=True)
 
         linears = block_linears(layer)
         spec = QuantSpec(4, 128, True)
         flops = {}
+        solves = {}
+        check_input = None
         for names in groups:
             w = torch.cat([linears[n].weight.data for n in names])
             h = accs[names[0]].hessian()
-            t = time.perf_counter()
-            gptq_quantize(w, h, spec, act_order=True, static_groups=True)
+            with timer as t:
+                gptq_quantize(w, h, spec, act_order=True, static_groups=True)
             key = f"GPTQ solve {'+'.join(n.split('.')[-1] for n in names)} [{w.shape[0]}×{w.shape[1]}]"
-            steps[key] = time.perf_counter() - t
+            steps[key] = solves[key] = t.seconds
+            print(f"{key} done in {t.seconds:.2f} s", flush=True)
             n_rows, k = w.shape
             flops[key] = (2 * n_rows * k * k, 3 * k**3 / 3 * 2)  # updates; Cholesky + inverse + Cholesky (fp64)
+            if "o_proj" in key:
+                check_input = (w[:1024, :2048].clone(), h[:2048, :2048].clone())
             del w, h
 
-        t = time.perf_counter()
-        with torch.no_grad():
+        with timer as t, torch.no_grad():
             for hid, kw in batches:
                 layer(hid, **kw)
-        steps["forward"] = time.perf_counter() - t
+        steps["forward (fp32)"] = t.seconds
 
-    print(f"{'step':52s} {'seconds':>9s}")
+        if args.awq or device.type == "cuda":
+            # AWQ: Σ xᵀx and mean|x| per group on the float block, then the 20-point scale search
+            del accs
+            for group in llama_scale_groups(layer):
+                leader = group.linears[0]
+                with timer as t:
+                    grams, means = _collect_stats(layer, batches, [leader], torch.float64, True, abs_means=True)
+                stats_s = t.seconds
+                w = torch.cat([linears[n].weight.data for n in group.linears])
+                with timer as t:
+                    found = search_scales(
+                        w, grams[leader].sum, means[leader].mean(), spec, grid=20, expand=group.expand
+                    )
+                short = "+".join(n.split(".")[-1] for n in group.linears)
+                steps[f"AWQ statistics {short}"] = stats_s
+                steps[f"AWQ scale search {short} [{w.shape[0]}×{w.shape[1]}] (α={found.alpha:.2f})"] = t.seconds
+                print(f"AWQ {short}: search {t.seconds:.2f} s", flush=True)
+                del grams, means, w
+
+        if device.type == "cuda":
+            with timer as t, torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for hid, kw in batches:
+                    layer(hid, **kw)
+            steps["forward (bf16 autocast, for reference)"] = t.seconds
+            report["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            del batches, layer
+            torch.cuda.empty_cache()
+            report["rates_tflops"] = {
+                "fp32": matmul_tflops(device, torch.float32),
+                "bf16": matmul_tflops(device, torch.bfloat16),
+            }
+            torch.backends.cuda.matmul.allow_tf32 = True
+            report["rates_tflops"]["tf32"] = matmul_tflops(device, torch.float32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            if check_input is not None:
+                report["cpu_vs_gpu_solve"] = solve_agreement(*check_input, spec)
+
+    print(f"{'step':64s} {'seconds':>9s}")
     for k, v in steps.items():
-        print(f"{k:52s} {v:9.2f}")
+        print(f"{k:64s} {v:9.2f}")
+    report["steps_s"] = steps
+    report["peak_rss_gib"] = peak_rss_gib()
+    report["block_params_m"] = params / 1e6
     print(f"peak RSS: {peak_rss_gib():.1f} GiB; block parameters {params / 1e6:.0f} M")
+    for k in ("gpu_peak_gib", "rates_tflops", "cpu_vs_gpu_solve"):
+        if k in report:
+            print(f"{k}: {report[k]}")
 
     if args.scale == 1.0:
-        # projection: 80 blocks, 8 GPUs, 256 × 2048 calibration tokens, propagate=quantized
-        tokens = 256 * 2048
-        fwd = 2 * params * tokens / (H100_BF16_TFLOPS * 1e12) / 8  # samples sharded over 8 GPUs
-        gram = sum(2 * tokens * linears[g[0]].in_features ** 2 for g in groups) / (H100_FP32_TFLOPS * 1e12) / 8
-        solve = sum(u / (H100_FP32_TFLOPS * 1e12) + c / (H100_FP64_TFLOPS * 1e12) for u, c in flops.values())
         load = params * 2 / (STORAGE_GBPS * 1e9)  # every worker reads the block (bf16)
-        per_block = load + 2 * fwd + gram + solve  # stages serialise the solves (conservative)
-        print("\nprojection (NOT a measurement) for Llama-70B W4 g128 GPTQ on 8×H100, 256 × 2048 tokens:")
+        hessian_bytes = sum(8 * linears[g[0]].in_features ** 2 for g in groups)
+        reduce = 2 * hessian_bytes / (INTERCONNECT_GBPS * 1e9)  # ring all-reduce moves ~2× the data
+        per_gpu = PROJ_TOKENS / PROJ_GPUS
+        if device.type == "cuda":
+            scale = per_gpu / args.tokens  # step times grow linearly with tokens
+            stats = steps["statistics (Σ xᵀx fp64, 4 stages)"] * scale
+            fwd = steps["forward (fp32)"] * scale
+            solve = max(solves.values())  # owners solve their linears concurrently
+            basis = f"measured on {where} ({args.tokens} tokens, scaled ×{scale:.2f} to {per_gpu:.0f} per GPU)"
+        else:
+            fwd = 2 * params * per_gpu / (H100_BF16_TFLOPS * 1e12)
+            stats = fwd + sum(2 * per_gpu * linears[g[0]].in_features ** 2 for g in groups) / (H100_FP32_TFLOPS * 1e12)
+            solve = sum(u / (H100_FP32_TFLOPS * 1e12) + c / (H100_FP64_TFLOPS * 1e12) for u, c in flops.values())
+            basis = (
+                f"assumed rates: {H100_BF16_TFLOPS} TFLOPS bf16 forward, {H100_FP32_TFLOPS} TFLOPS fp32 "
+                f"Gram/GPTQ, {H100_FP64_TFLOPS} TFLOPS fp64 Cholesky; solves serialised (conservative)"
+            )
+        per_block = load + stats + reduce + solve + fwd
+        total_min = PROJ_BLOCKS * per_block / 60
         print(
-            f"  per block: load {load:.1f}s + forward {2 * fwd:.1f}s + statistics {gram:.2f}s + solves {solve:.1f}s "
-            f"= {per_block:.1f}s; 80 blocks ≈ {80 * per_block / 60:.0f} min"
+            f"\nprojection (NOT a measured 70B run) for Llama-70B W4 g128 GPTQ on {PROJ_GPUS} GPUs, "
+            f"256 × 2048 tokens, propagate=quantized:"
         )
         print(
-            f"  assumptions: {H100_BF16_TFLOPS} TFLOPS bf16 forward, {H100_FP32_TFLOPS} TFLOPS tf32 GPTQ/Gram, "
-            f"{H100_FP64_TFLOPS} TFLOPS fp64 Cholesky, {STORAGE_GBPS} GB/s checkpoint reads per node"
+            f"  per block: load {load:.2f}s + statistics {stats:.2f}s + Hessian reduce {reduce:.2f}s "
+            f"+ solves {solve:.2f}s + forward {fwd:.2f}s = {per_block:.1f}s; "
+            f"{PROJ_BLOCKS} blocks ≈ {total_min:.0f} min"
         )
+        print(f"  basis: {basis}")
+        print(
+            f"  assumed: {STORAGE_GBPS} GB/s checkpoint reads per node, {INTERCONNECT_GBPS} GB/s all-reduce "
+            "bandwidth for the fp64 Hessians"
+        )
+        report["projection"] = {
+            "per_block_s": {"load": load, "stats": stats, "reduce": reduce, "solve": solve, "forward": fwd},
+            "total_min": total_min,
+            "basis": basis,
+        }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

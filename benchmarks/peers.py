@@ -366,7 +366,9 @@ PLAN = (
     ("llmcompressor", "gptq"),
     ("strata", "awq"),
     ("gptqmodel", "awq"),
+    ("llmcompressor", "awq"),
     ("strata", "awq_gptq"),
+    ("llmcompressor", "awq_gptq"),
 )
 TOOL_NAMES = {"strata": "strata", "gptqmodel": "GPTQModel 7.6.0", "llmcompressor": "llm-compressor 0.14"}
 METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq_gptq": "AWQ+GPTQ"}
@@ -473,7 +475,7 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
             str(ROOT / "benchmarks" / "peers_llmcompressor.py"),
         ]
         cmd += ["--model", str(model_dir), "--ids", str(ids_path), "--out", str(row), "--bits", str(bits)]
-        cmd += ["--group-size", str(group), "--threads", str(args.threads)]
+        cmd += ["--group-size", str(group), "--threads", str(args.threads), "--method", method]
         subprocess.run(cmd, check=True, env=env)
     else:
         folder = OUT / "table" / stem
@@ -576,8 +578,8 @@ def table(args) -> None:
         print(f"# {key}: " + ", ".join(f"{t} {entry[t]['ppl']:.3f}" for t in texts), flush=True)
         print(render_table(results, texts, calib), flush=True)
 
-    if "fp16" not in results:
-        entry = {}
+    if any(t not in results.get("fp16", {}) for t in texts):  # a text added since: score it too
+        entry = results.get("fp16", {})
         for text, w in windows.items():
             row = evaluate({"ref": ref}, w, reference="ref")["ref"]
             entry[text] = {"ppl": row["ppl"], "ppl_increase": 0.0, "kld": 0.0, "top1": 1.0, "ref_ppl": row["ppl"]}
@@ -586,7 +588,7 @@ def table(args) -> None:
     for setting in settings:
         bits, group = SETTINGS[setting]
         key = f"strata-rtn-{setting}"
-        if key not in results:
+        if any(t not in results.get(key, {}) for t in texts):
             score(key, with_weights(ref, rtn_weights(ref, QuantSpec(bits, group, True))), {"quantize_s": None})
     for setting in settings:
         bits, group = SETTINGS[setting]
@@ -594,8 +596,8 @@ def table(args) -> None:
             if args.tools and tool not in args.tools.split(","):
                 continue
             key = f"{tool}-{method}-{setting}"
-            if key in results and "status" not in results[key]:
-                continue
+            if key in results and "status" not in results[key] and all(t in results[key] for t in texts):
+                continue  # a row lacking a text is re-scored from its saved weights
             if tool == "gptqmodel" and method == "awq":
                 # GPTQModel 7.6.0's AWQ raises "AWQ: CUDA is not available" on CPU, with any backend
                 results[key] = {"status": "n/a (needs CUDA)"}

@@ -6,7 +6,12 @@ the main venv (built by ``bash benchmarks/peers_venv.sh llmcompressor``)::
         --model ~/.cache/strata/models/smollm2-135m-instruct --ids out/peers/calib-emma-32x512.safetensors \
         --bits 4 --group-size 64 --out out/peers/table/llmcompressor-gptq-w4g64.safetensors
 
-The recipe is llm-compressor's own GPTQ defaults (GPTQModifier: dampening_frac 0.01, actorder
+``--method awq`` puts llm-compressor's AWQModifier (its defaults: 20-point grid, duo scaling,
+the Llama mappings it infers) before a QuantizationModifier (RTN on the same scheme);
+``--method awq_gptq`` before the GPTQModifier. AWQ folds 1/s into the RMSNorm weights, so
+those are written too, as ``float:<parameter name>``.
+
+The GPTQ recipe is llm-compressor's own GPTQ defaults (GPTQModifier: dampening_frac 0.01, actorder
 "static", block_size 128; its observer's min/max group scales) on every Linear but lm_head,
 symmetric int weights of ``--bits`` in groups of ``--group-size`` (which must divide every
 linear's in_features: 576 and 1536 for SmolLM2, so 32 or 64, not 128). The calibration is
@@ -36,13 +41,19 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--method",
+        choices=["gptq", "awq", "awq_gptq"],
+        default="gptq",
+        help="awq: AWQModifier then RTN; awq_gptq: then GPTQ",
+    )
     args = parser.parse_args()
 
     import llmcompressor
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -64,7 +75,25 @@ def main() -> None:
             "group_size": args.group_size,
         },
     }
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    groups = {"group_0": scheme}
+    if args.method == "gptq":
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+        described = "GPTQ (GPTQModifier defaults: dampening_frac 0.01, actorder static)"
+    else:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():
+            # 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which a
+            # CPU-only torch refuses ("Cannot access accelerator device"); pinning changes no
+            # value, so it is skipped here
+            IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+
+        # AWQModifier defaults (n_grid 20, duo_scaling True, mappings inferred for Llama); it only
+        # scales, the modifier after it rounds: RTN (QuantizationModifier) or GPTQ
+        then = GPTQModifier if args.method == "awq_gptq" else QuantizationModifier
+        recipe = [AWQModifier(), then(config_groups=groups, ignore=["lm_head"])]
+        described = f"AWQ (AWQModifier defaults) then {'GPTQ' if args.method == 'awq_gptq' else 'RTN'}"
     t0 = time.perf_counter()
     oneshot(
         model=model,
@@ -83,6 +112,13 @@ def main() -> None:
         if not isinstance(m, torch.nn.Linear) or scale is None:
             continue
         w = m.weight.detach().float()
+        if args.method == "awq":
+            # QuantizationModifier (RTN) leaves the float weight and quantizes it in the forward:
+            # apply its own fake quantization (compressed-tensors) with its scales
+            from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+            zp = getattr(m, "weight_zero_point", None)
+            w = fake_quantize(w, scale.detach().float(), zp, m.quantization_scheme.weights).float()
         s = scale.detach().float().repeat_interleave(args.group_size, dim=1)
         zp = getattr(m, "weight_zero_point", None)
         z = zp.detach().float().repeat_interleave(args.group_size, dim=1) if zp is not None else torch.zeros_like(s)
@@ -94,6 +130,10 @@ def main() -> None:
         tensors[f"linear:{name}"] = w.contiguous()
     if not tensors:
         raise SystemExit("no quantized linears found after oneshot")
+    if args.method != "gptq":  # AWQ folded 1/s into the norms: those go with the linears
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                tensors[f"float:{name}"] = p.detach().float().contiguous()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
@@ -103,14 +143,14 @@ def main() -> None:
         "tool": "llm-compressor",
         "llmcompressor": llmcompressor.__version__,
         "torch": torch.__version__,
-        "method": "GPTQ (GPTQModifier defaults: dampening_frac 0.01, actorder static)",
+        "method": described,
         "bits": args.bits,
         "group_size": args.group_size,
         "sym": True,
         "quantize_s": quantize_s,
         "threads": torch.get_num_threads(),
         "calibration": [n, t],
-        "linears": len(tensors),
+        "linears": sum(k.startswith("linear:") for k in tensors),
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))

@@ -27,6 +27,9 @@ MODES = {
     "float-inline": ("float", {"true_sequential": False}, {"overlap_depth": 0}),
     "float-overlap": ("float", {"true_sequential": False}, {"overlap_depth": 2}),
     "quantized": ("quantized", {}, {}),
+    # before split solves: each group solved whole by one owner (run.split_solves: false)
+    "quantized-owner": ("quantized", {}, {"split_solves": False}),
+    "float-inline-owner": ("float", {"true_sequential": False}, {"overlap_depth": 0, "split_solves": False}),
 }
 
 
@@ -35,7 +38,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--models", default="smollm2,wide", help="comma list of smollm2, wide, tiny")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--modes", default="float-inline,float-overlap,quantized", help=f"comma list of {', '.join(MODES)}")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -61,7 +64,7 @@ def main() -> None:
     print(f"calibration: {args.samples} × {args.seq_len} tokens of Emma; GPTQ W4 g64; 1 torch thread per worker")
     print("float modes: all groups of a block solved at once (one stage); quantized: true-sequential stages")
     print("time: block loop wall s (RunOutcome.loop_s); phases: per-worker seconds summed over blocks, W=2")
-    print(f"{'model':38s} {'mode':14s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}  phases (W=2)")
+    print(f"{'model':38s} {'mode':18s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}  phases (W=2)")
     for label, model in models.items():
         for mode in modes:
             propagate, quant, run = MODES[mode]
@@ -78,7 +81,7 @@ def main() -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
             shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[2].items()))
             print(
-                f"{label:38s} {mode:14s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×  {shown}",
+                f"{label:38s} {mode:18s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×  {shown}",
                 flush=True,
             )
 

@@ -98,6 +98,17 @@ class RunConfig(_Strict):
     placement: Literal["pack", "spread"] = Field(
         "pack", description="spread: one worker per node where the cluster allows (a SPREAD placement group)"
     )
+    split_solves: bool = Field(
+        True, description="GPTQ: every worker solves a share of each group's rows (results identical to one worker)"
+    )
+    stage_cache: bool = Field(
+        True,
+        description="true-sequential Llama blocks: each statistics pass starts from what the last one kept "
+        "(same results; holds ~(2 + FFN/hidden) copies of the worker's hidden states in fp32)",
+    )
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="cuda: one GPU per worker (Ray num_gpus=1), blocks and solves on it, NCCL collectives"
+    )
     threads_per_worker: int | None = Field(None, ge=1)
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 

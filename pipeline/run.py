@@ -346,20 +346,22 @@ def _teardown(actors: list, graceful: bool) -> None:
             pass
 
 
-def _placement_group(workers: int, placement: str, timeout_s: float = 120.0):
-    """``run.placement: spread``: a placement group of one 1-CPU bundle per worker with Ray's
-    SPREAD strategy (bundles on distinct nodes where the cluster has them); None for ``pack``."""
+def _placement_group(workers: int, placement: str, gpus: int = 0, timeout_s: float = 120.0):
+    """``run.placement: spread``: a placement group of one bundle per worker (1 CPU, and ``gpus``
+    GPUs) with Ray's SPREAD strategy (bundles on distinct nodes where the cluster has them);
+    None for ``pack``."""
     if placement != "spread":
         return None
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group([{"CPU": 1}] * workers, strategy="SPREAD")
+    bundle = {"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}
+    pg = placement_group([bundle] * workers, strategy="SPREAD")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         _remove_placement_group(pg)
         raise RunError(
-            f"run.placement spread: the cluster did not grant {workers} bundles of 1 CPU within {timeout_s:.0f}s "
+            f"run.placement spread: the cluster did not grant {workers} bundles ({bundle}) within {timeout_s:.0f}s "
             f"(cluster resources: {ray.cluster_resources()})"
         )
     log.info("workers spread over the cluster's nodes (placement group of %d bundles)", workers)
@@ -462,7 +464,10 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         hessian_dtype=cfg.run.hessian_dtype,
         hidden_dtype=cfg.run.hidden_dtype,
         overlap_depth=cfg.run.overlap_depth,
+        split_solves=cfg.run.split_solves,
+        stage_cache=cfg.run.stage_cache,
         threads=threads,
+        device=cfg.run.device,
         modules_to_not_convert=list(cfg.quant.modules_to_not_convert),
         skip_outliers=cfg.quant.skip_outliers,
         outlier_sigma=cfg.quant.outlier_sigma,
@@ -511,6 +516,9 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
             "results": results,
             "timings": {str(out["rank"]): out["timings"] for out in outs},
             "peak_rss_mib": {str(out["rank"]): out.get("peak_rss_mib") for out in outs},
+            **(
+                {"peak_gpu_mib": {str(o["rank"]): o["peak_gpu_mib"] for o in outs}} if "peak_gpu_mib" in outs[0] else {}
+            ),
             "wall_s": time.perf_counter() - t_block,
         }
         metrics.block_done(run_id, record)
@@ -544,11 +552,19 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 )
             write_record(first, outs, entry["t"])
 
-    pg = _placement_group(workers_n, cfg.run.placement)
+    gpus = 1 if cfg.run.device == "cuda" else 0
+    if gpus:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < workers_n:
+            raise RunError(
+                f"run.device cuda needs one GPU per worker ({workers_n}); the Ray cluster has {have:g} "
+                "(set run.device: cpu, or fewer run.workers)"
+            )
+    pg = _placement_group(workers_n, cfg.run.placement, gpus)
     try:
         while True:
             actors = [
-                actor_cls.options(num_cpus=1, max_concurrency=1, **_placement_options(pg, rank)).remote(
+                actor_cls.options(num_cpus=1, num_gpus=gpus, max_concurrency=1, **_placement_options(pg, rank)).remote(
                     rank, workers_n, reader, store, job, faults
                 )
                 for rank in range(workers_n)

@@ -265,3 +265,26 @@ def test_disk_full_on_the_local_store(tmp_path, small_disk, capsys, ray_session)
     assert (small_disk / "store" / "runs").is_dir()  # the run started: the disk filled up mid-run
     assert not [p for p in (small_disk / "store").rglob("*") if p.name in ("record.json", "summary.json")]
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_device_without_gpus_is_refused(tmp_path, capsys, ray_session):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: run.device cuda is valid here")
+    cfg = tiny_dict(tmp_path, run={"device": "cuda"})
+    msg = run_cli(tmp_path, cfg, capsys)
+    assert "run.device cuda needs one GPU per worker (1); the Ray cluster has 0" in msg
+    assert_nothing_complete(tmp_path)
+
+
+def test_to_device_moves_nested_tensors():
+    import torch
+
+    from workers.actor import to_device
+
+    kwargs = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": None, "ids": [torch.arange(3)], "n": 4}
+    moved = to_device(kwargs, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in moved["position_embeddings"])
+    assert moved["ids"][0].device.type == "meta" and moved["mask"] is None and moved["n"] == 4
+    assert isinstance(moved["position_embeddings"], tuple)

@@ -42,6 +42,7 @@ def test_unknown_key_is_named():
         ("run", {"workers": 0}, r"run\.workers"),
         ("run", {"propagate": "sometimes"}, r"run\.propagate"),
         ("run", {"run_id": "../escape"}, r"run\.run_id"),
+        ("run", {"device": "tpu"}, r"run\.device"),
         ("calibration", {"num_samples": -1}, r"calibration\.num_samples"),
     ],
 )

@@ -132,3 +132,74 @@ def test_bf16_hidden_states(tmp_path, tiny_model_path, emma_path, ray_session):
     for name, e in err32.items():  # ... and change each linear's relative output error only a little
         assert abs(err16[name] - e) <= 0.1 * e + 1e-4, (name, e, err16[name])
     assert torch.tensor(list(err16.values())).isfinite().all()
+
+
+# ---------------------------------------------------------------- split solves
+
+
+def test_split_solves_give_the_one_worker_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
+    """Every GPTQ group solved by all workers, each a share of the rows (W=3: uneven shares and a
+    three-way gather), with act-order, asymmetric grids and the MSE scale search: the same bytes
+    as one worker, and as W=3 with the shares turned off."""
+
+    def cfg(sub, workers, **run):
+        c = tiny(tmp_path / sub, workers=workers, **run)
+        c["run"]["batch_size"] = 2  # 8 batches: a share for each of three workers
+        c["quant"].update({"act_order": True, "sym": False, "mse_grid": 10})
+        return parse_config(c)
+
+    one = run_job(cfg("one", 1), progress=False)
+    three = run_job(cfg("three", 3), progress=False)
+    whole = run_job(cfg("whole", 3, split_solves=False), progress=False)
+    assert one.run_id == three.run_id == whole.run_id  # split_solves is not part of the fingerprint
+    assert len(hashes(one)) == 21 and hashes(three) == hashes(one) == hashes(whole)
+    for record in three.records.values():  # every worker solved a share of every stage
+        assert all(record["timings"][r]["solve"] > 0 for r in ("0", "1", "2"))
+    for record in whole.records.values():  # without: one owner per group, the other workers wait
+        assert min(record["timings"][r]["solve"] for r in ("0", "1", "2")) < max(
+            record["timings"][r]["solve"] for r in ("0", "1", "2")
+        )
+
+
+def test_row_slices_cover_the_rows_once():
+    from workers.actor import row_slices
+
+    for n, w in [(960, 2), (576, 3), (7, 4), (5, 5)]:
+        slices = row_slices(n, w)
+        assert slices[0][0] == 0 and slices[-1][1] == n and len(slices) == w
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert max(e - s for s, e in slices) - min(e - s for s, e in slices) <= 1
+
+
+# ---------------------------------------------------------------- stage passes
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq_gptq"])
+def test_stage_cache_gives_the_full_pass_bytes(method, tmp_path, tiny_model_path, emma_path, ray_session):
+    """Each true-sequential pass starting from the previous pass's kept inputs, and the
+    propagation from them, give the bytes of running the whole block every time."""
+
+    def cfg(sub, workers, **run):
+        c = tiny(tmp_path / sub, workers=workers, **run)
+        c["quant"]["method"] = method
+        return parse_config(c)
+
+    full = run_job(cfg("full", 2, stage_cache=False), progress=False)
+    cached = run_job(cfg("cached", 2), progress=False)
+    assert len(hashes(full)) == 21 and hashes(cached) == hashes(full)
+    if method == "gptq":  # (AWQ's mean|x| sums are W-invariant only up to fp64 rounding)
+        assert hashes(run_job(cfg("one", 1), progress=False)) == hashes(full)
+
+
+def test_stage_passes_need_the_llama_stages(tiny_model_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workers.block import LLAMA_STAGES, StagePasses, decoder_layers
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layer = decoder_layers(model)[1][0]
+    assert StagePasses.applies(layer, [[g] for g in LLAMA_STAGES])
+    assert not StagePasses.applies(layer, [LLAMA_STAGES])  # one stage (true_sequential off)
+    assert not StagePasses.applies(layer, [[g] for g in LLAMA_STAGES[:3]])

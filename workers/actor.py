@@ -31,7 +31,7 @@ from workers.awq import (
     scale_gram,
     search_scales,
 )
-from workers.block import block_linears, build_block, decoder_layers, run_block, shared_input_groups
+from workers.block import StagePasses, block_linears, build_block, decoder_layers, run_block, shared_input_groups
 from workers.gptq import relative_output_error
 from workers.methods import (
     HESSIAN_METHODS,
@@ -39,13 +39,14 @@ from workers.methods import (
     Result,
     matches_module,
     outlier_group,
+    quantize_group,
     quantize_parts,
     result_from_tensors,
     result_kind,
     spec_with_overrides,
 )
 from workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
-from workers.result import QuantSpec
+from workers.result import QuantizedLinear, QuantSpec
 from workers.stats import HessianAccumulator
 
 
@@ -71,7 +72,12 @@ class WorkerJob:
     hessian_dtype: str = "float64"
     hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
     overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
+    split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
+    stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
     threads: int = 1
+    # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
+    # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
+    device: str = "cpu"
     extra: dict = field(default_factory=dict)
     # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
     spec_overrides: dict[str, dict] = field(default_factory=dict)
@@ -194,6 +200,11 @@ AWQ_NO_CLIP = ("q_proj", "k_proj")
 FLOAT_SCHEMA_VERSION = 1
 
 
+def row_slices(n_rows: int, world: int) -> list[tuple[int, int]]:
+    """Rows [start, end) of each of ``world`` workers: contiguous, sizes differing by at most one."""
+    return [(r * n_rows // world, (r + 1) * n_rows // world) for r in range(world)]
+
+
 def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
     """One float tensor (under its checkpoint name) as deterministic safetensors bytes."""
     import json
@@ -292,11 +303,27 @@ class _SolverQueue:
                 self._cond.notify_all()
 
 
+def to_device(obj, device: torch.device):
+    """``obj`` (a tensor, or tuples / lists / dicts of them) on ``device``; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 class BlockWorker:
     def __init__(self, rank: int, world: int, reader, store, job: WorkerJob):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.set_num_threads(max(1, job.threads))
+        self.device = torch.device(job.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"worker {rank}: run.device is {job.device!r} but this process sees no CUDA device")
         self.rank, self.world = rank, world
         self.reader, self.store, self.job = reader, store, job
         config_dict = dict(job.model_config)
@@ -316,8 +343,9 @@ class BlockWorker:
 
     def init_group(self, address: str, port: int) -> None:
         if self.world > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(
-                "gloo", init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
+                backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
             )
             self.group_ready = True
 
@@ -346,7 +374,8 @@ class BlockWorker:
                     pass
                 hidden, kwargs = catcher.captured
                 kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
-                self.batches.append((hidden.detach().to(getattr(torch, self.job.hidden_dtype)), kwargs))
+                hidden = hidden.detach().to(getattr(torch, self.job.hidden_dtype))
+                self.batches.append((hidden.to(self.device), to_device(kwargs, self.device)))
         finally:
             self.meta_layers[0] = first
             embed.to("meta")
@@ -367,6 +396,7 @@ class BlockWorker:
         if b + 1 < len(self.meta_layers) and hasattr(self.reader, "prefetch_block"):
             self.reader.prefetch_block(b + 1)  # read the next block while this one is processed
         layer = build_block(self.meta_layers[b], {k[len(prefix) :]: v for k, v in tensors.items()}, torch.float32)
+        layer = layer.to(self.device)
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
 
@@ -379,27 +409,40 @@ class BlockWorker:
             quantized, outputs, floats = self._solve_block(b, layer, linears, timings)
 
         t = time.perf_counter()
+        passes, self._final_passes = self._final_passes, None
         if self.job.propagate == "quantized":
             for name, weight in quantized.items():
                 linears[name].weight.data = weight
             for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
                 layer.get_parameter(name).data = tensor
-        self._advance(layer)
+        self._advance(layer, passes if replay is None else None)
         timings["forward"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
+        if self.device.type == "cuda":
+            out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self._solver is not None:  # a replay after queued solves (resume with gaps): report what finished
             out["finished"] = self._take_finished()
         return out
 
-    def _advance(self, layer: nn.Module) -> None:
-        """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``."""
+    def _advance(self, layer: nn.Module, passes: StagePasses | None = None) -> None:
+        """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``; with
+        ``passes`` (the block's statistics passes, every weight final) from what they kept."""
         dtype = getattr(torch, self.job.hidden_dtype)
-        self.batches = [(run_block(layer, hidden.float(), kwargs).to(dtype), kwargs) for hidden, kwargs in self.batches]
+        out = []
+        for i, (hidden, kwargs) in enumerate(self.batches):
+            y = (
+                run_block(layer, hidden.float(), kwargs)
+                if passes is None
+                else passes.forward(i, hidden.float(), kwargs)
+            )
+            out.append((y.to(dtype), kwargs))
+        self.batches = out
 
     # -- propagate float: solves queued behind the forward --------------------------
 
     _solver: _SolverQueue | None = None
+    _final_passes: StagePasses | None = None  # set by an inline _solve_block for the forward after it
 
     def overlaps(self) -> bool:
         """Whether this run's solves run on a background thread behind the forward pass:
@@ -511,7 +554,9 @@ class BlockWorker:
             rows = sum(linears[n].out_features for n in names)
             costs.append(float(k) ** 3 + float(k) ** 2 * rows)
         owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world, load))}
-        total_rows = torch.tensor([sum(h.shape[0] * h.shape[1] for h, _ in batches)], dtype=torch.int64)
+        total_rows = torch.tensor(
+            [sum(h.shape[0] * h.shape[1] for h, _ in batches)], dtype=torch.int64, device=self.device
+        )
         if self.group_ready and uses_gram:
             dist.all_reduce(total_rows)
         if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
@@ -528,6 +573,23 @@ class BlockWorker:
         if job.method in AWQ_METHODS:
             floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, int(total_rows), timings)
         originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
+        split = {tuple(g) for g in groups if solver == "gptq" and self._splits(b, g, linears)}
+
+        def sensitivity(n: str, gram: torch.Tensor, options: dict) -> dict:
+            return linear_sensitivity(
+                originals[n],
+                gram,
+                job.spec,
+                job.sensitivity_bits,
+                scale,
+                method=job.method,
+                options=options,
+                row_weight=fisher[n][:-1] / fisher[n][-1],
+            )
+
+        passes = None
+        if job.stage_cache and solver == "gptq" and job.true_sequential and StagePasses.applies(layer, stages):
+            passes = StagePasses(layer, len(batches))
 
         quantized, outputs = {}, []
         for stage in stages:
@@ -536,18 +598,29 @@ class BlockWorker:
                 t = time.perf_counter()
                 leaders = [names[0] for names in stage]
                 accs = collect_hessians(
-                    layer, batches, leaders, getattr(torch, job.hessian_dtype), stop_early=job.true_sequential
+                    layer, batches, leaders, getattr(torch, job.hessian_dtype), job.true_sequential, passes
                 )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
                 if self.group_ready:
                     for names in stage:
-                        dist.reduce(accs[names[0]].sum, dst=owner_of[tuple(names)])
+                        if tuple(names) in split:  # every worker solves a share of the rows
+                            dist.all_reduce(accs[names[0]].sum)
+                        else:
+                            dist.reduce(accs[names[0]].sum, dst=owner_of[tuple(names)])
                 timings["reduce"] += time.perf_counter() - t
 
             t = time.perf_counter()
             solved = {}
+            mine: dict[tuple, QuantizedLinear | None] = {}
             for names in stage:
+                if tuple(names) in split:
+                    weight = torch.cat([originals[n] for n in names], dim=0)
+                    start, end = row_slices(weight.shape[0], self.world)[self.rank]
+                    gram = accs[names[0]].hessian(total_count=int(total_rows))
+                    spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
+                    mine[tuple(names)] = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
+                    continue
                 if owner_of[tuple(names)] != self.rank:
                     continue
                 weight = torch.cat([originals[n] for n in names], dim=0)
@@ -572,18 +645,25 @@ class BlockWorker:
                     if awq is not None and n == names[0]:
                         entry["float_results"] = awq["float_results"]
                     if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
-                        entry["sensitivity"] = linear_sensitivity(
-                            originals[n],
-                            gram,
-                            job.spec,
-                            job.sensitivity_bits,
-                            scale,
-                            method=job.method,
-                            options=options,
-                            row_weight=fisher[n][:-1] / fisher[n][-1],
-                        )
+                        entry["sensitivity"] = sensitivity(n, gram, options)
                     outputs.append(entry)
             timings["solve"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            for key, own in mine.items():  # split groups: every worker gets every share
+                full = self._gather_rows(own, sum(linears[n].out_features for n in key))
+                gram = accs[key[0]].hessian(total_count=int(total_rows))
+                at = 0
+                for n in key:
+                    part = full.rows(at, at + linears[n].out_features)
+                    at += linears[n].out_features
+                    solved[n] = part.dequantize()
+                    if owner_of[key] == self.rank:
+                        entry = self._store_result(b, n, part, originals[n], solved[n], gram)
+                        if probe:
+                            entry["sensitivity"] = sensitivity(n, gram, job.method_options())
+                        outputs.append(entry)
+            timings["broadcast"] += time.perf_counter() - t
 
             t = time.perf_counter()
             # every worker needs the weights for the next stage's statistics (true-sequential) or
@@ -592,6 +672,12 @@ class BlockWorker:
             for names in stage:
                 owner = owner_of[tuple(names)]
                 for n in names:
+                    if tuple(names) in split:  # gathered above
+                        if needed:
+                            quantized[n] = solved[n]
+                            if job.true_sequential:
+                                linears[n].weight.data = quantized[n]
+                        continue
                     if owner == self.rank:
                         quantized[n] = solved[n]
                     elif needed:
@@ -604,7 +690,57 @@ class BlockWorker:
 
         for name, p in layer.named_parameters():  # the caller decides what propagates
             p.data = unfolded[name]
+        if passes is not None:
+            passes.close()
+            # propagation through the quantized block reuses the kept inputs (inline solves only:
+            # the caller's forward then runs on these very batches with these weights)
+            if job.propagate == "quantized" and batches is self.batches:
+                self._final_passes = passes
         return quantized, outputs, floats
+
+    def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:
+        """Whether a group's GPTQ solve is split by output rows across the workers: plain GPTQ,
+        one grid for the whole group, no 16-bit linear in it. Decided from the job alone, so
+        every worker decides alike. GPTQ treats rows independently (one H, per-row error
+        feedback), and the solver's per-row arithmetic does not depend on the other rows, so
+        the stacked shares equal the one-worker result bit for bit."""
+        job = self.job
+        if not job.split_solves or self.world == 1 or job.method != "gptq" or job.skip_outliers:
+            return False
+        full = [f"{self.layers_path}.{b}.{n}" for n in names]
+        if sum(linears[n].out_features for n in names) < self.world:
+            return False
+        if any(matches_module(f, job.modules_to_not_convert) for f in full):
+            return False
+        return len({job.spec_for(f) for f in full}) == 1
+
+    def _gather_rows(self, own: QuantizedLinear, n_rows: int) -> QuantizedLinear:
+        """Every worker's share of a split solve, broadcast from its solver, stacked in row order."""
+        shares = []
+        for rank, (start, end) in enumerate(row_slices(n_rows, self.world)):
+            if rank == self.rank:
+                share = own
+            else:
+                share = QuantizedLinear(
+                    spec=own.spec,
+                    codes=torch.empty(
+                        (end - start, own.codes.shape[1]), dtype=own.codes.dtype, device=own.codes.device
+                    ),
+                    scales=torch.empty(
+                        (end - start, own.scales.shape[1]), dtype=own.scales.dtype, device=own.scales.device
+                    ),
+                    zeros=torch.empty(
+                        (end - start, own.zeros.shape[1]), dtype=own.zeros.dtype, device=own.zeros.device
+                    ),
+                    g_idx=own.g_idx,
+                    method=own.method,
+                    perm=own.perm,
+                    params=own.params,
+                )
+            for tensor in (share.codes, share.scales, share.zeros):
+                dist.broadcast(tensor, src=rank)
+            shares.append(share)
+        return QuantizedLinear.stack_rows(shares)
 
     def _awq_search_and_fold(
         self, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
@@ -652,7 +788,7 @@ class BlockWorker:
                 scales = found.scales.float().contiguous()
                 hessian = grams[leader].hessian(total_count=total_rows)
             else:
-                scales = torch.empty(group.slots(layer), dtype=torch.float32)
+                scales = torch.empty(group.slots(layer), dtype=torch.float32, device=self.device)
                 hessian = None
             del grams, means
             timings["solve"] += time.perf_counter() - t
@@ -748,12 +884,12 @@ class BlockWorker:
             data = self.store.get_bytes(entry["key"])
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise ValueError(f"stored result {entry['key']} does not match its record")
-            weights[entry["name"][len(prefix) :]] = result_from_bytes(data).dequantize()
+            weights[entry["name"][len(prefix) :]] = result_from_bytes(data).dequantize().to(self.device)
             for f in entry.get("float_results", []):
                 data = self.store.get_bytes(f["key"])
                 if hashlib.sha256(data).hexdigest() != f["sha256"]:
                     raise ValueError(f"stored float result {f['key']} does not match its record")
-                floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]]
+                floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]].to(self.device)
         return weights, floats
 
     def shutdown(self) -> None:
@@ -768,13 +904,15 @@ def collect_hessians(
     leaders: list[str],
     dtype: torch.dtype,
     stop_early: bool = False,
+    passes: StagePasses | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Σ xᵀx of the inputs of the named linears over all batches.
 
     With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
-    its input, so a stage early in the block costs only the part of the block before it.
+    its input, so a stage early in the block costs only the part of the block before it;
+    with ``passes`` a stage's pass starts from what the previous stage's pass kept.
     """
-    return _collect_stats(layer, batches, leaders, dtype, stop_early)[0]
+    return _collect_stats(layer, batches, leaders, dtype, stop_early, passes=passes)[0]
 
 
 def _collect_stats(
@@ -784,11 +922,14 @@ def _collect_stats(
     dtype: torch.dtype,
     stop_early: bool = False,
     abs_means: bool = False,
+    passes: StagePasses | None = None,
 ) -> tuple[dict[str, HessianAccumulator], dict[str, AbsMeanAccumulator]]:
     """Σ xᵀx (and with ``abs_means`` Σ|x| per channel) of the named linears' inputs."""
     linears = block_linears(layer)
-    accs = {name: HessianAccumulator(linears[name].in_features, dtype=dtype) for name in leaders}
-    means = {name: AbsMeanAccumulator(linears[name].in_features) for name in leaders} if abs_means else {}
+    # sums live where the block runs (a GPU worker reduces them there)
+    dev = {name: linears[name].weight.device for name in leaders}
+    accs = {name: HessianAccumulator(linears[name].in_features, dev[name], dtype) for name in leaders}
+    means = {name: AbsMeanAccumulator(linears[name].in_features, dev[name]) for name in leaders} if abs_means else {}
     seen: set[str] = set()
 
     def hook(name):
@@ -806,10 +947,13 @@ def _collect_stats(
         raise ValueError("this worker holds no calibration samples")
     hooks = [linears[name].register_forward_pre_hook(hook(name)) for name in leaders]
     try:
-        for hidden, kwargs in batches:
+        for i, (hidden, kwargs) in enumerate(batches):
             seen.clear()
             try:
-                run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
+                if passes is None:
+                    run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
+                else:
+                    passes.run(i, hidden.float(), kwargs, leaders)
             except _StopForward:
                 pass
     finally:

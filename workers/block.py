@@ -70,3 +70,108 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     with torch.no_grad():
         out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+# the true-sequential stages of a Llama-layout block (Llama, Mistral, Qwen2/3), by linear
+LLAMA_STAGES = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+
+
+class StagePasses:
+    """The forward passes of one true-sequential Llama-layout block, each reusing what the
+    pass before it computed: about one forward of the block for all four stages' statistics
+    and the propagation, instead of 0 + ¾ + … of a forward per stage plus a full one.
+
+    The stages quantize q/k/v, then o, then gate/up, then down; stage s's statistics need the
+    inputs of its linears with the earlier stages already quantized. Kept per batch:
+
+    * ``o_in`` — o_proj's input, seen in stage 2's pass (q/k/v final from then on);
+    * ``mlp_in`` — gate/up's input, seen in stage 3's pass (o final from then on);
+    * ``down_in`` — down_proj's input, seen in stage 4's pass (gate/up final from then on).
+
+    Stage 3 runs the block with the attention module answering ``o_proj(o_in)``; stage 4 runs
+    only ``mlp(mlp_in)``; the propagation (every linear final) runs the block with the
+    attention answering ``o_proj(o_in)`` and the MLP answering ``down_proj(down_in)``. The
+    layer's own forward does the norms and residual additions, and the stand-ins apply the same
+    modules to the same tensors as the full forward would, so every result is bit-identical to
+    running the whole block each time (tests/test_scaleout.py compares the bytes).
+    """
+
+    def __init__(self, layer: nn.Module, n_batches: int):
+        self.layer = layer
+        self.current = 0
+        self.o_in: list[torch.Tensor | None] = [None] * n_batches
+        self.mlp_in: list[torch.Tensor | None] = [None] * n_batches
+        self.down_in: list[torch.Tensor | None] = [None] * n_batches
+        modules = dict(layer.named_modules())
+        self._hooks = [
+            modules[name].register_forward_pre_hook(self._keep(store))
+            for name, store in (
+                ("self_attn.o_proj", self.o_in),
+                ("mlp.gate_proj", self.mlp_in),
+                ("mlp.down_proj", self.down_in),
+            )
+        ]
+
+    @staticmethod
+    def applies(layer: nn.Module, stages: list[list[list[str]]]) -> bool:
+        """Whether ``stages`` (each a list of shared-input groups) are the four Llama stages of
+        a layer with the attention / MLP modules the stand-ins replace."""
+        names = {n for n, _ in layer.named_modules()}
+        if not {"self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj"} <= names:
+            return False
+        return [g for stage in stages for g in stage] == LLAMA_STAGES and all(len(s) == 1 for s in stages)
+
+    def _keep(self, store: list):
+        def fn(_module, args):
+            store[self.current] = args[0]
+
+        return fn
+
+    def close(self) -> None:
+        """Stop recording (the kept inputs stay for :meth:`forward`)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def run(self, i: int, hidden: torch.Tensor, kwargs: dict, leaders: list[str]) -> None:
+        """The statistics pass of batch ``i`` for the stage led by ``leaders`` (its forward
+        pre-hooks stop the pass once they have seen their input)."""
+        self.current = i
+        with torch.no_grad():
+            if leaders == ["mlp.down_proj"] and self.mlp_in[i] is not None:
+                self.layer.mlp(self.mlp_in[i])
+            elif leaders == ["mlp.gate_proj"] and self.o_in[i] is not None:
+                with _answers(self.layer.self_attn, lambda: (self.layer.self_attn.o_proj(self.o_in[i]), None)):
+                    run_block(self.layer, hidden, kwargs)
+            else:
+                run_block(self.layer, hidden, kwargs)
+
+    def forward(self, i: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Batch ``i``'s output of the block with every stage's weights final."""
+        if self.o_in[i] is None or self.down_in[i] is None:
+            return run_block(self.layer, hidden, kwargs)
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        with (
+            _answers(attn, lambda: (attn.o_proj(self.o_in[i]), None)),
+            _answers(mlp, lambda: mlp.down_proj(self.down_in[i])),
+        ):
+            return run_block(self.layer, hidden, kwargs)
+
+
+class _answers:
+    """Within the ``with``, ``module(...)`` returns ``value()`` instead of running its forward."""
+
+    def __init__(self, module: nn.Module, value):
+        self.module, self.value = module, value
+
+    def __enter__(self):
+        self.module.forward = lambda *args, **kwargs: self.value()
+        return self
+
+    def __exit__(self, *exc):
+        del self.module.forward

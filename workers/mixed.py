@@ -217,7 +217,7 @@ def channel_energy(hiddens: list[torch.Tensor]) -> torch.Tensor:
     """Σ_t h_{t,c}² per channel c of the residual stream over all tokens of ``hiddens`` (each [..., d]),
     float64, with the token count appended (shape [d + 1]): summable across workers (all-reduce)."""
     d = hiddens[0].shape[-1]
-    out = torch.zeros(d + 1, dtype=torch.float64)
+    out = torch.zeros(d + 1, dtype=torch.float64, device=hiddens[0].device)
     for h in hiddens:
         flat = h.reshape(-1, d).double()
         out[:d] += (flat * flat).sum(0)
@@ -246,7 +246,8 @@ def output_fisher(
     sums, then the token count (summable across workers)."""
     modules = dict(layer.named_modules())
     grads: dict[str, torch.Tensor] = {}
-    sums = {n: torch.zeros(modules[n].out_features + 1, dtype=torch.float64) for n in names}
+    device = next(layer.parameters()).device
+    sums = {n: torch.zeros(modules[n].out_features + 1, dtype=torch.float64, device=device) for n in names}
     hooks = []
     for n in names:
 
@@ -262,7 +263,9 @@ def output_fisher(
                 y = layer(x, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 grads.clear()
-                torch.autograd.backward(y, torch.randn(y.shape, generator=gen, dtype=y.dtype))
+                # drawn on the CPU generator on every device, so a GPU run draws the same u_t
+                u = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
+                torch.autograd.backward(y, u)
                 for n in names:
                     g = grads[n].reshape(-1, grads[n].shape[-1]).double()
                     sums[n][:-1] += (g * g).sum(0)

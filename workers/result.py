@@ -87,6 +87,22 @@ class QuantizedLinear:
             params=dict(self.params),
         )
 
+    @staticmethod
+    def stack_rows(parts: list[QuantizedLinear]) -> QuantizedLinear:
+        """The inverse of :meth:`rows`: row slices of one solve (same grid, g_idx, perm and
+        params) stacked back into one result, in order."""
+        first = parts[0]
+        return QuantizedLinear(
+            spec=first.spec,
+            codes=torch.cat([p.codes for p in parts]),
+            scales=torch.cat([p.scales for p in parts]),
+            zeros=torch.cat([p.zeros for p in parts]),
+            g_idx=first.g_idx,
+            method=first.method,
+            perm=first.perm,
+            params=dict(first.params),
+        )
+
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Tensors and string metadata, ready for a safetensors file."""
         tensors = {
