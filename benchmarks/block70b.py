@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import machine
 from workers.actor import _collect_stats, collect_hessians
 from workers.awq import llama_scale_groups, search_scales
-from workers.block import block_linears, build_block, shared_input_groups
+from workers.block import StagePasses, block_linears, build_block, run_block, shared_input_groups
 from workers.gptq import gptq_quantize, relative_output_error
 from workers.result import QuantSpec
 
@@ -171,11 +171,23 @@ def main() -> None:
 
         groups = shared_input_groups(layer, *batches[0])
         accs = {}
-        with timer as t:
+        with timer as t:  # each stage's pass from the block input (run.stage_cache: false)
             for names in groups:
                 accs.update(collect_hessians(layer, batches, [names[0]], torch.float64, stop_early=True))
+        steps["statistics (Σ xᵀx fp64, 4 stages, full passes)"] = t.seconds
+        print(f"statistics (full passes) done in {t.seconds:.2f} s", flush=True)
+        # the run's default: each pass starts from what the previous one kept (workers/block.py);
+        # the weights stay float here, so the kept inputs stay valid exactly as in a run
+        passes = StagePasses(layer, len(batches)) if StagePasses.applies(layer, [[g] for g in groups]) else None
+        del accs
+        accs = {}
+        with timer as t:
+            for names in groups:
+                accs.update(collect_hessians(layer, batches, [names[0]], torch.float64, True, passes))
         steps["statistics (Σ xᵀx fp64, 4 stages)"] = t.seconds
-        print(f"statistics done in {t.seconds:.2f} s", flush=True)
+        print(f"statistics (stage passes) done in {t.seconds:.2f} s", flush=True)
+        if passes is not None:
+            passes.close()  # keep what was seen; the forwards below must not overwrite it
 
         linears = block_linears(layer)
         spec = QuantSpec(4, 128, True)
@@ -188,8 +200,13 @@ def main() -> None:
             with timer as t:
                 gptq_quantize(w, h, spec, act_order=True, static_groups=True)
             key = f"GPTQ solve {'+'.join(n.split('.')[-1] for n in names)} [{w.shape[0]}×{w.shape[1]}]"
-            steps[key] = solves[key] = t.seconds
+            steps[key] = t.seconds
             print(f"{key} done in {t.seconds:.2f} s", flush=True)
+            # split solves: with 8 workers each solves 1/8 of the rows (the same H, its own Cholesky)
+            share = w[: max(1, w.shape[0] // PROJ_GPUS)]
+            with timer as t:
+                gptq_quantize(share, h, spec, act_order=True, static_groups=True)
+            steps[f"  its 1/{PROJ_GPUS} share [{share.shape[0]}×{share.shape[1]}]"] = solves[key] = t.seconds
             n_rows, k = w.shape
             flops[key] = (2 * n_rows * k * k, 3 * k**3 / 3 * 2)  # updates; Cholesky + inverse + Cholesky (fp64)
             if "o_proj" in key:
@@ -197,9 +214,18 @@ def main() -> None:
             del w, h
 
         with timer as t, torch.no_grad():
-            for hid, kw in batches:
-                layer(hid, **kw)
-        steps["forward (fp32)"] = t.seconds
+            full_out = [run_block(layer, hid, kw) for hid, kw in batches]
+        steps["forward (fp32, full block)"] = t.seconds
+        if passes is not None:
+            with timer as t:
+                kept_out = [passes.forward(i, hid, kw) for i, (hid, kw) in enumerate(batches)]
+            steps["forward (fp32)"] = t.seconds  # the propagation a run does, from the kept inputs
+            report["stage_forward_equal"] = all(torch.equal(a, b) for a, b in zip(full_out, kept_out))
+            print(f"forward from kept inputs equals the full forward: {report['stage_forward_equal']}")
+            del passes, kept_out
+        else:
+            steps["forward (fp32)"] = steps["forward (fp32, full block)"]
+        del full_out
 
         if args.awq or device.type == "cuda":
             # AWQ: Σ xᵀx and mean|x| per group on the float block, then the 20-point scale search
@@ -258,7 +284,8 @@ def main() -> None:
             scale = per_gpu / args.tokens  # step times grow linearly with tokens
             stats = steps["statistics (Σ xᵀx fp64, 4 stages)"] * scale
             fwd = steps["forward (fp32)"] * scale
-            solve = max(solves.values())  # owners solve their linears concurrently
+            # true-sequential stages follow each other; within a stage the 8 GPUs solve a share each
+            solve = sum(solves.values())
             basis = f"measured on {where} ({args.tokens} tokens, scaled ×{scale:.2f} to {per_gpu:.0f} per GPU)"
         else:
             fwd = 2 * params * per_gpu / (H100_BF16_TFLOPS * 1e12)
@@ -268,7 +295,7 @@ def main() -> None:
                 f"assumed rates: {H100_BF16_TFLOPS} TFLOPS bf16 forward, {H100_FP32_TFLOPS} TFLOPS fp32 "
                 f"Gram/GPTQ, {H100_FP64_TFLOPS} TFLOPS fp64 Cholesky; solves serialised (conservative)"
             )
-        per_block = load + stats + reduce + solve + fwd
+        per_block = load + stats + reduce + solve + fwd  # load is hidden by prefetch in a run; counted anyway
         total_min = PROJ_BLOCKS * per_block / 60
         print(
             f"\nprojection (NOT a measured 70B run) for Llama-70B W4 g128 GPTQ on {PROJ_GPUS} GPUs, "
