@@ -410,6 +410,7 @@ def strata_row(args) -> None:
         "run.workers": args.workers,
         "run.batch_size": max(1, min(8, args.calib_windows // args.workers)),
         "run.store": str(OUT / "runs"),
+        "output.formats": [],  # nothing is assembled (the AWQ format would refuse 3-bit grids)
         "eval": None,
     }
     cfg = load_config(ROOT / STRATA_CONFIGS[args.method], overrides)
@@ -476,6 +477,8 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
         ]
         cmd += ["--model", str(model_dir), "--ids", str(ids_path), "--out", str(row), "--bits", str(bits)]
         cmd += ["--group-size", str(group), "--threads", str(args.threads), "--method", method]
+        if method == "awq":  # the same grid as strata's AWQ row (asymmetric, as AWQ is usually run)
+            cmd.append("--asym")
         subprocess.run(cmd, check=True, env=env)
     else:
         folder = OUT / "table" / stem

@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--asym", action="store_true", help="asymmetric grid (zero points)")
     parser.add_argument(
         "--method",
         choices=["gptq", "awq", "awq_gptq"],
@@ -70,7 +71,7 @@ def main() -> None:
         "weights": {
             "num_bits": args.bits,
             "type": "int",
-            "symmetric": True,
+            "symmetric": not args.asym,
             "strategy": "group",
             "group_size": args.group_size,
         },
@@ -146,7 +147,7 @@ def main() -> None:
         "method": described,
         "bits": args.bits,
         "group_size": args.group_size,
-        "sym": True,
+        "sym": not args.asym,
         "quantize_s": quantize_s,
         "threads": torch.get_num_threads(),
         "calibration": [n, t],
