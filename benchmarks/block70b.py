@@ -188,6 +188,13 @@ def main() -> None:
         print(f"statistics (stage passes) done in {t.seconds:.2f} s", flush=True)
         if passes is not None:
             passes.close()  # keep what was seen; the forwards below must not overwrite it
+        # H = 2·S/n in place, then fp32 as the solver uses it; a run holds one stage's at a time,
+        # this benchmark all four (fp64: 8.2 GB at this width, which a 24 GB machine cannot spare)
+        hessians = {}
+        for leader in list(accs):
+            acc = accs.pop(leader)
+            hessians[leader] = acc.sum.mul_(2.0 / acc.count).float()
+            del acc
 
         linears = block_linears(layer)
         spec = QuantSpec(4, 128, True)
@@ -196,7 +203,7 @@ def main() -> None:
         check_input = None
         for names in groups:
             w = torch.cat([linears[n].weight.data for n in names])
-            h = accs[names[0]].hessian()
+            h = hessians.pop(names[0])
             with timer as t:
                 gptq_quantize(w, h, spec, act_order=True, static_groups=True)
             key = f"GPTQ solve {'+'.join(n.split('.')[-1] for n in names)} [{w.shape[0]}×{w.shape[1]}]"
