@@ -153,6 +153,11 @@ def test_split_solves_give_the_one_worker_bytes(tmp_path, tiny_model_path, emma_
     whole = run_job(cfg("whole", 3, split_solves=False), progress=False)
     assert one.run_id == three.run_id == whole.run_id  # split_solves is not part of the fingerprint
     assert len(hashes(one)) == 21 and hashes(three) == hashes(one) == hashes(whole)
+    # the output errors of split groups are summed from the shares: the same up to rounding
+    err1 = {e["name"]: e["output_rel_error"] for r in one.records.values() for e in r["results"]}
+    err3 = {e["name"]: e["output_rel_error"] for r in three.records.values() for e in r["results"]}
+    assert err1.keys() == err3.keys()
+    assert all(abs(err3[n] - e) <= 1e-5 * e + 1e-9 for n, e in err1.items()), (err1, err3)
     for record in three.records.values():  # every worker solved a share of every stage
         assert all(record["timings"][r]["solve"] > 0 for r in ("0", "1", "2"))
     for record in whole.records.values():  # without: one owner per group, the other workers wait

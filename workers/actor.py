@@ -200,6 +200,26 @@ AWQ_NO_CLIP = ("q_proj", "k_proj")
 FLOAT_SCHEMA_VERSION = 1
 
 
+def _share_output_errors(
+    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: list[int], start: int
+) -> torch.Tensor:
+    """Per linear of a stacked group, this share's part of tr(E H Eᵀ) and tr(W H Wᵀ) (float64
+    [len(rows), 2]; E = W − Ŵ over the share's rows, which begin at row ``start`` of the stack):
+    summed over the workers' shares they give each linear's relative output error."""
+    h = hessian.float()
+    w = weight.float()
+    err = w - approx.float()
+    per_row = torch.stack([((err @ h) * err).sum(1), ((w @ h) * w).sum(1)], dim=1).double()
+    out = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
+    at = 0
+    for i, n in enumerate(rows):
+        a, b = max(at - start, 0), min(at + n - start, weight.shape[0])
+        if a < b:
+            out[i] = per_row[a:b].sum(0)
+        at += n
+    return out
+
+
 def row_slices(n_rows: int, world: int) -> list[tuple[int, int]]:
     """Rows [start, end) of each of ``world`` workers: contiguous, sizes differing by at most one."""
     return [(r * n_rows // world, (r + 1) * n_rows // world) for r in range(world)]
@@ -573,7 +593,15 @@ class BlockWorker:
         if job.method in AWQ_METHODS:
             floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, int(total_rows), timings)
         originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
-        split = {tuple(g) for g in groups if solver == "gptq" and self._splits(b, g, linears)}
+        # split where a stage has fewer groups than workers (true-sequential: one group each);
+        # a stage of several groups keeps whole groups on LPT owners, which repeats no Cholesky
+        split = {
+            tuple(g)
+            for stage in stages
+            if len(stage) < self.world
+            for g in stage
+            if solver == "gptq" and self._splits(b, g, linears)
+        }
 
         def sensitivity(n: str, gram: torch.Tensor, options: dict) -> dict:
             return linear_sensitivity(
@@ -612,14 +640,20 @@ class BlockWorker:
 
             t = time.perf_counter()
             solved = {}
-            mine: dict[tuple, QuantizedLinear | None] = {}
+            mine: dict[tuple, QuantizedLinear] = {}
+            share_errors: dict[tuple, torch.Tensor] = {}
             for names in stage:
                 if tuple(names) in split:
                     weight = torch.cat([originals[n] for n in names], dim=0)
                     start, end = row_slices(weight.shape[0], self.world)[self.rank]
                     gram = accs[names[0]].hessian(total_count=int(total_rows))
                     spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
-                    mine[tuple(names)] = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
+                    own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
+                    mine[tuple(names)] = own  # type: ignore[assignment]
+                    rows = [linears[n].out_features for n in names]
+                    share_errors[tuple(names)] = _share_output_errors(
+                        weight[start:end], own.dequantize(), gram, rows, start
+                    )
                     continue
                 if owner_of[tuple(names)] != self.rank:
                     continue
@@ -652,14 +686,17 @@ class BlockWorker:
             t = time.perf_counter()
             for key, own in mine.items():  # split groups: every worker gets every share
                 full = self._gather_rows(own, sum(linears[n].out_features for n in key))
+                errors = share_errors[key]
+                dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
                 gram = accs[key[0]].hessian(total_count=int(total_rows))
                 at = 0
-                for n in key:
+                for i, n in enumerate(key):
                     part = full.rows(at, at + linears[n].out_features)
                     at += linears[n].out_features
                     solved[n] = part.dequantize()
                     if owner_of[key] == self.rank:
-                        entry = self._store_result(b, n, part, originals[n], solved[n], gram)
+                        error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
+                        entry = self._store_result(b, n, part, originals[n], solved[n], gram, error)
                         if probe:
                             entry["sensitivity"] = sensitivity(n, gram, job.method_options())
                         outputs.append(entry)
@@ -699,7 +736,7 @@ class BlockWorker:
         return quantized, outputs, floats
 
     def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:
-        """Whether a group's GPTQ solve is split by output rows across the workers: plain GPTQ,
+        """Whether a group's GPTQ solve may be split by output rows across the workers: plain GPTQ,
         one grid for the whole group, no 16-bit linear in it. Decided from the job alone, so
         every worker decides alike. GPTQ treats rows independently (one H, per-row error
         feedback), and the solver's per-row arithmetic does not depend on the other rows, so
@@ -716,30 +753,32 @@ class BlockWorker:
 
     def _gather_rows(self, own: QuantizedLinear, n_rows: int) -> QuantizedLinear:
         """Every worker's share of a split solve, broadcast from its solver, stacked in row order."""
+        k, n_groups = own.codes.shape[1], own.scales.shape[1]
         shares = []
         for rank, (start, end) in enumerate(row_slices(n_rows, self.world)):
+            rows = end - start
+            # one broadcast per share: fp16 scales (as bytes, first: a float16 view needs an even
+            # offset), codes and zeros in one uint8 buffer
             if rank == self.rank:
-                share = own
+                packed = torch.cat(
+                    [own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)]
+                )
             else:
-                share = QuantizedLinear(
+                packed = torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=own.codes.device)
+            dist.broadcast(packed, src=rank)
+            scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
+            shares.append(
+                QuantizedLinear(
                     spec=own.spec,
-                    codes=torch.empty(
-                        (end - start, own.codes.shape[1]), dtype=own.codes.dtype, device=own.codes.device
-                    ),
-                    scales=torch.empty(
-                        (end - start, own.scales.shape[1]), dtype=own.scales.dtype, device=own.scales.device
-                    ),
-                    zeros=torch.empty(
-                        (end - start, own.zeros.shape[1]), dtype=own.zeros.dtype, device=own.zeros.device
-                    ),
+                    codes=codes.reshape(rows, k),
+                    scales=scales.view(torch.float16).reshape(rows, n_groups),
+                    zeros=zeros.reshape(rows, n_groups),
                     g_idx=own.g_idx,
                     method=own.method,
                     perm=own.perm,
                     params=own.params,
                 )
-            for tensor in (share.codes, share.scales, share.zeros):
-                dist.broadcast(tensor, src=rank)
-            shares.append(share)
+            )
         return QuantizedLinear.stack_rows(shares)
 
     def _awq_search_and_fold(
@@ -858,7 +897,7 @@ class BlockWorker:
             parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
         return parts
 
-    def _store_result(self, b, name, result, weight, dequant, hessian) -> dict:
+    def _store_result(self, b, name, result, weight, dequant, hessian, output_error: float | None = None) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = result_to_bytes(result)
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
@@ -872,7 +911,9 @@ class BlockWorker:
             **_grid_fields(result),
             "weight_rel_error": float((weight - dequant).pow(2).sum() / weight.pow(2).sum().clamp(min=1e-30)),
         }
-        if hessian is not None:
+        if output_error is not None:  # summed from the workers' shares (split solves)
+            info["output_rel_error"] = output_error
+        elif hessian is not None:
             info["output_rel_error"] = relative_output_error(weight, dequant, hessian)
         return info
 
