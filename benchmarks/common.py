@@ -45,9 +45,11 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop.is_set():
             self.driver = max(self.driver, me.memory_info().rss)
-            for p in psutil.process_iter(["pid", "cmdline"]):
+            # only this driver's own Ray (ray.init starts it as our descendants): worker actors of
+            # other Ray clusters on the machine (a test suite, another benchmark) are not ours
+            for p in me.children(recursive=True):
                 try:
-                    if any(self.match in part for part in (p.info["cmdline"] or [])):
+                    if any(self.match in part for part in (p.cmdline() or [])):
                         self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
