@@ -32,7 +32,7 @@ from workers.awq import (
     search_scales,
 )
 from workers.block import StagePasses, block_linears, build_block, decoder_layers, run_block, shared_input_groups
-from workers.gptq import relative_output_error
+from workers.gptq import output_error_terms, relative_output_error
 from workers.methods import (
     HESSIAN_METHODS,
     Part,
@@ -206,10 +206,7 @@ def _share_output_errors(
     """Per linear of a stacked group, this share's part of tr(E H Eᵀ) and tr(W H Wᵀ) (float64
     [len(rows), 2]; E = W − Ŵ over the share's rows, which begin at row ``start`` of the stack):
     summed over the workers' shares they give each linear's relative output error."""
-    h = hessian.float()
-    w = weight.float()
-    err = w - approx.float()
-    per_row = torch.stack([((err @ h) * err).sum(1), ((w @ h) * w).sum(1)], dim=1).double()
+    per_row = output_error_terms(weight, approx, hessian).double()
     out = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
     at = 0
     for i, n in enumerate(rows):
@@ -642,11 +639,12 @@ class BlockWorker:
             solved = {}
             mine: dict[tuple, QuantizedLinear] = {}
             share_errors: dict[tuple, torch.Tensor] = {}
+            grams: dict[tuple, torch.Tensor] = {}  # split groups' H, formed once for solve and record
             for names in stage:
                 if tuple(names) in split:
                     weight = torch.cat([originals[n] for n in names], dim=0)
                     start, end = row_slices(weight.shape[0], self.world)[self.rank]
-                    gram = accs[names[0]].hessian(total_count=int(total_rows))
+                    gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=int(total_rows))
                     spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
                     own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
                     mine[tuple(names)] = own  # type: ignore[assignment]
@@ -688,7 +686,7 @@ class BlockWorker:
                 full = self._gather_rows(own, sum(linears[n].out_features for n in key))
                 errors = share_errors[key]
                 dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
-                gram = accs[key[0]].hessian(total_count=int(total_rows))
+                gram = grams[key]
                 at = 0
                 for i, n in enumerate(key):
                     part = full.rows(at, at + linears[n].out_features)

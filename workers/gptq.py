@@ -58,13 +58,19 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int =
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
 
 
+def output_error_terms(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per output row r: [(E H Eᵀ)_rr, (W H Wᵀ)_rr] with E = W − Ŵ, in fp32 ([N, 2]); their
+    column sums over any set of rows are the two traces of :func:`relative_output_error`."""
+    h = hessian.float()
+    w = weight.float()
+    err = w - approx.float()
+    return torch.stack([((err @ h) * err).sum(1), ((w @ h) * w).sum(1)], dim=1)
+
+
 def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ): the relative error of the layer's output on X."""
-    h = hessian.float()
-    err = weight.float() - approx.float()
-    num = ((err @ h) * err).sum()
-    den = ((weight.float() @ h) * weight.float()).sum().clamp(min=1e-30)
-    return float(num / den)
+    num, den = output_error_terms(weight, approx, hessian).sum(0)
+    return float(num / den.clamp(min=1e-30))
 
 
 def damped_cholesky_feedback(
