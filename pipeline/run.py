@@ -68,6 +68,7 @@ class RayBlockWorker(BlockWorker):
     """
 
     def __init__(self, rank, world, reader, store, job, faults: dict | None = None):
+        _fix_mmap_threshold()
         super().__init__(rank, world, reader, store, job)
         self.faults = faults or {}
 
@@ -108,18 +109,40 @@ class RayBlockWorker(BlockWorker):
         return out
 
 
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the OS after a block (glibc malloc_trim). Blocks free
-    everything they allocate, but the gloo threads' malloc arenas kept the holes: the worker's
-    RSS grew with depth (4 → 32 blocks: +34 %) without it."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
-        except OSError:  # not glibc: nothing to trim
+        except OSError:  # not glibc: nothing to tune
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _fix_mmap_threshold(nbytes: int = 8 << 20) -> None:
+    """Serve every allocation of ``nbytes`` or more by its own mmap, unmapped on free. glibc
+    raises its threshold each time a large mmap'd chunk is freed (up to 32 MiB); past that,
+    tensors of a few MiB come from the heap and leave holes that the next block's tensors,
+    sized differently, cannot reuse, so the worker's peak RSS crept up block after block
+    (+20 % from 4 to 32 blocks at SmolLM2's width). A fixed threshold turns the adjustment
+    off. 8 MiB, measured (benchmarks/memory.py): smaller thresholds bound memory a little
+    better but fault in fresh pages for every mid-sized tensor (128 KiB cost +35 % CPU time
+    at that width); wide models' tensors are all far above it and see no change."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS after a block (glibc malloc_trim). Blocks free
+    everything they allocate, but the gloo threads' malloc arenas kept the holes: the worker's
+    RSS grew with depth (4 → 32 blocks: +34 %) without it."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 _LIBC = None
