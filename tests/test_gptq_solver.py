@@ -135,3 +135,49 @@ def test_results_do_not_depend_on_the_torch_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(codes[0], codes[1])
+
+
+@pytest.mark.parametrize(
+    "act_order,static,sym,mse", [(False, True, True, 0), (True, True, False, 10), (True, False, True, 0)]
+)
+def test_row_chunks_give_the_same_bytes(act_order, static, sym, mse):
+    """``max_rows`` (the CPU's memory bound on the working copies) solves chunks of rows with one
+    factorisation: rows are independent given H, so every chunking gives the whole solve's
+    codes, scales and zeros, uneven last chunks included. (One-row chunks are not: a single
+    right-hand side takes another triangular-solve kernel, one fp16 ulp off in a scale.)"""
+    w, h = _problem(n=100, k=160)
+    h[7, :] = h[:, 7] = 0.0  # a dead input, zeroed in every chunk
+    spec = QuantSpec(3, 64, sym)
+    whole = gptq_quantize(w, h, spec, act_order=act_order, static_groups=static, mse_grid=mse, max_rows=100)
+    for rows in (2, 33, 64):
+        part = gptq_quantize(w, h, spec, act_order=act_order, static_groups=static, mse_grid=mse, max_rows=rows)
+        for a, b in zip(whole.to_tensors()[0].values(), part.to_tensors()[0].values()):
+            assert torch.equal(a, b)
+        assert part.params["damp_used"] == whole.params["damp_used"]
+
+
+def test_cpu_solves_are_chunked_by_the_working_memory_bound(monkeypatch):
+    """By default a CPU solve bounds its working copies: with a tiny bound the solve runs in
+    several chunks and still gives the unchunked bytes."""
+    import workers.gptq as gptq
+
+    w, h = _problem(n=96, k=160)
+    spec = QuantSpec(4, 32, True)
+    whole = gptq_quantize(w, h, spec, act_order=True, max_rows=96)
+    seen = []
+    real = gptq._solve_rows
+    monkeypatch.setattr(gptq, "_CPU_WORKING_BYTES", 16 * 160 * 40)  # 64 rows (the floor) a chunk
+    monkeypatch.setattr(gptq, "_solve_rows", lambda weight, *a: seen.append(weight.shape[0]) or real(weight, *a))
+    chunked = gptq_quantize(w, h, spec, act_order=True)
+    assert seen == [64, 32]
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scales, whole.scales)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 64, 97])
+def test_in_place_flip_is_torch_flip(k):
+    from workers.gptq import _flip_both_in_place
+
+    for m in (torch.randn(k, k), torch.randn(k, k).t()):  # row- and column-major (LAPACK's)
+        want = torch.flip(m, (0, 1))
+        got = _flip_both_in_place(m, chunk=7)  # chunks that do not divide the halves
+        assert got.data_ptr() == m.data_ptr() and torch.equal(got, want)

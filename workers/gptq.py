@@ -104,9 +104,8 @@ def damped_cholesky_feedback(
                 continue
             # F = J (L / diag(L) column-wise) J
             chol.div_(torch.diag(chol).clone())
-            feedback = torch.flip(chol, (0, 1))
+            feedback = _flip_both_in_place(chol).to(torch.float32)
             del chol
-            feedback = feedback.to(torch.float32)
             lo, hi = torch.aminmax(feedback)  # NaN propagates
             if bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 return feedback, lam
@@ -114,7 +113,27 @@ def damped_cholesky_feedback(
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
 
 
+def _flip_both_in_place(matrix: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """J M J (both axes reversed) in M's own storage: for a dense row- or column-major matrix
+    that is the reversed flat array, swapped a chunk from each end at a time. torch.flip would allocate a
+    second K² matrix (3.3 GB at K = 28672) while the Cholesky factor is still held."""
+    if matrix.is_contiguous():
+        flat = matrix.view(-1)
+    elif matrix.t().is_contiguous():  # LAPACK's column-major factor: reversing storage is the same
+        flat = matrix.t().view(-1)
+    else:
+        return torch.flip(matrix, (0, 1))
+    n = flat.numel()
+    for i in range(0, n // 2, chunk):
+        c = min(chunk, n // 2 - i)
+        head = flat[i : i + c].flip(0)
+        flat[i : i + c] = flat[n - i - c : n - i].flip(0)
+        flat[n - i - c : n - i] = head
+    return matrix
+
+
 _SUB_BATCH = 32  # columns per rank-1 sub-batch inside a lazy batch
+_CPU_WORKING_BYTES = 2 << 30  # bound on the solver's four K × rows working matrices on a CPU
 
 
 def _compensated(wt, w0t, resid_t, feedback, t, end, i1, i2, j1, j2) -> torch.Tensor:
@@ -149,6 +168,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = True,
     mse_grid: int = 0,
+    max_rows: int | None = None,
 ) -> QuantizedLinear:
     """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring.
 
@@ -164,7 +184,14 @@ def gptq_quantize(
     sub-batch, one matrix product per sub-batch for the rest of the batch, one per batch
     for the columns after it). Per column the work is four in-place torch calls: x/s,
     round, clamp to the code range shifted by −z, and d = w − s·q.
+
+    ``max_rows``: solve at most that many rows at a time (one factorisation for all): the
+    working memory is about 4·K·max_rows floats instead of 4·K·N, the result the same. None:
+    on a CPU, as many rows as keep that under 2 GiB (gate+up at Llama-70B width: 4 chunks);
+    on a GPU all at once (there the per-column calls, not the memory, set the cost).
     """
+    if max_rows is None and weight.device.type == "cpu":
+        max_rows = max(64, _CPU_WORKING_BYTES // (16 * weight.shape[1]))
     # One intra-op thread: LAPACK's Cholesky rounds differently with 1 and 2 threads (K ≥ 352),
     # which flipped a few codes between a 1-worker run (2 threads) and a 2-worker run (1 each);
     # the per-column ops are too small to gain from threads anyway.
@@ -174,7 +201,7 @@ def gptq_quantize(
     try:
         with torch.inference_mode():  # no autograd bookkeeping on the many small views below
             codes, scales, zeros, g_idx, perm, lam, dead = _solve(
-                weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid
+                weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows
             )
     finally:
         if threads != 1:
@@ -202,7 +229,7 @@ def gptq_quantize(
     return result
 
 
-def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid):
+def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows):
     """The body of :func:`gptq_quantize`: (codes, fp16 scales, uint8 zeros, g_idx, perm, λ, dead)."""
     n_rows, n_cols = weight.shape
     dev = weight.device
@@ -210,37 +237,70 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
     dead = diag_h == 0
 
     group_len = spec.group_len(n_cols)
-    n_groups = len(group_slices(n_cols, spec))
-    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
-    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
-    ready = [False] * n_groups
-
     col_group = torch.arange(n_cols, device=dev) // group_len
-    w = weight.float().clone()
-    w[:, dead] = 0.0
     if act_order:
         perm = torch.argsort(diag_h, descending=True, stable=True)
         # groups follow the processing order, or (static) the original column order
         pos_group = col_group[perm] if static_groups else col_group
-        w0t = w[:, perm].t().contiguous()  # W0ᵀ in processing order: each column a contiguous row
     else:
         perm = torch.arange(n_cols, device=dev)
         pos_group = col_group
-        w0t = w.t().contiguous()
     # J Pᵀ H P J (processing order, reversed) in one gather; dead inputs get H[k, k] = 1
     rev = perm.flip(0)
     # fp32 first, then gathered: the permutation is exact either way, and at K = 28672 the fp64
     # gathers were two 6.6 GB temporaries beside the caller's Hessian
     h = hessian.to(torch.float32).index_select(0, rev).index_select(1, rev)
     h.diagonal()[dead[rev]] = 1.0
-    if act_order and static_groups:
+    feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
+    del h
+
+    n_groups = len(group_slices(n_cols, spec))
+    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=dev)
+    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    # rows are independent given H: chunks of rows share the one factorisation and bound the
+    # working copies (four K × rows fp32 matrices) without changing a bit of the result
+    step = n_rows if max_rows is None else max(1, max_rows)
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        codes_t, scales[r0:r1], zeros[r0:r1] = _solve_rows(
+            weight[r0:r1],
+            feedback,
+            dead,
+            perm if act_order else None,
+            pos_group,
+            spec,
+            block_size,
+            act_order and static_groups,
+            mse_grid,
+        )
+        codes[r0:r1, perm] = codes_t.t().to(torch.uint8)
+        del codes_t
+    g_idx = torch.empty(n_cols, dtype=torch.int32, device=dev)
+    g_idx[perm] = pos_group.to(torch.int32)
+    return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())
+
+
+def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, static_params, mse_grid):
+    """One chunk of rows through the column loop: (codes ᵀ [K, rows] in processing order as
+    fp32, scales [rows, nG], zeros [rows, nG]). ``perm`` None: the original column order."""
+    n_rows, n_cols = weight.shape
+    dev = weight.device
+    n_groups = len(group_slices(n_cols, spec))
+    group_len = spec.group_len(n_cols)
+    scales = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    zeros = torch.zeros(n_rows, n_groups, dtype=torch.float32, device=dev)
+    ready = [False] * n_groups
+    w = weight.float().clone()
+    w[:, dead] = 0.0
+    # W0ᵀ in processing order: each column a contiguous row
+    w0t = (w if perm is None else w[:, perm]).t().contiguous()
+    if static_params:
         for g, (start, end) in enumerate(group_slices(n_cols, spec)):
             scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
             ready[g] = True
     del w  # W0ᵀ (processing order) is the copy kept from here on
     wt = w0t.clone()  # accumulates the feedback: row j ends as w̃_j
-    feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
-    del h
     # codes minus zero point while solving (q − z ∈ [−z, maxq − z]); z is added at the end
     codes_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)
     resid_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)  # w − ŵ
@@ -281,9 +341,4 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
         if i2 < n_cols:
             wt[i2:].addmm_(feedback[i1:i2, i2:].t(), resid_t[i1:i2])
     codes_t += zeros[:, pos_group].t()
-
-    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=dev)
-    codes[:, perm] = codes_t.t().to(torch.uint8)
-    g_idx = torch.empty(n_cols, dtype=torch.int32, device=dev)
-    g_idx[perm] = pos_group.to(torch.int32)
-    return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())
+    return codes_t, scales, zeros
