@@ -209,3 +209,20 @@ def test_group_slices():
     assert group_slices(576, QuantSpec(4, 64)) == [(i, i + 64) for i in range(0, 576, 64)]
     assert group_slices(100, QuantSpec(4, 64)) == [(0, 64), (64, 100)]
     assert group_slices(100, QuantSpec(4, -1)) == [(0, 100)]
+
+
+def test_fp64_statistics_are_added_a_slice_at_a_time(monkeypatch):
+    """The fp32 Gram of a batch is cast into the fp64 sum in slices (no whole fp64 copy): the
+    sum is the one of casting the whole Gram, for slices that do not divide the rows."""
+    import workers.stats as stats
+
+    monkeypatch.setattr(stats, "_CAST_CHUNK", 7 * 50)  # 7 rows of 50 a slice
+    acc = stats.HessianAccumulator(50)
+    want = torch.zeros(50, 50, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 33, 50, generator=gen) * 10
+        rows = x.reshape(-1, 50)
+        want += (rows.t() @ rows).double()
+        acc.add(x)
+    assert torch.equal(acc.sum, want) and acc.count == 3 * 132

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+_CAST_CHUNK = 1 << 22  # values per slice when a float32 Gram is added into a float64 sum
+
 
 class HessianAccumulator:
     """Running S = Σ xᵀx over input rows x ∈ ℝᴷ and their count n; H = 2·S / n.
@@ -19,7 +21,13 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
-        self.sum += (rows.t() @ rows).to(self.sum.dtype)
+        gram = rows.t() @ rows
+        if gram.dtype == self.sum.dtype:
+            self.sum += gram
+        else:  # cast a slice at a time: a whole fp64 copy is 6.6 GB beside the sum at K = 28672
+            step = max(1, _CAST_CHUNK // gram.shape[1])
+            for i in range(0, gram.shape[0], step):
+                self.sum[i : i + step] += gram[i : i + step]
         self.count += rows.shape[0]
 
     def hessian(self, total_sum: torch.Tensor | None = None, total_count: int | None = None) -> torch.Tensor:
