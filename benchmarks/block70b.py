@@ -170,45 +170,36 @@ def main() -> None:
             batches.append((h, {"position_embeddings": rotary(h, pos), "attention_mask": None, "position_ids": pos}))
 
         groups = shared_input_groups(layer, *batches[0])
-        accs = {}
-        with timer as t:  # each stage's pass from the block input (run.stage_cache: false)
-            for names in groups:
-                accs.update(collect_hessians(layer, batches, [names[0]], torch.float64, stop_early=True))
-        steps["statistics (Σ xᵀx fp64, 4 stages, full passes)"] = t.seconds
-        print(f"statistics (full passes) done in {t.seconds:.2f} s", flush=True)
+        full_s = 0.0
+        for names in groups:  # each stage's pass from the block input (run.stage_cache: false)
+            with timer as t:
+                acc = collect_hessians(layer, batches, [names[0]], torch.float64, stop_early=True)
+            full_s += t.seconds
+            del acc  # one stage's statistics at a time, as a run holds them
+        steps["statistics (Σ xᵀx fp64, 4 stages, full passes)"] = full_s
+        print(f"statistics (full passes) done in {full_s:.2f} s", flush=True)
         # the run's default: each pass starts from what the previous one kept (workers/block.py);
-        # the weights stay float here, so the kept inputs stay valid exactly as in a run
+        # the weights stay float here, so the kept inputs stay valid exactly as in a run. As in a
+        # run, a stage's statistics are formed, solved and dropped before the next stage's pass.
         passes = StagePasses(layer, len(batches)) if StagePasses.applies(layer, [[g] for g in groups]) else None
-        del accs
-        accs = {}
-        with timer as t:
-            for names in groups:
-                accs.update(collect_hessians(layer, batches, [names[0]], torch.float64, True, passes))
-        steps["statistics (Σ xᵀx fp64, 4 stages)"] = t.seconds
-        print(f"statistics (stage passes) done in {t.seconds:.2f} s", flush=True)
-        if passes is not None:
-            passes.close()  # keep what was seen; the forwards below must not overwrite it
-        # H = 2·S/n in place, then fp32 as the solver uses it; a run holds one stage's at a time,
-        # this benchmark all four (fp64: 8.2 GB at this width, which a 24 GB machine cannot spare)
-        hessians = {}
-        for leader in list(accs):
-            acc = accs.pop(leader)
-            hessians[leader] = acc.sum.mul_(2.0 / acc.count).float()
-            del acc
-
         linears = block_linears(layer)
         spec = QuantSpec(4, 128, True)
         flops = {}
         solves = {}
         check_input = None
+        stats_s = 0.0
         for names in groups:
+            with timer as t:
+                acc = collect_hessians(layer, batches, [names[0]], torch.float64, True, passes).pop(names[0])
+            stats_s += t.seconds
+            h = acc.sum.mul_(2.0 / acc.count).float()  # H = 2·S/n, in fp32 as the solver takes it
+            del acc
             w = torch.cat([linears[n].weight.data for n in names])
-            h = hessians.pop(names[0])
             with timer as t:
                 gptq_quantize(w, h, spec, act_order=True, static_groups=True)
             key = f"GPTQ solve {'+'.join(n.split('.')[-1] for n in names)} [{w.shape[0]}×{w.shape[1]}]"
             steps[key] = t.seconds
-            print(f"{key} done in {t.seconds:.2f} s", flush=True)
+            print(f"{key} done in {t.seconds:.2f} s; peak RSS {peak_rss_gib():.1f} GiB", flush=True)
             # split solves: with 8 workers each solves 1/8 of the rows (the same H, its own Cholesky)
             share = w[: max(1, w.shape[0] // PROJ_GPUS)]
             with timer as t:
@@ -219,6 +210,10 @@ def main() -> None:
             if "o_proj" in key:
                 check_input = (w[:1024, :2048].clone(), h[:2048, :2048].clone())
             del w, h
+        steps["statistics (Σ xᵀx fp64, 4 stages)"] = stats_s
+        print(f"statistics (stage passes) done in {stats_s:.2f} s", flush=True)
+        if passes is not None:
+            passes.close()  # keep what was seen; the forwards below must not overwrite it
 
         with timer as t, torch.no_grad():
             full_out = [run_block(layer, hid, kw) for hid, kw in batches]
@@ -236,7 +231,6 @@ def main() -> None:
 
         if args.awq or device.type == "cuda":
             # AWQ: Σ xᵀx and mean|x| per group on the float block, then the 20-point scale search
-            del accs
             for group in llama_scale_groups(layer):
                 leader = group.linears[0]
                 with timer as t:
