@@ -20,6 +20,7 @@ from workers.awq import (
     rtn_dequantized,
     scale_gram,
     search_clip,
+    search_clip_full,
     search_scales,
 )
 from workers.gptq import relative_output_error
@@ -279,3 +280,32 @@ def test_awq_runs_end_to_end_on_ray_and_float_results_verify(method, tmp_path, t
     if method == "awq":  # resume replays the blocks through the stored results and folded floats
         again = run_job(cfg, progress=False)
         assert again.solved_blocks == [] and again.resumed_blocks == [0, 1, 2]
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_full_gram_clip_search_never_raises_the_row_loss(two_sided):
+    for seed in range(3):
+        w, x = _outlier_problem(seed)
+        w[:, 5] *= 8
+        x[:, 40:70] += 0.8 * x[:, 10:11]  # correlated channels across groups: cross terms matter
+        gram = (x.t() @ x).double()
+        g = gram.float()
+        diag = search_clip(w, gram, ASYM)
+        full = search_clip_full(w, gram, ASYM, two_sided=two_sided)
+        assert full.shape == (*diag.shape, 2) if two_sided else full.shape == diag.shape
+        assert float(full.min()) >= 0.5 and float(full.max()) <= 1.0
+
+        def row_loss(ratios):
+            e = w - rtn_quantize(apply_clip(w, ratios, ASYM), ASYM).dequantize()
+            return ((e @ g) * e).sum(1)
+
+        before, after = row_loss(diag), row_loss(full)
+        assert (after <= before * (1 + 1e-4) + 1e-6).all()  # per row: coordinate descent is monotone
+        assert float(after.sum()) < float(before.sum())
+    # two-sided ratios equal to the symmetric clamp give the same weights
+    sym = torch.full((w.shape[0], 4), 0.8)
+    m = torch.stack([w[:, i : i + 32].abs().amax(1) for i in range(0, 128, 32)], 1) * 0.8
+    lo = torch.stack([w[:, i : i + 32].amin(1) for i in range(0, 128, 32)], 1)
+    hi = torch.stack([w[:, i : i + 32].amax(1) for i in range(0, 128, 32)], 1)
+    sided = torch.stack([(m / -lo).clamp(max=1), (m / hi).clamp(max=1)], -1)
+    assert torch.allclose(apply_clip(w, sym, ASYM), apply_clip(w, sided, ASYM), atol=1e-6)

@@ -231,12 +231,108 @@ def search_clip(
 
 
 def apply_clip(weight: torch.Tensor, ratios: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """W with each (row, group) clamped to [−f·max|w|, f·max|w|] for the ratios f [N, nG]."""
+    """W with each (row, group) clamped to [−f·max|w|, f·max|w|] for the ratios f [N, nG].
+
+    Ratios [N, nG, 2] clip the two sides apart (:func:`search_clip_full` with ``two_sided``):
+    the group is clamped to [f_lo · min(w, 0), f_hi · max(w, 0)].
+    """
     w = weight.float().clone()
     for j, (start, end) in enumerate(group_slices(w.shape[1], spec)):
-        m = w[:, start:end].abs().amax(dim=1, keepdim=True) * ratios[:, j : j + 1]
-        w[:, start:end] = torch.maximum(torch.minimum(w[:, start:end], m), -m)
+        part = w[:, start:end]
+        if ratios.dim() == 3:
+            lo = part.amin(dim=1, keepdim=True).clamp(max=0) * ratios[:, j, 0:1]
+            hi = part.amax(dim=1, keepdim=True).clamp(min=0) * ratios[:, j, 1:2]
+        else:
+            hi = part.abs().amax(dim=1, keepdim=True) * ratios[:, j : j + 1]
+            lo = -hi
+        w[:, start:end] = torch.maximum(torch.minimum(part, hi), lo)
     return w
+
+
+def _clip_errors(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Rounding errors w − ŵ [C, N, g] of the group wg [N, g] clamped to [lo, hi] ([C, N, 1] each)
+    and rounded on the min/max grid of the clamped values."""
+    c, n, g = lo.shape[0], wg.shape[0], wg.shape[1]
+    clamped = torch.maximum(torch.minimum(wg.unsqueeze(0), hi), lo).reshape(c * n, g)
+    scale, zero = minmax_params(clamped, spec)
+    approx = grid_dequantize(quantize(clamped, scale, zero, spec.maxq), scale, zero)
+    return wg.unsqueeze(0) - approx.reshape(c, n, g)
+
+
+def _delta(e: torch.Tensor, rest: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """2 · e_g · restᵀ + e_g S_gg e_gᵀ per candidate and row: [C, N, g] → [C, N]."""
+    return 2.0 * (e * rest).sum(-1) + ((e @ block) * e).sum(-1)
+
+
+def search_clip_full(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    grid: int = 20,
+    clip_min: float = 0.5,
+    sweeps: int = 2,
+    two_sided: bool = False,
+) -> torch.Tensor:
+    """Clip ratios per (row, group) minimising each row's whole output error e S eᵀ (cross terms kept).
+
+    Coordinate descent over the groups, starting from :func:`search_clip`'s choice. With the
+    other groups' errors e_h fixed, a candidate error e_g of group g changes the row's loss by
+
+        2 · e_g · (Σ_{h≠g} S_gh e_hᵀ) + e_g S_gg e_gᵀ   (up to a constant),
+
+    so each step is exact for its group and the loss never increases (a ratio changes only
+    when it lowers the loss); ``sweeps`` passes over the groups. Rows are independent.
+
+    ``two_sided`` (asymmetric grids): the candidates clamp to [f_lo · min(w, 0), f_hi · max(w, 0)],
+    f_lo, f_hi on the same grid, searched one side at a time within each step; returns
+    ratios [N, nG, 2] (:func:`apply_clip`), else [N, nG] as :func:`search_clip`.
+    """
+    w = weight.float()
+    g = gram.to(w.device, torch.float32)
+    g = g / g.diagonal().mean().clamp(min=1e-30)
+    slices = group_slices(w.shape[1], spec)
+    ratios = search_clip(w, gram, spec, grid=grid, clip_min=clip_min)
+    steps = torch.tensor([1.0 - i * (1.0 - clip_min) / grid for i in range(grid + 1)], device=w.device)
+    if two_sided:  # the symmetric choice as (lo, hi) ratios: same clamp, so the same start
+        sided = torch.ones(*ratios.shape, 2, device=w.device)
+        for j, (start, end) in enumerate(slices):
+            part = w[:, start:end]
+            m = part.abs().amax(dim=1) * ratios[:, j]
+            wmin, wmax = part.amin(dim=1).clamp(max=0), part.amax(dim=1).clamp(min=0)
+            sided[:, j, 0] = torch.where(wmin < 0, (m / -wmin).clamp(max=1), torch.ones_like(m))
+            sided[:, j, 1] = torch.where(wmax > 0, (m / wmax).clamp(max=1), torch.ones_like(m))
+        ratios = sided
+    err = w - rtn_dequantized(apply_clip(w, ratios, spec), spec)
+    for _ in range(sweeps):
+        for j, (start, end) in enumerate(slices):
+            wg, block = w[:, start:end], g[start:end, start:end]
+            rest = err @ g[:, start:end] - err[:, start:end] @ block  # Σ_{h≠g} e_h S_hg, [N, g]
+            best = _delta(err[:, start:end].unsqueeze(0), rest, block)[0]
+            if two_sided:
+                wmin = wg.amin(dim=1, keepdim=True).clamp(max=0)
+                wmax = wg.amax(dim=1, keepdim=True).clamp(min=0)
+                for side in (1, 0):  # the max side, then the min side
+                    fixed = ratios[:, j, 1 - side].view(1, -1, 1).expand(len(steps), -1, 1)
+                    moving = steps.view(-1, 1, 1).expand(-1, w.shape[0], 1)
+                    lo, hi = (moving, fixed) if side == 0 else (fixed, moving)
+                    cand = _clip_errors(wg, lo * wmin, hi * wmax, spec)
+                    loss, idx = _delta(cand, rest, block).min(dim=0)
+                    better = loss < best
+                    best = torch.where(better, loss, best)
+                    ratios[:, j, side] = torch.where(better, steps[idx], ratios[:, j, side])
+                    pick = cand.gather(0, idx.view(1, -1, 1).expand(1, -1, end - start))[0]
+                    err[:, start:end] = torch.where(better.unsqueeze(1), pick, err[:, start:end])
+            else:
+                m = wg.abs().amax(dim=1, keepdim=True)
+                bound = steps.view(-1, 1, 1) * m.unsqueeze(0)
+                cand = _clip_errors(wg, -bound, bound, spec)
+                loss, idx = _delta(cand, rest, block).min(dim=0)
+                better = loss < best
+                ratios[:, j] = torch.where(better, steps[idx], ratios[:, j])
+                pick = cand.gather(0, idx.view(1, -1, 1).expand(1, -1, end - start))[0]
+                err[:, start:end] = torch.where(better.unsqueeze(1), pick, err[:, start:end])
+    return ratios
 
 
 def awq_quantize(

@@ -166,7 +166,7 @@ def quantize_group(
 
     ``hessian`` is H [K, K] of the input (needed by gptq / awq_gptq / gptq_nf4 and by awq's
     clip search). ``options`` (all optional): damp, block_size, act_order, static_groups,
-    mse_grid, true_sequential (GPTQ); awq_clip, awq_grid, awq_no_clip_rows [(start, end)]
+    mse_grid, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
     (AWQ); nf4_blocksize, double_quant (NF4); fp8_type, fp8_block (FP8).
     """
     if method in HESSIAN_METHODS and hessian is None:
@@ -190,13 +190,17 @@ def quantize_group(
     if method == "rtn":
         return rtn_quantize(weight, spec, mse_grid=mse_grid)
     if method == "awq":
-        from workers.awq import apply_clip, search_clip
+        from workers.awq import apply_clip, search_clip, search_clip_full
 
         target = weight
         if options.get("awq_clip", True):
             if hessian is None:
                 raise ValueError("awq's clip search needs the Hessian of the scaled input")
-            ratios = search_clip(weight, hessian, spec, grid=int(options.get("awq_grid", 20)))
+            grid, mode = int(options.get("awq_grid", 20)), options.get("awq_clip_search", "block")
+            if mode == "block":
+                ratios = search_clip(weight, hessian, spec, grid=grid)
+            else:
+                ratios = search_clip_full(weight, hessian, spec, grid=grid, two_sided=mode == "two_sided")
             for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range
                 ratios[start:end] = 1.0
             target = apply_clip(weight, ratios, spec)
