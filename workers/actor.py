@@ -67,7 +67,7 @@ class WorkerJob:
     mse_grid: int = 0
     true_sequential: bool = True
     awq_grid: int = 20
-    awq_duo: bool = False
+    awq_duo: bool | str = False  # True, False or "both"
     awq_clip: bool = True
     awq_clip_search: str = "block"  # block | full | two_sided (workers/awq.py)
     hessian_dtype: str = "float64"
@@ -854,6 +854,7 @@ class BlockWorker:
                     "hessian": scale_gram(hessian, column_scales(group, scales)),
                     "params": {
                         "awq_alpha": found.alpha,
+                        "awq_duo_chosen": found.duo,
                         "awq_grid": job.awq_grid,
                         "awq_duo": job.awq_duo,
                         "awq_clip": job.awq_clip and job.method == "awq",

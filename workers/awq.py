@@ -148,7 +148,8 @@ class ScaleSearch:
     alpha: float  # the chosen α; -1.0 when s = 1 (plain RTN) won
     loss: float  # Gram loss of the chosen scales
     loss_identity: float  # Gram loss of s = 1 (plain RTN)
-    losses: list[float]  # Gram loss per α on the grid
+    losses: list[float]  # Gram loss per α on the grid (plain, then duo with duo="both")
+    duo: bool = False  # whether the chosen scales are duo scales
 
 
 def search_scales(
@@ -158,7 +159,7 @@ def search_scales(
     spec: QuantSpec,
     *,
     grid: int = 20,
-    duo: bool = False,
+    duo: bool | str = False,
     expand: torch.Tensor | None = None,
 ) -> ScaleSearch:
     """The α on the grid i/grid, i = 0 … grid − 1, whose scales minimise the group's Gram loss.
@@ -169,7 +170,8 @@ def search_scales(
     c gets the scale of slot expand[c] (o_proj under GQA, whose columns of one v row must
     share a scale); mean|x| and mean|ŵ| are averaged over each slot's channels. The
     returned scales are per slot; s = 1 (plain RTN) is always a candidate, so the result
-    is never worse than RTN on this loss.
+    is never worse than RTN on this loss. ``duo="both"`` searches the plain and the duo grid
+    and keeps the better (never worse than either alone).
     """
     w = weight.float()
     g = gram.to(w.device, torch.float32)
@@ -178,23 +180,25 @@ def search_scales(
     size = int(expand.max()) + 1 if expand is not None else w.shape[1]
     x_slot = _tied_mean(x_mean.to(w.device, torch.float32), expand, size)
     w_slot = _tied_mean(weight_group_mean(w, spec), expand, size) if duo else None
+    kinds = (False, True) if duo == "both" else (bool(duo),)
 
     def loss_of(slot_scales: torch.Tensor) -> float:
         s = slot_scales if expand is None else slot_scales[expand]
         return output_error(w, fake_quantize_scaled(w, s, spec), g)
 
     ones = torch.ones(size, device=w.device)
-    best_scales, best_alpha = ones, -1.0
+    best_scales, best_alpha, best_duo = ones, -1.0, False
     best = loss_identity = loss_of(ones)
     losses = []
-    for i in range(grid):
-        alpha = i / grid
-        s = candidate_scales(x_slot, w_slot, alpha, duo)
-        loss = loss_of(s)
-        losses.append(loss)
-        if loss < best:
-            best, best_scales, best_alpha = loss, s, alpha
-    return ScaleSearch(best_scales, best_alpha, best, loss_identity, losses)
+    for kind in kinds:
+        for i in range(grid):
+            alpha = i / grid
+            s = candidate_scales(x_slot, w_slot, alpha, kind)
+            loss = loss_of(s)
+            losses.append(loss)
+            if loss < best:
+                best, best_scales, best_alpha, best_duo = loss, s, alpha, kind
+    return ScaleSearch(best_scales, best_alpha, best, loss_identity, losses, best_duo)
 
 
 def search_clip(
