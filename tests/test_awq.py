@@ -320,3 +320,24 @@ def test_both_scalings_keep_the_better_of_plain_and_duo():
         plain, duo, both = (search_scales(w, gram, x.abs().mean(0), ASYM, duo=d) for d in (False, True, "both"))
         assert both.loss == pytest.approx(min(plain.loss, duo.loss), rel=1e-6)
         assert both.duo == (duo.loss < plain.loss)
+
+
+@pytest.mark.parametrize("mode", ["block", "full", "two_sided"])
+def test_awq_group_searches_only_the_clipped_rows_with_the_same_result(mode):
+    from workers.methods import quantize_group
+
+    w, x = _outlier_problem(4)
+    w[:, 5] *= 8
+    gram = (x.t() @ x).double()
+    opts = {"awq_clip_search": mode, "awq_no_clip_rows": [(8, 24)]}
+    got = quantize_group("awq", w, gram, ASYM, opts).dequantize()
+    ratios = (
+        search_clip(w, gram, ASYM)
+        if mode == "block"
+        else search_clip_full(w, gram, ASYM, two_sided=mode == "two_sided")
+    )
+    ratios[8:24] = 1.0
+    assert torch.equal(got, rtn_quantize(apply_clip(w, ratios, ASYM), ASYM).dequantize())
+    assert torch.equal(got[8:24], rtn_quantize(w, ASYM).dequantize()[8:24])
+    every = quantize_group("awq", w, gram, ASYM, {"awq_clip_search": mode, "awq_no_clip_rows": [(0, w.shape[0])]})
+    assert torch.equal(every.dequantize(), rtn_quantize(w, ASYM).dequantize())

@@ -29,11 +29,16 @@ here the group's own outputs are the target.)
 
 Clipping: after scaling, each (output row, input group) may clip its range to
 m = f · max|w|, f ∈ {1, …, ``clip_min``} (``clip_grid`` + 1 steps); weights are clamped
-to [−m, m] and rounded on the min/max grid of the clamped group. Each (row, group)
-keeps the f with the least error of its *partial* output x_g · w_gᵀ, i.e.
-e_g S_gg e_gᵀ with S_gg the diagonal block of the Gram for the group's columns. That
-drops the cross terms e_g S_gh e_hᵀ between groups — the same approximation the
-original AWQ makes (it scores per-group partial sums) — and makes the search separable.
+to [−m, m] and rounded on the min/max grid of the clamped group. :func:`search_clip`
+("block") keeps per (row, group) the f with the least error of its *partial* output
+x_g · w_gᵀ, i.e. e_g S_gg e_gᵀ with S_gg the diagonal block of the Gram for the group's
+columns. That drops the cross terms e_g S_gh e_hᵀ between groups — the same
+approximation the original AWQ makes (it scores per-group partial sums) — and makes the
+search separable. :func:`search_clip_full` ("full") starts there and minimises the whole
+row's output error e S eᵀ by coordinate descent over the groups (each step exact for its
+group, so the loss never rises); "two_sided" also clips the min and the max side of an
+asymmetric group apart, [f_lo · min(w, 0), f_hi · max(w, 0)]. On SmolLM2-135M W4 g64 the
+cross terms are worth most of AWQ's gap to GPTQ (README, the peer table).
 
 AWQ then GPTQ: the folded weights W' = W · diag(s) see inputs x' = x / s, whose Hessian is
 H' = diag(1/s) · H · diag(1/s); GPTQ rounds W' with H' (:func:`scale_gram`).

@@ -197,13 +197,19 @@ def quantize_group(
             if hessian is None:
                 raise ValueError("awq's clip search needs the Hessian of the scaled input")
             grid, mode = int(options.get("awq_grid", 20)), options.get("awq_clip_search", "block")
-            if mode == "block":
-                ratios = search_clip(weight, hessian, spec, grid=grid)
-            else:
-                ratios = search_clip_full(weight, hessian, spec, grid=grid, two_sided=mode == "two_sided")
-            for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range
-                ratios[start:end] = 1.0
-            target = apply_clip(weight, ratios, spec)
+            clip_rows = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range (ratio 1)
+                clip_rows[start:end] = False
+            # every search treats rows apart, so only the clipped rows are searched
+            rows = weight[clip_rows]
+            if len(rows):
+                if mode == "block":
+                    found = search_clip(rows, hessian, spec, grid=grid)
+                else:
+                    found = search_clip_full(rows, hessian, spec, grid=grid, two_sided=mode == "two_sided")
+                ratios = torch.ones(weight.shape[0], *found.shape[1:], device=found.device)
+                ratios[clip_rows] = found
+                target = apply_clip(weight, ratios, spec)
         return rtn_quantize(target, spec, mse_grid=mse_grid)
     blocksize = int(options.get("nf4_blocksize", 64))
     double_quant = bool(options.get("double_quant", True))
