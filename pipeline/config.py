@@ -48,7 +48,7 @@ class QuantConfig(_Strict):
     )
     awq_clip: bool = Field(True, description="AWQ (method awq): per-group clip search after scaling")
     awq_clip_search: Literal["block", "full", "two_sided"] = Field(
-        "block",
+        "two_sided",
         description="AWQ clip search: each group's diagonal Gram block (block), the whole row's "
         "output error by coordinate descent (full), and with the min and max sides clipped apart (two_sided)",
     )

@@ -69,7 +69,7 @@ class WorkerJob:
     awq_grid: int = 20
     awq_duo: bool | str = False  # True, False or "both"
     awq_clip: bool = True
-    awq_clip_search: str = "block"  # block | full | two_sided (workers/awq.py)
+    awq_clip_search: str = "two_sided"  # block | full | two_sided (workers/awq.py)
     hessian_dtype: str = "float64"
     hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
     overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward

@@ -353,6 +353,7 @@ def awq_quantize(
     grid: int = 20,
     duo: bool = False,
     clip: bool = True,
+    clip_search: str = "two_sided",
     solver: str = "rtn",
     **gptq_options,
 ) -> tuple[QuantizedLinear, torch.Tensor, ScaleSearch]:
@@ -362,6 +363,7 @@ def awq_quantize(
     folds 1/s into the preceding op) and the search record. ``solver`` "rtn" rounds to
     nearest after the clip search; "gptq" runs GPTQ on W · diag(s) with the Hessian of the
     scaled inputs, 2·diag(1/s) G diag(1/s) / n (no clip search: GPTQ picks the rounding).
+    ``clip_search``: "block" (:func:`search_clip`), "full" or "two_sided" (:func:`search_clip_full`).
     ``gram`` is Σ xᵀx; its scale does not matter here.
     """
     found = search_scales(weight, gram, x_mean, spec, grid=grid, duo=duo)
@@ -372,7 +374,11 @@ def awq_quantize(
         result = gptq_quantize(scaled, gram_s, spec, **gptq_options)
     elif solver == "rtn":
         if clip:
-            scaled = apply_clip(scaled, search_clip(scaled, gram_s, spec), spec)
+            if clip_search == "block":
+                ratios = search_clip(scaled, gram_s, spec)
+            else:
+                ratios = search_clip_full(scaled, gram_s, spec, two_sided=clip_search == "two_sided")
+            scaled = apply_clip(scaled, ratios, spec)
         result = rtn_quantize(scaled, spec)
     else:
         raise ValueError(f"unknown solver {solver!r}")

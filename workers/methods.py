@@ -196,7 +196,7 @@ def quantize_group(
         if options.get("awq_clip", True):
             if hessian is None:
                 raise ValueError("awq's clip search needs the Hessian of the scaled input")
-            grid, mode = int(options.get("awq_grid", 20)), options.get("awq_clip_search", "block")
+            grid, mode = int(options.get("awq_grid", 20)), options.get("awq_clip_search", "two_sided")
             clip_rows = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
             for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range (ratio 1)
                 clip_rows[start:end] = False
