@@ -43,8 +43,15 @@ class QuantConfig(_Strict):
         False, description="accept K % group_size != 0 (a last, partial group) instead of failing"
     )
     awq_grid: int = Field(20, ge=1, description="AWQ: α grid size (α = i / n) and clip-ratio steps")
-    awq_duo: bool = Field(False, description="AWQ: duo scaling s = mean|x|^α / mean|w|^(1−α)")
+    awq_duo: bool | Literal["both"] = Field(
+        False, description="AWQ: duo scaling s = mean|x|^α / mean|w|^(1−α); both: search plain and duo, keep the better"
+    )
     awq_clip: bool = Field(True, description="AWQ (method awq): per-group clip search after scaling")
+    awq_clip_search: Literal["block", "full", "two_sided"] = Field(
+        "two_sided",
+        description="AWQ clip search: each group's diagonal Gram block (block), the whole row's "
+        "output error by coordinate descent (full), and with the min and max sides clipped apart (two_sided)",
+    )
     nf4_blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
         64, description="NF4 (nf4, gptq_nf4): weights per absmax block (bitsandbytes' blocksize)"
     )

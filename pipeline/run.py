@@ -504,6 +504,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         awq_grid=cfg.quant.awq_grid,
         awq_duo=cfg.quant.awq_duo,
         awq_clip=cfg.quant.awq_clip,
+        awq_clip_search=cfg.quant.awq_clip_search,
         hessian_dtype=cfg.run.hessian_dtype,
         hidden_dtype=cfg.run.hidden_dtype,
         overlap_depth=cfg.run.overlap_depth,

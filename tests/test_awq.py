@@ -20,6 +20,7 @@ from workers.awq import (
     rtn_dequantized,
     scale_gram,
     search_clip,
+    search_clip_full,
     search_scales,
 )
 from workers.gptq import relative_output_error
@@ -103,7 +104,7 @@ def _outlier_problem(seed=0, n=96, k=128, rows=2048):
     return w, x
 
 
-@pytest.mark.parametrize("duo", [False, True])
+@pytest.mark.parametrize("duo", [False, True, "both"])
 def test_scale_search_is_never_worse_than_plain_rtn(duo):
     for seed in range(3):
         w, x = _outlier_problem(seed)
@@ -112,11 +113,11 @@ def test_scale_search_is_never_worse_than_plain_rtn(duo):
         rtn = output_error(w, rtn_quantize(w, ASYM).dequantize(), gram)
         assert found.loss_identity == pytest.approx(rtn / gram.diagonal().mean().item(), rel=1e-4)
         assert found.loss <= found.loss_identity
-        assert len(found.losses) == 20
+        assert len(found.losses) == (40 if duo == "both" else 20)
         # and the loss of the chosen scales is the real output error of the scaled, rounded weights
         got = output_error(w, fake_quantize_scaled(w, found.scales, ASYM), gram)
         assert got <= rtn * (1 + 1e-5)
-        if not duo:
+        if duo != True:  # noqa: E712 — plain first (False, "both")
             assert found.losses[0] == pytest.approx(found.loss_identity, rel=1e-6)  # α = 0 is s = 1
     # on these uneven channels AWQ wins clearly
     w, x = _outlier_problem(0)
@@ -279,3 +280,64 @@ def test_awq_runs_end_to_end_on_ray_and_float_results_verify(method, tmp_path, t
     if method == "awq":  # resume replays the blocks through the stored results and folded floats
         again = run_job(cfg, progress=False)
         assert again.solved_blocks == [] and again.resumed_blocks == [0, 1, 2]
+
+
+def _row_loss(w, g, ratios):
+    """e G eᵀ per row for the clipped, rounded weights."""
+    e = w - rtn_quantize(apply_clip(w, ratios, ASYM), ASYM).dequantize()
+    return ((e @ g) * e).sum(1)
+
+
+@pytest.mark.parametrize("two_sided", [False, True])
+def test_full_gram_clip_search_never_raises_the_row_loss(two_sided):
+    for seed in range(3):
+        w, x = _outlier_problem(seed)
+        w[:, 5] *= 8
+        x[:, 40:70] += 0.8 * x[:, 10:11]  # correlated channels across groups: cross terms matter
+        gram = (x.t() @ x).double()
+        g = gram.float()
+        diag = search_clip(w, gram, ASYM)
+        full = search_clip_full(w, gram, ASYM, two_sided=two_sided)
+        assert full.shape == (*diag.shape, 2) if two_sided else full.shape == diag.shape
+        assert float(full.min()) >= 0.5 and float(full.max()) <= 1.0
+
+        before, after = _row_loss(w, g, diag), _row_loss(w, g, full)
+        assert (after <= before * (1 + 1e-4) + 1e-6).all()  # per row: coordinate descent is monotone
+        assert float(after.sum()) < float(before.sum())
+    # two-sided ratios equal to the symmetric clamp give the same weights
+    sym = torch.full((w.shape[0], 4), 0.8)
+    m = torch.stack([w[:, i : i + 32].abs().amax(1) for i in range(0, 128, 32)], 1) * 0.8
+    lo = torch.stack([w[:, i : i + 32].amin(1) for i in range(0, 128, 32)], 1)
+    hi = torch.stack([w[:, i : i + 32].amax(1) for i in range(0, 128, 32)], 1)
+    sided = torch.stack([(m / -lo).clamp(max=1), (m / hi).clamp(max=1)], -1)
+    assert torch.allclose(apply_clip(w, sym, ASYM), apply_clip(w, sided, ASYM), atol=1e-6)
+
+
+def test_both_scalings_keep_the_better_of_plain_and_duo():
+    for seed in range(3):
+        w, x = _outlier_problem(seed)
+        gram = (x.t() @ x).double()
+        plain, duo, both = (search_scales(w, gram, x.abs().mean(0), ASYM, duo=d) for d in (False, True, "both"))
+        assert both.loss == pytest.approx(min(plain.loss, duo.loss), rel=1e-6)
+        assert both.duo == (duo.loss < plain.loss)
+
+
+@pytest.mark.parametrize("mode", ["block", "full", "two_sided"])
+def test_awq_group_searches_only_the_clipped_rows_with_the_same_result(mode):
+    from workers.methods import quantize_group
+
+    w, x = _outlier_problem(4)
+    w[:, 5] *= 8
+    gram = (x.t() @ x).double()
+    opts = {"awq_clip_search": mode, "awq_no_clip_rows": [(8, 24)]}
+    got = quantize_group("awq", w, gram, ASYM, opts).dequantize()
+    ratios = (
+        search_clip(w, gram, ASYM)
+        if mode == "block"
+        else search_clip_full(w, gram, ASYM, two_sided=mode == "two_sided")
+    )
+    ratios[8:24] = 1.0
+    assert torch.equal(got, rtn_quantize(apply_clip(w, ratios, ASYM), ASYM).dequantize())
+    assert torch.equal(got[8:24], rtn_quantize(w, ASYM).dequantize()[8:24])
+    every = quantize_group("awq", w, gram, ASYM, {"awq_clip_search": mode, "awq_no_clip_rows": [(0, w.shape[0])]})
+    assert torch.equal(every.dequantize(), rtn_quantize(w, ASYM).dequantize())

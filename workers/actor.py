@@ -67,8 +67,9 @@ class WorkerJob:
     mse_grid: int = 0
     true_sequential: bool = True
     awq_grid: int = 20
-    awq_duo: bool = False
+    awq_duo: bool | str = False  # True, False or "both"
     awq_clip: bool = True
+    awq_clip_search: str = "two_sided"  # block | full | two_sided (workers/awq.py)
     hessian_dtype: str = "float64"
     hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
     overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
@@ -106,6 +107,7 @@ class WorkerJob:
             "mse_grid": self.mse_grid,
             "true_sequential": self.true_sequential,
             "awq_clip": self.awq_clip,
+            "awq_clip_search": self.awq_clip_search,
             "awq_grid": self.awq_grid,
             "nf4_blocksize": self.nf4_blocksize,
             "double_quant": self.double_quant,
@@ -852,9 +854,11 @@ class BlockWorker:
                     "hessian": scale_gram(hessian, column_scales(group, scales)),
                     "params": {
                         "awq_alpha": found.alpha,
+                        "awq_duo_chosen": found.duo,
                         "awq_grid": job.awq_grid,
                         "awq_duo": job.awq_duo,
                         "awq_clip": job.awq_clip and job.method == "awq",
+                        "awq_clip_search": job.awq_clip_search,
                         "awq_prev": group.prev,
                         "awq_search_gain": 1.0 - found.loss / found.loss_identity if found.loss_identity > 0 else 0.0,
                     },

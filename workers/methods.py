@@ -166,7 +166,7 @@ def quantize_group(
 
     ``hessian`` is H [K, K] of the input (needed by gptq / awq_gptq / gptq_nf4 and by awq's
     clip search). ``options`` (all optional): damp, block_size, act_order, static_groups,
-    mse_grid, true_sequential (GPTQ); awq_clip, awq_grid, awq_no_clip_rows [(start, end)]
+    mse_grid, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
     (AWQ); nf4_blocksize, double_quant (NF4); fp8_type, fp8_block (FP8).
     """
     if method in HESSIAN_METHODS and hessian is None:
@@ -190,16 +190,26 @@ def quantize_group(
     if method == "rtn":
         return rtn_quantize(weight, spec, mse_grid=mse_grid)
     if method == "awq":
-        from workers.awq import apply_clip, search_clip
+        from workers.awq import apply_clip, search_clip, search_clip_full
 
         target = weight
         if options.get("awq_clip", True):
             if hessian is None:
                 raise ValueError("awq's clip search needs the Hessian of the scaled input")
-            ratios = search_clip(weight, hessian, spec, grid=int(options.get("awq_grid", 20)))
-            for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range
-                ratios[start:end] = 1.0
-            target = apply_clip(weight, ratios, spec)
+            grid, mode = int(options.get("awq_grid", 20)), options.get("awq_clip_search", "two_sided")
+            clip_rows = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            for start, end in options.get("awq_no_clip_rows", ()):  # q/k keep their full range (ratio 1)
+                clip_rows[start:end] = False
+            # every search treats rows apart, so only the clipped rows are searched
+            rows = weight[clip_rows]
+            if len(rows):
+                if mode == "block":
+                    found = search_clip(rows, hessian, spec, grid=grid)
+                else:
+                    found = search_clip_full(rows, hessian, spec, grid=grid, two_sided=mode == "two_sided")
+                ratios = torch.ones(weight.shape[0], *found.shape[1:], device=found.device)
+                ratios[clip_rows] = found
+                target = apply_clip(weight, ratios, spec)
         return rtn_quantize(target, spec, mse_grid=mse_grid)
     blocksize = int(options.get("nf4_blocksize", 64))
     double_quant = bool(options.get("double_quant", True))
