@@ -598,6 +598,8 @@ def table(args) -> None:
         for tool, method in PLAN:
             if args.tools and tool not in args.tools.split(","):
                 continue
+            if args.methods and method not in args.methods.split(","):
+                continue
             key = f"{tool}-{method}-{setting}"
             if key in results and "status" not in results[key] and all(t in results[key] for t in texts):
                 continue  # a row lacking a text is re-scored from its saved weights
@@ -635,6 +637,7 @@ def main() -> None:
     parser.add_argument("--requantize", action="store_true", help="quality: redo GPTQModel even if saved")
     parser.add_argument("--settings", default="w4g64,w3g64,w4g32", help="table: which of w4g64,w3g64,w4g32")
     parser.add_argument("--tools", default="", help="table: only these tools (strata,gptqmodel,llmcompressor)")
+    parser.add_argument("--methods", default="", help="table: only these methods (gptq,awq,awq_gptq)")
     parser.add_argument("--texts", default="fixture:austen/persuasion,fixture:austen/mansfieldpark")
     parser.add_argument("--workers", type=int, default=2, help="table: strata's Ray workers")
     parser.add_argument("--method", default="gptq", help="strata-row: gptq, awq or awq_gptq")
