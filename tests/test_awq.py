@@ -12,6 +12,7 @@ from workers.awq import (
     AbsMeanAccumulator,
     ScaleGroup,
     apply_clip,
+    clip_ratios,
     column_scales,
     fake_quantize_scaled,
     fold_scales,
@@ -331,13 +332,15 @@ def test_awq_group_searches_only_the_clipped_rows_with_the_same_result(mode):
     gram = (x.t() @ x).double()
     opts = {"awq_clip_search": mode, "awq_no_clip_rows": [(8, 24)]}
     got = quantize_group("awq", w, gram, ASYM, opts).dequantize()
-    ratios = (
-        search_clip(w, gram, ASYM)
-        if mode == "block"
-        else search_clip_full(w, gram, ASYM, two_sided=mode == "two_sided")
-    )
+    ratios = clip_ratios(w, gram, ASYM, mode)
     ratios[8:24] = 1.0
     assert torch.equal(got, rtn_quantize(apply_clip(w, ratios, ASYM), ASYM).dequantize())
     assert torch.equal(got[8:24], rtn_quantize(w, ASYM).dequantize()[8:24])
     every = quantize_group("awq", w, gram, ASYM, {"awq_clip_search": mode, "awq_no_clip_rows": [(0, w.shape[0])]})
     assert torch.equal(every.dequantize(), rtn_quantize(w, ASYM).dequantize())
+
+
+def test_unknown_clip_search_is_refused():
+    w, x = _outlier_problem(4)
+    with pytest.raises(ValueError, match="unknown AWQ clip search"):
+        clip_ratios(w, (x.t() @ x).double(), ASYM, "diagonal")

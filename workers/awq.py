@@ -344,6 +344,18 @@ def search_clip_full(
     return ratios
 
 
+def clip_ratios(
+    weight: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, mode: str = "two_sided", *, grid: int = 20
+) -> torch.Tensor:
+    """The clip ratios of ``mode``: "block" (:func:`search_clip`), "full" or "two_sided"
+    (:func:`search_clip_full`); [N, nG], or [N, nG, 2] for two_sided."""
+    if mode == "block":
+        return search_clip(weight, gram, spec, grid=grid)
+    if mode not in ("full", "two_sided"):
+        raise ValueError(f"unknown AWQ clip search {mode!r}")
+    return search_clip_full(weight, gram, spec, grid=grid, two_sided=mode == "two_sided")
+
+
 def awq_quantize(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -374,11 +386,7 @@ def awq_quantize(
         result = gptq_quantize(scaled, gram_s, spec, **gptq_options)
     elif solver == "rtn":
         if clip:
-            if clip_search == "block":
-                ratios = search_clip(scaled, gram_s, spec)
-            else:
-                ratios = search_clip_full(scaled, gram_s, spec, two_sided=clip_search == "two_sided")
-            scaled = apply_clip(scaled, ratios, spec)
+            scaled = apply_clip(scaled, clip_ratios(scaled, gram_s, spec, clip_search), spec)
         result = rtn_quantize(scaled, spec)
     else:
         raise ValueError(f"unknown solver {solver!r}")

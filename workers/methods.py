@@ -190,7 +190,7 @@ def quantize_group(
     if method == "rtn":
         return rtn_quantize(weight, spec, mse_grid=mse_grid)
     if method == "awq":
-        from workers.awq import apply_clip, search_clip, search_clip_full
+        from workers.awq import apply_clip, clip_ratios
 
         target = weight
         if options.get("awq_clip", True):
@@ -203,10 +203,7 @@ def quantize_group(
             # every search treats rows apart, so only the clipped rows are searched
             rows = weight[clip_rows]
             if len(rows):
-                if mode == "block":
-                    found = search_clip(rows, hessian, spec, grid=grid)
-                else:
-                    found = search_clip_full(rows, hessian, spec, grid=grid, two_sided=mode == "two_sided")
+                found = clip_ratios(rows, hessian, spec, mode, grid=grid)
                 ratios = torch.ones(weight.shape[0], *found.shape[1:], device=found.device)
                 ratios[clip_rows] = found
                 target = apply_clip(weight, ratios, spec)
