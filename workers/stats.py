@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-_CAST_CHUNK = 1 << 22  # values per slice when a float32 Gram is added into a float64 sum
+_CAST_CHUNK = 1 << 18  # values per slice when a float32 Gram is added into a float64 sum (2 MiB in fp64:
+# a heap block that is reused, where a fresh mmap of a whole fp64 copy faults in its pages each time)
 
 
 class HessianAccumulator:
@@ -25,9 +26,10 @@ class HessianAccumulator:
         if gram.dtype == self.sum.dtype:
             self.sum += gram
         else:  # cast a slice at a time: a whole fp64 copy is 6.6 GB beside the sum at K = 28672
+            # (cast, then add: the same values, and about twice as fast as a mixed-dtype add on CPUs)
             step = max(1, _CAST_CHUNK // gram.shape[1])
             for i in range(0, gram.shape[0], step):
-                self.sum[i : i + step] += gram[i : i + step]
+                self.sum[i : i + step] += gram[i : i + step].to(self.sum.dtype)
         self.count += rows.shape[0]
 
     def hessian(self, total_sum: torch.Tensor | None = None, total_count: int | None = None) -> torch.Tensor:
