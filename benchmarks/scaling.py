@@ -84,6 +84,8 @@ def main() -> None:
                 f"{label:38s} {mode:18s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×  {shown}",
                 flush=True,
             )
+            shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[1].items()))
+            print(f"{'':38s} {'':18s} {'':8s} {'':8s} {'':8s}  phases (W=1): {shown}", flush=True)
 
 
 if __name__ == "__main__":

@@ -118,6 +118,53 @@ def test_overlapped_run_survives_a_killed_worker(float_inline, tmp_path, monkeyp
     assert hashes(outcome) == hashes(float_inline)
 
 
+def test_one_stage_float_run_takes_the_next_inputs_from_its_statistics_pass(tmp_path, tiny_model_path, monkeypatch):
+    """propagate float, one stage, solves inline: the statistics pass runs the whole float block,
+    so its outputs become the next block's inputs and no second forward runs (in-process)."""
+    import workers.actor as actor_mod
+    from pipeline.checkpoint import open_checkpoint
+    from pipeline.store import LocalStore
+    from workers.actor import BlockWorker, WorkerJob
+    from workers.block import build_block, run_block
+    from workers.result import QuantSpec
+
+    reader = open_checkpoint(str(tiny_model_path))
+    job = WorkerJob(
+        model_config=reader.config,
+        spec=QuantSpec(bits=4, group_size=32, sym=False),
+        run_prefix="runs/t",
+        propagate="float",
+        true_sequential=False,
+        overlap_depth=0,
+        batch_size=2,
+    )
+    worker = BlockWorker(0, 1, reader, LocalStore(tmp_path), job)
+    worker.load_samples(torch.randint(0, reader.config["vocab_size"], (6, 16)))
+    inputs = list(worker.batches)
+    calls = []
+    real = actor_mod.run_block
+    monkeypatch.setattr(actor_mod, "run_block", lambda *a: calls.append(1) or real(*a))
+    worker.process_block(0)
+    assert len(calls) == len(inputs)  # one pass per batch: the statistics pass only
+    prefix = f"{worker.layers_path}.0."
+    tensors = {k[len(prefix) :]: v for k, v in reader.load_block(0).items()}
+    layer = build_block(worker.meta_layers[0], tensors, torch.float32)
+    for (hidden, kwargs), (got, _) in zip(inputs, worker.batches, strict=True):
+        assert torch.equal(got, run_block(layer, hidden.float(), kwargs))
+
+
+def test_one_stage_float_inline_gives_the_overlapped_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
+    """The same bytes whether the next inputs come from the statistics pass (inline, W=1) or
+    from a forward of their own (solves overlapped, W=2)."""
+    runs = []
+    for workers, depth in ((1, 0), (2, 2)):
+        cfg = tiny(tmp_path / f"w{workers}", workers=workers, propagate="float", overlap_depth=depth)
+        cfg["quant"]["true_sequential"] = False
+        runs.append(run_job(parse_config(cfg), progress=False))
+    assert len(hashes(runs[0])) == 21
+    assert hashes(runs[0]) == hashes(runs[1])
+
+
 # ---------------------------------------------------------------- hidden states in bf16
 
 

@@ -354,6 +354,7 @@ class BlockWorker:
         self.layers_path, self.meta_layers = decoder_layers(self.meta_model)
         self.batches: list[tuple[torch.Tensor, dict]] = []
         self.group_ready = False
+        self._input_groups: dict[tuple, list[list[str]]] = {}
 
     # -- setup ---------------------------------------------------------------------
 
@@ -429,12 +430,16 @@ class BlockWorker:
 
         t = time.perf_counter()
         passes, self._final_passes = self._final_passes, None
+        float_outputs, self._float_outputs = self._float_outputs, None
         if self.job.propagate == "quantized":
             for name, weight in quantized.items():
                 linears[name].weight.data = weight
             for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
                 layer.get_parameter(name).data = tensor
-        self._advance(layer, passes if replay is None else None)
+        if float_outputs is not None and replay is None:  # the statistics pass ran the float block
+            self.batches = [(y, kwargs) for y, (_, kwargs) in zip(float_outputs, self.batches, strict=True)]
+        else:
+            self._advance(layer, passes if replay is None else None)
         timings["forward"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
@@ -462,6 +467,8 @@ class BlockWorker:
 
     _solver: _SolverQueue | None = None
     _final_passes: StagePasses | None = None  # set by an inline _solve_block for the forward after it
+    # propagate float, one stage, inline: the block's outputs, kept by its statistics pass
+    _float_outputs: list[torch.Tensor] | None = None
 
     def overlaps(self) -> bool:
         """Whether this run's solves run on a background thread behind the forward pass:
@@ -561,7 +568,7 @@ class BlockWorker:
         uses_gram = job.method in GRAM_METHODS or job.skip_outliers or probe
         if uses_gram:
             t = time.perf_counter()
-            groups = shared_input_groups(layer, batches[0][0].float(), batches[0][1])
+            groups = self._shared_input_groups(layer, linears, batches[0])
             timings["stats"] += time.perf_counter() - t
             stages = [[g] for g in groups] if job.true_sequential and solver == "gptq" else [groups]
         else:
@@ -618,6 +625,18 @@ class BlockWorker:
         if job.stage_cache and solver == "gptq" and job.true_sequential and StagePasses.applies(layer, stages):
             passes = StagePasses(layer, len(batches))
 
+        # propagate float with one stage on the float block (inline): its statistics pass runs the
+        # whole float block, so its outputs are the next block's inputs and no second forward runs
+        keep: list[torch.Tensor] | None = None
+        if (
+            job.propagate == "float"
+            and solver == "gptq"
+            and len(stages) == 1
+            and not job.true_sequential
+            and job.method not in AWQ_METHODS
+            and batches is self.batches
+        ):
+            keep = []
         quantized, outputs = {}, []
         for stage in stages:
             accs: dict[str, HessianAccumulator] = {}
@@ -625,7 +644,14 @@ class BlockWorker:
                 t = time.perf_counter()
                 leaders = [names[0] for names in stage]
                 accs = collect_hessians(
-                    layer, batches, leaders, getattr(torch, job.hessian_dtype), job.true_sequential, passes
+                    layer,
+                    batches,
+                    leaders,
+                    getattr(torch, job.hessian_dtype),
+                    job.true_sequential,
+                    passes,
+                    outputs=keep,
+                    output_dtype=getattr(torch, job.hidden_dtype),
                 )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -733,7 +759,22 @@ class BlockWorker:
             # the caller's forward then runs on these very batches with these weights)
             if job.propagate == "quantized" and batches is self.batches:
                 self._final_passes = passes
+        if keep is not None:
+            self._float_outputs = keep
         return quantized, outputs, floats
+
+    def _shared_input_groups(self, layer: nn.Module, linears: dict[str, nn.Linear], batch: tuple) -> list[list[str]]:
+        """:func:`shared_input_groups` of the block, found once per block structure (its class
+        and its linears' names and shapes): the grouping follows from the block's code, and
+        finding it costs a forward of one batch, which would not shrink as workers are added."""
+        key = (
+            type(layer).__module__,
+            type(layer).__qualname__,
+            tuple((n, m.in_features, m.out_features) for n, m in linears.items()),
+        )
+        if key not in self._input_groups:
+            self._input_groups[key] = shared_input_groups(layer, batch[0].float(), batch[1])
+        return [list(g) for g in self._input_groups[key]]
 
     def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:
         """Whether a group's GPTQ solve may be split by output rows across the workers: plain GPTQ,
@@ -948,14 +989,19 @@ def collect_hessians(
     dtype: torch.dtype,
     stop_early: bool = False,
     passes: StagePasses | None = None,
+    outputs: list[torch.Tensor] | None = None,
+    output_dtype: torch.dtype = torch.float32,
 ) -> dict[str, HessianAccumulator]:
     """Σ xᵀx of the inputs of the named linears over all batches.
 
     With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
     its input, so a stage early in the block costs only the part of the block before it;
     with ``passes`` a stage's pass starts from what the previous stage's pass kept.
+    ``outputs`` (a list, full passes only) receives each batch's block output in ``output_dtype``.
     """
-    return _collect_stats(layer, batches, leaders, dtype, stop_early, passes=passes)[0]
+    return _collect_stats(
+        layer, batches, leaders, dtype, stop_early, passes=passes, outputs=outputs, output_dtype=output_dtype
+    )[0]
 
 
 def _collect_stats(
@@ -966,8 +1012,12 @@ def _collect_stats(
     stop_early: bool = False,
     abs_means: bool = False,
     passes: StagePasses | None = None,
+    outputs: list[torch.Tensor] | None = None,
+    output_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, HessianAccumulator], dict[str, AbsMeanAccumulator]]:
     """Σ xᵀx (and with ``abs_means`` Σ|x| per channel) of the named linears' inputs."""
+    if outputs is not None and (stop_early or passes is not None):
+        raise ValueError("block outputs are kept only by full passes")
     linears = block_linears(layer)
     # sums live where the block runs (a GPU worker reduces them there)
     dev = {name: linears[name].weight.device for name in leaders}
@@ -994,7 +1044,9 @@ def _collect_stats(
             seen.clear()
             try:
                 if passes is None:
-                    run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
+                    y = run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
+                    if outputs is not None:
+                        outputs.append(y.to(output_dtype))
                 else:
                     passes.run(i, hidden.float(), kwargs, leaders)
             except _StopForward:
