@@ -238,6 +238,17 @@ class _StopForward(Exception):
     pass
 
 
+@dataclass
+class _Statistics:
+    """A block's shared-input groups and this worker's Gram sums of their inputs (one stage)."""
+
+    groups: list[list[str]]
+    sums: dict[str, HessianAccumulator]
+
+    def rows(self) -> int:
+        return self.sums[self.groups[0][0]].count
+
+
 class _Catcher(nn.Module):
     """Stands in for the first decoder layer and records what the model feeds it."""
 
@@ -470,6 +481,19 @@ class BlockWorker:
     # propagate float, one stage, inline: the block's outputs, kept by its statistics pass
     _float_outputs: list[torch.Tensor] | None = None
 
+    def one_float_stage(self) -> bool:
+        """Whether each block's statistics come from one pass over the float block, which is then
+        also its forward: ``propagate: float`` without true-sequential stages, a Hessian method
+        (GPTQ solvers, or outlier detection), no AWQ fold and no mixed-precision probe."""
+        job = self.job
+        return (
+            job.propagate == "float"
+            and not job.true_sequential
+            and not job.sensitivity_bits
+            and job.method not in AWQ_METHODS
+            and (job.method in HESSIAN_METHODS or job.skip_outliers)
+        )
+
     def overlaps(self) -> bool:
         """Whether this run's solves run on a background thread behind the forward pass:
         ``propagate: float`` (the next block's inputs do not wait for the solves) with
@@ -480,19 +504,31 @@ class BlockWorker:
     def _forward_and_queue(self, b: int, layer: nn.Module, timings: dict) -> dict:
         """propagate float: advance the hidden states through the float block now and queue the
         block's statistics, reductions and solves (a copy of the block and its inputs) on the
-        solver thread. The collectives of the queued blocks run on that thread only, in block
+        solver thread; with one float stage (:meth:`one_float_stage`) the statistics pass is the
+        forward, and the block with its Gram sums is queued instead. The collectives of the queued blocks run on that thread only, in block
         order on every worker, so ranks meet in the same order. Returns at once unless
         ``job.overlap_depth`` blocks are already queued; ``finished`` lists the blocks whose
         solves this worker has stored since the last call (their record entries)."""
         solver = self._solver_queue()
         solver.check()
-        solve_layer = copy.deepcopy(layer)  # the solver's own copy: its hooks and staged weights never meet the forward
-        inputs = self.batches
+        if self.one_float_stage():
+            # the statistics pass is the forward: the next inputs are its outputs, and the solver
+            # thread gets the block (no longer used here) and its sums, not a copy of the inputs
+            t = time.perf_counter()
+            work = self._one_stage_statistics(layer)
+            timings["stats"] = time.perf_counter() - t
+            timings["forward"] = 0.0
+            solve_layer = layer
+        else:
+            solve_layer = copy.deepcopy(
+                layer
+            )  # the solver's own copy: its hooks and staged weights never meet the forward
+            work = self.batches
+            t = time.perf_counter()
+            self._advance(layer)
+            timings["forward"] = time.perf_counter() - t
         t = time.perf_counter()
-        self._advance(layer)
-        timings["forward"] = time.perf_counter() - t
-        t = time.perf_counter()
-        solver.put(b, solve_layer, inputs, self.job.overlap_depth)
+        solver.put(b, solve_layer, work, self.job.overlap_depth)
         timings["queue_wait"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
@@ -510,10 +546,31 @@ class BlockWorker:
             self._solver = _SolverQueue(self._solve_queued, self.world)
         return self._solver
 
-    def _solve_queued(self, b: int, layer: nn.Module, inputs: list, load: list[float]) -> dict:
+    def _one_stage_statistics(self, layer: nn.Module) -> _Statistics:
+        """One pass of this worker's samples through the float block: the Gram sums of every
+        shared-input group, and the outputs, which become the hidden states."""
+        linears = block_linears(layer)
+        groups = self._shared_input_groups(layer, linears, self.batches[0])
+        outputs: list[torch.Tensor] = []
+        sums = collect_hessians(
+            layer,
+            self.batches,
+            [g[0] for g in groups],
+            getattr(torch, self.job.hessian_dtype),
+            outputs=outputs,
+            output_dtype=getattr(torch, self.job.hidden_dtype),
+        )
+        self.batches = [(y, kwargs) for y, (_, kwargs) in zip(outputs, self.batches, strict=True)]
+        return _Statistics(groups, sums)
+
+    def _solve_queued(self, b: int, layer: nn.Module, work, load: list[float]) -> dict:
         torch.set_num_threads(max(1, self.job.threads))
         timings: dict[str, float] = {}
-        _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, batches=inputs, load=load)
+        if isinstance(work, _Statistics):  # gathered by the forward thread (its "stats" timing)
+            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, load=load, statistics=work)
+            del timings["stats"]
+        else:
+            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, batches=work, load=load)
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
@@ -536,10 +593,12 @@ class BlockWorker:
         timings: dict,
         batches: list[tuple[torch.Tensor, dict]] | None = None,
         load: list[float] | None = None,
+        statistics: _Statistics | None = None,
     ) -> tuple[dict, list, dict]:
         """Solve every linear of the block.
 
         ``batches`` are the block's inputs (default: this worker's current hidden states);
+        ``statistics`` (one float stage, overlapped) are the block's sums, gathered already;
         ``load`` is the solve work each worker already has queued (the owners of this block's
         groups are balanced against it, and it is updated; see :func:`assign_owners`).
 
@@ -558,7 +617,10 @@ class BlockWorker:
         fresh statistics of the folded block, true-sequential as for "gptq" ("awq_gptq").
         """
         job = self.job
-        batches = self.batches if batches is None else batches
+        if statistics is not None:
+            batches = []  # this worker's inputs are the forward thread's now; its sums came with the block
+        else:
+            batches = self.batches if batches is None else batches
         for phase in ("stats", "reduce", "solve", "broadcast"):
             timings[phase] = 0.0
         # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
@@ -566,7 +628,9 @@ class BlockWorker:
         probe = bool(job.sensitivity_bits)
         solver = "gptq" if job.method in HESSIAN_METHODS or job.skip_outliers or probe else "rtn"
         uses_gram = job.method in GRAM_METHODS or job.skip_outliers or probe
-        if uses_gram:
+        if statistics is not None:
+            groups, stages = statistics.groups, [statistics.groups]
+        elif uses_gram:
             t = time.perf_counter()
             groups = self._shared_input_groups(layer, linears, batches[0])
             timings["stats"] += time.perf_counter() - t
@@ -580,9 +644,8 @@ class BlockWorker:
             rows = sum(linears[n].out_features for n in names)
             costs.append(float(k) ** 3 + float(k) ** 2 * rows)
         owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world, load))}
-        total_rows = torch.tensor(
-            [sum(h.shape[0] * h.shape[1] for h, _ in batches)], dtype=torch.int64, device=self.device
-        )
+        rows_here = statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
+        total_rows = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
         if self.group_ready and uses_gram:
             dist.all_reduce(total_rows)
         if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
@@ -628,31 +691,26 @@ class BlockWorker:
         # propagate float with one stage on the float block (inline): its statistics pass runs the
         # whole float block, so its outputs are the next block's inputs and no second forward runs
         keep: list[torch.Tensor] | None = None
-        if (
-            job.propagate == "float"
-            and solver == "gptq"
-            and len(stages) == 1
-            and not job.true_sequential
-            and job.method not in AWQ_METHODS
-            and batches is self.batches
-        ):
+        if self.one_float_stage() and statistics is None and batches is self.batches:
             keep = []
         quantized, outputs = {}, []
         for stage in stages:
             accs: dict[str, HessianAccumulator] = {}
             if solver == "gptq":
                 t = time.perf_counter()
-                leaders = [names[0] for names in stage]
-                accs = collect_hessians(
-                    layer,
-                    batches,
-                    leaders,
-                    getattr(torch, job.hessian_dtype),
-                    job.true_sequential,
-                    passes,
-                    outputs=keep,
-                    output_dtype=getattr(torch, job.hidden_dtype),
-                )
+                if statistics is not None:  # gathered by the forward thread
+                    accs = statistics.sums
+                else:
+                    accs = collect_hessians(
+                        layer,
+                        batches,
+                        [names[0] for names in stage],
+                        getattr(torch, job.hessian_dtype),
+                        job.true_sequential,
+                        passes,
+                        outputs=keep,
+                        output_dtype=getattr(torch, job.hidden_dtype),
+                    )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
                 if self.group_ready:
