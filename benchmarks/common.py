@@ -64,6 +64,48 @@ class PeakRSS:
         self._thread.join()
 
 
+class CorePinner:
+    """Confines each of this driver's Ray worker actors to a core of its own, every thread of
+    it, polling every 50 ms while a run goes on: W workers then use W cores, so a worker with a
+    solver thread beside its forward thread gets no more CPU than one with a single thread.
+    Cores go to the live workers in pid order (rank order as Ray starts them)."""
+
+    def __init__(self, match: str = "RayBlockWorker", period: float = 0.05):
+        self.match, self.period = match, period
+        self.cores = sorted(os.sched_getaffinity(0))
+        self.pinned: dict[int, int] = {}  # worker pid → core
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            workers = []
+            for p in me.children(recursive=True):  # this driver's own Ray only (see PeakRSS)
+                try:
+                    if any(self.match in part for part in (p.cmdline() or [])):
+                        workers.append(p)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            for i, p in enumerate(sorted(workers, key=lambda p: p.pid)):
+                core = self.cores[i % len(self.cores)]
+                try:
+                    for thread in p.threads():  # threads started later inherit their creator's mask
+                        os.sched_setaffinity(thread.id, {core})
+                    self.pinned[p.pid] = core
+                except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def run_config(
     model: str, store: str, workers: int, propagate: str, samples: int, seq_len: int, run: dict | None = None, **quant
 ):

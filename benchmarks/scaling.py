@@ -2,24 +2,27 @@
 forward) and quantized (true-sequential).
 
     .venv/bin/python -m benchmarks.scaling [--samples 16] [--seq-len 512] [--models smollm2,wide]
-                                           [--modes float-inline,float-overlap,quantized]
+                                           [--modes float-inline,float-overlap,quantized] [--no-pin]
 
 Prints the block-loop wall time of each configuration (first block started → last record
 written, ``RunOutcome.loop_s``), the speedup W=1 / W=2, and the workers' summed CPU phases,
-measured one after the other in this script on this machine. ``--models tiny`` is a dry run
+measured one after the other in this script on this machine. Each worker is confined to a
+core of its own (``--no-pin`` leaves them free), so that "one torch thread each" also holds for
+float-overlap, whose solver thread would otherwise take the idle second core at W=1. ``--models tiny`` is a dry run
 on the 3-block test model (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
 
 import ray
 
-from benchmarks.common import machine, run_config
+from benchmarks.common import CorePinner, machine, run_config
 from pipeline import fixtures
 
 # name → (propagate, quant overrides, run overrides)
@@ -39,6 +42,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--models", default="smollm2,wide", help="comma list of smollm2, wide, tiny")
     ap.add_argument("--modes", default="float-inline,float-overlap,quantized", help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave the workers unpinned (by default each is confined to a core of its own)",
+    )
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -63,6 +71,10 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"calibration: {args.samples} × {args.seq_len} tokens of Emma; GPTQ W4 g64; 1 torch thread per worker")
     print("float modes: all groups of a block solved at once (one stage); quantized: true-sequential stages")
+    if args.no_pin:
+        print("workers unpinned: a worker's solver thread (float-overlap) may use a second core")
+    else:
+        print("each worker confined to a core of its own (all its threads): W workers use W cores")
     print("time: block loop wall s (RunOutcome.loop_s); phases: per-worker seconds summed over blocks, W=2")
     print(f"{'model':38s} {'mode':18s} {'W=1 s':>8s} {'W=2 s':>8s} {'speedup':>8s}  phases (W=2)")
     for label, model in models.items():
@@ -72,10 +84,11 @@ def main() -> None:
             for w in (1, 2):
                 tmp = Path(tempfile.mkdtemp(prefix="strata-bench-"))
                 try:
-                    outcome = run_config(
-                        model, str(tmp), w, propagate, args.samples, args.seq_len, run=run,
-                        allow_partial_group=True, **quant,
-                    )  # fmt: skip
+                    with contextlib.nullcontext() if args.no_pin else CorePinner():
+                        outcome = run_config(
+                            model, str(tmp), w, propagate, args.samples, args.seq_len, run=run,
+                            allow_partial_group=True, **quant,
+                        )  # fmt: skip
                     times[w], phases[w] = outcome.loop_s, outcome.phase_s
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
