@@ -31,28 +31,34 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {gpu}, Python {platform.python_version()}"
 
 
-class PeakRSS:
-    """Samples the RSS of this process and of every Ray worker actor process every 50 ms."""
+def own_ray_workers(match: str = "RayBlockWorker") -> list[psutil.Process]:
+    """This driver's Ray worker actors whose command line names ``match``. Only our own Ray
+    (ray.init starts it as our descendants): actors of other Ray clusters on the machine
+    (a test suite, another benchmark) are not ours."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(match in part for part in (p.cmdline() or [])):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
 
-    def __init__(self, match: str = "RayBlockWorker", period: float = 0.05):
-        self.match, self.period = match, period
-        self.driver = 0
-        self.workers: dict[int, int] = {}
+
+class _Poller:
+    """Calls ``tick`` every ``period`` seconds on a daemon thread while the context is open."""
+
+    def __init__(self, period: float = 0.05):
+        self.period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
+    def tick(self) -> None:
+        raise NotImplementedError
+
     def _loop(self):
-        me = psutil.Process()
         while not self._stop.is_set():
-            self.driver = max(self.driver, me.memory_info().rss)
-            # only this driver's own Ray (ray.init starts it as our descendants): worker actors of
-            # other Ray clusters on the machine (a test suite, another benchmark) are not ours
-            for p in me.children(recursive=True):
-                try:
-                    if any(self.match in part for part in (p.cmdline() or [])):
-                        self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
+            self.tick()
             time.sleep(self.period)
 
     def __enter__(self):
@@ -64,46 +70,46 @@ class PeakRSS:
         self._thread.join()
 
 
-class CorePinner:
+class PeakRSS(_Poller):
+    """Samples the RSS of this process and of every Ray worker actor process every 50 ms."""
+
+    def __init__(self, match: str = "RayBlockWorker", period: float = 0.05):
+        super().__init__(period)
+        self.match = match
+        self.driver = 0
+        self.workers: dict[int, int] = {}
+        self._me = psutil.Process()
+
+    def tick(self) -> None:
+        self.driver = max(self.driver, self._me.memory_info().rss)
+        for p in own_ray_workers(self.match):
+            try:
+                self.workers[p.pid] = max(self.workers.get(p.pid, 0), p.memory_info().rss)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+
+class CorePinner(_Poller):
     """Confines each of this driver's Ray worker actors to a core of its own, every thread of
     it, polling every 50 ms while a run goes on: W workers then use W cores, so a worker with a
     solver thread beside its forward thread gets no more CPU than one with a single thread.
     Cores go to the live workers in pid order (rank order as Ray starts them)."""
 
     def __init__(self, match: str = "RayBlockWorker", period: float = 0.05):
-        self.match, self.period = match, period
+        super().__init__(period)
+        self.match = match
         self.cores = sorted(os.sched_getaffinity(0))
         self.pinned: dict[int, int] = {}  # worker pid → core
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _loop(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            workers = []
-            for p in me.children(recursive=True):  # this driver's own Ray only (see PeakRSS)
-                try:
-                    if any(self.match in part for part in (p.cmdline() or [])):
-                        workers.append(p)
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-            for i, p in enumerate(sorted(workers, key=lambda p: p.pid)):
-                core = self.cores[i % len(self.cores)]
-                try:
-                    for thread in p.threads():  # threads started later inherit their creator's mask
-                        os.sched_setaffinity(thread.id, {core})
-                    self.pinned[p.pid] = core
-                except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(self.period)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def tick(self) -> None:
+        for i, p in enumerate(sorted(own_ray_workers(self.match), key=lambda p: p.pid)):
+            core = self.cores[i % len(self.cores)]
+            try:
+                for thread in p.threads():  # threads started later inherit their creator's mask
+                    os.sched_setaffinity(thread.id, {core})
+                self.pinned[p.pid] = core
+            except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
+                pass
 
 
 def run_config(
