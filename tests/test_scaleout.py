@@ -12,7 +12,7 @@ import torch
 from pipeline.config import parse_config
 from pipeline.run import FAULTS_ENV, run_job
 from pipeline.store import open_store
-from workers.actor import _SolverQueue, assign_owners
+from workers.actor import _SolverQueue, assign_owners, reduce_order
 
 
 def tiny(tmp, workers=2, **run) -> dict:
@@ -78,6 +78,14 @@ def test_solver_queue_runs_in_order_bounds_depth_and_raises_the_first_failure():
     assert seen == [0, 1]
     with pytest.raises(OSError, match="disk on fire"):
         q.take()  # every later call raises it too
+
+
+def test_reduce_order_puts_each_owners_first_group_first():
+    stage = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    owner_of = {("q_proj", "k_proj", "v_proj"): 1, ("o_proj",): 1, ("gate_proj", "up_proj"): 1, ("down_proj",): 0}
+    order = reduce_order(stage, owner_of)
+    assert order == [stage[0], stage[3], stage[1], stage[2]]
+    assert reduce_order(stage, dict.fromkeys(owner_of, 0)) == stage  # one owner: stage order
 
 
 # ---------------------------------------------------------------- propagate float, overlapped

@@ -219,6 +219,20 @@ def _share_output_errors(
     return out
 
 
+def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[list[str]]:
+    """The groups of a stage in the order their sums are reduced: every owner's first group,
+    then every owner's second, and so on (stage order within an owner and among equals), so
+    no owner waits for other owners' groups before it can start on its first. Decided from
+    the stage and the owners alone: every worker issues the same order."""
+    nth: dict[int, int] = {}
+    keyed = []
+    for i, names in enumerate(stage):
+        owner = owner_of[tuple(names)]
+        keyed.append((nth.get(owner, 0), i, names))
+        nth[owner] = nth.get(owner, 0) + 1
+    return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
 def row_slices(n_rows: int, world: int) -> list[tuple[int, int]]:
     """Rows [start, end) of each of ``world`` workers: contiguous, sizes differing by at most one."""
     return [(r * n_rows // world, (r + 1) * n_rows // world) for r in range(world)]
@@ -694,6 +708,7 @@ class BlockWorker:
         if self.one_float_stage() and statistics is None and batches is self.batches:
             keep = []
         quantized, outputs = {}, []
+        pending: dict[tuple, dist.Work] = {}  # reductions in flight, by group
         for stage in stages:
             accs: dict[str, HessianAccumulator] = {}
             if solver == "gptq":
@@ -714,19 +729,33 @@ class BlockWorker:
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
                 if self.group_ready:
-                    for names in stage:
-                        if tuple(names) in split:  # every worker solves a share of the rows
-                            dist.all_reduce(accs[names[0]].sum)
+                    # all issued at once, each owner's first group first: an owner solves its first
+                    # group while the sums of its later groups are still on their way
+                    for names in reduce_order(stage, owner_of):
+                        key = tuple(names)
+                        if key in split:  # every worker solves a share of the rows
+                            pending[key] = dist.all_reduce(accs[names[0]].sum, async_op=True)
                         else:
-                            dist.reduce(accs[names[0]].sum, dst=owner_of[tuple(names)])
+                            pending[key] = dist.reduce(accs[names[0]].sum, dst=owner_of[key], async_op=True)
                 timings["reduce"] += time.perf_counter() - t
 
             t = time.perf_counter()
+            waited = 0.0
+
+            def arrived(key: tuple) -> None:  # this group's reduced sums are here
+                nonlocal waited
+                if key in pending:
+                    t_wait = time.perf_counter()
+                    pending.pop(key).wait()
+                    waited += time.perf_counter() - t_wait
+
             solved = {}
             mine: dict[tuple, QuantizedLinear] = {}
             share_errors: dict[tuple, torch.Tensor] = {}
             grams: dict[tuple, torch.Tensor] = {}  # split groups' H, formed once for solve and record
             for names in stage:
+                if tuple(names) in split or owner_of[tuple(names)] == self.rank:
+                    arrived(tuple(names))
                 if tuple(names) in split:
                     weight = torch.cat([originals[n] for n in names], dim=0)
                     start, end = row_slices(weight.shape[0], self.world)[self.rank]
@@ -765,7 +794,10 @@ class BlockWorker:
                     if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
                         entry["sensitivity"] = sensitivity(n, gram, options)
                     outputs.append(entry)
-            timings["solve"] += time.perf_counter() - t
+            for key in list(pending):  # the groups owned elsewhere: their sends are done
+                arrived(key)
+            timings["solve"] += time.perf_counter() - t - waited
+            timings["reduce"] += waited
 
             t = time.perf_counter()
             for key, own in mine.items():  # split groups: every worker gets every share
