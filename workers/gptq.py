@@ -113,6 +113,46 @@ def damped_cholesky_feedback(
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
 
 
+def consume_into_feedback(reversed_hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """:func:`damped_cholesky_feedback` of J H J (fp32, contiguous) at λ = ``damp``, computed in
+    the matrix's own storage: F, bit for bit, without a second K² matrix (3.3 GB at K = 28672).
+    Returns None, with the matrix spent, when the float32 factorisation fails; the caller then
+    builds J H J again for the retrying path.
+
+    H is symmetric, so its row-major storage is also its column-major storage, which is what
+    LAPACK factorises in place: the factor L lands in the same bytes (as Lᵀ read row-major), is
+    scaled and flipped there, and one tiled in-place transpose makes F row-major."""
+    h = reversed_hessian
+    if h.dtype != torch.float32 or not h.is_contiguous():
+        raise ValueError("consume_into_feedback takes a contiguous float32 matrix")
+    mean_diag = torch.diag(h).to(torch.float64).mean().clamp(min=1e-12).item()
+    h.diagonal().add_(damp * mean_diag)
+    chol = h.t()  # column-major view of the same (symmetric) matrix
+    info = torch.empty((), dtype=torch.int32, device=h.device)
+    torch.linalg.cholesky_ex(chol, out=(chol, info))
+    if int(info) != 0:
+        return None
+    chol.div_(torch.diag(chol).clone())
+    _flip_both_in_place(chol)
+    feedback = _transpose_in_place(h)  # h held Fᵀ
+    lo, hi = torch.aminmax(feedback)  # NaN propagates
+    return feedback if bool(torch.isfinite(lo) & torch.isfinite(hi)) else None
+
+
+def _transpose_in_place(matrix: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """A square contiguous matrix transposed in its own storage, a pair of tiles at a time."""
+    k = matrix.shape[0]
+    for i in range(0, k, tile):
+        i2 = min(i + tile, k)
+        matrix[i:i2, i:i2] = matrix[i:i2, i:i2].t().clone()
+        for j in range(i2, k, tile):
+            j2 = min(j + tile, k)
+            upper = matrix[i:i2, j:j2].clone()
+            matrix[i:i2, j:j2] = matrix[j:j2, i:i2].t()
+            matrix[j:j2, i:i2] = upper.t()
+    return matrix
+
+
 def _flip_both_in_place(matrix: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
     """J M J (both axes reversed) in M's own storage: for a dense row- or column-major matrix
     that is the reversed flat array, swapped a chunk from each end at a time. torch.flip would allocate a
@@ -229,6 +269,20 @@ def gptq_quantize(
     return result
 
 
+def _reversed_hessian(hessian: torch.Tensor, rev: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """J Pᵀ H P J in float32, dead inputs' diagonal set to 1: gathered a band of rows at a time
+    into one new matrix (the permutation and the cast are exact in either order; whole-matrix
+    gathers were two more K² temporaries beside the caller's Hessian)."""
+    k = hessian.shape[0]
+    out = torch.empty(k, k, dtype=torch.float32, device=hessian.device)
+    step = max(1, (1 << 22) // k)
+    for r0 in range(0, k, step):
+        band = hessian.index_select(0, rev[r0 : r0 + step]).to(torch.float32)
+        out[r0 : r0 + step] = band.index_select(1, rev)
+    out.diagonal()[dead[rev]] = 1.0
+    return out
+
+
 def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows):
     """The body of :func:`gptq_quantize`: (codes, fp16 scales, uint8 zeros, g_idx, perm, λ, dead)."""
     n_rows, n_cols = weight.shape
@@ -245,14 +299,15 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
     else:
         perm = torch.arange(n_cols, device=dev)
         pos_group = col_group
-    # J Pᵀ H P J (processing order, reversed) in one gather; dead inputs get H[k, k] = 1
+    # J Pᵀ H P J (processing order, reversed); dead inputs get H[k, k] = 1
     rev = perm.flip(0)
-    # fp32 first, then gathered: the permutation is exact either way, and at K = 28672 the fp64
-    # gathers were two 6.6 GB temporaries beside the caller's Hessian
-    h = hessian.to(torch.float32).index_select(0, rev).index_select(1, rev)
-    h.diagonal()[dead[rev]] = 1.0
-    feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
-    del h
+    # factorised in place (one K² matrix beside the caller's H); should float32 fail, built
+    # again for the path that retries in float64 and with more damping
+    feedback, lam = consume_into_feedback(_reversed_hessian(hessian, rev, dead), damp), damp
+    if feedback is None:
+        h = _reversed_hessian(hessian, rev, dead)
+        feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
+        del h
 
     n_groups = len(group_slices(n_cols, spec))
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=dev)
