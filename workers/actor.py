@@ -519,8 +519,9 @@ class BlockWorker:
         """propagate float: advance the hidden states through the float block now and queue the
         block's statistics, reductions and solves (a copy of the block and its inputs) on the
         solver thread; with one float stage (:meth:`one_float_stage`) the statistics pass is the
-        forward, and the block with its Gram sums is queued instead. The collectives of the queued blocks run on that thread only, in block
-        order on every worker, so ranks meet in the same order. Returns at once unless
+        forward, and the block with its Gram sums is queued instead. The collectives of the
+        queued blocks run on that thread only, in block order on every worker, so ranks meet
+        in the same order. Returns at once unless
         ``job.overlap_depth`` blocks are already queued; ``finished`` lists the blocks whose
         solves this worker has stored since the last call (their record entries)."""
         solver = self._solver_queue()
@@ -534,9 +535,8 @@ class BlockWorker:
             timings["forward"] = 0.0
             solve_layer = layer
         else:
-            solve_layer = copy.deepcopy(
-                layer
-            )  # the solver's own copy: its hooks and staged weights never meet the forward
+            # the solver's own copy: its hooks and staged weights never meet the forward
+            solve_layer = copy.deepcopy(layer)
             work = self.batches
             t = time.perf_counter()
             self._advance(layer)
