@@ -183,37 +183,34 @@ def test_in_place_flip_is_torch_flip(k):
         assert got.data_ptr() == m.data_ptr() and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("k", [1, 5, 64, 97])
-def test_in_place_transpose_is_the_transpose(k):
-    from workers.gptq import _transpose_in_place
-
-    m = torch.randn(k, k)
-    want = m.t().clone()
-    got = _transpose_in_place(m, tile=16)  # tiles that do not divide k
-    assert got.data_ptr() == m.data_ptr() and torch.equal(got, want)
-
-
 @pytest.mark.parametrize("k", [7, 96, 300])
 def test_feedback_factorised_in_place_is_the_copied_one_bit_for_bit(k):
-    from workers.gptq import consume_into_feedback
-
     _, h = _problem(k=k)
     reversed_h = torch.flip(h, (0, 1)).contiguous()
     want, lam = damped_cholesky_feedback(reversed_h, 0.01, reversed_order=True)
     spent = reversed_h.clone()
-    got = consume_into_feedback(spent, 0.01)
-    assert lam == 0.01
-    assert got.data_ptr() == spent.data_ptr() and got.is_contiguous()  # no second K² matrix
+    got, lam_in_place = damped_cholesky_feedback(
+        spent, 0.01, reversed_order=True, rebuild=lambda: pytest.fail("no retry needed")
+    )
+    assert lam == lam_in_place == 0.01
+    assert got.data_ptr() == spent.data_ptr()  # no second K² matrix
+    assert got.stride() == want.stride()  # the layout of a copied factor, too
     assert torch.equal(got, want)
 
 
 def test_in_place_factorisation_falls_back_to_the_retrying_path():
-    from workers.gptq import _reversed_hessian, consume_into_feedback
+    from workers.gptq import _reversed_hessian
 
     h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))  # indefinite by a little
-    assert consume_into_feedback(h.clone(), 0.01) is None
+    want, lam = damped_cholesky_feedback(h, 0.01, reversed_order=True)
+    rebuilt = []
+    got, lam_in_place = damped_cholesky_feedback(
+        h.clone(), 0.01, reversed_order=True, rebuild=lambda: rebuilt.append(1) or h.clone()
+    )
+    assert lam == lam_in_place > 0.01 and rebuilt  # rebuilt and retried with more damping
+    assert torch.equal(got, want)
     w = torch.randn(6, 4)
-    q = gptq_quantize(w, h, QuantSpec(4, 4, True))  # rebuilt and retried with more damping
+    q = gptq_quantize(w, h, QuantSpec(4, 4, True))
     assert q.params["damp_used"] > 0.01
     assert torch.isfinite(q.dequantize()).all()
     # the banded gather is the whole-matrix gather

@@ -26,6 +26,8 @@ When the Cholesky fails, the damping λ is multiplied by 10 and retried.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from workers.grids import group_params, group_slices
@@ -74,7 +76,12 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: t
 
 
 def damped_cholesky_feedback(
-    hessian: torch.Tensor, damp: float, max_tries: int = 6, *, reversed_order: bool = False
+    hessian: torch.Tensor,
+    damp: float,
+    max_tries: int = 6,
+    *,
+    reversed_order: bool = False,
+    rebuild: Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Upper unit-diagonal F with F[i, j] = R[i, j] / R[j, j], where R is the upper factor of
     H + λ·mean(diag H)·I = R Rᵀ; returns F (float32) and the λ used.
@@ -85,72 +92,49 @@ def damped_cholesky_feedback(
     that fails, λ × 10 when both fail. ``reversed_order``: ``hessian`` is given as J H J
     already (saves a copy when the caller permutes H anyway); in float32 it is then damped in
     place and its diagonal restored exactly afterwards (one K² copy less: 3.3 GB at K = 28672).
+
+    ``rebuild`` (with ``reversed_order``): ``hessian`` is the caller's to spend, and
+    ``rebuild()`` makes J H J afresh. The first factorisation of that dtype then runs in the
+    matrix's own storage: H is symmetric, so its row-major bytes are the column-major matrix
+    LAPACK factorises in place, and the factor comes out in the same layout as a copied one,
+    bit for bit, without a second K² matrix. A retry starts from ``rebuild()``.
     """
     mean_diag = torch.diag(hessian).to(torch.float64).mean().clamp(min=1e-12).item()
     lam = damp
     for _ in range(max_tries):
         for dtype in (torch.float32, torch.float64):
+            if hessian is None:  # spent by a failed factorisation in place
+                hessian = rebuild()
             in_place = reversed_order and hessian.dtype == dtype
-            if in_place:
-                h, diagonal = hessian, hessian.diagonal().clone()
+            if in_place and rebuild is not None and hessian.is_contiguous():
+                hessian.diagonal().add_(lam * mean_diag)
+                chol = hessian.t()  # the column-major view of the same symmetric matrix
+                info = torch.empty((), dtype=torch.int32, device=chol.device)
+                torch.linalg.cholesky_ex(chol, out=(chol, info))
+                hessian = None
             else:
-                h = hessian.to(dtype, copy=True) if reversed_order else torch.flip(hessian.to(dtype), (0, 1))
-            h.diagonal().add_(lam * mean_diag)
-            chol, info = torch.linalg.cholesky_ex(h)
-            if in_place:
-                h.diagonal().copy_(diagonal)
-            del h
+                if in_place:
+                    h, diagonal = hessian, hessian.diagonal().clone()
+                else:
+                    h = hessian.to(dtype, copy=True) if reversed_order else torch.flip(hessian.to(dtype), (0, 1))
+                h.diagonal().add_(lam * mean_diag)
+                chol, info = torch.linalg.cholesky_ex(h)
+                if in_place:
+                    h.diagonal().copy_(diagonal)
+                del h
             if int(info) != 0:
                 continue
             # F = J (L / diag(L) column-wise) J
             chol.div_(torch.diag(chol).clone())
             feedback = _flip_both_in_place(chol).to(torch.float32)
             del chol
-            lo, hi = torch.aminmax(feedback)  # NaN propagates
+            # NaN propagates; read through the contiguous view (LAPACK's factor is column-major),
+            # which a reduction does not copy first
+            lo, hi = torch.aminmax(feedback.t() if feedback.t().is_contiguous() else feedback)
             if bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 return feedback, lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
-
-
-def consume_into_feedback(reversed_hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
-    """:func:`damped_cholesky_feedback` of J H J (fp32, contiguous) at λ = ``damp``, computed in
-    the matrix's own storage: F, bit for bit, without a second K² matrix (3.3 GB at K = 28672).
-    Returns None, with the matrix spent, when the float32 factorisation fails; the caller then
-    builds J H J again for the retrying path.
-
-    H is symmetric, so its row-major storage is also its column-major storage, which is what
-    LAPACK factorises in place: the factor L lands in the same bytes (as Lᵀ read row-major), is
-    scaled and flipped there, and one tiled in-place transpose makes F row-major."""
-    h = reversed_hessian
-    if h.dtype != torch.float32 or not h.is_contiguous():
-        raise ValueError("consume_into_feedback takes a contiguous float32 matrix")
-    mean_diag = torch.diag(h).to(torch.float64).mean().clamp(min=1e-12).item()
-    h.diagonal().add_(damp * mean_diag)
-    chol = h.t()  # column-major view of the same (symmetric) matrix
-    info = torch.empty((), dtype=torch.int32, device=h.device)
-    torch.linalg.cholesky_ex(chol, out=(chol, info))
-    if int(info) != 0:
-        return None
-    chol.div_(torch.diag(chol).clone())
-    _flip_both_in_place(chol)
-    feedback = _transpose_in_place(h)  # h held Fᵀ
-    lo, hi = torch.aminmax(feedback)  # NaN propagates
-    return feedback if bool(torch.isfinite(lo) & torch.isfinite(hi)) else None
-
-
-def _transpose_in_place(matrix: torch.Tensor, tile: int = 1024) -> torch.Tensor:
-    """A square contiguous matrix transposed in its own storage, a pair of tiles at a time."""
-    k = matrix.shape[0]
-    for i in range(0, k, tile):
-        i2 = min(i + tile, k)
-        matrix[i:i2, i:i2] = matrix[i:i2, i:i2].t().clone()
-        for j in range(i2, k, tile):
-            j2 = min(j + tile, k)
-            upper = matrix[i:i2, j:j2].clone()
-            matrix[i:i2, j:j2] = matrix[j:j2, i:i2].t()
-            matrix[j:j2, i:i2] = upper.t()
-    return matrix
 
 
 def _flip_both_in_place(matrix: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
@@ -301,13 +285,12 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
         pos_group = col_group
     # J Pᵀ H P J (processing order, reversed); dead inputs get H[k, k] = 1
     rev = perm.flip(0)
-    # factorised in place (one K² matrix beside the caller's H); should float32 fail, built
-    # again for the path that retries in float64 and with more damping
-    feedback, lam = consume_into_feedback(_reversed_hessian(hessian, rev, dead), damp), damp
-    if feedback is None:
-        h = _reversed_hessian(hessian, rev, dead)
-        feedback, lam = damped_cholesky_feedback(h, damp, reversed_order=True)
-        del h
+
+    # factorised in its own storage: one K² matrix beside the caller's H
+    def reversed_hessian() -> torch.Tensor:
+        return _reversed_hessian(hessian, rev, dead)
+
+    feedback, lam = damped_cholesky_feedback(reversed_hessian(), damp, reversed_order=True, rebuild=reversed_hessian)
 
     n_groups = len(group_slices(n_cols, spec))
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=dev)
