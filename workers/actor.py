@@ -448,22 +448,26 @@ class BlockWorker:
         outputs: list[dict] = []
         if replay is None and self.overlaps():
             return self._forward_and_queue(b, layer, timings)
+        advanced = False  # the hidden states went through this block already
         if replay is not None:
             quantized, floats = self._read_results(b, replay)
+        elif self.one_float_stage():  # the statistics pass is the forward
+            t = time.perf_counter()
+            statistics = self._one_stage_statistics(layer)
+            timings["stats"] = time.perf_counter() - t
+            quantized, outputs, floats = self._solve_block(b, layer, linears, timings, statistics=statistics)
+            advanced = True
         else:
             quantized, outputs, floats = self._solve_block(b, layer, linears, timings)
 
         t = time.perf_counter()
         passes, self._final_passes = self._final_passes, None
-        float_outputs, self._float_outputs = self._float_outputs, None
         if self.job.propagate == "quantized":
             for name, weight in quantized.items():
                 linears[name].weight.data = weight
             for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
                 layer.get_parameter(name).data = tensor
-        if float_outputs is not None and replay is None:  # the statistics pass ran the float block
-            self.batches = [(y, kwargs) for y, (_, kwargs) in zip(float_outputs, self.batches, strict=True)]
-        else:
+        if not advanced:
             self._advance(layer, passes if replay is None else None)
         timings["forward"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -492,8 +496,6 @@ class BlockWorker:
 
     _solver: _SolverQueue | None = None
     _final_passes: StagePasses | None = None  # set by an inline _solve_block for the forward after it
-    # propagate float, one stage, inline: the block's outputs, kept by its statistics pass
-    _float_outputs: list[torch.Tensor] | None = None
 
     def one_float_stage(self) -> bool:
         """Whether each block's statistics come from one pass over the float block, which is then
@@ -612,7 +614,8 @@ class BlockWorker:
         """Solve every linear of the block.
 
         ``batches`` are the block's inputs (default: this worker's current hidden states);
-        ``statistics`` (one float stage, overlapped) are the block's sums, gathered already;
+        ``statistics`` (one float stage) are the block's sums, gathered by the pass that was also
+        its forward (:meth:`_one_stage_statistics`);
         ``load`` is the solve work each worker already has queued (the owners of this block's
         groups are balanced against it, and it is updated; see :func:`assign_owners`).
 
@@ -632,11 +635,11 @@ class BlockWorker:
         """
         job = self.job
         if statistics is not None:
-            batches = []  # this worker's inputs are the forward thread's now; its sums came with the block
+            batches = []  # the hidden states are past this block already; its sums came with it
         else:
             batches = self.batches if batches is None else batches
         for phase in ("stats", "reduce", "solve", "broadcast"):
-            timings[phase] = 0.0
+            timings.setdefault(phase, 0.0)  # a caller may have timed its statistics pass
         # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
         # (and for a mixed-precision probe, whose sensitivities are Hessian-weighted errors)
         probe = bool(job.sensitivity_bits)
@@ -702,11 +705,6 @@ class BlockWorker:
         if job.stage_cache and solver == "gptq" and job.true_sequential and StagePasses.applies(layer, stages):
             passes = StagePasses(layer, len(batches))
 
-        # propagate float with one stage on the float block (inline): its statistics pass runs the
-        # whole float block, so its outputs are the next block's inputs and no second forward runs
-        keep: list[torch.Tensor] | None = None
-        if self.one_float_stage() and statistics is None and batches is self.batches:
-            keep = []
         quantized, outputs = {}, []
         pending: dict[tuple, dist.Work] = {}  # reductions in flight, by group
         for stage in stages:
@@ -723,8 +721,6 @@ class BlockWorker:
                         getattr(torch, job.hessian_dtype),
                         job.true_sequential,
                         passes,
-                        outputs=keep,
-                        output_dtype=getattr(torch, job.hidden_dtype),
                     )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
@@ -849,8 +845,6 @@ class BlockWorker:
             # the caller's forward then runs on these very batches with these weights)
             if job.propagate == "quantized" and batches is self.batches:
                 self._final_passes = passes
-        if keep is not None:
-            self._float_outputs = keep
         return quantized, outputs, floats
 
     def _shared_input_groups(self, layer: nn.Module, linears: dict[str, nn.Linear], batch: tuple) -> list[list[str]]:
