@@ -102,7 +102,6 @@ class CorePinner(_Poller):
         super().__init__(period)
         self.match = match
         self.cores = sorted(os.sched_getaffinity(0))
-        self.pinned: dict[int, int] = {}  # worker pid → core
         self._threads: set[tuple[int, int]] = set()  # (thread id, core) done
 
     def tick(self) -> None:
@@ -113,7 +112,6 @@ class CorePinner(_Poller):
                     if (thread.id, core) not in self._threads:
                         os.sched_setaffinity(thread.id, {core})
                         self._threads.add((thread.id, core))
-                self.pinned[p.pid] = core
             except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
                 pass
 

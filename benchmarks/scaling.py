@@ -7,9 +7,9 @@ forward) and quantized (true-sequential).
 Prints the block-loop wall time of each configuration (first block started → last record
 written, ``RunOutcome.loop_s``), the speedup W=1 / W=2, and the workers' summed CPU phases,
 measured one after the other in this script on this machine. Each worker is confined to a
-core of its own (``--no-pin`` leaves them free), so that "one torch thread each" also holds for
-float-overlap, whose solver thread would otherwise take the idle second core at W=1. ``--models tiny`` is a dry run
-on the 3-block test model (seconds).
+core of its own (``--no-pin`` leaves them free), so that "one torch thread each" also holds
+for float-overlap, whose solver thread would otherwise take the idle second core at W=1.
+``--models tiny`` is a dry run on the 3-block test model (seconds).
 """
 
 from __future__ import annotations
