@@ -47,6 +47,7 @@ from workers.methods import (
 )
 from workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
 from workers.result import QuantizedLinear, QuantSpec
+from workers.schedule import GroupPlan, assign_owners, plan_solves, row_slices, solve_cost
 from workers.stats import HessianAccumulator
 
 
@@ -173,28 +174,6 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def assign_owners(costs: list[float], world: int, load: list[float] | None = None) -> list[int]:
-    """Longest-processing-time-first: each unit of work to the least-loaded worker (deterministic).
-
-    ``load`` (one entry per worker), when given, is the work each worker already has and is
-    updated in place, so balancing carries across calls (blocks whose solves are queued);
-    it is kept relative (its minimum subtracted) so it stays small. Ties go to the lower rank.
-    """
-    if load is None:
-        load = [0.0] * world
-    if len(load) != world:
-        raise ValueError(f"load has {len(load)} entries for {world} workers")
-    owners = [0] * len(costs)
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owners[i] = rank
-        load[rank] += costs[i]
-    low = min(load)
-    for r in range(world):
-        load[r] -= low
-    return owners
-
-
 GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
 AWQ_METHODS = ("awq", "awq_gptq")
 # AWQ's rule: no clip search for q/k, whose error reaches the output through the q·k product
@@ -233,9 +212,32 @@ def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[lis
     return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
-def row_slices(n_rows: int, world: int) -> list[tuple[int, int]]:
-    """Rows [start, end) of each of ``world`` workers: contiguous, sizes differing by at most one."""
-    return [(r * n_rows // world, (r + 1) * n_rows // world) for r in range(world)]
+def _pack_share(own: QuantizedLinear) -> torch.Tensor:
+    """A share of a split solve as one uint8 buffer: fp16 scales (as bytes, first: a float16
+    view needs an even offset), codes, zeros."""
+    return torch.cat([own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)])
+
+
+def _empty_share(like: QuantizedLinear, rows: int) -> torch.Tensor:
+    k, n_groups = like.codes.shape[1], like.scales.shape[1]
+    return torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=like.codes.device)
+
+
+def _unpack_share(like: QuantizedLinear, packed: torch.Tensor, rows: int) -> QuantizedLinear:
+    """The inverse of :func:`_pack_share`, with the grid, g_idx, perm and params of ``like``
+    (the same for every share: they follow from H and the job)."""
+    k, n_groups = like.codes.shape[1], like.scales.shape[1]
+    scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
+    return QuantizedLinear(
+        spec=like.spec,
+        codes=codes.reshape(rows, k),
+        scales=scales.view(torch.float16).reshape(rows, n_groups),
+        zeros=zeros.reshape(rows, n_groups),
+        g_idx=like.g_idx,
+        method=like.method,
+        perm=like.perm,
+        params=like.params,
+    )
 
 
 def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
@@ -655,12 +657,22 @@ class BlockWorker:
         else:
             groups = [[name] for name in linears]
             stages = [groups]
-        costs = []
-        for names in groups:
-            k = linears[names[0]].in_features
-            rows = sum(linears[n].out_features for n in names)
-            costs.append(float(k) ** 3 + float(k) ** 2 * rows)
-        owner_of = {tuple(g): o for g, o in zip(groups, assign_owners(costs, self.world, load))}
+        shapes = [(linears[g[0]].in_features, sum(linears[n].out_features for n in g)) for g in groups]
+        splittable = [solver == "gptq" and self._splits(b, g, linears) for g in groups]
+        # the shares of a split group meet only at its owner, unless every worker needs the
+        # solved weights: for the next stage (true-sequential) or for propagation (quantized)
+        to_owner = job.propagate == "float" and len(stages) == 1
+        if len(stages) == 1:  # whole groups on owners, one split unevenly where that levels the work
+            plans = plan_solves(shapes, self.world, splittable, load, level=to_owner)
+        else:  # true-sequential: a stage of one group splits it evenly over the workers
+            plans = [
+                GroupPlan(owner, tuple(row_slices(n, self.world)) if split_ok and n >= self.world else None)
+                for owner, (_, n), split_ok in zip(
+                    assign_owners([solve_cost(*shape) for shape in shapes], self.world, load), shapes, splittable
+                )
+            ]
+        plan_of = {tuple(g): p for g, p in zip(groups, plans)}
+        owner_of = {key: p.owner for key, p in plan_of.items()}
         rows_here = statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
         total_rows = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
         if self.group_ready and uses_gram:
@@ -679,15 +691,7 @@ class BlockWorker:
         if job.method in AWQ_METHODS:
             floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, int(total_rows), timings)
         originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
-        # split where a stage has fewer groups than workers (true-sequential: one group each);
-        # a stage of several groups keeps whole groups on LPT owners, which repeats no Cholesky
-        split = {
-            tuple(g)
-            for stage in stages
-            if len(stage) < self.world
-            for g in stage
-            if solver == "gptq" and self._splits(b, g, linears)
-        }
+        split = {key for key, p in plan_of.items() if p.split}
 
         def sensitivity(n: str, gram: torch.Tensor, options: dict) -> dict:
             return linear_sensitivity(
@@ -746,7 +750,7 @@ class BlockWorker:
                     waited += time.perf_counter() - t_wait
 
             solved = {}
-            mine: dict[tuple, QuantizedLinear] = {}
+            mine: dict[tuple, QuantizedLinear | None] = {}  # None: no rows of this split group here
             share_errors: dict[tuple, torch.Tensor] = {}
             grams: dict[tuple, torch.Tensor] = {}  # split groups' H, formed once for solve and record
             for names in stage:
@@ -754,12 +758,18 @@ class BlockWorker:
                     arrived(tuple(names))
                 if tuple(names) in split:
                     weight = torch.cat([originals[n] for n in names], dim=0)
-                    start, end = row_slices(weight.shape[0], self.world)[self.rank]
+                    start, end = plan_of[tuple(names)].shares[self.rank]
+                    rows = [linears[n].out_features for n in names]
+                    if start == end:
+                        mine[tuple(names)] = None
+                        share_errors[tuple(names)] = torch.zeros(
+                            len(rows), 2, dtype=torch.float64, device=weight.device
+                        )
+                        continue
                     gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=int(total_rows))
                     spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
                     own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
                     mine[tuple(names)] = own  # type: ignore[assignment]
-                    rows = [linears[n].out_features for n in names]
                     share_errors[tuple(names)] = _share_output_errors(
                         weight[start:end], own.dequantize(), gram, rows, start
                     )
@@ -796,10 +806,16 @@ class BlockWorker:
             timings["reduce"] += waited
 
             t = time.perf_counter()
-            for key, own in mine.items():  # split groups: every worker gets every share
-                full = self._gather_rows(own, sum(linears[n].out_features for n in key))
+            for key, own in mine.items():  # split groups: the shares to every worker, or to the owner
+                shares = plan_of[key].shares
                 errors = share_errors[key]
                 dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
+                if to_owner:
+                    full = self._send_rows_to_owner(own, shares, owner_of[key])
+                    if full is None:  # another worker stores it; nothing here needs the weights
+                        continue
+                else:
+                    full = self._gather_rows(own, shares)
                 gram = grams[key]
                 at = 0
                 for i, n in enumerate(key):
@@ -809,6 +825,7 @@ class BlockWorker:
                     if owner_of[key] == self.rank:
                         error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
                         entry = self._store_result(b, n, part, originals[n], solved[n], gram, error)
+                        entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
                         if probe:
                             entry["sensitivity"] = sensitivity(n, gram, job.method_options())
                         outputs.append(entry)
@@ -876,35 +893,36 @@ class BlockWorker:
             return False
         return len({job.spec_for(f) for f in full}) == 1
 
-    def _gather_rows(self, own: QuantizedLinear, n_rows: int) -> QuantizedLinear:
-        """Every worker's share of a split solve, broadcast from its solver, stacked in row order."""
-        k, n_groups = own.codes.shape[1], own.scales.shape[1]
-        shares = []
-        for rank, (start, end) in enumerate(row_slices(n_rows, self.world)):
-            rows = end - start
-            # one broadcast per share: fp16 scales (as bytes, first: a float16 view needs an even
-            # offset), codes and zeros in one uint8 buffer
-            if rank == self.rank:
-                packed = torch.cat(
-                    [own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)]
-                )
-            else:
-                packed = torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=own.codes.device)
+    def _gather_rows(self, own: QuantizedLinear, shares: tuple[tuple[int, int], ...]) -> QuantizedLinear:
+        """Every worker's share of an evenly split solve (every worker has rows), broadcast from
+        its solver, stacked in row order."""
+        parts = []
+        for rank, (start, end) in enumerate(shares):
+            packed = _pack_share(own) if rank == self.rank else _empty_share(own, end - start)
             dist.broadcast(packed, src=rank)
-            scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
-            shares.append(
-                QuantizedLinear(
-                    spec=own.spec,
-                    codes=codes.reshape(rows, k),
-                    scales=scales.view(torch.float16).reshape(rows, n_groups),
-                    zeros=zeros.reshape(rows, n_groups),
-                    g_idx=own.g_idx,
-                    method=own.method,
-                    perm=own.perm,
-                    params=own.params,
-                )
-            )
-        return QuantizedLinear.stack_rows(shares)
+            parts.append(_unpack_share(own, packed, end - start))
+        return QuantizedLinear.stack_rows(parts)
+
+    def _send_rows_to_owner(
+        self, own: QuantizedLinear | None, shares: tuple[tuple[int, int], ...], owner: int
+    ) -> QuantizedLinear | None:
+        """The shares of a split solve sent to its owner, which has rows of its own (the plan
+        gives it the most) and returns them stacked in row order; other workers return None."""
+        if self.rank != owner:
+            if own is not None:
+                dist.send(_pack_share(own), dst=owner)
+            return None
+        if own is None:
+            raise RuntimeError("the owner of a split solve must have rows of its own")
+        parts = []
+        for rank, (start, end) in enumerate(shares):
+            if rank == self.rank:
+                parts.append(own)
+            elif end > start:
+                packed = _empty_share(own, end - start)
+                dist.recv(packed, src=rank)
+                parts.append(_unpack_share(own, packed, end - start))
+        return QuantizedLinear.stack_rows(parts)
 
     def _awq_search_and_fold(
         self, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
