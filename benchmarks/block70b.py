@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import machine
+from workers import gptq
 from workers.actor import _collect_stats, collect_hessians
 from workers.awq import llama_scale_groups, search_scales
 from workers.block import StagePasses, block_linears, build_block, run_block, shared_input_groups
@@ -112,7 +113,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="write the measurements here too")
     ap.add_argument("--awq", action="store_true", help="also time AWQ's scale search per group (on by default on GPUs)")
+    ap.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="GPU: the GPTQ column loop without CUDA graphs (one launch per call)",
+    )
     args = ap.parse_args()
+    if args.no_cuda_graphs:
+        gptq.CUDA_GRAPHS_DEFAULT = False
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from transformers import LlamaConfig
@@ -269,6 +277,7 @@ def main() -> None:
     for k, v in steps.items():
         print(f"{k:64s} {v:9.2f}")
     report["steps_s"] = steps
+    report["cuda_graphs"] = device.type == "cuda" and gptq.CUDA_GRAPHS_DEFAULT
     report["peak_rss_gib"] = peak_rss_gib()
     report["block_params_m"] = params / 1e6
     print(f"peak RSS: {peak_rss_gib():.1f} GiB; block parameters {params / 1e6:.0f} M")

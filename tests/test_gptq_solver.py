@@ -221,3 +221,41 @@ def test_in_place_factorisation_falls_back_to_the_retrying_path():
     want = big.to(torch.float32).index_select(0, rev).index_select(1, rev)
     want.diagonal()[dead[rev]] = 1.0
     assert torch.equal(_reversed_hessian(big, rev, dead), want)
+
+
+@pytest.mark.parametrize(
+    "k, rows, fields, act_order, static_groups, mse",
+    [
+        (576, 96, {"bits": 4, "group_size": 64, "sym": False}, False, True, 0),
+        (1000, 40, {"bits": 4, "group_size": 64, "sym": False}, True, False, 0),  # partial group, K % 32 = 8
+        (512, 33, {"bits": 4, "group_size": 128}, True, True, 0),  # act-order, static groups
+        (384, 24, {"bits": 3, "group_size": 32, "sym": False}, False, True, 8),
+        (480, 16, {"bits": 4, "group_size": 48, "sym": False}, False, True, 0),  # groups across sub-batches
+        (256, 8, {"bits": 8, "group_size": -1}, False, True, 0),
+    ],
+)
+def test_sub_batch_staging_gives_the_column_loop_bytes(k, rows, fields, act_order, static_groups, mse, monkeypatch):
+    """The CUDA-graph path stages each full sub-batch through static buffers (a graph on a GPU;
+    on a CPU the same staging runs its body directly): the same bytes as the column loop."""
+    from workers import gptq
+
+    torch.manual_seed(k + rows)
+    x = torch.randn(2 * k, k)
+    x[:, 3] = 0.0  # a dead input
+    h = (x.t() @ x).double() * (2.0 / x.shape[0])
+    w = torch.randn(rows, k) * 0.02
+    spec = QuantSpec(**fields)
+    staged = []
+    run = gptq._SubBatchGraph.run
+    monkeypatch.setattr(gptq._SubBatchGraph, "run", lambda self, *a: staged.append(a[-2]) or run(self, *a))
+    out = [gptq._solve(w, h, spec, 0.01, 128, act_order, static_groups, mse, None, graphs) for graphs in (False, True)]
+    for a, b in zip(*out, strict=True):
+        assert a == b if not isinstance(a, torch.Tensor) else torch.equal(a, b)
+    full = k // 32  # full sub-batches (blocks of 128 hold four)
+    # every full sub-batch is staged, but those a group starts inside (g48: the column loop)
+    starts_inside = {
+        g * spec.group_len(k) // 32 for g in range(k) if (g * spec.group_len(k)) % 32 and g * spec.group_len(k) < k
+    }
+    assert len(staged) == full - (0 if act_order and static_groups else len(starts_inside)) > 0
+    with pytest.raises(ValueError, match="cuda_graphs needs the weight on a CUDA device"):
+        gptq.gptq_quantize(w, h, spec, cuda_graphs=True)

@@ -157,6 +157,8 @@ def _flip_both_in_place(matrix: torch.Tensor, chunk: int = 1 << 22) -> torch.Ten
 
 
 _SUB_BATCH = 32  # columns per rank-1 sub-batch inside a lazy batch
+# cuda_graphs=None means this for a CUDA weight (benchmarks turn it off to compare)
+CUDA_GRAPHS_DEFAULT = True
 _CPU_WORKING_BYTES = 2 << 30  # bound on the solver's four K × rows working matrices on a CPU
 
 
@@ -193,6 +195,7 @@ def gptq_quantize(
     static_groups: bool = True,
     mse_grid: int = 0,
     max_rows: int | None = None,
+    cuda_graphs: bool | None = None,
 ) -> QuantizedLinear:
     """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring.
 
@@ -213,7 +216,14 @@ def gptq_quantize(
     working memory is about 4·K·max_rows floats instead of 4·K·N, the result the same. None:
     on a CPU, as many rows as keep that under 2 GiB (gate+up at Llama-70B width: 4 chunks);
     on a GPU all at once (there the per-column calls, not the memory, set the cost).
+
+    ``cuda_graphs`` (None: on for a CUDA weight): each full 32-column sub-batch whose grids
+    are known when it starts runs as one replay of a captured CUDA graph of its per-column
+    calls, over copies of its rows, instead of ~190 kernel launches; the same kernels on the
+    same values, so the same result (checked on an H100/H200 by benchmarks/gpu_solve.py).
     """
+    if cuda_graphs and weight.device.type != "cuda":
+        raise ValueError("cuda_graphs needs the weight on a CUDA device")
     if max_rows is None and weight.device.type == "cpu":
         max_rows = max(64, _CPU_WORKING_BYTES // (16 * weight.shape[1]))
     # One intra-op thread: LAPACK's Cholesky rounds differently with 1 and 2 threads (K ≥ 352),
@@ -225,8 +235,9 @@ def gptq_quantize(
     try:
         with torch.inference_mode():  # no autograd bookkeeping on the many small views below
             codes, scales, zeros, g_idx, perm, lam, dead = _solve(
-                weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows
-            )
+                weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows,
+                (weight.device.type == "cuda" and CUDA_GRAPHS_DEFAULT) if cuda_graphs is None else cuda_graphs,
+            )  # fmt: skip
     finally:
         if threads != 1:
             torch.set_num_threads(threads)
@@ -267,7 +278,7 @@ def _reversed_hessian(hessian: torch.Tensor, rev: torch.Tensor, dead: torch.Tens
     return out
 
 
-def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows):
+def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows, graphs=False):
     """The body of :func:`gptq_quantize`: (codes, fp16 scales, uint8 zeros, g_idx, perm, λ, dead)."""
     n_rows, n_cols = weight.shape
     dev = weight.device
@@ -311,6 +322,7 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
             block_size,
             act_order and static_groups,
             mse_grid,
+            graphs,
         )
         codes[r0:r1, perm] = codes_t.t().to(torch.uint8)
         del codes_t
@@ -319,7 +331,64 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
     return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())
 
 
-def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, static_params, mse_grid):
+class _SubBatchGraph:
+    """The per-column calls of one full sub-batch (the column loop of :func:`_solve_rows`),
+    captured once as a CUDA graph over static buffers: per sub-batch, its rows of Wᵀ (with
+    feedback so far) and W0ᵀ, its block of F, and each column's grid are copied in, the graph
+    replayed, and codes, residuals and the updated rows copied out. The kernels are the
+    column loop's, on the same values; F keeps its column-major layout. On a CPU device
+    (tests of the staging) the body runs directly, with nothing captured."""
+
+    def __init__(self, sub: int, n_rows: int, dev: torch.device, sym_bounds: tuple[float, float] | None, maxq: float):
+        def buf(*shape):
+            return torch.zeros(*shape, dtype=torch.float32, device=dev)
+
+        self.sub, self.maxq, self.sym_bounds = sub, maxq, sym_bounds
+        self.wt, self.w0t, self.q, self.d = buf(sub, n_rows), buf(sub, n_rows), buf(sub, n_rows), buf(sub, n_rows)
+        self.f = buf(sub, sub).t()  # column-major, as the factor
+        self.s = torch.ones(sub, n_rows, dtype=torch.float32, device=dev)
+        self.lo, self.hi = buf(sub, n_rows), buf(sub, n_rows)
+        self.graph = None
+        if dev.type != "cuda":
+            return
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture, as CUDA graphs ask
+            self._body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._body()
+
+    def _body(self) -> None:
+        for k in range(self.sub):
+            q = self.q[k]
+            if self.sym_bounds is not None:
+                torch.div(self.wt[k], self.s[k], out=q).round_().clamp_(*self.sym_bounds)
+            else:
+                torch.div(self.wt[k], self.s[k], out=q).round_().clamp_(self.lo[k], self.hi[k])
+            d = torch.addcmul(self.w0t[k], q, self.s[k], value=-1.0, out=self.d[k])
+            if k + 1 < self.sub:
+                self.wt[k + 1 :].addr_(self.f[k, k + 1 :], d)
+
+    def run(self, wt, w0t, f_sub, scales, zeros, groups, codes_t, resid_t, j1: int, j2: int) -> None:
+        self.wt.copy_(wt[j1:j2])
+        self.w0t.copy_(w0t[j1:j2])
+        self.f.copy_(f_sub)
+        self.s.copy_(scales.index_select(1, groups).t())
+        if self.sym_bounds is None:
+            torch.neg(zeros.index_select(1, groups).t(), out=self.lo)
+            torch.add(self.lo, self.maxq, out=self.hi)  # maxq − z: a − b is a + (−b), bit for bit
+        if self.graph is None:
+            self._body()
+        else:
+            self.graph.replay()
+        codes_t[j1:j2].copy_(self.q)
+        resid_t[j1:j2].copy_(self.d)
+        wt[j1:j2].copy_(self.wt)
+
+
+def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, static_params, mse_grid, graphs=False):
     """One chunk of rows through the column loop: (codes ᵀ [K, rows] in processing order as
     fp32, scales [rows, nG], zeros [rows, nG]). ``perm`` None: the original column order."""
     n_rows, n_cols = weight.shape
@@ -346,6 +415,10 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
     maxq = float(spec.maxq)
     sym_zero = float(spec.sym_zero) if spec.sym else None
     sub = _SUB_BATCH
+    replay = None
+    if graphs and n_cols >= 4 * sub:
+        replay = _SubBatchGraph(sub, n_rows, dev, (-sym_zero, maxq - sym_zero) if sym_zero is not None else None, maxq)
+        pos_group_dev = pos_group.to(dev)
 
     g_cur, s, lo, hi = -1, None, None, None
     for i1 in range(0, n_cols, block_size):
@@ -353,6 +426,20 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
         for j1 in range(i1, i2, sub):
             j2 = min(j1 + sub, i2)
             f_sub = feedback[j1:j2, j1:j2]
+            if replay is not None and j2 - j1 == sub:
+                first = pos_group_list[j1]
+                later = pos_group_list[j1 + 1 : j2]
+                if all(ready[g] or g == first for g in later):  # every grid known once column j1's is
+                    if not ready[first]:  # as the column loop below does at its first column
+                        end = min((first + 1) * group_len, n_cols)
+                        current = _compensated(wt, w0t, resid_t, feedback, j1, end, i1, i2, j1, j2)
+                        scales[:, first], zeros[:, first] = group_params(current.t(), spec, mse_grid=mse_grid)
+                        ready[first] = True
+                    replay.run(wt, w0t, f_sub, scales, zeros, pos_group_dev[j1:j2], codes_t, resid_t, j1, j2)
+                    g_cur = -1  # the column loop's cached grid is stale
+                    if j2 < i2:
+                        wt[j2:i2].addmm_(feedback[j1:j2, j2:i2].t(), resid_t[j1:j2])
+                    continue
             for k in range(j2 - j1):
                 pos = j1 + k
                 g = pos_group_list[pos]
