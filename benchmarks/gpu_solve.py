@@ -6,7 +6,9 @@ group, K not a multiple of 32) and the shapes of a Llama-70B 1/8 share.
 
     python3 -m benchmarks.gpu_solve [--json OUT.json]
 
-Exits non-zero when any case differs. Needs a CUDA device.
+Also checks that the GPU's Gram accumulation (one mixed-dtype fp64 += fp32 add per batch,
+workers/stats.py) equals the sliced cast-then-add the CPU path uses, bit for bit
+(``--stats-only``: that check alone). Exits non-zero when any case differs. Needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 import torch
 
 from benchmarks.common import machine
+from workers import stats
 from workers.gptq import gptq_quantize
 from workers.result import QuantSpec
 
@@ -47,14 +50,34 @@ def timed(*args, reps: int = 2, **kwargs):
     return best, out
 
 
+def gram_sums_agree(dev: torch.device, k: int = 4096, batches: int = 4) -> bool:
+    """The accumulator's GPU add against fp32 Gram slices cast to fp64 and added (the CPU path)."""
+    gen = torch.Generator(device=dev).manual_seed(1)
+    xs = [torch.randn(2048, k, device=dev, generator=gen) for _ in range(batches)]
+    acc = stats.HessianAccumulator(k, dev)
+    ref = torch.zeros(k, k, dtype=torch.float64, device=dev)
+    step = max(1, stats._CAST_CHUNK // k)
+    for x in xs:
+        acc.add(x)
+        gram = x.t() @ x
+        for i in range(0, k, step):
+            ref[i : i + step] += gram[i : i + step].double()
+    return torch.equal(acc.sum, ref)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--stats-only", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"machine: {machine()}; device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}")
+    sums_equal = gram_sums_agree(dev)
+    print(f"Gram sums: one mixed-dtype add per batch equals the sliced cast-then-add: {sums_equal}")
+    if args.stats_only:
+        sys.exit(0 if sums_equal else 1)
     gen = torch.Generator(device=dev).manual_seed(0)
-    rows_out, all_equal = [], True
+    rows_out, all_equal = [], sums_equal
     print(f"{'case':52s} {'eager s':>8s} {'graphs s':>9s} {'speedup':>8s}  equal")
     for label, k, n, fields, act_order, static_groups, mse in CASES:
         x = torch.randn(min(2 * k, 16384), k, device=dev, generator=gen)
@@ -77,7 +100,16 @@ def main() -> None:
     print("all equal" if all_equal else "SOME CASES DIFFER")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "device": torch.cuda.get_device_name(dev), "cases": rows_out}, f, indent=1)
+            json.dump(
+                {
+                    "machine": machine(),
+                    "device": torch.cuda.get_device_name(dev),
+                    "gram_sums_equal": sums_equal,
+                    "cases": rows_out,
+                },
+                f,
+                indent=1,
+            )
     sys.exit(0 if all_equal else 1)
 
 
