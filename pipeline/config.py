@@ -102,6 +102,11 @@ class RunConfig(_Strict):
     overlap_depth: int = Field(
         2, ge=0, description="propagate float: blocks whose solves may queue behind the forward (0 = solve inline)"
     )
+    overlap_mode: Literal["auto", "thread", "deferred"] = Field(
+        "auto",
+        description="how queued solves run: on a solver thread, or deferred on the forward's own thread a block "
+        "or more behind it; auto: deferred for one float stage (no true-sequential, GPTQ) on a CPU",
+    )
     placement: Literal["pack", "spread"] = Field(
         "pack", description="spread: one worker per node where the cluster allows (a SPREAD placement group)"
     )

@@ -25,7 +25,7 @@ from pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoi
 from pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
 from pipeline.plan import bits_spec_overrides
 from pipeline.store import StoreError, open_store, sha256_bytes
-from workers.actor import BlockWorker, WorkerJob
+from workers.actor import BlockWorker, WorkerJob, job_overlaps
 from workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
@@ -508,6 +508,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         hessian_dtype=cfg.run.hessian_dtype,
         hidden_dtype=cfg.run.hidden_dtype,
         overlap_depth=cfg.run.overlap_depth,
+        overlap_mode=cfg.run.overlap_mode,
         split_solves=cfg.run.split_solves,
         stage_cache=cfg.run.stage_cache,
         threads=threads,
@@ -604,6 +605,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 f"run.device cuda needs one GPU per worker ({workers_n}); the Ray cluster has {have:g} "
                 "(set run.device: cpu, or fewer run.workers)"
             )
+    queues = job_overlaps(job)  # propagate float: solves queued behind the forward
     pg = _placement_group(workers_n, cfg.run.placement, gpus)
     try:
         while True:
@@ -625,10 +627,17 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
                 if t_loop is None:
                     t_loop = time.perf_counter()
+                submitted: dict[int, list] = {}  # block → its process_block refs
                 for b in range(n_blocks):
                     t_block = time.perf_counter()
                     replay = records.get(b)
-                    outs = _collect([a.process_block.remote(b, replay) for a in actors])
+                    # queued solves: the next block's call waits in each worker's queue, so a worker
+                    # goes on without a round trip through the driver (workers then meet only in
+                    # their reductions); a lost worker can take a just-finished block's reply with it
+                    for ahead in (b, b + 1) if queues else (b,):
+                        if ahead < n_blocks and ahead not in submitted:
+                            submitted[ahead] = [a.process_block.remote(ahead, records.get(ahead)) for a in actors]
+                    outs = _collect(submitted.pop(b))
                     if not (restarting and replay is not None):  # a restart's replays are not counted twice
                         add_phases([out["timings"] for out in outs])
                     if replay is None and all(out.get("queued") for out in outs):

@@ -161,16 +161,56 @@ def test_one_stage_float_run_takes_the_next_inputs_from_its_statistics_pass(tmp_
         assert torch.equal(got, run_block(layer, hidden.float(), kwargs))
 
 
-def test_one_stage_float_inline_gives_the_overlapped_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
-    """The same bytes whether the next inputs come from the statistics pass (inline, W=1) or
-    from a forward of their own (solves overlapped, W=2)."""
-    runs = []
-    for workers, depth in ((1, 0), (2, 2)):
-        cfg = tiny(tmp_path / f"w{workers}", workers=workers, propagate="float", overlap_depth=depth)
+def test_one_stage_float_inline_gives_the_queued_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
+    """One float stage: the same bytes inline at W=1, and at W=2 with the solves queued on a
+    solver thread or deferred on the forward's thread (``auto`` on a CPU: deferred, whose
+    reductions were issued when each block's sums were complete)."""
+    runs = {}
+    for name, workers, depth, mode in (
+        ("inline", 1, 0, "auto"),
+        ("thread", 2, 2, "thread"),
+        ("auto", 2, 2, "auto"),
+        ("deferred1", 2, 1, "deferred"),
+    ):
+        cfg = tiny(tmp_path / name, workers=workers, propagate="float", overlap_depth=depth, overlap_mode=mode)
         cfg["quant"]["true_sequential"] = False
-        runs.append(run_job(parse_config(cfg), progress=False))
-    assert len(hashes(runs[0])) == 21
-    assert hashes(runs[0]) == hashes(runs[1])
+        runs[name] = run_job(parse_config(cfg), progress=False)
+    assert len(hashes(runs["inline"])) == 21
+    for name in ("thread", "auto", "deferred1"):
+        assert hashes(runs[name]) == hashes(runs["inline"]), name
+        assert runs[name].solved_blocks == [0, 1, 2]
+    for record in runs["thread"].records.values():  # the forward waited on the solver thread's queue
+        assert all("queue_wait" in t for t in record["timings"].values())
+    for name in ("auto", "deferred1"):  # deferred: no solver thread to wait for; the solves' own phases
+        for record in runs[name].records.values():
+            assert not any("queue_wait" in t for t in record["timings"].values())
+            assert all({"stats", "reduce", "solve"} <= set(t) for t in record["timings"].values())
+
+
+def test_deferred_solves_run_the_oldest_blocks_on_the_callers_thread():
+    import threading
+
+    from workers.actor import _DeferredSolves
+
+    seen = []
+
+    def solve(b, layer, inputs, load):
+        seen.append((b, threading.current_thread() is threading.main_thread()))
+        load[b % 2] += 1.0
+        return {"block": b}
+
+    queue = _DeferredSolves(solve, 2)
+    queue.put(0, None, None, 2)
+    queue.put(1, None, None, 2)
+    assert seen == [] and queue.take() == []  # two blocks may wait
+    queue.put(2, None, None, 2)
+    assert seen == [(0, True)] and queue.take() == [{"block": 0}]
+    queue.put(3, None, None, 1)  # a smaller depth solves down to it
+    assert [b for b, _ in seen] == [0, 1, 2]
+    queue.wait_empty()
+    assert [b for b, _ in seen] == [0, 1, 2, 3] and all(main for _, main in seen)
+    assert queue.take() == [{"block": b} for b in (1, 2, 3)] and queue.take() == []
+    assert queue.load == [2.0, 2.0]  # carried across blocks, as the solver thread's
 
 
 # ---------------------------------------------------------------- hidden states in bf16

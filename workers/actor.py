@@ -74,6 +74,9 @@ class WorkerJob:
     hessian_dtype: str = "float64"
     hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
     overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
+    # how queued solves run: "thread" (a solver thread beside the forward), "deferred" (on the
+    # forward's thread, a block or more behind it), "auto" (deferred for one float stage on a CPU)
+    overlap_mode: str = "auto"
     split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
     stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
     threads: int = 1
@@ -181,6 +184,11 @@ AWQ_NO_CLIP = ("q_proj", "k_proj")
 FLOAT_SCHEMA_VERSION = 1
 
 
+def job_overlaps(job: WorkerJob) -> bool:
+    """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
+    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
+
+
 def _share_output_errors(
     weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: list[int], start: int
 ) -> torch.Tensor:
@@ -256,10 +264,15 @@ class _StopForward(Exception):
 
 @dataclass
 class _Statistics:
-    """A block's shared-input groups and this worker's Gram sums of their inputs (one stage)."""
+    """A block's shared-input groups and this worker's Gram sums of their inputs (one stage);
+    with deferred solves also the block's solve plan, its reductions in flight (issued when
+    the sums were complete) and the total row count."""
 
     groups: list[list[str]]
     sums: dict[str, HessianAccumulator]
+    plans: dict[tuple, GroupPlan] | None = None
+    pending: dict[tuple, dist.Work] | None = None
+    total_rows: int | None = None
 
     def rows(self) -> int:
         return self.sums[self.groups[0][0]].count
@@ -349,6 +362,43 @@ class _SolverQueue:
                 self._cond.notify_all()
 
 
+class _DeferredSolves:
+    """Queued block solves run on the caller's own thread, ``depth`` blocks behind its forward:
+    each ``put`` solves the oldest blocks until at most ``depth`` remain. One-stage float blocks
+    come with their reductions already issued (asynchronously, when their sums were complete),
+    so a worker meets the others only when it solves a block whose sums they sent long
+    before; work that differs between workers in one block evens out over the next ones
+    (``load``, carried as in :class:`_SolverQueue`) instead of holding every worker at each
+    block. The same interface and reports as :class:`_SolverQueue`, without a second thread
+    that would share the worker's core with the forward."""
+
+    def __init__(self, solve, world: int):
+        self._solve = solve
+        self.load = [0.0] * world
+        self._items: collections.deque = collections.deque()
+        self._finished: list[dict] = []
+
+    def check(self) -> None:
+        pass
+
+    def put(self, b: int, layer: nn.Module, inputs, depth: int) -> None:
+        self._items.append((b, layer, inputs))
+        while len(self._items) > depth:
+            self._run_oldest()
+
+    def wait_empty(self) -> None:
+        while self._items:
+            self._run_oldest()
+
+    def take(self) -> list[dict]:
+        out, self._finished = self._finished, []
+        return out
+
+    def _run_oldest(self) -> None:
+        b, layer, inputs = self._items.popleft()
+        self._finished.append(self._solve(b, layer, inputs, self.load))
+
+
 def to_device(obj, device: torch.device):
     """``obj`` (a tensor, or tuples / lists / dicts of them) on ``device``; other values as they are."""
     if isinstance(obj, torch.Tensor):
@@ -382,6 +432,7 @@ class BlockWorker:
         self.batches: list[tuple[torch.Tensor, dict]] = []
         self.group_ready = False
         self._input_groups: dict[tuple, list[list[str]]] = {}
+        self._total_rows: int | None = None  # all workers' calibration rows (deferred solves)
 
     # -- setup ---------------------------------------------------------------------
 
@@ -513,11 +564,19 @@ class BlockWorker:
         )
 
     def overlaps(self) -> bool:
-        """Whether this run's solves run on a background thread behind the forward pass:
-        ``propagate: float`` (the next block's inputs do not wait for the solves) with
-        ``overlap_depth`` > 0, except AWQ, whose folded floats and scale search stay on the
-        synchronous path. The results are the same either way."""
-        return self.job.propagate == "float" and self.job.overlap_depth > 0 and self.job.method not in AWQ_METHODS
+        """Whether this run's solves queue behind the forward pass: ``propagate: float`` (the
+        next block's inputs do not wait for the solves) with ``overlap_depth`` > 0, except AWQ,
+        whose folded floats and scale search stay on the synchronous path. The results are
+        the same either way."""
+        return job_overlaps(self.job)
+
+    def deferred(self) -> bool:
+        """Whether queued solves run on the forward's own thread (:class:`_DeferredSolves`)
+        rather than on a solver thread: ``overlap_mode: deferred``, or ``auto`` for one float
+        stage on a CPU, where a solver thread would share the worker's core and cost more in
+        switching than it overlaps (a GPU's thread overlaps launches with kernels)."""
+        mode = self.job.overlap_mode
+        return mode == "deferred" or (mode == "auto" and self.device.type == "cpu" and self.one_float_stage())
 
     def _forward_and_queue(self, b: int, layer: nn.Module, timings: dict) -> dict:
         """propagate float: advance the hidden states through the float block now and queue the
@@ -538,6 +597,10 @@ class BlockWorker:
             timings["stats"] = time.perf_counter() - t
             timings["forward"] = 0.0
             solve_layer = layer
+            if isinstance(solver, _DeferredSolves):  # the sums travel while later blocks run
+                t = time.perf_counter()
+                self._issue_reductions(b, layer, work, solver.load)
+                timings["reduce"] = time.perf_counter() - t
         else:
             # the solver's own copy: its hooks and staged weights never meet the forward
             solve_layer = copy.deepcopy(layer)
@@ -547,7 +610,8 @@ class BlockWorker:
             timings["forward"] = time.perf_counter() - t
         t = time.perf_counter()
         solver.put(b, solve_layer, work, self.job.overlap_depth)
-        timings["queue_wait"] = time.perf_counter() - t
+        if isinstance(solver, _SolverQueue):  # deferred: put ran older solves, timed in their reports
+            timings["queue_wait"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
             "block": b,
@@ -559,10 +623,62 @@ class BlockWorker:
             "finished": self._take_finished(),
         }
 
-    def _solver_queue(self) -> _SolverQueue:
+    def _solver_queue(self) -> _SolverQueue | _DeferredSolves:
         if self._solver is None:
-            self._solver = _SolverQueue(self._solve_queued, self.world)
+            queue = _DeferredSolves if self.deferred() else _SolverQueue
+            self._solver = queue(self._solve_queued, self.world)
         return self._solver
+
+    def _all_rows(self, rows_here: int) -> int:
+        """The calibration rows of all workers (every linear sees every token, in every block:
+        summed once, then kept)."""
+        if self._total_rows is None:
+            total = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
+            if self.group_ready:
+                dist.all_reduce(total)
+            self._total_rows = int(total)
+        return self._total_rows
+
+    def _issue_reductions(self, b: int, layer: nn.Module, statistics: _Statistics, load: list[float]) -> None:
+        """Plan a one-stage block's solves (whole groups, balanced against ``load``) and start its
+        reductions without waiting for them (each owner's first group first)."""
+        linears = block_linears(layer)
+        plans = self._plan(b, statistics.groups, [statistics.groups], linears, "gptq", load, level=False)
+        statistics.plans = plans
+        statistics.total_rows = self._all_rows(statistics.rows())
+        statistics.pending = {}
+        if not self.group_ready:
+            return
+        for names in reduce_order(statistics.groups, {k: p.owner for k, p in plans.items()}):
+            key, total = tuple(names), statistics.sums[names[0]].sum
+            if plans[key].split:
+                statistics.pending[key] = dist.all_reduce(total, async_op=True)
+            else:
+                statistics.pending[key] = dist.reduce(total, dst=plans[key].owner, async_op=True)
+
+    def _plan(
+        self,
+        b: int,
+        groups: list[list[str]],
+        stages: list[list[list[str]]],
+        linears: dict[str, nn.Linear],
+        solver: str,
+        load: list[float] | None,
+        level: bool,
+    ) -> dict[tuple, GroupPlan]:
+        """Each group's owner, and the row shares of the groups split across workers."""
+        shapes = [(linears[g[0]].in_features, sum(linears[n].out_features for n in g)) for g in groups]
+        splittable = [solver == "gptq" and self._splits(b, g, linears) for g in groups]
+        if len(stages) == 1:  # whole groups on owners, one split unevenly where that levels the work
+            plans = plan_solves(shapes, self.world, splittable, load, level=level)
+        else:  # true-sequential: a stage of one group splits it evenly over the workers
+            plans = [
+                GroupPlan(owner, tuple(row_slices(n, self.world)) if split_ok and n >= self.world else None)
+                for owner, (_, n), split_ok in zip(
+                    assign_owners([solve_cost(*shape) for shape in shapes], self.world, load), shapes, splittable
+                )
+            ]
+        return {tuple(g): p for g, p in zip(groups, plans)}
 
     def _one_stage_statistics(self, layer: nn.Module) -> _Statistics:
         """One pass of this worker's samples through the float block: the Gram sums of every
@@ -657,26 +773,21 @@ class BlockWorker:
         else:
             groups = [[name] for name in linears]
             stages = [groups]
-        shapes = [(linears[g[0]].in_features, sum(linears[n].out_features for n in g)) for g in groups]
-        splittable = [solver == "gptq" and self._splits(b, g, linears) for g in groups]
         # the shares of a split group meet only at its owner, unless every worker needs the
         # solved weights: for the next stage (true-sequential) or for propagation (quantized)
         to_owner = job.propagate == "float" and len(stages) == 1
-        if len(stages) == 1:  # whole groups on owners, one split unevenly where that levels the work
-            plans = plan_solves(shapes, self.world, splittable, load, level=to_owner)
-        else:  # true-sequential: a stage of one group splits it evenly over the workers
-            plans = [
-                GroupPlan(owner, tuple(row_slices(n, self.world)) if split_ok and n >= self.world else None)
-                for owner, (_, n), split_ok in zip(
-                    assign_owners([solve_cost(*shape) for shape in shapes], self.world, load), shapes, splittable
-                )
-            ]
-        plan_of = {tuple(g): p for g, p in zip(groups, plans)}
+        if statistics is not None and statistics.plans is not None:  # deferred: planned at issue
+            plan_of = statistics.plans
+            total_rows = torch.tensor([statistics.total_rows], dtype=torch.int64)
+        else:
+            plan_of = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
+            rows_here = (
+                statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
+            )
+            total_rows = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
+            if self.group_ready and uses_gram:
+                dist.all_reduce(total_rows)
         owner_of = {key: p.owner for key, p in plan_of.items()}
-        rows_here = statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
-        total_rows = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
-        if self.group_ready and uses_gram:
-            dist.all_reduce(total_rows)
         if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
             energy = channel_energy([h for h, _ in batches])
             fisher = output_fisher(layer, batches, list(linears), seed=b)  # float block, before any solve
@@ -728,7 +839,9 @@ class BlockWorker:
                     )
                 timings["stats"] += time.perf_counter() - t
                 t = time.perf_counter()
-                if self.group_ready:
+                if statistics is not None and statistics.pending is not None:  # issued at the forward
+                    pending.update(statistics.pending)
+                elif self.group_ready:
                     # all issued at once, each owner's first group first: an owner solves its first
                     # group while the sums of its later groups are still on their way
                     for names in reduce_order(stage, owner_of):
