@@ -105,8 +105,24 @@ class RayBlockWorker(BlockWorker):
         if pause and pause.get("block") == b and pause.get("rank", 0) == self.rank:
             time.sleep(float(pause["seconds"]))
         out = super().process_block(b, replay)
-        _trim_heap()
+        self._trim_if_grown()
         return out
+
+    _blocks_seen = 0
+    _rss_settled = 0  # the largest resident set after one of the first _TRIM_WARMUP blocks
+
+    def _trim_if_grown(self) -> None:
+        """Trim the heap after a block once the resident set exceeds what the first
+        ``_TRIM_WARMUP`` blocks settled at (queues filled, buffers made) by ``_TRIM_SLACK``:
+        that bounds the slow growth a trim removes (without trims: +40 % over SmolLM2's 30
+        blocks at W=2), without a trim after every block, which handed the next block's
+        pages back to be faulted in again (1.2–1.7 s of a 25 s run at W=2, per worker)."""
+        rss = _resident_bytes()
+        self._blocks_seen += 1
+        if self._blocks_seen <= _TRIM_WARMUP:
+            self._rss_settled = max(self._rss_settled, rss)
+        elif rss > self._rss_settled * (1 + _TRIM_SLACK):
+            _trim_heap()
 
 
 def _libc():
@@ -134,6 +150,18 @@ def _fix_mmap_threshold(nbytes: int = 8 << 20) -> None:
     libc = _libc()
     if libc:
         libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+
+_TRIM_WARMUP, _TRIM_SLACK = 4, 0.02
+
+
+def _resident_bytes() -> int:
+    """This process's resident set (/proc/self/statm), or 0 where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _trim_heap() -> None:
