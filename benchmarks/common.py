@@ -95,16 +95,19 @@ class CorePinner(_Poller):
     beside its forward thread gets no more CPU than one with a single thread. Cores go to the
     live workers in pid order (rank order as Ray starts them). Each thread is pinned once
     (threads started later inherit their creator's mask, and are pinned when seen), and the
-    scan runs every 0.25 s: polling every 50 ms and pinning every thread each time took 10 %
-    of a core, on the cores the workers were measured on."""
+    scan runs every 0.25 s, backing off to every 2 s while it finds nothing new: polling
+    every 50 ms and pinning every thread each time took 10 % of a core, on the cores the
+    workers were measured on."""
 
     def __init__(self, match: str = "RayBlockWorker", period: float = 0.25):
         super().__init__(period)
+        self.first_period = period
         self.match = match
         self.cores = sorted(os.sched_getaffinity(0))
         self._threads: set[tuple[int, int]] = set()  # (thread id, core) done
 
     def tick(self) -> None:
+        pinned = len(self._threads)
         for i, p in enumerate(sorted(own_ray_workers(self.match), key=lambda p: p.pid)):
             core = self.cores[i % len(self.cores)]
             try:
@@ -114,6 +117,9 @@ class CorePinner(_Poller):
                         self._threads.add((thread.id, core))
             except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
                 pass
+        # back off while nothing new appears (threads started later inherit a pinned mask), up
+        # to 2 s: the scan runs in the driver, on the cores the workers are measured on
+        self.period = self.first_period if len(self._threads) > pinned else min(2.0, self.period * 2)
 
 
 def run_config(

@@ -28,7 +28,8 @@ from pipeline import fixtures
 # name → (propagate, quant overrides, run overrides)
 MODES = {
     "float-inline": ("float", {"true_sequential": False}, {"overlap_depth": 0}),
-    "float-overlap": ("float", {"true_sequential": False}, {"overlap_depth": 2}),
+    "float-overlap": ("float", {"true_sequential": False}, {"overlap_depth": 2}),  # deferred (auto, CPU)
+    "float-thread": ("float", {"true_sequential": False}, {"overlap_depth": 2, "overlap_mode": "thread"}),
     "quantized": ("quantized", {}, {}),
     # before split solves: each group solved whole by one owner (run.split_solves: false)
     "quantized-owner": ("quantized", {}, {"split_solves": False}),
