@@ -187,6 +187,27 @@ def test_one_stage_float_inline_gives_the_queued_bytes(tmp_path, tiny_model_path
             assert all({"stats", "reduce", "solve"} <= set(t) for t in record["timings"].values())
 
 
+def test_deferred_run_survives_a_killed_worker(tmp_path, tiny_model_path, emma_path, ray_session, monkeypatch):
+    """Deferred solves with each worker's next call already queued: a worker killed in block 2
+    (its solves of earlier blocks possibly unreported) is replaced, every block is recorded
+    once, and the bytes are the inline run's."""
+    marker = tmp_path / "killed"
+    runs = {}
+    # depth 1: block 0 is solved (and recorded) during block 1's call, before the kill
+    for name, workers, depth, faults in (("inline", 1, 0, None), ("deferred", 2, 1, marker)):
+        if faults is not None:
+            monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"block": 2, "rank": 1, "marker": str(faults)}}))
+        cfg = tiny(tmp_path / name, workers=workers, propagate="float", overlap_depth=depth)
+        cfg["quant"]["true_sequential"] = False
+        runs[name] = run_job(parse_config(cfg), progress=False)
+    assert marker.read_text().split()[1:] == ["block", "2"]
+    deferred = runs["deferred"]
+    assert deferred.restarts == 1
+    assert sorted(deferred.solved_blocks) == [0, 1, 2] and len(deferred.solved_blocks) == 3
+    assert deferred.restart_replays in ([], [0])  # [] when the kill took block 0's report with it
+    assert hashes(deferred) == hashes(runs["inline"])
+
+
 def test_deferred_solves_run_the_oldest_blocks_on_the_callers_thread():
     import threading
 
