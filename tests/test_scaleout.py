@@ -12,7 +12,8 @@ import torch
 from pipeline.config import parse_config
 from pipeline.run import FAULTS_ENV, run_job
 from pipeline.store import open_store
-from workers.actor import _SolverQueue, assign_owners, reduce_order
+from workers.actor import _SolverQueue, reduce_order
+from workers.schedule import assign_owners
 
 
 def tiny(tmp, workers=2, **run) -> dict:
@@ -283,7 +284,7 @@ def test_split_solves_give_the_one_worker_bytes(tmp_path, tiny_model_path, emma_
 
 
 def test_row_slices_cover_the_rows_once():
-    from workers.actor import row_slices
+    from workers.schedule import row_slices
 
     for n, w in [(960, 2), (576, 3), (7, 4), (5, 5)]:
         slices = row_slices(n, w)
@@ -379,6 +380,12 @@ def test_plan_splits_evenly_when_groups_are_fewer_than_workers():
     assert plans[0].shares == tuple(row_slices(960, 3)) and plans[0].owner == 0
     assert not plan_solves([(576, 960)], 3, [False])[0].split
     assert not plan_solves([(576, 2)], 3, [True])[0].split  # fewer rows than workers
+    # true-sequential: each group its own stage, split evenly; owners by LPT over the block
+    shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
+    staged = plan_solves(shapes, 2, [True, True, True, False], stage_per_group=True)
+    assert [p.shares for p in staged[:3]] == [tuple(row_slices(n, 2)) for _, n in shapes[:3]]
+    assert not staged[3].split
+    assert [p.owner for p in staged] == [p.owner for p in plan_solves(shapes, 2, [False] * 4)]
     with pytest.raises(ValueError, match="splittable flags"):
         plan_solves([(576, 960)], 2, [True, False])
 

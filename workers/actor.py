@@ -47,7 +47,7 @@ from workers.methods import (
 )
 from workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
 from workers.result import QuantizedLinear, QuantSpec
-from workers.schedule import GroupPlan, assign_owners, plan_solves, row_slices, solve_cost
+from workers.schedule import GroupPlan, plan_solves
 from workers.stats import HessianAccumulator
 
 
@@ -265,14 +265,13 @@ class _StopForward(Exception):
 @dataclass
 class _Statistics:
     """A block's shared-input groups and this worker's Gram sums of their inputs (one stage);
-    with deferred solves also the block's solve plan, its reductions in flight (issued when
-    the sums were complete) and the total row count."""
+    with deferred solves also the block's solve plan and its reductions in flight (issued
+    when the sums were complete)."""
 
     groups: list[list[str]]
     sums: dict[str, HessianAccumulator]
     plans: dict[tuple, GroupPlan] | None = None
     pending: dict[tuple, dist.Work] | None = None
-    total_rows: int | None = None
 
     def rows(self) -> int:
         return self.sums[self.groups[0][0]].count
@@ -295,7 +294,7 @@ class _SolverQueue:
 
     ``solve(b, layer, inputs, load)`` does one block's statistics, reductions, solves and store
     writes and returns its report; ``load`` is the per-worker solve work carried across blocks
-    (LPT owners, :func:`assign_owners`). torch releases the GIL in its kernels, so the thread's
+    (LPT owners, :func:`workers.schedule.assign_owners`). torch releases the GIL in its kernels, so the thread's
     solves overlap the caller's forward passes. The first failure stops the thread and is raised
     by every later call (``check``, ``put``, ``wait_empty``, ``take``).
     """
@@ -432,7 +431,7 @@ class BlockWorker:
         self.batches: list[tuple[torch.Tensor, dict]] = []
         self.group_ready = False
         self._input_groups: dict[tuple, list[list[str]]] = {}
-        self._total_rows: int | None = None  # all workers' calibration rows (deferred solves)
+        self._total_rows: int | None = None  # all workers' calibration rows (:meth:`_all_rows`)
 
     # -- setup ---------------------------------------------------------------------
 
@@ -630,8 +629,8 @@ class BlockWorker:
         return self._solver
 
     def _all_rows(self, rows_here: int) -> int:
-        """The calibration rows of all workers (every linear sees every token, in every block:
-        summed once, then kept)."""
+        """The calibration rows of all workers: every linear sees every token, in every block,
+        so they are summed once (a collective at the first block's reductions), then kept."""
         if self._total_rows is None:
             total = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
             if self.group_ready:
@@ -643,18 +642,27 @@ class BlockWorker:
         """Plan a one-stage block's solves (whole groups, balanced against ``load``) and start its
         reductions without waiting for them (each owner's first group first)."""
         linears = block_linears(layer)
-        plans = self._plan(b, statistics.groups, [statistics.groups], linears, "gptq", load, level=False)
-        statistics.plans = plans
-        statistics.total_rows = self._all_rows(statistics.rows())
-        statistics.pending = {}
+        statistics.plans = self._plan(b, statistics.groups, [statistics.groups], linears, "gptq", load, level=False)
+        self._all_rows(statistics.rows())  # the first block's collective, in the order every worker issues
+        statistics.pending = self._start_reductions(statistics.groups, statistics.sums, statistics.plans)
+
+    def _start_reductions(
+        self, stage: list[list[str]], sums: dict[str, HessianAccumulator], plans: dict[tuple, GroupPlan]
+    ) -> dict[tuple, dist.Work]:
+        """A stage's Gram sums on their way, all issued at once (``async_op``), each owner's first
+        group first, so an owner solves its first group while the sums of its later groups are
+        still travelling: all-reduced for split groups (every worker solves a share), reduced to
+        the owner otherwise."""
+        pending: dict[tuple, dist.Work] = {}
         if not self.group_ready:
-            return
-        for names in reduce_order(statistics.groups, {k: p.owner for k, p in plans.items()}):
-            key, total = tuple(names), statistics.sums[names[0]].sum
+            return pending
+        for names in reduce_order(stage, {key: p.owner for key, p in plans.items()}):
+            key, total = tuple(names), sums[names[0]].sum
             if plans[key].split:
-                statistics.pending[key] = dist.all_reduce(total, async_op=True)
+                pending[key] = dist.all_reduce(total, async_op=True)
             else:
-                statistics.pending[key] = dist.reduce(total, dst=plans[key].owner, async_op=True)
+                pending[key] = dist.reduce(total, dst=plans[key].owner, async_op=True)
+        return pending
 
     def _plan(
         self,
@@ -666,18 +674,11 @@ class BlockWorker:
         load: list[float] | None,
         level: bool,
     ) -> dict[tuple, GroupPlan]:
-        """Each group's owner, and the row shares of the groups split across workers."""
+        """Each group's owner, and the row shares of the groups split across workers
+        (:func:`plan_solves`; true-sequential stages hold one group each)."""
         shapes = [(linears[g[0]].in_features, sum(linears[n].out_features for n in g)) for g in groups]
         splittable = [solver == "gptq" and self._splits(b, g, linears) for g in groups]
-        if len(stages) == 1:  # whole groups on owners, one split unevenly where that levels the work
-            plans = plan_solves(shapes, self.world, splittable, load, level=level)
-        else:  # true-sequential: a stage of one group splits it evenly over the workers
-            plans = [
-                GroupPlan(owner, tuple(row_slices(n, self.world)) if split_ok and n >= self.world else None)
-                for owner, (_, n), split_ok in zip(
-                    assign_owners([solve_cost(*shape) for shape in shapes], self.world, load), shapes, splittable
-                )
-            ]
+        plans = plan_solves(shapes, self.world, splittable, load, level=level, stage_per_group=len(stages) > 1)
         return {tuple(g): p for g, p in zip(groups, plans)}
 
     def _one_stage_statistics(self, layer: nn.Module) -> _Statistics:
@@ -735,7 +736,7 @@ class BlockWorker:
         ``statistics`` (one float stage) are the block's sums, gathered by the pass that was also
         its forward (:meth:`_one_stage_statistics`);
         ``load`` is the solve work each worker already has queued (the owners of this block's
-        groups are balanced against it, and it is updated; see :func:`assign_owners`).
+        groups are balanced against it, and it is updated; see :func:`workers.schedule.assign_owners`).
 
         Returns {linear: dequantized weight}, the record entries this worker wrote, and
         {float tensor name in the block: folded value} (AWQ; empty otherwise). The layer is
@@ -778,15 +779,15 @@ class BlockWorker:
         to_owner = job.propagate == "float" and len(stages) == 1
         if statistics is not None and statistics.plans is not None:  # deferred: planned at issue
             plan_of = statistics.plans
-            total_rows = torch.tensor([statistics.total_rows], dtype=torch.int64)
         else:
             plan_of = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
-            rows_here = (
+        total_rows = (
+            self._all_rows(
                 statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
             )
-            total_rows = torch.tensor([rows_here], dtype=torch.int64, device=self.device)
-            if self.group_ready and uses_gram:
-                dist.all_reduce(total_rows)
+            if uses_gram
+            else 0  # no sums to scale
+        )
         owner_of = {key: p.owner for key, p in plan_of.items()}
         if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
             energy = channel_energy([h for h, _ in batches])
@@ -800,7 +801,7 @@ class BlockWorker:
         floats: dict[str, torch.Tensor] = {}
         awq_groups: dict[str, dict] = {}
         if job.method in AWQ_METHODS:
-            floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, int(total_rows), timings)
+            floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, total_rows, timings)
         originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
         split = {key for key, p in plan_of.items() if p.split}
 
@@ -841,15 +842,8 @@ class BlockWorker:
                 t = time.perf_counter()
                 if statistics is not None and statistics.pending is not None:  # issued at the forward
                     pending.update(statistics.pending)
-                elif self.group_ready:
-                    # all issued at once, each owner's first group first: an owner solves its first
-                    # group while the sums of its later groups are still on their way
-                    for names in reduce_order(stage, owner_of):
-                        key = tuple(names)
-                        if key in split:  # every worker solves a share of the rows
-                            pending[key] = dist.all_reduce(accs[names[0]].sum, async_op=True)
-                        else:
-                            pending[key] = dist.reduce(accs[names[0]].sum, dst=owner_of[key], async_op=True)
+                else:
+                    pending.update(self._start_reductions(stage, accs, plan_of))
                 timings["reduce"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -879,7 +873,7 @@ class BlockWorker:
                             len(rows), 2, dtype=torch.float64, device=weight.device
                         )
                         continue
-                    gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=int(total_rows))
+                    gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=total_rows)
                     spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
                     own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
                     mine[tuple(names)] = own  # type: ignore[assignment]
@@ -891,7 +885,7 @@ class BlockWorker:
                     continue
                 weight = torch.cat([originals[n] for n in names], dim=0)
                 awq = awq_groups.get(names[0])
-                gram = accs[names[0]].hessian(total_count=int(total_rows)) if solver == "gptq" else None
+                gram = accs[names[0]].hessian(total_count=total_rows) if solver == "gptq" else None
                 hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
                 parts = self._group_parts(b, names, linears, gram)
                 options = job.method_options()

@@ -331,6 +331,17 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
     return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())
 
 
+def _round_column(wt, w0t, f_sub, s, lo, hi, q, d, k: int) -> None:
+    """Row k of a sub-batch (``wt``, ``w0t`` and ``f_sub`` hold its rows): q = clamp(round(w̃/s),
+    lo, hi), d = w0 − s·q, and d's rank-1 feedback into the sub-batch's later rows. The column
+    loop and its CUDA graph (:class:`_SubBatchGraph`) both run this, so they launch the same
+    kernels on the same values."""
+    torch.div(wt[k], s, out=q).round_().clamp_(lo, hi)
+    torch.addcmul(w0t[k], q, s, value=-1.0, out=d)
+    if k + 1 < wt.shape[0]:
+        wt[k + 1 :].addr_(f_sub[k, k + 1 :], d)
+
+
 class _SubBatchGraph:
     """The per-column calls of one full sub-batch (the column loop of :func:`_solve_rows`),
     captured once as a CUDA graph over static buffers: per sub-batch, its rows of Wᵀ (with
@@ -362,14 +373,8 @@ class _SubBatchGraph:
 
     def _body(self) -> None:
         for k in range(self.sub):
-            q = self.q[k]
-            if self.sym_bounds is not None:
-                torch.div(self.wt[k], self.s[k], out=q).round_().clamp_(*self.sym_bounds)
-            else:
-                torch.div(self.wt[k], self.s[k], out=q).round_().clamp_(self.lo[k], self.hi[k])
-            d = torch.addcmul(self.w0t[k], q, self.s[k], value=-1.0, out=self.d[k])
-            if k + 1 < self.sub:
-                self.wt[k + 1 :].addr_(self.f[k, k + 1 :], d)
+            lo, hi = self.sym_bounds if self.sym_bounds is not None else (self.lo[k], self.hi[k])
+            _round_column(self.wt, self.w0t, self.f, self.s[k], lo, hi, self.q[k], self.d[k], k)
 
     def run(self, wt, w0t, f_sub, scales, zeros, groups, codes_t, resid_t, j1: int, j2: int) -> None:
         self.wt.copy_(wt[j1:j2])
@@ -418,7 +423,14 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
     replay = None
     if graphs and n_cols >= 4 * sub:
         replay = _SubBatchGraph(sub, n_rows, dev, (-sym_zero, maxq - sym_zero) if sym_zero is not None else None, maxq)
-        pos_group_dev = pos_group.to(dev)
+
+    def grid_at(g: int, pos: int, i1: int, i2: int, j1: int, j2: int) -> None:
+        """Group g's grid at its first column along the processing order, from the
+        error-compensated weights of its columns (the last group may be partial)."""
+        end = min((g + 1) * group_len, n_cols)
+        current = _compensated(wt, w0t, resid_t, feedback, pos, end, i1, i2, j1, j2)
+        scales[:, g], zeros[:, g] = group_params(current.t(), spec, mse_grid=mse_grid)
+        ready[g] = True
 
     g_cur, s, lo, hi = -1, None, None, None
     for i1 in range(0, n_cols, block_size):
@@ -426,41 +438,26 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
         for j1 in range(i1, i2, sub):
             j2 = min(j1 + sub, i2)
             f_sub = feedback[j1:j2, j1:j2]
-            if replay is not None and j2 - j1 == sub:
-                first = pos_group_list[j1]
-                later = pos_group_list[j1 + 1 : j2]
-                if all(ready[g] or g == first for g in later):  # every grid known once column j1's is
-                    if not ready[first]:  # as the column loop below does at its first column
-                        end = min((first + 1) * group_len, n_cols)
-                        current = _compensated(wt, w0t, resid_t, feedback, j1, end, i1, i2, j1, j2)
-                        scales[:, first], zeros[:, first] = group_params(current.t(), spec, mse_grid=mse_grid)
-                        ready[first] = True
-                    replay.run(wt, w0t, f_sub, scales, zeros, pos_group_dev[j1:j2], codes_t, resid_t, j1, j2)
-                    g_cur = -1  # the column loop's cached grid is stale
-                    if j2 < i2:
-                        wt[j2:i2].addmm_(feedback[j1:j2, j2:i2].t(), resid_t[j1:j2])
-                    continue
-            for k in range(j2 - j1):
-                pos = j1 + k
-                g = pos_group_list[pos]
-                if g != g_cur or not ready[g]:
-                    if not ready[g]:
-                        # first column of a group along the processing order: params from the
-                        # error-compensated weights of its columns (the last group may be partial)
-                        end = min((g + 1) * group_len, n_cols)
-                        current = _compensated(wt, w0t, resid_t, feedback, pos, end, i1, i2, j1, j2)
-                        scales[:, g], zeros[:, g] = group_params(current.t(), spec, mse_grid=mse_grid)
-                        ready[g] = True
-                    g_cur, s = g, scales[:, g]
-                    if sym_zero is not None:
-                        lo, hi = -sym_zero, maxq - sym_zero
-                    else:
-                        lo, hi = zeros[:, g].neg(), maxq - zeros[:, g]
-                q = codes_t[pos]
-                torch.div(wt[pos], s, out=q).round_().clamp_(lo, hi)
-                d = torch.addcmul(w0t[pos], q, s, value=-1.0, out=resid_t[pos])
-                if pos + 1 < j2:
-                    wt[pos + 1 : j2].addr_(f_sub[k, k + 1 :], d)
+            first = pos_group_list[j1]
+            # a full sub-batch whose grids are all known once column j1's is: one graph replay
+            if replay is not None and j2 - j1 == sub and all(ready[g] or g == first for g in pos_group_list[j1:j2]):
+                if not ready[first]:
+                    grid_at(first, j1, i1, i2, j1, j2)
+                replay.run(wt, w0t, f_sub, scales, zeros, pos_group[j1:j2], codes_t, resid_t, j1, j2)
+                g_cur = -1  # the column loop's cached grid is stale
+            else:
+                for k in range(j2 - j1):
+                    pos = j1 + k
+                    g = pos_group_list[pos]
+                    if g != g_cur or not ready[g]:
+                        if not ready[g]:
+                            grid_at(g, pos, i1, i2, j1, j2)
+                        g_cur, s = g, scales[:, g]
+                        if sym_zero is not None:
+                            lo, hi = -sym_zero, maxq - sym_zero
+                        else:
+                            lo, hi = zeros[:, g].neg(), maxq - zeros[:, g]
+                    _round_column(wt[j1:j2], w0t[j1:j2], f_sub, s, lo, hi, codes_t[pos], resid_t[pos], k)
             if j2 < i2:
                 wt[j2:i2].addmm_(feedback[j1:j2, j2:i2].t(), resid_t[j1:j2])
         if i2 < n_cols:

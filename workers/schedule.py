@@ -117,13 +117,16 @@ def plan_solves(
     splittable: list[bool],
     load: list[float] | None = None,
     level: bool = True,
+    stage_per_group: bool = False,
 ) -> list[GroupPlan]:
-    """The solve plan of one stage's groups, each given as (K inputs, N rows).
+    """The solve plan of a block's groups, each given as (K inputs, N rows), solved as one
+    stage, or (``stage_per_group``: true-sequential) one stage each.
 
+    - Owners go longest first to the least loaded (:func:`assign_owners` with
+      :func:`solve_cost`) over all the block's groups.
     - A stage of fewer groups than workers (true-sequential stages: one group) splits each
-      splittable group evenly over all workers (:func:`row_slices`).
-    - Otherwise whole groups go to owners, longest first to the least loaded
-      (:func:`assign_owners` with :func:`solve_cost`); then, if one splittable group on the
+      splittable group evenly over all workers (:func:`row_slices`); its owner stores it.
+    - Otherwise groups stay whole with their owners; then, if one splittable group on the
       busiest worker can be spread over the workers so the busiest finishes sooner by at least
       5 % of the modelled time, its rows are shared out unevenly to level their finishing
       times (the best such group; one per stage). A worker that takes rows pays the
@@ -157,7 +160,7 @@ def plan_solves(
             owner = max(range(world), key=lambda r: (counts[r], -r))
         plans[i] = GroupPlan(owner, _shares(counts))
 
-    if world > 1 and len(shapes) < world:
+    if world > 1 and (stage_per_group or len(shapes) < world):
         for i, (_, n) in enumerate(shapes):
             if splittable[i] and n >= world:
                 take_share(i, [e - s for s, e in row_slices(n, world)], owners[i])
