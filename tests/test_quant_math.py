@@ -226,3 +226,36 @@ def test_fp64_statistics_are_added_a_slice_at_a_time(monkeypatch):
         want += (rows.t() @ rows).double()
         acc.add(x)
     assert torch.equal(acc.sum, want) and acc.count == 3 * 132
+
+
+@pytest.mark.parametrize(
+    "rows, cols, group_size, bits, shuffled",
+    [
+        (33, 576, 64, 4, False),
+        (17, 130, 32, 3, False),
+        (9, 65, 64, 2, False),
+        (12, 96, -1, 8, False),
+        (20, 576, 64, 4, True),
+    ],
+)
+def test_dequantize_matches_the_per_column_gather(rows, cols, group_size, bits, shuffled):
+    """The broadcast path for consecutive groups (a partial last group included) and the gather
+    path for act-order g_idx both give scales[n, g_idx[k]] · (codes − zeros[n, g_idx[k]]) bit for bit."""
+    gen = torch.Generator().manual_seed(rows * cols)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=False)
+    n_groups = spec.num_groups(cols)
+    g_idx = torch.arange(cols) // spec.group_len(cols)
+    if shuffled:
+        g_idx = g_idx[torch.randperm(cols, generator=gen)]
+    result = QuantizedLinear(
+        spec,
+        torch.randint(0, 2**bits, (rows, cols), dtype=torch.uint8, generator=gen),
+        (torch.rand(rows, n_groups, generator=gen) * 0.1).half(),
+        torch.randint(0, 2**bits, (rows, n_groups), dtype=torch.uint8, generator=gen),
+        g_idx.int(),
+    )
+    expected = result.scales.float()[:, g_idx] * (result.codes.float() - result.zeros.float()[:, g_idx])
+    got = result.dequantize()
+    assert got.shape == (rows, cols) and got.is_contiguous()
+    assert torch.equal(got, expected)
+    assert torch.equal(result.dequantize(torch.float16), expected.half())

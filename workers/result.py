@@ -69,7 +69,23 @@ class QuantizedLinear:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W[n, k] = scales[n, g_idx[k]] · (codes[n, k] − zeros[n, g_idx[k]]), computed in fp32."""
+        n_rows, n_cols = self.codes.shape
+        length = self.spec.group_len(n_cols)
         g = self.g_idx.long()
+        if g.numel() == n_cols and torch.equal(g, torch.arange(n_cols, device=g.device) // length):
+            # groups of consecutive columns (no act-order shuffle): broadcast each group's grid
+            # over its columns instead of gathering an [N, K] copy of it; IEEE products and
+            # differences are the same whichever way round, so the bits match the gather
+            out = torch.empty(n_rows, n_cols, dtype=torch.float32, device=self.codes.device)
+            whole = n_cols // length  # groups of full length; a partial last one after them
+            for first, last in ((0, whole), (whole, self.scales.shape[1])):
+                start, end = first * length, min(last * length, n_cols)
+                if end > start:
+                    view = out[:, start:end].view(n_rows, last - first, -1)
+                    view.copy_(self.codes[:, start:end].view(n_rows, last - first, -1))
+                    view.sub_(self.zeros[:, first:last].float().unsqueeze(-1))
+                    view.mul_(self.scales[:, first:last].float().unsqueeze(-1))
+            return out.to(dtype)
         scale = self.scales.float()[:, g]
         zero = self.zeros.float()[:, g]
         return (scale * (self.codes.float() - zero)).to(dtype)
