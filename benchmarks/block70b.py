@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import machine
+from pipeline.checkpoint import nonfinite_count
 from workers import gptq
 from workers.actor import _collect_stats, collect_hessians
 from workers.awq import llama_scale_groups, search_scales
@@ -165,7 +166,12 @@ def main() -> None:
         steps["write synthetic block (not part of a run)"] = time.perf_counter() - t
 
         with timer as t:
-            layer = build_block(meta, load_file(str(path)), torch.float32).to(device)
+            loaded = load_file(str(path))
+            # the checkpoint reader's NaN/Inf check, which every worker runs on every block it loads
+            if any(nonfinite_count(v) for v in loaded.values() if v.is_floating_point()):
+                raise SystemExit("the synthetic block holds NaN/Inf values")
+            layer = build_block(meta, loaded, torch.float32).to(device)
+            del loaded
         steps["load block (safetensors → fp32 on device)"] = t.seconds
         params = sum(p.numel() for p in layer.parameters())
 
