@@ -3,13 +3,16 @@ forward) and quantized (true-sequential).
 
     .venv/bin/python -m benchmarks.scaling [--samples 16] [--seq-len 512] [--models smollm2,wide]
                                            [--modes float-inline,float-overlap,quantized] [--no-pin]
+                                           [--repeat 1]
 
 Prints the block-loop wall time of each configuration (first block started → last record
 written, ``RunOutcome.loop_s``), the speedup W=1 / W=2, and the workers' summed CPU phases,
 measured one after the other in this script on this machine. Each worker is confined to a
 core of its own (``--no-pin`` leaves them free), so that "one torch thread each" also holds
 for float-overlap, whose solver thread would otherwise take the idle second core at W=1.
-``--models tiny`` is a dry run on the 3-block test model (seconds).
+``--models tiny`` is a dry run on the 3-block test model (seconds). ``--repeat N`` measures each
+configuration N times (W=1 then W=2, N pairs in a row) and adds a line with the median of the
+pairs' speedups and their range: one pair moves by up to ±0.1 on this shared machine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -48,7 +52,10 @@ def main() -> None:
         action="store_true",
         help="leave the workers unpinned (by default each is confined to a core of its own)",
     )
+    ap.add_argument("--repeat", type=int, default=1, help="pairs (W=1, W=2) per configuration; >1 adds a median")
     args = ap.parse_args()
+    if args.repeat < 1:
+        raise SystemExit("--repeat must be at least 1")
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -81,25 +88,34 @@ def main() -> None:
     for label, model in models.items():
         for mode in modes:
             propagate, quant, run = MODES[mode]
-            times, phases = {}, {}
-            for w in (1, 2):
-                tmp = Path(tempfile.mkdtemp(prefix="strata-bench-"))
-                try:
-                    with contextlib.nullcontext() if args.no_pin else CorePinner():
-                        outcome = run_config(
-                            model, str(tmp), w, propagate, args.samples, args.seq_len, run=run,
-                            allow_partial_group=True, **quant,
-                        )  # fmt: skip
-                    times[w], phases[w] = outcome.loop_s, outcome.phase_s
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[2].items()))
-            print(
-                f"{label:38s} {mode:18s} {times[1]:8.1f} {times[2]:8.1f} {times[1] / times[2]:7.2f}×  {shown}",
-                flush=True,
-            )
-            shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[1].items()))
-            print(f"{'':38s} {'':18s} {'':8s} {'':8s} {'':8s}  phases (W=1): {shown}", flush=True)
+            speedups = []
+            for _ in range(args.repeat):
+                times, phases = {}, {}
+                for w in (1, 2):
+                    tmp = Path(tempfile.mkdtemp(prefix="strata-bench-"))
+                    try:
+                        with contextlib.nullcontext() if args.no_pin else CorePinner():
+                            outcome = run_config(
+                                model, str(tmp), w, propagate, args.samples, args.seq_len, run=run,
+                                allow_partial_group=True, **quant,
+                            )  # fmt: skip
+                        times[w], phases[w] = outcome.loop_s, outcome.phase_s
+                    finally:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                speedups.append(times[1] / times[2])
+                shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[2].items()))
+                print(
+                    f"{label:38s} {mode:18s} {times[1]:8.1f} {times[2]:8.1f} {speedups[-1]:7.2f}×  {shown}",
+                    flush=True,
+                )
+                shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(phases[1].items()))
+                print(f"{'':38s} {'':18s} {'':8s} {'':8s} {'':8s}  phases (W=1): {shown}", flush=True)
+            if args.repeat > 1:
+                print(
+                    f"{label:38s} {mode:18s} median of {args.repeat} pairs {statistics.median(speedups):.2f}× "
+                    f"(range {min(speedups):.2f}–{max(speedups):.2f}×)",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
