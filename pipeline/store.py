@@ -142,10 +142,12 @@ class LocalStore:
     def _sidecar(path: Path) -> Path:
         return path.with_name(f".{path.name}.sha256")
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None:
+        """Write ``data`` under ``key`` (atomically, with its sha256 beside it); ``sha256``: the
+        digest of ``data`` where the caller has it already (a worker records it too)."""
         path = self._path(key)
         data = bytes(data)
-        digest = sha256_bytes(data)
+        digest = sha256 or sha256_bytes(data)
         tag = f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = path.with_name(f".{path.name}.{tag}")
         side, side_tmp = self._sidecar(path), path.with_name(f".{path.name}.sha256.{tag}")
@@ -574,11 +576,13 @@ class S3Store:
 
     # -- the interface --------------------------------------------------------------------
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None:
+        """Upload ``data`` under ``key`` with its sha256 as metadata (``sha256``: its digest
+        where the caller has it already); multipart past ``multipart_threshold``."""
         full = self._key(key)
         data = bytes(data)
         client = self.client()
-        digest = sha256_bytes(data)
+        digest = sha256 or sha256_bytes(data)
         if len(data) > self.multipart_threshold and len(data) > self.part_size:
             self._put_multipart(client, key, full, data, digest)
             return

@@ -417,3 +417,35 @@ def test_levelled_split_gives_the_whole_group_bytes(tmp_path, smollm2_path, emma
     err2 = {e["name"]: e["output_rel_error"] for r in levelled.records.values() for e in r["results"]}
     assert err1.keys() == err2.keys()
     assert all(abs(err2[n] - e) <= 1e-3 * e for n, e in err1.items()), (err1, err2)
+
+
+def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
+    """Store writes leave the worker's thread (the caller returns before a slow write is done),
+    ``wait`` returns only once every write handed over is stored, and a failed write is raised
+    there, after the others have finished."""
+    import threading
+
+    from pipeline.store import StoreError
+    from workers.actor import _Uploads
+
+    release = threading.Event()
+    stored: dict[str, tuple[bytes, str]] = {}
+
+    class SlowStore:
+        def put_bytes(self, key, data, sha256=None):
+            release.wait(timeout=10)
+            if key == "bad":
+                raise StoreError("disk full")
+            stored[key] = (data, sha256)
+
+    uploads = _Uploads(SlowStore())
+    uploads.put("a", b"1", "d1")
+    uploads.put("bad", b"2", "d2")
+    uploads.put("c", b"3", "d3")
+    assert stored == {}  # handed over, not written yet: put returned at once
+    release.set()
+    with pytest.raises(StoreError, match="disk full"):
+        uploads.wait()
+    assert stored == {"a": (b"1", "d1"), "c": (b"3", "d3")}
+    uploads.wait()  # the failure was raised once
+    uploads.close()

@@ -15,6 +15,7 @@ import resource
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -289,6 +290,48 @@ class _Catcher(nn.Module):
         raise _StopForward
 
 
+class _Uploads:
+    """Store writes on one background thread, so a worker goes on with its next stage or block
+    while a result is written (synced, or sent to S3); :meth:`wait` returns once every write
+    handed over so far is stored and raises the first failure. Record entries leave the worker
+    only after a ``wait`` (a block is done only when its stored results are), so no record ever
+    names an object that is not there yet."""
+
+    def __init__(self, store):
+        self._store = store
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pending: list[Future] = []
+
+    def put(self, key: str, data: bytes, sha256: str) -> None:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-upload")
+            self._pending.append(self._pool.submit(self._store.put_bytes, key, data, sha256=sha256))
+
+    def wait(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        failure = None
+        for future in pending:  # every write finishes (or fails) before the first failure is raised
+            try:
+                future.result()
+            except BaseException as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        """Let the writes handed over finish, then stop the thread. Writes still pending here
+        belong to a block that failed, whose error has gone to the driver already: theirs are
+        not raised again."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        with self._lock:
+            self._pending = []
+
+
 class _SolverQueue:
     """One background thread that runs queued block solves in the order they were queued.
 
@@ -421,6 +464,7 @@ class BlockWorker:
             raise RuntimeError(f"worker {rank}: run.device is {job.device!r} but this process sees no CUDA device")
         self.rank, self.world = rank, world
         self.reader, self.store, self.job = reader, store, job
+        self._uploads = _Uploads(store)
         config_dict = dict(job.model_config)
         model_type = config_dict.pop("model_type")
         self.config = AutoConfig.for_model(model_type, **config_dict)
@@ -528,6 +572,7 @@ class BlockWorker:
             out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self._solver is not None:  # a replay after queued solves (resume with gaps): report what finished
             out["finished"] = self._take_finished()
+        self._uploads.wait()  # this block's results are stored before its entries leave
         return out
 
     def _advance(self, layer: nn.Module, passes: StagePasses | None = None) -> None:
@@ -710,7 +755,10 @@ class BlockWorker:
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
     def _take_finished(self) -> list[dict]:
-        return [] if self._solver is None else self._solver.take()
+        """Reports of the queued solves finished since the last call, their results stored."""
+        finished = [] if self._solver is None else self._solver.take()
+        self._uploads.wait()  # after the take: the writes of every report taken were handed over before it
+        return finished
 
     def drain(self) -> list[dict]:
         """Wait until every queued solve is stored; the finished blocks not reported yet.
@@ -718,7 +766,7 @@ class BlockWorker:
         if self._solver is None:
             return []
         self._solver.wait_empty()
-        return self._solver.take()
+        return self._take_finished()
 
     def _solve_block(
         self,
@@ -1120,11 +1168,12 @@ class BlockWorker:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
-        self.store.put_bytes(key, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self._uploads.put(key, data, digest)
         return {
             "name": full_name,
             "key": key,
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest,
             "bytes": len(data),
             "shape": list(tensor.shape),
             "dtype": "float32",
@@ -1153,11 +1202,12 @@ class BlockWorker:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = result_to_bytes(result)
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
-        self.store.put_bytes(key, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self._uploads.put(key, data, digest)  # written while the worker goes on; waited for before any record
         info = {
             "name": full_name,
             "key": key,
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest,
             "bytes": len(data),
             "shape": list(result.shape),
             **_grid_fields(result),
@@ -1186,6 +1236,7 @@ class BlockWorker:
         return weights, floats
 
     def shutdown(self) -> None:
+        self._uploads.close()
         if self.group_ready:
             dist.destroy_process_group()
             self.group_ready = False
