@@ -423,13 +423,16 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
     so a finite sum means a clean chunk, and only a chunk whose sum is not finite (a bad value,
     or finite values that overflow the accumulator) is counted value by value. A 16-bit chunk
     is summed in fp32 (2^18 fp16 values cannot overflow it), a wider one in fp64: 3–10× faster
-    than isfinite() on every value, and every worker checks every block it loads."""
+    than isfinite() on every value, and every worker checks every block it loads. fp8 chunks
+    are widened to fp32 first (exactly; isfinite has no fp8 kernels)."""
     flat = tensor.reshape(-1)
     accumulate = torch.float32 if tensor.element_size() <= 2 else torch.float64
     bad = 0
     step = FINITE_CHUNK
     for start in range(0, flat.numel(), step):
         chunk = flat[start : start + step]
+        if chunk.element_size() == 1:
+            chunk = chunk.float()
         if not torch.isfinite(chunk.sum(dtype=accumulate)):
             bad += chunk.numel() - int(torch.isfinite(chunk).sum())
     return bad
