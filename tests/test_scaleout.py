@@ -423,6 +423,7 @@ def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
     """Store writes leave the worker's thread (the caller returns before a slow write is done),
     ``wait`` returns only once every write handed over is stored, and a failed write is raised
     there, after the others have finished."""
+    import hashlib
     import threading
 
     from pipeline.store import StoreError
@@ -439,13 +440,12 @@ def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
             stored[key] = (data, sha256)
 
     uploads = _Uploads(SlowStore())
-    uploads.put("a", b"1", "d1")
-    uploads.put("bad", b"2", "d2")
-    uploads.put("c", b"3", "d3")
+    digests = {key: uploads.put(key, data) for key, data in (("a", b"1"), ("bad", b"2"), ("c", b"3"))}
+    assert digests["a"] == hashlib.sha256(b"1").hexdigest()
     assert stored == {}  # handed over, not written yet: put returned at once
     release.set()
     with pytest.raises(StoreError, match="disk full"):
         uploads.wait()
-    assert stored == {"a": (b"1", "d1"), "c": (b"3", "d3")}
+    assert stored == {"a": (b"1", digests["a"]), "c": (b"3", digests["c"])}
     uploads.wait()  # the failure was raised once
     uploads.close()

@@ -303,11 +303,15 @@ class _Uploads:
         self._lock = threading.Lock()
         self._pending: list[Future] = []
 
-    def put(self, key: str, data: bytes, sha256: str) -> None:
+    def put(self, key: str, data: bytes) -> str:
+        """Hand ``data`` over to be stored under ``key``; returns its sha256 (for the record
+        entry, and passed to the store for its checksum, so the bytes are hashed once)."""
+        digest = hashlib.sha256(data).hexdigest()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-upload")
-            self._pending.append(self._pool.submit(self._store.put_bytes, key, data, sha256=sha256))
+            self._pending.append(self._pool.submit(self._store.put_bytes, key, data, sha256=digest))
+        return digest
 
     def wait(self) -> None:
         with self._lock:
@@ -1168,8 +1172,7 @@ class BlockWorker:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
-        digest = hashlib.sha256(data).hexdigest()
-        self._uploads.put(key, data, digest)
+        digest = self._uploads.put(key, data)
         return {
             "name": full_name,
             "key": key,
@@ -1202,8 +1205,7 @@ class BlockWorker:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = result_to_bytes(result)
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
-        digest = hashlib.sha256(data).hexdigest()
-        self._uploads.put(key, data, digest)  # written while the worker goes on; waited for before any record
+        digest = self._uploads.put(key, data)  # written while the worker goes on; waited for before any record
         info = {
             "name": full_name,
             "key": key,

@@ -67,12 +67,21 @@ class QuantizedLinear:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
+    @property
+    def groups_in_order(self) -> bool:
+        """Whether g_idx[k] = k // G: each group is G consecutive columns (anything but
+        act-order without static groups), the only layout formats without a g_idx can hold."""
+        n_cols = self.codes.shape[1]
+        g = self.g_idx.long()
+        return g.shape == (n_cols,) and torch.equal(
+            g, torch.arange(n_cols, device=g.device) // self.spec.group_len(n_cols)
+        )
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """W[n, k] = scales[n, g_idx[k]] · (codes[n, k] − zeros[n, g_idx[k]]), computed in fp32."""
         n_rows, n_cols = self.codes.shape
         length = self.spec.group_len(n_cols)
-        g = self.g_idx.long()
-        if g.numel() == n_cols and torch.equal(g, torch.arange(n_cols, device=g.device) // length):
+        if self.groups_in_order:
             # groups of consecutive columns (no act-order shuffle): broadcast each group's grid
             # over its columns instead of gathering an [N, K] copy of it; IEEE products and
             # differences are the same whichever way round, so the bits match the gather
@@ -86,6 +95,7 @@ class QuantizedLinear:
                     view.sub_(self.zeros[:, first:last].float().unsqueeze(-1))
                     view.mul_(self.scales[:, first:last].float().unsqueeze(-1))
             return out.to(dtype)
+        g = self.g_idx.long()
         scale = self.scales.float()[:, g]
         zero = self.zeros.float()[:, g]
         return (scale * (self.codes.float() - zero)).to(dtype)

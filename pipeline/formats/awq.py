@@ -44,8 +44,7 @@ def check_storable(result: QuantizedLinear) -> None:
         )
     if n_rows % PACK:
         raise ValueError(f"AWQ packs 8 output columns per int32: out_features {n_rows} is not a multiple of 8")
-    expected = torch.arange(n_cols, dtype=torch.int64) // spec.group_size
-    if not torch.equal(result.g_idx.long().cpu(), expected):
+    if not result.groups_in_order:
         raise ValueError(
             "AWQ has no g_idx: this result uses act-order without static groups (g_idx != k // G); "
             "requantize with static_groups, or publish it as GPTQ"

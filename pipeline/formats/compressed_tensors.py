@@ -49,8 +49,7 @@ def check_storable(result: QuantizedLinear) -> None:
         raise ValueError(
             f"compressed-tensors rejects partial groups: in_features {n_cols} is not a multiple of group_size {group}"
         )
-    expected = torch.arange(n_cols, dtype=torch.int64) // group
-    if not torch.equal(result.g_idx.long().cpu(), expected):
+    if not result.groups_in_order:
         raise ValueError(
             "compressed-tensors pack-quantized stores no g_idx: this result uses act-order without "
             "static groups (g_idx != k // G); requantize with static_groups, or publish it as GPTQ"
