@@ -331,15 +331,16 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
     return codes, scales.half(), zeros.to(torch.uint8), g_idx, perm.to(torch.int64), lam, int(dead.sum())
 
 
-def _round_column(wt, w0t, f_sub, s, lo, hi, q, d, k: int) -> None:
-    """Row k of a sub-batch (``wt``, ``w0t`` and ``f_sub`` hold its rows): q = clamp(round(w̃/s),
-    lo, hi), d = w0 − s·q, and d's rank-1 feedback into the sub-batch's later rows. The column
-    loop and its CUDA graph (:class:`_SubBatchGraph`) both run this, so they launch the same
-    kernels on the same values."""
-    torch.div(wt[k], s, out=q).round_().clamp_(lo, hi)
-    torch.addcmul(w0t[k], q, s, value=-1.0, out=d)
-    if k + 1 < wt.shape[0]:
-        wt[k + 1 :].addr_(f_sub[k, k + 1 :], d)
+def _round_column(w, w0, later, f_later, s, lo, hi, q, d) -> None:
+    """One column of a sub-batch, given as rows of Wᵀ: q = clamp(round(w̃/s), lo, hi),
+    d = w0 − s·q, and d's rank-1 feedback into the sub-batch's later columns
+    (``later`` += ``f_later`` ⊗ d; both None for the last column). The column loop and its
+    CUDA graph (:class:`_SubBatchGraph`) both run this, so they launch the same kernels on
+    the same values."""
+    torch.div(w, s, out=q).round_().clamp_(lo, hi)
+    torch.addcmul(w0, q, s, value=-1.0, out=d)
+    if later is not None:
+        later.addr_(f_later, d)
 
 
 class _SubBatchGraph:
@@ -374,7 +375,9 @@ class _SubBatchGraph:
     def _body(self) -> None:
         for k in range(self.sub):
             lo, hi = self.sym_bounds if self.sym_bounds is not None else (self.lo[k], self.hi[k])
-            _round_column(self.wt, self.w0t, self.f, self.s[k], lo, hi, self.q[k], self.d[k], k)
+            last = k + 1 == self.sub
+            later, f_later = (None, None) if last else (self.wt[k + 1 :], self.f[k, k + 1 :])
+            _round_column(self.wt[k], self.w0t[k], later, f_later, self.s[k], lo, hi, self.q[k], self.d[k])
 
     def run(self, wt, w0t, f_sub, scales, zeros, groups, codes_t, resid_t, j1: int, j2: int) -> None:
         self.wt.copy_(wt[j1:j2])
@@ -446,6 +449,12 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
                 replay.run(wt, w0t, f_sub, scales, zeros, pos_group[j1:j2], codes_t, resid_t, j1, j2)
                 g_cur = -1  # the column loop's cached grid is stale
             else:
+                # the sub-batch's rows as views made once (per-column indexing cost more than the
+                # column's own arithmetic at SmolLM2's width)
+                w_sub = wt[j1:j2]
+                w_rows, w0_rows, f_rows = w_sub.unbind(0), w0t[j1:j2].unbind(0), f_sub.unbind(0)
+                q_rows, d_rows = codes_t[j1:j2].unbind(0), resid_t[j1:j2].unbind(0)
+                last = j2 - j1 - 1
                 for k in range(j2 - j1):
                     pos = j1 + k
                     g = pos_group_list[pos]
@@ -457,7 +466,8 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
                             lo, hi = -sym_zero, maxq - sym_zero
                         else:
                             lo, hi = zeros[:, g].neg(), maxq - zeros[:, g]
-                    _round_column(wt[j1:j2], w0t[j1:j2], f_sub, s, lo, hi, codes_t[pos], resid_t[pos], k)
+                    later, f_later = (None, None) if k == last else (w_sub[k + 1 :], f_rows[k][k + 1 :])
+                    _round_column(w_rows[k], w0_rows[k], later, f_later, s, lo, hi, q_rows[k], d_rows[k])
             if j2 < i2:
                 wt[j2:i2].addmm_(feedback[j1:j2, j2:i2].t(), resid_t[j1:j2])
         if i2 < n_cols:
