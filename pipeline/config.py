@@ -123,9 +123,10 @@ class RunConfig(_Strict):
     )
     threads_per_worker: int | None = Field(None, ge=1)
     huge_pages: bool = Field(
-        True,
+        False,
         description="workers' large allocations on transparent huge pages (glibc.malloc.hugetlb=1, where the "
-        "kernel's THP mode is madvise): about a tenth of the page faults, same results",
+        "kernel's THP mode is madvise): about a tenth of the page faults, same results; faster on SmolLM2, "
+        "not on a 1536-wide model (README, Huge pages)",
     )
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 

@@ -22,8 +22,9 @@ def _thp_mode() -> str | None:
     return text[text.index("[") + 1 : text.index("]")] if "[" in text else None
 
 
-def test_on_by_default_and_merged_with_inherited_tunables():
-    assert RunConfig().huge_pages is True
+def test_opt_in_and_merged_with_inherited_tunables():
+    assert RunConfig().huge_pages is False
+    assert RunConfig(huge_pages=True).huge_pages is True
     assert worker_runtime_env(True) == {"env_vars": {"GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}}
     env = worker_runtime_env(True, "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0")
     # the caller's other tunables stay; its hugetlb setting is replaced, not duplicated
