@@ -18,8 +18,7 @@ import tempfile
 import ray
 
 from benchmarks.common import CorePinner, machine, run_config
-from benchmarks.scaling import MODES
-from pipeline import fixtures
+from benchmarks.scaling import MODES, wide_model
 
 
 def main() -> None:
@@ -36,16 +35,7 @@ def main() -> None:
         if name == "smollm2":
             models[name] = "fixture:smollm2-135m"
         elif name == "wide":
-            models[name] = str(
-                fixtures.synthetic_llama(
-                    fixtures.cache_dir() / "models" / "synthetic-1536x6",
-                    hidden=1536,
-                    intermediate=4096,
-                    layers=6,
-                    heads=12,
-                    kv_heads=4,
-                )
-            )
+            models[name] = str(wide_model())
         else:
             raise SystemExit(f"unknown model {name!r}; pick from smollm2, wide")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")

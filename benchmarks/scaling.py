@@ -41,6 +41,18 @@ MODES = {
 }
 
 
+def wide_model() -> Path:
+    """The synthetic wider Llama of the scaling benchmarks (1536 wide, FFN 4096, 6 blocks), cached."""
+    return fixtures.synthetic_llama(
+        fixtures.cache_dir() / "models" / "synthetic-1536x6",
+        hidden=1536,
+        intermediate=4096,
+        layers=6,
+        heads=12,
+        kv_heads=4,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=16)
@@ -64,15 +76,7 @@ def main() -> None:
     if "smollm2" in args.models:
         models["SmolLM2-135M (576 wide, 30 blocks)"] = "fixture:smollm2-135m"
     if "wide" in args.models:
-        wide = fixtures.synthetic_llama(
-            fixtures.cache_dir() / "models" / "synthetic-1536x6",
-            hidden=1536,
-            intermediate=4096,
-            layers=6,
-            heads=12,
-            kv_heads=4,
-        )
-        models["synthetic Llama (1536 wide, 6 blocks)"] = str(wide)
+        models["synthetic Llama (1536 wide, 6 blocks)"] = str(wide_model())
     if "tiny" in args.models:
         models["tiny Llama (test fixture, 3 blocks)"] = str(fixtures.tiny_llama())
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
