@@ -62,3 +62,16 @@ def test_ray_worker_maps_large_tensors_on_huge_pages(ray_session):
     if _thp_mode() == "madvise":  # without the tunable glibc never asks for them
         tunables, huge_kib = ray.get(probe.remote())
         assert tunables is None and huge_kib == 0
+
+
+def test_run_with_huge_pages_gives_the_same_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
+    """run_job starts its actors with the runtime_env (W=2 here) and they store the bytes a
+    W=1 run without it stores: the allocator's pages do not touch the arithmetic."""
+    from pipeline.config import parse_config
+    from pipeline.run import run_job
+    from tests.test_scaleout import hashes, tiny
+
+    plain = run_job(parse_config(tiny(tmp_path / "plain", workers=1)), progress=False)
+    huge = run_job(parse_config(tiny(tmp_path / "huge", workers=2, huge_pages=True)), progress=False)
+    assert huge.run_id == plain.run_id  # huge_pages is not part of the run's fingerprint
+    assert len(hashes(plain)) == 21 and hashes(huge) == hashes(plain)
