@@ -58,7 +58,7 @@ COPY workers/ workers/
 # the project and its dependencies; ray[default] for the dashboard, Jobs API and agents
 RUN pip install --no-cache-dir . "ray[default]==${RAY_VERSION}" \
     && strata --help >/dev/null \
-    && python -c "import pipeline.cli, workers.actor, torch, ray; print('torch', torch.__version__, 'ray', ray.__version__)"
+    && python -c "import strata_quant.pipeline.cli, strata_quant.workers.actor, torch, ray; print('torch', torch.__version__, 'ray', ray.__version__)"
 
 # ---------------------------------------------------------------- runtime
 FROM base AS runtime

@@ -47,12 +47,12 @@ def status():
     return out
 
 fmt, model, store_root, run_id, dest = sys.argv[1:6]
-from pipeline import assemble
-from pipeline.checkpoint import CheckpointReader
-from pipeline.run import load_records
-from pipeline.store import open_store
+from strata_quant.pipeline import assemble
+from strata_quant.pipeline.checkpoint import CheckpointReader
+from strata_quant.pipeline.run import load_records
+from strata_quant.pipeline.store import open_store
 if fmt == "gguf":
-    from pipeline.formats import gguf  # noqa: F401  (imported lazily by assemble_gguf: part of the baseline)
+    from strata_quant.pipeline.formats import gguf  # noqa: F401  (imported lazily by assemble_gguf: part of the baseline)
 imports = status()
 
 store = open_store(store_root)
@@ -107,7 +107,7 @@ def status_bytes() -> dict[str, int]:
 
 
 def make_model(folder: Path, *, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> Path:
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return fixtures.synthetic_llama(
         folder, hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads
@@ -116,7 +116,7 @@ def make_model(folder: Path, *, hidden: int, intermediate: int, layers: int, hea
 
 def largest_tensor_bytes(reader) -> tuple[str, int]:
     """The checkpoint's largest tensor: (name, bytes), from the safetensors headers."""
-    from pipeline.checkpoint import DTYPE_BYTES
+    from strata_quant.pipeline.checkpoint import DTYPE_BYTES
 
     sizes = {n: math.prod(shape) * DTYPE_BYTES[dtype] for n, (dtype, shape) in reader.tensor_info.items()}
     name = max(sizes, key=sizes.get)
@@ -126,11 +126,11 @@ def largest_tensor_bytes(reader) -> tuple[str, int]:
 def write_rtn_run(model: Path, store_root: Path, run_id: str, *, bits: int = 4, group_size: int = 128) -> int:
     """An RTN run record of every decoder linear, as a run stores it (result objects, then
     each block's record.json last), made in this process without Ray. Returns the linears."""
-    from pipeline.checkpoint import CheckpointReader
-    from pipeline.store import open_store
-    from workers.actor import result_to_bytes
-    from workers.result import QuantSpec
-    from workers.rtn import rtn_quantize
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.store import open_store
+    from strata_quant.workers.actor import result_to_bytes
+    from strata_quant.workers.result import QuantSpec
+    from strata_quant.workers.rtn import rtn_quantize
 
     reader = CheckpointReader(model)
     store = open_store(str(store_root))
@@ -195,7 +195,7 @@ def output_bytes(dest: Path) -> int:
 
 def main() -> None:
     from benchmarks.common import machine
-    from pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.checkpoint import CheckpointReader
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--formats", default="gptq,gguf")

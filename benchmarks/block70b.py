@@ -31,13 +31,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks.common import machine
-from pipeline.checkpoint import nonfinite_count
-from workers import gptq
-from workers.actor import _collect_stats, collect_hessians
-from workers.awq import llama_scale_groups, search_scales
-from workers.block import StagePasses, block_linears, build_block, run_block, shared_input_groups
-from workers.gptq import gptq_quantize, relative_output_error
-from workers.result import QuantSpec
+from strata_quant.pipeline.checkpoint import nonfinite_count
+from strata_quant.workers import gptq
+from strata_quant.workers.actor import _collect_stats, collect_hessians
+from strata_quant.workers.awq import llama_scale_groups, search_scales
+from strata_quant.workers.block import StagePasses, block_linears, build_block, run_block, shared_input_groups
+from strata_quant.workers.gptq import gptq_quantize, relative_output_error
+from strata_quant.workers.result import QuantSpec
 
 # Assumptions for the CPU-side projection (H100 SXM, dense): stated, not measured
 H100_FP32_TFLOPS = 50.0  # matmul for the Gram and GPTQ updates

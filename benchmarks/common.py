@@ -127,8 +127,8 @@ def run_config(
 ):
     """One quantization run (no artifacts, no eval); returns the RunOutcome. ``run``: extra
     ``run`` section keys (e.g. overlap_depth)."""
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
 
     cfg = parse_config(
         {

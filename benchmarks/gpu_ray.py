@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine
-from pipeline.assemble import ResultSource
-from pipeline.config import parse_config
-from pipeline.run import RunError, run_job
+from strata_quant.pipeline.assemble import ResultSource
+from strata_quant.pipeline.config import parse_config
+from strata_quant.pipeline.run import RunError, run_job
 
 
 def job(tmp: Path, name: str, model: str, text: str, device: str, workers: int = 1, run=None, **quant) -> dict:

@@ -21,9 +21,9 @@ import time
 import torch
 
 from benchmarks.common import machine
-from workers import stats
-from workers.gptq import gptq_quantize
-from workers.result import QuantSpec
+from strata_quant.workers import stats
+from strata_quant.workers.gptq import gptq_quantize
+from strata_quant.workers.result import QuantSpec
 
 # (label, K, rows, spec fields, act_order, static_groups, mse_grid)
 CASES = [

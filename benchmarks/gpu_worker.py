@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from pipeline.checkpoint import open_checkpoint
-from pipeline.store import LocalStore
-from workers.actor import BlockWorker, WorkerJob, result_from_bytes
-from workers.result import QuantSpec
+from strata_quant.pipeline.checkpoint import open_checkpoint
+from strata_quant.pipeline.store import LocalStore
+from strata_quant.workers.actor import BlockWorker, WorkerJob, result_from_bytes
+from strata_quant.workers.result import QuantSpec
 
 METHOD_JOBS = {
     "gptq": {},

@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 
 from benchmarks.common import machine
-from pipeline import fixtures
+from strata_quant.pipeline import fixtures
 
 # glibc's adaptive mmap threshold makes peak RSS depend on the order of frees (±150 MiB run to
 # run here); a fixed threshold returns every large buffer to the OS when freed, so peaks repeat
@@ -69,8 +69,8 @@ def isolated(samples: int, seq_len: int) -> None:
 
 
 def main() -> None:
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=128)

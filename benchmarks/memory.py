@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 from benchmarks.common import PeakRSS, machine, run_config
-from pipeline import fixtures
+from strata_quant.pipeline import fixtures
 
 
 def main() -> None:

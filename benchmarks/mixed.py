@@ -30,18 +30,18 @@ import time
 import torch
 from torch import nn
 
-from pipeline import fixtures
-from pipeline.calibration import calibration_windows, eval_windows, tokenize_stream
-from pipeline.eval import evaluate, load_reference, with_weights
-from workers.gptq import gptq_quantize
-from workers.mixed import (
+from strata_quant.pipeline import fixtures
+from strata_quant.pipeline.calibration import calibration_windows, eval_windows, tokenize_stream
+from strata_quant.pipeline.eval import evaluate, load_reference, with_weights
+from strata_quant.workers.gptq import gptq_quantize
+from strata_quant.workers.mixed import (
     channel_energy,
     choose_bits_by_cost,
     gptq_stored_bits,
     output_fisher,
     residual_scale,
 )
-from workers.result import QuantSpec
+from strata_quant.workers.result import QuantSpec
 
 WIDTHS = (3, 4, 8)
 

@@ -81,8 +81,8 @@ def collect_hessians(block: int, windows: int, threads: int) -> Path:
         return path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import fixtures
-    from pipeline.calibration import calibration_windows, load_text, tokenize_stream
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.calibration import calibration_windows, load_text, tokenize_stream
 
     torch.set_num_threads(threads)
     model_dir = fixtures.smollm2()
@@ -157,8 +157,8 @@ def gptqmodel_solve(weight, hessian, *, desc_act: bool, damp: float | None, grou
 
 
 def strata_solve(weight, hessian, *, act_order: bool, damp: float, static: bool):
-    from workers.gptq import gptq_quantize
-    from workers.result import QuantSpec
+    from strata_quant.workers.gptq import gptq_quantize
+    from strata_quant.workers.result import QuantSpec
 
     t, c = time.perf_counter(), time.thread_time()
     res = gptq_quantize(
@@ -200,7 +200,7 @@ def solve(args) -> None:
     from safetensors.torch import load_file
 
     from benchmarks.common import machine
-    from workers.gptq import relative_output_error
+    from strata_quant.workers.gptq import relative_output_error
 
     path = collect_hessians(args.block, args.calib, threads=2)
     data = load_file(str(path))
@@ -284,10 +284,10 @@ def quality(args) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.common import machine
-    from pipeline import fixtures
-    from pipeline.calibration import calibration_windows, eval_windows, load_text, tokenize_stream
-    from pipeline.eval import evaluate, load_reference, with_weights
-    from pipeline.formats.gptq import unpack_linear
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.calibration import calibration_windows, eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate, load_reference, with_weights
+    from strata_quant.pipeline.formats.gptq import unpack_linear
 
     torch.set_num_threads(args.threads)
     model_dir = fixtures.resolve(args.model)
@@ -380,7 +380,7 @@ def calibration_ids(model_dir: Path, windows: int, tag: str) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from pipeline.calibration import calibration_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import calibration_windows, load_text, tokenize_stream
 
     path = OUT / f"calib-emma-{windows}x{SEQ_LEN}{tag}.safetensors"
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -396,9 +396,9 @@ def strata_row(args) -> None:
     results (and AWQ's folded norms) written as a row file for ``table``."""
     from safetensors.torch import save_file
 
-    from pipeline.assemble_toolbox import quantized_only
-    from pipeline.config import load_config
-    from pipeline.run import run_job
+    from strata_quant.pipeline.assemble_toolbox import quantized_only
+    from strata_quant.pipeline.config import load_config
+    from strata_quant.pipeline.run import run_job
 
     overrides = {
         "name": f"peers-{args.method.replace('_', '-')}-w{args.bits}g{args.group_size}-c{args.calib_windows}",
@@ -434,8 +434,8 @@ def gptqmodel_row_tensors(folder: Path, method: str) -> dict:
     quantized linear dequantized, and the decoder norms as saved (AWQ folds scales into them)."""
     from safetensors.torch import load_file
 
-    from pipeline.formats import awq as awq_format
-    from pipeline.formats.gptq import unpack_linear
+    from strata_quant.pipeline.formats import awq as awq_format
+    from strata_quant.pipeline.formats.gptq import unpack_linear
 
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     tensors = {}
@@ -497,7 +497,7 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
 
 def row_model(ref, tensors: dict):
     """The reference model with a row's linears (and folded floats) swapped in."""
-    from pipeline.eval import with_weights
+    from strata_quant.pipeline.eval import with_weights
 
     model = with_weights(ref, {k[len("linear:") :]: v for k, v in tensors.items() if k.startswith("linear:")})
     state = model.state_dict()
@@ -551,10 +551,10 @@ def table(args) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.common import machine
-    from pipeline import fixtures
-    from pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from pipeline.eval import evaluate, load_reference, rtn_weights, with_weights
-    from workers.result import QuantSpec
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate, load_reference, rtn_weights, with_weights
+    from strata_quant.workers.result import QuantSpec
 
     torch.set_num_threads(args.threads)
     model_dir = fixtures.resolve(args.model)
@@ -646,6 +646,8 @@ def main() -> None:
     parser.add_argument("--out", help="strata-row: the row file to write")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
+    import benchmarks  # noqa: F401  (binds strata_quant to this checkout where it is not installed)
+
     if args.quality:
         args.threads = args.threads or 2
         quality(args)

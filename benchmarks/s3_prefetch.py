@@ -28,7 +28,7 @@ def main(model: Path, work_s: float = 0.2) -> None:
         client = server.client()
         for f in model.iterdir():
             client.upload_file(str(f), "bench-inputs", f"m/{f.name}")
-        from pipeline.checkpoint import CheckpointReader
+        from strata_quant.pipeline.checkpoint import CheckpointReader
 
         t = time.perf_counter()
         reader = CheckpointReader("s3://bench-inputs/m")

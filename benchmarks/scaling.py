@@ -27,7 +27,7 @@ from pathlib import Path
 import ray
 
 from benchmarks.common import CorePinner, machine, run_config
-from pipeline import fixtures
+from strata_quant.pipeline import fixtures
 
 # name → (propagate, quant overrides, run overrides)
 MODES = {

@@ -14,8 +14,8 @@ import time
 import torch
 
 from benchmarks.common import machine
-from workers.gptq import gptq_quantize
-from workers.result import QuantSpec
+from strata_quant.workers.gptq import gptq_quantize
+from strata_quant.workers.result import QuantSpec
 
 
 def _status(key: str) -> float:

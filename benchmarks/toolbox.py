@@ -21,14 +21,14 @@ import time
 import torch
 from torch import nn
 
-from pipeline import fixtures
-from pipeline.calibration import calibration_windows, eval_windows, tokenize_stream
-from pipeline.eval import evaluate, load_reference, with_weights
-from workers.fp8 import fp8_quantize
-from workers.mixed import average_bits, choose_bits_dp, hessian_error
-from workers.nf4 import gptq_nf4, nf4_quantize
-from workers.result import QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.pipeline import fixtures
+from strata_quant.pipeline.calibration import calibration_windows, eval_windows, tokenize_stream
+from strata_quant.pipeline.eval import evaluate, load_reference, with_weights
+from strata_quant.workers.fp8 import fp8_quantize
+from strata_quant.workers.mixed import average_bits, choose_bits_dp, hessian_error
+from strata_quant.workers.nf4 import gptq_nf4, nf4_quantize
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 SHARED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gateup", "up_proj": "gateup"}
 COST = {2: 2.25, 3: 3.25, 4: 4.25, 8: 8.25}  # bits/weight with fp16 scales per 64 weights

@@ -63,16 +63,16 @@ def skip_reason() -> str | None:
 def prepare(model_ref: str, work: Path) -> dict[str, Path]:
     """The model folder, the run record and one artifact per format under ``work`` (reused if present)."""
     from benchmarks.assemble_memory import write_rtn_run
-    from pipeline.assemble import (
+    from strata_quant.pipeline.assemble import (
         ResultSource,
         assemble_awq,
         assemble_compressed_tensors,
         assemble_gptq,
     )
-    from pipeline.checkpoint import CheckpointReader
-    from pipeline.fixtures import resolve
-    from pipeline.run import load_records
-    from pipeline.store import open_store
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.fixtures import resolve
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
 
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
@@ -107,10 +107,10 @@ def reference_model(model: Path, store: Path, device: str = "cuda"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.assemble import ResultSource
-    from pipeline.checkpoint import CheckpointReader
-    from pipeline.run import load_records
-    from pipeline.store import open_store
+    from strata_quant.pipeline.assemble import ResultSource
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
 
     reader = CheckpointReader(model)
     st = open_store(str(store))

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from pipeline.checkpoint import CheckpointError, CheckpointReader, nonfinite_count
-from pipeline.formats import gptq as gptq_format
-from pipeline.store import sha256_bytes
-from workers.actor import result_from_bytes
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, nonfinite_count
+from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.pipeline.store import sha256_bytes
+from strata_quant.workers.actor import result_from_bytes
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -356,7 +356,7 @@ def assemble_awq(
     """An AWQ GEMM checkpoint (4-bit, zero point): quantized linears packed, every other
     tensor copied as stored. Results AWQ cannot hold (see pipeline.formats.awq) raise
     AssembleError before anything is published."""
-    from pipeline.formats import awq as awq_format
+    from strata_quant.pipeline.formats import awq as awq_format
 
     tmp = staging_folder(dest, overwrite)
     result, unquantized = _write_quantized_checkpoint(reader, results, tmp, awq_format.pack_linear, shard_size)
@@ -375,7 +375,7 @@ def assemble_compressed_tensors(
 ) -> Path:
     """A compressed-tensors "pack-quantized" checkpoint: quantized linears packed, every
     other tensor copied as stored; unquantized linears are listed under ``ignore``."""
-    from pipeline.formats import compressed_tensors as ct_format
+    from strata_quant.pipeline.formats import compressed_tensors as ct_format
 
     tmp = staging_folder(dest, overwrite)
     result, unquantized = _write_quantized_checkpoint(reader, results, tmp, ct_format.pack_linear, shard_size)
@@ -406,7 +406,7 @@ def assemble_gguf(
     re-quantized by llama.cpp. The file says which in ``strata.carry`` / ``strata.requantized`` /
     ``strata.source_type``; :func:`pipeline.verify.verify_gguf` measures the difference.
     """
-    from pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats import gguf as gguf_format
 
     if dest.exists() and not overwrite:
         raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")

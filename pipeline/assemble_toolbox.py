@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.assemble import (
+from strata_quant.pipeline.assemble import (
     AssembleError,
     ResultSource,
     ShardedSafetensorsWriter,
@@ -29,11 +29,11 @@ from pipeline.assemble import (
     parse_size,
     staging_folder,
 )
-from pipeline.checkpoint import CheckpointReader
-from pipeline.formats import bnb_nf4
-from pipeline.formats import fp8 as fp8_format
-from workers.fp8 import FP8Linear
-from workers.nf4 import NF4Linear
+from strata_quant.pipeline.checkpoint import CheckpointReader
+from strata_quant.pipeline.formats import bnb_nf4
+from strata_quant.pipeline.formats import fp8 as fp8_format
+from strata_quant.workers.fp8 import FP8Linear
+from strata_quant.workers.nf4 import NF4Linear
 
 _SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}

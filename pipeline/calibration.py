@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from pipeline import fixtures
+from strata_quant.pipeline import fixtures
 
 
 class CalibrationError(ValueError):
@@ -29,7 +29,7 @@ def load_text(source: str, text_field: str = "text") -> str:
 
 
 def _read_s3(source: str) -> bytes:
-    from pipeline.store import ObjectNotFound, StoreError, s3_object
+    from strata_quant.pipeline.store import ObjectNotFound, StoreError, s3_object
 
     try:
         store, key = s3_object(source)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.store import ObjectInfo, S3Store, StoreError, pread_into, s3_object
+from strata_quant.pipeline.store import ObjectInfo, S3Store, StoreError, pread_into, s3_object
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
@@ -394,7 +394,7 @@ class CheckpointReader:
         mode). A local folder loads as transformers loads it; an s3:// checkpoint from every
         tensor read through this reader (evaluation needs the whole model in memory anyway)."""
         if self.source is None:
-            from pipeline.eval import load_reference
+            from strata_quant.pipeline.eval import load_reference
 
             return load_reference(self.path)
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -442,7 +442,7 @@ def open_checkpoint(ref: str | Path) -> CheckpointReader:
     """The reader of a job's ``model``: a local folder, ``fixture:NAME`` or ``s3://bucket/prefix``."""
     if is_s3(ref):
         return CheckpointReader(ref)
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return CheckpointReader(fixtures.resolve(str(ref)))
 
@@ -525,7 +525,7 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _meta_root() -> Path:
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return fixtures.cache_dir() / "s3-meta"
 

@@ -24,7 +24,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_fixtures(args) -> int:
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     for name, path in fixtures.fetch_all().items():
         if args.verify and path.is_dir():
@@ -45,8 +45,8 @@ def _job_overrides(args) -> dict:
 
 
 def _run_and_print(cfg, quiet: bool) -> int:
-    from pipeline.job import format_report, run_full_job
-    from pipeline.verify import QualityGateError
+    from strata_quant.pipeline.job import format_report, run_full_job
+    from strata_quant.pipeline.verify import QualityGateError
 
     try:
         report = run_full_job(cfg, progress=not quiet)
@@ -61,24 +61,24 @@ def _run_and_print(cfg, quiet: bool) -> int:
 
 
 def cmd_run(args) -> int:
-    from pipeline.config import load_config
+    from strata_quant.pipeline.config import load_config
 
     return _run_and_print(load_config(args.config, _job_overrides(args)), args.quiet)
 
 
 def cmd_resume(args) -> int:
-    from pipeline.run import resume_config
+    from strata_quant.pipeline.run import resume_config
 
     return _run_and_print(resume_config(args.run_id, args.store, _job_overrides(args)), args.quiet)
 
 
 def cmd_verify(args) -> int:
-    from pipeline.assemble_toolbox import quantized_only
-    from pipeline.checkpoint import open_checkpoint
-    from pipeline.config import parse_config
-    from pipeline.run import load_records
-    from pipeline.store import open_store
-    from pipeline.verify import (
+    from strata_quant.pipeline.assemble_toolbox import quantized_only
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
+    from strata_quant.pipeline.verify import (
         VerifyError,
         verify_awq,
         verify_bitsandbytes,
@@ -116,7 +116,7 @@ def cmd_verify(args) -> int:
         summary = verifiers[method](path, reader, results)
     print(summary)
     if args.max_ppl_increase is not None:
-        from pipeline.verify import QualityGateError, evaluate_artifact, gate_message, gate_rows
+        from strata_quant.pipeline.verify import QualityGateError, evaluate_artifact, gate_message, gate_rows
 
         ev = cfg.eval
         quality = evaluate_artifact(
@@ -138,7 +138,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipeline import submit
+    from strata_quant.pipeline import submit
 
     extra = [a for pair in args.set for a in ("--set", pair)] + (["--no-eval"] if args.no_eval else [])
     job_id = submit.submit(args.config, args.address, job_id=args.job_id, args=extra)
@@ -151,7 +151,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from pipeline import submit
+    from strata_quant.pipeline import submit
 
     info = submit.status(args.job_id, args.address)
     print(f"{info['job_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
@@ -159,15 +159,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from pipeline import submit
+    from strata_quant.pipeline import submit
 
     state = submit.logs(args.job_id, args.address, follow=args.follow)
     return 0 if state in (None, "SUCCEEDED") else 1
 
 
 def cmd_report(args) -> int:
-    from pipeline.report import build_report, load_report, read_records
-    from pipeline.store import open_store
+    from strata_quant.pipeline.report import build_report, load_report, read_records
+    from strata_quant.pipeline.store import open_store
 
     store = open_store(args.store) if args.store else None
     report = load_report(args.report, store)
@@ -182,8 +182,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from pipeline.plan import plan_bits, probe_entries, write_planned_config
-    from pipeline.store import open_store
+    from strata_quant.pipeline.plan import plan_bits, probe_entries, write_planned_config
+    from strata_quant.pipeline.store import open_store
 
     config, entries = probe_entries(open_store(args.store), args.run_id)
     candidates = [int(b) for b in args.candidates.split(",")] if args.candidates else None
@@ -204,7 +204,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from pipeline.report import compare_reports, load_report
+    from strata_quant.pipeline.report import compare_reports, load_report
 
     files = compare_reports([load_report(p) for p in args.reports], Path(args.out))
     for kind, path in files.items():
@@ -229,10 +229,20 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("strata-quant")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="strata", description="Quantize large checkpoints block by block on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log pipelines)")
+    parser.add_argument("--version", action="version", version=f"strata {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fixtures", help="fetch and cache the model and text fixtures")
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_compare)
 
-    from pipeline.evaluate_cli import add_parser as add_eval_parser
+    from strata_quant.pipeline.evaluate_cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
 
@@ -333,16 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from pipeline.assemble import AssembleError
-    from pipeline.calibration import CalibrationError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
-    from pipeline.eval import EvalError
-    from pipeline.fixtures import FixtureError
-    from pipeline.run import RunError
-    from pipeline.store import StoreError
-    from pipeline.submit import SubmitError
-    from pipeline.verify import VerifyError
+    from strata_quant.pipeline.assemble import AssembleError
+    from strata_quant.pipeline.calibration import CalibrationError
+    from strata_quant.pipeline.checkpoint import CheckpointError
+    from strata_quant.pipeline.config import ConfigError
+    from strata_quant.pipeline.eval import EvalError
+    from strata_quant.pipeline.fixtures import FixtureError
+    from strata_quant.pipeline.run import RunError
+    from strata_quant.pipeline.store import StoreError
+    from strata_quant.pipeline.submit import SubmitError
+    from strata_quant.pipeline.verify import VerifyError
 
     try:
         return args.func(args)

@@ -214,7 +214,7 @@ class JobConfig(_Strict):
         if "compressed-tensors" in self.output.formats and self.quant.bits == 3 and self.quant.method != "fp8":
             raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
         if "gguf" in self.output.formats:
-            from pipeline.formats.gguf import resolve_type
+            from strata_quant.pipeline.formats.gguf import resolve_type
 
             try:
                 _, carry = resolve_type(self.output.gguf_type, self.quant.bits, self.quant.sym)

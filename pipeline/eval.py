@@ -91,8 +91,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.result import QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 SCHEMA_VERSION = 1
 PERCENTILES = (50, 90, 99)

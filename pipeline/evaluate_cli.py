@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.eval import (
+from strata_quant.pipeline.eval import (
     DECODE_TOKENS,
     SCHEMA_VERSION,
     EvalError,
@@ -50,10 +50,10 @@ def folder_method(path: Path) -> str | None:
 
 def open_run(run_id: str, store_ref: str):
     """(model reference, records, ResultSource) of a stored run."""
-    from pipeline.assemble import ResultSource
-    from pipeline.checkpoint import open_checkpoint
-    from pipeline.run import load_records
-    from pipeline.store import open_store
+    from strata_quant.pipeline.assemble import ResultSource
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
 
     store = open_store(store_ref)
     run = store.get_json(f"runs/{run_id}/run.json")
@@ -111,8 +111,8 @@ def run_eval(
     """Evaluate and return the results dict (written to ``out`` when given)."""
     from transformers import AutoTokenizer
 
-    from pipeline.calibration import load_text, tokenize_stream
-    from pipeline.run import STRATA_VERSION
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+    from strata_quant.pipeline.run import STRATA_VERSION
 
     if threads:
         torch.set_num_threads(threads)
@@ -129,7 +129,7 @@ def run_eval(
         reference = reference or run_model
     if not reference:
         raise EvalError("name the reference checkpoint (--reference) or a run (--run) whose model it is")
-    from pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.checkpoint import open_checkpoint
 
     ref_reader = open_checkpoint(reference)  # a folder, fixture: or s3:// (small files cached locally)
     ref_path = ref_reader.path

@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.assemble import (
+from strata_quant.pipeline.assemble import (
     AssembleError,
     ResultSource,
     assemble_awq,
@@ -15,13 +15,13 @@ from pipeline.assemble import (
     assemble_gguf,
     assemble_gptq,
 )
-from pipeline.assemble_toolbox import assemble_toolbox, method_label, quantized_only
-from pipeline.calibration import eval_windows, load_text, tokenize_stream
-from pipeline.config import JobConfig
-from pipeline.modelcard import write_model_cards
-from pipeline.report import build_report
-from pipeline.run import STRATA_VERSION, run_job
-from pipeline.verify import (
+from strata_quant.pipeline.assemble_toolbox import assemble_toolbox, method_label, quantized_only
+from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+from strata_quant.pipeline.config import JobConfig
+from strata_quant.pipeline.modelcard import write_model_cards
+from strata_quant.pipeline.report import build_report
+from strata_quant.pipeline.run import STRATA_VERSION, run_job
+from strata_quant.pipeline.verify import (
     QualityGateError,
     gate_message,
     gate_rows,
@@ -32,7 +32,7 @@ from pipeline.verify import (
     verify_gguf,
     verify_gptq,
 )
-from workers.result import QuantSpec
+from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.job")
 
@@ -49,7 +49,7 @@ def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
     if "bitsandbytes" in cfg.output.formats:
         paths["bitsandbytes"] = out / f"{cfg.name}-bnb-nf4"
     if "gguf" in cfg.output.formats:
-        from pipeline.formats.gguf import resolve_type
+        from strata_quant.pipeline.formats.gguf import resolve_type
 
         gguf_type, _ = resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
         paths["gguf"] = out / f"{cfg.name}-{gguf_type}.gguf"
@@ -184,7 +184,7 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> 
     GGUF loaded by transformers when there is one, else the dequantized results)."""
     from transformers import AutoTokenizer
 
-    from pipeline.eval import EvalWindows, evaluate, rtn_weights, with_weights
+    from strata_quant.pipeline.eval import EvalWindows, evaluate, rtn_weights, with_weights
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError
-from workers.mixed import choose_bits_by_cost, gptq_stored_bits
+from strata_quant.pipeline.config import ConfigError
+from strata_quant.workers.mixed import choose_bits_by_cost, gptq_stored_bits
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
@@ -85,7 +85,7 @@ class Plan:
 def probe_entries(store, run_id: str) -> tuple[dict, dict[str, dict]]:
     """The probe run's config and its record entries by linear name (every block must be done and
     every entry must carry a ``sensitivity``)."""
-    from pipeline.run import load_records, result_key_map
+    from strata_quant.pipeline.run import load_records, result_key_map
 
     key = f"runs/{run_id}/run.json"
     if not store.exists(key):
@@ -174,7 +174,7 @@ def write_planned_config(config: dict, plan: Plan, dest: Path, *, name: str | No
     data["quant"] = {**data["quant"], "bits_overrides": plan.overrides, "sensitivity_bits": []}
     data["run"] = {**data.get("run", {}), "run_id": None}
     data["name"] = name or f"{data.get('name', 'job')}-mixed{plan.bpw:.2f}".replace(".", "p")
-    from pipeline.config import parse_config
+    from strata_quant.pipeline.config import parse_config
 
     parse_config(data, f"planned config {dest}")  # what we write must load
     header = f"# strata plan: {plan.summary()}\n"

@@ -97,7 +97,7 @@ def load_report(path: str | Path, store=None) -> dict:
         return report
     try:
         if store is None:
-            from pipeline.store import open_store
+            from strata_quant.pipeline.store import open_store
 
             store = open_store(report["store"])
         model = store.get_json(f"runs/{report['run_id']}/run.json")["config"]["model"]
@@ -143,7 +143,7 @@ def cached_model_path(model: str) -> Path | None:
     """The checkpoint folder of a model reference if it is already on disk; never fetches
     (a report must not start a download)."""
     if model.startswith("fixture:"):
-        from pipeline import fixtures
+        from strata_quant.pipeline import fixtures
 
         folder = {"smollm2-135m": "smollm2-135m-instruct", "tiny-llama": "tiny-llama"}.get(model[len("fixture:") :])
         path = fixtures.cache_dir() / "models" / folder if folder else None

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
-from pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
-from pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
-from pipeline.plan import bits_spec_overrides
-from pipeline.store import StoreError, open_store, sha256_bytes
-from workers.actor import BlockWorker, WorkerJob, job_overlaps
-from workers.result import QuantSpec
+from strata_quant.pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
+from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
+from strata_quant.pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
+from strata_quant.pipeline.plan import bits_spec_overrides
+from strata_quant.pipeline.store import StoreError, open_store, sha256_bytes
+from strata_quant.workers.actor import BlockWorker, WorkerJob, job_overlaps
+from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
 
@@ -292,7 +292,7 @@ def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
     transformers class built on the meta device (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.block import decoder_layers
+    from strata_quant.workers.block import decoder_layers
 
     config_dict = dict(reader.config)
     model_type = config_dict.pop("model_type", None)

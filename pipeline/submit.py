@@ -102,7 +102,7 @@ def build_submission(
     config = Path(config_path).resolve()
     if not config.is_file():
         raise SubmitError(f"config file {str(config_path)!r} does not exist")
-    from pipeline.config import load_config
+    from strata_quant.pipeline.config import load_config
 
     load_config(config)  # fail here, not minutes later on the cluster
     staged = None

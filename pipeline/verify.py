@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from pipeline.assemble import ResultSource
-from pipeline.checkpoint import CheckpointReader
-from pipeline.formats import awq as awq_format
-from pipeline.formats import compressed_tensors as ct_format
-from pipeline.formats import gptq as gptq_format
-from workers.result import QuantizedLinear
+from strata_quant.pipeline.assemble import ResultSource
+from strata_quant.pipeline.checkpoint import CheckpointReader
+from strata_quant.pipeline.formats import awq as awq_format
+from strata_quant.pipeline.formats import compressed_tensors as ct_format
+from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.workers.result import QuantizedLinear
 
 
 class VerifyError(RuntimeError):
@@ -227,7 +227,7 @@ def verify_gguf(
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    from pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats import gguf as gguf_format
 
     meta = gguf_format.read_metadata(path)
     carry = meta.get("strata.carry", "exact")
@@ -429,8 +429,8 @@ def evaluate_artifact(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from pipeline.eval import evaluate, with_weights
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate, with_weights
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
     ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
@@ -449,7 +449,7 @@ def evaluate_artifact(
 
 def _skip_list_check(folder: Path, listed: list[str] | None, reader: CheckpointReader, results: ResultSource) -> int:
     """Every linear the run left unquantized is in the config's skip list (as its full name)."""
-    from pipeline.assemble_toolbox import unquantized_linears
+    from strata_quant.pipeline.assemble_toolbox import unquantized_linears
 
     kept = unquantized_linears(reader, results)
     missing = [m for m in kept if m not in (listed or [])]
@@ -464,8 +464,8 @@ def verify_bitsandbytes(folder: Path, reader: CheckpointReader, results: ResultS
     FORMATS.md rule, :func:`pipeline.formats.bnb_nf4.decode_linear` in fp32) to exactly the stored
     results (read hash-checked against the record); other tensors equal to the checkpoint; the
     linears kept in 16-bit listed in ``llm_int8_skip_modules``."""
-    from pipeline.formats import bnb_nf4
-    from workers.nf4 import NF4Linear
+    from strata_quant.pipeline.formats import bnb_nf4
+    from strata_quant.workers.nf4 import NF4Linear
 
     qcfg = _quantization_config(folder, "bitsandbytes")
     if not qcfg.get("load_in_4bit") or qcfg.get("bnb_4bit_quant_type") != "nf4":
@@ -504,8 +504,8 @@ def verify_fp8(folder: Path, reader: CheckpointReader, results: ResultSource) ->
     strategy / block), every linear's float8 weight and scale with the right dtype and shape and
     decoding (float(q) · scale, fp32) to exactly the stored results; other tensors equal to the
     checkpoint; the linears kept in 16-bit under ``ignore``."""
-    from pipeline.formats import fp8 as fp8_format
-    from workers.fp8 import FP8Linear
+    from strata_quant.pipeline.formats import fp8 as fp8_format
+    from strata_quant.workers.fp8 import FP8Linear
 
     qcfg = _quantization_config(folder, "compressed-tensors")
     if qcfg.get("format") != "float-quantized" or qcfg.get("quantization_status") != "compressed":

@@ -16,21 +16,21 @@ pytest_plugins = ["tests.s3_server"]  # the `s3_server` fixture (SeaweedFS) and 
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return fixtures.tiny_llama()
 
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return fixtures.smollm2()
 
 
 @pytest.fixture(scope="session")
 def emma_path():
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     return fixtures.austen("emma")
 

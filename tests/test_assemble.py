@@ -7,7 +7,7 @@ import json
 import torch
 from safetensors import safe_open
 
-from pipeline.assemble import ShardedSafetensorsWriter
+from strata_quant.pipeline.assemble import ShardedSafetensorsWriter
 
 
 def test_streamed_shards_read_back_exactly(tmp_path):

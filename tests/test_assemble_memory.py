@@ -19,8 +19,8 @@ MIB = 2**20
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from pipeline import fixtures
-    from pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.checkpoint import CheckpointReader
 
     out = {}
     for layers in (4, 16):
@@ -58,8 +58,8 @@ def test_gptq_assembly_memory_is_one_tensor_and_does_not_grow_with_depth(runs, t
 def test_chunked_finite_check_finds_bad_values_in_any_chunk(monkeypatch):
     import torch
 
-    from pipeline import assemble, checkpoint
-    from pipeline.checkpoint import CheckpointError
+    from strata_quant.pipeline import assemble, checkpoint
+    from strata_quant.pipeline.checkpoint import CheckpointError
 
     monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 1000)
     t = torch.randn(70, 50).half()  # 3500 values: 4 chunks, the last partial
@@ -78,7 +78,7 @@ def test_finite_screen_counts_exactly_and_survives_overflowing_sums(monkeypatch,
     and never reports a clean chunk whose finite values overflow the accumulator."""
     import torch
 
-    from pipeline import checkpoint
+    from strata_quant.pipeline import checkpoint
 
     monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 1000)
     t = torch.randn(3500).to(getattr(torch, dtype))
@@ -96,9 +96,9 @@ def test_finite_screen_counts_exactly_and_survives_overflowing_sums(monkeypatch,
 def test_row_chunked_dequantize_equals_the_whole(monkeypatch):
     import torch
 
-    from pipeline import assemble
-    from workers.result import QuantSpec
-    from workers.rtn import rtn_quantize
+    from strata_quant.pipeline import assemble
+    from strata_quant.workers.result import QuantSpec
+    from strata_quant.workers.rtn import rtn_quantize
 
     monkeypatch.setattr(assemble, "DEQUANT_CHUNK", 3 * 64)  # 3 rows per chunk of a [37, 64] weight
     result = rtn_quantize(torch.randn(37, 64), QuantSpec(bits=3, group_size=16, sym=False))

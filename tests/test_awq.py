@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from workers.awq import (
+from strata_quant.workers.awq import (
     AbsMeanAccumulator,
     ScaleGroup,
     apply_clip,
@@ -24,10 +24,10 @@ from workers.awq import (
     search_clip_full,
     search_scales,
 )
-from workers.gptq import relative_output_error
-from workers.result import QuantSpec
-from workers.rtn import rtn_quantize
-from workers.stats import HessianAccumulator
+from strata_quant.workers.gptq import relative_output_error
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
+from strata_quant.workers.stats import HessianAccumulator
 
 ASYM = QuantSpec(4, 32, sym=False)
 
@@ -186,7 +186,7 @@ def test_awq_reduces_output_error_on_smollm2_block3(smollm2_path, emma_path):
     """Gram and mean|x| of 16×256 Emma tokens through the fp32 model; W4 g64 asymmetric."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.calibration import calibration_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import calibration_windows, load_text, tokenize_stream
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(smollm2_path)
@@ -234,9 +234,9 @@ def test_awq_reduces_output_error_on_smollm2_block3(smollm2_path, emma_path):
 def test_awq_runs_end_to_end_on_ray_and_float_results_verify(method, tmp_path, tiny_model_path, emma_path, ray_session):
     from safetensors.torch import load as load_safetensors
 
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
-    from workers.actor import result_from_bytes
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
+    from strata_quant.workers.actor import result_from_bytes
 
     cfg = parse_config(
         {
@@ -325,7 +325,7 @@ def test_both_scalings_keep_the_better_of_plain_and_duo():
 
 @pytest.mark.parametrize("mode", ["block", "full", "two_sided"])
 def test_awq_group_searches_only_the_clipped_rows_with_the_same_result(mode):
-    from workers.methods import quantize_group
+    from strata_quant.workers.methods import quantize_group
 
     w, x = _outlier_problem(4)
     w[:, 5] *= 8

@@ -37,7 +37,7 @@ def tiny_dict(tmp: Path, model: str = "fixture:tiny-llama", **over) -> dict:
 
 def run_cli(tmp: Path, cfg: dict, capsys, *extra: str) -> str:
     """`strata run` on ``cfg``: asserts exit status 2 and one `strata: error:` line; returns it."""
-    from pipeline.cli import main
+    from strata_quant.pipeline.cli import main
 
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -112,7 +112,7 @@ def _write_index(folder: Path, weight_map: dict[str, str]) -> None:
 
 
 def test_index_names_a_tensor_the_shard_lacks(tmp_path, model_copy, tiny_model_path, capsys):
-    from pipeline.checkpoint import read_header
+    from strata_quant.pipeline.checkpoint import read_header
 
     names = read_header(Path(tiny_model_path) / "model.safetensors")
     weight_map = dict.fromkeys(names, "model.safetensors")
@@ -125,7 +125,7 @@ def test_index_names_a_tensor_the_shard_lacks(tmp_path, model_copy, tiny_model_p
 
 
 def test_block_tensor_absent_from_the_index(tmp_path, model_copy, tiny_model_path, capsys):
-    from pipeline.checkpoint import read_header
+    from strata_quant.pipeline.checkpoint import read_header
 
     names = read_header(Path(tiny_model_path) / "model.safetensors")
     weight_map = {n: "model.safetensors" for n in names if n != "model.layers.1.mlp.down_proj.weight"}
@@ -281,7 +281,7 @@ def test_cuda_device_without_gpus_is_refused(tmp_path, capsys, ray_session):
 def test_to_device_moves_nested_tensors():
     import torch
 
-    from workers.actor import to_device
+    from strata_quant.workers.actor import to_device
 
     kwargs = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": None, "ids": [torch.arange(3)], "n": 4}
     moved = to_device(kwargs, torch.device("meta"))

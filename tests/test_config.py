@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.checkpoint import CheckpointError, CheckpointReader
-from pipeline.config import ConfigError, check_against_model, load_config, parse_config
+from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader
+from strata_quant.pipeline.config import ConfigError, check_against_model, load_config, parse_config
 
 BASE = {
     "name": "t",
@@ -84,7 +84,7 @@ def test_missing_config_file_and_bad_yaml(tmp_path):
 
 
 def test_cli_reports_bad_config_cleanly(tmp_path, capsys):
-    from pipeline.cli import main
+    from strata_quant.pipeline.cli import main
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: t\nmodel: /nonexistent\ncalibration: {source: x}\nquant: {bitz: 4}\n")

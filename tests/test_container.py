@@ -126,16 +126,17 @@ def test_package_installs_like_the_image(tmp_path):
         timeout=120,
         cwd=tmp_path,
     )
-    (wheel,) = wheels.glob("strata-*.whl")
+    (wheel,) = wheels.glob("strata_quant-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         for module in ("pipeline/cli.py", "pipeline/run.py", "pipeline/submit.py", "workers/actor.py"):
-            assert module in names, module
-        assert not any(n.startswith(("tests/", "configs/", "infra/")) for n in names)
+            assert f"strata_quant/{module}" in names, module
+        # one top-level import package: strata_quant (and the dist-info beside it)
+        assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"strata_quant"}
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
         metadata = zf.read(f"{dist_info}/METADATA").decode()
-    assert re.search(r"^strata\s*=\s*pipeline\.cli:main$", entry_points, re.M), entry_points
+    assert re.search(r"^strata\s*=\s*strata_quant\.pipeline\.cli:main$", entry_points, re.M), entry_points
     for dep in ("torch", "ray", "transformers", "safetensors", "boto3"):
         assert re.search(rf"^Requires-Dist: {dep}\b", metadata, re.M), dep
 
@@ -156,7 +157,11 @@ def test_package_installs_like_the_image(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin"
     where = subprocess.run(
-        [str(vpy), "-c", "import pipeline.cli, pipeline.submit, workers.actor; print(pipeline.cli.__file__)"],
+        [
+            str(vpy),
+            "-c",
+            "import strata_quant.pipeline.cli, strata_quant.pipeline.submit, strata_quant.workers.actor; print(strata_quant.pipeline.cli.__file__)",
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -164,6 +169,11 @@ def test_package_installs_like_the_image(tmp_path):
         env=env,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), f"pipeline imported from {where}, not the installed wheel"
+    for generic in ("pipeline", "workers"):  # no generic top-level module comes with the install
+        done = subprocess.run(
+            [str(vpy), "-c", f"import {generic}"], capture_output=True, text=True, cwd=tmp_path, env=env
+        )
+        assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr, (generic, done.stderr)
 
     strata = venv / "bin" / "strata"
     assert strata.is_file()
@@ -171,3 +181,7 @@ def test_package_installs_like_the_image(tmp_path):
         done = subprocess.run([str(strata), *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
     assert "--address" in done.stdout
+    done = subprocess.run(
+        [str(strata), "--version"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
+    assert done.returncode == 0 and re.fullmatch(r"strata \d+\.\d+\.\d+\S*\n", done.stdout), done

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ConfigError, parse_config
-from pipeline.job import run_full_job
-from pipeline.run import run_job
+from strata_quant.pipeline.config import ConfigError, parse_config
+from strata_quant.pipeline.job import run_full_job
+from strata_quant.pipeline.run import run_job
 
 
 def tiny_config(tmp_path, workers=2, **over):
@@ -62,7 +62,7 @@ def test_two_workers_produce_verified_artifacts(two_worker_run):
 def test_json_log_lines():
     import logging
 
-    from pipeline.cli import JsonLogFormatter
+    from strata_quant.pipeline.cli import JsonLogFormatter
 
     record = logging.LogRecord("strata.run", logging.INFO, __file__, 1, "block %d done", (3,), None)
     entry = json.loads(JsonLogFormatter().format(record))
@@ -105,7 +105,7 @@ def test_resume_replays_done_blocks_and_refuses_a_changed_config(two_worker_run)
 
 
 def test_existing_output_is_not_overwritten(two_worker_run):
-    from pipeline.assemble import AssembleError
+    from strata_quant.pipeline.assemble import AssembleError
 
     tmp, _ = two_worker_run
     with pytest.raises(AssembleError, match="exists; pass --overwrite"):

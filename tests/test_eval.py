@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cli
-from pipeline.calibration import eval_windows, tokenize_stream
-from pipeline.eval import (
+from strata_quant.pipeline import cli
+from strata_quant.pipeline.calibration import eval_windows, tokenize_stream
+from strata_quant.pipeline.eval import (
     RESULTS_SCHEMA,
     EvalWindows,
     kld_stats,
@@ -22,10 +22,10 @@ from pipeline.eval import (
     sliding_windows,
     with_weights,
 )
-from pipeline.store import LocalStore, sha256_bytes
-from workers.actor import result_to_bytes
-from workers.result import QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.pipeline.store import LocalStore, sha256_bytes
+from strata_quant.workers.actor import result_to_bytes
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 RUN_ID = "tiny-rtn-w4g32-test"
 SPEC = QuantSpec(4, 32, True)
@@ -48,8 +48,8 @@ def stream(tiny_model_path, emma_path):
 @pytest.fixture(scope="module")
 def rtn_run(tmp_path_factory, tiny_model_path):
     """A run record of RTN W4 g32 results for the tiny model, and its GGUF and GPTQ artifacts."""
-    from pipeline.assemble import ResultSource, assemble_gguf, assemble_gptq
-    from pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.assemble import ResultSource, assemble_gguf, assemble_gptq
+    from strata_quant.pipeline.checkpoint import CheckpointReader
 
     tmp = tmp_path_factory.mktemp("rtn")
     store = LocalStore(tmp / "store")
@@ -111,7 +111,7 @@ def test_sliding_windows_cover_each_token_once(stream):
 
 
 def test_sliding_window_rejects_bad_arguments(stream):
-    from pipeline.eval import EvalError
+    from strata_quant.pipeline.eval import EvalError
 
     with pytest.raises(EvalError, match="stride"):
         sliding_windows(stream, 2, 32, 33)
@@ -138,7 +138,7 @@ def brute_force_nll(model, stream: torch.Tensor, windows: int, context: int, str
 
 @pytest.mark.parametrize("windows,stride", [(4, 5), (2, 16)])
 def test_sliding_window_perplexity_matches_brute_force(tiny, stream, windows, stride):
-    from pipeline.eval import evaluate
+    from strata_quant.pipeline.eval import evaluate
 
     context = 16
     w = sliding_windows(stream, windows, context, stride)
@@ -153,7 +153,7 @@ def test_sliding_window_perplexity_matches_brute_force(tiny, stream, windows, st
 
 
 def test_kld_of_a_model_against_itself_is_zero(tiny, stream):
-    from pipeline.eval import evaluate
+    from strata_quant.pipeline.eval import evaluate
 
     w = sliding_windows(stream, 3, 48, 24)
     rows = evaluate({"ref": tiny, "same": tiny}, w, reference="ref")
@@ -164,7 +164,7 @@ def test_kld_of_a_model_against_itself_is_zero(tiny, stream):
 
 
 def test_kld_percentiles_are_ordered(tiny, stream):
-    from pipeline.eval import evaluate
+    from strata_quant.pipeline.eval import evaluate
 
     rtn = with_weights(tiny, rtn_weights(tiny, QuantSpec(2, 32, False)))
     rows = evaluate({"ref": tiny, "rtn": rtn}, sliding_windows(stream, 2, 48), reference="ref", keep_tokens=True)
@@ -198,7 +198,7 @@ def test_linear_errors_worst_first(rtn_run):
 
 def test_llama_cpp_agrees_with_transformers_on_the_gguf(rtn_run, tiny, stream):
     pytest.importorskip("llama_cpp")
-    from pipeline.eval import LlamaCppModel, evaluate, load_gguf_transformers, results_weights
+    from strata_quant.pipeline.eval import LlamaCppModel, evaluate, load_gguf_transformers, results_weights
 
     w = sliding_windows(stream, 3, 64)
     fake = with_weights(tiny, results_weights(rtn_run["results"]))
@@ -222,7 +222,7 @@ def test_llama_cpp_agrees_with_transformers_on_the_gguf(rtn_run, tiny, stream):
 
 def test_eval_cli_writes_results_that_follow_the_schema(rtn_run, tiny_model_path, emma_path, tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
-    from pipeline.evaluate_cli import llama_cpp_available
+    from strata_quant.pipeline.evaluate_cli import llama_cpp_available
 
     out = tmp_path / "results.json"
     argv = ["eval", "--reference", str(tiny_model_path), "--artifact", str(rtn_run["gguf"])]
@@ -262,7 +262,7 @@ def test_eval_cli_writes_results_that_follow_the_schema(rtn_run, tiny_model_path
 
 
 def test_eval_results_reject_a_broken_file(tmp_path):
-    from pipeline.eval import EvalError, validate_results
+    from strata_quant.pipeline.eval import EvalError, validate_results
 
     with pytest.raises(EvalError, match="schema"):
         validate_results({"schema": 2, "kind": "strata-eval"})

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import parse_config
-from pipeline.job import run_full_job
-from pipeline.run import FAULTS_ENV, RunError, run_job
-from pipeline.store import StoreError, open_store
+from strata_quant.pipeline.config import parse_config
+from strata_quant.pipeline.job import run_full_job
+from strata_quant.pipeline.run import FAULTS_ENV, RunError, run_job
+from strata_quant.pipeline.store import StoreError, open_store
 from tests.fault_proxy import FaultProxy, Rule
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_restarts_are_bounded_and_finished_blocks_kept(tmp_path, monkeypatch, ti
 
 
 def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, monkeypatch, ray_session):
-    from pipeline.cli import main
+    from strata_quant.pipeline.cli import main
 
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_dict(tmp_path, workers=1)))
@@ -120,7 +120,7 @@ def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, monkeypat
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", str(cfg_path), "--quiet"],
+            [sys.executable, "-m", "strata_quant.pipeline.cli", "run", str(cfg_path), "--quiet"],
             cwd=ROOT,
             env=env,
             stdout=log_file,

@@ -23,21 +23,21 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.assemble import (
+from strata_quant.pipeline.assemble import (
     AssembleError,
     ResultSource,
     assemble_awq,
     assemble_compressed_tensors,
     assemble_gptq,
 )
-from pipeline.checkpoint import CheckpointReader
-from pipeline.formats import awq as awq_format
-from pipeline.formats import compressed_tensors as ct_format
-from pipeline.store import LocalStore, sha256_bytes
-from pipeline.verify import VerifyError, verify_awq, verify_compressed_tensors, verify_gptq
-from workers.actor import result_to_bytes
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.pipeline.checkpoint import CheckpointReader
+from strata_quant.pipeline.formats import awq as awq_format
+from strata_quant.pipeline.formats import compressed_tensors as ct_format
+from strata_quant.pipeline.store import LocalStore, sha256_bytes
+from strata_quant.pipeline.verify import VerifyError, verify_awq, verify_compressed_tensors, verify_gptq
+from strata_quant.workers.actor import result_to_bytes
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 REPO = Path(__file__).resolve().parent.parent
 GPTQMODEL_PYTHON = REPO / ".venv-gptqmodel" / "bin" / "python"

@@ -12,7 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from pipeline.formats.gguf import (
+from strata_quant.pipeline.formats.gguf import (
     GGUFStreamWriter,
     encode_q4_0,
     encode_q4_1,
@@ -26,8 +26,8 @@ from pipeline.formats.gguf import (
     tokenizer_metadata,
     write_gguf,
 )
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 Q4_0 = GGMLQuantizationType.Q4_0
 Q8_0 = GGMLQuantizationType.Q8_0
@@ -463,9 +463,9 @@ def test_stream_writer_checks_order_and_sizes(tokenizer_dir: Path, tmp_path: Pat
 def stored_results(reader, root: Path, spec: QuantSpec, *, extreme_zeros: bool = False):
     """RTN results for every decoder linear, stored and recorded as pipeline.run does; (ResultSource, {linear:
     result}). With ``extreme_zeros`` an asymmetric result gets zero points 0 and 2^b − 1 on two rows."""
-    from pipeline.assemble import ResultSource
-    from pipeline.store import LocalStore, sha256_bytes
-    from workers.actor import result_to_bytes
+    from strata_quant.pipeline.assemble import ResultSource
+    from strata_quant.pipeline.store import LocalStore, sha256_bytes
+    from strata_quant.workers.actor import result_to_bytes
 
     store = LocalStore(root)
     entries, results = [], {}
@@ -495,7 +495,7 @@ def stored_results(reader, root: Path, spec: QuantSpec, *, extreme_zeros: bool =
 
 @pytest.fixture(scope="module")
 def tiny_reader(tiny_model_path):
-    from pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.checkpoint import CheckpointReader
 
     return CheckpointReader(tiny_model_path)
 
@@ -509,9 +509,9 @@ def asym_source(tiny_reader, tmp_path_factory):
 def test_asymmetric_run_assembles_and_verifies_in_transformers(
     tiny_reader, asym_source, tmp_path: Path, gguf_type: str, carry: str
 ) -> None:
-    from pipeline.assemble import assemble_gguf
-    from pipeline.formats.gguf import read_metadata
-    from pipeline.verify import verify_gguf
+    from strata_quant.pipeline.assemble import assemble_gguf
+    from strata_quant.pipeline.formats.gguf import read_metadata
+    from strata_quant.pipeline.verify import verify_gguf
 
     source, results = asym_source
     path = assemble_gguf(tiny_reader, source, tmp_path / "tiny.gguf", gguf_type=gguf_type, tool_version="t")
@@ -534,8 +534,8 @@ def test_verify_catches_a_broken_exact_file(tiny_reader, asym_source, tmp_path: 
     """A Q5_0 file whose bytes disagree with the record (one code changed) fails verification."""
     from gguf import GGUFReader
 
-    from pipeline.assemble import assemble_gguf
-    from pipeline.verify import VerifyError, verify_gguf
+    from strata_quant.pipeline.assemble import assemble_gguf
+    from strata_quant.pipeline.verify import VerifyError, verify_gguf
 
     source, _ = asym_source
     path = assemble_gguf(tiny_reader, source, tmp_path / "tiny.gguf")
@@ -548,8 +548,8 @@ def test_verify_catches_a_broken_exact_file(tiny_reader, asym_source, tmp_path: 
 
 
 def test_embedding_type_and_refusals(tiny_reader, asym_source, tmp_path: Path) -> None:
-    from pipeline.assemble import AssembleError, assemble_gguf
-    from pipeline.verify import verify_gguf
+    from strata_quant.pipeline.assemble import AssembleError, assemble_gguf
+    from strata_quant.pipeline.verify import verify_gguf
 
     source, _ = asym_source
     path = assemble_gguf(tiny_reader, source, tmp_path / "e.gguf", embedding_type="Q8_0")

@@ -20,12 +20,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.assemble import assemble_gguf
-from pipeline.checkpoint import CheckpointReader
-from pipeline.formats.gguf import read_metadata
-from pipeline.verify import compare_logits, llamacpp_logits, llamacpp_perplexity, load_llamacpp, verify_gguf
+from strata_quant.pipeline.assemble import assemble_gguf
+from strata_quant.pipeline.checkpoint import CheckpointReader
+from strata_quant.pipeline.formats.gguf import read_metadata
+from strata_quant.pipeline.verify import (
+    compare_logits,
+    llamacpp_logits,
+    llamacpp_perplexity,
+    load_llamacpp,
+    verify_gguf,
+)
+from strata_quant.workers.result import QuantSpec
 from tests.test_gguf_format import stored_results
-from workers.result import QuantSpec
 
 pytest.importorskip("llama_cpp")
 
@@ -34,7 +40,7 @@ SENTENCE = "Anne Elliot walked to Uppercross, 12 miles — and wrote: “It's do
 
 def _dense(model_path: Path, results: dict) -> torch.nn.Module:
     """The fp32 checkpoint with every quantized linear replaced by the solver's dequantized weight."""
-    from pipeline.eval import load_reference, with_weights
+    from strata_quant.pipeline.eval import load_reference, with_weights
 
     return with_weights(load_reference(model_path), {k: r.dequantize() for k, r in results.items()})
 
@@ -42,7 +48,7 @@ def _dense(model_path: Path, results: dict) -> torch.nn.Module:
 def _ids(model_path: Path, n: int) -> list[int]:
     from transformers import AutoTokenizer
 
-    from pipeline.calibration import load_text
+    from strata_quant.pipeline.calibration import load_text
 
     tok = AutoTokenizer.from_pretrained(model_path)
     text = load_text("fixture:austen/persuasion")
@@ -102,7 +108,7 @@ def test_tiny_verify_gguf_with_llamacpp_and_kquant_fallback(tiny) -> None:
 
 def test_a_broken_layout_fails_the_llamacpp_check(tiny, tmp_path: Path) -> None:
     """Q rows left in HF order (no rotary permutation): llama.cpp's logits no longer match."""
-    import pipeline.formats.gguf as gguf_format
+    import strata_quant.pipeline.formats.gguf as gguf_format
 
     source, _, dense = tiny[True]
     real = gguf_format.permute_qk_result
@@ -132,8 +138,8 @@ def smol(smollm2_path, tmp_path_factory):
 def test_smollm2_q4_0_logits_tokenizer_and_perplexity_in_llamacpp(smol) -> None:
     from transformers import AutoTokenizer
 
-    from pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from pipeline.eval import evaluate, load_reference
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate, load_reference
 
     reader, path = smol["reader"], smol["path"]
     hf = AutoTokenizer.from_pretrained(reader.path)

@@ -1,4 +1,4 @@
-"""workers.gptq's solver against the textbook GPTQ update (Frantar et al., 2022).
+"""strata_quant.workers.gptq's solver against the textbook GPTQ update (Frantar et al., 2022).
 
 The solver applies the error feedback through F = R / diag(R) (H = R Rᵀ, one Cholesky, no
 inverse), in lazy batches and sub-batches; the reference below is the plain algorithm in
@@ -13,9 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.gptq import damped_cholesky_feedback, damped_inverse_cholesky, gptq_quantize, relative_output_error
-from workers.grids import group_params, group_slices
-from workers.result import QuantSpec
+from strata_quant.workers.gptq import (
+    damped_cholesky_feedback,
+    damped_inverse_cholesky,
+    gptq_quantize,
+    relative_output_error,
+)
+from strata_quant.workers.grids import group_params, group_slices
+from strata_quant.workers.result import QuantSpec
 
 
 def _problem(n=48, k=160, samples=384, seed=0):
@@ -159,7 +164,7 @@ def test_row_chunks_give_the_same_bytes(act_order, static, sym, mse):
 def test_cpu_solves_are_chunked_by_the_working_memory_bound(monkeypatch):
     """By default a CPU solve bounds its working copies: with a tiny bound the solve runs in
     several chunks and still gives the unchunked bytes."""
-    import workers.gptq as gptq
+    import strata_quant.workers.gptq as gptq
 
     w, h = _problem(n=96, k=160)
     spec = QuantSpec(4, 32, True)
@@ -175,7 +180,7 @@ def test_cpu_solves_are_chunked_by_the_working_memory_bound(monkeypatch):
 
 @pytest.mark.parametrize("k", [1, 2, 5, 64, 97])
 def test_in_place_flip_is_torch_flip(k):
-    from workers.gptq import _flip_both_in_place
+    from strata_quant.workers.gptq import _flip_both_in_place
 
     for m in (torch.randn(k, k), torch.randn(k, k).t()):  # row- and column-major (LAPACK's)
         want = torch.flip(m, (0, 1))
@@ -199,7 +204,7 @@ def test_feedback_factorised_in_place_is_the_copied_one_bit_for_bit(k):
 
 
 def test_in_place_factorisation_falls_back_to_the_retrying_path():
-    from workers.gptq import _reversed_hessian
+    from strata_quant.workers.gptq import _reversed_hessian
 
     h = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05]))  # indefinite by a little
     want, lam = damped_cholesky_feedback(h, 0.01, reversed_order=True)
@@ -237,7 +242,7 @@ def test_in_place_factorisation_falls_back_to_the_retrying_path():
 def test_sub_batch_staging_gives_the_column_loop_bytes(k, rows, fields, act_order, static_groups, mse, monkeypatch):
     """The CUDA-graph path stages each full sub-batch through static buffers (a graph on a GPU;
     on a CPU the same staging runs its body directly): the same bytes as the column loop."""
-    from workers import gptq
+    from strata_quant.workers import gptq
 
     torch.manual_seed(k + rows)
     x = torch.randn(2 * k, k)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RunConfig
-from pipeline.run import HUGE_PAGES_TUNABLE, worker_runtime_env
+from strata_quant.pipeline.config import RunConfig
+from strata_quant.pipeline.run import HUGE_PAGES_TUNABLE, worker_runtime_env
 
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -72,8 +72,8 @@ def test_ray_worker_maps_large_tensors_on_huge_pages(ray_session):
 def test_run_with_huge_pages_gives_the_same_bytes(tmp_path, tiny_model_path, emma_path, ray_session):
     """run_job starts its actors with the runtime_env (W=2 here) and they store the bytes a
     W=1 run without it stores: the allocator's pages do not touch the arithmetic."""
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
     from tests.test_scaleout import hashes, tiny
 
     plain = run_job(parse_config(tiny(tmp_path / "plain", workers=1)), progress=False)

@@ -335,7 +335,7 @@ def test_rayjob_runs_the_configmap_config(job, configmap):
     key = next((i["key"] for i in volume["configMap"].get("items", []) if i["path"] == config_path.name), None)
     assert (key or config_path.name) in configmap["data"], f"ConfigMap has no key for {config_path.name}"
     # the CLI parses the rest of the entrypoint
-    from pipeline.cli import main
+    from strata_quant.pipeline.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main([*argv[1:], "--help"])
@@ -343,7 +343,7 @@ def test_rayjob_runs_the_configmap_config(job, configmap):
 
 
 def test_configmap_job_is_a_valid_resumable_config(job, configmap):
-    from pipeline.config import parse_config
+    from strata_quant.pipeline.config import parse_config
 
     cfg = parse_config(yaml.safe_load(configmap["data"]["job.yaml"]), "configmap-example.yaml")
     assert cfg.run.store.startswith("s3://"), "a run that must survive its cluster needs an object-store record"

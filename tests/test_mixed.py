@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError, parse_config
-from pipeline.formats import gptq as gptq_format
-from pipeline.plan import bits_spec_overrides, override_pattern, plan_bits, probe_entries
-from workers.mixed import (
+from strata_quant.pipeline.config import ConfigError, parse_config
+from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.pipeline.plan import bits_spec_overrides, override_pattern, plan_bits, probe_entries
+from strata_quant.workers.mixed import (
     channel_energy,
     choose_bits_by_cost,
     gptq_stored_bits,
@@ -28,8 +28,8 @@ from workers.mixed import (
     output_fisher,
     residual_scale,
 )
-from workers.result import QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 REPO = Path(__file__).resolve().parents[1]
 GPTQMODEL_PYTHON = REPO / ".venv-gptqmodel" / "bin" / "python"
@@ -195,11 +195,11 @@ def _config(tmp: Path, quant: dict, formats: list[str], name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory, tiny_model_path, emma_path, ray_session):
-    from pipeline.cli import main as cli
-    from pipeline.config import load_config
-    from pipeline.job import run_full_job
-    from pipeline.run import run_job
-    from pipeline.store import open_store
+    from strata_quant.pipeline.cli import main as cli
+    from strata_quant.pipeline.config import load_config
+    from strata_quant.pipeline.job import run_full_job
+    from strata_quant.pipeline.run import run_job
+    from strata_quant.pipeline.store import open_store
 
     tmp = tmp_path_factory.mktemp("mixed")
     probe = run_job(parse_config(_config(tmp, {"sensitivity_bits": [4, 8]}, [], "probe")), progress=False)
@@ -243,7 +243,7 @@ def test_planned_run_carries_each_linears_bits_to_the_store_gptq_and_gguf(planne
     from gguf import GGUFReader
     from safetensors.torch import load_file
 
-    from pipeline.formats.gguf import hf_to_gguf_name
+    from strata_quant.pipeline.formats.gguf import hf_to_gguf_name
 
     tmp, _, plan, report = planned
     records = _records(tmp, report["run_id"])
@@ -274,11 +274,11 @@ def test_planned_run_carries_each_linears_bits_to_the_store_gptq_and_gguf(planne
 def test_verify_rejects_a_gptq_config_that_hides_the_overrides(planned, tmp_path) -> None:
     import shutil
 
-    from pipeline.assemble import ResultSource
-    from pipeline.checkpoint import CheckpointReader
-    from pipeline.run import load_records
-    from pipeline.store import open_store
-    from pipeline.verify import VerifyError, verify_gptq
+    from strata_quant.pipeline.assemble import ResultSource
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
+    from strata_quant.pipeline.verify import VerifyError, verify_gptq
 
     tmp, _, plan, report = planned
     folder = tmp_path / "gptq"
@@ -288,7 +288,7 @@ def test_verify_rejects_a_gptq_config_that_hides_the_overrides(planned, tmp_path
     (folder / "config.json").write_text(json.dumps(config))
     reader = CheckpointReader(report["model_path"]) if "model_path" in report else None
     if reader is None:
-        from pipeline import fixtures
+        from strata_quant.pipeline import fixtures
 
         reader = CheckpointReader(fixtures.tiny_llama())
     store = open_store(str(tmp / "store"))
@@ -307,9 +307,9 @@ def test_mixed_gptq_loads_in_gptqmodel(planned, tmp_path) -> None:
     dequantizes to the solver's weight rounded to fp16."""
     from safetensors.torch import save_file
 
-    from pipeline.run import load_records
-    from pipeline.store import open_store
-    from workers.actor import result_from_bytes
+    from strata_quant.pipeline.run import load_records
+    from strata_quant.pipeline.store import open_store
+    from strata_quant.workers.actor import result_from_bytes
 
     tmp, _, _, report = planned
     store = open_store(str(tmp / "store"))
@@ -322,8 +322,8 @@ def test_mixed_gptq_loads_in_gptqmodel(planned, tmp_path) -> None:
     ids = torch.tensor([[1, 17, 200, 3, 99, 42, 7, 255]])
     from transformers import AutoModelForCausalLM
 
-    from pipeline import fixtures
-    from pipeline.eval import with_weights
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.eval import with_weights
 
     dense = with_weights(
         AutoModelForCausalLM.from_pretrained(fixtures.tiny_llama(), dtype=torch.float32).eval(),

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import parse_config
-from pipeline.run import run_job
+from strata_quant.pipeline.config import parse_config
+from strata_quant.pipeline.run import run_job
 from tests.test_submit import RAY_BIN, _free_port, _kill, _our_ray_pids, ray_cli_env, start_ray_nodes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +88,8 @@ DRIVER = textwrap.dedent(
     """
     import json, sys, time
     import ray, yaml
-    from pipeline.config import parse_config
-    from pipeline.run import run_job
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
 
     ray.init(logging_level="WARNING")  # RAY_ADDRESS: the two-node cluster
     deadline = time.monotonic() + 90

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.formats import gptq as gptq_format
-from workers.gptq import gptq_quantize, relative_output_error
-from workers.grids import group_params, group_slices, minmax_params
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.workers.gptq import gptq_quantize, relative_output_error
+from strata_quant.workers.grids import group_params, group_slices, minmax_params
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 
 def fp16_at_least(x: float) -> float:
@@ -195,7 +195,7 @@ def test_gptq_v2_asymmetric_zero_of_zero_round_trips():
 
 
 def test_result_bytes_round_trip():
-    from workers.actor import result_from_bytes, result_to_bytes
+    from strata_quant.workers.actor import result_from_bytes, result_to_bytes
 
     w, h, _ = _problem()
     q = gptq_quantize(w, h, QuantSpec(4, 32, True), act_order=True, static_groups=False)
@@ -214,7 +214,7 @@ def test_group_slices():
 def test_fp64_statistics_are_added_a_slice_at_a_time(monkeypatch):
     """The fp32 Gram of a batch is cast into the fp64 sum in slices (no whole fp64 copy): the
     sum is the one of casting the whole Gram, for slices that do not divide the rows."""
-    import workers.stats as stats
+    import strata_quant.workers.stats as stats
 
     monkeypatch.setattr(stats, "_CAST_CHUNK", 7 * 50)  # 7 rows of 50 a slice
     acc = stats.HessianAccumulator(50)

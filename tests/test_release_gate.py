@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import parse_config
-from pipeline.job import run_full_job
-from pipeline.verify import QualityGateError, gate_rows
+from strata_quant.pipeline.cli import main
+from strata_quant.pipeline.config import parse_config
+from strata_quant.pipeline.job import run_full_job
+from strata_quant.pipeline.verify import QualityGateError, gate_rows
 
 
 def _cfg(tmp_path, **output):

@@ -12,15 +12,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.report import (
+from strata_quant.pipeline import cli
+from strata_quant.pipeline.report import (
     block_phase_times,
     build_report,
     compare_reports,
     errors_by_type,
     quality_rows,
 )
-from pipeline.store import LocalStore
+from strata_quant.pipeline.store import LocalStore
 
 LINEARS = [
     "mlp.down_proj",

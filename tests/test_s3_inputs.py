@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import CheckpointError, CheckpointReader, ReadRange, coalesce
+from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, ReadRange, coalesce
 from tests.fault_proxy import FaultProxy, _ProxyHandler, _QuietServer
 from tests.test_bad_input import assert_nothing_complete, run_cli, tiny_dict
 
@@ -312,7 +312,7 @@ def test_calibration_text_jsonl_parquet_from_s3(proxy, s3_server, inputs_bucket,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.calibration import CalibrationError, load_text
+    from strata_quant.pipeline.calibration import CalibrationError, load_text
 
     paragraphs = [p for p in Path(emma_path).read_text().split("\n\n") if p.strip()][:50]
     (tmp_path / "emma.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paragraphs))
@@ -350,10 +350,10 @@ def _result_hashes(store_root: Path, run_id: str) -> dict[str, str]:
 def test_job_with_s3_model_and_calibration_matches_local_inputs(
     proxy, inputs_bucket, tiny_model_path, emma_path, tmp_path, ray_session
 ):
-    from pipeline.assemble import ResultSource, assemble_gptq
-    from pipeline.config import parse_config
-    from pipeline.job import run_full_job
-    from pipeline.run import run_job
+    from strata_quant.pipeline.assemble import ResultSource, assemble_gptq
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+    from strata_quant.pipeline.run import run_job
 
     s3_dir, local_dir = tmp_path / "s3", tmp_path / "local"
     cfg = _local_cfg(s3_dir, f"s3://{inputs_bucket}/models/tiny", f"s3://{inputs_bucket}/text/emma.txt", workers=2)

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from pipeline.config import parse_config
-from pipeline.run import FAULTS_ENV, run_job
-from pipeline.store import open_store
-from workers.actor import _SolverQueue, reduce_order
-from workers.schedule import assign_owners
+from strata_quant.pipeline.config import parse_config
+from strata_quant.pipeline.run import FAULTS_ENV, run_job
+from strata_quant.pipeline.store import open_store
+from strata_quant.workers.actor import _SolverQueue, reduce_order
+from strata_quant.workers.schedule import assign_owners
 
 
 def tiny(tmp, workers=2, **run) -> dict:
@@ -130,12 +130,12 @@ def test_overlapped_run_survives_a_killed_worker(float_inline, tmp_path, monkeyp
 def test_one_stage_float_run_takes_the_next_inputs_from_its_statistics_pass(tmp_path, tiny_model_path, monkeypatch):
     """propagate float, one stage, solves inline: the statistics pass runs the whole float block,
     so its outputs become the next block's inputs and no second forward runs (in-process)."""
-    import workers.actor as actor_mod
-    from pipeline.checkpoint import open_checkpoint
-    from pipeline.store import LocalStore
-    from workers.actor import BlockWorker, WorkerJob
-    from workers.block import build_block, run_block
-    from workers.result import QuantSpec
+    import strata_quant.workers.actor as actor_mod
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.store import LocalStore
+    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.block import build_block, run_block
+    from strata_quant.workers.result import QuantSpec
 
     reader = open_checkpoint(str(tiny_model_path))
     job = WorkerJob(
@@ -212,7 +212,7 @@ def test_deferred_run_survives_a_killed_worker(tmp_path, tiny_model_path, emma_p
 def test_deferred_solves_run_the_oldest_blocks_on_the_callers_thread():
     import threading
 
-    from workers.actor import _DeferredSolves
+    from strata_quant.workers.actor import _DeferredSolves
 
     seen = []
 
@@ -284,7 +284,7 @@ def test_split_solves_give_the_one_worker_bytes(tmp_path, tiny_model_path, emma_
 
 
 def test_row_slices_cover_the_rows_once():
-    from workers.schedule import row_slices
+    from strata_quant.workers.schedule import row_slices
 
     for n, w in [(960, 2), (576, 3), (7, 4), (5, 5)]:
         slices = row_slices(n, w)
@@ -316,7 +316,7 @@ def test_stage_cache_gives_the_full_pass_bytes(method, tmp_path, tiny_model_path
 def test_stage_passes_need_the_llama_stages(tiny_model_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.block import LLAMA_STAGES, StagePasses, decoder_layers
+    from strata_quant.workers.block import LLAMA_STAGES, StagePasses, decoder_layers
 
     config = AutoConfig.from_pretrained(tiny_model_path)
     with torch.device("meta"):
@@ -331,7 +331,7 @@ def test_stage_passes_need_the_llama_stages(tiny_model_path):
 
 
 def test_plan_keeps_smollm2_groups_whole_and_balanced():
-    from workers.schedule import plan_solves, solve_cost
+    from strata_quant.workers.schedule import plan_solves, solve_cost
 
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # q+k+v, o, gate+up, down
     plans = plan_solves(shapes, 2, [True] * 4)
@@ -343,7 +343,7 @@ def test_plan_keeps_smollm2_groups_whole_and_balanced():
 
 
 def test_plan_levels_a_dominant_group_with_uneven_shares():
-    from workers.schedule import plan_solves, solve_cost, solve_fixed_cost, solve_row_cost
+    from strata_quant.workers.schedule import plan_solves, solve_cost, solve_fixed_cost, solve_row_cost
 
     shapes = [(128, 256), (128, 128), (128, 6144), (3072, 128)]  # hidden 128, FFN 3072
     load = [0.0, 0.0]
@@ -374,7 +374,7 @@ def test_plan_levels_a_dominant_group_with_uneven_shares():
 
 
 def test_plan_splits_evenly_when_groups_are_fewer_than_workers():
-    from workers.schedule import plan_solves, row_slices
+    from strata_quant.workers.schedule import plan_solves, row_slices
 
     plans = plan_solves([(576, 960)], 3, [True])
     assert plans[0].shares == tuple(row_slices(960, 3)) and plans[0].owner == 0
@@ -395,7 +395,7 @@ def test_levelled_split_gives_the_whole_group_bytes(tmp_path, smollm2_path, emma
     W=2 its rows are shared unevenly and the shares meet at the owner. The same bytes as W=2
     with whole groups (the same reduced sums); against W=1, whose sums add the batches in
     another order, the output errors agree."""
-    from pipeline import fixtures
+    from strata_quant.pipeline import fixtures
 
     model = fixtures.synthetic_llama(tmp_path / "ffn3072", hidden=128, intermediate=3072, layers=2, heads=4, kv_heads=2)
     runs = []
@@ -426,8 +426,8 @@ def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
     import hashlib
     import threading
 
-    from pipeline.store import StoreError
-    from workers.actor import _Uploads
+    from strata_quant.pipeline.store import StoreError
+    from strata_quant.workers.actor import _Uploads
 
     release = threading.Event()
     stored: dict[str, tuple[bytes, str]] = {}

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from pipeline.store import (
+from strata_quant.pipeline.store import (
     ChecksumError,
     LocalStore,
     ObjectNotFound,
@@ -426,8 +426,8 @@ def test_credentials_never_reach_what_the_store_writes_or_logs(s3_server, bucket
 def test_run_job_records_every_block_in_s3(
     s3_server, bucket, tiny_model_path, emma_path, ray_session, tmp_path, monkeypatch
 ):
-    from pipeline.config import parse_config
-    from pipeline.run import load_records, record_is_complete, run_job
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import load_records, record_is_complete, run_job
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # the driver's; the store carries it to workers
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"

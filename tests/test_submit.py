@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import submit as sub
+from strata_quant.pipeline import submit as sub
 
 RAY_BIN = Path(sys.executable).parent / "ray"
 JOB_TIMEOUT_S = 240
@@ -255,7 +255,7 @@ def test_submit_runs_a_job_on_the_cluster(ray_cluster, tmp_path, tiny_model_path
     assert (tmp_path / "out" / "submit-tiny-gptq" / "config.json").is_file()
 
     # the CLI's status and logs subcommands read the same job
-    from pipeline.cli import main
+    from strata_quant.pipeline.cli import main
 
     capsys.readouterr()
     assert main(["status", job_id, "--address", address]) == 0

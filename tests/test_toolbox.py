@@ -8,17 +8,17 @@ import random
 import pytest
 import torch
 
-from workers import nf4
-from workers.fp8 import fp8_quantize
-from workers.int8 import channel_rms, int8_skip_modules, outlier_channels
-from workers.mixed import (
+from strata_quant.workers import nf4
+from strata_quant.workers.fp8 import fp8_quantize
+from strata_quant.workers.int8 import channel_rms, int8_skip_modules, outlier_channels
+from strata_quant.workers.mixed import (
     average_bits,
     choose_bits_brute_force,
     choose_bits_dp,
     choose_bits_greedy,
     hessian_error,
 )
-from workers.result import QuantSpec
+from strata_quant.workers.result import QuantSpec
 
 
 def _bnb():
@@ -136,7 +136,7 @@ def test_nf4_checkpoint_loads_in_transformers(tiny_llama, tmp_path) -> None:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pipeline.formats import bnb_nf4
+    from strata_quant.pipeline.formats import bnb_nf4
 
     results = {n: nf4.nf4_quantize(w) for n, w in _linears(tiny_llama).items()}
     out = bnb_nf4.export_model(tiny_llama, results, tmp_path / "nf4")
@@ -161,8 +161,8 @@ def test_nf4_result_round_trips_through_store_tensors() -> None:
 
 
 def test_gptq_on_nf4_lowers_hessian_weighted_error() -> None:
-    from workers.gptq import gptq_quantize
-    from workers.rtn import rtn_quantize
+    from strata_quant.workers.gptq import gptq_quantize
+    from strata_quant.workers.rtn import rtn_quantize
 
     torch.manual_seed(0)
     w = torch.randn(64, 256) * 0.02
@@ -203,7 +203,7 @@ def test_fp8_scales_and_rounding(fmt, fmax, block) -> None:
     else:
         assert r.scale.shape == (-(-70 // block[0]), -(-100 // block[1]))
     # nearest fp8 of w / s: the cast's round-to-nearest-even
-    from workers.fp8 import expand_scale
+    from strata_quant.workers.fp8 import expand_scale
 
     assert torch.equal(r.weight, (w / expand_scale(r.scale, (70, 100), block)).clamp(-fmax, fmax).to(r.weight.dtype))
     rel = (r.dequantize() - w).norm() / w.norm()
@@ -225,7 +225,7 @@ def test_fp8_checkpoint_loads_in_transformers(tiny_llama, tmp_path, block) -> No
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    from pipeline.formats import fp8 as fp8_format
+    from strata_quant.pipeline.formats import fp8 as fp8_format
 
     results = {n: fp8_quantize(w, block=block) for n, w in _linears(tiny_llama).items()}
     out = fp8_format.export_model(tiny_llama, results, tmp_path / "fp8", dtype=torch.float32)
@@ -241,7 +241,7 @@ def test_fp8_config_parses_in_compressed_tensors() -> None:
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.quantization import QuantizationConfig
 
-    from pipeline.formats import fp8 as fp8_format
+    from strata_quant.pipeline.formats import fp8 as fp8_format
 
     for block, dyn in [(None, False), ((128, 128), True)]:
         parsed = QuantizationConfig.model_validate(fp8_format.quantization_config(block, dyn))
@@ -323,11 +323,11 @@ def test_qat_export_equals_the_fake_quant_forward_and_fine_tune_lowers_loss() ->
     g32 grid: the exported integer model has lower held-out loss than RTN on the same grid."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline import fixtures
-    from pipeline.calibration import tokenize_stream
-    from pipeline.eval import with_weights
-    from workers.qat import FakeQuantLinear, export_results, prepare_qat
-    from workers.rtn import rtn_quantize
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.calibration import tokenize_stream
+    from strata_quant.pipeline.eval import with_weights
+    from strata_quant.workers.qat import FakeQuantLinear, export_results, prepare_qat
+    from strata_quant.workers.rtn import rtn_quantize
 
     tok = AutoTokenizer.from_pretrained(fixtures.tiny_llama())
     stream = tokenize_stream(tok, fixtures.austen("emma").read_text()[:20000])

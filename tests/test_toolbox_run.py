@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from pipeline.config import ConfigError, parse_config
-from pipeline.job import run_full_job
-from pipeline.run import run_job
-from workers.actor import WorkerJob, result_from_bytes, result_to_bytes
-from workers.fp8 import fp8_quantize
-from workers.methods import KeptLinear, Part, matches_module, outlier_group, quantize_parts
-from workers.nf4 import gptq_nf4, nf4_quantize
-from workers.result import QuantSpec
+from strata_quant.pipeline.config import ConfigError, parse_config
+from strata_quant.pipeline.job import run_full_job
+from strata_quant.pipeline.run import run_job
+from strata_quant.workers.actor import WorkerJob, result_from_bytes, result_to_bytes
+from strata_quant.workers.fp8 import fp8_quantize
+from strata_quant.workers.methods import KeptLinear, Part, matches_module, outlier_group, quantize_parts
+from strata_quant.workers.nf4 import gptq_nf4, nf4_quantize
+from strata_quant.workers.result import QuantSpec
 
 IDS = torch.tensor([[1, 17, 200, 3, 99, 42, 7, 255, 128, 64, 5, 0, 311, 4000, 12, 9]])
 N_LINEARS = 21  # 3 blocks × 7 linears
@@ -54,7 +54,7 @@ def _dequantized_model(model_path, tmp, records, dtype=torch.float32):
     """The reference model with every quantized linear replaced by its stored, dequantized result."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.eval import with_weights
+    from strata_quant.pipeline.eval import with_weights
 
     ref = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
     weights = {name: _stored(tmp, e).dequantize() for name, e in records.items() if not e.get("skipped")}
@@ -294,7 +294,7 @@ def test_quantize_parts_splits_keeps_and_solves_per_tensor():
     mixed = [Part("q", 16, spec), Part("k", 16, QuantSpec(8, -1, True)), Part("v", 16, spec)]
     out = quantize_parts("gptq", w, h, mixed, {})
     assert out[1].spec.bits == 8 and out[0].spec.bits == 4
-    from workers.gptq import gptq_quantize
+    from strata_quant.workers.gptq import gptq_quantize
 
     alone = gptq_quantize(w[32:], h, spec)
     assert torch.equal(out[2].codes, alone.codes) and torch.equal(out[2].scales, alone.scales)
@@ -341,7 +341,7 @@ def test_toolbox_config_errors_name_the_allowed_formats(tmp_path):
 
 
 def test_gptq_nf4_blocksize_must_divide_the_model_widths(tmp_path, tiny_model_path, emma_path):
-    from pipeline.run import prepare
+    from strata_quant.pipeline.run import prepare
 
     with pytest.raises(ConfigError, match="multiples of quant.nf4_blocksize 64"):
         prepare(toolbox_config(tmp_path, {"method": "gptq_nf4"}, ["bitsandbytes"]))

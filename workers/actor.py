@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from workers.awq import (
+from strata_quant.workers.awq import (
     AbsMeanAccumulator,
     column_scales,
     fold_scales,
@@ -32,9 +32,16 @@ from workers.awq import (
     scale_gram,
     search_scales,
 )
-from workers.block import StagePasses, block_linears, build_block, decoder_layers, run_block, shared_input_groups
-from workers.gptq import output_error_terms, relative_output_error
-from workers.methods import (
+from strata_quant.workers.block import (
+    StagePasses,
+    block_linears,
+    build_block,
+    decoder_layers,
+    run_block,
+    shared_input_groups,
+)
+from strata_quant.workers.gptq import output_error_terms, relative_output_error
+from strata_quant.workers.methods import (
     HESSIAN_METHODS,
     Part,
     Result,
@@ -46,10 +53,10 @@ from workers.methods import (
     result_kind,
     spec_with_overrides,
 )
-from workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
-from workers.result import QuantizedLinear, QuantSpec
-from workers.schedule import GroupPlan, plan_solves
-from workers.stats import HessianAccumulator
+from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.schedule import GroupPlan, plan_solves
+from strata_quant.workers.stats import HessianAccumulator
 
 
 @dataclass

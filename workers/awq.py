@@ -51,11 +51,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workers.gptq import gptq_quantize
-from workers.grids import dequantize as grid_dequantize
-from workers.grids import group_slices, minmax_params, quantize
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.workers.gptq import gptq_quantize
+from strata_quant.workers.grids import dequantize as grid_dequantize
+from strata_quant.workers.grids import group_slices, minmax_params, quantize
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 
 class AbsMeanAccumulator:

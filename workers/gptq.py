@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from workers.grids import group_params, group_slices
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.grids import group_params, group_slices
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.result import QuantSpec
+from strata_quant.workers.result import QuantSpec
 
 FP16_MAX = 65504.0
 

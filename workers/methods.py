@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from workers.fp8 import FP8Linear, fp8_quantize
-from workers.gptq import gptq_quantize
-from workers.int8 import int8_skip_modules
-from workers.nf4 import NF4Linear, gptq_nf4, gptq_nf4_stacked, nf4_quantize
-from workers.result import QuantizedLinear, QuantSpec
-from workers.rtn import rtn_quantize
+from strata_quant.workers.fp8 import FP8Linear, fp8_quantize
+from strata_quant.workers.gptq import gptq_quantize
+from strata_quant.workers.int8 import int8_skip_modules
+from strata_quant.workers.nf4 import NF4Linear, gptq_nf4, gptq_nf4_stacked, nf4_quantize
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
 
 INTEGER_METHODS = ("gptq", "rtn", "awq", "awq_gptq")
 NF4_METHODS = ("nf4", "gptq_nf4")
@@ -190,7 +190,7 @@ def quantize_group(
     if method == "rtn":
         return rtn_quantize(weight, spec, mse_grid=mse_grid)
     if method == "awq":
-        from workers.awq import apply_clip, clip_ratios
+        from strata_quant.workers.awq import apply_clip, clip_ratios
 
         target = weight
         if options.get("awq_clip", True):

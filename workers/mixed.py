@@ -303,7 +303,7 @@ def linear_sensitivity(
     """
     from dataclasses import replace
 
-    from workers.methods import quantize_group
+    from strata_quant.workers.methods import quantize_group
 
     if scale <= 0:
         raise ValueError(f"residual scale must be positive, got {scale}")

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.gptq import damped_inverse_cholesky
+from strata_quant.workers.gptq import damped_inverse_cholesky
 
 NF4_OFFSET = 0.9677083
 BLOCKSIZE = 64

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.grids import group_params, group_slices, round_scale
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.grids import group_params, group_slices, round_scale
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.grids import group_params, group_slices, quantize
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.grids import group_params, group_slices, quantize
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
 def rtn_quantize(weight: torch.Tensor, spec: QuantSpec, mse_grid: int = 0) -> QuantizedLinear:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds column 8c + ORDER[p]
 PACK = 8  # 4-bit values per int32

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from workers.nf4 import NF4_LEVELS, NF4Linear, dynamic_map, unpack_nibbles
+from strata_quant.workers.nf4 import NF4_LEVELS, NF4Linear, dynamic_map, unpack_nibbles
 
 QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}

@@ -29,8 +29,8 @@ import math
 import numpy as np
 import torch
 
-from pipeline.formats.gptq import pack_bits, unpack_bits
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.pipeline.formats.gptq import pack_bits, unpack_bits
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 SUPPORTED_BITS = (2, 4, 8)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from workers.fp8 import FP8Linear
+from strata_quant.workers.fp8 import FP8Linear
 
 
 def linear_tensors(result: FP8Linear, prefix: str, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -38,7 +38,7 @@ def linear_tensors(result: FP8Linear, prefix: str, bias: torch.Tensor | None = N
 
 def decode_linear(tensors: dict[str, torch.Tensor], prefix: str, block: tuple[int, int] | None) -> torch.Tensor:
     """Reference decoder: float(q) · scale broadcast over the channel or block, fp32."""
-    from workers.fp8 import expand_scale
+    from strata_quant.workers.fp8 import expand_scale
 
     q = tensors[f"{prefix}.weight"]
     return q.float() * expand_scale(tensors[f"{prefix}.weight_scale"], tuple(q.shape), block)  # type: ignore[arg-type]

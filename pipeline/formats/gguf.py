@@ -27,7 +27,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, RopeScalingType, TokenType
 from gguf.quants import quant_shape_to_byte_shape
 
-from workers.result import QuantizedLinear
+from strata_quant.workers.result import QuantizedLinear
 
 ARCH = "llama"
 QK = 32  # values per Q4_0 / Q8_0 block

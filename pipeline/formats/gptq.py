@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
