@@ -203,6 +203,25 @@ def test_feedback_factorised_in_place_is_the_copied_one_bit_for_bit(k):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("k, band", [(7, 512), (300, 64), (130, 13)])
+def test_in_place_factorisation_reads_the_copied_paths_triangle(k, band):
+    # a Gram matrix from a small GEMM can differ from its transpose in the last bit (MKL on
+    # AVX-512 does at K = 7): the in-place factor must still be the copied one's
+    from strata_quant.workers.gptq import _mirror_lower_in_place
+
+    _, h = _problem(k=k)
+    reversed_h = torch.flip(h, (0, 1)).contiguous()
+    upper = torch.triu_indices(k, k, 1)
+    reversed_h[upper[0], upper[1]] *= 1 + 2**-20  # upper triangle off by a few ulps
+    assert not torch.equal(reversed_h, reversed_h.t())
+    want, _ = damped_cholesky_feedback(reversed_h, 0.01, reversed_order=True)
+    got, _ = damped_cholesky_feedback(reversed_h.clone(), 0.01, reversed_order=True, rebuild=lambda: None)
+    assert torch.equal(got, want)
+    m = torch.randn(k, k)
+    mirrored = _mirror_lower_in_place(m.clone(), band=band)
+    assert torch.equal(mirrored, m.tril() + m.tril(-1).t())
+
+
 def test_in_place_factorisation_falls_back_to_the_retrying_path():
     from strata_quant.workers.gptq import _reversed_hessian
 

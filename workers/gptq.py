@@ -95,9 +95,11 @@ def damped_cholesky_feedback(
 
     ``rebuild`` (with ``reversed_order``): ``hessian`` is the caller's to spend, and
     ``rebuild()`` makes J H J afresh. The first factorisation of that dtype then runs in the
-    matrix's own storage: H is symmetric, so its row-major bytes are the column-major matrix
-    LAPACK factorises in place, and the factor comes out in the same layout as a copied one,
-    bit for bit, without a second K² matrix. A retry starts from ``rebuild()``.
+    matrix's own storage: once its upper triangle is mirrored from the lower one (a Gram matrix
+    from a small GEMM is not always symmetric bit for bit), its row-major bytes are the
+    column-major matrix LAPACK factorises in place, reading the triangle the copied path reads,
+    and the factor comes out in the same layout as a copied one, bit for bit on any CPU, without
+    a second K² matrix. A retry starts from ``rebuild()``.
     """
     mean_diag = torch.diag(hessian).to(torch.float64).mean().clamp(min=1e-12).item()
     lam = damp
@@ -107,6 +109,10 @@ def damped_cholesky_feedback(
                 hessian = rebuild()
             in_place = reversed_order and hessian.dtype == dtype
             if in_place and rebuild is not None and hessian.is_contiguous():
+                # LAPACK reads the view's lower triangle, which is the matrix's upper one; a Gram
+                # matrix from a small GEMM need not be symmetric bit for bit, so mirror the lower
+                # triangle (what the copied path reads) over it first
+                _mirror_lower_in_place(hessian)
                 hessian.diagonal().add_(lam * mean_diag)
                 chol = hessian.t()  # the column-major view of the same symmetric matrix
                 info = torch.empty((), dtype=torch.int32, device=chol.device)
@@ -135,6 +141,20 @@ def damped_cholesky_feedback(
                 return feedback, lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
+
+
+def _mirror_lower_in_place(matrix: torch.Tensor, band: int = 512) -> torch.Tensor:
+    """M[i, j] ← M[j, i] for i < j: the upper triangle replaced by the lower one's
+    transpose, in M's own storage, a band of rows at a time (a band × K copy at most). Makes a
+    row-major M the same matrix read from either triangle."""
+    k = matrix.shape[0]
+    for r0 in range(0, k, band):
+        r1 = min(r0 + band, k)
+        if r1 < k:
+            matrix[r0:r1, r1:] = matrix[r1:, r0:r1].t()
+        square = matrix[r0:r1, r0:r1]
+        square.copy_(square.tril() + square.tril(-1).t())
+    return matrix
 
 
 def _flip_both_in_place(matrix: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
