@@ -14,7 +14,6 @@ per-module overrides, the GGUF as per-tensor types.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,31 +21,8 @@ from pathlib import Path
 import yaml
 
 from strata_quant.pipeline.config import ConfigError
+from strata_quant.pipeline.run import load_records, result_key_map
 from strata_quant.workers.mixed import choose_bits_by_cost, gptq_stored_bits
-
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-def override_pattern(key: str) -> str:
-    """The regex (matched with ``re.search``) of one ``quant.bits_overrides`` key: a plain dotted
-    name (``model.layers.3.mlp.down_proj``) matches that linear only (anchored and escaped);
-    anything else is a regex as written."""
-    if _PLAIN_NAME.fullmatch(key):
-        return f"^{re.escape(key)}$"
-    return key
-
-
-def bits_spec_overrides(bits_overrides: dict[str, int]) -> dict[str, dict]:
-    """``quant.bits_overrides`` as ``WorkerJob.spec_overrides`` ({regex: {"bits": b}}, in order)."""
-    out: dict[str, dict] = {}
-    for key, bits in bits_overrides.items():
-        pattern = override_pattern(key)
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(f"quant.bits_overrides: {key!r} is not a valid regex: {err}") from None
-        out[pattern] = {"bits": int(bits)}
-    return out
 
 
 @dataclass
@@ -85,7 +61,6 @@ class Plan:
 def probe_entries(store, run_id: str) -> tuple[dict, dict[str, dict]]:
     """The probe run's config and its record entries by linear name (every block must be done and
     every entry must carry a ``sensitivity``)."""
-    from strata_quant.pipeline.run import load_records, result_key_map
 
     key = f"runs/{run_id}/run.json"
     if not store.exists(key):

@@ -23,7 +23,7 @@ import torch
 from strata_quant.pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
 from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from strata_quant.pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
-from strata_quant.pipeline.plan import bits_spec_overrides
+from strata_quant.pipeline.overrides import bits_spec_overrides
 from strata_quant.pipeline.store import StoreError, open_store, sha256_bytes
 from strata_quant.workers.actor import BlockWorker, WorkerJob, job_overlaps
 from strata_quant.workers.result import QuantSpec
@@ -566,7 +566,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         double_quant=cfg.quant.double_quant,
         fp8_type=cfg.quant.fp8_type,
         fp8_block=tuple(cfg.quant.fp8_block) if cfg.quant.fp8_block else None,
-        spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/plan.py)
+        spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
         sensitivity_bits=list(cfg.quant.sensitivity_bits),
     )
     faults = injected_faults()

@@ -18,7 +18,8 @@ from torch import nn
 
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.formats import gptq as gptq_format
-from strata_quant.pipeline.plan import bits_spec_overrides, override_pattern, plan_bits, probe_entries
+from strata_quant.pipeline.overrides import bits_spec_overrides, override_pattern
+from strata_quant.pipeline.plan import plan_bits, probe_entries
 from strata_quant.workers.mixed import (
     channel_energy,
     choose_bits_by_cost,
