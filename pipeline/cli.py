@@ -1,4 +1,4 @@
-"""strata command line: fixtures, run, demo, verify, eval, report, compare."""
+"""strata command line: fixtures, run, demo, verify, eval, report, compare, config-reference."""
 
 from __future__ import annotations
 
@@ -203,6 +203,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_config_reference(args) -> int:
+    from strata_quant.pipeline import config_reference
+
+    if args.out:
+        print(config_reference.write(args.out))
+    else:
+        sys.stdout.write(config_reference.render())
+    return 0
+
+
 def cmd_compare(args) -> int:
     from strata_quant.pipeline.report import compare_reports, load_report
 
@@ -310,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("reports", nargs="+", metavar="REPORT_JSON")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("config-reference", help="the configuration reference (markdown) from the config schema")
+    p.add_argument("--out", help="write it to this file (docs/configuration.md) instead of standard output")
+    p.set_defaults(func=cmd_config_reference)
 
     from strata_quant.pipeline.evaluate_cli import add_parser as add_eval_parser
 

@@ -18,23 +18,42 @@ class _Strict(BaseModel):
 
 
 class CalibrationConfig(_Strict):
-    source: str = Field(description="text/jsonl/parquet file, fixture:austen/<novel>, or hf:<dataset name>")
-    num_samples: int = Field(64, ge=1)
-    seq_len: int = Field(512, ge=8)
-    sampling: Literal["even", "random"] = "even"
-    seed: int = 0
-    text_field: str = "text"
+    """The calibration text: tokenised whole with the model's tokenizer, cut into N windows of T tokens,
+    sharded over the workers on batch edges."""
+
+    source: str = Field(
+        description="a .txt / .md / .jsonl / .parquet file (a path or s3://bucket/key), "
+        "fixture:austen/NOVEL, or hf:DATASET"
+    )
+    num_samples: int = Field(64, ge=1, description="N, the number of calibration windows")
+    seq_len: int = Field(512, ge=8, description="T, tokens per window")
+    sampling: Literal["even", "random"] = Field(
+        "even", description="window starts: evenly spaced (start_i = i·⌊len/N⌋) or seeded random"
+    )
+    seed: int = Field(0, description="seed of the random window starts (sampling: random)")
+    text_field: str = Field("text", description="the field or column holding the text in .jsonl, .parquet and hf:")
 
 
 class QuantConfig(_Strict):
-    method: Literal["gptq", "rtn", "awq", "awq_gptq", "nf4", "gptq_nf4", "fp8"] = "gptq"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 64
-    sym: bool = True
-    damp: float = Field(0.01, gt=0, lt=1)
-    block_size: int = Field(128, ge=1)
-    act_order: bool = False
-    static_groups: bool = True
+    """The method and its settings, the same for every quantized linear unless bits_overrides says otherwise."""
+
+    method: Literal["gptq", "rtn", "awq", "awq_gptq", "nf4", "gptq_nf4", "fp8"] = Field(
+        "gptq",
+        description="gptq; rtn (round to nearest); awq (activation-aware scales, folded into the preceding op); "
+        "awq_gptq (AWQ's scales, then GPTQ); nf4 and gptq_nf4 (bitsandbytes NF4, rounded or GPTQ-solved); "
+        "fp8 (FP8 weights, compressed-tensors)",
+    )
+    bits: Literal[2, 3, 4, 8] = Field(4, description="bits per integer code")
+    group_size: int = Field(
+        64, description="input columns sharing one scale and zero; -1 = one group per row (per channel)"
+    )
+    sym: bool = Field(True, description="symmetric grid (zero fixed at 2^(bits−1)); false: a zero point per group")
+    damp: float = Field(0.01, gt=0, lt=1, description="GPTQ: added to H's diagonal as a fraction of its mean")
+    block_size: int = Field(128, ge=1, description="GPTQ: columns per lazy batch update")
+    act_order: bool = Field(False, description="GPTQ: solve columns in order of decreasing H diagonal")
+    static_groups: bool = Field(
+        True, description="with act_order: groups fixed in column order before the solve (g_idx[k] = k // G)"
+    )
     mse_grid: int = Field(0, ge=0, description="shrink steps of the scale search; 0 = min/max")
     true_sequential: bool = Field(
         True, description="solve q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones before it"
@@ -90,12 +109,22 @@ class QuantConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    workers: int = Field(1, ge=1)
-    propagate: Literal["quantized", "float"] = "quantized"
-    batch_size: int = Field(8, ge=1)
-    store: str = "runs"
-    run_id: str | None = None
-    hessian_dtype: Literal["float32", "float64"] = "float64"
+    """How the job runs on Ray: workers, where the run record goes, and how blocks are scheduled."""
+
+    workers: int = Field(1, ge=1, description="W, worker actors; each holds 1/W of the calibration samples")
+    propagate: Literal["quantized", "float"] = Field(
+        "quantized",
+        description="the next block's inputs: through the quantized block (GPTQ/AWQ's reference semantics) "
+        "or the float one (solves may then overlap the forward)",
+    )
+    batch_size: int = Field(8, ge=1, description="calibration windows per forward batch; shards fall on batch edges")
+    store: str = Field("runs", description="the run record: a local folder or s3://bucket/prefix")
+    run_id: str | None = Field(
+        None, description="the run's name in the store; null = NAME-F, F the first 12 hex digits of the fingerprint"
+    )
+    hessian_dtype: Literal["float32", "float64"] = Field(
+        "float64", description="dtype of the summed statistics (each batch's Gram is formed in float32)"
+    )
     hidden_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of the hidden states kept between blocks (each block's forward runs in fp32)"
     )
@@ -121,12 +150,14 @@ class RunConfig(_Strict):
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="cuda: one GPU per worker (Ray num_gpus=1), blocks and solves on it, NCCL collectives"
     )
-    threads_per_worker: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch threads per worker; null = the node's CPU count divided by workers"
+    )
     huge_pages: bool = Field(
         False,
         description="workers' large allocations on transparent huge pages (glibc.malloc.hugetlb=1, where the "
         "kernel's THP mode is madvise): about a tenth of the page faults, same results; faster on SmolLM2, "
-        "not on a 1536-wide model (README, Huge pages)",
+        "not on a 1536-wide model (docs/performance.md)",
     )
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
 
@@ -139,10 +170,16 @@ class RunConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    dir: str = "out"
-    formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf", "bitsandbytes"]] = ["gptq", "gguf"]
-    shard_size: str = "5GB"
-    gguf_tokenizer_pre: str = "default"
+    """The artifacts assembled from the run record, and the release gate."""
+
+    dir: str = Field("out", description="folder the artifacts, the report and the model cards are written to")
+    formats: list[Literal["gptq", "awq", "compressed-tensors", "gguf", "bitsandbytes"]] = Field(
+        ["gptq", "gguf"], description="artifacts to assemble; [] = none (the run record only)"
+    )
+    shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
+    gguf_tokenizer_pre: str = Field(
+        "default", description="GGUF tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer (smollm, llama-bpe …)"
+    )
     gguf_type: Literal[
         "auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"
     ] = Field("auto", description="auto = the type holding the result exactly; others may re-quantize (llama.cpp)")
@@ -152,14 +189,17 @@ class OutputConfig(_Strict):
     max_ppl_increase: float | None = Field(
         None, description="release gate: fail the job when perplexity rises more than this fraction (0.05 = 5%)"
     )
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace existing artifacts (otherwise an existing one is refused)")
 
 
 class EvalConfig(_Strict):
-    text: str = "fixture:austen/persuasion"
-    windows: int = Field(32, ge=1)
-    seq_len: int = Field(512, ge=8)
-    baselines: list[Literal["rtn"]] = ["rtn"]
+    """Held-out evaluation after assembly: perplexity, KL divergence and top-1 agreement against the float model,
+    each window scored alone. ``eval: null`` skips it."""
+
+    text: str = Field("fixture:austen/persuasion", description="held-out text, any calibration.source form")
+    windows: int = Field(32, ge=1, description="the first this many non-overlapping windows are scored")
+    seq_len: int = Field(512, ge=8, description="tokens per window")
+    baselines: list[Literal["rtn"]] = Field(["rtn"], description="extra rows computed in-process for comparison")
 
 
 # output formats that can hold each method's results (integer methods: all but bitsandbytes)
@@ -196,13 +236,35 @@ def _method_format_error(quant: QuantConfig, formats: list[str]) -> str | None:
 
 
 class JobConfig(_Strict):
-    name: str = "job"
-    model: str
-    calibration: CalibrationConfig
-    quant: QuantConfig = QuantConfig()
-    run: RunConfig = RunConfig()
-    output: OutputConfig = OutputConfig()
-    eval: EvalConfig | None = EvalConfig()
+    """A job: one checkpoint, one calibration set, one method; any number of output formats.
+
+    Made when the config is loaded, before any work (the last one when the run is planned):
+
+    - nf4 and gptq_nf4 write bitsandbytes only, fp8 compressed-tensors only (E4M3); integer methods write
+      gptq, awq, compressed-tensors and gguf, never bitsandbytes.
+    - modules_to_not_convert / skip_outliers need a format that lists 16-bit linears (compressed-tensors,
+      awq, bitsandbytes) and do not combine with AWQ methods.
+    - awq output takes 4-bit results with a group size; compressed-tensors takes 2, 4 or 8 bits.
+    - gguf output needs a GGUF type that holds the result (gguf_type auto: symmetric ≤ 4-bit → Q4_0,
+      asymmetric ≤ 4-bit → Q5_0, symmetric 8-bit → Q8_0) and, where the solver's blocks are carried over,
+      a group size that is a multiple of 32 and static groups with act_order.
+    - bits_overrides / sensitivity_bits take methods gptq or rtn; per-linear bits export as gptq / gguf
+      (gguf_type auto).
+    - output.max_ppl_increase needs an eval section.
+    - Against the model (at plan time): group_size divides every linear's input width (or
+      allow_partial_group), gptq_nf4 needs widths that are multiples of nf4_blocksize.
+    """
+
+    name: str = Field("job", description="job name: prefix of the run id, the artifacts and the report")
+    model: str = Field(
+        description="a folder with config.json + *.safetensors (+ index, tokenizer), s3://bucket/prefix, "
+        "or fixture:smollm2-135m"
+    )
+    calibration: CalibrationConfig = Field(description="the calibration text (section below)")
+    quant: QuantConfig = Field(QuantConfig(), description="method and settings (section below)")
+    run: RunConfig = Field(RunConfig(), description="workers, store, scheduling (section below)")
+    output: OutputConfig = Field(OutputConfig(), description="artifacts and release gate (section below)")
+    eval: EvalConfig | None = Field(EvalConfig(), description="held-out evaluation (section below); null skips it")
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
