@@ -129,7 +129,7 @@ def ray_cli_env() -> dict:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Ray 2.5x+ turns token auth on for a new head when ~/.ray/auth_token exists (a local
     # ray.init() writes one) but not for a joining node: pin the mode so both agree. Off is
-    # fine for a loopback-only test cluster; real clusters keep token auth (infra/README.md).
+    # fine for a loopback-only test cluster; real clusters keep token auth (docs/cluster.md).
     env["RAY_AUTH_MODE"] = "disabled"
     return env
 
