@@ -1,4 +1,4 @@
-"""strata against GPTQModel and llm-compressor, side by side (MEASURE.md protocol).
+"""strata against GPTQModel and llm-compressor, side by side (the protocol in docs/quality.md).
 
 Three measurements:
 
