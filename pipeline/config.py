@@ -197,7 +197,9 @@ class EvalConfig(_Strict):
     each window scored alone. ``eval: null`` skips it."""
 
     text: str = Field("fixture:austen/persuasion", description="held-out text, any calibration.source form")
-    windows: int = Field(32, ge=1, description="the first this many non-overlapping windows are scored")
+    windows: int = Field(
+        32, ge=1, description="windows scored: the text's first non-overlapping windows of seq_len tokens"
+    )
     seq_len: int = Field(512, ge=8, description="tokens per window")
     baselines: list[Literal["rtn"]] = Field(["rtn"], description="extra rows computed in-process for comparison")
 
