@@ -221,10 +221,11 @@ class CheckpointReader:
     def _init_prefetch(self) -> None:
         self._lock = threading.Lock()
         self._pending: tuple[tuple[int, str], Future] | None = None
+        self._block_digests: dict[int, dict[str, str]] = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_lock", "_pending"):
+        for key in ("_lock", "_pending", "_block_digests"):
             state.pop(key, None)
         state["bytes_read"] = 0
         return state
@@ -290,16 +291,22 @@ class CheckpointReader:
             by_file.setdefault(self.weight_map[name], []).append((name, *self.spans[name]))
         return [r for file in sorted(by_file) for r in coalesce(by_file[file], file, self.coalesce_gap)]
 
-    def load(self, names: list[str], check_finite: bool = True) -> dict[str, torch.Tensor]:
-        """The named tensors; with ``check_finite`` a CheckpointError for any NaN or Inf in them."""
+    def load(
+        self, names: list[str], check_finite: bool = True, digests: dict[str, str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors; with ``check_finite`` a CheckpointError for any NaN or Inf in them.
+        ``digests`` (a dict) receives each tensor's sha256 over its bytes as read from the shard."""
         out = {}
         for read in self.plan(names):
             buf = torch.empty(read.nbytes, dtype=torch.uint8)  # not zeroed: every byte is read into it
             self._read_into(read.file, read.start, memoryview(buf.numpy()))
             self.bytes_read += read.nbytes
             for name in read.names:
-                start, _ = self.spans[name]
+                start, end = self.spans[name]
                 out[name] = self._tensor(name, buf, start - read.start)
+                if digests is not None:  # hashlib lets go of the GIL: a prefetch hashes beside the solves
+                    raw = memoryview(buf.numpy())[start - read.start : end - read.start]
+                    digests[name] = hashlib.sha256(raw).hexdigest()
         out = {name: out[name] for name in dict.fromkeys(names)}
         if check_finite:
             for name, t in out.items():
@@ -343,11 +350,25 @@ class CheckpointReader:
 
     # -- blocks and prefetch -------------------------------------------------------------
 
+    # set on the copy of the one worker that fingerprints the blocks it reads (``take_block_digests``)
+    hash_blocks: bool = False
+
     def _load_block_now(self, b: int, layers_path: str) -> dict[str, torch.Tensor]:
         names = self.block_names(b, layers_path)
         if not names:
             raise CheckpointError(f"checkpoint has no tensors for block {b}")
-        return self.load(names)
+        digests: dict[str, str] | None = {} if self.hash_blocks else None
+        tensors = self.load(names, digests=digests)
+        if digests is not None:
+            with self._lock:
+                self._block_digests[b] = digests
+        return tensors
+
+    def take_block_digests(self, b: int) -> dict[str, str] | None:
+        """The sha256 of each tensor of block ``b`` as it was last loaded (with ``hash_blocks``
+        on), by tensor name; None when it was not hashed. Taken once."""
+        with self._lock:
+            return self._block_digests.pop(b, None)
 
     def prefetch_block(self, b: int, layers_path: str = "model.layers") -> None:
         """Start loading block ``b``'s tensors in a background thread; ``load_block(b)`` takes them.

@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    from strata_quant.pipeline.store import install_redaction
+
+    install_redaction()  # no credential or endpoint userinfo in any log line, whichever logger wrote it
     for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

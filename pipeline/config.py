@@ -160,6 +160,13 @@ class RunConfig(_Strict):
         "not on a 1536-wide model (docs/performance.md)",
     )
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
+    block_timeout_s: float = Field(
+        7200.0,
+        ge=10,
+        le=7 * 24 * 3600,
+        description="watchdog: the longest one block (or the workers' setup) may take before the run stops with an "
+        "error; also the timeout of every collective (torch.distributed), so a hung peer ends the run, not a wait",
+    )
 
     @field_validator("run_id")
     @classmethod

@@ -9,7 +9,9 @@
   fast tests.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
-and is fetched once.
+and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
+fetch function. A job naming a ``fixture:`` only reads the cache (:func:`resolve`): it never
+downloads or installs anything, and a fixture missing there fails the job before it starts.
 """
 
 from __future__ import annotations
@@ -202,23 +204,37 @@ def _apt_install_janeaustenr() -> None:
             raise FixtureError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
 
 
+def cached(name: str) -> Path | None:
+    """Where fixture ``name`` lies in the cache, or None when it is not there (nothing is fetched)."""
+    if name in ("smollm2-135m", "tiny-llama"):
+        folder = cache_dir() / "models" / ("smollm2-135m-instruct" if name == "smollm2-135m" else name)
+        return folder if _manifest_ok(folder) else None
+    if name.startswith("austen/"):
+        novel = name.split("/", 1)[1]
+        if novel not in NOVELS:
+            raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
+        target = cache_dir() / "text" / f"{novel}.txt"
+        return target if target.is_file() and target.stat().st_size > 0 else None
+    raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: smollm2-135m, tiny-llama, austen/<novel>)")
+
+
 def resolve(ref: str) -> Path:
-    """A path for a fixture reference (``fixture:NAME``) or the path itself."""
+    """A path for a fixture reference (``fixture:NAME``) or the path itself. Reads the cache only:
+    a fixture not fetched yet is a FixtureError that says to run ``strata fixtures``."""
     if not ref.startswith("fixture:"):
         return Path(ref)
-    name = ref[len("fixture:") :]
-    if name == "smollm2-135m":
-        return smollm2()
-    if name == "tiny-llama":
-        return tiny_llama()
-    if name.startswith("austen/"):
-        return austen(name.split("/", 1)[1])
-    raise FixtureError(f"unknown fixture {ref!r} (known: smollm2-135m, tiny-llama, austen/<novel>)")
+    path = cached(ref[len("fixture:") :])
+    if path is None:
+        raise FixtureError(
+            f"{ref} is not in the fixture cache {cache_dir()}; fetch the fixtures first with `strata fixtures` "
+            "(jobs never download or install them)"
+        )
+    return path
 
 
 def fetch_all() -> dict[str, Path]:
     out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
-    for novel in ("emma", "mansfieldpark", "persuasion"):
+    for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
     return out
 

@@ -19,7 +19,7 @@ from strata_quant.pipeline.assemble_toolbox import assemble_toolbox, method_labe
 from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
-from strata_quant.pipeline.report import build_report
+from strata_quant.pipeline.report import build_report, solver_notes, solver_notes_line
 from strata_quant.pipeline.run import STRATA_VERSION, run_job
 from strata_quant.pipeline.verify import (
     QualityGateError,
@@ -151,6 +151,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "phase_s": outcome.phase_s,
         "solved_blocks": len(outcome.solved_blocks),
         "replayed_blocks": len(outcome.resumed_blocks),
+        "solver_notes": solver_notes([e for r in outcome.records.values() for e in r["results"]]),
     }
     if quality is not None and cfg.output.max_ppl_increase is not None:
         report["gate"] = gate_rows(quality["rows"], cfg.output.max_ppl_increase)
@@ -215,6 +216,8 @@ def format_report(report: dict) -> str:
     lines = []
     q = report["quant"]
     lines.append(f"strata run {report['run_id']}: {method_label(q)}, {report['workers']} worker(s)")
+    if (report.get("solver_notes") or {}).get("gptq_linears"):
+        lines.append(f"  {solver_notes_line(report['solver_notes'])}")
     if report.get("quality"):
         rows = report["quality"]["rows"]
         w = max(len(n) for n in rows)

@@ -86,6 +86,22 @@ def read_records(store, run_id: str) -> dict[int, dict]:
     return records
 
 
+def solver_notes(results: list[dict]) -> dict:
+    """What GPTQ's solves did beyond the configured damping, over some record entries: how many
+    linears needed more damping (and the largest factor over the configured value), and the
+    dead inputs (H[k, k] = 0, their weights zeroed) in how many linears."""
+    gptq = [e for e in results if "damp_used" in e]
+    raised = [e for e in gptq if e["damp_used"] > e["damp"] * (1 + 1e-9)]
+    dead = [e for e in gptq if e.get("dead_inputs")]
+    return {
+        "gptq_linears": len(gptq),
+        "damp_raised_linears": len(raised),
+        "damp_max_factor": max((e["damp_used"] / e["damp"] for e in raised), default=1.0),
+        "dead_input_linears": len(dead),
+        "dead_inputs": sum(e["dead_inputs"] for e in dead),
+    }
+
+
 def load_report(path: str | Path, store=None) -> dict:
     """A job's report JSON, with ``model`` and ``params`` filled in from the run record and
     the cached checkpoint when the report predates them (best effort: left out if the
@@ -324,6 +340,9 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     solver = [f"{k} {q[k]}" for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid") if k in q]
     if solver:
         items.append(("Solver", ", ".join(solver)))
+    notes = report.get("solver_notes")
+    if notes and notes.get("gptq_linears"):
+        items.append(("Damping and dead inputs", solver_notes_line(notes)))
     if "workers" in report:
         items.append(
             (
@@ -350,6 +369,26 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     if t:
         items.append(("Wall time", ", ".join(f"{k.removesuffix('_s')} {fmt_seconds(v)}" for k, v in t.items())))
     return items
+
+
+def solver_notes_line(notes: dict) -> str:
+    """One line on what GPTQ's solves changed beyond the configuration (:func:`solver_notes`)."""
+    n = notes["gptq_linears"]
+    if notes["damp_raised_linears"]:
+        damp = (
+            f"damping raised in {notes['damp_raised_linears']} of {n} GPTQ linears "
+            f"(up to {notes['damp_max_factor']:.3g}× quant.damp, for a Hessian that was not positive definite)"
+        )
+    else:
+        damp = f"quant.damp sufficed in all {n} GPTQ linears"
+    if notes["dead_inputs"]:
+        dead = (
+            f"{notes['dead_inputs']} dead input(s) (never active in the calibration data; their weights zeroed) "
+            f"in {notes['dead_input_linears']} linear(s)"
+        )
+    else:
+        dead = "no dead inputs"
+    return f"{damp}; {dead}"
 
 
 def check_lines(report: dict) -> list[str]:

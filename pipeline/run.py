@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -24,16 +22,21 @@ from strata_quant.pipeline.calibration import CalibrationError, calibration_wind
 from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from strata_quant.pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
 from strata_quant.pipeline.overrides import bits_spec_overrides
-from strata_quant.pipeline.store import StoreError, open_store, sha256_bytes
+from strata_quant.pipeline.report import solver_notes
+from strata_quant.pipeline.store import (
+    LocalStore,
+    ObjectNotFound,
+    StoreError,
+    install_redaction,
+    open_store,
+    sha256_bytes,
+)
 from strata_quant.workers.actor import BlockWorker, WorkerJob, job_overlaps
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
 
 STRATA_VERSION = "0.1.0"
-
-
-FAULTS_ENV = "STRATA_TEST_FAULTS"  # test-only fault injection (see RayBlockWorker); JSON
 
 
 class RunError(RuntimeError):
@@ -59,18 +62,12 @@ class RunOutcome:
 
 class RayBlockWorker(BlockWorker):
     """The worker as Ray runs it: adds the node address for the collective's rendezvous, its pid,
-    and a test-only fault hook.
+    and the heap upkeep between blocks."""
 
-    ``faults`` (from the driver's ``STRATA_TEST_FAULTS``, JSON) injects failures for the fault
-    tests: ``{"kill": {"block": B, "rank": R, "marker": PATH, "after_s": S}}`` SIGKILLs this
-    worker's process S seconds into block B (once: the marker file, created first, keeps the
-    replacement alive); ``{"sleep": {"block": B, "rank": R, "seconds": S}}`` stalls block B.
-    """
-
-    def __init__(self, rank, world, reader, store, job, faults: dict | None = None):
+    def __init__(self, rank, world, reader, store, job):
         _fix_mmap_threshold()
+        install_redaction()  # this process's log lines (store retries) carry no credential
         super().__init__(rank, world, reader, store, job)
-        self.faults = faults or {}
 
     def node_ip(self) -> str:
         import ray
@@ -86,24 +83,6 @@ class RayBlockWorker(BlockWorker):
         return ray.get_runtime_context().get_node_id()
 
     def process_block(self, b: int, replay: dict | None = None) -> dict:
-        kill = self.faults.get("kill")
-        if kill and kill.get("block") == b and kill.get("rank", 0) == self.rank and replay is None:
-            marker = kill["marker"]
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # once per marker, across processes
-            except FileExistsError:
-                fd = None
-            if fd is not None:
-                os.write(fd, f"{os.getpid()} block {b}\n".encode())
-                os.close(fd)
-                delay = float(kill.get("after_s", 0.0))
-                if delay <= 0:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                else:
-                    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
-        pause = self.faults.get("sleep")
-        if pause and pause.get("block") == b and pause.get("rank", 0) == self.rank:
-            time.sleep(float(pause["seconds"]))
         out = super().process_block(b, replay)
         self._trim_if_grown()
         return out
@@ -251,14 +230,20 @@ def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch
     }
 
 
-def record_is_complete(store, record_key: str) -> dict | None:
-    """The block record if it exists and every result it lists is stored with its hash."""
+def record_is_complete(store, record_key: str, linears: list[str] | None = None) -> dict | None:
+    """The block record if it exists and every result it lists is stored with its hash (and,
+    given the block's ``linears``, it lists exactly those: one result each)."""
     try:
         if not store.exists(record_key):
             return None
         record = store.get_json(record_key)
         if not record.get("complete"):
             return None
+        if linears is not None:
+            problem = results_mismatch(record["results"], linears)
+            if problem:
+                log.warning("block record %s %s; the block will be solved again", record_key, problem)
+                return None
         for entry in record["results"]:
             for item in (entry, *entry.get("float_results", [])):  # AWQ's folded float tensors too
                 if not store.exists(item["key"]) or sha256_bytes(store.get_bytes(item["key"])) != item["sha256"]:
@@ -267,6 +252,86 @@ def record_is_complete(store, record_key: str) -> dict | None:
         log.warning("block record %s is not usable (%s); the block will be solved again", record_key, err)
         return None
     return record
+
+
+def results_mismatch(results: list[dict], linears: list[str]) -> str | None:
+    """How a block's result entries differ from its linears (one result per linear), or None."""
+    names = [r["name"] for r in results]
+    missing = [n for n in linears if n not in names]
+    extra = sorted(set(names) - set(linears))
+    twice = sorted(n for n in set(names) if names.count(n) > 1)
+    problems = []
+    for what, found in (("has no result for", missing), ("lists results of no linear of the block", extra)):
+        if found:
+            problems.append(f"{what} {', '.join(found[:4])}{' …' if len(found) > 4 else ''}")
+    if twice:
+        problems.append(f"lists {', '.join(twice[:4])} more than once")
+    return "; ".join(problems) or None
+
+
+def check_block_results(store, b: int, results: list[dict], linears: list[str]) -> None:
+    """Before block ``b``'s record says ``complete``: one result per linear of the block, and each
+    result object (AWQ's float tensors too) in the store with the size the worker wrote."""
+    problem = results_mismatch(results, linears)
+    if problem:
+        raise RunError(f"block {b}: the workers' results {problem}; the block's record is not written")
+    absent = []
+    for entry in results:
+        for item in (entry, *entry.get("float_results", [])):
+            try:
+                size = store.stat(item["key"]).size
+            except ObjectNotFound:
+                size = None
+            if size != item["bytes"]:
+                absent.append(item["key"] if size is None else f"{item['key']} ({size} of {item['bytes']} bytes)")
+    if absent:
+        local = isinstance(store, LocalStore)
+        raise RunError(
+            f"block {b}: {len(absent)} result object(s) the workers wrote are not in the store {store!r} as the "
+            f"driver sees it: {', '.join(absent[:3])}{' …' if len(absent) > 3 else ''}"
+            + (
+                "; a local-folder store must be one filesystem every worker and the driver share "
+                "(workers on other nodes write to their own disks): use a shared folder or an s3:// store"
+                if local
+                else ""
+            )
+        )
+
+
+def shard_etags(reader: CheckpointReader) -> dict[str, str]:
+    """An s3:// checkpoint's shard ETags by file (where the objects have them); {} for a folder."""
+    return {f: info.etag for f, info in sorted(reader.shards.items()) if info.etag}
+
+
+def check_same_shards(run_id: str, recorded: dict[str, str] | None, reader: CheckpointReader) -> None:
+    """A resumed run reads the shards it started on: their ETags, where recorded, unchanged."""
+    if not recorded:
+        return
+    now = shard_etags(reader)
+    changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
+    if changed:
+        raise CheckpointError(
+            f"run {run_id!r}: checkpoint shard(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} of "
+            f"{reader.uri} changed since the run started (S3 ETag); a resume must read the same model: start a new "
+            "run (another run.run_id) or restore the checkpoint"
+        )
+
+
+def check_block_data(run_id: str, b: int, record: dict, outs: list[dict]) -> None:
+    """A replayed block read the bytes its record was solved from: each tensor's sha256 (taken by
+    the worker that read it) equal to the record's. Records without hashes are not checked."""
+    want = record.get("tensor_sha256")
+    got = next((o["tensor_sha256"] for o in outs if o.get("tensor_sha256")), None)
+    if not want or got is None:
+        return
+    changed = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))
+    if changed:
+        raise CheckpointError(
+            f"run {run_id!r}: block {b} of the checkpoint changed since the run solved it: "
+            f"{', '.join(changed[:3])}{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} "
+            "hold other bytes (same shapes); a resume must read the same model: start a new run "
+            "(another run.run_id) or restore the checkpoint"
+        )
 
 
 def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> list[torch.Tensor]:
@@ -287,9 +352,9 @@ def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> lis
     return shards
 
 
-def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
-    """The decoder layers' path and the tensor names one block must hold, from the model's own
-    transformers class built on the meta device (no weights are read)."""
+def _meta_decoder_layers(reader: CheckpointReader) -> tuple[str, object]:
+    """The decoder layers' path and ModuleList of the model's own transformers class, built on
+    the meta device from config.json (no weights are read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from strata_quant.workers.block import decoder_layers
@@ -302,10 +367,25 @@ def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
         config = AutoConfig.for_model(model_type, **config_dict)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        layers_path, layers = decoder_layers(model)
+        return decoder_layers(model)
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"transformers cannot build model_type {model_type!r} from config.json: {err}") from None
+
+
+def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
+    """The decoder layers' path and the tensor names one block must hold, from the model's own
+    transformers class built on the meta device (no weights are read)."""
+    layers_path, layers = _meta_decoder_layers(reader)
     return layers_path, sorted(layers[0].state_dict())
+
+
+def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
+    """Each block's linears (full names, e.g. model.layers.0.self_attn.q_proj) as the model's own
+    class builds them: what a block's record must hold, one result each."""
+    from strata_quant.workers.block import block_linears
+
+    layers_path, layers = _meta_decoder_layers(reader)
+    return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
 
 
 def check_checkpoint(reader: CheckpointReader) -> str:
@@ -358,66 +438,72 @@ _INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
 
 
 class _WorkerLost(Exception):
-    """Internal: a worker of the group died (or the collective broke because one did)."""
+    """Internal: Ray reports a worker of the group dead (its process, or its node)."""
 
 
-def _collect(refs: list) -> list:
-    """``ray.get`` of every ref, failing at the first failure (a collective whose peer died never
-    returns, so waiting for all would hang). A lost worker becomes ``_WorkerLost``; a worker's
-    own error is re-raised as the error it raised."""
+def _collect(refs: list, timeout_s: float, what: str) -> list:
+    """``ray.get`` of every ref within ``timeout_s`` (the watchdog), failing at the first failure
+    (a collective whose peer died never returns, so waiting for all would hang). A worker Ray
+    reports dead becomes ``_WorkerLost``; a worker's input or store error is re-raised as it
+    was raised; anything else, and the watchdog running out, is a RunError naming ``what``."""
     import ray
-    from ray.exceptions import (
-        NodeDiedError,
-        ObjectLostError,
-        OwnerDiedError,
-        RayActorError,
-        RayTaskError,
-        WorkerCrashedError,
-    )
+    from ray.exceptions import RayTaskError
 
+    deadline = time.monotonic() + timeout_s
     pending = list(refs)
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+    while pending:
+        left = deadline - time.monotonic()
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(left, 0.0)) if left > 0 else ([], pending)
+        if not ready:
+            waiting = sorted(i for i, ref in enumerate(refs) if ref in pending)
+            raise RunError(
+                f"{what}: no answer from worker(s) {waiting} within run.block_timeout_s = {timeout_s:g} s "
+                "(a hung collective or a stuck worker); the workers were stopped, the finished blocks are kept"
+            )
+        try:
             ray.get(ready)
-    except (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, OwnerDiedError) as err:
-        raise _WorkerLost(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
-    except RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, _INPUT_ERRORS):
-            raise cause from None
-        if _collective_broke(cause) or _peer_died(pending):  # the gloo group broke: a peer is gone
-            raise _WorkerLost(f"collective failed: {str(cause).splitlines()[0][:300]}") from err
-        raise
+        except _deaths() as err:
+            raise _WorkerLost(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        except RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, _INPUT_ERRORS):
+                raise cause from None
+            dead = _peer_died(pending)  # a peer's death breaks the others' collectives first
+            if dead is not None:
+                raise _WorkerLost(f"{dead} (the others' collective failed: {_first_line(cause)})") from err
+            log.error("%s: a worker failed:\n%s", what, err)
+            raise RunError(f"{what}: a worker failed: {_first_line(cause or err)}") from None
     return ray.get(refs)
 
 
-def _collective_broke(err) -> bool:
-    """A torch.distributed failure of the kind a dead peer causes (gloo raises plain RuntimeErrors)."""
-    if isinstance(err, torch.distributed.DistError):
-        return True
-    text = str(err)
-    return isinstance(err, RuntimeError) and (
-        "gloo" in text.lower() or "Connection reset by peer" in text or "Connection closed by peer" in text
-    )
+def _first_line(err) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
 
-def _peer_died(pending: list, timeout_s: float = 10.0) -> bool:
-    """Whether another task of the same step ends with its actor dead (checked for a short while)."""
+def _deaths() -> tuple:
+    """Ray's errors for a dead worker (imported on use: Ray loads only where a run starts)."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError, WorkerCrashedError
+
+    return (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, OwnerDiedError)
+
+
+def _peer_died(pending: list, timeout_s: float = 30.0) -> str | None:
+    """The Ray error of another task of the same step whose worker Ray reports dead (waited for a
+    while: Ray notices a death a little after its peers' connections break), or None."""
     import ray
-    from ray.exceptions import RayActorError, WorkerCrashedError
 
     if not pending:
-        return False
+        return None
     ready, _ = ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
     for ref in ready:
         try:
             ray.get(ref)
-        except (RayActorError, WorkerCrashedError):
-            return True
+        except _deaths() as err:
+            return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
         except Exception:
             pass
-    return False
+    return None
 
 
 def _teardown(actors: list, graceful: bool) -> None:
@@ -476,26 +562,16 @@ def _remove_placement_group(pg) -> None:
         log.debug("could not remove the placement group: %s", err)
 
 
-def injected_faults() -> dict:
-    """The test-only fault schedule from ``STRATA_TEST_FAULTS`` (empty when unset)."""
-    raw = os.environ.get(FAULTS_ENV)
-    if not raw:
-        return {}
-    try:
-        faults = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{FAULTS_ENV} is not JSON: {err}") from None
-    log.warning("test fault injection is on: %s", faults)
-    return faults
-
-
-def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
+def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlockWorker) -> RunOutcome:
     """Quantize every block of the model on Ray workers and record the results in the store.
 
-    A lost worker (its process killed, its node gone) breaks the whole collective group: the
-    group is torn down, W fresh workers are started, the blocks finished so far are replayed
+    A lost worker (Ray reports its process or its node dead) breaks the whole collective group:
+    the group is torn down, W fresh workers are started, the blocks finished so far are replayed
     (forward only, through their stored results, as on resume) and the failed block is redone.
     At most ``run.max_restarts`` times; past that a RunError, with every finished block kept.
+    Any other worker failure, and a block (or the workers' setup) taking longer than
+    ``run.block_timeout_s``, stops the run with a RunError; finished blocks are kept.
+    ``worker_class``: the actor class (a subclass of RayBlockWorker; tests inject faults so).
     """
     import ray
     from tqdm import tqdm
@@ -514,6 +590,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         if old["fingerprint"] != fingerprint:
             changed = [k for k in parts if old["parts"].get(k) != parts[k]]
             raise ConfigError(f"run {run_id!r} exists with a different fingerprint: {', '.join(changed)} changed")
+        check_same_shards(run_id, old.get("shard_etags"), reader)
         log.info("resuming run %s", run_id)
     else:
         store.put_json(
@@ -526,11 +603,17 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 "strata_version": STRATA_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "num_blocks": reader.num_layers,
+                **({"shard_etags": etags} if (etags := shard_etags(reader)) else {}),
             },
         )
 
     n_blocks = reader.num_layers
-    done = {b: r for b in range(n_blocks) if (r := record_is_complete(store, f"{prefix}/blocks/{b:05d}/record.json"))}
+    linears = block_linear_names(reader)  # what each block's record must hold
+    done = {
+        b: r
+        for b in range(n_blocks)
+        if (r := record_is_complete(store, f"{prefix}/blocks/{b:05d}/record.json", linears[b]))
+    }
     workers_n = cfg.run.workers
     shards = shard_samples(token_ids, workers_n, cfg.run.batch_size)
     threads = cfg.run.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_n)
@@ -568,11 +651,12 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
         fp8_block=tuple(cfg.quant.fp8_block) if cfg.quant.fp8_block else None,
         spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
         sensitivity_bits=list(cfg.quant.sensitivity_bits),
+        collective_timeout_s=cfg.run.block_timeout_s,  # no collective waits longer than a block may take
     )
-    faults = injected_faults()
+    watchdog = cfg.run.block_timeout_s
 
     start_ray(workers_n)
-    actor_cls = ray.remote(RayBlockWorker)
+    actor_cls = ray.remote(worker_class)
     phase: dict[str, float] = {}
     records: dict[int, dict] = dict(done)
     solved: list[int] = []
@@ -599,12 +683,26 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                 phase[k] = phase.get(k, 0.0) + v / workers_n
 
     def write_record(b: int, outs: list[dict], t_block: float) -> None:
-        """Block b's record (last, after every result it lists is stored)."""
+        """Block b's record (last, after every result it lists is checked to be stored)."""
         results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
+        check_block_results(store, b, results, linears[b])
+        notes = solver_notes(results)
+        if notes["damp_raised_linears"] or notes["dead_inputs"]:
+            log.warning(
+                "block %d: GPTQ damping raised in %d linear(s) (up to %.3g× quant.damp), %d dead input(s) "
+                "(never active in the calibration data, weights zeroed) in %d linear(s)",
+                b,
+                notes["damp_raised_linears"],
+                notes["damp_max_factor"],
+                notes["dead_inputs"],
+                notes["dead_input_linears"],
+            )
+        digests = next((out["tensor_sha256"] for out in outs if out.get("tensor_sha256")), None)
         record = {
             "block": b,
             "complete": True,
             "results": results,
+            **({"tensor_sha256": digests} if digests else {}),
             "timings": {str(out["rank"]): out["timings"] for out in outs},
             "peak_rss_mib": {str(out["rank"]): out.get("peak_rss_mib") for out in outs},
             **(
@@ -639,6 +737,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                         "results": report["results"],
                         "timings": {**out["timings"], **report["timings"]},
                         "peak_rss_mib": max(rss) if rss else None,
+                        **({"tensor_sha256": out["tensor_sha256"]} if out.get("tensor_sha256") else {}),
                     }
                 )
             write_record(first, outs, entry["t"])
@@ -660,7 +759,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
             actors = [
                 actor_cls.options(
                     num_cpus=1, num_gpus=gpus, max_concurrency=1, **env_option, **_placement_options(pg, rank)
-                ).remote(rank, workers_n, reader, store, job, faults)
+                ).remote(rank, workers_n, reader, store, job)
                 for rank in range(workers_n)
             ]
             restarting = bool(losses)
@@ -669,10 +768,13 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
             queued: dict[int, dict] = {}  # block → its process_block outputs and the solver reports so far
             try:
                 if workers_n > 1:
-                    address, port = _collect([actors[0].node_ip.remote(), actors[0].rendezvous.remote()])
-                    _collect([a.init_group.remote(address, port) for a in actors])
-                nodes = {str(rank): node for rank, node in enumerate(_collect([a.node_id.remote() for a in actors]))}
-                _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)])
+                    address, port = _collect(
+                        [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], watchdog, "worker setup"
+                    )
+                    _collect([a.init_group.remote(address, port) for a in actors], watchdog, "worker setup")
+                ids = _collect([a.node_id.remote() for a in actors], watchdog, "worker setup")
+                nodes = {str(rank): node for rank, node in enumerate(ids)}
+                _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)], watchdog, "worker setup")
                 if t_loop is None:
                     t_loop = time.perf_counter()
                 submitted: dict[int, list] = {}  # block → its process_block refs
@@ -685,7 +787,9 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                     for ahead in (b, b + 1) if queues else (b,):
                         if ahead < n_blocks and ahead not in submitted:
                             submitted[ahead] = [a.process_block.remote(ahead, records.get(ahead)) for a in actors]
-                    outs = _collect(submitted.pop(b))
+                    outs = _collect(submitted.pop(b), watchdog, f"block {b}")
+                    if replay is not None:  # the same bytes as when it was solved
+                        check_block_data(run_id, b, replay, outs)
                     if not (restarting and replay is not None):  # a restart's replays are not counted twice
                         add_phases([out["timings"] for out in outs])
                     if replay is None and all(out.get("queued") for out in outs):
@@ -701,7 +805,7 @@ def run_job(cfg: JobConfig, progress: bool = True) -> RunOutcome:
                         bar.update(1)
                     note_finished(queued, [r for out in outs for r in out.get("finished", [])])
                 if queued:  # propagate float: wait for the solves still queued behind the forward
-                    drained = _collect([a.drain.remote() for a in actors])
+                    drained = _collect([a.drain.remote() for a in actors], watchdog, f"the solves of {sorted(queued)}")
                     note_finished(queued, [r for reports in drained for r in reports])
                 if queued:
                     raise RunError(f"run {run_id}: the solves of block(s) {sorted(queued)} never finished")

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 import uuid
@@ -321,6 +322,52 @@ def _redact_url(url: str | None) -> str | None:
     return url
 
 
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
+# environment variables whose values are secrets (or name the secret's owner) wherever they appear
+SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+def redact(text: str) -> str:
+    """``text`` without the user:password part of any URL in it, nor the value of any credential
+    in this process's environment (``SECRET_ENV``), each replaced by ``***``."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 8 and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts (:func:`redact`) every log line it passes: the message with
+    its arguments and any exception text, whichever logger it comes from."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: leave it to the handler to report
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+def install_redaction() -> None:
+    """Put a :class:`RedactingFilter` on the root logger's handlers and on logging's last-resort
+    handler (a process without handlers, such as a Ray worker, prints warnings through it)."""
+    handlers = list(logging.getLogger().handlers)
+    if logging.lastResort is not None:
+        handlers.append(logging.lastResort)
+    for handler in handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
 def _multipart_etag(part_md5s: list[bytes]) -> str:
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
 
@@ -515,8 +562,8 @@ class S3Store:
         if isinstance(err, ClientError):
             error, status = err.response.get("Error", {}), self._status(err)
             code = "" if str(error.get("Code", "")) == str(status) else f" {error.get('Code', '')}"
-            return f"HTTP {status}{code}: {error.get('Message', '')}".strip()
-        return f"{type(err).__name__}: {err}"
+            return redact(f"HTTP {status}{code}: {error.get('Message', '')}".strip())
+        return redact(f"{type(err).__name__}: {err}")
 
     def _final_error(self, what: str, err: BaseException, attempts: int) -> StoreError:
         from botocore.exceptions import ClientError, EndpointConnectionError

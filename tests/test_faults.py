@@ -20,9 +20,10 @@ import yaml
 
 from strata_quant.pipeline.config import parse_config
 from strata_quant.pipeline.job import run_full_job
-from strata_quant.pipeline.run import FAULTS_ENV, RunError, run_job
+from strata_quant.pipeline.run import RunError, run_job
 from strata_quant.pipeline.store import StoreError, open_store
 from tests.fault_proxy import FaultProxy, Rule
+from tests.faulty_workers import faulty_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,10 +72,10 @@ def clean(tmp_path_factory, tiny_model_path, emma_path, ray_session):
 # a worker process killed mid-run
 
 
-def test_killed_worker_is_replaced_and_nothing_is_solved_twice(clean, tmp_path, monkeypatch):
+def test_killed_worker_is_replaced_and_nothing_is_solved_twice(clean, tmp_path):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"block": 1, "rank": 1, "marker": str(marker)}}))
-    outcome = run_job(parse_config(tiny_dict(tmp_path)), progress=False)
+    killer = faulty_worker(kill={"block": 1, "rank": 1, "marker": str(marker)})
+    outcome = run_job(parse_config(tiny_dict(tmp_path)), progress=False, worker_class=killer)
     # the worker of rank 1 really died (SIGKILL, once) in block 1 …
     pid = int(marker.read_text().split()[0])
     assert marker.read_text().split()[1:] == ["block", "1"]
@@ -91,12 +92,12 @@ def test_killed_worker_is_replaced_and_nothing_is_solved_twice(clean, tmp_path, 
     assert record_hashes(outcome.store) == clean["records"]
 
 
-def test_restarts_are_bounded_and_finished_blocks_kept(tmp_path, monkeypatch, tiny_model_path, ray_session):
+def test_restarts_are_bounded_and_finished_blocks_kept(tmp_path, tiny_model_path, ray_session):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"block": 1, "rank": 0, "marker": str(marker)}}))
+    killer = faulty_worker(kill={"block": 1, "rank": 0, "marker": str(marker)})
     cfg = parse_config(tiny_dict(tmp_path, workers=1, run={"max_restarts": 0}))
     with pytest.raises(RunError, match=r"lost workers 1 times, more than run.max_restarts = 0 .*strata resume"):
-        run_job(cfg, progress=False)
+        run_job(cfg, progress=False, worker_class=killer)
     store = open_store(str(tmp_path / "store"))
     records = [k for k in store.list("runs/tiny-faults") if k.endswith("record.json")]
     assert records == ["runs/tiny-faults/blocks/00000/record.json"]
@@ -107,7 +108,7 @@ def test_restarts_are_bounded_and_finished_blocks_kept(tmp_path, monkeypatch, ti
 # the driver killed mid-run, then `strata resume`
 
 
-def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, monkeypatch, ray_session):
+def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, ray_session):
     from strata_quant.pipeline.cli import main
 
     cfg_path = tmp_path / "tiny.yaml"
@@ -115,12 +116,12 @@ def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, monkeypat
     store_dir = tmp_path / "store"
     # block 2 stalls, so the driver is surely killed after block 1's record and before block 2's;
     # the driver joins the running Ray cluster, as a cluster job's driver does, and dies alone
-    env = {**os.environ, FAULTS_ENV: json.dumps({"sleep": {"block": 2, "rank": 0, "seconds": 600}})}
-    env["RAY_ADDRESS"] = ray_session.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    stall = json.dumps({"sleep": {"block": 2, "rank": 0, "seconds": 600}})
     log_path = tmp_path / "driver.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "strata_quant.pipeline.cli", "run", str(cfg_path), "--quiet"],
+            [sys.executable, "-m", "tests.faulty_workers", str(cfg_path), stall],
             cwd=ROOT,
             env=env,
             stdout=log_file,
@@ -141,7 +142,6 @@ def test_killed_driver_resumes_to_identical_artifacts(clean, tmp_path, monkeypat
     assert not (tmp_path / "out").exists()
     assert "connecting to the Ray cluster" in log_path.read_text()
 
-    monkeypatch.delenv(FAULTS_ENV, raising=False)
     assert main(["resume", "tiny-faults", "--store", str(store_dir), "--quiet"]) == 0
     summary = json.loads((store_dir / "runs" / "tiny-faults" / "summary.json").read_text())
     assert summary["replayed_blocks"] == [0, 1] and summary["solved_blocks"] == [2]

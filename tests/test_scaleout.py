@@ -4,16 +4,15 @@ hidden states kept in bf16. Real Ray, the real tiny Llama fixture, the local sto
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from strata_quant.pipeline.config import parse_config
-from strata_quant.pipeline.run import FAULTS_ENV, run_job
+from strata_quant.pipeline.run import RayBlockWorker, run_job
 from strata_quant.pipeline.store import open_store
 from strata_quant.workers.actor import _SolverQueue, reduce_order
 from strata_quant.workers.schedule import assign_owners
+from tests.faulty_workers import faulty_worker
 
 
 def tiny(tmp, workers=2, **run) -> dict:
@@ -119,8 +118,8 @@ def test_overlapped_solves_give_the_inline_bytes(float_inline, tmp_path):
 
 def test_overlapped_run_survives_a_killed_worker(float_inline, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"block": 2, "rank": 1, "marker": str(marker)}}))
-    outcome = run_job(parse_config(tiny(tmp_path, workers=2, propagate="float")), progress=False)
+    killer = faulty_worker(kill={"block": 2, "rank": 1, "marker": str(marker)})
+    outcome = run_job(parse_config(tiny(tmp_path, workers=2, propagate="float")), progress=False, worker_class=killer)
     assert marker.read_text().split()[1:] == ["block", "2"]
     assert outcome.restarts == 1
     assert sorted(outcome.solved_blocks) == [0, 1, 2] and len(outcome.solved_blocks) == 3  # each once
@@ -195,12 +194,11 @@ def test_deferred_run_survives_a_killed_worker(tmp_path, tiny_model_path, emma_p
     marker = tmp_path / "killed"
     runs = {}
     # depth 1: block 0 is solved (and recorded) during block 1's call, before the kill
-    for name, workers, depth, faults in (("inline", 1, 0, None), ("deferred", 2, 1, marker)):
-        if faults is not None:
-            monkeypatch.setenv(FAULTS_ENV, json.dumps({"kill": {"block": 2, "rank": 1, "marker": str(faults)}}))
+    killer = faulty_worker(kill={"block": 2, "rank": 1, "marker": str(marker)})
+    for name, workers, depth, worker in (("inline", 1, 0, RayBlockWorker), ("deferred", 2, 1, killer)):
         cfg = tiny(tmp_path / name, workers=workers, propagate="float", overlap_depth=depth)
         cfg["quant"]["true_sequential"] = False
-        runs[name] = run_job(parse_config(cfg), progress=False)
+        runs[name] = run_job(parse_config(cfg), progress=False, worker_class=worker)
     assert marker.read_text().split()[1:] == ["block", "2"]
     deferred = runs["deferred"]
     assert deferred.restarts == 1

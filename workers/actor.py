@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import datetime
 import hashlib
 import resource
 import socket
@@ -92,6 +93,8 @@ class WorkerJob:
     # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    # every torch.distributed collective fails after this long instead of waiting on a hung peer
+    collective_timeout_s: float = 1800.0
     # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
     spec_overrides: dict[str, dict] = field(default_factory=dict)
     # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
@@ -475,6 +478,8 @@ class BlockWorker:
             raise RuntimeError(f"worker {rank}: run.device is {job.device!r} but this process sees no CUDA device")
         self.rank, self.world = rank, world
         self.reader, self.store, self.job = reader, store, job
+        if rank == 0 and hasattr(reader, "hash_blocks"):
+            reader.hash_blocks = True  # one worker fingerprints each block's bytes as it reads them (resume checks)
         self._uploads = _Uploads(store)
         config_dict = dict(job.model_config)
         model_type = config_dict.pop("model_type")
@@ -497,7 +502,11 @@ class BlockWorker:
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(
-                backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=self.world
+                backend,
+                init_method=f"tcp://{address}:{port}",
+                rank=self.rank,
+                world_size=self.world,
+                timeout=datetime.timedelta(seconds=self.job.collective_timeout_s),
             )
             self.group_ready = True
 
@@ -545,6 +554,8 @@ class BlockWorker:
         t = time.perf_counter()
         prefix = f"{self.layers_path}.{b}."
         tensors = self.reader.load_block(b)
+        digests = self.reader.take_block_digests(b) if hasattr(self.reader, "take_block_digests") else None
+        data = {"tensor_sha256": digests} if digests else {}  # the block's bytes, for the record
         if b + 1 < len(self.meta_layers) and hasattr(self.reader, "prefetch_block"):
             self.reader.prefetch_block(b + 1)  # read the next block while this one is processed
         layer = build_block(self.meta_layers[b], {k[len(prefix) :]: v for k, v in tensors.items()}, torch.float32)
@@ -554,7 +565,7 @@ class BlockWorker:
 
         outputs: list[dict] = []
         if replay is None and self.overlaps():
-            return self._forward_and_queue(b, layer, timings)
+            return {**self._forward_and_queue(b, layer, timings), **data}
         advanced = False  # the hidden states went through this block already
         if replay is not None:
             quantized, floats = self._read_results(b, replay)
@@ -579,6 +590,7 @@ class BlockWorker:
         timings["forward"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
+        out.update(data)
         if self.device.type == "cuda":
             out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self._solver is not None:  # a replay after queued solves (resume with gaps): report what finished
@@ -1222,6 +1234,11 @@ class BlockWorker:
             **_grid_fields(result),
             "weight_rel_error": float((weight - dequant).pow(2).sum() / weight.pow(2).sum().clamp(min=1e-30)),
         }
+        params = getattr(result, "params", {})
+        if "damp_used" in params:  # GPTQ: the damping the Cholesky needed, and the inputs it zeroed (H[k, k] = 0)
+            info["damp"] = float(params["damp"])
+            info["damp_used"] = float(params["damp_used"])
+            info["dead_inputs"] = int(params.get("dead_inputs", 0))
         if output_error is not None:  # summed from the workers' shares (split solves)
             info["output_rel_error"] = output_error
         elif hessian is not None:
