@@ -87,6 +87,7 @@ class ResultSource:
         self.store = store
         self.entries = {e["name"]: e for r in records.values() for e in r["results"]}
         self.floats = {f["name"]: f for e in self.entries.values() for f in e.get("float_results", [])}
+        self.kept: set[str] = set()  # linears the run recorded as left in 16-bit (set by quantized_only)
 
     def __contains__(self, linear_name: str) -> bool:
         return linear_name in self.entries

@@ -44,7 +44,9 @@ def quantized_only(store, records: dict[int, dict]) -> ResultSource:
     """The run's results less the linears it kept in 16-bit (entries marked ``skipped``):
     formats and the evaluation see those as unquantized, i.e. the checkpoint's float weights."""
     kept = {b: {**r, "results": [e for e in r["results"] if not e.get("skipped")]} for b, r in records.items()}
-    return ResultSource(store, kept)
+    source = ResultSource(store, kept)
+    source.kept = set(skipped_linears(records))
+    return source
 
 
 def skipped_linears(records: dict[int, dict]) -> dict[str, str]:

@@ -46,6 +46,22 @@ def _load(paths: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
 Expected = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
+def check_every_linear(reader: CheckpointReader, results: ResultSource) -> None:
+    """Every linear of every block of the model (as its own class builds them) has a result in
+    the run record, quantized or recorded as kept in 16-bit: an artifact is verified against the
+    model, not only against the linears a record happens to list."""
+    from strata_quant.pipeline.run import block_linear_names
+
+    kept = getattr(results, "kept", set())
+    missing = [n for names in block_linear_names(reader).values() for n in names if n not in results and n not in kept]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise VerifyError(
+            f"{len(missing)} linear(s) of the model have no result in the run record ({shown}): the record is "
+            "incomplete and the artifact holds float weights where a quantized linear belongs"
+        )
+
+
 def _verify_packed(
     folder: Path,
     reader: CheckpointReader,
@@ -56,6 +72,7 @@ def _verify_packed(
 ) -> dict:
     """Every tensor present with the right dtype and shape; packed linears decode (by the
     FORMATS.md rule) to exactly the solver's dequantized weights; other tensors equal."""
+    check_every_linear(reader, results)
     paths = _open_safetensors(folder)
     linears = exact = others = 0
     for name in reader.tensor_names:
@@ -229,6 +246,7 @@ def verify_gguf(
 
     from strata_quant.pipeline.formats import gguf as gguf_format
 
+    check_every_linear(reader, results)
     meta = gguf_format.read_metadata(path)
     carry = meta.get("strata.carry", "exact")
     types: dict[str, int] = {}
