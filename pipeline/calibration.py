@@ -96,23 +96,58 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tokenizer_prefix(tokenizer) -> list[int]:
+    """The ids the model's tokenizer puts before any text it encodes (its BOS where it adds one,
+    e.g. Llama 3's <|begin_of_text|>; none for GPT-2-style tokenizers such as SmolLM2's), found
+    by encoding a text with and without special tokens: the tokenizer's own logic decides."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for at in range(len(full) - len(plain) + 1):
+        if full[at : at + len(plain)] == plain:
+            return list(full[:at])
+    raise CalibrationError("the tokenizer encodes a text differently with and without special tokens")
+
+
+def calibration_prefix(tokenizer, bos: str = "auto") -> list[int]:
+    """The ids every calibration window starts with: ``auto`` as the tokenizer starts a prompt
+    (:func:`tokenizer_prefix`), ``always`` the tokenizer's BOS token (its own prefix where it adds
+    one), ``never`` nothing."""
+    if bos == "never":
+        return []
+    prefix = tokenizer_prefix(tokenizer)
+    if bos == "always" and not prefix:
+        if tokenizer.bos_token_id is None:
+            raise CalibrationError("calibration.bos: always, but the tokenizer has no BOS token")
+        prefix = [int(tokenizer.bos_token_id)]
+    return prefix
+
+
 def calibration_windows(
-    stream: torch.Tensor, num_samples: int, seq_len: int, sampling: str = "even", seed: int = 0
+    stream: torch.Tensor,
+    num_samples: int,
+    seq_len: int,
+    sampling: str = "even",
+    seed: int = 0,
+    prefix: list[int] | tuple[int, ...] = (),
 ) -> torch.Tensor:
-    """N windows of T tokens: evenly spaced (start_i = i·⌊len/N⌋) or seeded random starts."""
-    total = stream.numel()
-    if total < num_samples * seq_len:
+    """N windows of T tokens: ``prefix`` (the tokens a prompt starts with, e.g. BOS) then T − |prefix|
+    tokens of the text, evenly spaced (start_i = i·⌊len/N⌋) or at seeded random starts."""
+    total, body = stream.numel(), seq_len - len(prefix)
+    if body < 1:
+        raise CalibrationError(f"seq_len {seq_len} leaves no room for text after the {len(prefix)}-token prefix")
+    if total < num_samples * body:
         raise CalibrationError(
             f"calibration text has {total} tokens, fewer than num_samples × seq_len = "
-            f"{num_samples} × {seq_len} = {num_samples * seq_len}"
+            f"{num_samples} × {body} = {num_samples * body}"
         )
     if sampling == "even":
         step = total // num_samples
         starts = [i * step for i in range(num_samples)]
     else:
         gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, total - seq_len + 1, (num_samples,), generator=gen).tolist()
-    return torch.stack([stream[s : s + seq_len] for s in starts])
+        starts = torch.randint(0, total - body + 1, (num_samples,), generator=gen).tolist()
+    head = torch.tensor(list(prefix), dtype=stream.dtype)
+    return torch.stack([torch.cat([head, stream[s : s + body]]) for s in starts])
 
 
 def eval_windows(stream: torch.Tensor, windows: int, seq_len: int) -> torch.Tensor:

@@ -32,6 +32,11 @@ class CalibrationConfig(_Strict):
     )
     seed: int = Field(0, description="seed of the random window starts (sampling: random)")
     text_field: str = Field("text", description="the field or column holding the text in .jsonl, .parquet and hf:")
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="what each window starts with: auto = as the model's tokenizer starts a prompt (its BOS where "
+        "it adds one), always = the BOS token, never = text only",
+    )
 
 
 class QuantConfig(_Strict):

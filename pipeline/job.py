@@ -141,7 +141,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "params": outcome.reader.num_params(),
         "method": cfg.quant.method,
         "quant": cfg.quant.model_dump(),
-        "calibration": cfg.calibration.model_dump(),
+        "calibration": {**cfg.calibration.model_dump(), "prefix_tokens": outcome.calibration_prefix},
         "tool_version": STRATA_VERSION,
         "workers": cfg.run.workers,
         "artifacts": {fmt: {"path": str(p), "bytes": size_of(p)} for fmt, p in paths.items()},

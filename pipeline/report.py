@@ -340,6 +340,12 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     solver = [f"{k} {q[k]}" for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid") if k in q]
     if solver:
         items.append(("Solver", ", ".join(solver)))
+    cal = report.get("calibration") or {}
+    if "prefix_tokens" in cal:
+        tokens = cal["prefix_tokens"]
+        start = f"each starting with {' '.join(tokens)}" if tokens else "text only, no BOS"
+        windows = f"{cal.get('num_samples', '?')} windows × {cal.get('seq_len', '?')} tokens"
+        items.append(("Calibration", f"{cal.get('source', '?')}, {windows}, {start} (bos: {cal.get('bos', 'auto')})"))
     notes = report.get("solver_notes")
     if notes and notes.get("gptq_linears"):
         items.append(("Damping and dead inputs", solver_notes_line(notes)))

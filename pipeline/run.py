@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata_quant.pipeline.calibration import CalibrationError, calibration_windows, load_text, tokenize_stream
+from strata_quant.pipeline.calibration import (
+    CalibrationError,
+    calibration_prefix,
+    calibration_windows,
+    load_text,
+    tokenize_stream,
+)
 from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, open_checkpoint
 from strata_quant.pipeline.config import ConfigError, JobConfig, check_against_model, parse_config
 from strata_quant.pipeline.overrides import bits_spec_overrides
@@ -58,6 +64,7 @@ class RunOutcome:
     restart_replays: list[int] = field(default_factory=list)  # blocks replayed to rebuild a replaced group
     loop_s: float = 0.0  # wall time of the block loop (first block started → last record written)
     worker_nodes: dict[str, str] = field(default_factory=dict)  # rank → Ray node id (of the last worker group)
+    calibration_prefix: list[str] = field(default_factory=list)  # the tokens every calibration window starts with
 
 
 class RayBlockWorker(BlockWorker):
@@ -429,7 +436,13 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
     tokenizer = load_tokenizer(reader.path, reader.uri)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
-    token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed)
+    prefix = calibration_prefix(tokenizer, c.bos)
+    log.info(
+        "calibration windows start with %s (calibration.bos: %s)",
+        repr(tokenizer.convert_ids_to_tokens(prefix)) if prefix else "text only, no BOS",
+        c.bos,
+    )
+    token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed, prefix=prefix)
     return reader, token_ids, tokenizer
 
 
@@ -579,7 +592,8 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
     t_start = time.perf_counter()
     store = open_store(cfg.run.store)
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
-    reader, token_ids, _ = prepare(cfg)
+    reader, token_ids, tokenizer = prepare(cfg)
+    prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
     run_id = cfg.run.run_id or f"{cfg.name}-{fingerprint[:12]}"
@@ -603,6 +617,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
                 "strata_version": STRATA_VERSION,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "num_blocks": reader.num_layers,
+                "calibration_prefix": prefix_tokens,
                 **({"shard_etags": etags} if (etags := shard_etags(reader)) else {}),
             },
         )
@@ -870,6 +885,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
         restart_replays,
         loop_s,
         nodes,
+        calibration_prefix=prefix_tokens,
     )
 
 

@@ -314,3 +314,39 @@ def test_store_retry_warnings_carry_no_endpoint_userinfo(caplog, monkeypatch):
     assert "pa55word" not in str(err.value)
     warnings = [r.getMessage() for r in caplog.records if r.name == "strata.store"]
     assert warnings and all("pa55word" not in w for w in warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# BOS in calibration, as the model's tokenizer does it
+
+
+def test_calibration_starts_windows_as_the_tokenizer_starts_a_prompt(tiny_model_path, emma_path):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.calibration import (
+        calibration_prefix,
+        calibration_windows,
+        tokenize_stream,
+        tokenizer_prefix,
+    )
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_path)  # SmolLM2's: GPT-2 style, adds no BOS
+    stream = tokenize_stream(plain, emma_path.read_text()[:200_000])
+    assert tokenizer_prefix(plain) == [] and calibration_prefix(plain, "auto") == []
+    windows = calibration_windows(stream, 8, 64, prefix=calibration_prefix(plain, "auto"))
+    step = stream.numel() // 8
+    assert all(windows[i].equal(stream[i * step : i * step + 64]) for i in range(8))  # unchanged without a BOS
+    assert calibration_prefix(plain, "always") == [plain.bos_token_id]
+
+    with_bos = AutoTokenizer.from_pretrained(tiny_model_path)  # the same, adding its BOS as Llama 3's does
+    bos = with_bos.bos_token
+    with_bos._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, with_bos.bos_token_id)]
+    )
+    assert with_bos("Emma", add_special_tokens=True)["input_ids"][0] == with_bos.bos_token_id
+    assert calibration_prefix(with_bos, "auto") == [with_bos.bos_token_id]
+    assert calibration_prefix(with_bos, "never") == []
+    windows = calibration_windows(stream, 8, 64, prefix=calibration_prefix(with_bos, "auto"))
+    assert windows.shape == (8, 64) and (windows[:, 0] == with_bos.bos_token_id).all()
+    assert windows[1, 1:].equal(stream[step : step + 63])
