@@ -350,3 +350,51 @@ def test_calibration_starts_windows_as_the_tokenizer_starts_a_prompt(tiny_model_
     windows = calibration_windows(stream, 8, 64, prefix=calibration_prefix(with_bos, "auto"))
     assert windows.shape == (8, 64) and (windows[:, 0] == with_bos.bos_token_id).all()
     assert windows[1, 1:].equal(stream[step : step + 63])
+
+
+def _rank_main(rank: int, port: int, model_config: dict, timeout_s: float, out) -> None:
+    """One worker of a 2-worker gloo group (a process of its own): rank 0 all-reduces, rank 1
+    never comes. Puts (rank, what happened, seconds waited) on ``out``."""
+    import torch
+    import torch.distributed as dist
+
+    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.result import QuantSpec
+
+    job = WorkerJob(model_config=model_config, spec=QuantSpec(4, 64, True), collective_timeout_s=timeout_s)
+    worker = BlockWorker(rank, 2, None, None, job)
+    worker.init_group("127.0.0.1", port)
+    if rank == 1:
+        time.sleep(timeout_s * 6)  # hung: never reaches the collective
+        out.put((rank, "slept", 0.0))
+        return
+    t = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(4))
+        out.put((rank, "returned", time.monotonic() - t))
+    except Exception as err:
+        out.put((rank, f"{type(err).__name__}: {err}", time.monotonic() - t))
+
+
+def test_collectives_time_out_on_a_hung_peer(tiny_model_path):
+    """The workers' gloo group is made with the run's timeout: a collective whose peer never
+    comes raises after it, instead of waiting for gloo's default 30 minutes."""
+    import multiprocessing
+
+    from strata_quant.workers.actor import free_port
+
+    config = json.loads((tiny_model_path / "config.json").read_text())
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, config, 5.0, out), daemon=True) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        rank, what, waited = out.get(timeout=180)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(10)
+    assert rank == 0 and what != "returned", what
+    assert 4.0 <= waited < 30.0, (what, waited)
