@@ -250,6 +250,9 @@ def test_damping_and_dead_inputs_are_recorded_and_summed(finished):
     assert notes["dead_inputs"] >= 7 and notes["dead_input_linears"] >= 1
     line = solver_notes_line(notes)
     assert "up to 1e+03× quant.damp" in line and "dead input(s)" in line
+    from strata_quant.pipeline.report import config_items
+
+    assert ("Damping and dead inputs", line) in config_items({"quant": {}, "solver_notes": notes})
 
 
 # ---------------------------------------------------------------------------------------------
