@@ -495,10 +495,18 @@ def _first_line(err) -> str:
 
 
 def _deaths() -> tuple:
-    """Ray's errors for a dead worker (imported on use: Ray loads only where a run starts)."""
-    from ray.exceptions import NodeDiedError, ObjectLostError, OwnerDiedError, RayActorError, WorkerCrashedError
+    """Ray's errors for a dead worker (imported on use: Ray loads only where a run starts); its
+    memory monitor killing a worker is one of them."""
+    from ray.exceptions import (
+        NodeDiedError,
+        ObjectLostError,
+        OutOfMemoryError,
+        OwnerDiedError,
+        RayActorError,
+        WorkerCrashedError,
+    )
 
-    return (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, OwnerDiedError)
+    return (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError, OwnerDiedError, OutOfMemoryError)
 
 
 def _peer_died(pending: list, timeout_s: float = 30.0) -> str | None:
