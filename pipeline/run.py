@@ -45,6 +45,9 @@ log = logging.getLogger("strata.run")
 STRATA_VERSION = "0.1.0"
 
 
+SETUP_MIN_S = 600.0  # the least time the workers' setup may take before the run stops
+
+
 class RunError(RuntimeError):
     """The run cannot go on (e.g. workers lost more often than run.max_restarts allows)."""
 
@@ -454,7 +457,7 @@ class _WorkerLost(Exception):
     """Internal: Ray reports a worker of the group dead (its process, or its node)."""
 
 
-def _collect(refs: list, timeout_s: float, what: str) -> list:
+def _collect(refs: list, timeout_s: float, what: str, limit: str = "run.block_timeout_s") -> list:
     """``ray.get`` of every ref within ``timeout_s`` (the watchdog), failing at the first failure
     (a collective whose peer died never returns, so waiting for all would hang). A worker Ray
     reports dead becomes ``_WorkerLost``; a worker's input or store error is re-raised as it
@@ -470,7 +473,7 @@ def _collect(refs: list, timeout_s: float, what: str) -> list:
         if not ready:
             waiting = sorted(i for i, ref in enumerate(refs) if ref in pending)
             raise RunError(
-                f"{what}: no answer from worker(s) {waiting} within run.block_timeout_s = {timeout_s:g} s "
+                f"{what}: no answer from worker(s) {waiting} within {limit} = {timeout_s:g} s "
                 "(a hung collective or a stuck worker); the workers were stopped, the finished blocks are kept"
             )
         try:
@@ -677,6 +680,9 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
         collective_timeout_s=cfg.run.block_timeout_s,  # no collective waits longer than a block may take
     )
     watchdog = cfg.run.block_timeout_s
+    # starting the actors (a node to come up, torch and transformers to import) is not a block's
+    # work: it gets the watchdog or SETUP_MIN_S, whichever is longer
+    setup, setup_limit = max(watchdog, SETUP_MIN_S), f"max(run.block_timeout_s, {SETUP_MIN_S:g} s)"
 
     start_ray(workers_n)
     actor_cls = ray.remote(worker_class)
@@ -790,14 +796,20 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
             ok = False
             queued: dict[int, dict] = {}  # block → its process_block outputs and the solver reports so far
             try:
+                # every actor up first: the group's rendezvous then waits for none of them to start
+                ids = _collect([a.node_id.remote() for a in actors], setup, "worker setup", setup_limit)
+                nodes = {str(rank): node for rank, node in enumerate(ids)}
                 if workers_n > 1:
                     address, port = _collect(
-                        [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], watchdog, "worker setup"
+                        [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], setup, "worker setup", setup_limit
                     )
-                    _collect([a.init_group.remote(address, port) for a in actors], watchdog, "worker setup")
-                ids = _collect([a.node_id.remote() for a in actors], watchdog, "worker setup")
-                nodes = {str(rank): node for rank, node in enumerate(ids)}
-                _collect([a.load_samples.remote(shard) for a, shard in zip(actors, shards)], watchdog, "worker setup")
+                    _collect([a.init_group.remote(address, port) for a in actors], setup, "worker setup", setup_limit)
+                _collect(
+                    [a.load_samples.remote(shard) for a, shard in zip(actors, shards)],
+                    setup,
+                    "worker setup",
+                    setup_limit,
+                )
                 if t_loop is None:
                     t_loop = time.perf_counter()
                 submitted: dict[int, list] = {}  # block → its process_block refs
