@@ -484,7 +484,8 @@ def _collect(refs: list, timeout_s: float, what: str, limit: str = "run.block_ti
             cause = getattr(err, "cause", None)
             if isinstance(cause, _INPUT_ERRORS):
                 raise cause from None
-            dead = _peer_died(pending)  # a peer's death breaks the others' collectives first
+            # a peer's death breaks the others' collectives first; asked within the watchdog (5 s at least)
+            dead = _peer_died(pending, min(30.0, max(5.0, deadline - time.monotonic())))
             if dead is not None:
                 raise _WorkerLost(f"{dead} (the others' collective failed: {_first_line(cause)})") from err
             log.error("%s: a worker failed:\n%s", what, err)
