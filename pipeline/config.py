@@ -169,8 +169,9 @@ class RunConfig(_Strict):
         7200.0,
         ge=10,
         le=7 * 24 * 3600,
-        description="watchdog: the longest one block (or the workers' setup) may take before the run stops with an "
-        "error; also the timeout of every collective (torch.distributed), so a hung peer ends the run, not a wait",
+        description="watchdog: the longest one block may take before the run stops with an error (the workers' "
+        "setup: this or 600 s, whichever is longer); also the timeout of every collective (torch.distributed), so a "
+        "hung peer ends the run instead of a wait",
     )
 
     @field_validator("run_id")
