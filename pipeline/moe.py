@@ -1,0 +1,109 @@
+"""A Mixture-of-Experts block's checkpoint tensors ↔ the module the block builds.
+
+A MoE checkpoint stores one tensor per expert and linear (Mixtral's
+``block_sparse_moe.experts.N.w1.weight``, Qwen3-MoE's and DeepSeek-V3's
+``mlp.experts.N.gate_proj.weight``); transformers 5.x builds fused 3-D parameters
+(``mlp.experts.gate_up_proj`` [E, 2I, H], ``mlp.experts.down_proj`` [E, H, I]) and converts
+between the two with the family's conversion mapping (``transformers.conversion_mapping``:
+renamings, then ``MergeModulelist`` / ``Concatenate`` converters). Both directions here run
+that same machinery on one block's tensors, so no family needs a table of its own:
+
+* :func:`block_state` — a block's checkpoint tensors → the model's parameter names and shapes,
+  exactly what ``from_pretrained`` would put in that block;
+* :func:`checkpoint_names` — the checkpoint names a block's parameters come from (the reverse
+  conversion applied to the meta block), which is what a plan checks before block 0.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from strata_quant.pipeline.checkpoint import CheckpointError
+
+
+def _conversions(meta_model: nn.Module) -> tuple[list, list, dict]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    mapping = get_model_conversion_mapping(meta_model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    return renamings, converters, by_pattern
+
+
+def block_state(meta_model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (full names, e.g. one block's) → the same weights under the model's own
+    parameter names, converted as ``from_pretrained`` converts them (experts stacked and gate/up
+    concatenated by the family's conversion mapping). Raises CheckpointError for a tensor the model
+    has no place for, or a converted shape the model does not expect (an expert missing)."""
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    renamings, converters, by_pattern = _conversions(meta_model)
+    meta = meta_model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    pending: dict[str, object] = {}
+    # the converters stack tensors in the order they are added: transformers adds them in natural order
+    for key in sorted(tensors, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, meta_model.base_model_prefix, meta)
+        if target not in meta:
+            raise CheckpointError(f"checkpoint tensor {key!r} has no place in {type(meta_model).__name__}")
+        if pattern is None:
+            out[target] = tensors[key]
+            continue
+        converter = pending.setdefault(target, copy.deepcopy(by_pattern[pattern]))
+        converter.add_tensor(target, key, pattern, tensors[key])
+    for first, converter in pending.items():
+        try:
+            converted = converter.convert(first, model=meta_model, config=meta_model.config)
+        except (RuntimeError, ValueError) as err:  # e.g. experts' tensors of unequal count or shape
+            raise CheckpointError(f"cannot convert the checkpoint's tensors into {first}: {err}") from err
+        for name, value in converted.items():
+            out[name] = value[0] if isinstance(value, list) else value
+    for name, value in out.items():
+        if tuple(value.shape) != tuple(meta[name].shape):
+            raise CheckpointError(
+                f"{name} converts to shape {tuple(value.shape)} from the checkpoint, the model expects "
+                f"{tuple(meta[name].shape)}"
+            )
+    return out
+
+
+def checkpoint_names(meta_model: nn.Module, prefix: str) -> list[str]:
+    """The checkpoint tensor names that the model's parameters under ``prefix`` (e.g.
+    ``model.layers.3.``) load from: the family's conversion mapping reversed, as ``save_pretrained``
+    writes them (shapes only: the meta tensors are never read)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    meta = {k: v for k, v in meta_model.state_dict().items() if k.startswith(prefix)}
+    return sorted(revert_weight_conversion(meta_model, meta))
+
+
+def check_block_names(meta_model: nn.Module, prefix: str, names: list[str] | set[str]) -> None:
+    """CheckpointError naming every tensor of the block under ``prefix`` that ``names`` (the
+    checkpoint's tensor names) lacks: a missing expert is found at plan time, not when its block
+    is converted."""
+    have = set(names)
+    missing = [n for n in checkpoint_names(meta_model, prefix) if n not in have]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s) of {prefix.rstrip('.')}: {shown}")
+
+
+def build_moe_block(
+    meta_model: nn.Module, layers_path: str, b: int, tensors: dict[str, torch.Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """Block ``b`` as a real module: its checkpoint tensors (full names) converted by
+    :func:`block_state` and loaded into a copy of the meta model's layer."""
+    from strata_quant.workers.block import build_block
+
+    prefix = f"{layers_path}.{b}."
+    state = block_state(meta_model, tensors)
+    outside = [n for n in state if not n.startswith(prefix)]
+    if outside:
+        raise CheckpointError(f"tensors outside block {b} given to its build: {outside[:3]}")
+    layer = dict(meta_model.named_modules())[f"{layers_path}.{b}"]
+    return build_block(layer, {k[len(prefix) :]: v for k, v in state.items()}, dtype)

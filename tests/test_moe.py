@@ -1,0 +1,258 @@
+"""Mixture-of-Experts foundations on tiny random models: checkpoint ↔ block through transformers'
+conversion mapping, the model's own routing, routed statistics, the min-tokens policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from strata_quant.pipeline.checkpoint import CheckpointError
+from strata_quant.pipeline.moe import block_state, build_moe_block, check_block_names, checkpoint_names
+from strata_quant.workers.gptq import gptq_quantize, relative_output_error
+from strata_quant.workers.moe import (
+    ALL_TOKENS,
+    DOWN,
+    GATE_UP,
+    ROUTED,
+    RTN,
+    ExpertStatistics,
+    MoeError,
+    add_expert_statistics,
+    expert_decisions,
+    expert_inputs,
+    moe_modules,
+    routing,
+    token_counts,
+)
+from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.rtn import rtn_quantize
+
+COMMON = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny(family: str):
+    """A tiny random model of ``family`` (seeded) and its class."""
+    from transformers import (
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    if family == "mixtral":
+        cls, config = MixtralForCausalLM, MixtralConfig(**COMMON, intermediate_size=48, num_local_experts=4)
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(
+            **COMMON,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            norm_topk_prob=True,
+        )
+        cls = Qwen3MoeForCausalLM
+    else:  # MLA attention, a first dense layer, a shared expert, grouped routing
+        config = DeepseekV3Config(
+            **{**COMMON, "num_hidden_layers": 3},
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        )
+        cls = DeepseekV3ForCausalLM
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    for name, p in model.named_parameters():  # random routers (transformers initialises some to zero)
+        if name.endswith("mlp.gate.weight"):
+            p.data.normal_(0.0, 0.5)
+    return cls, model
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "deepseek_v3"])
+def saved(request, tmp_path_factory):
+    cls, model = tiny(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    with torch.device("meta"):
+        meta = cls(model.config)
+    return request.param, folder, load_file(str(folder / "model.safetensors")), meta
+
+
+def _moe_block(meta) -> int:
+    return len(meta.model.layers) - 1  # the last layer is a MoE layer in every tiny family
+
+
+def test_checkpoint_stores_experts_per_expert(saved):
+    family, _folder, tensors, meta = saved
+    b = _moe_block(meta)
+    per_expert = {"mixtral": "block_sparse_moe.experts.1.w1.weight"}.get(family, "mlp.experts.1.gate_proj.weight")
+    assert f"model.layers.{b}.{per_expert}" in tensors
+    assert not any(name.endswith("gate_up_proj") for name in tensors)
+    assert checkpoint_names(meta, f"model.layers.{b}.") == sorted(
+        n for n in tensors if n.startswith(f"model.layers.{b}.")
+    )
+
+
+def test_block_from_checkpoint_equals_from_pretrained(saved):
+    from transformers import AutoModelForCausalLM
+
+    _family, folder, tensors, meta = saved
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for b in range(len(meta.model.layers)):
+        prefix = f"model.layers.{b}."
+        layer = build_moe_block(
+            meta, "model.layers", b, {k: v for k, v in tensors.items() if k.startswith(prefix)}, torch.float32
+        )
+        want = reference.model.layers[b].state_dict()
+        got = layer.state_dict()
+        assert sorted(got) == sorted(want)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+
+
+def test_missing_expert_tensor_is_named_before_the_block(saved):
+    family, _folder, tensors, meta = saved
+    b = _moe_block(meta)
+    prefix = f"model.layers.{b}."
+    lost = prefix + {"mixtral": "block_sparse_moe.experts.2.w3.weight"}.get(family, "mlp.experts.2.up_proj.weight")
+    names = set(tensors) - {lost}
+    with pytest.raises(CheckpointError, match=lost.replace(".", r"\.")):
+        check_block_names(meta, prefix, names)
+    check_block_names(meta, prefix, set(tensors))  # the whole checkpoint passes
+    # converting without the check would stack 3 of 4 experts: refused too
+    with pytest.raises(CheckpointError, match="cannot convert|converts to shape"):
+        block_state(meta, {k: v for k, v in tensors.items() if k.startswith(prefix) and k != lost})
+
+
+def _block_and_input(family: str, tokens: int = 48):
+    """The MoE module of a tiny model's last layer and a realistic input: the hidden states the
+    model hands that module on random token ids."""
+    _cls, model = tiny(family)
+    layer = model.model.layers[-1]
+    (name, moe), *_ = moe_modules(layer).items()
+    seen = []
+    handle = moe.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (2, tokens // 2), generator=torch.Generator().manual_seed(1)))
+    handle.remove()
+    return moe, seen[0]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_routed_statistics_are_each_experts_own_tokens(family):
+    """Routed statistics equal XᵀX over the tokens the router picked, and the down input is the
+    expert's own intermediate activation on them; the captured pass reproduces the block's output."""
+    moe, hidden = _block_and_input(family)
+    route = routing(moe, hidden)
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    counts = token_counts(route.top_k_index, n_exp)
+    assert int(counts.sum()) == route.top_k_index.numel()
+    stats = ExpertStatistics.empty(moe.experts)
+    add_expert_statistics(moe, hidden, stats, [ROUTED] * n_exp)
+    assert torch.equal(stats.counts, counts)
+    x = route.hidden.float()
+    for e in range(n_exp):
+        rows = (route.top_k_index == e).any(-1)
+        assert stats.accumulators[(e, GATE_UP)].count == int(counts[e]) == int(rows.sum())
+        if counts[e] == 0:
+            continue
+        xe = x[rows]
+        torch.testing.assert_close(stats.accumulators[(e, GATE_UP)].sum, (xe.T @ xe).double(), rtol=1e-5, atol=1e-5)
+        gate, up = (xe @ moe.experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        act = moe.experts.act_fn(gate) * up
+        torch.testing.assert_close(stats.accumulators[(e, DOWN)].sum, (act.T @ act).double(), rtol=1e-4, atol=1e-5)
+    # the eager forward the statistics read gives the module's routed output
+    out = expert_inputs(moe.experts, route.hidden, route.top_k_index, route.top_k_weights, lambda *a: None)
+    with torch.no_grad():
+        ref = moe.experts(route.hidden, route.top_k_index, route.top_k_weights)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _starved(moe, hidden, expert: int):
+    """The router re-made so that ``expert`` is never among the top-k (its logit row is −10 times
+    the strongest other row's mean direction), the others as they were."""
+    w = moe.gate.weight.data
+    keep = [e for e in range(w.shape[0]) if e != expert]
+    x = hidden.reshape(-1, hidden.shape[-1]).float()
+    direction = x.mean(0) / x.mean(0).norm()
+    w[keep] += 20.0 * direction  # every other expert's logit raised above the starved one's
+    w[expert] = -20.0 * direction
+    return moe
+
+
+@pytest.mark.parametrize("policy", ["all_tokens", "rtn", "fail"])
+def test_zero_token_expert_under_each_policy(policy):
+    moe, hidden = _block_and_input("mixtral")
+    moe = _starved(moe, hidden, expert=2)
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    counts = token_counts(routing(moe, hidden).top_k_index, n_exp)
+    assert counts[2] == 0 and (counts[[0, 1, 3]] > 0).all()
+    if policy == "fail":
+        with pytest.raises(MoeError, match=r"2 \(0\)"):
+            expert_decisions(counts, min_tokens=1, policy=policy)
+        return
+    decisions = expert_decisions(counts, min_tokens=1, policy=policy)
+    assert decisions == [ROUTED, ROUTED, ALL_TOKENS if policy == "all_tokens" else RTN, ROUTED]
+    stats = ExpertStatistics.empty(moe.experts)
+    add_expert_statistics(moe, hidden, stats, decisions)
+    spec = QuantSpec(bits=4, group_size=16)
+    weight = moe.experts.gate_up_proj[2].detach()
+    if policy == "all_tokens":
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        assert stats.accumulators[(2, GATE_UP)].count == x.shape[0]  # every token of the block
+        torch.testing.assert_close(stats.accumulators[(2, GATE_UP)].sum, (x.T @ x).double(), rtol=1e-5, atol=1e-5)
+        result = gptq_quantize(weight, stats.hessian(2, GATE_UP), spec)
+        down = gptq_quantize(moe.experts.down_proj[2].detach(), stats.hessian(2, DOWN), spec)
+        assert torch.isfinite(down.dequantize()).all()
+    else:
+        assert stats.accumulators[(2, GATE_UP)].count == 0  # nothing gathered, nothing to divide by
+        with pytest.raises(ValueError, match="no calibration rows"):
+            stats.hessian(2, GATE_UP)
+        result = rtn_quantize(weight, spec)
+    assert torch.isfinite(result.dequantize()).all()
+    # the routing of the block is the model's: statistics taking did not change the output
+    with torch.no_grad():
+        assert torch.equal(moe(hidden), moe(hidden))
+
+
+def test_min_tokens_threshold_and_bad_policy():
+    counts = torch.tensor([0, 3, 4, 100])
+    assert expert_decisions(counts, 4, "rtn") == [RTN, RTN, ROUTED, ROUTED]
+    assert expert_decisions(counts, 0, "all_tokens") == [ALL_TOKENS, ROUTED, ROUTED, ROUTED]  # zero is always low
+    with pytest.raises(MoeError, match="quant.moe.policy"):
+        expert_decisions(counts, 4, "skip")
+
+
+def test_rank_deficient_expert_hessian_is_solved_by_damping():
+    """An expert that saw 3 tokens has a rank-3 Hessian of size 64: GPTQ's damping makes it
+    factorisable; the result is finite and, on those tokens, better than RTN's."""
+    moe, hidden = _block_and_input("mixtral")
+    x = hidden.reshape(-1, hidden.shape[-1])[:3]
+    index = torch.zeros(3, 1, dtype=torch.long)
+    stats = ExpertStatistics.empty(moe.experts, which=[0])
+    expert_inputs(moe.experts, x, index, torch.ones(3, 1), lambda e, w, t: stats.accumulators[(e, w)].add(t))
+    h = stats.hessian(0, GATE_UP)
+    assert int(torch.linalg.matrix_rank(h, rtol=1e-5)) == 3 < h.shape[0]  # fp32 Gram noise aside
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(h.float())
+    weight = moe.experts.gate_up_proj[0].detach()
+    spec = QuantSpec(bits=4, group_size=16)
+    result = gptq_quantize(weight, h, spec)
+    approx = result.dequantize()
+    assert torch.isfinite(approx).all()
+    assert relative_output_error(weight, approx, h) < relative_output_error(
+        weight, rtn_quantize(weight, spec).dequantize(), h
+    )
