@@ -107,3 +107,52 @@ def build_moe_block(
         raise CheckpointError(f"tensors outside block {b} given to its build: {outside[:3]}")
     layer = dict(meta_model.named_modules())[f"{layers_path}.{b}"]
     return build_block(layer, {k[len(prefix) :]: v for k, v in state.items()}, dtype)
+
+
+def check_checkpoint_experts(meta_model: nn.Module, layers_path: str, names: list[str] | set[str]) -> None:
+    """:func:`check_block_names` for every block of a model whose blocks hold fused experts, at plan
+    time: the first block that lacks a tensor is named with what it lacks."""
+    from strata_quant.workers.moe import experts_modules
+
+    have = set(names)
+    layers = dict(meta_model.named_modules())[layers_path]
+    for b, layer in enumerate(layers):
+        if experts_modules(layer):
+            check_block_names(meta_model, f"{layers_path}.{b}.", have)
+
+
+def expert_sources(meta_model: nn.Module, prefix: str) -> dict[str, tuple[str, int, int, int]]:
+    """Where each per-expert checkpoint tensor of the block under ``prefix`` lives in the fused
+    parameters: checkpoint name → (parameter name, expert e, first row, end row), so that
+    rows [first, end) of ``param[e]`` are that tensor (gate and up are row ranges of
+    ``gate_up_proj[e]``). Found without a table: the reverse conversion is run on label tensors
+    (each row of each expert carrying its own index), and the labels that land in each checkpoint
+    tensor say which rows it took. A writer names a quantized expert's linears from this."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from strata_quant.workers.moe import MoeError, experts_modules
+
+    params = {}
+    for name, experts in experts_modules(dict(meta_model.named_modules())[prefix.rstrip(".")]).items():
+        for pname, p in experts.named_parameters(recurse=False):
+            if p.dim() == 3:
+                params[f"{prefix}{name}.{pname}"] = p.shape
+    # globally distinct labels: param i's rows are base_i + e·rows + r
+    labels, bases, base = {}, [], 0
+    for n, shape in params.items():
+        labels[n] = (base + torch.arange(shape[0] * shape[1], dtype=torch.int64)).reshape(shape[0], shape[1], 1)
+        bases.append((base, n))
+        base += shape[0] * shape[1]
+    out: dict[str, tuple[str, int, int, int]] = {}
+    for disk_name, tensor in revert_weight_conversion(meta_model, labels).items():
+        flat = tensor.reshape(-1)
+        first = int(flat[0]) if flat.numel() else -1
+        offset, source = max(((b, n) for b, n in bases if b <= first), default=(0, None))
+        if source is None or not torch.equal(flat, torch.arange(first, first + flat.numel())):
+            raise MoeError(f"{disk_name} is not a row range of one expert of a fused parameter")
+        rows = params[source][1]
+        expert, start = divmod(first - offset, rows)
+        if start + flat.numel() > rows:
+            raise MoeError(f"{disk_name} spans more than one expert of {source}")
+        out[disk_name] = (source, expert, start, start + flat.numel())
+    return out

@@ -8,7 +8,14 @@ import torch
 from safetensors.torch import load_file
 
 from strata_quant.pipeline.checkpoint import CheckpointError
-from strata_quant.pipeline.moe import block_state, build_moe_block, check_block_names, checkpoint_names
+from strata_quant.pipeline.moe import (
+    block_state,
+    build_moe_block,
+    check_block_names,
+    check_checkpoint_experts,
+    checkpoint_names,
+    expert_sources,
+)
 from strata_quant.workers.gptq import gptq_quantize, relative_output_error
 from strata_quant.workers.moe import (
     ALL_TOKENS,
@@ -137,6 +144,36 @@ def test_missing_expert_tensor_is_named_before_the_block(saved):
         block_state(meta, {k: v for k, v in tensors.items() if k.startswith(prefix) and k != lost})
 
 
+def test_expert_sources_name_each_experts_rows(saved):
+    """Each per-expert checkpoint tensor is a row range of one expert of a fused parameter, found
+    by the reverse conversion: reading those rows gives back the tensor on disk."""
+    family, _folder, tensors, meta = saved
+    b = _moe_block(meta)
+    prefix = f"model.layers.{b}."
+    sources = expert_sources(meta, prefix)
+    n_exp = meta.model.layers[b].mlp.experts.gate_up_proj.shape[0]
+    assert len(sources) == 3 * n_exp  # gate, up and down of every expert
+    state = block_state(meta, {k: v for k, v in tensors.items() if k.startswith(prefix)})
+    for disk_name, (param, expert, start, end) in sources.items():
+        assert torch.equal(state[param][expert, start:end], tensors[disk_name]), disk_name
+    gate = {"mixtral": "block_sparse_moe.experts.3.w1.weight"}.get(family, "mlp.experts.3.gate_proj.weight")
+    up = {"mixtral": "block_sparse_moe.experts.3.w3.weight"}.get(family, "mlp.experts.3.up_proj.weight")
+    inter = meta.model.layers[b].mlp.experts.down_proj.shape[2]
+    assert sources[prefix + gate] == (prefix + "mlp.experts.gate_up_proj", 3, 0, inter)
+    assert sources[prefix + up] == (prefix + "mlp.experts.gate_up_proj", 3, inter, 2 * inter)
+
+
+def test_plan_check_names_the_first_block_missing_an_expert(saved):
+    family, _folder, tensors, meta = saved
+    check_checkpoint_experts(meta, "model.layers", set(tensors))
+    b = _moe_block(meta)
+    lost = f"model.layers.{b}." + {"mixtral": "block_sparse_moe.experts.0.w2.weight"}.get(
+        family, "mlp.experts.0.down_proj.weight"
+    )
+    with pytest.raises(CheckpointError, match=f"1 tensor.*layers.{b}: {lost.replace('.', '[.]')}"):
+        check_checkpoint_experts(meta, "model.layers", set(tensors) - {lost})
+
+
 def _block_and_input(family: str, tokens: int = 48):
     """The MoE module of a tiny model's last layer and a realistic input: the hidden states the
     model hands that module on random token ids."""
@@ -256,3 +293,34 @@ def test_rank_deficient_expert_hessian_is_solved_by_damping():
     assert relative_output_error(weight, approx, h) < relative_output_error(
         weight, rtn_quantize(weight, spec).dequantize(), h
     )
+
+
+def test_deepseek_v3_block_structure_and_grouped_routing():
+    """Tiny DeepSeek-V3: a first dense layer, then MoE layers with a shared expert (plain linears,
+    solved as a dense MLP) beside the routed experts, MLA attention; the routing taken is the
+    model's grouped one (each token's experts lie in at most ``topk_group`` of ``n_group`` groups)."""
+    from strata_quant.workers.block import block_linears
+
+    _cls, model = tiny("deepseek_v3")
+    first, last = model.model.layers[0], model.model.layers[-1]
+    assert moe_modules(first) == {}
+    assert list(moe_modules(last)) == ["mlp"]
+    linears = block_linears(last)
+    assert {"mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"} <= set(
+        linears
+    )
+    assert {"self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj"} <= set(
+        linears
+    )
+    assert not any(name.startswith("mlp.experts") for name in linears)  # fused: no nn.Linear per expert
+    moe, hidden = _block_and_input("deepseek_v3", tokens=64)
+    route = routing(moe, hidden)
+    cfg = model.config
+    group = route.top_k_index // (cfg.n_routed_experts // cfg.n_group)
+    assert all(len(set(row.tolist())) <= cfg.topk_group for row in group)
+    stats = ExpertStatistics.empty(moe.experts)
+    add_expert_statistics(moe, hidden, stats, [ROUTED] * cfg.n_routed_experts)
+    assert int(stats.counts.sum()) == route.top_k_index.numel()
+    for e in range(cfg.n_routed_experts):
+        if stats.counts[e] > 0:
+            assert torch.isfinite(stats.hessian(e, GATE_UP)).all() and torch.isfinite(stats.hessian(e, DOWN)).all()
