@@ -28,6 +28,9 @@ from strata_quant.workers.moe import (
     add_expert_statistics,
     expert_decisions,
     expert_inputs,
+    expert_statistics_bytes,
+    expert_waves,
+    experts_per_wave,
     moe_modules,
     routing,
     token_counts,
@@ -324,3 +327,34 @@ def test_deepseek_v3_block_structure_and_grouped_routing():
     for e in range(cfg.n_routed_experts):
         if stats.counts[e] > 0:
             assert torch.isfinite(stats.hessian(e, GATE_UP)).all() and torch.isfinite(stats.hessian(e, DOWN)).all()
+
+
+def test_expert_waves_keep_to_the_cap_and_give_the_same_statistics():
+    """Statistics gathered a wave of experts at a time (routing taken once per batch) are bit for
+    bit those gathered for all experts at once; no wave holds more than the cap."""
+    from strata_quant.workers.schedule import assign_owners, solve_cost
+
+    moe, hidden = _block_and_input("deepseek_v3", tokens=64)
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    hid, inter = moe.experts.gate_up_proj.shape[2], moe.experts.down_proj.shape[2]
+    route = routing(moe, hidden)
+    counts = token_counts(route.top_k_index, n_exp)
+    costs = [solve_cost(hid, 2 * inter) + solve_cost(inter, hid)] * n_exp
+    owners = assign_owners(costs, 3)
+    cap = experts_per_wave(3 * expert_statistics_bytes(hid, inter) + 5, hid, inter)
+    assert cap == 3
+    waves = expert_waves(owners, cap)
+    assert sorted(e for w in waves for e in w) == list(range(n_exp))
+    assert all(len(w) <= cap for w in waves)
+    assert all(len({owners[e] for e in w}) == len(w) for w in waves)  # a wave's solves on distinct workers
+    decisions = expert_decisions(counts, 1, "all_tokens")
+    whole = ExpertStatistics.empty(moe.experts)
+    add_expert_statistics(moe, hidden, whole, decisions, route)
+    for wave in waves:
+        part = ExpertStatistics.empty(moe.experts, which=wave)
+        add_expert_statistics(moe, hidden, part, decisions, route)
+        for key, acc in part.accumulators.items():
+            assert torch.equal(acc.sum, whole.accumulators[key].sum) and acc.count == whole.accumulators[key].count
+    assert expert_statistics_bytes(7168, 2048) == 8 * (7168**2 + 2048**2)  # DeepSeek-V3: 445 MB an expert
+    with pytest.raises(MoeError, match="holds no expert"):
+        experts_per_wave(2**28, 7168, 2048)

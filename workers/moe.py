@@ -203,8 +203,15 @@ def count_routed_tokens(moe: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return token_counts(route.top_k_index, num_experts(moe.experts))
 
 
-def add_expert_statistics(moe: nn.Module, hidden: torch.Tensor, stats: ExpertStatistics, decisions: list[str]) -> None:
-    """Add one batch of ``hidden`` (the MoE module's input) to ``stats`` for the experts it holds.
+def add_expert_statistics(
+    moe: nn.Module,
+    hidden: torch.Tensor,
+    stats: ExpertStatistics,
+    decisions: list[str],
+    route: Routing | None = None,
+) -> None:
+    """Add one batch of ``hidden`` (the MoE module's input) to ``stats`` for the experts it holds
+    (``route``: that batch's :func:`routing`, when taken already: waves of experts reuse it).
 
     ``routed`` experts: x_t for t ∈ T_e and a_t on those tokens, read from the experts' own forward
     under the model's routing. ``all_tokens`` experts: every token of the batch, and a_t on every
@@ -212,7 +219,7 @@ def add_expert_statistics(moe: nn.Module, hidden: torch.Tensor, stats: ExpertSta
     ``rtn`` experts gather nothing. The counts |T_e| are added for every expert.
     """
     experts = moe.experts
-    route = routing(moe, hidden)
+    route = routing(moe, hidden) if route is None else route
     stats.counts += token_counts(route.top_k_index, num_experts(experts))
     held = {e for e, _ in stats.accumulators}
 
@@ -227,3 +234,45 @@ def add_expert_statistics(moe: nn.Module, hidden: torch.Tensor, stats: ExpertSta
         index = torch.full((n, 1), e, dtype=route.top_k_index.dtype, device=route.top_k_index.device)
         ones = torch.ones(n, 1, dtype=route.top_k_weights.dtype, device=route.top_k_weights.device)
         expert_inputs(experts, route.hidden, index, ones, lambda e2, w, x: add(e2, w, x, ALL_TOKENS))
+
+
+# ---------------------------------------------------------------------------- memory and ownership
+
+
+def expert_statistics_bytes(hidden: int, intermediate: int) -> int:
+    """Bytes of one expert's statistics: the fp64 sums of its two inputs, 8·(H² + I²)
+    (DeepSeek-V3, H = 7168, I = 2048: 445 MB)."""
+    return 8 * (hidden * hidden + intermediate * intermediate)
+
+
+def experts_per_wave(budget_bytes: int, hidden: int, intermediate: int) -> int:
+    """How many experts' statistics fit in ``budget_bytes`` (at least one: a budget below one
+    expert is refused, since no schedule can keep to it)."""
+    each = expert_statistics_bytes(hidden, intermediate)
+    if budget_bytes < each:
+        raise MoeError(
+            f"the experts' statistics budget of {budget_bytes / 2**20:.0f} MiB holds no expert "
+            f"({each / 2**20:.0f} MiB each at hidden {hidden}, intermediate {intermediate})"
+        )
+    return budget_bytes // each
+
+
+def expert_waves(owners: list[int], cap: int) -> list[list[int]]:
+    """Experts in waves of at most ``cap``: within a wave every worker accumulates its partial
+    statistics of the wave's experts from its own tokens (routing taken once per batch), each
+    expert's sums are reduced to its owner, solved there and freed before the next wave, so no
+    worker holds more than ``cap`` experts' statistics. ``owners[e]`` is expert e's owner (e.g.
+    :func:`workers.schedule.assign_owners` over solve costs); each wave takes the owners' next
+    experts in turn, so its solves spread over the workers. Deterministic: every worker computes
+    the same waves from the same owners."""
+    if cap < 1:
+        raise MoeError(f"a wave must hold at least one expert, got {cap}")
+    queues: dict[int, list[int]] = {}
+    for e, r in enumerate(owners):
+        queues.setdefault(r, []).append(e)
+    order: list[int] = []
+    while any(queues.values()):
+        for r in sorted(queues):
+            if queues[r]:
+                order.append(queues[r].pop(0))
+    return [sorted(order[i : i + cap]) for i in range(0, len(order), cap)]
