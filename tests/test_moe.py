@@ -316,6 +316,7 @@ def test_deepseek_v3_block_structure_and_grouped_routing():
         linears
     )
     assert not any(name.startswith("mlp.experts") for name in linears)  # fused: no nn.Linear per expert
+    assert "mlp.gate" not in linears  # the router is a parameter of its own module: never quantized
     moe, hidden = _block_and_input("deepseek_v3", tokens=64)
     route = routing(moe, hidden)
     cfg = model.config
