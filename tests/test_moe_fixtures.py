@@ -14,6 +14,8 @@ from strata_quant.pipeline.moe import build_moe_block
 from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, N_EXPERTS, dense_twin, moe_config, smollm2_moe
 from strata_quant.workers.moe import DOWN, GATE_UP, ROUTED, ExpertStatistics, add_expert_statistics, token_counts
 
+pytestmark = pytest.mark.slow  # builds and runs the SmolLM2 MoE fixtures (minutes)
+
 # the checkpoint names of expert e's gate, up and down projections, per family, as its real checkpoints store them
 EXPERT_NAMES = {
     "smollm2-mixtral": (
