@@ -156,3 +156,17 @@ def expert_sources(meta_model: nn.Module, prefix: str) -> dict[str, tuple[str, i
             raise MoeError(f"{disk_name} spans more than one expert of {source}")
         out[disk_name] = (source, expert, start, start + flat.numel())
     return out
+
+
+def expert_linears(sources: dict[str, tuple[str, int, int, int]], solved: dict[tuple[str, int], object]) -> dict:
+    """Per-expert linears under the checkpoint's own names (``…experts.3.w1`` for Mixtral,
+    ``…experts.3.gate_proj`` for Qwen3-MoE / DeepSeek-V3), cut from the results solved per
+    fused matrix: ``solved[(param, e)]`` is expert e's result for parameter ``param`` (gate and
+    up stacked, one solve: rows are independent given the shared Hessian), and each checkpoint
+    tensor takes its rows of it (:func:`expert_sources`) through ``result.rows(start, end)``."""
+    out = {}
+    for disk_name, (param, expert, start, end) in sources.items():
+        if (param, expert) not in solved:
+            raise KeyError(f"no result for expert {expert} of {param} (needed by {disk_name})")
+        out[disk_name.removesuffix(".weight")] = solved[(param, expert)].rows(start, end)
+    return out

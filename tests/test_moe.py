@@ -14,6 +14,7 @@ from strata_quant.pipeline.moe import (
     check_block_names,
     check_checkpoint_experts,
     checkpoint_names,
+    expert_linears,
     expert_sources,
 )
 from strata_quant.workers.gptq import gptq_quantize, relative_output_error
@@ -359,3 +360,39 @@ def test_expert_waves_keep_to_the_cap_and_give_the_same_statistics():
     assert expert_statistics_bytes(7168, 2048) == 8 * (7168**2 + 2048**2)  # DeepSeek-V3: 445 MB an expert
     with pytest.raises(MoeError, match="holds no expert"):
         experts_per_wave(2**28, 7168, 2048)
+
+
+def test_expert_linears_split_one_solve_into_the_checkpoints_linears(saved):
+    """gate/up of an expert solved as one stacked matrix under its routed Hessian, then cut into
+    the checkpoint's per-expert linears: each equals GPTQ run on that linear alone, and down's
+    statistics follow the quantized gate/up (true-sequential inside the expert)."""
+    family, _folder, tensors, meta = saved
+    b = _moe_block(meta)
+    prefix = f"model.layers.{b}."
+    layer = build_moe_block(
+        meta, "model.layers", b, {k: v for k, v in tensors.items() if k.startswith(prefix)}, torch.float32
+    )
+    moe = layer.mlp
+    hidden = torch.randn(64, moe.experts.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(3))
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    stats = ExpertStatistics.empty(moe.experts)
+    decisions = expert_decisions(token_counts(routing(moe, hidden[None]).top_k_index, n_exp), 1, "all_tokens")
+    add_expert_statistics(moe, hidden[None], stats, decisions)
+    spec = QuantSpec(bits=4, group_size=16)
+    param = prefix + "mlp.experts.gate_up_proj"
+    solved = {
+        (param, e): gptq_quantize(moe.experts.gate_up_proj[e].detach(), stats.hessian(e, GATE_UP), spec)
+        for e in range(n_exp)
+    }
+    sources = {k: v for k, v in expert_sources(meta, prefix).items() if v[0] == param}
+    linears = expert_linears(sources, solved)
+    gate = prefix + {"mixtral": "block_sparse_moe.experts.1.w1"}.get(family, "mlp.experts.1.gate_proj")
+    alone = gptq_quantize(tensors[gate + ".weight"].float(), stats.hessian(1, GATE_UP), spec)
+    assert torch.equal(linears[gate].codes, alone.codes) and torch.equal(linears[gate].scales, alone.scales)
+    # down's input after gate/up are quantized: the statistics see the quantized intermediate
+    before = stats.accumulators[(1, DOWN)].sum.clone()
+    moe.experts.gate_up_proj.data[1] = solved[(param, 1)].dequantize()
+    again = ExpertStatistics.empty(moe.experts, which=[1])
+    add_expert_statistics(moe, hidden[None], again, decisions)
+    assert not torch.equal(again.accumulators[(1, DOWN)].sum, before)
+    assert torch.equal(again.accumulators[(1, GATE_UP)].sum, stats.accumulators[(1, GATE_UP)].sum)

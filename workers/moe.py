@@ -217,6 +217,10 @@ def add_expert_statistics(
     under the model's routing. ``all_tokens`` experts: every token of the batch, and a_t on every
     token (the expert's own forward run once more with all tokens routed to it, weight 1).
     ``rtn`` experts gather nothing. The counts |T_e| are added for every expert.
+
+    The down input is computed with the experts' parameters as they are: once an expert's
+    ``gate_up_proj[e]`` holds its quantized weights, a second pass gives down's statistics on
+    the quantized gate/up (GPTQ's true-sequential order inside the expert).
     """
     experts = moe.experts
     route = routing(moe, hidden) if route is None else route
