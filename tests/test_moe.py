@@ -396,3 +396,23 @@ def test_expert_linears_split_one_solve_into_the_checkpoints_linears(saved):
     add_expert_statistics(moe, hidden[None], again, decisions)
     assert not torch.equal(again.accumulators[(1, DOWN)].sum, before)
     assert torch.equal(again.accumulators[(1, GATE_UP)].sum, stats.accumulators[(1, GATE_UP)].sum)
+
+
+def test_expert_statistics_of_batches_split_across_workers_add_up_bit_for_bit():
+    """W=2 gives each worker whole batches; their per-expert sums reduced (added) equal one
+    worker's sums over all batches, bit for bit (the routing of a token does not depend on the
+    batch it is in: no capacity limit), so the experts' solves are the same at W=1 and W=2."""
+    moe, hidden = _block_and_input("qwen3_moe", tokens=64)
+    batches = list(hidden.reshape(4, 16, -1).split(1, dim=0))  # four batches of 16 tokens
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    decisions = [ROUTED] * n_exp
+    one = ExpertStatistics.empty(moe.experts)
+    for batch in batches:
+        add_expert_statistics(moe, batch, one, decisions)
+    shards = [ExpertStatistics.empty(moe.experts) for _ in range(2)]  # worker r takes batches r, r + 2
+    for i, batch in enumerate(batches):
+        add_expert_statistics(moe, batch, shards[i % 2], decisions)
+    assert torch.equal(shards[0].counts + shards[1].counts, one.counts)
+    for key, acc in one.accumulators.items():
+        reduced = shards[0].accumulators[key].sum + shards[1].accumulators[key].sum
+        assert torch.equal(reduced, acc.sum), key
