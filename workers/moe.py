@@ -231,7 +231,13 @@ def add_expert_statistics(
         if e in held and decisions[e] == want:
             stats.accumulators[(e, which)].add(x)
 
-    expert_inputs(experts, route.hidden, route.top_k_index, route.top_k_weights, lambda e, w, x: add(e, w, x, ROUTED))
+    index = route.top_k_index
+    if len(held) < num_experts(experts):
+        # experts not held skip their products: the experts' forward passes over index E (the
+        # slot transformers gives experts that live elsewhere), so a wave costs its own experts
+        others = torch.tensor(sorted(set(range(num_experts(experts))) - held), device=index.device)
+        index = index.masked_fill(torch.isin(index, others), num_experts(experts))
+    expert_inputs(experts, route.hidden, index, route.top_k_weights, lambda e, w, x: add(e, w, x, ROUTED))
     everyone = [e for e in sorted(held) if decisions[e] == ALL_TOKENS]
     n = route.hidden.shape[0]
     for e in everyone:
