@@ -1,4 +1,6 @@
-"""strata command line: fixtures, run, demo, verify, eval, report, compare, config-reference."""
+"""strata command line: fixtures, check, run, demo, verify, eval, report, compare, config-reference.
+
+Every error reaches the user as one line on stderr and exit status 2 (``-v`` adds the traceback)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+            from strata_quant.pipeline.config import ConfigError
+
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
         out[key] = yaml.safe_load(value)
     return out
@@ -64,6 +68,19 @@ def cmd_run(args) -> int:
     from strata_quant.pipeline.config import load_config
 
     return _run_and_print(load_config(args.config, _job_overrides(args)), args.quiet)
+
+
+def cmd_check(args) -> int:
+    from strata_quant.pipeline.config import load_config
+    from strata_quant.pipeline.preflight import check_job
+
+    pf = check_job(load_config(args.config, _job_overrides(args)))
+    for line in pf.passed:
+        print(f"ok    {line}")
+    for line in pf.notes:
+        print(f"note  {line}")
+    print(f"strata check: {args.config} can run (no Ray started, no weights read)")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -174,7 +191,9 @@ def cmd_report(args) -> int:
     store = store or open_store(report["store"])
     records = read_records(store, report["run_id"])
     if not records:
-        raise SystemExit(f"strata: error: no block records for run {report['run_id']!r} in {store}")
+        from strata_quant.pipeline.config import ConfigError
+
+        raise ConfigError(f"no block records for run {report['run_id']!r} in {store}")
     files = build_report(report, records, Path(args.out) if args.out else Path(args.report).with_suffix(""))
     for kind, path in files.items():
         print(f"{kind:12s} {path}")
@@ -187,17 +206,14 @@ def cmd_plan(args) -> int:
 
     config, entries = probe_entries(open_store(args.store), args.run_id)
     candidates = [int(b) for b in args.candidates.split(",")] if args.candidates else None
-    try:
-        plan = plan_bits(
-            entries,
-            base_bits=int(config["quant"]["bits"]),
-            target_bpw=args.target_bpw,
-            match_bits=args.match_bits,
-            match_group=args.match_group,
-            candidates=candidates,
-        )
-    except ValueError as err:
-        raise SystemExit(f"strata: error: {err}") from None
+    plan = plan_bits(
+        entries,
+        base_bits=int(config["quant"]["bits"]),
+        target_bpw=args.target_bpw,
+        match_bits=args.match_bits,
+        match_group=args.match_group,
+        candidates=candidates,
+    )  # a ValueError (no plan meets the budget) reaches main as one line
     print(plan.summary())
     print(write_planned_config(config, plan, Path(args.out), name=args.name))
     return 0
@@ -271,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="run every check a job makes before block 0 (no Ray, no weights read)")
+    p.add_argument("config")
+    p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--overwrite", action="store_true", help="existing artifacts would be replaced")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("resume", help="continue a run from its record (config from its run.json)")
     p.add_argument("run_id")
@@ -357,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     from strata_quant.pipeline.store import install_redaction
 
     install_redaction()  # no credential or endpoint userinfo in any log line, whichever logger wrote it
-    for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer"):
+    for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from strata_quant.pipeline.assemble import AssembleError
@@ -385,8 +409,21 @@ def main(argv: list[str] | None = None) -> int:
         RunError,
         EvalError,
     ) as err:
-        print(f"strata: error: {err}", file=sys.stderr)
+        print(f"strata: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # anything else the pipeline raises: one line, the traceback with -v
+        cause = getattr(err, "cause", None)  # a Ray task's error: the error the task raised
+        shown = cause if isinstance(cause, Exception) else err
+        logging.getLogger("strata").debug("traceback", exc_info=True)
+        print(f"strata: error: {type(shown).__name__}: {one_line(shown)}", file=sys.stderr)
+        return 2
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(err).__name__
+    return text.replace(":;", ":")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from strata_quant.pipeline.assemble import (
-    AssembleError,
     ResultSource,
     assemble_awq,
     assemble_compressed_tensors,
@@ -64,13 +63,14 @@ def size_of(path: Path) -> int:
 
 def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     """Run, assemble, verify and evaluate; returns the report (also written as JSON)."""
+    from strata_quant.pipeline.preflight import check_job
+
     t0 = time.perf_counter()
     paths = artifact_paths(cfg)
-    for path in paths.values():  # fail before hours of work, not after
-        if path.exists() and not cfg.output.overwrite:
-            raise AssembleError(f"output {path} exists; pass --overwrite (output.overwrite: true) to replace it")
-
-    outcome = run_job(cfg, progress=progress)
+    pf = check_job(cfg)  # every refusal before hours of work, not after (as `strata check`)
+    for note in pf.notes:
+        log.warning("%s", note)
+    outcome = run_job(cfg, progress=progress, prepared=(pf.reader, pf.token_ids, pf.tokenizer))
     # linears kept in 16-bit (modules_to_not_convert / outliers) are published as the checkpoint's floats
     results = quantized_only(outcome.store, outcome.records)
     timings = {"quantize_s": outcome.wall_s}

@@ -433,8 +433,11 @@ def load_tokenizer(model_path, name: str | None = None):
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
+    from strata_quant.pipeline.preflight import check_head_dim
+
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     check_against_model(cfg, reader.config)
+    check_head_dim(reader.config)  # before transformers builds the layer class from it
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
     c = cfg.calibration
@@ -455,6 +458,23 @@ _INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
 
 class _WorkerLost(Exception):
     """Internal: Ray reports a worker of the group dead (its process, or its node)."""
+
+
+def check_store_seen(
+    store, location: str, prefix: str, actors: list, nodes: dict[str, str], timeout_s: float, limit: str
+) -> None:
+    """Every worker reads what the driver just wrote to the store, before block 0: a local folder
+    that is not shared by every node (each worker's results on its own disk) is refused here."""
+    nonce = os.urandom(8).hex()
+    key = f"{prefix}/store-probe.json"
+    store.put_json(key, {"nonce": nonce})
+    seen = _collect([a.store_sees.remote(key, nonce) for a in actors], timeout_s, "the store check", limit)
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise ConfigError(
+            f"run.store {location}: worker(s) {blind} (node {nodes.get(str(blind[0]), '?')}) do not see what the "
+            "driver writes there; a local folder must be shared by every node (or use an s3:// store)"
+        )
 
 
 def _collect(refs: list, timeout_s: float, what: str, limit: str = "run.block_timeout_s") -> list:
@@ -587,7 +607,9 @@ def _remove_placement_group(pg) -> None:
         log.debug("could not remove the placement group: %s", err)
 
 
-def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlockWorker) -> RunOutcome:
+def run_job(
+    cfg: JobConfig, progress: bool = True, worker_class: type = RayBlockWorker, prepared: tuple | None = None
+) -> RunOutcome:
     """Quantize every block of the model on Ray workers and record the results in the store.
 
     A lost worker (Ray reports its process or its node dead) breaks the whole collective group:
@@ -597,6 +619,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
     Any other worker failure, and a block (or the workers' setup) taking longer than
     ``run.block_timeout_s``, stops the run with a RunError; finished blocks are kept.
     ``worker_class``: the actor class (a subclass of RayBlockWorker; tests inject faults so).
+    ``prepared``: :func:`prepare`'s result when the caller has it already (pipeline.preflight).
     """
     import ray
     from tqdm import tqdm
@@ -604,7 +627,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
     t_start = time.perf_counter()
     store = open_store(cfg.run.store)
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
-    reader, token_ids, tokenizer = prepare(cfg)
+    reader, token_ids, tokenizer = prepared or prepare(cfg)
     prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
@@ -805,6 +828,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
                         [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], setup, "worker setup", setup_limit
                     )
                     _collect([a.init_group.remote(address, port) for a in actors], setup, "worker setup", setup_limit)
+                check_store_seen(store, cfg.run.store, prefix, actors, nodes, setup, setup_limit)
                 _collect(
                     [a.load_samples.remote(shard) for a, shard in zip(actors, shards)],
                     setup,

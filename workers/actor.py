@@ -1261,6 +1261,14 @@ class BlockWorker:
                 floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]].to(self.device)
         return weights, floats
 
+    def store_sees(self, key: str, nonce: str) -> bool:
+        """Whether this worker reads ``nonce`` in the store's JSON object ``key`` (the driver's
+        probe that the store is the same one from every node)."""
+        try:
+            return self.store.get_json(key).get("nonce") == nonce
+        except Exception:  # missing, unreadable or not JSON here: not the driver's store
+            return False
+
     def shutdown(self) -> None:
         self._uploads.close()
         if self.group_ready:

@@ -1,0 +1,300 @@
+"""Everything that can refuse a job, checked before any worker starts (``strata check CONFIG``).
+
+Reads config.json, the safetensors headers, the tokenizer and the calibration text; starts no
+Ray and reads no weights. Each format's requirements are checked by the format's own code run
+on stand-ins of the model's linears (zero-stride tensors of the real shapes: no memory), the
+GGUF metadata by gguf.py's own builders on a writer that writes nothing, and the GGUF tokenizer
+by llama.cpp itself on a vocabulary-only file. ``run_full_job`` runs the same checks first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig
+from strata_quant.workers.methods import matches_module, spec_with_overrides
+from strata_quant.workers.result import QuantizedLinear, QuantSpec
+
+# what pre-tokenizers split differently: digit runs, contractions,
+# punctuation, non-ASCII letters, runs of spaces, tabs and newlines
+TOKENIZER_PROBE = (
+    " In 1815, 12345 people paid £3.50 each: naïve café owners' “quotes” (isn't it?)\n\n\tindented   spaces 日本語"
+)
+
+
+@dataclass
+class Preflight:
+    """What the checks found: the prepared inputs (handed on to the run) and one line per check."""
+
+    reader: object
+    token_ids: torch.Tensor
+    tokenizer: object
+    passed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
+    """Run every plan-time check of ``cfg``; the first failure raises (ConfigError, CheckpointError,
+    CalibrationError or StoreError) with a message that names the problem."""
+    from strata_quant.pipeline.run import check_checkpoint, prepare
+
+    reader, token_ids, tokenizer = prepare(cfg)  # checkpoint headers and blocks, config vs model, calibration
+    pf = Preflight(reader, token_ids, tokenizer)
+    layers_path = check_checkpoint(reader)
+    pf.passed.append(
+        f"checkpoint: {reader.num_layers} blocks under {layers_path}, {reader.num_params() / 1e9:.2f} B parameters"
+    )
+    pf.passed.append(f"calibration: {token_ids.shape[0]} samples × {token_ids.shape[1]} tokens")
+    head_dim = check_head_dim(reader.config)  # (prepare checked it before building the layer class)
+    check_shapes(reader)
+    pf.passed.append(f"shapes: every tensor as config.json gives it (head_dim {head_dim})")
+    shapes = linear_shapes(cfg, reader, layers_path)
+    for fmt in cfg.output.formats:
+        check_format(fmt, cfg, shapes)
+    if "gguf" in cfg.output.formats:
+        pf.passed.append(check_gguf(cfg, reader, tokenizer, pf.notes))
+    if cfg.output.formats:
+        pf.passed.append(f"formats: {', '.join(cfg.output.formats)} hold all {len(shapes)} linear shape(s)")
+    check_store(cfg, pf)
+    if cfg.eval is not None:
+        check_eval(cfg, tokenizer)
+        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {cfg.eval.text}")
+    if outputs:
+        check_outputs(cfg)
+    return pf
+
+
+def check_head_dim(config: dict) -> int:
+    """The attention head width: head_dim (or hidden / heads) must be even (rotary halves) and the
+    heads must split the KV heads evenly."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if head_dim <= 0 or head_dim % 2:
+        raise ConfigError(f"head_dim {head_dim} of this model is not a positive even number (rotary halves)")
+    if heads % kv:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if config.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim")
+    return head_dim
+
+
+def check_shapes(reader) -> None:
+    """Every checkpoint tensor has the shape the model's own class, built from config.json on the
+    meta device, gives it (a wrong head_dim, width or vocabulary in config.json shows here)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = dict(reader.config)
+    model_type = config_dict.pop("model_type", None)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config_dict))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"transformers cannot build model_type {model_type!r} from config.json: {err}") from None
+    want = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    bad = [(n, tuple(reader.shape(n)), want[n]) for n in reader.tensor_names if n in want]
+    bad = [b for b in bad if b[1] != b[2]]
+    if bad:
+        name, have, expected = bad[0]
+        raise ConfigError(
+            f"{len(bad)} checkpoint tensor(s) differ from the shapes config.json implies, e.g. {name}: {have} in the "
+            f"shards, {expected} from config.json (check head_dim, the head counts and the widths)"
+        )
+
+
+def linear_shapes(cfg: JobConfig, reader, layers_path: str) -> dict[tuple[int, int, QuantSpec], str]:
+    """(out, in, grid) of every linear the run quantizes → the first linear of that shape."""
+    from strata_quant.pipeline.plan import bits_spec_overrides
+
+    base = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
+    overrides = bits_spec_overrides(cfg.quant.bits_overrides)
+    out: dict[tuple[int, int, QuantSpec], str] = {}
+    for b in range(reader.num_layers):
+        for name in reader.block_names(b, layers_path):
+            module, _, leaf = name.rpartition(".")
+            shape = reader.shape(name)
+            if leaf != "weight" or len(shape) != 2 or matches_module(module, cfg.quant.modules_to_not_convert):
+                continue
+            try:
+                spec = spec_with_overrides(base, module, overrides)
+            except ValueError as err:
+                raise ConfigError(f"quant.bits_overrides for {module}: {err}") from None
+            out.setdefault((int(shape[0]), int(shape[1]), spec), module)
+    if not out:
+        raise ConfigError("the model has no linear inside its decoder blocks to quantize")
+    return out
+
+
+def stand_in(n_rows: int, n_cols: int, spec: QuantSpec, cfg: JobConfig) -> QuantizedLinear:
+    """A result of the real shape and grid whose tensors are zero-stride views (no memory), with
+    the g_idx layout the solver will produce (act-order without static groups: out of order)."""
+    n_groups = spec.num_groups(n_cols)
+    g_idx = torch.arange(n_cols, dtype=torch.int32) // spec.group_len(n_cols)
+    if cfg.quant.act_order and not cfg.quant.static_groups and n_groups > 1:
+        g_idx = g_idx.flip(0)
+    zero = spec.sym_zero if spec.sym else 0
+    return QuantizedLinear(
+        spec=spec,
+        codes=torch.zeros((), dtype=torch.uint8).expand(n_rows, n_cols),
+        scales=torch.ones((), dtype=torch.float16).expand(n_rows, n_groups),
+        zeros=torch.full((), zero, dtype=torch.uint8).expand(n_rows, n_groups),
+        g_idx=g_idx,
+        method=cfg.quant.method,
+    )
+
+
+def check_format(fmt: str, cfg: JobConfig, shapes: dict[tuple[int, int, QuantSpec], str]) -> None:
+    """Each linear shape through ``fmt``'s own storability rules; ConfigError naming the linear."""
+    from strata_quant.pipeline.formats import awq as awq_format
+    from strata_quant.pipeline.formats import compressed_tensors as ct_format
+    from strata_quant.pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats import gptq as gptq_format
+
+    if cfg.quant.method in TOOLBOX_FORMATS:  # NF4 / FP8 results: checked by config.check_against_model
+        return
+    for (n_rows, n_cols, spec), linear in shapes.items():
+        result = stand_in(n_rows, n_cols, spec, cfg)
+        try:
+            if fmt == "gptq":  # qweight packs the inputs, qzeros the outputs, into int32 words
+                gptq_format.pack_bits(np.zeros((n_cols, 1), np.uint8), spec.bits)
+                gptq_format.pack_bits(np.zeros((n_rows, 1), np.uint8), spec.bits)
+            elif fmt == "awq":
+                awq_format.check_storable(result)
+            elif fmt == "compressed-tensors":
+                ct_format.check_storable(result)
+            elif fmt == "gguf":
+                gtype, carry = gguf_format.resolve_type(cfg.output.gguf_type, spec.bits, spec.sym)
+                if carry != "requantized":  # the solver's blocks are written as they are: one row shows the layout
+                    gguf_format.encode(result.rows(0, 1), gtype)
+                elif n_cols % gguf_format.QK:
+                    raise ValueError(f"in_features {n_cols} is not a multiple of ggml's block of {gguf_format.QK}")
+        except ValueError as err:
+            raise ConfigError(f"{fmt} output cannot hold {linear} ({n_rows}×{n_cols}, {spec}): {err}") from None
+
+
+def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
+    """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders)."""
+    from gguf import GGUFWriter
+
+    from strata_quant.pipeline.formats import gguf as gguf_format
+
+    writer = GGUFWriter(path, gguf_format.ARCH)
+    target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
+    file_type = gguf_format.FILE_TYPES.get(target, 2)
+    gguf_format.add_llama_metadata(writer, reader.config, name=cfg.name, file_type=file_type)
+    meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
+    gguf_format.add_tokenizer_metadata(writer, meta, pre=cfg.output.gguf_tokenizer_pre)
+    return writer
+
+
+def check_gguf(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
+    """GGUF: every tensor has a GGUF name, the metadata builds (rope scaling, tokenizer model),
+    the attention width is one llama.cpp reads, and llama.cpp loads the vocabulary with
+    ``output.gguf_tokenizer_pre`` and tokenizes as the model's tokenizer does."""
+    from strata_quant.pipeline.formats import gguf as gguf_format
+
+    unnamed = [n for n in reader.tensor_names if gguf_format.hf_to_gguf_name(n) is None]
+    if unnamed:
+        raise ConfigError(f"gguf output: no GGUF name for tensor(s) {unnamed[:3]} (a Llama-layout model is needed)")
+    try:
+        writer = _dry_writer(cfg, reader)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"gguf output: {err}") from None
+    keys = set(writer.kv_data[0])
+    config = reader.config
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if head_dim * heads != hidden and f"{gguf_format.ARCH}.attention.key_length" not in keys:
+        raise ConfigError(
+            f"gguf output: head_dim {head_dim} × {heads} heads ≠ hidden_size {hidden}, and the GGUF metadata has no "
+            "attention.key_length: llama.cpp would assume head_dim hidden/heads"
+        )
+    return "gguf: metadata builds (" + _check_llamacpp_vocab(cfg, reader, tokenizer, notes) + ")"
+
+
+def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
+    """llama.cpp loads a vocabulary-only GGUF with this job's tokenizer metadata and splits the
+    verification prompt into the ids the model's tokenizer gives (verify's rule, checked before
+    the run); a different split of :data:`TOKENIZER_PROBE` is noted."""
+    import importlib.util
+
+    from strata_quant.pipeline.verify import LLAMACPP_PROMPT
+
+    pre = cfg.output.gguf_tokenizer_pre
+    if importlib.util.find_spec("llama_cpp") is None:
+        notes.append(f"tokenizer pre-type {pre!r} not checked in llama.cpp: llama-cpp-python is not installed")
+        return f"tokenizer pre-type {pre!r} unchecked"
+    from llama_cpp import Llama
+
+    with tempfile.TemporaryDirectory(prefix="strata-vocab-") as tmp:
+        path = os.path.join(tmp, "vocab.gguf")
+        writer = _dry_writer(cfg, reader, path)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        try:
+            llm = Llama(model_path=path, vocab_only=True, verbose=False)
+        except Exception as err:  # llama.cpp refuses an unknown pre-type or a broken vocabulary
+            raise ConfigError(
+                f"gguf output: llama.cpp does not load the vocabulary with output.gguf_tokenizer_pre {pre!r} "
+                f"({str(err).splitlines()[0][:160]}); name a pre-type llama.cpp knows for this tokenizer"
+            ) from None
+        try:
+            split = {
+                text: llm.tokenize(text.encode(), add_bos=False, special=False)
+                for text in (LLAMACPP_PROMPT, TOKENIZER_PROBE)
+            }
+        finally:
+            llm.close() if hasattr(llm, "close") else None
+    differs = [t for t, ids in split.items() if list(ids) != tokenizer.encode(t, add_special_tokens=False)]
+    if LLAMACPP_PROMPT in differs:
+        raise ConfigError(
+            f"gguf output: with output.gguf_tokenizer_pre {pre!r} llama.cpp splits the verification prompt "
+            "differently from the model's tokenizer; pick the pre-type llama.cpp's converter uses for this tokenizer"
+        )
+    if differs:
+        notes.append(
+            f"with gguf_tokenizer_pre {pre!r} llama.cpp splits digits / punctuation / spacing differently from the "
+            "model's tokenizer (a probe text); the GGUF would tokenize some prompts differently"
+        )
+    return (
+        f"llama.cpp loads the vocabulary with pre-type {pre!r} and tokenizes the verification prompt as the model does"
+    )
+
+
+def check_store(cfg: JobConfig, pf: Preflight) -> None:
+    """The store answers (credentials, bucket); a local folder with workers on a Ray cluster is
+    probed from every worker when they start (run_job), noted here."""
+    from strata_quant.pipeline.checkpoint import is_s3
+    from strata_quant.pipeline.store import open_store
+
+    store = open_store(cfg.run.store)
+    store.exists("runs/strata-probe")
+    pf.passed.append(f"store: {cfg.run.store} answers")
+    if not is_s3(cfg.run.store) and os.environ.get("RAY_ADDRESS"):
+        pf.notes.append(
+            f"run.store {cfg.run.store} is a local folder and RAY_ADDRESS names a cluster: when the workers start, "
+            "each checks it sees the driver's folder (a folder not shared by every node is refused before block 0)"
+        )
+
+
+def check_eval(cfg: JobConfig, tokenizer) -> None:
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+
+    eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+
+
+def check_outputs(cfg: JobConfig) -> None:
+    from strata_quant.pipeline.assemble import AssembleError
+    from strata_quant.pipeline.job import artifact_paths
+
+    for path in artifact_paths(cfg).values():
+        if Path(path).exists() and not cfg.output.overwrite:
+            raise AssembleError(f"output {path} exists; pass --overwrite (output.overwrite: true) to replace it")
