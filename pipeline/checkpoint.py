@@ -340,6 +340,18 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {name!r} is not in the checkpoint")
         return self.tensor_info[name][1]
 
+    def load_rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of tensor ``name`` (along its first dimension), reading only their bytes."""
+        dtype, shape = self.tensor_info[name]
+        torch_dtype = TORCH_DTYPES.get(dtype)
+        if torch_dtype is None:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}, which torch cannot load")
+        row = math.prod(shape[1:]) * torch_dtype.itemsize
+        buf = torch.empty((end - start) * row, dtype=torch.uint8)
+        self._read_into(self.weight_map[name], self.spans[name][0] + start * row, memoryview(buf.numpy()))
+        self.bytes_read += buf.numel()
+        return buf.view(torch_dtype).reshape(end - start, *shape[1:])
+
     def num_params(self) -> int:
         """Parameters in the checkpoint, from the header table."""
         return sum(math.prod(shape) for _, shape in self.tensor_info.values())

@@ -114,7 +114,10 @@ def cmd_verify(args) -> int:
     path = Path(args.artifact)
     model = None
     if path.suffix == ".gguf":
-        summary, model = verify_gguf(path, reader, results, llamacpp=args.llamacpp)
+        from strata_quant.pipeline.assemble import parse_size
+
+        limit = parse_size(args.whole_model_limit or cfg.output.whole_model_check_limit)
+        summary, model = verify_gguf(path, reader, results, llamacpp=args.llamacpp, whole_model_limit=limit)
     else:
         import json
 
@@ -311,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--store", default="runs")
     p.add_argument("--llamacpp", action="store_true", help="also load a GGUF in llama.cpp and compare logits")
+    p.add_argument(
+        "--whole-model-limit",
+        metavar="SIZE",
+        help="fp32 size up to which a GGUF is also loaded whole in transformers / llama.cpp "
+        "(default: the run's output.whole_model_check_limit)",
+    )
     p.add_argument(
         "--max-ppl-increase",
         type=float,

@@ -199,6 +199,11 @@ class OutputConfig(_Strict):
     gguf_embedding_type: Literal["auto", "F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] = Field(
         "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
     )
+    whole_model_check_limit: str = Field(
+        "8GB",
+        description="fp32 model size up to which verify also loads the whole GGUF in transformers and llama.cpp; "
+        "larger models are verified tensor by tensor with gguf-py only",
+    )
     max_ppl_increase: float | None = Field(
         None, description="release gate: fail the job when perplexity rises more than this fraction (0.05 = 5%)"
     )

@@ -13,6 +13,7 @@ from strata_quant.pipeline.assemble import (
     assemble_compressed_tensors,
     assemble_gguf,
     assemble_gptq,
+    parse_size,
 )
 from strata_quant.pipeline.assemble_toolbox import assemble_toolbox, method_label, quantized_only
 from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
@@ -123,7 +124,13 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         if fmt in paths:
             checks.append(verifier(paths[fmt], outcome.reader, results))
     if "gguf" in paths:
-        summary, gguf_model = verify_gguf(paths["gguf"], outcome.reader, results, llamacpp=llamacpp_available())
+        summary, gguf_model = verify_gguf(
+            paths["gguf"],
+            outcome.reader,
+            results,
+            llamacpp=llamacpp_available(),
+            whole_model_limit=parse_size(cfg.output.whole_model_check_limit),
+        )
         checks.append(summary)
     timings["verify_s"] = time.perf_counter() - t
 

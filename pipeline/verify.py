@@ -223,6 +223,106 @@ def _merge_errors(parts: list[dict]) -> dict:
     }
 
 
+#: fp32 bytes of a model up to which verify_gguf also loads the whole file in transformers (and
+#: llama.cpp) and compares it with gguf-py's reading (``output.whole_model_check_limit``)
+WHOLE_MODEL_CHECK_LIMIT = 8 * 10**9
+#: float32 bytes of one slice of rows compared at a time
+ROWS_BYTES = 64 << 20
+
+
+class GGUFTensors:
+    """A GGUF file's tensors by HF name, read a slice of rows at a time with gguf-py's dequantizer
+    (no memory map is kept: each slice is read with pread, so the resident set stays one slice).
+    Q/K rows come back in HF order (the inverse of gguf.permute_qk_rows, per whole head)."""
+
+    def __init__(self, path: Path, config: dict):
+        from gguf import GGUFReader
+
+        from strata_quant.pipeline.formats import gguf as gguf_format
+
+        self.path = path
+        self.by_gguf_name = {
+            t.name: (
+                t.tensor_type,
+                tuple(int(d) for d in reversed(t.shape.tolist())),
+                int(t.data_offset),
+                int(t.n_bytes),
+            )
+            for t in GGUFReader(path).tensors
+        }
+        self.hf_to_gguf = gguf_format.hf_to_gguf_name
+        n_head = int(config["num_attention_heads"])
+        self.heads = {"q_proj.weight": n_head, "k_proj.weight": int(config.get("num_key_value_heads") or n_head)}
+
+    def type_name(self, name: str) -> str:
+        entry = self.by_gguf_name.get(self.hf_to_gguf(name) or "")
+        return entry[0].name if entry else "?"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        gname = self.hf_to_gguf(name)
+        if gname not in self.by_gguf_name:
+            raise VerifyError(f"{self.path.name}: tensor {name} ({gname}) is missing")
+        return self.by_gguf_name[gname][1]
+
+    def row_slices(self, name: str) -> list[tuple[int, int]]:
+        """[start, end) row ranges of about ROWS_BYTES in fp32, whole heads for Q/K."""
+        shape = self.shape(name)
+        rows, width = (shape[0], math.prod(shape[1:])) if len(shape) > 1 else (1, shape[0])
+        heads = self._heads(name)
+        unit = rows // heads if heads else 1
+        step = max(unit, ROWS_BYTES // (4 * width) // unit * unit)
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    def _heads(self, name: str) -> int | None:
+        return next((n for leaf, n in self.heads.items() if name.endswith(leaf)), None)
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        """float32 rows [start, end) of HF tensor ``name`` (a 1-D tensor whole)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        qtype, shape, offset, n_bytes = self.by_gguf_name[self.hf_to_gguf(name)]
+        if len(shape) == 1:
+            start, end, rows, width = 0, 1, 1, shape[0]
+        else:
+            rows, width = shape[0], math.prod(shape[1:])
+        row_bytes = n_bytes // rows
+        buf = np.empty((end - start) * row_bytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(offset + start * row_bytes)
+            if f.readinto(memoryview(buf)) != buf.nbytes:
+                raise VerifyError(f"{self.path.name}: {name} is truncated")
+        if qtype == GGMLQuantizationType.F32:
+            data = buf.view(np.float32)
+        elif qtype == GGMLQuantizationType.F16:
+            data = buf.view(np.float16).astype(np.float32)
+        elif qtype == GGMLQuantizationType.BF16:
+            data = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif qtype in GGML_QUANT_SIZES:
+            data = dequantize(buf.reshape(end - start, row_bytes), qtype)
+        else:
+            raise VerifyError(f"{self.path.name}: {name} has ggml type {qtype.name}, which gguf-py cannot read")
+        out = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(end - start, width)
+        heads = self._heads(name)
+        if heads:  # undo the interleaving of each head's rotary halves (whole heads per slice)
+            head_dim = rows // heads
+            out = out.reshape(-1, head_dim // 2, 2, width).transpose(1, 2).reshape(end - start, width)
+        return out.reshape(shape) if len(shape) == 1 else out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self.rows(name, 0, shape[0]).reshape(shape)
+
+
+def _add_errors(total: dict | None, part: dict) -> dict:
+    if total is None:
+        return dict(part)
+    return {
+        "max_abs": max(total["max_abs"], part["max_abs"]),
+        **{k: total[k] + part[k] for k in ("sum_abs", "sq_err", "sq_ref", "n")},
+    }
+
+
 def verify_gguf(
     path: Path,
     reader: CheckpointReader,
@@ -230,50 +330,55 @@ def verify_gguf(
     *,
     llamacpp: bool = False,
     prompt: str = LLAMACPP_PROMPT,
+    whole_model_limit: int = WHOLE_MODEL_CHECK_LIMIT,
 ):
-    """Load the GGUF with transformers (gguf-py's dequantizer) and compare every weight with the run record.
+    """Read the GGUF tensor by tensor with gguf-py (a slice of rows at a time) and compare every weight
+    with the run record and the checkpoint.
 
     Files that carry the solver's result exactly (``strata.carry`` "exact", or no strata keys) must give the
     solver's dequantized weights bit for bit. Q4_1 ("nearly": fp16 offsets) and re-quantized files
     (``strata.requantized``) are measured instead: max / mean |Δ| and relative RMS error against the solver's
     weights, bounded so that a broken layout fails (Q4_1: the fp16 rounding of −scale·z; re-quantized:
     relative RMS < 0.5). Other tensors must equal the checkpoint's unless ``strata.embedding_type`` quantized
-    them. With ``llamacpp``, the file is also loaded with llama.cpp and its logits on ``prompt`` compared with
-    transformers' (see :func:`compare_logits`). Returns the summary and the transformers model.
-    """
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
+    them. Memory: one slice of rows (and one stored result) at a time, whatever the model's size.
 
+    Models whose fp32 size is at most ``whole_model_limit`` are also loaded whole by transformers, which must
+    give the very tensors gguf-py gave; with ``llamacpp`` the file is then loaded in llama.cpp too and its
+    logits on ``prompt`` compared with transformers' (:func:`compare_logits`). Larger models skip both whole-
+    model loads (the summary says so). Returns the summary and the transformers model (or None).
+    """
     from strata_quant.pipeline.formats import gguf as gguf_format
 
     check_every_linear(reader, results)
     meta = gguf_format.read_metadata(path)
     carry = meta.get("strata.carry", "exact")
     types: dict[str, int] = {}
-    gguf_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    state = model.state_dict()
+    gguf = GGUFTensors(path, reader.config)
     linears = exact = others = 0
     errors: list[dict] = []
     quantized_other: dict[str, dict] = {}
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
-        if name not in state:
-            raise VerifyError(f"{path.name}: transformers did not load {name}")
+        if tuple(gguf.shape(name)) != tuple(reader.shape(name)):
+            raise VerifyError(f"{path.name}: {name} has shape {gguf.shape(name)}, the checkpoint {reader.shape(name)}")
+        gtype = gguf.type_name(name)
         if linear in results and leaf == "weight":
             result = results.get(linear)
-            want = result.dequantize()
-            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
             types[gtype] = types.get(gtype, 0) + 1
             linears += 1
-            if torch.equal(state[name], want):
+            err, equal = None, True
+            for start, end in gguf.row_slices(name):
+                got, want = gguf.rows(name, start, end), result.rows(start, end).dequantize()
+                same = torch.equal(got, want)
+                if not same and carry == "exact":
+                    diff = (got - want).abs().max()
+                    raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
+                equal &= same
+                err = _add_errors(err, _weight_error(got, want))
+            errors.append(err)
+            if equal:
                 exact += 1
-                errors.append(_weight_error(state[name], want))
                 continue
-            if carry == "exact":
-                diff = (state[name] - want).abs().max()
-                raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
-            err = _weight_error(state[name], want)
             if carry == "nearly":
                 offset = (result.scales.float() * result.zeros.float()).abs().max()
                 bound = 2.0**-10 * float(offset) + 1e-6
@@ -281,16 +386,24 @@ def verify_gguf(
                     raise VerifyError(f"{path.name}: {name} is off by {err['max_abs']:g} (> {bound:g}) in Q4_1")
             elif math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30)) > 0.5:
                 raise VerifyError(f"{path.name}: {name} re-quantized is far from the solver's result: {err}")
-            errors.append(err)
         else:
-            want = results.float_tensor(reader, name)
-            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
-            if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
-                want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
-                if not torch.equal(state[name], want):
-                    raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
-            else:  # embeddings / output quantized on request (output.gguf_embedding_type)
-                err = _weight_error(state[name], want.float())
+            folded = name in results.floats  # AWQ's folded norms / biases: small, read whole
+            err = None
+            for start, end in gguf.row_slices(name):
+                got = gguf.rows(name, start, end)
+                if folded:
+                    want = results.float_tensor(reader, name)
+                elif len(reader.shape(name)) == 1:
+                    want = reader.load([name])[name]
+                else:
+                    want = reader.load_rows(name, start, end)
+                if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
+                    want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
+                    if not torch.equal(got, want.reshape(got.shape)):
+                        raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
+                else:  # embeddings / output quantized on request (output.gguf_embedding_type)
+                    err = _add_errors(err, _weight_error(got, want.float().reshape(got.shape)))
+            if err is not None:
                 rel = math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30))
                 if rel > 0.5:
                     raise VerifyError(f"{path.name}: {name} ({gtype}) is far from the checkpoint: rel RMS {rel:.3f}")
@@ -298,7 +411,7 @@ def verify_gguf(
             others += 1
     summary = {
         "format": "gguf",
-        "reader": "transformers (gguf-py)",
+        "reader": "gguf-py",
         "gguf_type": meta.get("strata.target_type"),
         "carry": carry,
         "requantized": bool(meta.get("strata.requantized", False)),
@@ -312,10 +425,34 @@ def verify_gguf(
         summary["weight_error"] = _merge_errors(errors)
     if quantized_other:
         summary["quantized_other_tensors"] = quantized_other
-    if llamacpp:
-        summary["llamacpp"] = check_llamacpp(path, model, reader.path, prompt)
-        summary["reader"] += " + llama.cpp"
+    model = None
+    fp32_bytes = reader.num_params() * 4
+    if fp32_bytes <= whole_model_limit:
+        model = _transformers_cross_check(path, reader, gguf)
+        summary["reader"] += " + transformers"
+        if llamacpp:
+            summary["llamacpp"] = check_llamacpp(path, model, reader.path, prompt)
+            summary["reader"] += " + llama.cpp"
+    else:
+        summary["whole_model_checks"] = (
+            f"skipped: the model is {fp32_bytes / 1e9:.1f} GB in fp32, over output.whole_model_check_limit "
+            f"{whole_model_limit / 1e9:.1f} GB (transformers{' and llama.cpp' if llamacpp else ''} not loaded)"
+        )
     return summary, model
+
+
+def _transformers_cross_check(path: Path, reader: CheckpointReader, gguf: GGUFTensors):
+    """transformers loads the whole GGUF to exactly the tensors gguf-py gave, tensor by tensor."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    state = model.state_dict()
+    for name in reader.tensor_names:
+        if name not in state:
+            raise VerifyError(f"{path.name}: transformers did not load {name}")
+        if not torch.equal(state[name], gguf.tensor(name).reshape(state[name].shape)):
+            raise VerifyError(f"{path.name}: transformers reads {name} differently from gguf-py")
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp

@@ -39,7 +39,7 @@ def test_two_workers_produce_verified_artifacts(two_worker_run):
     gptq_check, gguf_check = report["checks"]
     # 3 blocks × 7 linears, all bit-exact in our GPTQ decoder and in transformers' GGUF loader
     assert gptq_check["bit_exact_linears"] == 21
-    assert gguf_check["bit_exact_linears"] == 21 and gguf_check["reader"].startswith("transformers")
+    assert gguf_check["bit_exact_linears"] == 21 and "transformers" in gguf_check["reader"]
     cfg = json.loads((tmp / "out" / "tiny-gptq" / "config.json").read_text())
     q = cfg["quantization_config"]
     assert (q["quant_method"], q["bits"], q["group_size"], q["sym"], q["checkpoint_format"]) == (
