@@ -146,7 +146,6 @@ def cmd_verify(args) -> int:
             text=args.eval_text or (ev.text if ev else "fixture:austen/persuasion"),
             windows=args.eval_windows or (ev.windows if ev else 32),
             seq_len=args.eval_seq_len or (ev.seq_len if ev else 512),
-            gguf_model=model,
         )
         for name, row in quality["rows"].items():
             print(f"{name}: ppl {row['ppl']:.3f} ({row['ppl_increase']:+.2%}), KLD {row['kld']:.4f}")

@@ -72,73 +72,13 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     for note in pf.notes:
         log.warning("%s", note)
     outcome = run_job(cfg, progress=progress, prepared=(pf.reader, pf.token_ids, pf.tokenizer))
-    # linears kept in 16-bit (modules_to_not_convert / outliers) are published as the checkpoint's floats
-    results = quantized_only(outcome.store, outcome.records)
     timings = {"quantize_s": outcome.wall_s}
-
-    t = time.perf_counter()
-    for fmt, path in paths.items():
-        log.info("assembling %s → %s", fmt, path)
-        if fmt == "gptq":
-            assemble_gptq(
-                outcome.reader,
-                results,
-                path,
-                shard_size=cfg.output.shard_size,
-                overwrite=cfg.output.overwrite,
-                tool_version=STRATA_VERSION,
-            )
-        elif fmt == "awq":
-            assemble_awq(
-                outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
-            )
-        elif fmt == "bitsandbytes" or (fmt == "compressed-tensors" and cfg.quant.method == "fp8"):
-            assemble_toolbox(
-                fmt, outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
-            )
-        elif fmt == "compressed-tensors":
-            assemble_compressed_tensors(
-                outcome.reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
-            )
-        else:
-            assemble_gguf(
-                outcome.reader,
-                results,
-                path,
-                tokenizer_pre=cfg.output.gguf_tokenizer_pre,
-                overwrite=cfg.output.overwrite,
-                name=cfg.name,
-                gguf_type=cfg.output.gguf_type,
-                embedding_type=cfg.output.gguf_embedding_type,
-                tool_version=STRATA_VERSION,
-            )
-    timings["assemble_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    checks, gguf_model = [], None
-    folder_verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
-    folder_verifiers["bitsandbytes"] = verify_bitsandbytes
-    if cfg.quant.method == "fp8":
-        folder_verifiers["compressed-tensors"] = verify_fp8
-    for fmt, verifier in folder_verifiers.items():
-        if fmt in paths:
-            checks.append(verifier(paths[fmt], outcome.reader, results))
-    if "gguf" in paths:
-        summary, gguf_model = verify_gguf(
-            paths["gguf"],
-            outcome.reader,
-            results,
-            llamacpp=llamacpp_available(),
-            whole_model_limit=parse_size(cfg.output.whole_model_check_limit),
-        )
-        checks.append(summary)
-    timings["verify_s"] = time.perf_counter() - t
-
-    quality = None
-    if cfg.eval is not None:
-        t = time.perf_counter()
-        quality = evaluate_job(cfg, outcome, results, gguf_model)
-        timings["eval_s"] = time.perf_counter() - t
+    # assembly, verification and eval hold a tensor or a block at a time, like a worker: they run in
+    # a process of their own on this node (the artifacts land in output.dir here), so the driver's
+    # memory stays the plan's whatever the model's size
+    published = on_driver_node(publish, cfg, outcome, paths)
+    checks, quality = published["checks"], published["quality"]
+    timings.update(published["timings"])
     timings["total_s"] = time.perf_counter() - t0
 
     report = {
@@ -180,6 +120,102 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     return report
 
 
+def publish(cfg: JobConfig, outcome, paths: dict[str, Path]) -> dict:
+    """Assemble every artifact, verify each against the record, evaluate: {"checks", "quality", "timings"}."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the workers are gone: the node's cores are free
+    # linears kept in 16-bit (modules_to_not_convert / outliers) are published as the checkpoint's floats
+    results = quantized_only(outcome.store, outcome.records)
+    timings = {}
+    t = time.perf_counter()
+    for fmt, path in paths.items():
+        log.info("assembling %s → %s", fmt, path)
+        assemble_artifact(cfg, fmt, path, outcome.reader, results)
+    timings["assemble_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    checks = []
+    folder_verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
+    folder_verifiers["bitsandbytes"] = verify_bitsandbytes
+    if cfg.quant.method == "fp8":
+        folder_verifiers["compressed-tensors"] = verify_fp8
+    for fmt, verifier in folder_verifiers.items():
+        if fmt in paths:
+            checks.append(verifier(paths[fmt], outcome.reader, results))
+    if "gguf" in paths:
+        summary, _ = verify_gguf(
+            paths["gguf"],
+            outcome.reader,
+            results,
+            llamacpp=llamacpp_available(),
+            whole_model_limit=parse_size(cfg.output.whole_model_check_limit),
+        )
+        if "whole_model_checks" in summary:
+            log.warning("GGUF whole-model checks %s", summary["whole_model_checks"])
+        checks.append(summary)
+    timings["verify_s"] = time.perf_counter() - t
+
+    quality = None
+    if cfg.eval is not None:
+        t = time.perf_counter()
+        quality = evaluate_job(cfg, outcome, results, paths.get("gguf"))
+        timings["eval_s"] = time.perf_counter() - t
+    return {"checks": checks, "quality": quality, "timings": timings}
+
+
+def assemble_artifact(cfg: JobConfig, fmt: str, path: Path, reader, results: ResultSource) -> None:
+    if fmt == "gptq":
+        assemble_gptq(
+            reader,
+            results,
+            path,
+            shard_size=cfg.output.shard_size,
+            overwrite=cfg.output.overwrite,
+            tool_version=STRATA_VERSION,
+        )
+    elif fmt == "awq":
+        assemble_awq(reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite)
+    elif fmt == "bitsandbytes" or (fmt == "compressed-tensors" and cfg.quant.method == "fp8"):
+        assemble_toolbox(fmt, reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite)
+    elif fmt == "compressed-tensors":
+        assemble_compressed_tensors(
+            reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
+        )
+    else:
+        assemble_gguf(
+            reader,
+            results,
+            path,
+            tokenizer_pre=cfg.output.gguf_tokenizer_pre,
+            overwrite=cfg.output.overwrite,
+            name=cfg.name,
+            gguf_type=cfg.output.gguf_type,
+            embedding_type=cfg.output.gguf_embedding_type,
+            tool_version=STRATA_VERSION,
+        )
+
+
+def on_driver_node(fn, *args):
+    """``fn(*args)`` in a Ray task on the driver's node (a process of its own; files it writes land
+    where the driver reads them); the task's own error is raised as it was raised."""
+    import ray
+    from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(fn).options(num_cpus=1, max_retries=0, scheduling_strategy=here)
+    try:
+        return ray.get(task.remote(*args))
+    except RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
 def llamacpp_available() -> bool:
     """Whether llama-cpp-python is installed (then GGUF files are also checked in llama.cpp)."""
     import importlib.util
@@ -187,36 +223,32 @@ def llamacpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_model) -> dict:
-    """fp16 reference, the RTN baseline on the same grid, and strata's result (as the
-    GGUF loaded by transformers when there is one, else the dequantized results)."""
+def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path | None) -> dict:
+    """fp16 reference, the RTN baseline on the same grid, and strata's result (the GGUF as gguf-py
+    reads it when there is one, else the dequantized stored results), streamed block by block
+    (pipeline.layerwise: nothing holds a whole model)."""
     from transformers import AutoTokenizer
 
-    from strata_quant.pipeline.eval import EvalWindows, evaluate, rtn_weights, with_weights
+    from strata_quant.pipeline import layerwise
+    from strata_quant.pipeline.eval import EvalWindows, evaluate
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     windows = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
-    ref = outcome.reader.reference_model()
+    wins = EvalWindows.from_tensor(windows)
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     label = method_label(cfg.quant.model_dump())
-    models = {"fp16 (reference)": ref}
+    variants = {"fp16 (reference)": layerwise.reference()}
     if "rtn" in cfg.eval.baselines and cfg.quant.method != "rtn":
-        models[f"RTN W{cfg.quant.bits} g{cfg.quant.group_size}"] = with_weights(ref, rtn_weights(ref, spec))
-    if gguf_model is not None:
-        models[f"{label} (GGUF via transformers)"] = gguf_model
-    else:
-        weights = {name: results.get(name).dequantize() for name in results.entries}
-        quantized = with_weights(ref, weights)
-        if results.floats:  # AWQ folds its scales into norms and biases: use the folded copies
-            state = quantized.state_dict()
-            for name in results.floats:
-                state[name].copy_(results.float_tensor(outcome.reader, name).float())
-        models[label] = quantized
-    log.info("evaluating %d models on %d × %d held-out tokens", len(models), *windows.shape)
-    rows = evaluate(models, windows, reference="fp16 (reference)")
-    ids_sha256 = EvalWindows.from_tensor(windows).sha256()  # the same hash `strata eval` writes
-    return {"text": cfg.eval.text, "windows": list(windows.shape), "token_ids_sha256": ids_sha256, "rows": rows}
+        variants[f"RTN W{cfg.quant.bits} g{cfg.quant.group_size}"] = layerwise.rtn(spec)
+    if gguf_path is not None:
+        variants[f"{label} (GGUF via gguf-py)"] = layerwise.gguf_file(gguf_path, outcome.reader.config)
+    else:  # AWQ's folded norms and biases come with its results
+        variants[label] = layerwise.stored_results(results)
+    log.info("evaluating %d models on %d × %d held-out tokens, block by block", len(variants), *windows.shape)
+    heads = layerwise.layerwise_models(outcome.reader, outcome.store, wins, variants)
+    rows = evaluate(heads, wins, reference="fp16 (reference)")
+    return {"text": cfg.eval.text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
 
 
 def format_report(report: dict) -> str:

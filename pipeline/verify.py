@@ -575,30 +575,27 @@ def evaluate_artifact(
     text: str,
     windows: int,
     seq_len: int,
-    gguf_model=None,
 ) -> dict:
-    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from.
-
-    A GGUF is scored as transformers loads it (``gguf_model``, or loaded here); a safetensors folder, once
-    verified bit-exact, as the reference model carrying the solver's dequantized weights (what it decodes to).
+    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from,
+    streamed block by block (pipeline.layerwise). A GGUF is scored as gguf-py reads it; a safetensors folder,
+    once verified bit-exact, as the checkpoint carrying the solver's dequantized weights (what it decodes to).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from strata_quant.pipeline import layerwise
     from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from strata_quant.pipeline.eval import evaluate, with_weights
+    from strata_quant.pipeline.eval import EvalWindows, evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
     ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
-    ref = reader.reference_model()  # an s3:// model's tensors come through the reader
-    if path.suffix == ".gguf":
-        model = (
-            gguf_model
-            or AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-        )
-    else:
-        model = with_weights(ref, {name: results.get(name).dequantize() for name in results.entries})
+    wins = EvalWindows.from_tensor(ids)
+    quantized = (
+        layerwise.gguf_file(path, reader.config) if path.suffix == ".gguf" else layerwise.stored_results(results)
+    )
     name = f"strata {path.name}"
-    rows = evaluate({"fp16 (reference)": ref, name: model}, ids, reference="fp16 (reference)")
+    variants = {"fp16 (reference)": layerwise.reference(), name: quantized}
+    heads = layerwise.layerwise_models(reader, results.store, wins, variants)
+    rows = evaluate(heads, wins, reference="fp16 (reference)")
     return {"text": text, "windows": list(ids.shape), "rows": rows}
 
 

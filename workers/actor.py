@@ -510,12 +510,13 @@ class BlockWorker:
             )
             self.group_ready = True
 
-    def load_samples(self, token_ids: torch.Tensor) -> int:
-        """Embed this worker's samples and capture the block inputs with the model's own code."""
+    def load_samples(self, token_ids: torch.Tensor, embedding: torch.Tensor | None = None) -> int:
+        """Embed this worker's samples and capture the block inputs with the model's own code
+        (``embedding``: another input embedding than the checkpoint's, e.g. a GGUF's)."""
         model = self.meta_model
         embed = model.get_input_embeddings()
         embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
-        weight = self.reader.load([embed_name])[embed_name].float()
+        weight = (self.reader.load([embed_name])[embed_name] if embedding is None else embedding).float()
         embed.weight = nn.Parameter(weight, requires_grad=False)
         for name, module in list(model.named_modules()):
             if type(module).__name__.endswith("RotaryEmbedding"):
@@ -597,6 +598,11 @@ class BlockWorker:
             out["finished"] = self._take_finished()
         self._uploads.wait()  # this block's results are stored before its entries leave
         return out
+
+    def advance(self, b: int, tensors: dict[str, torch.Tensor]) -> None:
+        """The samples through block ``b`` built from ``tensors`` (names inside the block), in fp32:
+        the forward a replay does, for any weights (evaluation streams models block by block)."""
+        self._advance(build_block(self.meta_layers[b], tensors, torch.float32).to(self.device))
 
     def _advance(self, layer: nn.Module, passes: StagePasses | None = None) -> None:
         """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``; with
@@ -1244,6 +1250,10 @@ class BlockWorker:
         elif hessian is not None:
             info["output_rel_error"] = relative_output_error(weight, dequant, hessian)
         return info
+
+    def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
+        return self._read_results(b, record)
 
     def _read_results(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Dequantized weights and folded float tensors of a finished block, hash-checked."""
