@@ -10,6 +10,7 @@ import torch
 from strata_quant.pipeline.eval import EvalWindows, evaluate, rtn_weights, with_weights
 from strata_quant.pipeline.layerwise import layerwise_models, reference, rtn
 from strata_quant.workers.result import QuantSpec
+from tests.test_eval import rtn_run  # noqa: F401  (the tiny run record, its GGUF and GPTQ folder)
 
 
 def windows_of(reader, count: int, context: int) -> EvalWindows:
@@ -47,3 +48,34 @@ def test_layerwise_scores_equal_the_whole_model(model, smollm2_path, tiny_model_
     del ref
     heads = layerwise_models(reader, None, windows, {"ref": reference(), "rtn": rtn(spec)})
     assert_same_rows(evaluate(heads, windows, reference="ref"), whole)
+
+
+def test_layerwise_results_and_gguf_equal_the_whole_models(rtn_run, tiny_model_path):  # noqa: F811
+    """The run's stored results (fake-quant) and its Q4_0 GGUF, streamed, score as the whole reference
+    carrying the results and as transformers' whole-model load of the GGUF."""
+    from strata_quant.pipeline import layerwise
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.eval import load_gguf_transformers, results_weights
+
+    torch.set_num_threads(2)
+    reader = open_checkpoint(tiny_model_path)
+    windows = windows_of(reader, 4, 64)
+    ref = reader.reference_model()
+    results = rtn_run["results"]
+    whole = evaluate(
+        {
+            "ref": ref,
+            "results": with_weights(ref, results_weights(results)),
+            "gguf": load_gguf_transformers(rtn_run["gguf"]),
+        },
+        windows,
+        reference="ref",
+    )
+    variants = {
+        "ref": layerwise.reference(),
+        "results": layerwise.stored_results(results),
+        "gguf": layerwise.gguf_file(rtn_run["gguf"], reader.config),
+    }
+    heads = layerwise_models(reader, results.store, windows, variants)
+    assert_same_rows(evaluate(heads, windows, reference="ref"), whole)
+    assert whole["gguf"]["kld"] > 0  # the quantized rows are not the reference's
