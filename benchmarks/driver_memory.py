@@ -68,12 +68,13 @@ def one(args) -> dict:
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.job import run_full_job
 
-    name = f"synthetic-{args.hidden}x{args.layers}-ffn{args.intermediate}"
+    layers = args.layers[0]
+    name = f"synthetic-{args.hidden}x{layers}-ffn{args.intermediate}"
     model = fixtures.synthetic_llama(
         fixtures.cache_dir() / "models" / name,
         hidden=args.hidden,
         intermediate=args.intermediate,
-        layers=args.layers,
+        layers=layers,
         heads=args.heads,
         kv_heads=args.kv_heads,
     )
@@ -87,7 +88,7 @@ def one(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "layers": args.layers,
+        "layers": layers,
         "params": report["params"],
         "driver_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "worker_peak_bytes": max(workers.workers.values(), default=0),

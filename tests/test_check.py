@@ -202,3 +202,21 @@ def test_a_bad_override_is_one_line(tmp_path, capsys):
     rc = main(["check", str(path), "--set", "no-equals-sign"])
     err = capsys.readouterr().err
     assert rc == 2 and err.strip() == "strata: error: --set expects KEY=VALUE, got 'no-equals-sign'"
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("rope scaling 'x'\nis not supported"), OSError(28, "No space left"), KeyError("k")]
+)
+def test_any_error_the_pipeline_raises_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, error):
+    from strata_quant.pipeline import cli, preflight
+
+    def fail(cfg, **kwargs):
+        raise error
+
+    monkeypatch.setattr(preflight, "check_job", fail)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_dict(tmp_path)))
+    rc = cli.main(["check", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"strata: error: {type(error).__name__}: ") and "Traceback" not in err
