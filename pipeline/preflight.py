@@ -110,7 +110,7 @@ def check_shapes(reader) -> None:
 
 def linear_shapes(cfg: JobConfig, reader, layers_path: str) -> dict[tuple[int, int, QuantSpec], str]:
     """(out, in, grid) of every linear the run quantizes → the first linear of that shape."""
-    from strata_quant.pipeline.plan import bits_spec_overrides
+    from strata_quant.pipeline.overrides import bits_spec_overrides
 
     base = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     overrides = bits_spec_overrides(cfg.quant.bits_overrides)
