@@ -45,6 +45,7 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     from strata_quant.pipeline.run import check_checkpoint, prepare
 
     reader, token_ids, tokenizer = prepare(cfg)  # checkpoint headers and blocks, config vs model, calibration
+    _trim_heap()  # the tokenizer's buffers for the whole calibration text go back before Ray starts
     pf = Preflight(reader, token_ids, tokenizer)
     layers_path = check_checkpoint(reader)
     pf.passed.append(
@@ -68,6 +69,15 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     if outputs:
         check_outputs(cfg)
     return pf
+
+
+def _trim_heap() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to give back
+        pass
 
 
 def check_head_dim(config: dict) -> int:
