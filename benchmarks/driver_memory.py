@@ -60,17 +60,12 @@ def job_config(args, model: Path, tmp: Path) -> dict:
     return data
 
 
-def one(args) -> dict:
-    import ray
-
-    from benchmarks.common import PeakRSS
+def synthetic(args) -> Path:
     from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.config import parse_config
-    from strata_quant.pipeline.job import run_full_job
 
     layers = args.layers[0]
     name = f"synthetic-{args.hidden}x{layers}-ffn{args.intermediate}"
-    model = fixtures.synthetic_llama(
+    return fixtures.synthetic_llama(
         fixtures.cache_dir() / "models" / name,
         hidden=args.hidden,
         intermediate=args.intermediate,
@@ -78,6 +73,18 @@ def one(args) -> dict:
         heads=args.heads,
         kv_heads=args.kv_heads,
     )
+
+
+def one(args) -> dict:
+    """One job in this process (the model written beforehand by another: its peak is not the driver's)."""
+    import ray
+
+    from benchmarks.common import PeakRSS
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+
+    layers = args.layers[0]
+    model = synthetic(args)  # cached by the --make step: only its manifest is read here
     tmp = Path(tempfile.mkdtemp(prefix="strata-drvmem-"))
     try:
         cfg = parse_config(job_config(args, model, tmp), "benchmark")
@@ -91,6 +98,7 @@ def one(args) -> dict:
         "layers": layers,
         "params": report["params"],
         "driver_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "driver_peak_sampled_bytes": workers.driver,
         "worker_peak_bytes": max(workers.workers.values(), default=0),
         "publish_peak_bytes": max(publisher.workers.values(), default=0),
         "timings": report["timings"],
@@ -117,7 +125,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make:
+        print(synthetic(args))
+        return
     if args.one:
         print("RESULT " + json.dumps(one(args)), flush=True)
         return
@@ -139,8 +151,10 @@ def main() -> None:
             while j < len(argv) and not argv[j].startswith("--"):
                 j += 1
             argv = argv[:i] + argv[j:]
+        here = [sys.executable, "-m", "benchmarks.driver_memory", *argv, "--layers", str(layers)]
+        subprocess.run([*here, "--make"], check=True, capture_output=True)
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.driver_memory", *argv, "--layers", str(layers), "--one"],
+            [*here, "--one"],
             capture_output=True,
             text=True,
         )
