@@ -28,7 +28,11 @@ def test_a_worker_that_does_not_see_the_drivers_store_is_refused(ray_session, tm
     driver = LocalStore(tmp_path / "store")
     shared = Worker.remote(LocalStore(tmp_path / "store"))
     elsewhere = Worker.remote(LocalStore(tmp_path / "node-b-disk"))
-    check_store_seen(driver, str(tmp_path / "store"), "runs/x", [shared], {"0": "node-a"})  # sees it: no error
+    check_store_seen(
+        driver, str(tmp_path / "store"), "runs/x", [shared], {"0": "node-a"}, 60, "a limit"
+    )  # sees it: no error
     with pytest.raises(ConfigError, match=r"worker\(s\) \[1\] \(node node-b\) do not see what the driver writes"):
-        check_store_seen(driver, str(tmp_path / "store"), "runs/x", [shared, elsewhere], {"0": "a", "1": "node-b"})
+        check_store_seen(
+            driver, str(tmp_path / "store"), "runs/x", [shared, elsewhere], {"0": "a", "1": "node-b"}, 60, "a limit"
+        )
     assert not (tmp_path / "node-b-disk" / "runs" / "x" / "store-probe.json").exists()
