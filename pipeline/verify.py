@@ -249,6 +249,7 @@ def verify_gguf(
     check_every_linear(reader, results)
     meta = gguf_format.read_metadata(path)
     carry = meta.get("strata.carry", "exact")
+    layout = gguf_format.GGUFLayout(reader.config)
     types: dict[str, int] = {}
     gguf_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -258,12 +259,14 @@ def verify_gguf(
     quantized_other: dict[str, dict] = {}
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
+        if gguf_format.skipped(name):
+            continue
         if name not in state:
             raise VerifyError(f"{path.name}: transformers did not load {name}")
         if linear in results and leaf == "weight":
             result = results.get(linear)
             want = result.dequantize()
-            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
+            gtype = gguf_types.get(layout.name(name) or "", "?")
             types[gtype] = types.get(gtype, 0) + 1
             linears += 1
             if torch.equal(state[name], want):
@@ -284,9 +287,13 @@ def verify_gguf(
             errors.append(err)
         else:
             want = results.float_tensor(reader, name)
-            gtype = gguf_types.get(gguf_format.hf_to_gguf_name(name) or "", "?")
+            gtype = gguf_types.get(layout.name(name) or "", "?")
             if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
+                # a shifted norm (Gemma: w + 1 in the file) comes back as w + 1 − 1 in float32
+                shift = layout.norm_shift(name)
+                want = want.float() + shift if shift else want
                 want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
+                want = want - shift if shift else want
                 if not torch.equal(state[name], want):
                     raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
             else:  # embeddings / output quantized on request (output.gguf_embedding_type)
