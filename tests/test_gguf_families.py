@@ -341,3 +341,38 @@ def test_run_refuses_a_family_without_gguf_layout_before_block_0(tmp_path, tiny_
         msg = run_cli(tmp_path, tiny_dict(tmp_path, str(folder), output={"formats": ["gguf"]}), capsys)
     assert "no GGUF layout for architecture ['Gemma2ForCausalLM']" in msg
     assert_nothing_complete(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+
+def test_sentencepiece_style_bpe_tokenizes_in_llamacpp_as_in_transformers(tmp_path: Path) -> None:
+    """A byte-fallback BPE with ▁ for spaces (Gemma's kind) is written as llama.cpp's "llama" (SentencePiece)
+    vocabulary: scores from the merge order, <0xNN> tokens as bytes; llama.cpp tokenizes as transformers does."""
+    from llama_cpp import Llama
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from strata_quant.pipeline.formats.gguf import GGUFStreamWriter, tokenizer_metadata
+    from tests.test_gguf_format import _corpus
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator(
+        _corpus(), trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path)
+    meta = tokenizer_metadata(str(tmp_path))
+    assert meta["model"] == "llama" and "merges" not in meta and meta["add_space_prefix"] is False
+    assert meta["token_types"][specials.index("<0x41>")] == 6 and meta["token_types"][3] == 2  # BYTE, UNKNOWN
+
+    config = {**_cfg("LlamaForCausalLM"), "vocab_size": len(meta["tokens"])}
+    with GGUFStreamWriter(tmp_path / "vocab.gguf", config, str(tmp_path), name="tiny") as w:
+        w.write_header()
+    llm = Llama(model_path=str(tmp_path / "vocab.gguf"), vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("the quick brown fox jumps over 12345 lazy dogs!", "  two  spaces, 日本語 and “quotes”\n\tend"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False)

@@ -88,8 +88,9 @@ def _gemma3_hparams(writer: GGUFWriter, config: dict[str, Any]) -> None:
     """``Gemma3Model``: the text keys, head width as key/value length, the sliding window and which layers use it
     (llama.cpp assumes every 6th layer global unless the per-layer pattern is written), final soft-capping."""
     _text_hparams(writer, config)
-    writer.add_key_length(_head_dim(config))
-    writer.add_value_length(_head_dim(config))
+    if config.get("head_dim") is None:  # else written already
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
     if config.get("final_logit_softcapping"):
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
     swa = _sliding_layers(config)
@@ -477,11 +478,42 @@ def _template_adds(post: dict[str, Any] | None, token_id: int | None, first: boo
     return ids == [token_id]
 
 
-def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
-    """GGUF tokenizer fields of a byte-level BPE (gpt2-style) HF tokenizer directory.
+def _uses_metaspace(tok: dict[str, Any]) -> bool:
+    """Whether spaces become ▁ (a Metaspace pre-tokenizer or a Replace normalizer), as SentencePiece does."""
+    text = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer")], ensure_ascii=False)
+    return "Metaspace" in text or "▁" in text
 
-    Returns ``model`` ("gpt2"), ``tokens`` (by id, padded with ``[PADi]`` up to ``vocab_size``), ``token_types``,
-    ``merges`` ("a b"), ``bos/eos/unk/pad_token_id`` (int or None), ``add_bos_token``, ``add_eos_token`` and
+
+def _spm_fields(tokens: list[str], token_types: list[int], merges: list[str], tok: dict[str, Any]) -> dict[str, Any]:
+    """SentencePiece ("llama") fields of a byte-fallback BPE: a score per token, −(rank of the first merge that
+    makes it), so llama.cpp's highest-score-first merging follows the BPE merge order; ``<0xNN>`` tokens typed
+    BYTE, ``<unk>`` UNKNOWN; whether a ▁ is prepended to the text (a Prepend normalizer or Metaspace prepend)."""
+    rank: dict[str, int] = {}
+    for i, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        rank.setdefault(a + b, i)
+    scores = [
+        -float(rank[t]) if t in rank else (-1000.0 if token_types[i] != TokenType.NORMAL else 0.0)
+        for i, t in enumerate(tokens)
+    ]
+    unk = tok.get("model", {}).get("unk_token")
+    for i, t in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            token_types[i] = int(TokenType.BYTE)
+        elif t == unk:
+            token_types[i] = int(TokenType.UNKNOWN)
+    text = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer")], ensure_ascii=False)
+    prefix = '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"add_prefix_space": true' in text
+    return {"scores": scores, "add_space_prefix": prefix}
+
+
+def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """GGUF tokenizer fields of a BPE HF tokenizer directory: byte-level (gpt2-style) or SentencePiece-style
+    (byte fallback, ▁ for spaces: Gemma, Llama 2, Mistral).
+
+    Returns ``model`` ("gpt2" / "llama"), ``tokens`` (by id, padded with ``[PADi]`` up to ``vocab_size``),
+    ``token_types``, ``merges`` ("a b"; gpt2) or ``scores`` and ``add_space_prefix`` (llama, see
+    :func:`_spm_fields`), ``bos/eos/unk/pad_token_id`` (int or None), ``add_bos_token``, ``add_eos_token`` and
     ``chat_template`` (or None).
     """
     root = Path(tokenizer_dir)
@@ -496,8 +528,12 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
             f"tokenizer model {model.get('type')!r} is not supported: only byte-level BPE is "
             "(SentencePiece / Unigram is not supported yet)"
         )
-    if not (_is_byte_level(tok.get("pre_tokenizer")) or _is_byte_level(tok.get("decoder"))):
-        raise ValueError("BPE tokenizer is not byte-level (SentencePiece-style BPE is not supported yet)")
+    byte_level = _is_byte_level(tok.get("pre_tokenizer")) or _is_byte_level(tok.get("decoder"))
+    spm = not byte_level and bool(model.get("byte_fallback")) and _uses_metaspace(tok)
+    if not (byte_level or spm):
+        raise ValueError(
+            "BPE tokenizer is neither byte-level nor SentencePiece-style (byte fallback, ▁ for spaces): not supported"
+        )
     cfg = _read_json(root / "tokenizer_config.json")
     special_map = _read_json(root / "special_tokens_map.json")
     model_cfg = _read_json(root / "config.json")
@@ -518,6 +554,9 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
     token_types = [types.get(i, int(TokenType.UNUSED)) for i in range(n_tokens)]
 
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    extra: dict[str, Any] = {"merges": merges}
+    if spm:
+        extra = _spm_fields(tokens, token_types, merges, tok)
 
     ids = {t: i for i, t in by_id.items()}
 
@@ -546,10 +585,10 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
         chat_template = jinja.read_text(encoding="utf-8")
 
     return {
-        "model": "gpt2",
+        "model": "llama" if spm else "gpt2",
         "tokens": tokens,
         "token_types": token_types,
-        "merges": merges,
+        **extra,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "unk_token_id": unk,
@@ -730,7 +769,11 @@ def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["token_types"])
-    writer.add_token_merges(meta["merges"])
+    if "merges" in meta:
+        writer.add_token_merges(meta["merges"])
+    if "scores" in meta:
+        writer.add_token_scores(meta["scores"])
+        writer.add_add_space_prefix(bool(meta["add_space_prefix"]))
     for key, add in (
         ("bos_token_id", writer.add_bos_token_id),
         ("eos_token_id", writer.add_eos_token_id),
