@@ -412,8 +412,10 @@ def assemble_gguf(
     if dest.exists() and not overwrite:
         raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
     config = reader.config
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads", n_head))
+    try:
+        layout = gguf_format.check_gguf(config, reader.tensor_names)
+    except gguf_format.GGUFError as err:
+        raise AssembleError(str(err)) from None
     specs = {(bool(e["sym"]), e.get("group_size")) for e in results.entries.values()}
     if len(specs) != 1:
         raise AssembleError(f"one GGUF holds one grid (sym, group size); the run record has {sorted(specs, key=str)}")
@@ -460,10 +462,12 @@ def assemble_gguf(
         metadata["strata.mixed_linears"] = len(mixed)
 
     plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
+    extra = dict(layout.extra_tensors())  # generated from the config (rope_freqs …): first, as the converter
+    plan.extend(("", gname, "F32", tuple(data.shape)) for gname, data in extra.items())
     for tname in reader.tensor_names:
-        gname = gguf_format.hf_to_gguf_name(tname)
-        if gname is None:
-            raise AssembleError(f"no GGUF name for tensor {tname}")
+        if gguf_format.skipped(tname):
+            continue
+        gname = layout.name(tname)
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
         if linear in results and leaf == "weight":
@@ -495,8 +499,10 @@ def assemble_gguf(
         writer.write_header()
         for tname, gname, gtype, _ in plan:
             linear = tname.rpartition(".")[0]
-            heads = n_head if tname.endswith("q_proj.weight") else n_kv if tname.endswith("k_proj.weight") else None
-            if linear in results and tname.endswith(".weight"):
+            heads = layout.qk_heads(tname)
+            if not tname:
+                data = extra[gname]
+            elif linear in results and tname.endswith(".weight"):
                 result = results.get(linear)
                 if heads is not None:
                     result = gguf_format.permute_qk_result(result, heads)
@@ -511,6 +517,8 @@ def assemble_gguf(
                     tensor = tensor.float()  # gguf-py quantizes from float32; bf16 has no numpy form
                 if heads is not None:
                     tensor = gguf_format.permute_qk_rows(tensor, heads)
+                if shift := layout.norm_shift(tname):
+                    tensor = tensor.float() + shift
                 data = _float_data(tensor.numpy(), gtype, gguf_format.quantize_float)
                 del tensor
             writer.write_data(gname, data)

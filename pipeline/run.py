@@ -440,6 +440,10 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
     check_head_dim(reader.config)  # before transformers builds the layer class from it
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
+    if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
+        from strata_quant.pipeline.formats.gguf import check_gguf
+
+        check_gguf(reader.config, reader.tensor_names, reader.path)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     prefix = calibration_prefix(tokenizer, c.bos)

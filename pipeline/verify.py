@@ -233,7 +233,8 @@ ROWS_BYTES = 64 << 20
 class GGUFTensors:
     """A GGUF file's tensors by HF name, read a slice of rows at a time with gguf-py's dequantizer
     (no memory map is kept: each slice is read with pread, so the resident set stays one slice).
-    Q/K rows come back in HF order (the inverse of gguf.permute_qk_rows, per whole head)."""
+    Q/K rows come back in HF order (the inverse of gguf.permute_qk_rows, per whole head, where the family's
+    layout permutes them)."""
 
     def __init__(self, path: Path, config: dict):
         from gguf import GGUFReader
@@ -250,9 +251,8 @@ class GGUFTensors:
             )
             for t in GGUFReader(path).tensors
         }
-        self.hf_to_gguf = gguf_format.hf_to_gguf_name
-        n_head = int(config["num_attention_heads"])
-        self.heads = {"q_proj.weight": n_head, "k_proj.weight": int(config.get("num_key_value_heads") or n_head)}
+        self.layout = gguf_format.GGUFLayout(config)
+        self.hf_to_gguf = self.layout.name
 
     def type_name(self, name: str) -> str:
         entry = self.by_gguf_name.get(self.hf_to_gguf(name) or "")
@@ -274,7 +274,7 @@ class GGUFTensors:
         return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
     def _heads(self, name: str) -> int | None:
-        return next((n for leaf, n in self.heads.items() if name.endswith(leaf)), None)
+        return self.layout.qk_heads(name)
 
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         """float32 rows [start, end) of HF tensor ``name`` (a 1-D tensor whole)."""
@@ -352,6 +352,7 @@ def verify_gguf(
     check_every_linear(reader, results)
     meta = gguf_format.read_metadata(path)
     carry = meta.get("strata.carry", "exact")
+    layout = gguf_format.GGUFLayout(reader.config)
     types: dict[str, int] = {}
     gguf = GGUFTensors(path, reader.config)
     linears = exact = others = 0
@@ -359,6 +360,8 @@ def verify_gguf(
     quantized_other: dict[str, dict] = {}
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
+        if gguf_format.skipped(name):
+            continue
         if tuple(gguf.shape(name)) != tuple(reader.shape(name)):
             raise VerifyError(f"{path.name}: {name} has shape {gguf.shape(name)}, the checkpoint {reader.shape(name)}")
         gtype = gguf.type_name(name)
@@ -398,6 +401,9 @@ def verify_gguf(
                 else:
                     want = reader.load_rows(name, start, end)
                 if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
+                    # a shifted norm (Gemma: w + 1 in the file) is compared as the file holds it
+                    shift = layout.norm_shift(name)
+                    want = want.float() + shift if shift else want
                     want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
                     if not torch.equal(got, want.reshape(got.shape)):
                         raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
@@ -445,12 +451,18 @@ def _transformers_cross_check(path: Path, reader: CheckpointReader, gguf: GGUFTe
     """transformers loads the whole GGUF to exactly the tensors gguf-py gave, tensor by tensor."""
     from transformers import AutoModelForCausalLM
 
+    from strata_quant.pipeline.formats import gguf as gguf_format
+
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     state = model.state_dict()
     for name in reader.tensor_names:
+        if gguf_format.skipped(name):
+            continue
         if name not in state:
             raise VerifyError(f"{path.name}: transformers did not load {name}")
-        if not torch.equal(state[name], gguf.tensor(name).reshape(state[name].shape)):
+        shift = gguf.layout.norm_shift(name)  # transformers takes a shifted norm (Gemma: w + 1) back off
+        got = gguf.tensor(name) - shift if shift else gguf.tensor(name)
+        if not torch.equal(state[name], got.reshape(state[name].shape)):
             raise VerifyError(f"{path.name}: transformers reads {name} differently from gguf-py")
     return model
 

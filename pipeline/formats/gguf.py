@@ -14,41 +14,36 @@ See the GGUF section of FORMATS.md. The writer never holds more than one tensor'
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, RopeScalingType, TokenType
+from gguf import (
+    GGML_QUANT_SIZES,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    MODEL_TENSOR,
+    TENSOR_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    RopeScalingType,
+    TokenType,
+    get_tensor_name_map,
+)
 from gguf.quants import quant_shape_to_byte_shape
 
+from strata_quant.pipeline.config import ConfigError
 from strata_quant.workers.result import QuantizedLinear
 
-ARCH = "llama"
 QK = 32  # values per Q4_0 / Q8_0 block
-
-_TOP_LEVEL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 _FLOAT_DTYPES = {
     GGMLQuantizationType.F32: np.dtype(np.float32),
@@ -58,17 +53,214 @@ _FLOAT_DTYPES = {
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
-# ----------------------------------------------------------------------------------------------- names / layout
+class GGUFError(ConfigError):
+    """A model (architecture, rope type, tensor, tokenizer) this GGUF writer cannot write as llama.cpp reads it."""
 
 
-def hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of a Llama HF tensor name (``model.layers.3.mlp.up_proj.weight`` -> ``blk.3.ffn_up.weight``)."""
-    if name in _TOP_LEVEL_NAMES:
-        return _TOP_LEVEL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m is None or m.group(2) not in _LAYER_NAMES:
+# ----------------------------------------------------------------------------------------------- families
+
+
+def _text_hparams(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """The keys every text model gets in llama.cpp's converter (``TextModel.set_gguf_parameters``)."""
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(_n_head(config))
+    writer.add_head_count_kv(_n_kv(config))
+    _add_rope_scaling(writer, config)
+    writer.add_rope_freq_base(_rope_theta(config))
+    if (local := _local_rope_theta(config)) is not None:
+        writer.add_rope_freq_base_swa(local)
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if config.get("head_dim") is not None:
+        writer.add_key_length(int(config["head_dim"]))
+        writer.add_value_length(int(config["head_dim"]))
+
+
+def _llama_hparams(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """``LlamaModel``: the text keys, the vocabulary size and the rotary width (one head)."""
+    _text_hparams(writer, config)
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_rope_dimension_count(_head_dim(config))
+
+
+def _gemma3_hparams(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """``Gemma3Model``: the text keys, head width as key/value length, the sliding window and which layers use it
+    (llama.cpp assumes every 6th layer global unless the per-layer pattern is written), final soft-capping."""
+    _text_hparams(writer, config)
+    if config.get("head_dim") is None:  # else written already
+        writer.add_key_length(_head_dim(config))
+        writer.add_value_length(_head_dim(config))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    swa = _sliding_layers(config)
+    if any(swa):
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern(swa)
+
+
+def _phi3_hparams(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """``Phi3MiniModel``: its own key set (no rope scaling type; the original context length; a rotary width of
+    partial_rotary_factor · hidden / heads; sliding window 0 when the model has none)."""
+    n_embd, n_head = int(config["hidden_size"]), _n_head(config)
+    rope = rope_parameters(config)
+    writer.add_context_length(int(config["max_position_embeddings"]))
+    writer.add_rope_scaling_orig_ctx_len(_original_context(config))
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(_n_kv(config))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_rope_dimension_count(int(float(rope.get("partial_rotary_factor", 1.0)) * n_embd) // n_head)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_sliding_window(int(config.get("sliding_window") or 0))
+    if _rope_type(rope) == "longrope":
+        writer.add_rope_scaling_attn_factors(_longrope_attn_factor(config))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How llama.cpp's converter (convert_hf_to_gguf.py, one model class per Hugging Face architecture) writes a
+    family: its GGUF architecture, whether Q/K rows go to llama.cpp's rotary order, the shift added to norm weights,
+    the rope scaling types it writes, and its metadata keys. Names come from gguf-py's tensor map of ``arch``."""
+
+    arch: MODEL_ARCH
+    hparams: Callable[[GGUFWriter, dict[str, Any]], None] = _text_hparams
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    rope_types: tuple[str, ...] = ("linear", "yarn")
+    sliding_window: bool = False
+
+
+#: tensors the converter drops: llama.cpp computes them
+SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
+
+_LLAMA = Family(MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True, rope_types=("linear", "yarn", "llama3"))
+#: Hugging Face architecture → its converter class's choices; Mistral is written as llama (as the converter does)
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2),
+    "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3),
+    # Gemma3RMSNorm computes x·(1 + w), llama.cpp x·w
+    "Gemma3ForCausalLM": Family(
+        MODEL_ARCH.GEMMA3, _gemma3_hparams, norm_shift=1.0, rope_types=("linear",), sliding_window=True
+    ),
+    "Phi3ForCausalLM": Family(MODEL_ARCH.PHI3, _phi3_hparams, rope_types=("longrope",), sliding_window=True),
+}
+
+
+def _n_head(config: dict[str, Any]) -> int:
+    return int(config["num_attention_heads"])
+
+
+def _n_kv(config: dict[str, Any]) -> int:
+    return int(config.get("num_key_value_heads") or _n_head(config))
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    return int(config.get("head_dim") or int(config["hidden_size"]) // _n_head(config))
+
+
+def _sliding_layers(config: dict[str, Any]) -> list[bool]:
+    """Per layer, whether it attends through the sliding window (``layer_types``; none when the config has no
+    window)."""
+    if not config.get("sliding_window"):
+        return [False] * int(config["num_hidden_layers"])
+    kinds = config.get("layer_types") or ["sliding_attention"] * int(config["num_hidden_layers"])
+    return [k == "sliding_attention" for k in kinds]
+
+
+@functools.lru_cache(maxsize=16)
+def _tensor_map(arch: MODEL_ARCH, n_blocks: int) -> Any:
+    return get_tensor_name_map(arch, n_blocks)
+
+
+class GGUFLayout:
+    """One model as llama.cpp reads it: architecture, tensor names, Q/K rotary order, norm shifts, metadata and the
+    tensors the converter generates (rope_freqs for llama3 rope, rope_factors_* for Phi-3 longrope)."""
+
+    def __init__(self, config: dict[str, Any]):
+        archs = [a for a in config.get("architectures") or [_causal_lm_class(config)] if a in FAMILIES]
+        if not archs:
+            known = ", ".join(sorted(FAMILIES))
+            raise GGUFError(
+                f"no GGUF layout for architecture {config.get('architectures') or '(none)'}: "
+                f"the GGUF writer knows {known}"
+            )
+        self.config = config
+        self.hf_arch = archs[0]
+        self.family = FAMILIES[self.hf_arch]
+        self.arch = MODEL_ARCH_NAMES[self.family.arch]
+        self.n_blocks = int(config["num_hidden_layers"])
+
+    def name(self, hf_name: str) -> str | None:
+        """GGUF name of an HF weight or bias by gguf-py's tensor map (``model.layers.3.mlp.up_proj.weight`` ->
+        ``blk.3.ffn_up.weight``); None where the map has none."""
+        if not hf_name.endswith((".weight", ".bias")) or skipped(hf_name):
+            return None
+        return _tensor_map(self.family.arch, self.n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+
+    def qk_heads(self, hf_name: str) -> int | None:
+        """Heads to permute rows by (:func:`permute_qk_rows`) for a q/k weight or bias where llama.cpp expects
+        its rotary order (Llama / Mistral); None for every other tensor and family."""
+        if not self.family.permute_qk:
+            return None
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return _n_head(self.config)
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return _n_kv(self.config)
         return None
-    return f"blk.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
+
+    def norm_shift(self, hf_name: str) -> float:
+        """What llama.cpp's converter adds to this tensor (Gemma 3: 1.0 to every ``*norm.weight``)."""
+        return self.family.norm_shift if hf_name.endswith("norm.weight") else 0.0
+
+    def add_metadata(self, writer: GGUFWriter, *, name: str, file_type: int) -> None:
+        writer.add_name(name)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(2)
+        writer.add_block_count(self.n_blocks)
+        self.family.hparams(writer, self.config)
+
+    def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
+        """(GGUF name, float32 data) of the tensors llama.cpp's converter generates from the config."""
+        rope = rope_parameters(self.config)
+        kind = _rope_type(rope)
+        if kind == "llama3":
+            return [(f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FREQS]}.weight", llama3_rope_factors(self.config))]
+        if kind == "longrope":
+            return [
+                (f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_LONG]}.weight", np.asarray(rope["long_factor"], np.float32)),
+                (
+                    f"{TENSOR_NAMES[MODEL_TENSOR.ROPE_FACTORS_SHORT]}.weight",
+                    np.asarray(rope["short_factor"], np.float32),
+                ),
+            ]
+        return []
+
+
+def _causal_lm_class(config: dict[str, Any]) -> str | None:
+    """The causal-LM class transformers builds for a config that names no architecture (by its model_type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(str(config.get("model_type")))
+
+
+def skipped(hf_name: str) -> bool:
+    """Buffers llama.cpp's converter leaves out (rotary inverse frequencies, attention masks)."""
+    return hf_name.endswith(SKIPPED_SUFFIXES)
+
+
+def hf_to_gguf_name(name: str, config: dict[str, Any] | None = None) -> str | None:
+    """GGUF name of an HF tensor name in the model of ``config`` (default: a Llama model)."""
+    layout = GGUFLayout(config or {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": _any_blocks(name)})
+    return layout.name(name)
+
+
+def _any_blocks(name: str) -> int:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else 1
 
 
 def permute_qk_rows(t: T, n_head: int) -> T:
@@ -286,11 +478,42 @@ def _template_adds(post: dict[str, Any] | None, token_id: int | None, first: boo
     return ids == [token_id]
 
 
-def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
-    """GGUF tokenizer fields of a byte-level BPE (gpt2-style) HF tokenizer directory.
+def _uses_metaspace(tok: dict[str, Any]) -> bool:
+    """Whether spaces become ▁ (a Metaspace pre-tokenizer or a Replace normalizer), as SentencePiece does."""
+    text = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer")], ensure_ascii=False)
+    return "Metaspace" in text or "▁" in text
 
-    Returns ``model`` ("gpt2"), ``tokens`` (by id, padded with ``[PADi]`` up to ``vocab_size``), ``token_types``,
-    ``merges`` ("a b"), ``bos/eos/unk/pad_token_id`` (int or None), ``add_bos_token``, ``add_eos_token`` and
+
+def _spm_fields(tokens: list[str], token_types: list[int], merges: list[str], tok: dict[str, Any]) -> dict[str, Any]:
+    """SentencePiece ("llama") fields of a byte-fallback BPE: a score per token, −(rank of the first merge that
+    makes it), so llama.cpp's highest-score-first merging follows the BPE merge order; ``<0xNN>`` tokens typed
+    BYTE, ``<unk>`` UNKNOWN; whether a ▁ is prepended to the text (a Prepend normalizer or Metaspace prepend)."""
+    rank: dict[str, int] = {}
+    for i, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        rank.setdefault(a + b, i)
+    scores = [
+        -float(rank[t]) if t in rank else (-1000.0 if token_types[i] != TokenType.NORMAL else 0.0)
+        for i, t in enumerate(tokens)
+    ]
+    unk = tok.get("model", {}).get("unk_token")
+    for i, t in enumerate(tokens):
+        if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+            token_types[i] = int(TokenType.BYTE)
+        elif t == unk:
+            token_types[i] = int(TokenType.UNKNOWN)
+    text = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer")], ensure_ascii=False)
+    prefix = '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"add_prefix_space": true' in text
+    return {"scores": scores, "add_space_prefix": prefix}
+
+
+def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """GGUF tokenizer fields of a BPE HF tokenizer directory: byte-level (gpt2-style) or SentencePiece-style
+    (byte fallback, ▁ for spaces: Gemma, Llama 2, Mistral).
+
+    Returns ``model`` ("gpt2" / "llama"), ``tokens`` (by id, padded with ``[PADi]`` up to ``vocab_size``),
+    ``token_types``, ``merges`` ("a b"; gpt2) or ``scores`` and ``add_space_prefix`` (llama, see
+    :func:`_spm_fields`), ``bos/eos/unk/pad_token_id`` (int or None), ``add_bos_token``, ``add_eos_token`` and
     ``chat_template`` (or None).
     """
     root = Path(tokenizer_dir)
@@ -305,8 +528,12 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
             f"tokenizer model {model.get('type')!r} is not supported: only byte-level BPE is "
             "(SentencePiece / Unigram is not supported yet)"
         )
-    if not (_is_byte_level(tok.get("pre_tokenizer")) or _is_byte_level(tok.get("decoder"))):
-        raise ValueError("BPE tokenizer is not byte-level (SentencePiece-style BPE is not supported yet)")
+    byte_level = _is_byte_level(tok.get("pre_tokenizer")) or _is_byte_level(tok.get("decoder"))
+    spm = not byte_level and bool(model.get("byte_fallback")) and _uses_metaspace(tok)
+    if not (byte_level or spm):
+        raise ValueError(
+            "BPE tokenizer is neither byte-level nor SentencePiece-style (byte fallback, ▁ for spaces): not supported"
+        )
     cfg = _read_json(root / "tokenizer_config.json")
     special_map = _read_json(root / "special_tokens_map.json")
     model_cfg = _read_json(root / "config.json")
@@ -327,6 +554,9 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
     token_types = [types.get(i, int(TokenType.UNUSED)) for i in range(n_tokens)]
 
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    extra: dict[str, Any] = {"merges": merges}
+    if spm:
+        extra = _spm_fields(tokens, token_types, merges, tok)
 
     ids = {t: i for i, t in by_id.items()}
 
@@ -355,10 +585,10 @@ def tokenizer_metadata(tokenizer_dir: str, vocab_size: int | None = None) -> dic
         chat_template = jinja.read_text(encoding="utf-8")
 
     return {
-        "model": "gpt2",
+        "model": "llama" if spm else "gpt2",
         "tokens": tokens,
         "token_types": token_types,
-        "merges": merges,
+        **extra,
         "bos_token_id": bos,
         "eos_token_id": eos,
         "unk_token_id": unk,
@@ -381,47 +611,156 @@ def _ggml_type(t: str | int | GGMLQuantizationType) -> GGMLQuantizationType:
     return GGMLQuantizationType(t)
 
 
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The rope parameters of the full-attention layers (``rope_parameters`` or the older ``rope_scaling``;
+    Gemma 3 nests them per layer kind), as llama.cpp's converter reads them."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return dict(params.get("full_attention", params))
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    kind = rope.get("rope_type", rope.get("type")) or "default"
+    return "longrope" if kind == "su" else str(kind).lower()
+
+
 def _rope_theta(config: dict[str, Any]) -> float:
-    params = config.get("rope_parameters") or {}
-    theta = params.get("rope_theta", config.get("rope_theta"))
+    theta = rope_parameters(config).get("rope_theta", config.get("rope_theta"))
     if theta is None:
-        raise ValueError("model config has no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
+        raise GGUFError("model config has no rope_theta (neither rope_parameters.rope_theta nor rope_theta)")
     return float(theta)
 
 
-def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
-    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind in (None, "default"):
-        return None
+def _local_rope_theta(config: dict[str, Any]) -> float | None:
+    """Rope base of the sliding-window layers where it differs by layer kind (Gemma 3)."""
+    params = config.get("rope_parameters") or {}
+    local = (params.get("sliding_attention") or {}).get("rope_theta", config.get("rope_local_base_freq"))
+    return None if local is None else float(local)
+
+
+def _original_context(config: dict[str, Any]) -> int:
+    rope = rope_parameters(config)
+    value = rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    if value is None:
+        raise GGUFError(f"rope type {_rope_type(rope)!r} needs original_max_position_embeddings in the model config")
+    return int(value)
+
+
+def _add_rope_scaling(writer: GGUFWriter, config: dict[str, Any]) -> None:
+    """Rope scaling keys as ``TextModel.set_gguf_parameters`` writes them (llama3 is a tensor, not a key)."""
+    rope = rope_parameters(config)
+    kind = _rope_type(rope)
     if kind == "linear":
-        return {"type": "linear", "factor": float(params["factor"])}
-    raise ValueError(f"rope scaling {kind!r} is not supported by this GGUF writer yet")
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(_original_context(config))
+        for key, add in (
+            ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if rope.get(key) is not None:
+                add(float(rope[key]))
 
 
-def add_llama_metadata(writer: GGUFWriter, config: dict[str, Any], *, name: str, file_type: int) -> None:
-    """General and ``llama.*`` keys from an HF Llama config dict."""
-    hidden = int(config["hidden_size"])
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    writer.add_name(name)
-    writer.add_file_type(int(file_type))
-    writer.add_quantization_version(2)
-    writer.add_vocab_size(int(config["vocab_size"]))
-    writer.add_context_length(int(config["max_position_embeddings"]))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(int(config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(head_dim)
-    scaling = _rope_scaling(config)
-    if scaling is not None:
-        writer.add_rope_scaling_type(RopeScalingType(scaling["type"]))
-        writer.add_rope_scaling_factor(scaling["factor"])
+def llama3_rope_factors(config: dict[str, Any]) -> np.ndarray:
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for rope_type llama3: per rotary frequency
+    f_i = θ^(−2i/d), with wavelength λ = 2π / f_i and L = original_max_position_embeddings, the divisor
+    1 where λ < L / high_freq_factor, ``factor`` where λ > L / low_freq_factor, and between them
+    1 / ((1 − s) / factor + s) with s = (L / λ − low) / (high − low). float32 [d / 2]."""
+    rope = rope_parameters(config)
+    dim = _head_dim(config)
+    freqs = 1.0 / (_rope_theta(config) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _longrope_attn_factor(config: dict[str, Any]) -> float:
+    """Phi-3 longrope's attention factor, as the converter computes it: √(1 + ln s / ln L) for s = context / L > 1."""
+    orig = _original_context(config)
+    scale = int(config["max_position_embeddings"]) / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0
+
+
+def _check_rope(layout: GGUFLayout) -> None:
+    config, family = layout.config, layout.family
+    rope = rope_parameters(config)
+    kind = _rope_type(rope)
+    if kind != "default" and kind not in family.rope_types:
+        allowed = ", ".join(family.rope_types)
+        raise GGUFError(
+            f"rope type {kind!r} of {layout.hf_arch} has no GGUF form llama.cpp reads for architecture "
+            f"{layout.arch!r} (it writes: default, {allowed})"
+        )
+    if kind in ("linear", "yarn") and rope.get("factor") is None:
+        raise GGUFError(f"rope type {kind!r} needs a factor in the model config")
+    if kind in ("yarn", "longrope"):
+        _original_context(config)
+    if kind == "longrope":
+        half = int(float(rope.get("partial_rotary_factor", 1.0)) * int(config["hidden_size"])) // _n_head(config) // 2
+        for key in ("long_factor", "short_factor"):
+            if len(rope.get(key) or []) != half:
+                raise GGUFError(f"longrope needs {key} of {half} values (one per rotary pair)")
+
+
+def _check_family(layout: GGUFLayout) -> None:
+    """Family-specific limits of what llama.cpp computes."""
+    config = layout.config
+    swa = _sliding_layers(config)
+    if any(swa) and not layout.family.sliding_window:
+        raise GGUFError(
+            f"{layout.hf_arch} has sliding-window layers; llama.cpp's {layout.arch!r} architecture has none"
+        )
+    if layout.family.arch == MODEL_ARCH.GEMMA3:
+        if config.get("attn_logit_softcapping") is not None:
+            raise GGUFError("Gemma 3 with attn_logit_softcapping has no GGUF form (llama.cpp's gemma3 has none)")
+        # llama.cpp scales queries by 1/√head_dim (27B, 62 blocks: 1/√(hidden / heads))
+        want = int(config["hidden_size"]) // _n_head(config) if layout.n_blocks == 62 else _head_dim(config)
+        scalar = config.get("query_pre_attn_scalar", want)
+        if scalar is not None and float(scalar) != float(want):
+            raise GGUFError(
+                f"Gemma 3 query_pre_attn_scalar {scalar} differs from the {want} llama.cpp scales queries by"
+            )
+    if layout.family.permute_qk and _head_dim(config) % 2:
+        raise GGUFError(f"cannot put Q/K rows in llama.cpp's rotary order: head_dim {_head_dim(config)} is odd")
+
+
+def check_gguf(
+    config: dict[str, Any],
+    tensor_names: Iterable[str] = (),
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+) -> GGUFLayout:
+    """Every reason this model cannot become a GGUF llama.cpp reads, found before any work: the architecture
+    (no layout), its rope type, family limits (sliding window, Gemma 3 query scaling), a tensor gguf-py's map
+    cannot name, and the tokenizer. Raises :class:`GGUFError` naming the problem; returns the layout."""
+    layout = GGUFLayout(config)
+    _check_rope(layout)
+    _check_family(layout)
+    unnamed = [n for n in tensor_names if not skipped(n) and layout.name(n) is None]
+    if unnamed:
+        shown = ", ".join(unnamed[:3]) + (" …" if len(unnamed) > 3 else "")
+        raise GGUFError(f"no GGUF name for {len(unnamed)} tensor(s) of {layout.hf_arch} in gguf-py's map: {shown}")
+    if tokenizer_dir is not None:
+        try:
+            tokenizer_metadata(str(tokenizer_dir), vocab_size=int(config["vocab_size"]))
+        except ValueError as err:
+            raise GGUFError(f"GGUF tokenizer: {err}") from None
+    return layout
 
 
 def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str) -> None:
@@ -430,7 +769,11 @@ def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(meta["tokens"])
     writer.add_token_types(meta["token_types"])
-    writer.add_token_merges(meta["merges"])
+    if "merges" in meta:
+        writer.add_token_merges(meta["merges"])
+    if "scores" in meta:
+        writer.add_token_scores(meta["scores"])
+        writer.add_add_space_prefix(bool(meta["add_space_prefix"]))
     for key, add in (
         ("bos_token_id", writer.add_bos_token_id),
         ("eos_token_id", writer.add_eos_token_id),
@@ -486,8 +829,9 @@ class GGUFStreamWriter:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.path = Path(path)
-        self._writer = GGUFWriter(self.path, ARCH)
-        add_llama_metadata(self._writer, model_config, name=name, file_type=file_type)
+        self.layout = check_gguf(model_config)
+        self._writer = GGUFWriter(self.path, self.layout.arch)
+        self.layout.add_metadata(self._writer, name=name, file_type=file_type)
         if tokenizer_dir is not None:
             meta = tokenizer_metadata(tokenizer_dir, vocab_size=int(model_config["vocab_size"]))
             add_tokenizer_metadata(self._writer, meta, pre=tokenizer_pre)
