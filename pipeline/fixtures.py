@@ -374,13 +374,20 @@ def resolve(ref: str) -> Path:
     return path
 
 
-def fetch_all() -> dict[str, Path]:
+def fetch_all(families: bool = False) -> dict[str, Path]:
+    """The default fixtures; with ``families`` also the tiny family models and the two real
+    split-GGUF models (large downloads, kept out of the default set)."""
     out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
     from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
 
     out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
+    if families:
+        for family in TINY_FAMILIES:
+            out[f"tiny-{family}"] = tiny_family(family)
+        for name in SPLIT_GGUFS:
+            out[name] = split_gguf_model(name)
     return out
 
 

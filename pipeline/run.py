@@ -422,19 +422,19 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> list[i
 
     model, _, layers = meta_model(reader)
     name = type(layers[0]).__name__
-    try:
-        layer, sample, kwargs = probe_layer(model)
-    except Exception as err:  # the model's own code refused the probe: say what it said
-        raise CheckpointError(f"unsupported architecture: cannot run {name} on a probe batch: {err}") from None
-    linears = block_linears(layer)
+    linears = block_linears(layers[0])
     if not linears:
         raise CheckpointError(f"unsupported architecture: {name} has no nn.Linear layers to quantize")
-    others = [n for n, t in layer.named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
+    others = [n for n, t in layers[0].named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
     if others:
         raise CheckpointError(
             f"unsupported architecture: {name} holds weights that are not nn.Linear weights "
             f"({', '.join(others[:4])}); they would be left unquantized"
         )
+    try:
+        layer, sample, kwargs = probe_layer(model)
+    except Exception as err:  # the model's own code refused the probe: say what it said
+        raise CheckpointError(f"unsupported architecture: cannot run {name} on a probe batch: {err}") from None
     try:
         trace = trace_block(layer, sample, kwargs)
     except Exception as err:

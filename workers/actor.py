@@ -12,7 +12,6 @@ import collections
 import copy
 import datetime
 import hashlib
-import logging
 import resource
 import socket
 import threading
@@ -62,8 +61,6 @@ from strata_quant.workers.mixed import channel_energy, linear_sensitivity, outpu
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 from strata_quant.workers.schedule import GroupPlan, plan_solves
 from strata_quant.workers.stats import HessianAccumulator
-
-log = logging.getLogger("strata.worker")
 
 
 @dataclass
@@ -1099,15 +1096,13 @@ class BlockWorker:
 
     def _scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
         """AWQ's relations of the float block (:func:`find_scale_groups`), once per block
-        structure; a group without one is said once (worker 0) and recorded in its results."""
+        structure; a group without one is recorded in its results (``awq_unfolded``; the
+        plan said so once, pipeline.run.check_block_structure)."""
         linears = block_linears(layer)
         key = self._structure_key(layer, linears)
         if key not in self._relations:
             trace = self._trace(layer, linears, batch)
             self._relations[key] = find_scale_groups(layer, trace, batch[0].float(), batch[1])
-            if self.rank == 0:
-                for names, why in self._relations[key][1].items():
-                    log.warning("AWQ: %s are quantized without scales: %s", "/".join(names), why)
         return self._relations[key]
 
     def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:
