@@ -410,13 +410,23 @@ def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
     return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
 
 
-def check_block_structure(reader: CheckpointReader, awq: bool = False) -> list[int]:
+@dataclass
+class BlockStructure:
+    """What the plan learned from tracing the model's decoder layer (:func:`check_block_structure`)."""
+
+    widths: list[int]  # the linears' input widths
+    awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
+    awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
+
+
+def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
     """Trace one random batch through a random copy of the model's decoder layer (its own code,
     :func:`workers.block.trace_block`) and refuse what the run could not handle: a block
     without nn.Linear layers, block weights that are not nn.Linear weights (they would be
     left unquantized: fused expert tensors …), linears the batch never reaches (routed
     experts), a block that does not run. With ``awq``, AWQ's relations are found the same
-    way and each group without one is said here, once. Returns the linears' input widths."""
+    way (once, for every block: the relations follow from the code, not the weights) and each
+    group without one is said here, once."""
     from strata_quant.workers.awq import find_scale_groups
     from strata_quant.workers.block import block_linears, probe_layer, trace_block
 
@@ -444,11 +454,14 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> list[i
             f"unsupported architecture: a batch through {name} never reaches {', '.join(trace.unreached[:4])} "
             "(routed experts are not handled)"
         )
+    out = BlockStructure(sorted({m.in_features for m in linears.values()}))
     if awq:
-        _, missing = find_scale_groups(layer, trace, sample, kwargs)
+        found, missing = find_scale_groups(layer, trace, sample, kwargs)
+        out.awq_relations = [g.to_dict() for g in found]
         for names, why in missing.items():
             log.warning("AWQ: %s will be quantized without scales: %s", "/".join(names), why)
-    return sorted({m.in_features for m in linears.values()})
+            out.awq_unfolded["/".join(names)] = why
+    return out
 
 
 def check_checkpoint(reader: CheckpointReader) -> str:
@@ -483,12 +496,12 @@ def load_tokenizer(model_path, name: str | None = None):
         ) from None
 
 
-def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
+def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, BlockStructure]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
-    widths = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
-    check_against_model(cfg, reader.config, widths)
+    structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
+    check_against_model(cfg, reader.config, structure.widths)
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
     c = cfg.calibration
@@ -500,7 +513,7 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
         c.bos,
     )
     token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed, prefix=prefix)
-    return reader, token_ids, tokenizer
+    return reader, token_ids, tokenizer, structure
 
 
 # errors a worker raises that say something about the input or the store: re-raised as they are
@@ -658,7 +671,7 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
     t_start = time.perf_counter()
     store = open_store(cfg.run.store)
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
-    reader, token_ids, tokenizer = prepare(cfg)
+    reader, token_ids, tokenizer, structure = prepare(cfg)
     prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
@@ -733,6 +746,8 @@ def run_job(cfg: JobConfig, progress: bool = True, worker_class: type = RayBlock
         spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
         sensitivity_bits=list(cfg.quant.sensitivity_bits),
         collective_timeout_s=cfg.run.block_timeout_s,  # no collective waits longer than a block may take
+        awq_relations=structure.awq_relations,
+        awq_unfolded=structure.awq_unfolded,
     )
     watchdog = cfg.run.block_timeout_s
     # starting the actors (a node to come up, torch and transformers to import) is not a block's

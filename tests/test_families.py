@@ -1,6 +1,7 @@
 """The dense families beyond Llama through the run: block structure traced from the model's own
 code, per-layer masks (sliding-window layers), AWQ's relations (fused rows, (1 + w) norms), and
-tiny random Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 3 through W=2 into verified GPTQ folders.
+tiny random Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 3 through W=2 into verified GPTQ and
+compressed-tensors folders.
 Refusals of what cannot be handled come before block 0."""
 
 from __future__ import annotations
@@ -155,17 +156,20 @@ def _family_config(tmp_path: Path, family: str, method: str = "gptq") -> dict:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_family_runs_on_two_workers_into_a_verified_gptq_folder(family, tmp_path, emma_path, ray_session):
+def test_family_runs_on_two_workers_into_verified_gptq_and_ct_folders(family, tmp_path, emma_path, ray_session):
     from safetensors import safe_open
 
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.job import run_full_job
 
-    report = run_full_job(parse_config(_family_config(tmp_path, family)), progress=False)
+    cfg = _family_config(tmp_path, family)
+    cfg["output"]["formats"] = ["gptq", "compressed-tensors"]
+    report = run_full_job(parse_config(cfg), progress=False)
     per_block = 4 if family == "phi3" else 7
     assert report["solved_blocks"] == 3
-    (check,) = report["checks"]
-    assert check["quantized_linears"] == check["bit_exact_linears"] == 3 * per_block
+    check, ct_check = report["checks"]
+    for c in (check, ct_check):  # packed linears decode to the results; biases and other tensors equal
+        assert c["quantized_linears"] == c["bit_exact_linears"] == 3 * per_block
     folder = tmp_path / "out" / f"tiny-{family}-gptq"
     src = resolve(f"fixture:tiny-{family}")
     with safe_open(src / "model.safetensors", "pt") as f:
@@ -178,7 +182,7 @@ def test_family_runs_on_two_workers_into_a_verified_gptq_folder(family, tmp_path
             assert torch.equal(f.get_tensor(name), original[name]), name
     biases = [n for n in carried if n.endswith("_proj.bias")]
     assert len(biases) == (9 if family == "qwen2" else 0)
-    assert check["other_tensors"] == len(carried)
+    assert check["other_tensors"] == ct_check["other_tensors"] == len(carried)
 
 
 @pytest.mark.parametrize("family", ["phi3", "gemma3"])

@@ -91,6 +91,10 @@ class WorkerJob:
     overlap_mode: str = "auto"
     split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
     stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
+    # AWQ's relations as the plan found them (ScaleGroup.to_dict) and {group "a/b": why} for the
+    # groups without one; None: each worker finds them on its first block
+    awq_relations: list[dict] | None = None
+    awq_unfolded: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
     # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
@@ -1095,14 +1099,21 @@ class BlockWorker:
         return [list(g) for g in self._trace(layer, linears, batch).groups]
 
     def _scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
-        """AWQ's relations of the float block (:func:`find_scale_groups`), once per block
-        structure; a group without one is recorded in its results (``awq_unfolded``; the
-        plan said so once, pipeline.run.check_block_structure)."""
+        """AWQ's relations of the float block: the plan's (found on a probe of the layer's
+        code, pipeline.run.check_block_structure, which says once what has none), else
+        :func:`find_scale_groups` on this block. A group without one is recorded in its
+        results (``awq_unfolded``)."""
         linears = block_linears(layer)
         key = self._structure_key(layer, linears)
         if key not in self._relations:
-            trace = self._trace(layer, linears, batch)
-            self._relations[key] = find_scale_groups(layer, trace, batch[0].float(), batch[1])
+            job = self.job
+            if job.awq_relations is not None:
+                relations = [ScaleGroup.from_dict(d) for d in job.awq_relations]
+                unfolded = {tuple(k.split("/")): why for k, why in job.awq_unfolded.items()}
+            else:
+                trace = self._trace(layer, linears, batch)
+                relations, unfolded = find_scale_groups(layer, trace, batch[0].float(), batch[1])
+            self._relations[key] = (relations, unfolded)
         return self._relations[key]
 
     def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:

@@ -413,6 +413,22 @@ class ScaleGroup:
     rows: tuple[int, int] | None = None
     offset: float = 0.0
 
+    def to_dict(self) -> dict:
+        """Plain data (the plan sends the relations it found to every worker)."""
+        return {
+            "prev": self.prev,
+            "linears": list(self.linears),
+            "expand": None if self.expand is None else self.expand.tolist(),
+            "rows": None if self.rows is None else list(self.rows),
+            "offset": self.offset,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScaleGroup:
+        expand = None if d["expand"] is None else torch.tensor(d["expand"], dtype=torch.int64)
+        rows = None if d["rows"] is None else (int(d["rows"][0]), int(d["rows"][1]))
+        return cls(d["prev"], list(d["linears"]), expand, rows, float(d["offset"]))
+
     def slots(self, block: nn.Module) -> int:
         if self.rows is not None:
             return self.rows[1] - self.rows[0]
