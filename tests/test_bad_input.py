@@ -161,7 +161,10 @@ def test_unsupported_architecture(tmp_path, model_copy, capsys):
     config["architectures"] = ["GPT2LMHeadModel"]
     _replace(model_copy / "config.json", json.dumps(config).encode())
     msg = run_cli(tmp_path, tiny_dict(tmp_path, str(model_copy)), capsys)
-    assert "unsupported architecture ['GPT2LMHeadModel']; supported:" in msg
+    assert (
+        "unsupported architecture ['GPT2LMHeadModel']: for model_type 'llama' transformers builds LlamaForCausalLM"
+        in msg
+    )
     assert_nothing_complete(tmp_path)
 
 

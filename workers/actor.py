@@ -27,19 +27,22 @@ from torch import nn
 
 from strata_quant.workers.awq import (
     AbsMeanAccumulator,
+    ScaleGroup,
     column_scales,
+    find_scale_groups,
     fold_scales,
-    llama_scale_groups,
     scale_gram,
     search_scales,
 )
 from strata_quant.workers.block import (
+    BlockTrace,
     StagePasses,
     block_linears,
     build_block,
     decoder_layers,
+    materialize_buffers,
     run_block,
-    shared_input_groups,
+    trace_block,
 )
 from strata_quant.workers.gptq import output_error_terms, relative_output_error
 from strata_quant.workers.methods import (
@@ -88,6 +91,10 @@ class WorkerJob:
     overlap_mode: str = "auto"
     split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
     stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
+    # AWQ's relations as the plan found them (ScaleGroup.to_dict) and {group "a/b": why} for the
+    # groups without one; None: each worker finds them on its first block
+    awq_relations: list[dict] | None = None
+    awq_unfolded: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
     # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
@@ -289,15 +296,21 @@ class _Statistics:
 
 
 class _Catcher(nn.Module):
-    """Stands in for the first decoder layer and records what the model feeds it."""
+    """Stands in for a decoder layer and records what the model feeds it: the hidden states
+    pass through unchanged, so every layer's catcher sees the arguments of its own layer
+    (the attention mask and rotary tables of its layer type: Gemma's sliding-window layers);
+    the last one stops the forward."""
 
-    def __init__(self):
+    def __init__(self, last: bool):
         super().__init__()
+        self.last = last
         self.captured: tuple[torch.Tensor, dict] | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
         self.captured = (hidden_states, kwargs)
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
 class _Uploads:
@@ -489,8 +502,11 @@ class BlockWorker:
             self.meta_model = AutoModelForCausalLM.from_config(self.config)
         self.layers_path, self.meta_layers = decoder_layers(self.meta_model)
         self.batches: list[tuple[torch.Tensor, dict]] = []
+        self.layer_kwargs: list[list[dict]] = []
+        self.kwargs_variant: list[int] = []
         self.group_ready = False
-        self._input_groups: dict[tuple, list[list[str]]] = {}
+        self._traces: dict[tuple, BlockTrace] = {}  # per block structure (:meth:`_trace`)
+        self._relations: dict[tuple, tuple[list[ScaleGroup], dict[tuple[str, ...], str]]] = {}
         self._total_rows: int | None = None  # all workers' calibration rows (:meth:`_all_rows`)
 
     # -- setup ---------------------------------------------------------------------
@@ -514,6 +530,7 @@ class BlockWorker:
         """Embed this worker's samples and capture the block inputs with the model's own code
         (``embedding``: another input embedding than the checkpoint's, e.g. a GGUF's)."""
         model = self.meta_model
+        materialize_buffers(model, self.layers_path)  # before the embedding gets its weights
         embed = model.get_input_embeddings()
         embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
         weight = (self.reader.load([embed_name])[embed_name] if embedding is None else embedding).float()
@@ -522,10 +539,14 @@ class BlockWorker:
             if type(module).__name__.endswith("RotaryEmbedding"):
                 parent_name, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), attr, type(module)(config=self.config))
-        first = self.meta_layers[0]
-        catcher = _Catcher()
-        self.meta_layers[0] = catcher
+        layers = list(self.meta_layers)
+        catchers = [_Catcher(last=i == len(layers) - 1) for i in range(len(layers))]
+        for i, catcher in enumerate(catchers):
+            self.meta_layers[i] = catcher
         self.batches = []
+        # each layer's arguments, the same objects for layers of one type: kept once per variant
+        self.layer_kwargs: list[list[dict]] = []  # [variant][batch]
+        self.kwargs_variant: list[int] = [0] * len(layers)
         try:
             for start in range(0, token_ids.shape[0], self.job.batch_size):
                 ids = token_ids[start : start + self.job.batch_size]
@@ -534,12 +555,21 @@ class BlockWorker:
                         model(input_ids=ids, use_cache=False)
                 except _StopForward:
                     pass
-                hidden, kwargs = catcher.captured
-                kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
-                hidden = hidden.detach().to(getattr(torch, self.job.hidden_dtype))
-                self.batches.append((hidden.to(self.device), to_device(kwargs, self.device)))
+                hidden = catchers[0].captured[0].detach().to(getattr(torch, self.job.hidden_dtype))
+                variants: dict[tuple, int] = {}
+                for i, catcher in enumerate(catchers):
+                    kwargs = {k: v for k, v in catcher.captured[1].items() if k not in ("past_key_values", "cache")}
+                    key = tuple((k, id(v)) for k, v in sorted(kwargs.items()))
+                    if key not in variants:
+                        variants[key] = len(variants)
+                        if len(self.layer_kwargs) < len(variants):
+                            self.layer_kwargs.append([])
+                        self.layer_kwargs[variants[key]].append(to_device(kwargs, self.device))
+                    self.kwargs_variant[i] = variants[key]
+                self.batches.append((hidden.to(self.device), self.layer_kwargs[0][-1]))
         finally:
-            self.meta_layers[0] = first
+            for i, layer in enumerate(layers):
+                self.meta_layers[i] = layer
             embed.to("meta")
         return sum(h.shape[0] for h, _ in self.batches)
 
@@ -554,6 +584,9 @@ class BlockWorker:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         prefix = f"{self.layers_path}.{b}."
+        if len(self.layer_kwargs) > 1:  # this layer's mask and rotary tables (its layer type)
+            own = self.layer_kwargs[self.kwargs_variant[b]]
+            self.batches = [(h, own[i]) for i, (h, _) in enumerate(self.batches)]
         tensors = self.reader.load_block(b)
         digests = self.reader.take_block_digests(b) if hasattr(self.reader, "take_block_digests") else None
         data = {"tensor_sha256": digests} if digests else {}  # the block's bytes, for the record
@@ -1048,18 +1081,46 @@ class BlockWorker:
                 self._final_passes = passes
         return quantized, outputs, floats
 
-    def _shared_input_groups(self, layer: nn.Module, linears: dict[str, nn.Linear], batch: tuple) -> list[list[str]]:
-        """:func:`shared_input_groups` of the block, found once per block structure (its class
-        and its linears' names and shapes): the grouping follows from the block's code, and
-        finding it costs a forward of one batch, which would not shrink as workers are added."""
-        key = (
+    def _structure_key(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> tuple:
+        return (
             type(layer).__module__,
             type(layer).__qualname__,
             tuple((n, m.in_features, m.out_features) for n, m in linears.items()),
         )
-        if key not in self._input_groups:
-            self._input_groups[key] = shared_input_groups(layer, batch[0].float(), batch[1])
-        return [list(g) for g in self._input_groups[key]]
+
+    def _trace(self, layer: nn.Module, linears: dict[str, nn.Linear], batch: tuple) -> BlockTrace:
+        """:func:`trace_block` of the block, found once per block structure (its class and its
+        linears' names and shapes): the structure follows from the block's code, and finding
+        it costs a forward of one batch, which would not shrink as workers are added."""
+        key = self._structure_key(layer, linears)
+        if key not in self._traces:
+            trace = trace_block(layer, batch[0].float(), batch[1])
+            if trace.unreached:
+                raise ValueError(f"one batch through the block never reaches {', '.join(trace.unreached)}")
+            self._traces[key] = trace
+        return self._traces[key]
+
+    def _shared_input_groups(self, layer: nn.Module, linears: dict[str, nn.Linear], batch: tuple) -> list[list[str]]:
+        """The block's shared-input groups in execution order (:meth:`_trace`)."""
+        return [list(g) for g in self._trace(layer, linears, batch).groups]
+
+    def _scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
+        """AWQ's relations of the float block: the plan's (found on a probe of the layer's
+        code, pipeline.run.check_block_structure, which says once what has none), else
+        :func:`find_scale_groups` on this block. A group without one is recorded in its
+        results (``awq_unfolded``)."""
+        linears = block_linears(layer)
+        key = self._structure_key(layer, linears)
+        if key not in self._relations:
+            job = self.job
+            if job.awq_relations is not None:
+                relations = [ScaleGroup.from_dict(d) for d in job.awq_relations]
+                unfolded = {tuple(k.split("/")): why for k, why in job.awq_unfolded.items()}
+            else:
+                trace = self._trace(layer, linears, batch)
+                relations, unfolded = find_scale_groups(layer, trace, batch[0].float(), batch[1])
+            self._relations[key] = (relations, unfolded)
+        return self._relations[key]
 
     def _splits(self, b: int, names: list[str], linears: dict[str, nn.Linear]) -> bool:
         """Whether a group's GPTQ solve may be split by output rows across the workers: plain GPTQ,
@@ -1130,19 +1191,30 @@ class BlockWorker:
         dtype = getattr(torch, job.hessian_dtype)
         linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         searched = []
-        for group in llama_scale_groups(layer):
-            key = tuple(group.linears)
+        owned: dict[str, dict] = {}
+        relations, unfolded = self._scale_relations(layer, self.batches[0])
+        by_group = {tuple(g.linears): g for g in relations}
+        for key in list(by_group) + [k for k in unfolded if k not in by_group]:
+            group = by_group.get(key)
             if key not in owner_of:
                 raise ValueError(f"AWQ group {key} does not match the block's shared-input groups")
-            owner, leader = owner_of[key], group.linears[0]
+            owner, leader = owner_of[key], key[0]
             t = time.perf_counter()
-            grams, means = _collect_stats(layer, self.batches, [leader], dtype, stop_early=True, abs_means=True)
+            grams, means = _collect_stats(
+                layer, self.batches, [leader], dtype, stop_early=True, abs_means=group is not None
+            )
             timings["stats"] += time.perf_counter() - t
             t = time.perf_counter()
             if self.group_ready:
                 dist.reduce(grams[leader].sum, dst=owner)
-                dist.reduce(means[leader].sum, dst=owner)
+                if group is not None:
+                    dist.reduce(means[leader].sum, dst=owner)
             timings["reduce"] += time.perf_counter() - t
+            if group is None:  # no op absorbs scales: the linears are quantized as they are
+                if owner == self.rank:
+                    owned[leader] = self._unfolded_entry(unfolded[key], grams[leader].hessian(total_count=total_rows))
+                del grams, means
+                continue
             t = time.perf_counter()
             found = None
             if owner == self.rank:
@@ -1165,7 +1237,6 @@ class BlockWorker:
             searched.append((group, owner, scales, found, hessian))
 
         floats: dict[str, torch.Tensor] = {}
-        owned: dict[str, dict] = {}
         for group, owner, scales, found, hessian in searched:
             changed = fold_scales(layer, group, scales)
             entries = []
@@ -1191,7 +1262,29 @@ class BlockWorker:
                     },
                     "float_results": entries,
                 }
+                if group.offset:  # the norm computes x̂ · (offset + w)
+                    owned[group.linears[0]]["params"]["awq_prev_offset"] = group.offset
         return floats, owned
+
+    def _unfolded_entry(self, why: str, hessian: torch.Tensor) -> dict:
+        """The owner's record of a group that AWQ leaves unscaled: its Hessian (for the clip
+        search), s = 1, and why (kept in every result of the group)."""
+        job = self.job
+        return {
+            "hessian": hessian,
+            "params": {
+                "awq_alpha": -1.0,
+                "awq_duo_chosen": False,
+                "awq_grid": job.awq_grid,
+                "awq_duo": job.awq_duo,
+                "awq_clip": job.awq_clip and job.method == "awq",
+                "awq_clip_search": job.awq_clip_search,
+                "awq_prev": None,
+                "awq_unfolded": why,
+                "awq_search_gain": 0.0,
+            },
+            "float_results": [],
+        }
 
     def _store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"

@@ -393,7 +393,7 @@ def awq_quantize(
     return result, s, found
 
 
-# -- folding into a Llama-layout block ---------------------------------------------------
+# -- folding: the relations found from the block's own code -------------------------------
 
 
 @dataclass
@@ -401,59 +401,217 @@ class ScaleGroup:
     """Linears whose shared input is scaled, and the op before them that absorbs 1/s.
 
     ``prev`` is a module path in the block: a norm (its weight, and bias if any, is divided
-    by s) or a linear (its output rows, and bias, are divided by s). ``expand`` maps each
-    input channel of the linears to its slot in ``prev``'s output (None: identity).
+    by s; a norm computing x̂ · (c + w) has ``offset`` c and its weight becomes (c + w)/s − c)
+    or a linear (its output rows ``rows`` — all of them when None, a slice of a fused
+    qkv_proj / gate_up_proj otherwise — and their bias are divided by s). ``expand`` maps
+    each input channel of the linears to its slot among those rows (None: identity).
     """
 
     prev: str
     linears: list[str]
     expand: torch.Tensor | None = None
+    rows: tuple[int, int] | None = None
+    offset: float = 0.0
+
+    def to_dict(self) -> dict:
+        """Plain data (the plan sends the relations it found to every worker)."""
+        return {
+            "prev": self.prev,
+            "linears": list(self.linears),
+            "expand": None if self.expand is None else self.expand.tolist(),
+            "rows": None if self.rows is None else list(self.rows),
+            "offset": self.offset,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScaleGroup:
+        expand = None if d["expand"] is None else torch.tensor(d["expand"], dtype=torch.int64)
+        rows = None if d["rows"] is None else (int(d["rows"][0]), int(d["rows"][1]))
+        return cls(d["prev"], list(d["linears"]), expand, rows, float(d["offset"]))
 
     def slots(self, block: nn.Module) -> int:
+        if self.rows is not None:
+            return self.rows[1] - self.rows[0]
         prev = block.get_submodule(self.prev)
         return prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
 
 
-def llama_scale_groups(block: nn.Module) -> list[ScaleGroup]:
-    """The four AWQ groups of a Llama-layout decoder layer (Llama, Mistral, Qwen2/3 …).
+# a fold holds when the block's branch output moves by less than this (relative): fp32 rounding
+# of an exact fold is ~1e-6, a fold that changes the function moves it by ~1e-2 or more
+FOLD_TOLERANCE = 1e-4
 
-    input_layernorm → q/k/v; v_proj → o_proj; post_attention_layernorm → gate/up;
-    up_proj → down_proj. With grouped-query attention (n_heads ≠ n_kv), o_proj input
-    channel c = h·d_head + i reads v row r = (h // (n_heads / n_kv))·d_head + i, so every
-    o_proj column fed by one v row shares that row's scale (``expand``).
+
+def _branch(layer: nn.Module, sample: torch.Tensor, kwargs: dict, hooks=(), capture: str | None = None):
+    """The block's output minus its input (what the block adds to the residual stream) with
+    temporary ``hooks`` ((module, kind, fn) with kind "pre" or "post"), and the input of
+    linear ``capture`` when asked."""
+    seen: list[torch.Tensor] = []
+    handles = []
+    for module, kind, fn in hooks:
+        handles.append(module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn))
+    if capture is not None:
+        handles.append(layer.get_submodule(capture).register_forward_pre_hook(lambda _m, a: seen.append(a[0])))
+    try:
+        with torch.no_grad():
+            out = layer(sample, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    return out - sample, (seen[0] if seen else None)
+
+
+def _moved(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def _scale_inputs(cols: torch.Tensor):
+    """A pre-hook multiplying a linear's input channels by ``cols`` (the columns' side of a fold)."""
+    return lambda _m, args: (args[0] * cols, *args[1:])
+
+
+def _fold_holds(layer, sample, kwargs, ref, linears: list[str], prev_hooks: list, cols: torch.Tensor) -> bool:
+    hooks = prev_hooks + [(layer.get_submodule(n), "pre", _scale_inputs(cols)) for n in linears]
+    return _moved(_branch(layer, sample, kwargs, hooks)[0], ref) < FOLD_TOLERANCE
+
+
+def _test_scales(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.rand(n, generator=g) * 2.0 - 1.0)  # e^±1, every one different
+
+
+def _norm_fold(layer, sample, kwargs, ref, name: str, linears: list[str]) -> float | None:
+    """The offset c with which norm ``name`` absorbs 1/s ((c + w)/s − c), or None."""
+    norm = layer.get_submodule(name)
+    weight = getattr(norm, "weight", None)
+    width = layer.get_submodule(linears[0]).in_features
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != width:
+        return None
+    s = _test_scales(width, 1).to(weight.device, weight.dtype)
+    bias = getattr(norm, "bias", None)
+    probe = torch.randn(4, width, generator=torch.Generator().manual_seed(2)).to(weight.device, weight.dtype)
+    original = weight.data
+    try:
+        with torch.no_grad():
+            norm.weight.data = torch.zeros_like(original)
+            y0 = norm(probe)
+            norm.weight.data = torch.ones_like(original)
+            y1 = norm(probe)
+        d = y1 - y0
+        c = float((y0 * d).sum() / (d * d).sum().clamp(min=1e-30))
+        if bias is not None or _moved(c * d, y0) > FOLD_TOLERANCE:
+            c = 0.0  # y = x̂ · w + b: the plain fold, tried below like any other
+        c = round(c, 6)
+        norm.weight.data = (original + c) / s - c if c else original / s
+        hooks = []
+        if bias is not None:
+            hooks.append((norm, "post", lambda _m, _a, out: out - bias + bias / s))
+        holds = _fold_holds(layer, sample, kwargs, ref, linears, hooks, s)
+    finally:
+        norm.weight.data = original
+    return c if holds else None
+
+
+def _row_segments(rows: int, width: int) -> list[tuple[int, int]]:
+    """The rows of a linear that may feed an input of ``width`` channels: all of them, then
+    the tail and the head slices whose size divides ``width`` (a fused qkv_proj's v rows, a
+    fused gate_up_proj's up rows), largest first."""
+    sizes = [d for d in range(min(rows - 1, width), 15, -1) if width % d == 0][:8]
+    return [(0, rows)] + [seg for d in sizes for seg in ((rows - d, rows), (0, d))]
+
+
+def _channel_map(x: torch.Tensor, moved: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """expand with moved[..., c] = x[..., c] / t[expand[c]] for every channel c, or None."""
+    x, moved = x.reshape(-1, x.shape[-1]).double(), moved.reshape(-1, moved.shape[-1]).double()
+    energy = (x * x).sum(0)
+    if bool((energy == 0).any()):
+        return None
+    ratio = (moved * x).sum(0) / energy  # 1 / t of the slot, when the channel is a slot scaled
+    resid = (moved - ratio * x).norm(dim=0) / energy.sqrt()
+    if float(resid.max()) > FOLD_TOLERANCE:
+        return None
+    inv = 1.0 / t.double()
+    expand = (ratio.unsqueeze(1) - inv.unsqueeze(0)).abs().argmin(dim=1)
+    if float((inv[expand] / ratio - 1).abs().max()) > FOLD_TOLERANCE:
+        return None
+    return expand
+
+
+def _linear_fold(layer, sample, kwargs, ref, x, prev: str, linears: list[str]):
+    """(rows, expand) with which linear ``prev``'s output rows absorb the group's scales, or None.
+
+    Each candidate slice of ``prev``'s rows is scaled by 1/t (t all different) through a
+    hook; when every input channel of the group moves by exactly 1/t of one row, that map is
+    the expand, and the fold is accepted when fresh scales folded both ways leave the
+    block's function unchanged."""
+    p = layer.get_submodule(prev)
+    width = x.shape[-1]
+    for a, b in _row_segments(p.out_features, width):
+        t = torch.linspace(1.0, 4.0, b - a, dtype=torch.float32, device=x.device)
+
+        def scale_rows(vec, a=a, b=b):
+            def fn(_m, _args, out):
+                out = out.clone()
+                out[..., a:b] = out[..., a:b] / vec
+                return out
+
+            return fn
+
+        moved = _branch(layer, sample, kwargs, [(p, "post", scale_rows(t))], capture=linears[0])[1]
+        if _moved(moved, x) < 1e-7:
+            return None  # prev does not feed this input at all
+        expand = _channel_map(x, moved, t)
+        if expand is None:
+            continue
+        s = _test_scales(b - a, 3).to(x.device)
+        if _fold_holds(layer, sample, kwargs, ref, linears, [(p, "post", scale_rows(s))], s[expand]):
+            identity = b - a == width and bool((expand == torch.arange(width, device=expand.device)).all())
+            return (None if (a, b) == (0, p.out_features) else (a, b)), (None if identity else expand.cpu())
+    return None
+
+
+def find_scale_groups(
+    layer: nn.Module, trace, sample: torch.Tensor, kwargs: dict
+) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
+    """The AWQ relations of a block, found from its own code: per shared-input group of
+    ``trace`` (:func:`workers.block.trace_block`), the op before it that absorbs 1/s.
+
+    * The module that produced the group's input (the trace's feeder) when it is a norm
+      whose output scales with its weight: y = x̂ · (c + w) (c = 0 for Llama's RMSNorm,
+      1 for Gemma's), measured on the module and checked on the block.
+    * Otherwise the nearest earlier linear whose output rows the input is a per-channel
+      multiple of (v_proj → o_proj, with grouped-query attention's expand; up_proj →
+      down_proj; the v / up rows of a fused qkv_proj / gate_up_proj): found by scaling the
+      candidate's rows and watching the input move.
+
+    Every relation is accepted only when folding random scales leaves the block's function
+    unchanged (:data:`FOLD_TOLERANCE`). Returns the groups that have a relation, in block
+    order, and {group: why not} for those that have none (their linears are quantized
+    without scales).
     """
-    names = {n for n, _ in block.named_modules()}
-    need = {
-        "input_layernorm",
-        "post_attention_layernorm",
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    }
-    if not need <= names:
-        raise ValueError(f"AWQ folding needs a Llama-layout block; missing {sorted(need - names)}")
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        if "Gemma" in type(block.get_submodule(norm)).__name__:
-            raise ValueError("AWQ folding assumes y = weight · x̂ norms (Gemma's (1 + weight) is not handled)")
-    v = block.get_submodule("self_attn.v_proj")
-    o = block.get_submodule("self_attn.o_proj")
-    attn = block.get_submodule("self_attn")
-    head_dim = int(getattr(attn, "head_dim", 0)) or v.out_features // max(1, int(attn.config.num_key_value_heads))
-    n_heads, n_kv = o.in_features // head_dim, v.out_features // head_dim
-    if n_heads * head_dim != o.in_features or n_kv * head_dim != v.out_features or n_heads % n_kv:
-        raise ValueError(f"cannot map o_proj inputs to v_proj rows (heads {n_heads}, kv heads {n_kv})")
-    c = torch.arange(o.in_features)
-    expand = (c // head_dim // (n_heads // n_kv)) * head_dim + c % head_dim
-    return [
-        ScaleGroup("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
-        ScaleGroup("self_attn.v_proj", ["self_attn.o_proj"], None if n_heads == n_kv else expand),
-        ScaleGroup("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
-        ScaleGroup("mlp.up_proj", ["mlp.down_proj"]),
-    ]
+    ref, _ = _branch(layer, sample, kwargs)
+    found, missing = [], {}
+    for names, feeder in zip(trace.groups, trace.feeders):
+        names = list(names)
+        _, x = _branch(layer, sample, kwargs, capture=names[0])
+        if feeder is not None and not isinstance(layer.get_submodule(feeder), nn.Linear):
+            c = _norm_fold(layer, sample, kwargs, ref, feeder, names)
+            if c is not None:
+                found.append(ScaleGroup(feeder, names, offset=c))
+            else:
+                missing[tuple(names)] = f"{feeder} (which computes their input) cannot absorb a per-channel scale"
+            continue
+        earlier = [n for n in trace.order[: trace.order.index(names[0])] if n not in names]
+        candidates = ([feeder] if feeder is not None else []) + list(reversed(dict.fromkeys(earlier)))
+        for prev in candidates:
+            hit = _linear_fold(layer, sample, kwargs, ref, x, prev, names)
+            if hit is not None:
+                found.append(ScaleGroup(prev, names, expand=hit[1], rows=hit[0]))
+                break
+        else:
+            tried = ", ".join(candidates) or "none"
+            missing[tuple(names)] = f"no earlier op absorbs a per-channel scale of their input (tried: {tried})"
+    return found, missing
 
 
 @torch.no_grad()
@@ -467,12 +625,25 @@ def fold_scales(block: nn.Module, group: ScaleGroup, scales: torch.Tensor) -> li
     s = scales.to(prev.weight.dtype)
     changed = []
     if isinstance(prev, nn.Linear):
-        prev.weight.data = prev.weight.data / s.unsqueeze(1)
+        if group.rows is None:
+            prev.weight.data = prev.weight.data / s.unsqueeze(1)
+        else:
+            a, b = group.rows
+            weight = prev.weight.data.clone()
+            weight[a:b] = weight[a:b] / s.unsqueeze(1)
+            prev.weight.data = weight
+    elif group.offset:  # y = x̂ · (c + w): (c + w') = (c + w) / s
+        prev.weight.data = (prev.weight.data + group.offset) / s - group.offset
     else:
         prev.weight.data = prev.weight.data / s
     changed.append(f"{group.prev}.weight")
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data = prev.bias.data / s
+        if group.rows is None:
+            prev.bias.data = prev.bias.data / s
+        else:
+            bias = prev.bias.data.clone()
+            bias[group.rows[0] : group.rows[1]] = bias[group.rows[0] : group.rows[1]] / s
+            prev.bias.data = bias
         changed.append(f"{group.prev}.bias")
     cols = s if group.expand is None else s[group.expand.to(s.device)]
     for name in group.linears:

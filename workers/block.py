@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -13,6 +15,62 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return name, module
     raise ValueError("cannot find the decoder layers of this model")
+
+
+def materialize_buffers(model: nn.Module, skip: str) -> None:
+    """Non-persistent buffers outside ``skip`` (the decoder layers) that the meta device left
+    without values (rotary tables, Gemma's embedding scale), made real and set by the model's
+    own ``_init_weights``, as transformers does when it loads a checkpoint."""
+    owners = {}
+    for name, buf in model.named_buffers():
+        if buf.is_meta and not name.startswith(skip + "."):
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            owner._buffers[attr] = torch.empty_like(buf, device="cpu")
+            owners[owner_name] = owner
+    with torch.no_grad():
+        for owner in owners.values():
+            model._init_weights(owner)
+
+
+class _Stop(Exception):
+    pass
+
+
+def probe_layer(model: nn.Module, tokens: int = 16, seed: int = 0) -> tuple[nn.Module, torch.Tensor, dict]:
+    """Layer 0 of a causal LM built on the meta device, made real (float32) with random weights,
+    a random input of ``tokens`` positions and the arguments the model's own forward passes the
+    layer (mask, rotary tables): what :func:`trace_block` needs to learn the block's structure
+    before any checkpoint tensor is read. (The model's buffers outside the layers are made real.)"""
+    layers_path, layers = decoder_layers(model)
+    materialize_buffers(model, layers_path)
+    seen: dict = {}
+
+    def catch(_module, args, kwargs):
+        seen["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "cache")}
+        raise _Stop
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden = int(model.config.hidden_size)
+    sample = torch.randn(1, tokens, hidden, generator=gen)
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(inputs_embeds=sample, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    import copy
+
+    layer = copy.deepcopy(layers[0]).to_empty(device="cpu").float()
+    with torch.no_grad():
+        for name, param in layer.named_parameters():
+            if param.dim() == 1:  # norms and biases: near one (a norm) or small (a bias)
+                param.copy_(("norm" in name) + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+    return layer.eval(), sample, seen["kwargs"]
 
 
 def build_block(meta_layer: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
@@ -33,19 +91,42 @@ def block_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
-def shared_input_groups(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Linears grouped by the input tensor they read (q/k/v, gate/up …), in execution order.
+@dataclass(frozen=True)
+class BlockTrace:
+    """What one batch run through a decoder block shows of its structure.
 
-    Found by running one sample through the block and noting which linears received the
-    very same input tensor, so no per-architecture table is needed.
+    ``order``: the linears in the order they ran; ``groups``: the linears that read the very
+    same input tensor (q/k/v, gate/up …; a fused qkv_proj alone), in execution order;
+    ``feeders``: per group, the module of the block whose output *is* that input tensor (the
+    norm before q/k/v or gate/up), or None when the input is computed in the module's own
+    code (attention output, act(gate)·up); ``unreached``: linears the batch never reached.
     """
+
+    order: tuple[str, ...]
+    groups: tuple[tuple[str, ...], ...]
+    feeders: tuple[str | None, ...]
+    unreached: tuple[str, ...]
+
+
+def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTrace:
+    """The block's structure from its own code: one forward of ``sample`` with hooks.
+
+    A pre-hook on every linear notes the input tensor it receives (kept alive while the
+    block runs, so identity is unambiguous); a forward hook on every other submodule notes
+    which module produced each output tensor (the innermost one: a child finishes first).
+    No per-architecture table is involved.
+    """
+    import weakref
+
     linears = block_linears(layer)
-    # the input tensors are kept alive while the block runs, so identity is unambiguous
     seen: list[tuple[torch.Tensor, list[str]]] = []
+    order: list[str] = []
+    produced: dict[int, tuple[str, weakref.ref]] = {}
     hooks = []
 
-    def hook(name):
+    def pre(name):
         def fn(_module, args):
+            order.append(name)
             for tensor, names in seen:
                 if tensor is args[0]:
                     names.append(name)
@@ -54,15 +135,44 @@ def shared_input_groups(layer: nn.Module, sample: torch.Tensor, kwargs: dict) ->
 
         return fn
 
-    for name, module in linears.items():
-        hooks.append(module.register_forward_pre_hook(hook(name)))
+    def post(name):
+        def fn(_module, _args, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            known = produced.get(id(out))
+            if known is None or known[1]() is not out:  # new, or a freed tensor's reused id
+                produced[id(out)] = (name, weakref.ref(out))
+
+        return fn
+
+    for name, module in layer.named_modules():
+        if not name:
+            continue
+        if name in linears:
+            hooks.append(module.register_forward_pre_hook(pre(name)))
+        hooks.append(module.register_forward_hook(post(name)))
     try:
         with torch.no_grad():
             layer(sample, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return [names for _, names in seen]
+    feeders = []
+    for tensor, _ in seen:
+        hit = produced.get(id(tensor))
+        feeders.append(hit[0] if hit is not None and hit[1]() is tensor else None)
+    return BlockTrace(
+        order=tuple(order),
+        groups=tuple(tuple(names) for _, names in seen),
+        feeders=tuple(feeders),
+        unreached=tuple(n for n in linears if n not in order),
+    )
+
+
+def shared_input_groups(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Linears grouped by the input tensor they read (q/k/v, gate/up …), in execution order
+    (:func:`trace_block`'s groups)."""
+    return [list(g) for g in trace_block(layer, sample, kwargs).groups]
 
 
 def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
