@@ -90,3 +90,52 @@ def test_unknown_mix_is_refused():
     with pytest.raises(ValueError, match="unknown GGUF mix 'Q4_K_X'"):
         smol("Q4_K_X", "blk.0.attn_q.weight", (576, 576))
     assert set(MIXES) == {"Q4_K_M", "Q4_K_S", "Q5_K_M", "Q5_K_S", "Q6_K", "Q3_K_M", "Q3_K_L", "Q2_K", "Q8_0"}
+
+
+def _llama_quantize(src, dst, mix: str) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize, the code of llama-quantize) for ``mix``."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix}")
+    params.allow_requantize = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
+    assert rc == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf(smollm2_path):
+    from strata_quant.pipeline.fixtures import _fetch_smollm2_gguf
+
+    return _fetch_smollm2_gguf()  # the fixture's own Q4_1 file (30 layers, 576 wide, tied embedding)
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_types_are_llama_quantizes_choices_on_smollm2(mix, smollm2_gguf, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    dst = tmp_path / f"smol-{mix}.gguf"
+    _llama_quantize(smollm2_gguf, dst, mix)
+    reader = GGUFReader(dst)
+    fields = {f.name: f for f in reader.fields.values()}
+    n_layers = int(fields["llama.block_count"].parts[-1][0])
+    n_gqa = int(fields["llama.attention.head_count"].parts[-1][0]) // int(
+        fields["llama.attention.head_count_kv"].parts[-1][0]
+    )
+    names = [t.name for t in reader.tensors]
+    model = ModelShape(n_layers=n_layers, n_gqa=n_gqa)
+    checked = 0
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))  # torch order: rows along the last dim
+        want = tensor_type(mix, t.name, shape, model, tied="output.weight" not in names)
+        if want is None:
+            assert t.tensor_type.name == "F32", t.name
+            continue
+        assert t.tensor_type.name == want, f"{mix}: {t.name} {shape} is {t.tensor_type.name}, rules say {want}"
+        checked += 1
+    assert checked == 1 + 7 * n_layers
