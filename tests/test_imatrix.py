@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from strata_quant.pipeline.cli import main
-from strata_quant.pipeline.run import run_job
+from strata_quant.pipeline.job import run_full_job
 from tests.test_e2e import tiny_config
 
 TOOLS = Path(os.environ.get("STRATA_LLAMACPP_DIR", Path.home() / ".cache/strata/llama.cpp")) / "bin"
@@ -37,8 +37,8 @@ def tiny_run(tmp_path_factory, tiny_model_path, emma_path, ray_session):
         run={"propagate": "float"},
         output={"dir": str(tmp / "out"), "formats": ["gguf"]},
     )
-    outcome = run_job(cfg, progress=False)
-    return tmp, outcome.run_id, cfg
+    report = run_full_job(cfg, progress=False)  # the run and its GGUF (llama-quantize's input below)
+    return tmp, report["run_id"], cfg
 
 
 def _block0_sums(model_path, cfg) -> dict[str, np.ndarray]:
