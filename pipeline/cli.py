@@ -231,6 +231,20 @@ def cmd_config_reference(args) -> int:
     return 0
 
 
+def cmd_imatrix(args) -> int:
+    from strata_quant.pipeline.config import ConfigError
+    from strata_quant.pipeline.imatrix import write_imatrix
+    from strata_quant.pipeline.store import open_store
+
+    out = Path(args.out) if args.out else Path(f"{args.run_id}.imatrix.{'dat' if args.dat else 'gguf'}")
+    try:
+        print(write_imatrix(open_store(args.store), args.run_id, out, legacy=args.dat))
+    except ConfigError as err:
+        print(f"strata: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_compare(args) -> int:
     from strata_quant.pipeline.report import compare_reports, load_report
 
@@ -352,6 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the planned job config (YAML) to write")
     p.add_argument("--name", help="job name in the planned config (default: the probe's, with -mixedX)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("imatrix", help="a run's activation statistics as llama.cpp's importance matrix")
+    p.add_argument("run_id", metavar="RUN_ID", help="a GPTQ run")
+    p.add_argument("--store", default="runs", help="the run store (default: runs)")
+    p.add_argument("-o", "--out", help="output file (default: RUN_ID.imatrix.gguf)")
+    p.add_argument("--dat", action="store_true", help="the legacy .dat format instead of GGUF")
+    p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("compare", help="several job reports in one table and one perplexity-vs-bits plot")
     p.add_argument("reports", nargs="+", metavar="REPORT_JSON")

@@ -255,7 +255,9 @@ def record_is_complete(store, record_key: str, linears: list[str] | None = None)
                 log.warning("block record %s %s; the block will be solved again", record_key, problem)
                 return None
         for entry in record["results"]:
-            for item in (entry, *entry.get("float_results", [])):  # AWQ's folded float tensors too
+            # AWQ's folded float tensors and the input statistics (strata imatrix) too
+            extra = [*entry.get("float_results", []), *([entry["activations"]] if entry.get("activations") else [])]
+            for item in (entry, *extra):
                 if not store.exists(item["key"]) or sha256_bytes(store.get_bytes(item["key"])) != item["sha256"]:
                     return None
     except (StoreError, ValueError) as err:  # corrupt or unreadable: the block is redone

@@ -1012,6 +1012,8 @@ class BlockWorker:
                         part.params.update(awq["params"])
                     solved[n] = part.dequantize()
                     entry = self._store_result(b, n, part, originals[n], solved[n], hessian)
+                    if gram is not None:
+                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
                     if awq is not None and n == names[0]:
                         entry["float_results"] = awq["float_results"]
                     if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
@@ -1042,6 +1044,7 @@ class BlockWorker:
                     if owner_of[key] == self.rank:
                         error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
                         entry = self._store_result(b, n, part, originals[n], solved[n], gram, error)
+                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
                         entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
                         if probe:
                             entry["sensitivity"] = sensitivity(n, gram, job.method_options())
@@ -1347,6 +1350,16 @@ class BlockWorker:
     def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
         return self._read_results(b, record)
+
+    def _store_activations(self, b: int, name: str, gram: torch.Tensor, tokens: int) -> dict:
+        """The linear's input statistics for an importance matrix: in_sum2[k] = Σ_t x_tk² over the
+        run's calibration tokens (all workers'), = diag(H)·n/2 for H = 2·XᵀX/n; float32 [K]."""
+        full_name = f"{self.layers_path}.{b}.{name}"
+        in_sum2 = torch.diagonal(gram).double() * (tokens / 2.0)
+        data = float_to_bytes(f"{full_name}.in_sum2", in_sum2.float(), {"tokens": int(tokens)})
+        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.activations.safetensors"
+        digest = self._uploads.put(key, data)
+        return {"key": key, "sha256": digest, "tokens": int(tokens), "in_features": int(gram.shape[0])}
 
     def _read_results(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Dequantized weights and folded float tensors of a finished block, hash-checked."""

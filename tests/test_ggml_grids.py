@@ -1,0 +1,139 @@
+"""GPTQ on llama.cpp's grids (workers/ggml.py) and their block bytes (pipeline/formats/gguf_quants.py).
+
+* Every type, on random weights (with an all-zero row stretch and a dead input) and on SmolLM2's
+  weights with their real Hessians: the packed blocks dequantize, in gguf-py and in llama.cpp's own
+  to_float (libggml of llama-cpp-python), to exactly the solver's weights, bit for bit.
+* On SmolLM2's layers, GPTQ on the grid has a smaller output error tr(E H Eᵀ)/tr(W H Wᵀ) than
+  llama.cpp's own quantization with the importance matrix of the same activations. The SmolLM2
+  fixture is itself a dequantized Q4_1 GGUF: its weights lie on the Q4_1 grid (and so on Q5_1's),
+  where any fit gives back the fixture within its fp16 rounding; there both errors must be tiny.
+* A K-quant refuses a row that is not a multiple of 256 (SmolLM2's 576-wide inputs), a legacy
+  type one that is not a multiple of 32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from strata_quant.pipeline.formats.gguf_quants import pack
+from strata_quant.workers.ggml import GRIDS, gptq_ggml, rtn_ggml
+from strata_quant.workers.gptq import relative_output_error
+
+pytest.importorskip("llama_cpp")
+from gguf import GGMLQuantizationType  # noqa: E402
+from gguf.quants import dequantize  # noqa: E402
+
+from tests.ggml_reference import ggml_dequantize, ggml_quantize  # noqa: E402
+
+TYPES = list(GRIDS)
+K_TYPES = [t for t, g in GRIDS.items() if g.k_quant]
+LEGACY = [t for t, g in GRIDS.items() if not g.k_quant]
+
+
+def _assert_exact(result, name: str) -> None:
+    n, k = result.shape
+    ours = result.dequantize().numpy()
+    data = pack(result)
+    by_gguf = dequantize(data, GGMLQuantizationType[name]).reshape(n, k)
+    by_ggml = ggml_dequantize(data, name, k)
+    assert np.array_equal(ours.view(np.uint32), by_gguf.view(np.uint32)), f"{name}: gguf-py differs"
+    assert np.array_equal(ours.view(np.uint32), by_ggml.view(np.uint32)), f"{name}: llama.cpp differs"
+
+
+@pytest.fixture(scope="module")
+def random_case():
+    g = torch.Generator().manual_seed(0)
+    n, k = 24, 512
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[3, :96] = 0.0  # all-zero sub-blocks and legacy blocks
+    w[5, 300] = 0.5  # an outlier
+    x = torch.randn(1024, k, generator=g) * (torch.rand(k, generator=g) * 2 + 0.1)
+    x[:, 7] = 0.0  # a dead input
+    return w, 2 * x.t() @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_random_weights_pack_exactly(name, random_case):
+    w, h = random_case
+    g = gptq_ggml(w, h, name)
+    _assert_exact(g, name)
+    _assert_exact(rtn_ggml(w, name, torch.diag(h)), name)
+    assert g.params["dead_inputs"] == 1
+    assert int(g.codes.max()) <= GRIDS[name].qmax
+    # the solver lowers the output error below rounding on the same kind of grid
+    assert relative_output_error(w, g.dequantize(), h) < relative_output_error(w, rtn_ggml(w, name).dequantize(), h)
+
+
+@pytest.fixture(scope="module")
+def smollm2_layer(smollm2_path, emma_path):
+    """Layer 5's down_proj (K = 1536) and q_proj (K = 576) weights and their Hessians from 4 windows
+    of 256 tokens of Emma through the real model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, torch_dtype=torch.float32).eval()
+    text = emma_path.read_text() if hasattr(emma_path, "read_text") else open(emma_path).read()
+    ids = tok.encode(text[50000:150000], add_special_tokens=False)[: 4 * 256]
+    layer = model.model.layers[5]
+    mods = {"down": layer.mlp.down_proj, "q": layer.self_attn.q_proj}
+    sums = {key: 0 for key in mods}
+    count = [0]
+
+    def hook(key):
+        def f(_m, inp, _out):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            sums[key] = sums[key] + x.t() @ x
+            if key == "q":
+                count[0] += x.shape[0]
+
+        return f
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in mods.items()]
+    with torch.no_grad():
+        for i in range(4):
+            model(torch.tensor([ids[i * 256 : (i + 1) * 256]]))
+    for hd in handles:
+        hd.remove()
+    out = {key: (m.weight.detach().float().clone(), (2 * sums[key] / count[0]).float()) for key, m in mods.items()}
+    del model
+    return out
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_smollm2_exact_and_better_than_llamacpp_imatrix(name, smollm2_layer):
+    w, h = smollm2_layer["down"]
+    g = gptq_ggml(w, h, name)
+    _assert_exact(g, name)
+    imatrix = (torch.diag(h) / 2).numpy()  # llama-imatrix's mean x² per input
+    ref = ggml_dequantize(ggml_quantize(w.numpy(), name, imatrix), name, w.shape[1])
+    ours_err = relative_output_error(w, g.dequantize(), h)
+    ref_err = relative_output_error(w, torch.from_numpy(ref), h)
+    print(f"{name}: GPTQ on grid {ours_err:.3e}, llama.cpp imatrix {ref_err:.3e} ({ours_err / ref_err:.2f}x)")
+    if name in ("Q4_1", "Q5_1"):  # the fixture's own grid (see the module docstring)
+        assert ours_err < 1e-6 and ref_err < 1e-6
+    else:
+        assert ours_err < ref_err
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_smollm2_576_wide_rows_in_legacy_types(name, smollm2_layer):
+    w, h = smollm2_layer["q"]
+    assert w.shape[1] == 576
+    _assert_exact(gptq_ggml(w, h, name), name)
+
+
+@pytest.mark.parametrize("name", K_TYPES)
+def test_k_types_refuse_rows_not_multiple_of_256(name, smollm2_layer):
+    w, h = smollm2_layer["q"]
+    with pytest.raises(ValueError, match=f"{name} stores rows in blocks of 256 values; a row of 576"):
+        gptq_ggml(w, h, name)
+    with pytest.raises(ValueError, match="not a multiple"):
+        rtn_ggml(w, name)
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_types_refuse_rows_not_multiple_of_32(name):
+    with pytest.raises(ValueError, match=f"{name} stores rows in blocks of 32 values; a row of 100"):
+        gptq_ggml(torch.randn(4, 100), torch.eye(100), name)
