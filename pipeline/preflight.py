@@ -245,7 +245,7 @@ def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -
 
     with tempfile.TemporaryDirectory(prefix="strata-vocab-") as tmp:
         path = os.path.join(tmp, "vocab.gguf")
-        writer = _dry_writer(cfg, reader, path)
+        writer, _ = _dry_writer(cfg, reader, path)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

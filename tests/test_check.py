@@ -116,10 +116,11 @@ def test_odd_head_dim(tmp_path, model_copy, capsys):
     assert "head_dim 31" in refused(tmp_path, tiny_dict(tmp_path, model=str(model_copy)), capsys)
 
 
-def test_gguf_needs_hidden_over_heads_or_a_key_length(tmp_path, capsys, tiny_model_path):
+def test_gguf_holds_heads_narrower_than_hidden_over_heads(tmp_path, capsys, tiny_model_path):
     from strata_quant.pipeline.fixtures import synthetic_llama
 
-    # 2 heads of 32 in a 96-wide model: the weights agree with config.json, the GGUF cannot say so
+    # 2 heads of 32 in a 96-wide model: the weights agree with config.json, and the GGUF says so
+    # with attention.key_length (else llama.cpp would assume hidden / heads = 48)
     model = synthetic_llama(tmp_path / "narrow-heads", hidden=96, intermediate=128, layers=1, heads=2, kv_heads=1)
     edit_config(model, head_dim=32)
     from safetensors.torch import load_file, save_file
@@ -139,8 +140,15 @@ def test_gguf_needs_hidden_over_heads_or_a_key_length(tmp_path, capsys, tiny_mod
         index.write_text(json.dumps(data))
     cfg = gguf_dict(tmp_path, model, formats=["gguf"])
     cfg["quant"]["group_size"] = 32
-    msg = refused(tmp_path, cfg, capsys)
-    assert "head_dim 32 × 2 heads ≠ hidden_size 96" in msg
+    rc, out, err = check(tmp_path, cfg, capsys)
+    assert rc == 0, err
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.preflight import _dry_writer
+
+    writer, arch = _dry_writer(parse_config(cfg), open_checkpoint(model))
+    fields = writer.kv_data[0]
+    assert fields[f"{arch}.attention.key_length"].value == 32
 
 
 def test_awq_needs_outputs_in_multiples_of_eight(tmp_path, capsys):
