@@ -504,7 +504,8 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     from strata_quant.pipeline.preflight import check_head_dim
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
-    check_head_dim(reader.config)  # before transformers builds the layer class from it
+    if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
+        check_head_dim(reader.config)  # before transformers builds the layer class from it
     structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
     check_against_model(cfg, reader.config, structure.widths)
     check_checkpoint(reader)
