@@ -17,14 +17,12 @@ Phi-3 (fused qkv_proj / gate_up_proj) with and without longrope. Numbers are pri
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
 from gguf import GGUFReader
 
-from strata_quant.pipeline import checkpoint
 from strata_quant.pipeline.assemble import AssembleError, assemble_gguf
 from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.formats.gguf import GGUFError, check_gguf, llama3_rope_factors
@@ -84,20 +82,6 @@ def _configs(vocab: int) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _reader_accepts(arch: str):
-    """Let the checkpoint reader open ``arch`` while the run's own support for it is elsewhere: these tests need
-    its tensors, not the run."""
-    added = arch not in checkpoint.SUPPORTED_ARCHITECTURES
-    if added:
-        checkpoint.SUPPORTED_ARCHITECTURES.add(arch)
-    try:
-        yield
-    finally:
-        if added:
-            checkpoint.SUPPORTED_ARCHITECTURES.discard(arch)
-
-
 def _build(family: str, tokenizer, folder: Path) -> Path:
     import transformers
     from transformers import AutoModelForCausalLM
@@ -147,16 +131,14 @@ def test_family_gguf_in_llamacpp_and_transformers(family: str, tokenizer, ids, t
     from strata_quant.pipeline.eval import load_reference, with_weights
 
     folder = _build(family, tokenizer, tmp_path / family)
-    arch = _configs(1)[family][0].replace("TextConfig", "ForCausalLM").replace("Config", "ForCausalLM")
     # general.name steers both readers (llama.cpp: "phi3" means Phi-3's own tokenizer; transformers: "mistral")
-    with _reader_accepts(arch):
-        reader = CheckpointReader(folder)
-        source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
-        path = assemble_gguf(reader, source, tmp_path / f"{family}.gguf", tokenizer_pre="smollm", name="tiny")
-        if family not in HF_GGUF_CANNOT:
-            summary, hf_gguf = verify_gguf(path, reader, source)
-            assert summary["bit_exact_linears"] == summary["quantized_linears"] == len(results) > 0
-            assert summary["linear_types"] == {"Q4_0": len(results)}
+    reader = CheckpointReader(folder)
+    source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
+    path = assemble_gguf(reader, source, tmp_path / f"{family}.gguf", tokenizer_pre="smollm", name="tiny")
+    if family not in HF_GGUF_CANNOT:
+        summary, hf_gguf = verify_gguf(path, reader, source)
+        assert summary["bit_exact_linears"] == summary["quantized_linears"] == len(results) > 0
+        assert summary["linear_types"] == {"Q4_0": len(results)}
 
     names = {t.name for t in GGUFReader(path).tensors}
     assert ("rope_freqs.weight" in names) is (family == "llama3")
@@ -199,10 +181,9 @@ def test_gemma3_norms_without_the_shift_fail_in_llamacpp(tokenizer, ids, tmp_pat
 
     folder = _build("gemma3", tokenizer, tmp_path / "gemma3")
     monkeypatch.setattr(gguf_format.GGUFLayout, "norm_shift", lambda self, name: 0.0)
-    with _reader_accepts("Gemma3ForCausalLM"):
-        reader = CheckpointReader(folder)
-        source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
-        path = assemble_gguf(reader, source, tmp_path / "broken.gguf", tokenizer_pre="smollm", name="tiny")
+    reader = CheckpointReader(folder)
+    source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
+    path = assemble_gguf(reader, source, tmp_path / "broken.gguf", tokenizer_pre="smollm", name="tiny")
     dense = with_weights(load_reference(folder), {k: r.dequantize() for k, r in results.items()})
     with torch.no_grad():
         want = dense(input_ids=torch.tensor([ids])).logits[0]
@@ -337,8 +318,7 @@ def test_run_refuses_a_family_without_gguf_layout_before_block_0(tmp_path, tiny_
     config = json.loads((Path(tiny_model_path) / "config.json").read_text())
     config["architectures"] = ["Gemma2ForCausalLM"]  # a family the run could take, the GGUF writer cannot
     (folder / "config.json").write_text(json.dumps(config))
-    with _reader_accepts("Gemma2ForCausalLM"):
-        msg = run_cli(tmp_path, tiny_dict(tmp_path, str(folder), output={"formats": ["gguf"]}), capsys)
+    msg = run_cli(tmp_path, tiny_dict(tmp_path, str(folder), output={"formats": ["gguf"]}), capsys)
     assert "no GGUF layout for architecture ['Gemma2ForCausalLM']" in msg
     assert_nothing_complete(tmp_path)
 
