@@ -32,13 +32,9 @@ def run_activations(store, run_id: str) -> tuple[dict, dict[str, tuple[np.ndarra
     from safetensors.torch import load as load_safetensors
 
     from strata_quant.pipeline.formats.gguf import hf_to_gguf_name
-    from strata_quant.pipeline.run import load_records, result_key_map
+    from strata_quant.pipeline.run import recorded_entries
 
-    key = f"runs/{run_id}/run.json"
-    if not store.exists(key):
-        raise ConfigError(f"no run {run_id!r} in the store (no {key})")
-    run = store.get_json(key)
-    entries = result_key_map(load_records(store, f"runs/{run_id}", int(run["num_blocks"])))
+    run, entries = recorded_entries(store, run_id)
     missing = [n for n, e in entries.items() if not e.get("activations")]
     if missing:
         raise ConfigError(

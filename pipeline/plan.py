@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from strata_quant.pipeline.config import ConfigError
-from strata_quant.pipeline.run import load_records, result_key_map
+from strata_quant.pipeline.run import recorded_entries
 from strata_quant.workers.mixed import choose_bits_by_cost, gptq_stored_bits
 
 
@@ -62,11 +62,7 @@ def probe_entries(store, run_id: str) -> tuple[dict, dict[str, dict]]:
     """The probe run's config and its record entries by linear name (every block must be done and
     every entry must carry a ``sensitivity``)."""
 
-    key = f"runs/{run_id}/run.json"
-    if not store.exists(key):
-        raise ConfigError(f"no run {run_id!r} in the store (no {key})")
-    run = store.get_json(key)
-    entries = result_key_map(load_records(store, f"runs/{run_id}", int(run["num_blocks"])))
+    run, entries = recorded_entries(store, run_id)
     missing = [n for n, e in entries.items() if not e.get("sensitivity")]
     if missing:
         raise ConfigError(

@@ -1029,6 +1029,15 @@ def resume_config(run_id: str, store_location: str, overrides: dict | None = Non
     return parse_config(data, f"run.json of {run_id}")
 
 
+def recorded_entries(store, run_id: str) -> tuple[dict, dict[str, dict]]:
+    """A stored run's run.json and its record entries by linear name (every block must be done)."""
+    key = f"runs/{run_id}/run.json"
+    if not store.exists(key):
+        raise ConfigError(f"no run {run_id!r} in the store (no {key})")
+    run = store.get_json(key)
+    return run, result_key_map(load_records(store, f"runs/{run_id}", int(run["num_blocks"])))
+
+
 def result_key_map(records: dict[int, dict]) -> dict[str, dict]:
     """Linear name (e.g. model.layers.0.self_attn.q_proj) → its record entry."""
     return {entry["name"]: entry for record in records.values() for entry in record["results"]}
