@@ -13,7 +13,7 @@ Sensitivities (the names used in the table):
 
 * ``in-run``  — what a probe run records (``workers.mixed.linear_sensitivity`` with
   ``output_fisher`` row weights and the block's residual scale ē): Σ_r F̂_r (ΔW H ΔWᵀ)_rr / ē;
-* ``hessian`` — the plain Hessian-weighted output error tr(ΔW H ΔWᵀ) (session 1's proxy);
+* ``hessian`` — the plain Hessian-weighted output error tr(ΔW H ΔWᵀ) (the first proxy strata used);
 * ``fisher``  — an oracle the run cannot compute (it needs the whole model's backward):
   Σ_r F_r (ΔW H ΔWᵀ)_rr with F_r the empirical Fisher of the loss w.r.t. output channel r.
 
