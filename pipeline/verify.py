@@ -502,20 +502,29 @@ def llamacpp_logits(llm, ids: list[int]) -> torch.Tensor:
 
 
 def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
-    """max / mean |Δ| of two [T, vocab] logit tensors, want's std, and top-1 agreement."""
-    diff = (got.float() - want.float()).abs()
+    """max / mean |Δ| of two [T, vocab] logit tensors, want's std, top-1 agreement, and the flip margin:
+    max over positions t where the argmaxes differ of want[t].max − want[t, argmax got[t]] (0 when none
+    differ), i.e. how far below want's best token got's pick was where they disagree."""
+    got, want = got.float(), want.float()
+    diff = (got - want).abs()
+    pick = got.argmax(-1)
+    flips = pick != want.argmax(-1)
+    margin = want.max(-1).values - want.gather(-1, pick[:, None])[:, 0]
     return {
         "tokens": int(want.shape[0]),
         "max_abs_diff": float(diff.max()),
         "mean_abs_diff": float(diff.mean()),
-        "logit_std": float(want.float().std()),
-        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+        "logit_std": float(want.std()),
+        "top1_agreement": float((~flips).float().mean()),
+        "top1_flip_margin": float(margin[flips].max()) if bool(flips.any()) else 0.0,
     }
 
 
 def check_llamacpp(path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACPP_PROMPT) -> dict:
     """llama.cpp loads the GGUF, tokenizes ``prompt`` as the HF tokenizer does and gives the logits transformers
-    gives from the same file: top-1 agreement ≥ 0.9 and mean |Δ| ≤ 0.1 · std(logits), or VerifyError."""
+    gives from the same file, or VerifyError: mean |Δ| ≤ 0.1 · std(logits), and every top-1 that differs is a
+    near tie (flip margin ≤ 0.1 · std). llama.cpp rounds activations to 8 bits for quantized weights, so
+    near ties flip on some CPUs and not others; a count of flips would pass or fail by the machine."""
     from transformers import AutoTokenizer
 
     hf_ids = AutoTokenizer.from_pretrained(tokenizer_dir).encode(prompt, add_special_tokens=False)
@@ -529,7 +538,7 @@ def check_llamacpp(path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACP
     del llm
     if not out["tokenizer_matches"]:
         raise VerifyError(f"{path.name}: llama.cpp tokenizes the prompt differently: {cpp_ids} vs HF {hf_ids}")
-    if out["top1_agreement"] < 0.9 or out["mean_abs_diff"] > 0.1 * out["logit_std"]:
+    if max(out["mean_abs_diff"], out["top1_flip_margin"]) > 0.1 * out["logit_std"]:
         raise VerifyError(f"{path.name}: llama.cpp's logits disagree with transformers': {out}")
     return out
 

@@ -219,9 +219,6 @@ def test_flaky_s3_run_matches_clean_run_and_leaks_no_credential(clean, proxied_s
             assert secret not in data, f"a credential leaked into {where}"
 
 
-@pytest.mark.xfail(
-    reason="fails on main after the reliability, driver-memory and family merges; cause not found yet", strict=False
-)
 def test_failing_s3_stops_with_store_error_and_resumes(clean, proxied_s3, tmp_path):
     proxy, location = proxied_s3
     # every write of block 1 fails (503 SlowDown), past all the store's retries

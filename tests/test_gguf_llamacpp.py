@@ -175,4 +175,6 @@ def test_smollm2_q4_k_m_is_a_marked_measured_fallback(smol) -> None:
     assert summary["requantized"] and read_metadata(path)["strata.requantized"] is True
     assert "Q4_K" in summary["linear_types"] or "Q6_K" in summary["linear_types"]
     assert summary["weight_error"]["rel_rms"] < 0.2
-    assert summary["llamacpp"]["top1_agreement"] >= 0.95
+    # llama.cpp's 8-bit activations flip near ties (which ones depends on the CPU): each flip is one
+    lc = summary["llamacpp"]
+    assert lc["top1_flip_margin"] <= 0.1 * lc["logit_std"] and lc["top1_agreement"] >= 0.75, lc
