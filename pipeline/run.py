@@ -502,11 +502,13 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
     from strata_quant.pipeline.preflight import check_head_dim
+    from strata_quant.pipeline.probe import block_structure
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
         check_head_dim(reader.config)  # before transformers builds the layer class from it
-    structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
+    # traced in a child process where the layer is large: a float32 copy of it would set the driver's peak
+    structure = block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
     check_against_model(cfg, reader.config, structure.widths)
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
