@@ -43,7 +43,7 @@ class Preflight:
 def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     """Run every plan-time check of ``cfg``; the first failure raises (ConfigError, CheckpointError,
     CalibrationError or StoreError) with a message that names the problem."""
-    from strata_quant.pipeline.run import check_checkpoint, prepare
+    from strata_quant.pipeline.run import check_checkpoint, prepare, shard_samples
 
     reader, token_ids, tokenizer, structure = prepare(
         cfg
@@ -55,6 +55,11 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
         f"checkpoint: {reader.num_layers} blocks under {layers_path}, {reader.num_params() / 1e9:.2f} B parameters"
     )
     pf.passed.append(f"calibration: {token_ids.shape[0]} samples × {token_ids.shape[1]} tokens")
+    shards = shard_samples(token_ids, cfg.run.workers, cfg.run.batch_size)  # as the run shards them
+    pf.passed.append(
+        f"workers: {cfg.run.workers}, each fed {min(s.shape[0] for s in shards)}-{max(s.shape[0] for s in shards)} "
+        f"samples in batches of {cfg.run.batch_size}"
+    )
     head_dim = check_head_dim(reader.config)  # (prepare checked it before building the layer class)
     check_shapes(reader)
     pf.passed.append(f"shapes: every tensor as config.json gives it (head_dim {head_dim})")

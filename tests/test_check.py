@@ -177,6 +177,12 @@ def test_calibration_text_too_short(tmp_path, capsys):
     assert "calibration" in refused(tmp_path, cfg, capsys).lower()
 
 
+def test_too_few_samples_for_the_workers(tmp_path, capsys):
+    """4 samples in batches of 4 are one batch: a second worker would get nothing."""
+    cfg = tiny_dict(tmp_path, calibration={"num_samples": 4, "seq_len": 64}, run={"workers": 2})
+    assert "4 samples in batches of 4 cannot feed 2 workers" in refused(tmp_path, cfg, capsys)
+
+
 def test_eval_text_too_short(tmp_path, capsys):
     cfg = tiny_dict(tmp_path)
     cfg["eval"] = {"windows": 100000, "seq_len": 512}
