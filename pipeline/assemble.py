@@ -408,6 +408,7 @@ def assemble_gguf(
     ``strata.source_type``; :func:`pipeline.verify.verify_gguf` measures the difference.
     """
     from strata_quant.pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats import gguf_moe
 
     if dest.exists() and not overwrite:
         raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
@@ -464,15 +465,20 @@ def assemble_gguf(
     plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
     extra = dict(layout.extra_tensors())  # generated from the config (rope_freqs …): first, as the converter
     plan.extend(("", gname, "F32", tuple(data.shape)) for gname, data in extra.items())
+    stacks = gguf_moe.expert_stacks(reader.tensor_names, layout.name)  # {GGUF name: one tensor per expert}
     for tname in reader.tensor_names:
         if gguf_format.skipped(tname):
             continue
         gname = layout.name(tname)
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
-        if linear in results and leaf == "weight":
+        if gname in stacks:  # planned once, at its first expert
+            if tname == stacks[gname][0]:
+                gtype = _stack_type(stacks[gname], results, linear_types, linear_type)
+                plan.append((stacks[gname], gname, gtype, (len(stacks[gname]), *shape)))
+        elif linear in results and leaf == "weight":
             plan.append((tname, gname, linear_types.get(linear, linear_type), shape))
-        elif len(shape) == 1:
+        elif len(shape) == 1 or gguf_moe.is_router(gname):
             plan.append((tname, gname, "F32", shape))
         elif gname in ("token_embd.weight", "output.weight"):
             plan.append((tname, gname, emb_native, shape))
@@ -498,6 +504,11 @@ def assemble_gguf(
             writer.add_tensor_info(gname, gtype, shape)
         writer.write_header()
         for tname, gname, gtype, _ in plan:
+            if isinstance(tname, list):
+                data = _expert_stack(tname, reader, results, gtype, requant)
+                writer.write_data(gname, data)
+                del data
+                continue
             linear = tname.rpartition(".")[0]
             heads = layout.qk_heads(tname)
             if not tname:
@@ -542,3 +553,34 @@ def assemble_gguf(
             first.unlink(missing_ok=True)
     os.replace(tmp, dest)
     return dest
+
+
+def _stack_type(members: list[str], results: ResultSource, linear_types: dict[str, str], linear_type: str) -> str:
+    """The GGUF type of a stack of experts (one tensor: one type): the type of its experts' results, F16 when
+    none is quantized; AssembleError when they differ."""
+    linears = [m.rpartition(".")[0] for m in members]
+    types = {linear_types.get(lin, linear_type) if lin in results else "F16" for lin in linears}
+    if len(types) != 1:
+        raise AssembleError(f"the experts of {linears[0]} … need {sorted(types)}: one GGUF expert stack has one type")
+    return types.pop()
+
+
+def _expert_stack(members: list[str], reader: CheckpointReader, results: ResultSource, gtype: str, requant: bool):
+    """The data of a stack of experts, expert by expert (expert e's rows after expert e − 1's): each quantized
+    expert's result encoded as it is (exact), or dequantized to F16 for llama.cpp to re-quantize; unquantized
+    experts as stored in F16. Memory: the stack's data, one expert's result at a time."""
+    from strata_quant.pipeline.formats import gguf as gguf_format
+
+    parts = []
+    for member in members:
+        linear = member.rpartition(".")[0]
+        if linear in results:
+            result = results.get(linear)
+            try:
+                parts.append(_dequantize_half(result).numpy() if requant else gguf_format.encode(result, gtype))
+            except ValueError as err:
+                raise AssembleError(f"{linear}: {err}") from err
+            del result
+        else:
+            parts.append(results.float_tensor(reader, member).to(torch.float16).numpy())
+    return np.concatenate(parts, axis=0)
