@@ -31,15 +31,8 @@ def tiny_moe_config(family: str, vocab: int, **extra):
     if family == "mixtral":
         return MixtralConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
     if family == "qwen3_moe":
-        return Qwen3MoeConfig(
-            **common,
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_experts=4,
-            num_experts_per_tok=2,
-            head_dim=16,
-            norm_topk_prob=True,
-        )
+        moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)
+        return Qwen3MoeConfig(**{**moe, **common}, intermediate_size=128)
     raise ValueError(f"no tiny MoE family {family!r}")
 
 
