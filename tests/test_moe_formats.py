@@ -33,7 +33,15 @@ from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.config import ConfigError
 from strata_quant.pipeline.formats import moe as moe_format
 from strata_quant.pipeline.formats.gguf import GGUFError, check_gguf, read_metadata
-from strata_quant.pipeline.verify import compare_logits, llamacpp_logits, load_llamacpp
+from strata_quant.pipeline.verify import (
+    compare_logits,
+    llamacpp_logits,
+    load_llamacpp,
+    verify_awq,
+    verify_compressed_tensors,
+    verify_gguf,
+    verify_gptq,
+)
 from strata_quant.workers.result import QuantSpec
 from tests.moe_results import dense_moe, moe_results, tiny_moe, tiny_moe_config
 
@@ -92,6 +100,8 @@ def test_moe_gguf_in_llamacpp_and_transformers(built, ids) -> None:
 
     family, reader, source, results, want, root = built
     path = assemble_gguf(reader, source, root / "moe.gguf", tokenizer_pre="smollm", name="tiny")
+    summary, _ = verify_gguf(path, reader, source)  # each expert's rows of its stack, by gguf-py
+    assert summary["bit_exact_linears"] == summary["quantized_linears"] == len(results), summary
     tensors = _gguf_tensors(path)
     arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}[family]
     meta = read_metadata(path, prefix=f"{arch}.")
@@ -167,6 +177,7 @@ def test_moe_compressed_tensors_in_transformers(built, ids) -> None:
 
     family, reader, source, results, want, root = built
     out = assemble_compressed_tensors(reader, source, root / "ct")
+    assert verify_compressed_tensors(out, reader, source)["bit_exact_linears"] == len(results)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     for linear in _experts(results):  # per expert, under the checkpoint's own names (what vLLM reads)
@@ -205,6 +216,9 @@ def test_moe_gptq_names_experts_as_gptqmodel_reads_them(built) -> None:
         assert f"model.layers.{b}.mlp.gate.weight" in names  # the router, 16-bit, under its transformers name
     assert not any("block_sparse_moe" in n or ".w1." in n for n in names)
     assert sum(n.endswith(".qweight") for n in names) == len(results)
+    # read back under the checkpoint's names: every linear decodes to its result, every other tensor as stored
+    summary = verify_gptq(out, reader, source)
+    assert summary["bit_exact_linears"] == len(results) and summary["other_tensors"] > 0, summary
 
 
 @pytest.mark.skipif(
@@ -225,6 +239,7 @@ def test_moe_gptq_and_awq_load_in_gptqmodel(built, ids, tmp_path: Path) -> None:
     save_file(tensors, ref)
     gptq = assemble_gptq(reader, source, root / "gptq")
     awq = assemble_awq(reader, source, root / "awq")
+    assert verify_awq(awq, reader, source)["bit_exact_linears"] == len(results)
     env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", PYTHONPATH="", STRATA_GPTQMODEL_BACKENDS="torch")
     proc = subprocess.run(
         [
