@@ -331,3 +331,119 @@ def test_preflight_checks_moe_formats(built) -> None:
     with pytest.raises(ConfigError, match="deepseek_v3"):
         check_moe_formats(cfg, _deepseek_v3())
     assert check_moe_formats(cfg, {"model_type": "llama"}) is None
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2 MoE fixtures
+
+SLOW_SPEC = QuantSpec(4, 64, True)  # GPTQ W4 g64: Q4_0 in GGUF, carried exactly
+EVAL_WINDOWS, EVAL_LEN = 4, 128
+
+
+@pytest.fixture(scope="module", params=["smollm2-mixtral", "smollm2-qwen3-moe"])
+def fixture_built(request, tokenizer, tmp_path_factory):
+    """(fixture, reader, stored results, {linear: result}, eval windows [W, T], dense logits [W, T, V], root):
+    every expert by GPTQ W4 g64 on the Persuasion tokens its router sends it (an expert with no token: RTN)."""
+    from strata_quant.pipeline.calibration import load_text
+    from strata_quant.pipeline.moe_fixtures import smollm2_moe
+
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    reader = CheckpointReader(smollm2_moe(name))
+    text = tokenizer.encode(load_text("fixture:austen/persuasion"), add_special_tokens=False)
+    calib = torch.tensor(text[: 4 * 256]).reshape(4, 256)
+    held_out = len(text) // 2  # eval windows from the second half of the novel, away from the calibration
+    windows = torch.tensor(text[held_out : held_out + EVAL_WINDOWS * EVAL_LEN]).reshape(EVAL_WINDOWS, EVAL_LEN)
+    source, results = moe_results(reader, root / "store", SLOW_SPEC, calib)
+    with torch.no_grad():
+        dense = dense_moe(reader.path, results)
+        want = torch.stack([dense(input_ids=w[None]).logits[0] for w in windows])
+    del dense
+    return name, reader, source, results, windows, want, root
+
+
+@pytest.mark.slow
+def test_smollm2_moe_gguf_in_llamacpp_and_transformers(fixture_built) -> None:
+    """The GGUF of a SmolLM2 MoE fixture: every expert's rows bit for bit (gguf-py); llama.cpp's top-1 against
+    transformers on the same GGUF (Qwen3-MoE) and against the dense model over Persuasion eval windows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name, reader, source, results, windows, want, root = fixture_built
+    path = assemble_gguf(reader, source, root / f"{name}.gguf", tokenizer_pre="smollm", name=name)
+    summary, _ = verify_gguf(path, reader, source)
+    assert summary["bit_exact_linears"] == summary["quantized_linears"] == len(results), summary
+    llm = load_llamacpp(path, n_ctx=EVAL_LEN)
+    cpp = torch.stack([llamacpp_logits(llm, w.tolist()) for w in windows])
+    del llm
+    cpp_dense = compare_logits(cpp.flatten(0, 1), want.flatten(0, 1))
+    line = (
+        f"\n{name} GGUF Q4_0 ({len(results)} linears), {EVAL_WINDOWS}×{EVAL_LEN} tokens: llama.cpp vs dense {cpp_dense}"
+    )
+    if name == "smollm2-qwen3-moe":  # transformers reads the GGUF given the model's config (no expert width key)
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=AutoConfig.from_pretrained(reader.path), dtype=torch.float32
+        ).eval()
+        with torch.no_grad():
+            got = torch.stack([hf(input_ids=w[None]).logits[0] for w in windows])
+        del hf
+        cpp_hf, hf_dense = (
+            compare_logits(cpp.flatten(0, 1), got.flatten(0, 1)),
+            compare_logits(got.flatten(0, 1), want.flatten(0, 1)),
+        )
+        line += f"; llama.cpp vs transformers(GGUF) {cpp_hf}; transformers(GGUF) vs dense max |Δ| {hf_dense['max_abs_diff']}"
+        assert cpp_hf["top1_agreement"] >= 0.99 or cpp_hf["top1_flip_margin"] <= 0.1 * cpp_hf["logit_std"], cpp_hf
+        assert hf_dense["max_abs_diff"] <= 1e-3 * hf_dense["logit_std"], hf_dense
+    print(line)
+    assert max(cpp_dense["mean_abs_diff"], cpp_dense["top1_flip_margin"]) <= 0.1 * cpp_dense["logit_std"], cpp_dense
+
+
+@pytest.mark.slow
+def test_smollm2_moe_compressed_tensors_in_transformers(fixture_built) -> None:
+    from transformers import AutoModelForCausalLM
+
+    name, reader, source, results, windows, want, root = fixture_built
+    out = assemble_compressed_tensors(reader, source, root / "ct")
+    assert verify_compressed_tensors(out, reader, source)["bit_exact_linears"] == len(results)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = torch.stack([model(input_ids=w[None]).logits[0] for w in windows])
+    del model
+    stats = compare_logits(got.flatten(0, 1), want.flatten(0, 1))
+    print(f"\n{name} compressed-tensors in transformers vs dense: {stats}")
+    # fp16 experts (decompressed) against the fp32 dense model: far below one quantization step
+    assert stats["mean_abs_diff"] <= 0.01 * stats["logit_std"], stats
+    assert max(stats["mean_abs_diff"], stats["top1_flip_margin"]) <= 0.1 * stats["logit_std"], stats
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPTQMODEL_PYTHON.is_file(), reason="GPTQModel reader check needs .venv-gptqmodel; NOT a pass")
+def test_smollm2_moe_gptq_in_gptqmodel(fixture_built, tmp_path: Path) -> None:
+    """GPTQModel 7.6 loads the fixture's GPTQ: the first and last blocks' modules (experts included) are the
+    solver's weights rounded to fp16; logits on one eval window against the dense model."""
+    from safetensors.torch import save_file
+
+    name, reader, source, results, windows, want, root = fixture_built
+    out = assemble_gptq(reader, source, root / "gptq")
+    assert verify_gptq(out, reader, source)["bit_exact_linears"] == len(results)
+    names = moe_format.defused_names(reader)
+    last = reader.num_layers - 1
+    checked = {n: r for n, r in results.items() if n.startswith(("model.layers.0.", f"model.layers.{last}."))}
+    ref = tmp_path / "ref.safetensors"
+    tensors = {"input_ids": windows[:1].contiguous(), "logits": want[:1].contiguous()}
+    tensors.update({f"weight:{names.get(n, n)}": r.dequantize() for n, r in checked.items()})
+    save_file(tensors, ref)
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", PYTHONPATH="", STRATA_GPTQMODEL_BACKENDS="torch")
+    proc = subprocess.run(
+        [str(GPTQMODEL_PYTHON), str(REPO / "tests" / "readers" / "gptqmodel_check.py"), f"{out}={ref}"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    print(f"\n{name} GPTQ in GPTQModel: {lines}", file=sys.stderr)
+    assert len(lines) == 1 and "error" not in lines[0], proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = lines[0]
+    assert got["quantized_linears"] == len(checked) == got["weights_equal_fp16_of_reference"], got
+    # fp16 inference of 30 blocks against the fp32 dense model
+    assert got["logits_max_abs_diff"] <= 0.02 * got["logits_max_abs"], got
