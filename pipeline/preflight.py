@@ -61,6 +61,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     shapes = linear_shapes(cfg, reader, layers_path)
     for fmt in cfg.output.formats:
         check_format(fmt, cfg, shapes)
+    if (moe_line := check_moe_formats(cfg, reader.config)) is not None:
+        pf.passed.append(moe_line)
     if "gguf" in cfg.output.formats:
         pf.passed.append(check_gguf(cfg, reader, tokenizer, pf.notes))
     if cfg.output.formats:
@@ -189,6 +191,17 @@ def check_format(fmt: str, cfg: JobConfig, shapes: dict[tuple[int, int, QuantSpe
                     raise ValueError(f"in_features {n_cols} is not a multiple of ggml's block of {gguf_format.QK}")
         except ValueError as err:
             raise ConfigError(f"{fmt} output cannot hold {linear} ({n_rows}×{n_cols}, {spec}): {err}") from None
+
+
+def check_moe_formats(cfg: JobConfig, config: dict) -> str | None:
+    """A Mixture-of-Experts model: each output format names the reader that loads its experts
+    (pipeline.formats.moe), or the job is refused naming the family; None for a dense model."""
+    from strata_quant.pipeline.formats import moe as moe_format
+
+    if not moe_format.is_moe(config):
+        return None
+    readers = [f"{fmt}: {moe_format.check_moe_format(fmt, config)}" for fmt in cfg.output.formats]
+    return f"Mixture-of-Experts {config.get('model_type')!r}: " + "; ".join(readers)
 
 
 def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
