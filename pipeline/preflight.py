@@ -70,7 +70,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     check_store(cfg, pf)
     if cfg.eval is not None:
         check_eval(cfg, tokenizer)
-        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {cfg.eval.text}")
+        texts = cfg.eval.text + (f" and (off domain) {cfg.eval.off_domain}" if cfg.eval.off_domain else "")
+        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {texts}")
     if outputs:
         check_outputs(cfg)
     return pf
@@ -310,9 +311,14 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 
 
 def check_eval(cfg: JobConfig, tokenizer) -> None:
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_stream
 
-    eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
+        if text:
+            try:
+                eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
+            except CalibrationError as err:
+                raise CalibrationError(f"{key} {text}: {err}") from None
 
 
 def check_outputs(cfg: JobConfig) -> None:
