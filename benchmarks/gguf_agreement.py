@@ -12,9 +12,13 @@ the same dequantized weights, then on the config's eval windows of its eval text
   (:func:`compare_logits`: how far below transformers' best token llama.cpp's pick was where they differ);
 * ``cpp_vs_dense``: llama.cpp vs the checkpoint model carrying the dequantized weights (fp32);
 * ``hf_vs_dense``: transformers(gguf_file) vs dense, max |Δ| (the file describes the checkpoint's model);
-* ``f16_cpp_vs_dense`` / ``f16_cpp_vs_hf``: the same for the F16 file. llama.cpp does not round activations to
-  8 bits for F16 weights, so a disagreement that stays with F16 is the model description (metadata), not
-  quantization.
+* ``f16_cpp_vs_dense`` / ``f16_cpp_vs_hf``: the same for the F16 file. llama.cpp rounds activations to 8 bits
+  (Q8_0) beside quantized weights and to fp16 beside F16 ones, so a disagreement that stays with F16 is the model
+  description (metadata), not quantization;
+* ``cpp_vs_emulated``: llama.cpp on the Q4_0 file vs the dense model with ggml's Q8_0 rounding applied to every
+  decoder linear's input and fp16 to the output head's (:class:`ActivationRounding`); with ``--ablate`` also
+  ``cpp_vs_emulated_<leaf>``, one linear kind rounded at a time;
+* ``ppl`` of each reader, and ``q8_0_input_rel_error``: ‖x − q8(x)‖ / ‖x‖ per linear kind.
 
 ``--bos`` puts the tokenizer's BOS before each window (the windows keep their length). Positions are also split
 at the sliding window (``before_window`` / ``after_window``) for models that have one. Prints one JSON object.
@@ -162,7 +166,7 @@ def q8_0_round(x: torch.Tensor) -> torch.Tensor:
     Q4_0 / Q5_0 / Q8_0), through ggml's own quantizer and dequantizer."""
     from tests.ggml_reference import ggml_dequantize, ggml_quantize
 
-    rows = x.reshape(-1, x.shape[-1]).float().numpy()
+    rows = x.detach().reshape(-1, x.shape[-1]).float().numpy()
     back = ggml_dequantize(ggml_quantize(rows, "Q8_0"), "Q8_0", rows.shape[1])
     return torch.from_numpy(back).reshape(x.shape).to(x.dtype)
 

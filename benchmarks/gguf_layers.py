@@ -23,8 +23,9 @@ import torch
 from benchmarks.gguf_agreement import ActivationRounding, _commit
 
 
-def llamacpp_layers(path: Path, ids: list[int], threads: int) -> dict[int, np.ndarray]:
-    """Every decoder layer's output [T, hidden] as llama.cpp computes it (its graph's ``l_out-N`` tensors)."""
+def llamacpp_layers(path: Path, ids: list[int], threads: int, repack: bool = True) -> dict[int, np.ndarray]:
+    """Every decoder layer's output [T, hidden] as llama.cpp computes it (its graph's ``l_out-N`` tensors);
+    ``repack`` False keeps quantized weights in their file layout (no CPU repacking, ``use_extra_bufts``)."""
     import llama_cpp
     import llama_cpp.llama_cpp as capi
 
@@ -52,13 +53,20 @@ def llamacpp_layers(path: Path, ids: list[int], threads: int) -> dict[int, np.nd
 
     callback = capi.ggml_backend_sched_eval_callback(observe)
     default = capi.llama_context_default_params
+    model_default = capi.llama_model_default_params
 
     def params():
         p = default()
         p.cb_eval = callback
         return p
 
+    def model_params():
+        p = model_default()
+        p.use_extra_bufts = repack
+        return p
+
     capi.llama_context_default_params = params
+    capi.llama_model_default_params = model_params
     try:
         llm = llama_cpp.Llama(
             model_path=str(path),
@@ -73,6 +81,7 @@ def llamacpp_layers(path: Path, ids: list[int], threads: int) -> dict[int, np.nd
         llm.eval(ids)
     finally:
         capi.llama_context_default_params = default
+        capi.llama_model_default_params = model_default
     del llm
     return out
 
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", required=True, help="gguf_agreement's --workdir (its two GGUFs)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-repack", action="store_true", help="llama.cpp without its CPU weight repacking")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -120,7 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
     ids = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), 1, args.seq_len)[0].tolist()
     work = Path(args.workdir)
-    cpp = {tag: llamacpp_layers(work / f"model-{tag}.gguf", ids, args.threads) for tag in ("q4_0", "f16")}
+    cpp = {
+        tag: llamacpp_layers(work / f"model-{tag}.gguf", ids, args.threads, repack=not args.no_repack)
+        for tag in ("q4_0", "f16")
+    }
     model = load_gguf_transformers(work / "model-q4_0.gguf")
     hf = {"dense": transformers_layers(model, ids)}
     rounding = ActivationRounding(model)
@@ -135,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {
         "config": args.config,
         "tokens": len(ids),
+        "repack": not args.no_repack,
         "layers": len(layers),
         "hf_emulated_vs_dense": [round(_rel(hf["emulated"][i], hf["dense"][i]), 5) for i in layers],
     }
