@@ -60,6 +60,11 @@ class QuantConfig(_Strict):
         True, description="with act_order: groups fixed in column order before the solve (g_idx[k] = k // G)"
     )
     mse_grid: int = Field(0, ge=0, description="shrink steps of the scale search; 0 = min/max")
+    mse_weight: Literal["uniform", "hessian"] = Field(
+        "uniform",
+        description="GPTQ: the MSE scale search's error per input weighted equally (uniform) or by H's diagonal "
+        "(hessian: mean x², the statistic of llama.cpp's importance matrix)",
+    )
     diag_shrink: float = Field(
         0.0,
         ge=0,

@@ -754,6 +754,7 @@ def run_job(
         static_groups=cfg.quant.static_groups,
         mse_grid=cfg.quant.mse_grid,
         diag_shrink=cfg.quant.diag_shrink,
+        mse_weight=cfg.quant.mse_weight,
         true_sequential=cfg.quant.true_sequential,
         awq_grid=cfg.quant.awq_grid,
         awq_duo=cfg.quant.awq_duo,
