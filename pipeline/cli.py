@@ -27,10 +27,29 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def fetch_all(families: bool = False) -> dict[str, Path]:
+    """The default fixtures (the tiny family models among them: seconds each); with ``families``
+    also the two real split-GGUF models (large downloads, kept out of the default set). Here, not in
+    pipeline.fixtures, because the MoE fixtures build on that module."""
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
+
+    out = {"smollm2-135m": fixtures.smollm2(), "tiny-llama": fixtures.tiny_llama()}
+    for family in fixtures.TINY_FAMILIES:
+        out[f"tiny-{family}"] = fixtures.tiny_family(family)
+    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
+    for novel in fixtures.NOVELS:  # every text a job may name (a job never fetches one itself)
+        out[f"austen/{novel}"] = fixtures.austen(novel)
+    if families:
+        for name in fixtures.SPLIT_GGUFS:
+            out[name] = fixtures.split_gguf_model(name)
+    return out
+
+
 def cmd_fixtures(args) -> int:
     from strata_quant.pipeline import fixtures
 
-    for name, path in fixtures.fetch_all(families=args.families).items():
+    for name, path in fetch_all(families=args.families).items():
         if args.verify and path.is_dir():
             fixtures.verify_fixture(path)
         print(f"{name:20s} {path}")
@@ -90,7 +109,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from strata_quant.pipeline.assemble_toolbox import quantized_only
+    from strata_quant.pipeline.assemble import quantized_only
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import load_records
@@ -136,7 +155,8 @@ def cmd_verify(args) -> int:
         summary = verifiers[method](path, reader, results)
     print(summary)
     if args.max_ppl_increase is not None:
-        from strata_quant.pipeline.verify import QualityGateError, evaluate_artifact, gate_message, gate_rows
+        from strata_quant.pipeline.layerwise import evaluate_artifact
+        from strata_quant.pipeline.verify import QualityGateError, gate_message, gate_rows
 
         ev = cfg.eval
         quality = evaluate_artifact(

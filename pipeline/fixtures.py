@@ -23,7 +23,7 @@
   These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
-and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
+and is fetched once, by ``strata fixtures`` (:func:`pipeline.cli.fetch_all`) or a test's own call of a
 fetch function. A job naming a ``fixture:`` only reads the cache (:func:`resolve`): it never
 downloads or installs anything, and a fixture missing there fails the job before it starts.
 """
@@ -372,23 +372,6 @@ def resolve(ref: str) -> Path:
             "(jobs never download or install them)"
         )
     return path
-
-
-def fetch_all(families: bool = False) -> dict[str, Path]:
-    """The default fixtures (the tiny family models among them: seconds each); with ``families``
-    also the two real split-GGUF models (large downloads, kept out of the default set)."""
-    out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
-    for family in TINY_FAMILIES:
-        out[f"tiny-{family}"] = tiny_family(family)
-    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
-
-    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
-    for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
-        out[f"austen/{novel}"] = austen(novel)
-    if families:
-        for name in SPLIT_GGUFS:
-            out[name] = split_gguf_model(name)
-    return out
 
 
 def synthetic_llama(

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from strata_quant.pipeline.assemble import ResultSource
 from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.formats import awq as awq_format
 from strata_quant.pipeline.formats import compressed_tensors as ct_format
 from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.pipeline.formats.base import Format, ResultSource, unquantized_linears
 from strata_quant.workers.result import QuantizedLinear
 
 
@@ -591,42 +591,8 @@ def gate_message(gate: dict) -> str:
     )
 
 
-def evaluate_artifact(
-    path: Path,
-    reader: CheckpointReader,
-    results: ResultSource,
-    *,
-    text: str,
-    windows: int,
-    seq_len: int,
-) -> dict:
-    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from,
-    streamed block by block (pipeline.layerwise). A GGUF is scored as gguf-py reads it; a safetensors folder,
-    once verified bit-exact, as the checkpoint carrying the solver's dequantized weights (what it decodes to).
-    """
-    from transformers import AutoTokenizer
-
-    from strata_quant.pipeline import layerwise
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from strata_quant.pipeline.eval import EvalWindows, evaluate
-
-    tokenizer = AutoTokenizer.from_pretrained(reader.path)
-    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
-    wins = EvalWindows.from_tensor(ids)
-    quantized = (
-        layerwise.gguf_file(path, reader.config) if path.suffix == ".gguf" else layerwise.stored_results(results)
-    )
-    name = f"strata {path.name}"
-    variants = {"fp16 (reference)": layerwise.reference(), name: quantized}
-    heads = layerwise.layerwise_models(reader, results.store, wins, variants)
-    rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": text, "windows": list(ids.shape), "rows": rows}
-
-
 def _skip_list_check(folder: Path, listed: list[str] | None, reader: CheckpointReader, results: ResultSource) -> int:
     """Every linear the run left unquantized is in the config's skip list (as its full name)."""
-    from strata_quant.pipeline.assemble_toolbox import unquantized_linears
-
     kept = unquantized_linears(reader, results)
     missing = [m for m in kept if m not in (listed or [])]
     if missing:
@@ -710,3 +676,22 @@ def verify_fp8(folder: Path, reader: CheckpointReader, results: ResultSource) ->
     summary = _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
     summary["kept_linears"] = _skip_list_check(folder, qcfg.get("ignore"), reader, results)
     return summary
+
+
+def verify_artifact(
+    fmt: type[Format],
+    path: Path,
+    reader: CheckpointReader,
+    results: ResultSource,
+    *,
+    llamacpp: bool,
+    whole_model_limit: int,
+) -> dict:
+    """Read the artifact back against the record with the check its format names (``fmt.verifier``)."""
+    if fmt.verifier == "verify_gguf":  # the one check that also runs the file in llama.cpp
+        summary, _ = verify_gguf(path, reader, results, llamacpp=llamacpp, whole_model_limit=whole_model_limit)
+        return summary
+    verifiers = {
+        f.__name__: f for f in (verify_gptq, verify_awq, verify_compressed_tensors, verify_bitsandbytes, verify_fp8)
+    }
+    return verifiers[fmt.verifier](path, reader, results)
