@@ -30,8 +30,8 @@ def _overrides(pairs: list[str]) -> dict:
 def fetch_all(families: bool = False) -> dict[str, Path]:
     """The default fixtures (the tiny family models among them: seconds each); with ``families``
     also the two real split-GGUF models (large downloads, kept out of the default set). Here, not in
-    pipeline.fixtures, because the MoE fixtures build on that module."""
-    from strata_quant.pipeline import fixtures
+    pipeline.fixtures, because the MoE and text fixtures build on that module."""
+    from strata_quant.pipeline import fixtures, text_fixtures
     from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
 
     out = {"smollm2-135m": fixtures.smollm2(), "tiny-llama": fixtures.tiny_llama()}
@@ -40,6 +40,8 @@ def fetch_all(families: bool = False) -> dict[str, Path]:
     out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in fixtures.NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = fixtures.austen(novel)
+    for name, fetch in text_fixtures.FETCH.items():
+        out[name] = fetch()
     if families:
         for name in fixtures.SPLIT_GGUFS:
             out[name] = fixtures.split_gguf_model(name)

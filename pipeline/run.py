@@ -753,6 +753,7 @@ def run_job(
         act_order=cfg.quant.act_order,
         static_groups=cfg.quant.static_groups,
         mse_grid=cfg.quant.mse_grid,
+        diag_shrink=cfg.quant.diag_shrink,
         true_sequential=cfg.quant.true_sequential,
         awq_grid=cfg.quant.awq_grid,
         awq_duo=cfg.quant.awq_duo,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from strata_quant.pipeline.formats.base import IntegerSafetensorsFormat, unquantized_linears
+from strata_quant.pipeline.formats.moe import DefusedExperts
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds column 8c + ORDER[p]
@@ -120,8 +121,9 @@ def quantization_config(spec: QuantSpec) -> dict:
     }
 
 
-class AWQFormat(IntegerSafetensorsFormat, name="awq"):
-    """AWQ GEMM safetensors (4-bit, zero point); unquantized linears in ``modules_to_not_convert``."""
+class AWQFormat(DefusedExperts, IntegerSafetensorsFormat, name="awq"):
+    """AWQ GEMM safetensors (4-bit, zero point); unquantized linears in ``modules_to_not_convert``
+    (under the names the reader loads: a MoE's for GPTQModel)."""
 
     verifier = "verify_awq"
     suffix = "awq"
@@ -136,5 +138,6 @@ class AWQFormat(IntegerSafetensorsFormat, name="awq"):
 
     def quantization_config(self, reader, results) -> dict:
         qcfg = quantization_config(self.first.spec)
-        qcfg["modules_to_not_convert"] = unquantized_linears(reader, results) or None
+        kept = [self.rename.get(m, m) for m in unquantized_linears(reader, results)]
+        qcfg["modules_to_not_convert"] = kept or None
         return qcfg

@@ -369,12 +369,19 @@ def dequantize_half(result: QuantizedLinear, chunk: int = DEQUANT_CHUNK) -> torc
 
 
 def stream_checkpoint(
-    reader: CheckpointReader, results: ResultSource, tmp: Path, fmt: SafetensorsFormat, shard_size: str
+    reader: CheckpointReader,
+    results: ResultSource,
+    tmp: Path,
+    fmt: SafetensorsFormat,
+    shard_size: str,
+    rename: dict[str, str] | None = None,
 ) -> None:
     """Every checkpoint tensor into safetensors shards in ``tmp``, in the checkpoint's order:
     a quantized linear's weight through ``fmt.pack`` (its result dropped before the packed
     tensors are written), its bias cast to ``fmt.bias_dtype``, every other tensor as
-    published (:meth:`ResultSource.float_tensor`). The staging folder is removed on failure."""
+    published (:meth:`ResultSource.float_tensor`); each under its ``rename`` name where it
+    has one (:meth:`SafetensorsFormat.loader_names`). The staging folder is removed on failure."""
+    rename = rename or {}
     try:
         writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
         written = 0
@@ -383,7 +390,7 @@ def stream_checkpoint(
             if linear in results and leaf == "weight":
                 result = results.get(linear)
                 try:
-                    packed = fmt.pack(result, linear)
+                    packed = fmt.pack(result, rename.get(linear, linear))
                 except ValueError as err:
                     raise AssembleError(f"{linear}: {err}") from err
                 del result  # the codes go before the packed tensors are written
@@ -392,9 +399,9 @@ def stream_checkpoint(
                 del packed
                 written += 1
             elif linear in results and leaf == "bias" and fmt.bias_dtype is not None:
-                writer.add(name, results.float_tensor(reader, name).to(fmt.bias_dtype))
+                writer.add(rename.get(name, name), results.float_tensor(reader, name).to(fmt.bias_dtype))
             else:
-                writer.add(name, results.float_tensor(reader, name))
+                writer.add(rename.get(name, name), results.float_tensor(reader, name))
         writer.close()
         if not written:
             raise AssembleError("the run record lists no quantized linear")
@@ -415,6 +422,11 @@ class SafetensorsFormat(Format):
         """The format's tensors of one linear (ValueError when it cannot hold ``result``)."""
         raise NotImplementedError
 
+    def loader_names(self, reader: CheckpointReader) -> dict[str, str]:
+        """Checkpoint name → the name this format's reader wants, by tensor and by linear, where they differ
+        (a MoE's experts for GPTQModel: pipeline.formats.moe.DefusedExperts); empty: the checkpoint's names."""
+        return {}
+
     def quantization_config(self, reader: CheckpointReader, results: ResultSource) -> dict:
         """config.json's ``quantization_config``, from what :meth:`pack` saw."""
         raise NotImplementedError
@@ -424,8 +436,9 @@ class SafetensorsFormat(Format):
 
     def write(self, reader: CheckpointReader, results: ResultSource, dest: Path, options: AssembleOptions) -> Path:
         self.options = options
+        self.rename = self.loader_names(reader)
         tmp = staging_folder(dest, options.overwrite)
-        stream_checkpoint(reader, results, tmp, self, options.shard_size)
+        stream_checkpoint(reader, results, tmp, self, options.shard_size, self.rename)
         qcfg = self.quantization_config(reader, results)
         config = dict(reader.config)
         config["quantization_config"] = qcfg

@@ -41,6 +41,7 @@ from gguf import (
 from gguf.quants import quant_shape_to_byte_shape
 
 from strata_quant.pipeline.errors import ConfigError
+from strata_quant.pipeline.formats import gguf_moe
 from strata_quant.pipeline.formats.base import AssembleError, Format, dequantize_half, linear_bits
 from strata_quant.workers.result import QuantizedLinear
 
@@ -141,8 +142,10 @@ _LLAMA = Family(MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True, rope_types=("
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _LLAMA,  # experts and their keys: gguf_moe.MOE_LAYOUTS
     "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3),
+    "Qwen3MoeForCausalLM": Family(MODEL_ARCH.QWEN3MOE),
     # Gemma3RMSNorm computes x·(1 + w), llama.cpp x·w
     "Gemma3ForCausalLM": Family(
         MODEL_ARCH.GEMMA3, _gemma3_hparams, norm_shift=1.0, rope_types=("linear",), sliding_window=True
@@ -200,6 +203,8 @@ class GGUFLayout:
         ``blk.3.ffn_up.weight``); None where the map has none."""
         if not hf_name.endswith((".weight", ".bias")) or skipped(hf_name):
             return None
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS and (split := gguf_moe.expert_index(hf_name)) is not None:
+            hf_name = split[0]  # one expert of a stack: named as the converter names the stack
         return _tensor_map(self.family.arch, self.n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def qk_heads(self, hf_name: str) -> int | None:
@@ -223,6 +228,8 @@ class GGUFLayout:
         writer.add_quantization_version(2)
         writer.add_block_count(self.n_blocks)
         self.family.hparams(writer, self.config)
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS:
+            gguf_moe.moe_hparams(writer, self.config, self.hf_arch)
 
     def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
         """(GGUF name, float32 data) of the tensors llama.cpp's converter generates from the config."""
@@ -752,6 +759,11 @@ def check_gguf(
     layout = GGUFLayout(config)
     _check_rope(layout)
     _check_family(layout)
+    tensor_names = list(tensor_names)
+    try:
+        gguf_moe.check_moe_gguf(layout.hf_arch, config, tensor_names, layout.name)
+    except ValueError as err:
+        raise GGUFError(str(err)) from None
     unnamed = [n for n in tensor_names if not skipped(n) and layout.name(n) is None]
     if unnamed:
         shown = ", ".join(unnamed[:3]) + (" …" if len(unnamed) > 3 else "")
@@ -1117,24 +1129,59 @@ def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[
 
 def tensor_plan(reader, results, layout: GGUFLayout, types: GGUFTypes, extra: dict) -> list[tuple]:
     """(hf name, gguf name, type, torch shape) of every tensor, in file order: the tensors generated
-    from the config (rope_freqs …) first, as the converter writes them, then the checkpoint's."""
+    from the config (rope_freqs …) first, as the converter writes them, then the checkpoint's. A MoE
+    stack of experts is one entry, at its first expert, whose hf name is the list of its experts' tensors."""
     linear_type = "F16" if types.requant else types.target
-    plan: list[tuple[str, str, str, tuple[int, ...]]] = [("", g, "F32", tuple(d.shape)) for g, d in extra.items()]
+    plan: list[tuple] = [("", g, "F32", tuple(d.shape)) for g, d in extra.items()]
+    stacks = gguf_moe.expert_stacks(reader.tensor_names, layout.name)  # {GGUF name: one tensor per expert}
     for tname in reader.tensor_names:
         if skipped(tname):
             continue
         gname = layout.name(tname)
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
-        if linear in results and leaf == "weight":
+        if gname in stacks:  # planned once, at its first expert
+            if tname == stacks[gname][0]:
+                gtype = stack_type(stacks[gname], results, types.linear_types, linear_type)
+                plan.append((stacks[gname], gname, gtype, (len(stacks[gname]), *shape)))
+        elif linear in results and leaf == "weight":
             plan.append((tname, gname, types.linear_types.get(linear, linear_type), shape))
-        elif len(shape) == 1:
+        elif len(shape) == 1 or gguf_moe.is_router(gname):
             plan.append((tname, gname, "F32", shape))
         elif gname in ("token_embd.weight", "output.weight"):
             plan.append((tname, gname, types.emb_native, shape))
         else:
             plan.append((tname, gname, "F16", shape))
     return plan
+
+
+def stack_type(members: list[str], results, linear_types: dict[str, str], linear_type: str) -> str:
+    """The GGUF type of a stack of experts (one tensor: one type): the type of its experts' results, F16 when
+    none is quantized; AssembleError when they differ."""
+    linears = [m.rpartition(".")[0] for m in members]
+    found = {linear_types.get(lin, linear_type) if lin in results else "F16" for lin in linears}
+    if len(found) != 1:
+        raise AssembleError(f"the experts of {linears[0]} … need {sorted(found)}: one GGUF expert stack has one type")
+    return found.pop()
+
+
+def expert_stack(members: list[str], reader, results, gtype: str, requant: bool) -> np.ndarray:
+    """The data of a stack of experts, expert by expert (expert e's rows after expert e − 1's): each quantized
+    expert's result encoded as it is (exact), or dequantized to F16 for llama.cpp to re-quantize; unquantized
+    experts as stored in F16. Memory: the stack's data, one expert's result at a time."""
+    parts = []
+    for member in members:
+        linear = member.rpartition(".")[0]
+        if linear in results:
+            result = results.get(linear)
+            try:
+                parts.append(dequantize_half(result).numpy() if requant else encode(result, gtype))
+            except ValueError as err:
+                raise AssembleError(f"{linear}: {err}") from err
+            del result
+        else:
+            parts.append(results.float_tensor(reader, member).to(torch.float16).numpy())
+    return np.concatenate(parts, axis=0)
 
 
 def _float_data(array: np.ndarray, gtype: str) -> np.ndarray:
@@ -1222,7 +1269,12 @@ class GGUFFormat(Format, name="gguf"):
                 writer.add_tensor_info(gname, gtype, shape)
             writer.write_header()
             for tname, gname, gtype, _ in plan:  # one tensor's data alive at a time
-                data = extra[gname] if not tname else tensor_data(reader, results, layout, tname, gtype, types.requant)
+                if not tname:
+                    data = extra[gname]
+                elif isinstance(tname, list):
+                    data = expert_stack(tname, reader, results, gtype, types.requant)
+                else:
+                    data = tensor_data(reader, results, layout, tname, gtype, types.requant)
                 writer.write_data(gname, data)
                 del data
             writer.close()

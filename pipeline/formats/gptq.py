@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from strata_quant.pipeline.formats.base import IntegerSafetensorsFormat, linear_bits
+from strata_quant.pipeline.formats.moe import DefusedExperts
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
@@ -145,9 +146,9 @@ def quantization_config(spec: QuantSpec, params: dict, tool_version: str, dynami
     return qcfg
 
 
-class GPTQFormat(IntegerSafetensorsFormat, name="gptq"):
+class GPTQFormat(DefusedExperts, IntegerSafetensorsFormat, name="gptq"):
     """GPTQ safetensors; per-linear widths (mixed precision) go in as ``dynamic`` overrides of
-    the majority width."""
+    the majority width; a MoE's experts under the names GPTQModel loads."""
 
     verifier = "verify_gptq"
     suffix = "gptq"
