@@ -501,7 +501,7 @@ def load_tokenizer(model_path, name: str | None = None):
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, BlockStructure]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
-    from strata_quant.pipeline.preflight import check_head_dim
+    from strata_quant.pipeline.config import check_head_dim
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
