@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from strata_quant.pipeline.eval import LlamaCppModel
 from strata_quant.pipeline.verify import compare_logits
 
 #: positions per logits chunk (262,144-token vocabulary: 128 MiB in fp32)
@@ -68,22 +69,6 @@ class _Head:
 
     def drop_body(self) -> None:
         self.model = None
-
-
-def _llamacpp(path: Path, n_ctx: int, threads: int):
-    """The GGUF in llama.cpp as the eval row loads it (one micro-batch per window, every position's logits)."""
-    from llama_cpp import Llama
-
-    return Llama(
-        model_path=str(path),
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_ubatch=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=True,
-        verbose=False,
-    )
 
 
 def _merge(stats: list[dict]) -> dict:
@@ -279,7 +264,7 @@ def measure(args: argparse.Namespace) -> dict:
     per: dict[str, list[dict]] = {p: [] for p in (*pairs, "hf_vs_dense")}
     split: dict[str, list[dict]] = {f"cpp_vs_hf_{s}": [] for s in ("before_window", "after_window")}
     nll: dict[str, float] = {k: 0.0 for k in ("dense", "hf", "cpp_q4_0", "cpp_f16")}
-    llms = {tag: _llamacpp(path, seq_len, args.threads) for tag, path in files.items()}
+    llms = {tag: LlamaCppModel(path, seq_len, args.threads).llm for tag, path in files.items()}
     t0 = time.perf_counter()
     for i, row in enumerate(rows):
         for llm in llms.values():
