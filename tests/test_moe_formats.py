@@ -426,7 +426,7 @@ def test_smollm2_moe_compressed_tensors_in_transformers(fixture_built) -> None:
 def test_smollm2_moe_gptq_in_gptqmodel(fixture_built, tmp_path: Path) -> None:
     """GPTQModel 7.6 loads the fixture's GPTQ: the first and last blocks' modules (experts included) are the
     solver's weights rounded to fp16; logits on one eval window against the dense model."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     name, reader, source, results, windows, want, root = fixture_built
     out = assemble_gptq(reader, source, root / "gptq")
@@ -452,5 +452,10 @@ def test_smollm2_moe_gptq_in_gptqmodel(fixture_built, tmp_path: Path) -> None:
     assert len(lines) == 1 and "error" not in lines[0], proc.stdout[-3000:] + proc.stderr[-3000:]
     got = lines[0]
     assert got["quantized_linears"] == len(checked) == got["weights_equal_fp16_of_reference"], got
-    # fp16 inference of 30 blocks against the fp32 dense model
-    assert got["logits_max_abs_diff"] <= 0.02 * got["logits_max_abs"], got
+    # fp16 inference of 30 blocks against the fp32 dense model: fp16 rounding moves router scores, so a
+    # single position's max |Δ| is no measure (0.87 of 38 on Qwen3-MoE); the mean stays small and any
+    # top-1 flip is a near tie, the rule verify holds llama.cpp's 8-bit rounding to
+    stats = compare_logits(load_file(got["logits_file"])["logits"][0], want[0])
+    print(f"{name} GPTQModel fp16 vs fp32 dense: {stats}", file=sys.stderr)
+    assert stats["mean_abs_diff"] <= 0.01 * stats["logit_std"], stats
+    assert stats["top1_flip_margin"] <= 0.1 * stats["logit_std"] and stats["top1_agreement"] >= 0.9, stats
