@@ -319,14 +319,25 @@ def check_same_shards(run_id: str, recorded: dict[str, str] | None, reader: Chec
     """A resumed run reads the shards it started on: their ETags, where recorded, unchanged."""
     if not recorded:
         return
-    now = shard_etags(reader)
-    changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
+    changed = _changed(recorded, shard_etags(reader))
     if changed:
-        raise CheckpointError(
-            f"run {run_id!r}: checkpoint shard(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} of "
-            f"{reader.uri} changed since the run started (S3 ETag); a resume must read the same model: start a new "
-            "run (another run.run_id) or restore the checkpoint"
+        _model_changed(
+            run_id,
+            f"checkpoint shard(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} of {reader.uri} "
+            "changed since the run started (S3 ETag)",
         )
+
+
+def _changed(want: dict, got: dict) -> list[str]:
+    """The keys whose values differ between two digests maps (a key missing on one side differs)."""
+    return sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+
+
+def _model_changed(run_id: str, what: str) -> None:
+    raise CheckpointError(
+        f"run {run_id!r}: {what}; a resume must read the same model: start a new run (another run.run_id) "
+        "or restore the checkpoint"
+    )
 
 
 def check_block_data(run_id: str, b: int, record: dict, outs: list[dict]) -> None:
@@ -336,13 +347,12 @@ def check_block_data(run_id: str, b: int, record: dict, outs: list[dict]) -> Non
     got = next((o["tensor_sha256"] for o in outs if o.get("tensor_sha256")), None)
     if not want or got is None:
         return
-    changed = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))
+    changed = _changed(want, got)
     if changed:
-        raise CheckpointError(
-            f"run {run_id!r}: block {b} of the checkpoint changed since the run solved it: "
-            f"{', '.join(changed[:3])}{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} "
-            "hold other bytes (same shapes); a resume must read the same model: start a new run "
-            "(another run.run_id) or restore the checkpoint"
+        _model_changed(
+            run_id,
+            f"block {b} of the checkpoint changed since the run solved it: {', '.join(changed[:3])}"
+            f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} hold other bytes (same shapes)",
         )
 
 
