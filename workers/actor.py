@@ -28,11 +28,7 @@ from torch import nn
 from strata_quant.workers.awq import (
     AbsMeanAccumulator,
     ScaleGroup,
-    column_scales,
     find_scale_groups,
-    fold_scales,
-    scale_gram,
-    search_scales,
 )
 from strata_quant.workers.block import (
     BlockTrace,
@@ -44,23 +40,21 @@ from strata_quant.workers.block import (
     run_block,
     trace_block,
 )
-from strata_quant.workers.gptq import output_error_terms, relative_output_error
+from strata_quant.workers.gptq import relative_output_error
 from strata_quant.workers.methods import (
     HESSIAN_METHODS,
     Part,
     Result,
     matches_module,
     outlier_group,
-    quantize_group,
-    quantize_parts,
     result_from_tensors,
     result_kind,
     spec_with_overrides,
 )
-from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
-from strata_quant.workers.result import QuantizedLinear, QuantSpec
+from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.schedule import GroupPlan, plan_solves
 from strata_quant.workers.stats import HessianAccumulator
+from strata_quant.workers.steps import BlockState, plan_block, run_plan
 
 
 @dataclass
@@ -197,31 +191,12 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
 
 GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
 AWQ_METHODS = ("awq", "awq_gptq")
-# AWQ's rule: no clip search for q/k, whose error reaches the output through the q·k product
-AWQ_NO_CLIP = ("q_proj", "k_proj")
 FLOAT_SCHEMA_VERSION = 1
 
 
 def job_overlaps(job: WorkerJob) -> bool:
     """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
     return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
-
-
-def _share_output_errors(
-    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: list[int], start: int
-) -> torch.Tensor:
-    """Per linear of a stacked group, this share's part of tr(E H Eᵀ) and tr(W H Wᵀ) (float64
-    [len(rows), 2]; E = W − Ŵ over the share's rows, which begin at row ``start`` of the stack):
-    summed over the workers' shares they give each linear's relative output error."""
-    per_row = output_error_terms(weight, approx, hessian).double()
-    out = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
-    at = 0
-    for i, n in enumerate(rows):
-        a, b = max(at - start, 0), min(at + n - start, weight.shape[0])
-        if a < b:
-            out[i] = per_row[a:b].sum(0)
-        at += n
-    return out
 
 
 def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[list[str]]:
@@ -236,34 +211,6 @@ def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[lis
         keyed.append((nth.get(owner, 0), i, names))
         nth[owner] = nth.get(owner, 0) + 1
     return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]
-
-
-def _pack_share(own: QuantizedLinear) -> torch.Tensor:
-    """A share of a split solve as one uint8 buffer: fp16 scales (as bytes, first: a float16
-    view needs an even offset), codes, zeros."""
-    return torch.cat([own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)])
-
-
-def _empty_share(like: QuantizedLinear, rows: int) -> torch.Tensor:
-    k, n_groups = like.codes.shape[1], like.scales.shape[1]
-    return torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=like.codes.device)
-
-
-def _unpack_share(like: QuantizedLinear, packed: torch.Tensor, rows: int) -> QuantizedLinear:
-    """The inverse of :func:`_pack_share`, with the grid, g_idx, perm and params of ``like``
-    (the same for every share: they follow from H and the job)."""
-    k, n_groups = like.codes.shape[1], like.scales.shape[1]
-    scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
-    return QuantizedLinear(
-        spec=like.spec,
-        codes=codes.reshape(rows, k),
-        scales=scales.view(torch.float16).reshape(rows, n_groups),
-        zeros=zeros.reshape(rows, n_groups),
-        g_idx=like.g_idx,
-        method=like.method,
-        perm=like.perm,
-        params=like.params,
-    )
 
 
 def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
@@ -597,31 +544,22 @@ class BlockWorker:
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
 
-        outputs: list[dict] = []
         if replay is None and self.overlaps():
             return {**self._forward_and_queue(b, layer, timings), **data}
-        advanced = False  # the hidden states went through this block already
+        outputs: list[dict] = []
         if replay is not None:
+            t = time.perf_counter()
             quantized, floats = self._read_results(b, replay)
+            self.propagate(layer, quantized, floats, None, quantized_weights=self.job.propagate == "quantized")
+            timings["forward"] = time.perf_counter() - t
         elif self.one_float_stage():  # the statistics pass is the forward
             t = time.perf_counter()
             statistics = self._one_stage_statistics(layer)
             timings["stats"] = time.perf_counter() - t
-            quantized, outputs, floats = self._solve_block(b, layer, linears, timings, statistics=statistics)
-            advanced = True
-        else:
-            quantized, outputs, floats = self._solve_block(b, layer, linears, timings)
-
-        t = time.perf_counter()
-        passes, self._final_passes = self._final_passes, None
-        if self.job.propagate == "quantized":
-            for name, weight in quantized.items():
-                linears[name].weight.data = weight
-            for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
-                layer.get_parameter(name).data = tensor
-        if not advanced:
-            self._advance(layer, passes if replay is None else None)
-        timings["forward"] = time.perf_counter() - t
+            outputs = self._solve_block(b, layer, linears, timings, statistics=statistics).outputs
+            timings["forward"] = 0.0
+        else:  # the plan ends with the forward through the solved block
+            outputs = self._solve_block(b, layer, linears, timings, propagate=True).outputs
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
         out.update(data)
@@ -636,6 +574,24 @@ class BlockWorker:
         """The samples through block ``b`` built from ``tensors`` (names inside the block), in fp32:
         the forward a replay does, for any weights (evaluation streams models block by block)."""
         self._advance(build_block(self.meta_layers[b], tensors, torch.float32).to(self.device))
+
+    def propagate(
+        self,
+        layer: nn.Module,
+        quantized: dict[str, torch.Tensor],
+        floats: dict[str, torch.Tensor],
+        passes: StagePasses | None,
+        quantized_weights: bool,
+    ) -> None:
+        """The hidden states through the solved block: with ``quantized_weights`` its quantized
+        weights and AWQ's folded norms / biases set into ``layer`` first, else the float block."""
+        if quantized_weights:
+            linears = block_linears(layer)
+            for name, weight in quantized.items():
+                linears[name].weight.data = weight
+            for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
+                layer.get_parameter(name).data = tensor
+        self._advance(layer, passes)
 
     def _advance(self, layer: nn.Module, passes: StagePasses | None = None) -> None:
         """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``; with
@@ -654,7 +610,6 @@ class BlockWorker:
     # -- propagate float: solves queued behind the forward --------------------------
 
     _solver: _SolverQueue | None = None
-    _final_passes: StagePasses | None = None  # set by an inline _solve_block for the forward after it
 
     def one_float_stage(self) -> bool:
         """Whether each block's statistics come from one pass over the float block, which is then
@@ -751,9 +706,9 @@ class BlockWorker:
         linears = block_linears(layer)
         statistics.plans = self._plan(b, statistics.groups, [statistics.groups], linears, "gptq", load, level=False)
         self._all_rows(statistics.rows())  # the first block's collective, in the order every worker issues
-        statistics.pending = self._start_reductions(statistics.groups, statistics.sums, statistics.plans)
+        statistics.pending = self.start_reductions(statistics.groups, statistics.sums, statistics.plans)
 
-    def _start_reductions(
+    def start_reductions(
         self, stage: list[list[str]], sums: dict[str, HessianAccumulator], plans: dict[tuple, GroupPlan]
     ) -> dict[tuple, dist.Work]:
         """A stage's Gram sums on their way, all issued at once (``async_op``), each owner's first
@@ -809,10 +764,10 @@ class BlockWorker:
         torch.set_num_threads(max(1, self.job.threads))
         timings: dict[str, float] = {}
         if isinstance(work, _Statistics):  # gathered by the forward thread (its "stats" timing)
-            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, load=load, statistics=work)
+            outputs = self._solve_block(b, layer, block_linears(layer), timings, load=load, statistics=work).outputs
             del timings["stats"]
         else:
-            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, batches=work, load=load)
+            outputs = self._solve_block(b, layer, block_linears(layer), timings, batches=work, load=load).outputs
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
@@ -839,34 +794,28 @@ class BlockWorker:
         batches: list[tuple[torch.Tensor, dict]] | None = None,
         load: list[float] | None = None,
         statistics: _Statistics | None = None,
-    ) -> tuple[dict, list, dict]:
-        """Solve every linear of the block.
+        propagate: bool = False,
+    ) -> BlockState:
+        """Solve every linear of the block by its plan of steps (:mod:`workers.steps`).
 
         ``batches`` are the block's inputs (default: this worker's current hidden states);
         ``statistics`` (one float stage) are the block's sums, gathered by the pass that was also
-        its forward (:meth:`_one_stage_statistics`);
-        ``load`` is the solve work each worker already has queued (the owners of this block's
-        groups are balanced against it, and it is updated; see :func:`workers.schedule.assign_owners`).
-
-        Returns {linear: dequantized weight}, the record entries this worker wrote, and
-        {float tensor name in the block: folded value} (AWQ; empty otherwise). The layer is
-        left as it came in (the caller decides what propagates).
+        its forward (:meth:`_one_stage_statistics`); ``load`` is the solve work each worker already
+        has queued (the owners of this block's groups are balanced against it, and it is updated;
+        see :func:`workers.schedule.assign_owners`); ``propagate``: the hidden states go through
+        the solved block last (inline solves).
 
         Linears that read the same input form a group with one Hessian. With true_sequential
         each group is a stage: its statistics come from inputs that already pass through the
         quantized groups before it (q/k/v → o → gate/up → down). Otherwise one stage holds all
-        groups and the statistics come from one pass.
+        groups and the statistics come from one pass. AWQ methods first search and fold the
+        scales of every group on the float block (``FoldScales``), then quantize the folded block.
 
-        AWQ methods first search the scales of every group on the float block (Gram and
-        mean|x| reduced to the group's owner, scales broadcast), fold them all, and only
-        then quantize the folded block: RTN with the clip search ("awq"), or GPTQ with
-        fresh statistics of the folded block, true-sequential as for "gptq" ("awq_gptq").
+        Returns the block's state after its steps: ``quantized`` ({linear: dequantized weight}),
+        ``outputs`` (the record entries this worker wrote), ``floats`` (AWQ's folded tensors).
         """
         job = self.job
-        if statistics is not None:
-            batches = []  # the hidden states are past this block already; its sums came with it
-        else:
-            batches = self.batches if batches is None else batches
+        batches = [] if statistics is not None else self.batches if batches is None else batches
         for phase in ("stats", "reduce", "solve", "broadcast"):
             timings.setdefault(phase, 0.0)  # a caller may have timed its statistics pass
         # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
@@ -888,201 +837,53 @@ class BlockWorker:
         # solved weights: for the next stage (true-sequential) or for propagation (quantized)
         to_owner = job.propagate == "float" and len(stages) == 1
         if statistics is not None and statistics.plans is not None:  # deferred: planned at issue
-            plan_of = statistics.plans
+            plans = statistics.plans
         else:
-            plan_of = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
-        total_rows = (
-            self._all_rows(
-                statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
-            )
-            if uses_gram
-            else 0  # no sums to scale
+            plans = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
+        rows_here = statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
+        total_rows = self._all_rows(rows_here) if uses_gram else 0  # no sums to scale without
+        state = BlockState(b, layer, linears, batches, timings, stages, plans, total_rows, solver)
+        state.unfolded = {name: p.data for name, p in layer.named_parameters()}
+        state.originals = {n: m.weight.data for n, m in linears.items()}
+        if statistics is not None:
+            state.sums, state.pending = statistics.sums, dict(statistics.pending or {})
+        steps = plan_block(
+            stages,
+            solver,
+            probe=probe,
+            awq=job.method in AWQ_METHODS,
+            cache_stages=job.stage_cache
+            and solver == "gptq"
+            and job.true_sequential
+            and StagePasses.applies(layer, stages),
+            have_sums=statistics is not None,
+            reductions_issued=statistics is not None and statistics.pending is not None,
+            to_owner=to_owner,
+            propagate_quantized=job.propagate == "quantized",
+            sequential=job.true_sequential,
+            propagate=propagate,
         )
-        owner_of = {key: p.owner for key, p in plan_of.items()}
-        if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
-            energy = channel_energy([h for h, _ in batches])
-            fisher = output_fisher(layer, batches, list(linears), seed=b)  # float block, before any solve
-            if self.group_ready:
-                dist.all_reduce(energy)
-                for sums in fisher.values():
-                    dist.all_reduce(sums)
-            scale = residual_scale(energy)
-        unfolded = {name: p.data for name, p in layer.named_parameters()}
-        floats: dict[str, torch.Tensor] = {}
-        awq_groups: dict[str, dict] = {}
-        if job.method in AWQ_METHODS:
-            floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, total_rows, timings)
-        originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
-        split = {key for key, p in plan_of.items() if p.split}
+        return run_plan(self, state, steps)
 
-        def sensitivity(n: str, gram: torch.Tensor, options: dict) -> dict:
-            return linear_sensitivity(
-                originals[n],
-                gram,
-                job.spec,
-                job.sensitivity_bits,
-                scale,
-                method=job.method,
-                options=options,
-                row_weight=fisher[n][:-1] / fisher[n][-1],
-            )
+    def collect(self, layer, batches, leaders, stop_early=False, passes=None) -> dict[str, HessianAccumulator]:
+        """:func:`collect_hessians` in the job's Hessian dtype."""
+        return collect_hessians(layer, batches, leaders, getattr(torch, self.job.hessian_dtype), stop_early, passes)
 
-        passes = None
-        if job.stage_cache and solver == "gptq" and job.true_sequential and StagePasses.applies(layer, stages):
-            passes = StagePasses(layer, len(batches))
+    def collect_with_means(self, layer: nn.Module, leaders: list[str], abs_means: bool) -> tuple[dict, dict]:
+        """Σ xᵀx (and Σ|x|) of the leaders' inputs over this worker's samples, the forward stopping
+        once they have all seen theirs (AWQ's search)."""
+        dtype = getattr(torch, self.job.hessian_dtype)
+        return _collect_stats(layer, self.batches, leaders, dtype, stop_early=True, abs_means=abs_means)
 
-        quantized, outputs = {}, []
-        pending: dict[tuple, dist.Work] = {}  # reductions in flight, by group
-        for stage in stages:
-            accs: dict[str, HessianAccumulator] = {}
-            if solver == "gptq":
-                t = time.perf_counter()
-                if statistics is not None:  # gathered by the forward thread
-                    accs = statistics.sums
-                else:
-                    accs = collect_hessians(
-                        layer,
-                        batches,
-                        [names[0] for names in stage],
-                        getattr(torch, job.hessian_dtype),
-                        job.true_sequential,
-                        passes,
-                    )
-                timings["stats"] += time.perf_counter() - t
-                t = time.perf_counter()
-                if statistics is not None and statistics.pending is not None:  # issued at the forward
-                    pending.update(statistics.pending)
-                else:
-                    pending.update(self._start_reductions(stage, accs, plan_of))
-                timings["reduce"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            waited = 0.0
-
-            def arrived(key: tuple) -> None:  # this group's reduced sums are here
-                nonlocal waited
-                if key in pending:
-                    t_wait = time.perf_counter()
-                    pending.pop(key).wait()
-                    waited += time.perf_counter() - t_wait
-
-            solved = {}
-            mine: dict[tuple, QuantizedLinear | None] = {}  # None: no rows of this split group here
-            share_errors: dict[tuple, torch.Tensor] = {}
-            grams: dict[tuple, torch.Tensor] = {}  # split groups' H, formed once for solve and record
-            for names in stage:
-                if tuple(names) in split or owner_of[tuple(names)] == self.rank:
-                    arrived(tuple(names))
-                if tuple(names) in split:
-                    weight = torch.cat([originals[n] for n in names], dim=0)
-                    start, end = plan_of[tuple(names)].shares[self.rank]
-                    rows = [linears[n].out_features for n in names]
-                    if start == end:
-                        mine[tuple(names)] = None
-                        share_errors[tuple(names)] = torch.zeros(
-                            len(rows), 2, dtype=torch.float64, device=weight.device
-                        )
-                        continue
-                    gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=total_rows)
-                    spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
-                    own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
-                    mine[tuple(names)] = own  # type: ignore[assignment]
-                    share_errors[tuple(names)] = _share_output_errors(
-                        weight[start:end], own.dequantize(), gram, rows, start
-                    )
-                    continue
-                if owner_of[tuple(names)] != self.rank:
-                    continue
-                weight = torch.cat([originals[n] for n in names], dim=0)
-                awq = awq_groups.get(names[0])
-                gram = accs[names[0]].hessian(total_count=total_rows) if solver == "gptq" else None
-                hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
-                parts = self._group_parts(b, names, linears, gram)
-                options = job.method_options()
-                if awq is not None:  # q/k keep their full range (clip ratio 1)
-                    rows_at, options["awq_no_clip_rows"] = 0, []
-                    for p in parts:
-                        if p.name.rsplit(".", 1)[-1] in AWQ_NO_CLIP:
-                            options["awq_no_clip_rows"].append((rows_at, rows_at + p.rows))
-                        rows_at += p.rows
-                results = quantize_parts(job.method, weight, hessian, parts, options)  # workers/methods.py
-                for n, part in zip(names, results):
-                    if awq is not None and result_kind(part) == "int":
-                        part.method = job.method
-                        part.params.update(awq["params"])
-                    solved[n] = part.dequantize()
-                    entry = self._store_result(b, n, part, originals[n], solved[n], hessian)
-                    if gram is not None:
-                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
-                    if awq is not None and n == names[0]:
-                        entry["float_results"] = awq["float_results"]
-                    if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
-                        entry["sensitivity"] = sensitivity(n, gram, options)
-                    outputs.append(entry)
-            for key in list(pending):  # the groups owned elsewhere: their sends are done
-                arrived(key)
-            timings["solve"] += time.perf_counter() - t - waited
-            timings["reduce"] += waited
-
-            t = time.perf_counter()
-            for key, own in mine.items():  # split groups: the shares to every worker, or to the owner
-                shares = plan_of[key].shares
-                errors = share_errors[key]
-                dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
-                if to_owner:
-                    full = self._send_rows_to_owner(own, shares, owner_of[key])
-                    if full is None:  # another worker stores it; nothing here needs the weights
-                        continue
-                else:
-                    full = self._gather_rows(own, shares)
-                gram = grams[key]
-                at = 0
-                for i, n in enumerate(key):
-                    part = full.rows(at, at + linears[n].out_features)
-                    at += linears[n].out_features
-                    solved[n] = part.dequantize()
-                    if owner_of[key] == self.rank:
-                        error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
-                        entry = self._store_result(b, n, part, originals[n], solved[n], gram, error)
-                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
-                        entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
-                        if probe:
-                            entry["sensitivity"] = sensitivity(n, gram, job.method_options())
-                        outputs.append(entry)
-            timings["broadcast"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            # every worker needs the weights for the next stage's statistics (true-sequential) or
-            # for propagation (quantized); propagate float's last stage needs them nowhere
-            needed = job.propagate == "quantized" or (job.true_sequential and stage is not stages[-1])
-            for names in stage:
-                owner = owner_of[tuple(names)]
-                for n in names:
-                    if tuple(names) in split:  # gathered above
-                        if needed:
-                            quantized[n] = solved[n]
-                            if job.true_sequential:
-                                linears[n].weight.data = quantized[n]
-                        continue
-                    if owner == self.rank:
-                        quantized[n] = solved[n]
-                    elif needed:
-                        quantized[n] = torch.empty_like(originals[n])
-                    if needed and self.group_ready:
-                        dist.broadcast(quantized[n], src=owner)
-                    if needed and job.true_sequential:
-                        linears[n].weight.data = quantized[n]
-            timings["broadcast"] += time.perf_counter() - t
-
-        for name, p in layer.named_parameters():  # the caller decides what propagates
-            p.data = unfolded[name]
-        if passes is not None:
-            passes.close()
-            # propagation through the quantized block reuses the kept inputs (inline solves only:
-            # the caller's forward then runs on these very batches with these weights)
-            if job.propagate == "quantized" and batches is self.batches:
-                self._final_passes = passes
-        return quantized, outputs, floats
+    def score_rows_of(self, layer: nn.Module, names: list[str]) -> list[tuple[int, int]]:
+        """The rows of a stacked group that feed the attention scores Q·Kᵀ (from the block's
+        trace): AWQ's clip search leaves them unclipped, since their error reaches the output
+        through the Q·Kᵀ product, which the search's own-output error does not measure. Found
+        per output row, not per linear: a fused qkv_proj (Phi-3) keeps its q and k rows whole
+        and has its v rows clipped, as separate q/k/v projections would."""
+        linears = block_linears(layer)
+        trace = self._trace(layer, linears, self.batches[0])
+        return trace.score_rows_of(names, {n: linears[n].out_features for n in names})
 
     def _structure_key(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> tuple:
         return (
@@ -1107,7 +908,7 @@ class BlockWorker:
         """The block's shared-input groups in execution order (:meth:`_trace`)."""
         return [list(g) for g in self._trace(layer, linears, batch).groups]
 
-    def _scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
+    def scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
         """AWQ's relations of the float block: the plan's (found on a probe of the layer's
         code, pipeline.run.check_block_structure, which says once what has none), else
         :func:`find_scale_groups` on this block. A group without one is recorded in its
@@ -1141,155 +942,7 @@ class BlockWorker:
             return False
         return len({job.spec_for(f) for f in full}) == 1
 
-    def _gather_rows(self, own: QuantizedLinear, shares: tuple[tuple[int, int], ...]) -> QuantizedLinear:
-        """Every worker's share of an evenly split solve (every worker has rows), broadcast from
-        its solver, stacked in row order."""
-        parts = []
-        for rank, (start, end) in enumerate(shares):
-            packed = _pack_share(own) if rank == self.rank else _empty_share(own, end - start)
-            dist.broadcast(packed, src=rank)
-            parts.append(_unpack_share(own, packed, end - start))
-        return QuantizedLinear.stack_rows(parts)
-
-    def _send_rows_to_owner(
-        self, own: QuantizedLinear | None, shares: tuple[tuple[int, int], ...], owner: int
-    ) -> QuantizedLinear | None:
-        """The shares of a split solve sent to its owner, which has rows of its own (the plan
-        gives it the most) and returns them stacked in row order; other workers return None."""
-        if self.rank != owner:
-            if own is not None:
-                dist.send(_pack_share(own), dst=owner)
-            return None
-        if own is None:
-            raise RuntimeError("the owner of a split solve must have rows of its own")
-        parts = []
-        for rank, (start, end) in enumerate(shares):
-            if rank == self.rank:
-                parts.append(own)
-            elif end > start:
-                packed = _empty_share(own, end - start)
-                dist.recv(packed, src=rank)
-                parts.append(_unpack_share(own, packed, end - start))
-        return QuantizedLinear.stack_rows(parts)
-
-    def _awq_search_and_fold(
-        self, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
-    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """AWQ scales for every group of the float block, then all folded into ``layer``.
-
-        Per group (in block order): Σ xᵀx and Σ|x| of its input from this worker's samples
-        (the forward stops at the group), reduced to the group's owner, which searches the
-        scales; the scales are broadcast and, once every group has its scales, every worker
-        folds them into its copy of the block (identical arithmetic, so identical tensors).
-        Searching all groups before folding any keeps each search on the float weights, as
-        the original AWQ does; the folds into v_proj / up_proj rows then precede their own
-        quantization.
-
-        Returns the folded float tensors that are not quantized linear weights (norm
-        weights, biases of v_proj / up_proj) by name in the block, and, for the groups this
-        worker owns, {leader linear: {"hessian": H' of the scaled inputs, "params": …,
-        "float_results": record entries of the folded tensors it stored}}.
-        """
-        job = self.job
-        dtype = getattr(torch, job.hessian_dtype)
-        linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        searched = []
-        owned: dict[str, dict] = {}
-        relations, unfolded = self._scale_relations(layer, self.batches[0])
-        by_group = {tuple(g.linears): g for g in relations}
-        for key in list(by_group) + [k for k in unfolded if k not in by_group]:
-            group = by_group.get(key)
-            if key not in owner_of:
-                raise ValueError(f"AWQ group {key} does not match the block's shared-input groups")
-            owner, leader = owner_of[key], key[0]
-            t = time.perf_counter()
-            grams, means = _collect_stats(
-                layer, self.batches, [leader], dtype, stop_early=True, abs_means=group is not None
-            )
-            timings["stats"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if self.group_ready:
-                dist.reduce(grams[leader].sum, dst=owner)
-                if group is not None:
-                    dist.reduce(means[leader].sum, dst=owner)
-            timings["reduce"] += time.perf_counter() - t
-            if group is None:  # no op absorbs scales: the linears are quantized as they are
-                if owner == self.rank:
-                    owned[leader] = self._unfolded_entry(unfolded[key], grams[leader].hessian(total_count=total_rows))
-                del grams, means
-                continue
-            t = time.perf_counter()
-            found = None
-            if owner == self.rank:
-                weight = torch.cat([layer.get_submodule(n).weight.data for n in group.linears], dim=0)
-                x_mean = means[leader].mean(total_count=total_rows)
-                found = search_scales(
-                    weight, grams[leader].sum, x_mean, job.spec, grid=job.awq_grid, duo=job.awq_duo, expand=group.expand
-                )
-                scales = found.scales.float().contiguous()
-                hessian = grams[leader].hessian(total_count=total_rows)
-            else:
-                scales = torch.empty(group.slots(layer), dtype=torch.float32, device=self.device)
-                hessian = None
-            del grams, means
-            timings["solve"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if self.group_ready:
-                dist.broadcast(scales, src=owner)
-            timings["broadcast"] += time.perf_counter() - t
-            searched.append((group, owner, scales, found, hessian))
-
-        floats: dict[str, torch.Tensor] = {}
-        for group, owner, scales, found, hessian in searched:
-            changed = fold_scales(layer, group, scales)
-            entries = []
-            for name in changed:
-                if name in linear_weights:
-                    continue  # a quantized linear (v_proj / up_proj rows): stored as its result
-                tensor = layer.get_parameter(name).data
-                floats[name] = tensor
-                if owner == self.rank:
-                    entries.append(self._store_float(b, name, tensor, group))
-            if owner == self.rank:
-                owned[group.linears[0]] = {
-                    "hessian": scale_gram(hessian, column_scales(group, scales)),
-                    "params": {
-                        "awq_alpha": found.alpha,
-                        "awq_duo_chosen": found.duo,
-                        "awq_grid": job.awq_grid,
-                        "awq_duo": job.awq_duo,
-                        "awq_clip": job.awq_clip and job.method == "awq",
-                        "awq_clip_search": job.awq_clip_search,
-                        "awq_prev": group.prev,
-                        "awq_search_gain": 1.0 - found.loss / found.loss_identity if found.loss_identity > 0 else 0.0,
-                    },
-                    "float_results": entries,
-                }
-                if group.offset:  # the norm computes x̂ · (offset + w)
-                    owned[group.linears[0]]["params"]["awq_prev_offset"] = group.offset
-        return floats, owned
-
-    def _unfolded_entry(self, why: str, hessian: torch.Tensor) -> dict:
-        """The owner's record of a group that AWQ leaves unscaled: its Hessian (for the clip
-        search), s = 1, and why (kept in every result of the group)."""
-        job = self.job
-        return {
-            "hessian": hessian,
-            "params": {
-                "awq_alpha": -1.0,
-                "awq_duo_chosen": False,
-                "awq_grid": job.awq_grid,
-                "awq_duo": job.awq_duo,
-                "awq_clip": job.awq_clip and job.method == "awq",
-                "awq_clip_search": job.awq_clip_search,
-                "awq_prev": None,
-                "awq_unfolded": why,
-                "awq_search_gain": 0.0,
-            },
-            "float_results": [],
-        }
-
-    def _store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
+    def store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
@@ -1303,7 +956,7 @@ class BlockWorker:
             "dtype": "float32",
         }
 
-    def _group_parts(
+    def group_parts(
         self, b: int, names: list[str], linears: dict[str, nn.Linear], gram: torch.Tensor | None
     ) -> list[Part]:
         """Each linear of a group with its grid (``job.spec_for``) and whether it stays 16-bit:
@@ -1322,7 +975,7 @@ class BlockWorker:
             parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
         return parts
 
-    def _store_result(self, b, name, result, weight, dequant, hessian, output_error: float | None = None) -> dict:
+    def store_result(self, b, name, result, weight, dequant, hessian, output_error: float | None = None) -> dict:
         full_name = f"{self.layers_path}.{b}.{name}"
         data = result_to_bytes(result)
         key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
@@ -1351,7 +1004,7 @@ class BlockWorker:
         """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
         return self._read_results(b, record)
 
-    def _store_activations(self, b: int, name: str, gram: torch.Tensor, tokens: int) -> dict:
+    def store_activations(self, b: int, name: str, gram: torch.Tensor, tokens: int) -> dict:
         """The linear's input statistics for an importance matrix: in_sum2[k] = Σ_t x_tk² over the
         run's calibration tokens (all workers'), = diag(H)·n/2 for H = 2·XᵀX/n; float32 [K]."""
         full_name = f"{self.layers_path}.{b}.{name}"

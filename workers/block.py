@@ -99,13 +99,26 @@ class BlockTrace:
     same input tensor (q/k/v, gate/up …; a fused qkv_proj alone), in execution order;
     ``feeders``: per group, the module of the block whose output *is* that input tensor (the
     norm before q/k/v or gate/up), or None when the input is computed in the module's own
-    code (attention output, act(gate)·up); ``unreached``: linears the batch never reached.
+    code (attention output, act(gate)·up); ``unreached``: linears the batch never reached;
+    ``score_rows``: per linear, the output rows (ranges) that feed the attention scores Q·Kᵀ
+    (:func:`attention_score_rows`).
     """
 
     order: tuple[str, ...]
     groups: tuple[tuple[str, ...], ...]
     feeders: tuple[str | None, ...]
     unreached: tuple[str, ...]
+    score_rows: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+
+    def score_rows_of(self, names: list[str], rows: dict[str, int]) -> list[tuple[int, int]]:
+        """The score rows of a stacked group (``names`` with ``rows`` output rows each), as
+        ranges of the stack's rows."""
+        own = dict(self.score_rows)
+        out, at = [], 0
+        for n in names:
+            out.extend((at + a, at + b) for a, b in own.get(n, ()))
+            at += rows[n]
+        return out
 
 
 def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTrace:
@@ -166,7 +179,85 @@ def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTr
         groups=tuple(tuple(names) for _, names in seen),
         feeders=tuple(feeders),
         unreached=tuple(n for n in linears if n not in order),
+        score_rows=tuple(attention_score_rows(layer, sample, kwargs).items()),
     )
+
+
+class _Scores(torch.overrides.TorchFunctionMode):
+    """Catches the first attention-score product of a forward (the query and key of
+    ``scaled_dot_product_attention``, or a 4-D ``matmul`` of eager attention) and stops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.qk = (args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"])
+            raise _Stop
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and all(
+            isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]
+        ):
+            self.qk = (args[0], args[1])
+            raise _Stop
+        return func(*args, **kwargs)
+
+
+def attention_score_rows(
+    layer: nn.Module, sample: torch.Tensor, kwargs: dict
+) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Per linear, the ranges of its output rows that the attention scores Q·Kᵀ depend on.
+
+    The block runs (with gradients) until its attention forms the scores; the gradient of
+    a random projection of Q and K reaches exactly the output channels of the linears that feed them: all of
+    q_proj and k_proj in a Llama block, the q and k rows of a fused qkv_proj (Phi-3), none of
+    v_proj or of the linears after the attention. Linears whose outputs never reach the scores
+    are left out; a block without attention gives {}.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def fn(_module, _args, out):
+            outputs[name] = out
+
+        return fn
+
+    linears = block_linears(layer)
+    hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    mode = _Scores()
+    try:
+        with torch.enable_grad(), mode:
+            sample = sample.detach().requires_grad_()  # every later tensor is in the graph
+            try:
+                layer(sample, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if mode.qk is None:
+        return {}
+    names = [n for n in outputs if outputs[n].requires_grad]
+    # random weights, not a plain sum: a norm inside the attention (q_norm) can make Σ Q constant
+    gen = torch.Generator(device=mode.qk[0].device).manual_seed(0)
+    probe = sum((t * torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)).sum() for t in mode.qk)
+    grads = torch.autograd.grad(probe, [outputs[n] for n in names], allow_unused=True)
+    found = {}
+    for n, g in zip(names, grads):
+        if g is None:
+            continue
+        reached = (g.reshape(-1, g.shape[-1]) != 0).any(0).tolist()
+        ranges, start = [], None
+        for i, hit in enumerate([*reached, False]):
+            if hit and start is None:
+                start = i
+            elif not hit and start is not None:
+                ranges.append((start, i))
+                start = None
+        if ranges:
+            found[n] = tuple(ranges)
+    return found
 
 
 def shared_input_groups(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
