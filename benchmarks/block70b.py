@@ -35,7 +35,7 @@ from strata_quant.pipeline.checkpoint import nonfinite_count
 from strata_quant.workers import gptq
 from strata_quant.workers.actor import _collect_stats, collect_hessians
 from strata_quant.workers.awq import llama_scale_groups, search_scales
-from strata_quant.workers.block import StagePasses, block_linears, build_block, run_block, shared_input_groups
+from strata_quant.workers.block import StagePasses, block_linears, build_block, run_block, stage_layout, trace_block
 from strata_quant.workers.gptq import gptq_quantize, relative_output_error
 from strata_quant.workers.result import QuantSpec
 
@@ -183,7 +183,8 @@ def main() -> None:
             pos = torch.arange(seq, device=device).unsqueeze(0)
             batches.append((h, {"position_embeddings": rotary(h, pos), "attention_mask": None, "position_ids": pos}))
 
-        groups = shared_input_groups(layer, *batches[0])
+        trace = trace_block(layer, *batches[0])
+        groups = [list(g) for g in trace.groups]
         full_s = 0.0
         for names in groups:  # each stage's pass from the block input (run.stage_cache: false)
             with timer as t:
@@ -195,7 +196,8 @@ def main() -> None:
         # the run's default: each pass starts from what the previous one kept (workers/block.py);
         # the weights stay float here, so the kept inputs stay valid exactly as in a run. As in a
         # run, a stage's statistics are formed, solved and dropped before the next stage's pass.
-        passes = StagePasses(layer, len(batches)) if StagePasses.applies(layer, [[g] for g in groups]) else None
+        layout = stage_layout(trace, [[g] for g in groups])
+        passes = StagePasses(layer, len(batches), layout) if layout is not None else None
         linears = block_linears(layer)
         spec = QuantSpec(4, 128, True)
         flops = {}

@@ -311,18 +311,23 @@ def test_stage_cache_gives_the_full_pass_bytes(method, tmp_path, tiny_model_path
         assert hashes(run_job(cfg("one", 1), progress=False)) == hashes(full)
 
 
-def test_stage_passes_need_the_llama_stages(tiny_model_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_stage_passes_need_the_four_stages(tiny_model_path):
+    from transformers import AutoModelForCausalLM
 
-    from strata_quant.workers.block import LLAMA_STAGES, StagePasses, decoder_layers
+    from strata_quant.workers.block import decoder_layers, stage_layout, trace_block
 
-    config = AutoConfig.from_pretrained(tiny_model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    seen = {}
     layer = decoder_layers(model)[1][0]
-    assert StagePasses.applies(layer, [[g] for g in LLAMA_STAGES])
-    assert not StagePasses.applies(layer, [LLAMA_STAGES])  # one stage (true_sequential off)
-    assert not StagePasses.applies(layer, [[g] for g in LLAMA_STAGES[:3]])
+    hook = layer.register_forward_pre_hook(lambda _m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0)))
+    hook.remove()
+    trace = trace_block(layer, seen["x"], {k: v for k, v in seen["kw"].items() if k != "cache"})
+    groups = [list(g) for g in trace.groups]
+    assert stage_layout(trace, [[g] for g in groups]) is not None
+    assert stage_layout(trace, [groups]) is None  # one stage (true_sequential off)
+    assert stage_layout(trace, [[g] for g in groups[:3]]) is None
 
 
 # ---------------------------------------------------------------- solve plans

@@ -32,12 +32,14 @@ from strata_quant.workers.awq import (
 )
 from strata_quant.workers.block import (
     BlockTrace,
+    StageLayout,
     StagePasses,
     block_linears,
     build_block,
     decoder_layers,
     materialize_buffers,
     run_block,
+    stage_layout,
     trace_block,
 )
 from strata_quant.workers.gptq import relative_output_error
@@ -852,10 +854,7 @@ class BlockWorker:
             solver,
             probe=probe,
             awq=job.method in AWQ_METHODS,
-            cache_stages=job.stage_cache
-            and solver == "gptq"
-            and job.true_sequential
-            and StagePasses.applies(layer, stages),
+            cache_stages=self._stage_layout(layer, stages, solver),
             have_sums=statistics is not None,
             reductions_issued=statistics is not None and statistics.pending is not None,
             to_owner=to_owner,
@@ -864,6 +863,13 @@ class BlockWorker:
             propagate=propagate,
         )
         return run_plan(self, state, steps)
+
+    def _stage_layout(self, layer: nn.Module, stages: list, solver: str) -> StageLayout | None:
+        """The true-sequential stage passes' layout (:func:`stage_layout`), when the job keeps them."""
+        job = self.job
+        if not (job.stage_cache and solver == "gptq" and job.true_sequential and len(stages) > 1):
+            return None
+        return stage_layout(self._trace(layer, block_linears(layer), self.batches[0]), stages)
 
     def collect(self, layer, batches, leaders, stop_early=False, passes=None) -> dict[str, HessianAccumulator]:
         """:func:`collect_hessians` in the job's Hessian dtype."""

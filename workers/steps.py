@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from strata_quant.workers.awq import column_scales, fold_scales, scale_gram, search_scales
-from strata_quant.workers.block import StagePasses
+from strata_quant.workers.block import StageLayout, StagePasses
 from strata_quant.workers.gptq import output_error_terms
 from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
 from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
@@ -65,7 +65,10 @@ class FoldScales:
 
 @dataclass(frozen=True)
 class CacheStages:
-    """True-sequential passes that start from what the previous stage's pass kept (:class:`StagePasses`)."""
+    """True-sequential passes that start from what the previous stage's pass kept (:class:`StagePasses`),
+    standing in for the modules ``layout`` names."""
+
+    layout: StageLayout
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def plan_block(
     *,
     probe: bool,
     awq: bool,
-    cache_stages: bool,
+    cache_stages: StageLayout | None,
     have_sums: bool,
     reductions_issued: bool,
     to_owner: bool,
@@ -185,8 +188,8 @@ def plan_block(
         steps.append(Probe())
     if awq:
         steps.append(FoldScales())
-    if cache_stages:
-        steps.append(CacheStages())
+    if cache_stages is not None:
+        steps.append(CacheStages(cache_stages))
     for i, stage in enumerate(stages):
         if solver == "gptq":
             if not have_sums:
@@ -230,8 +233,8 @@ def run_fold_scales(w: BlockWorker, s: BlockState, _step: FoldScales) -> None:
     s.originals = {n: m.weight.data for n, m in s.linears.items()}  # folded
 
 
-def run_cache_stages(_w: BlockWorker, s: BlockState, _step: CacheStages) -> None:
-    s.passes = StagePasses(s.layer, len(s.batches))
+def run_cache_stages(_w: BlockWorker, s: BlockState, step: CacheStages) -> None:
+    s.passes = StagePasses(s.layer, len(s.batches), step.layout)
 
 
 def run_collect_stats(w: BlockWorker, s: BlockState, step: CollectStats) -> None:
