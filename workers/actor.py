@@ -8,15 +8,12 @@ linear's statistics to the worker that owns (solves) it.
 
 from __future__ import annotations
 
-import collections
 import copy
 import datetime
 import hashlib
 import resource
 import socket
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -53,10 +50,14 @@ from strata_quant.workers.methods import (
     result_kind,
     spec_with_overrides,
 )
+from strata_quant.workers.queues import DeferredSolves, SolverQueue, Uploads
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.schedule import GroupPlan, plan_solves
 from strata_quant.workers.stats import HessianAccumulator
 from strata_quant.workers.steps import BlockState, plan_block, run_plan
+
+# the names tests and benchmarks import from here
+_Uploads, _SolverQueue, _DeferredSolves = Uploads, SolverQueue, DeferredSolves
 
 
 @dataclass
@@ -262,161 +263,6 @@ class _Catcher(nn.Module):
         return hidden_states
 
 
-class _Uploads:
-    """Store writes on one background thread, so a worker goes on with its next stage or block
-    while a result is written (synced, or sent to S3); :meth:`wait` returns once every write
-    handed over so far is stored and raises the first failure. Record entries leave the worker
-    only after a ``wait`` (a block is done only when its stored results are), so no record ever
-    names an object that is not there yet."""
-
-    def __init__(self, store):
-        self._store = store
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._pending: list[Future] = []
-
-    def put(self, key: str, data: bytes) -> str:
-        """Hand ``data`` over to be stored under ``key``; returns its sha256 (for the record
-        entry, and passed to the store for its checksum, so the bytes are hashed once)."""
-        digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-upload")
-            self._pending.append(self._pool.submit(self._store.put_bytes, key, data, sha256=digest))
-        return digest
-
-    def wait(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        failure = None
-        for future in pending:  # every write finishes (or fails) before the first failure is raised
-            try:
-                future.result()
-            except BaseException as err:
-                failure = failure or err
-        if failure is not None:
-            raise failure
-
-    def close(self) -> None:
-        """Let the writes handed over finish, then stop the thread. Writes still pending here
-        belong to a block that failed, whose error has gone to the driver already: theirs are
-        not raised again."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        with self._lock:
-            self._pending = []
-
-
-class _SolverQueue:
-    """One background thread that runs queued block solves in the order they were queued.
-
-    ``solve(b, layer, inputs, load)`` does one block's statistics, reductions, solves and store
-    writes and returns its report; ``load`` is the per-worker solve work carried across blocks
-    (LPT owners, :func:`workers.schedule.assign_owners`). torch releases the GIL in its kernels, so the thread's
-    solves overlap the caller's forward passes. The first failure stops the thread and is raised
-    by every later call (``check``, ``put``, ``wait_empty``, ``take``).
-    """
-
-    def __init__(self, solve, world: int):
-        self._solve = solve
-        self.load = [0.0] * world
-        self._cond = threading.Condition()
-        self._items: collections.deque = collections.deque()
-        self._pending = 0  # queued or running
-        self._finished: list[dict] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="strata-solver", daemon=True)
-        self._thread.start()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def check(self) -> None:
-        with self._cond:
-            self._raise()
-
-    def put(self, b: int, layer: nn.Module, inputs: list, depth: int) -> None:
-        """Queue block ``b``, first waiting until fewer than ``depth`` blocks are queued or running."""
-        with self._cond:
-            while self._pending >= depth and self._error is None:
-                self._cond.wait()
-            self._raise()
-            self._items.append((b, layer, inputs))
-            self._pending += 1
-            self._cond.notify_all()
-
-    def wait_empty(self) -> None:
-        with self._cond:
-            while self._pending and self._error is None:
-                self._cond.wait()
-            self._raise()
-
-    def take(self) -> list[dict]:
-        """The reports of the blocks finished since the last call, in block order."""
-        with self._cond:
-            self._raise()
-            out, self._finished = self._finished, []
-            return out
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items:
-                    self._cond.wait()
-                b, layer, inputs = self._items.popleft()
-            try:
-                report = self._solve(b, layer, inputs, self.load)
-            except BaseException as err:  # raised to the driver by the next call
-                with self._cond:
-                    self._error = err
-                    self._cond.notify_all()
-                return
-            del layer, inputs  # the block's copy and its inputs are freed before the next block
-            with self._cond:
-                self._finished.append(report)
-                self._pending -= 1
-                self._cond.notify_all()
-
-
-class _DeferredSolves:
-    """Queued block solves run on the caller's own thread, ``depth`` blocks behind its forward:
-    each ``put`` solves the oldest blocks until at most ``depth`` remain. One-stage float blocks
-    come with their reductions already issued (asynchronously, when their sums were complete),
-    so a worker meets the others only when it solves a block whose sums they sent long
-    before; work that differs between workers in one block evens out over the next ones
-    (``load``, carried as in :class:`_SolverQueue`) instead of holding every worker at each
-    block. The same interface and reports as :class:`_SolverQueue`, without a second thread
-    that would share the worker's core with the forward."""
-
-    def __init__(self, solve, world: int):
-        self._solve = solve
-        self.load = [0.0] * world
-        self._items: collections.deque = collections.deque()
-        self._finished: list[dict] = []
-
-    def check(self) -> None:
-        pass
-
-    def put(self, b: int, layer: nn.Module, inputs, depth: int) -> None:
-        self._items.append((b, layer, inputs))
-        while len(self._items) > depth:
-            self._run_oldest()
-
-    def wait_empty(self) -> None:
-        while self._items:
-            self._run_oldest()
-
-    def take(self) -> list[dict]:
-        out, self._finished = self._finished, []
-        return out
-
-    def _run_oldest(self) -> None:
-        b, layer, inputs = self._items.popleft()
-        self._finished.append(self._solve(b, layer, inputs, self.load))
-
-
 def to_device(obj, device: torch.device):
     """``obj`` (a tensor, or tuples / lists / dicts of them) on ``device``; other values as they are."""
     if isinstance(obj, torch.Tensor):
@@ -442,7 +288,7 @@ class BlockWorker:
         self.reader, self.store, self.job = reader, store, job
         if rank == 0 and hasattr(reader, "hash_blocks"):
             reader.hash_blocks = True  # one worker fingerprints each block's bytes as it reads them (resume checks)
-        self._uploads = _Uploads(store)
+        self._uploads = Uploads(store)
         config_dict = dict(job.model_config)
         model_type = config_dict.pop("model_type")
         self.config = AutoConfig.for_model(model_type, **config_dict)
@@ -611,7 +457,7 @@ class BlockWorker:
 
     # -- propagate float: solves queued behind the forward --------------------------
 
-    _solver: _SolverQueue | None = None
+    _solver: SolverQueue | None = None
 
     def one_float_stage(self) -> bool:
         """Whether each block's statistics come from one pass over the float block, which is then
@@ -634,7 +480,7 @@ class BlockWorker:
         return job_overlaps(self.job)
 
     def deferred(self) -> bool:
-        """Whether queued solves run on the forward's own thread (:class:`_DeferredSolves`)
+        """Whether queued solves run on the forward's own thread (:class:`DeferredSolves`)
         rather than on a solver thread: ``overlap_mode: deferred``, or ``auto`` for one float
         stage on a CPU, where a solver thread would share the worker's core and cost more in
         switching than it overlaps (a GPU's thread overlaps launches with kernels)."""
@@ -660,7 +506,7 @@ class BlockWorker:
             timings["stats"] = time.perf_counter() - t
             timings["forward"] = 0.0
             solve_layer = layer
-            if isinstance(solver, _DeferredSolves):  # the sums travel while later blocks run
+            if isinstance(solver, DeferredSolves):  # the sums travel while later blocks run
                 t = time.perf_counter()
                 self._issue_reductions(b, layer, work, solver.load)
                 timings["reduce"] = time.perf_counter() - t
@@ -673,7 +519,7 @@ class BlockWorker:
             timings["forward"] = time.perf_counter() - t
         t = time.perf_counter()
         solver.put(b, solve_layer, work, self.job.overlap_depth)
-        if isinstance(solver, _SolverQueue):  # deferred: put ran older solves, timed in their reports
+        if isinstance(solver, SolverQueue):  # deferred: put ran older solves, timed in their reports
             timings["queue_wait"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
@@ -686,9 +532,9 @@ class BlockWorker:
             "finished": self._take_finished(),
         }
 
-    def _solver_queue(self) -> _SolverQueue | _DeferredSolves:
+    def _solver_queue(self) -> SolverQueue | DeferredSolves:
         if self._solver is None:
-            queue = _DeferredSolves if self.deferred() else _SolverQueue
+            queue = DeferredSolves if self.deferred() else SolverQueue
             self._solver = queue(self._solve_queued, self.world)
         return self._solver
 
