@@ -209,6 +209,7 @@ def plan_block(
 
 
 def run_plan(worker: BlockWorker, state: BlockState, steps: list[Step]) -> BlockState:
+    """Each step's function in turn over the block's state; the state after the last."""
     for step in steps:
         STEP_RUNNERS[type(step)](worker, state, step)
     return state
