@@ -229,20 +229,26 @@ def _write_quantized_checkpoint(
     pack: Callable[[QuantizedLinear, str], dict[str, torch.Tensor]],
     shard_size: str,
     mixed_bits: bool = False,
+    rename: dict[str, str] | None = None,
 ) -> tuple[ResultSummary, list[str]]:
     """Stream every tensor into safetensors shards in ``tmp``: quantized linears through
-    ``pack`` (their biases as float16), every other tensor as stored. Returns the first
+    ``pack`` (their biases as float16), every other tensor as stored; ``rename`` gives the
+    names a reader wants where they differ from the checkpoint's (MoE experts for GPTQModel:
+    pipeline.formats.moe.defused_names), by tensor and by linear. Returns the first
     result's spec, method and params (all must share its spec: a checkpoint has one
     quantization_config) and the modules with a 2-D weight that were left unquantized (for
     the config's ignore list). On AssembleError the staging folder is removed."""
     try:
-        return _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits)
+        return _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits, rename or {})
     except AssembleError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits=False) -> tuple[ResultSummary, list[str]]:
+def _write_tensors(
+    reader, results, tmp, pack, shard_size, mixed_bits=False, rename: dict[str, str] | None = None
+) -> tuple[ResultSummary, list[str]]:
+    rename = rename or {}
     writer = ShardedSafetensorsWriter(tmp, parse_size(shard_size), {"format": "pt"})
     first: ResultSummary | None = None  # a summary, not the result: no result outlives its tensor
     unquantized: list[str] = []
@@ -255,7 +261,7 @@ def _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits=False) -> 
             elif result.spec != first.spec and not (mixed_bits and _same_but_bits(result.spec, first.spec)):
                 raise AssembleError(f"{linear}: {result.spec} differs from {first.spec}; one config holds one spec")
             try:
-                packed = pack(result, linear)
+                packed = pack(result, rename.get(linear, linear))
             except ValueError as err:
                 raise AssembleError(f"{linear}: {err}") from err
             del result  # the codes go before the packed tensors are written
@@ -263,11 +269,11 @@ def _write_tensors(reader, results, tmp, pack, shard_size, mixed_bits=False) -> 
                 writer.add(tname, packed.pop(tname))
             del packed
         elif linear in results and leaf == "bias":
-            writer.add(name, results.float_tensor(reader, name).to(torch.float16))
+            writer.add(rename.get(name, name), results.float_tensor(reader, name).to(torch.float16))
         else:
             if leaf == "weight" and len(reader.shape(name)) == 2:
-                unquantized.append(linear)
-            writer.add(name, results.float_tensor(reader, name))
+                unquantized.append(rename.get(linear, linear))
+            writer.add(rename.get(name, name), results.float_tensor(reader, name))
     writer.close()
     if first is None:
         raise AssembleError("the run record lists no quantized linear")
@@ -338,8 +344,13 @@ def assemble_gptq(
 ) -> Path:
     """A GPTQ checkpoint: quantized linears packed, every other tensor copied as stored.
     Per-linear widths (mixed precision) go in as ``dynamic`` overrides of the majority width."""
+    from strata_quant.pipeline.formats import moe as moe_format
+
+    rename = moe_format.defused_names(reader)  # MoE: GPTQModel's per-expert names
     tmp = staging_folder(dest, overwrite)
-    result, _ = _write_quantized_checkpoint(reader, results, tmp, gptq_format.pack_linear, shard_size, mixed_bits=True)
+    result, _ = _write_quantized_checkpoint(
+        reader, results, tmp, gptq_format.pack_linear, shard_size, mixed_bits=True, rename=rename
+    )
     base, others = linear_bits(results)
     spec = QuantSpec(base, result.spec.group_size, result.spec.sym)
     qcfg = gptq_format.quantization_config(spec, result.params, tool_version, dynamic_bits=others)
@@ -358,9 +369,13 @@ def assemble_awq(
     tensor copied as stored. Results AWQ cannot hold (see pipeline.formats.awq) raise
     AssembleError before anything is published."""
     from strata_quant.pipeline.formats import awq as awq_format
+    from strata_quant.pipeline.formats import moe as moe_format
 
+    rename = moe_format.defused_names(reader)  # MoE: GPTQModel's per-expert names
     tmp = staging_folder(dest, overwrite)
-    result, unquantized = _write_quantized_checkpoint(reader, results, tmp, awq_format.pack_linear, shard_size)
+    result, unquantized = _write_quantized_checkpoint(
+        reader, results, tmp, awq_format.pack_linear, shard_size, rename=rename
+    )
     qcfg = awq_format.quantization_config(result.spec)
     qcfg["modules_to_not_convert"] = _not_converted(unquantized) or None
     return _finish_checkpoint(reader, tmp, dest, qcfg, quantize_config=True)
@@ -408,6 +423,7 @@ def assemble_gguf(
     ``strata.source_type``; :func:`pipeline.verify.verify_gguf` measures the difference.
     """
     from strata_quant.pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats import gguf_moe
 
     if dest.exists() and not overwrite:
         raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
@@ -464,15 +480,20 @@ def assemble_gguf(
     plan: list[tuple[str, str, str, tuple[int, ...]]] = []  # (hf name, gguf name, type, torch shape)
     extra = dict(layout.extra_tensors())  # generated from the config (rope_freqs …): first, as the converter
     plan.extend(("", gname, "F32", tuple(data.shape)) for gname, data in extra.items())
+    stacks = gguf_moe.expert_stacks(reader.tensor_names, layout.name)  # {GGUF name: one tensor per expert}
     for tname in reader.tensor_names:
         if gguf_format.skipped(tname):
             continue
         gname = layout.name(tname)
         linear, _, leaf = tname.rpartition(".")
         shape = reader.shape(tname)
-        if linear in results and leaf == "weight":
+        if gname in stacks:  # planned once, at its first expert
+            if tname == stacks[gname][0]:
+                gtype = _stack_type(stacks[gname], results, linear_types, linear_type)
+                plan.append((stacks[gname], gname, gtype, (len(stacks[gname]), *shape)))
+        elif linear in results and leaf == "weight":
             plan.append((tname, gname, linear_types.get(linear, linear_type), shape))
-        elif len(shape) == 1:
+        elif len(shape) == 1 or gguf_moe.is_router(gname):
             plan.append((tname, gname, "F32", shape))
         elif gname in ("token_embd.weight", "output.weight"):
             plan.append((tname, gname, emb_native, shape))
@@ -498,6 +519,11 @@ def assemble_gguf(
             writer.add_tensor_info(gname, gtype, shape)
         writer.write_header()
         for tname, gname, gtype, _ in plan:
+            if isinstance(tname, list):
+                data = _expert_stack(tname, reader, results, gtype, requant)
+                writer.write_data(gname, data)
+                del data
+                continue
             linear = tname.rpartition(".")[0]
             heads = layout.qk_heads(tname)
             if not tname:
@@ -542,3 +568,34 @@ def assemble_gguf(
             first.unlink(missing_ok=True)
     os.replace(tmp, dest)
     return dest
+
+
+def _stack_type(members: list[str], results: ResultSource, linear_types: dict[str, str], linear_type: str) -> str:
+    """The GGUF type of a stack of experts (one tensor: one type): the type of its experts' results, F16 when
+    none is quantized; AssembleError when they differ."""
+    linears = [m.rpartition(".")[0] for m in members]
+    types = {linear_types.get(lin, linear_type) if lin in results else "F16" for lin in linears}
+    if len(types) != 1:
+        raise AssembleError(f"the experts of {linears[0]} … need {sorted(types)}: one GGUF expert stack has one type")
+    return types.pop()
+
+
+def _expert_stack(members: list[str], reader: CheckpointReader, results: ResultSource, gtype: str, requant: bool):
+    """The data of a stack of experts, expert by expert (expert e's rows after expert e − 1's): each quantized
+    expert's result encoded as it is (exact), or dequantized to F16 for llama.cpp to re-quantize; unquantized
+    experts as stored in F16. Memory: the stack's data, one expert's result at a time."""
+    from strata_quant.pipeline.formats import gguf as gguf_format
+
+    parts = []
+    for member in members:
+        linear = member.rpartition(".")[0]
+        if linear in results:
+            result = results.get(linear)
+            try:
+                parts.append(_dequantize_half(result).numpy() if requant else gguf_format.encode(result, gtype))
+            except ValueError as err:
+                raise AssembleError(f"{linear}: {err}") from err
+            del result
+        else:
+            parts.append(results.float_tensor(reader, member).to(torch.float16).numpy())
+    return np.concatenate(parts, axis=0)

@@ -60,6 +60,13 @@ class QuantConfig(_Strict):
         True, description="with act_order: groups fixed in column order before the solve (g_idx[k] = k // G)"
     )
     mse_grid: int = Field(0, ge=0, description="shrink steps of the scale search; 0 = min/max")
+    diag_shrink: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GPTQ: solve with H ← (1−α)·H + α·diag(H), α this value: the calibration inputs' "
+        "correlations count less, their per-input importance stays (0 = GPTQ's H)",
+    )
     true_sequential: bool = Field(
         True, description="solve q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones before it"
     )
@@ -215,6 +222,11 @@ class EvalConfig(_Strict):
     each window scored alone. ``eval: null`` skips it."""
 
     text: str = Field("fixture:austen/persuasion", description="held-out text, any calibration.source form")
+    off_domain: str | None = Field(
+        "fixture:kjv",
+        description="a second held-out text unlike the calibration (another author, era and genre; code for "
+        "code models), scored the same way and reported beside the first; null: only the first",
+    )
     windows: int = Field(
         32, ge=1, description="windows scored: the text's first non-overlapping windows of seq_len tokens"
     )

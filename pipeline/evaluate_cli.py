@@ -107,8 +107,11 @@ def run_eval(
     decode_tokens: int = DECODE_TOKENS,
     text_field: str = "text",
     out: str | Path | None = None,
+    off_domain: str | None = None,
 ) -> dict:
-    """Evaluate and return the results dict (written to ``out`` when given)."""
+    """Evaluate and return the results dict (written to ``out`` when given). ``off_domain``: a
+    second text unlike the calibration, on which the same models are scored the same way
+    (quality only: ppl, KLD, top-1), under ``"off_domain"``."""
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline.calibration import load_text, tokenize_stream
@@ -272,12 +275,34 @@ def run_eval(
             {"run_id": run_id, "store": str(store), "linears": linear_errors(records)} if records is not None else None
         ),
     }
+    if off_domain:
+        data["off_domain"] = score_text(models, ref_name, tokenizer, off_domain, text_field, windows, context, stride,
+                                        batch_size)  # fmt: skip
     validate_results(data)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def score_text(models, ref_name, tokenizer, text, text_field, windows, context, stride, batch_size) -> dict:
+    """``"off_domain"`` of the results: the text, its windows and each model's quality on them."""
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+
+    body = load_text(text, text_field)
+    stream = tokenize_stream(tokenizer, body)
+    wins = sliding_windows(stream, windows, context, stride)
+    log.info("off domain: %d windows × %d tokens of %s", wins.count, wins.context, text)
+    rows = evaluate(models, wins, reference=ref_name, batch_size=batch_size)
+    keep = ("ppl", "nll", "ppl_increase", "tokens", "kld", "kld_p50", "kld_p90", "kld_p99", "kld_max", "top1")
+    return {
+        "text": {"source": text, "text_field": text_field, "chars": len(body),
+                 "sha256": hashlib.sha256(body.encode()).hexdigest(), "stream_tokens": int(stream.numel())},
+        "windows": {"count": wins.count, "context": wins.context, "stride": wins.stride,
+                    "scored_tokens": wins.scored_tokens, "token_ids_sha256": wins.sha256()},
+        "models": [{"name": name, **{k: row[k] for k in keep}} for name, row in rows.items()],
+    }  # fmt: skip
 
 
 def format_results(data: dict, worst: int = 10) -> str:
@@ -309,6 +334,16 @@ def format_results(data: dict, worst: int = 10) -> str:
             + "  "
             + (f"{sp['decode_tokens_per_s']:8.1f}" if sp.get("decode_tokens_per_s") else f"{'—':>8}")
         )
+    off = data.get("off_domain")
+    if off:
+        ow = off["windows"]
+        lines += ["", f"off domain: {off['text']['source']}: {ow['count']} windows × {ow['context']} tokens"]
+        lines.append(f"{'model'.ljust(width)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'p99':>7}  {'top-1':>6}")
+        for m in off["models"]:
+            lines.append(
+                f"{m['name'].ljust(width)}  {m['ppl']:8.3f}  {m['ppl_increase']:+8.2%}  {m['kld']:7.4f}  "
+                f"{m['kld_p99']:7.4f}  {m['top1']:6.1%}"
+            )
     qe = data.get("quant_error")
     if qe and qe["linears"]:
         lines += ["", f"worst linears of run {qe['run_id']} (output / weight relative error):"]
@@ -335,6 +370,12 @@ def add_parser(sub) -> None:
     p.add_argument("--store", default="runs", help="the run store (default: runs)")
     p.add_argument("--text", required=True, help="text file, .jsonl/.parquet, fixture:austen/NOVEL or hf:NAME[:SPLIT]")
     p.add_argument("--text-field", default="text", help="the text field of jsonl/parquet/hf sources")
+    p.add_argument(
+        "--off-domain",
+        default="fixture:kjv",
+        help="a second text unlike the calibration, scored the same way (code for code models: "
+        "fixture:code/python-stdlib); 'none' to skip",
+    )
     p.add_argument("--windows", type=int, default=32, help="number of windows (0: as many as the text holds)")
     p.add_argument("--seq-len", "--context", dest="context", type=int, default=512, help="tokens per window")
     p.add_argument(
@@ -373,6 +414,7 @@ def cmd_eval(args) -> int:
         decode_tokens=args.decode_tokens,
         text_field=args.text_field,
         out=args.out,
+        off_domain=None if args.off_domain.lower() == "none" else args.off_domain,
     )
     print(format_results(data))
     print(f"\nresults: {args.out}")

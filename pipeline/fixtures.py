@@ -7,6 +7,8 @@
   (8 experts copying its MLP, a seeded router), built by :mod:`pipeline.moe_fixtures`.
 * ``fixture:austen/<novel>`` — Jane Austen's novels (public domain) from the Debian
   package ``r-cran-janeaustenr``, read out through Rscript.
+* ``fixture:kjv``, ``fixture:code/python-stdlib``, ``fixture:calib-mix`` — the off-domain
+  held-out texts and the default calibration mix (:mod:`pipeline.text_fixtures`).
 * ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
   fast tests.
 * ``fixture:tiny-<family>`` — small random models of the other dense families from
@@ -40,6 +42,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from strata_quant.pipeline import text_fixtures
 
 log = logging.getLogger("strata.fixtures")
 
@@ -312,7 +316,7 @@ def austen(novel: str) -> Path:
     if target.is_file() and target.stat().st_size > 0:
         return target
     if shutil.which("Rscript") is None:
-        _apt_install_janeaustenr()
+        apt_install(["r-cran-janeaustenr"])
     target.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["Rscript", "-e", f"writeLines(janeaustenr::{novel})"], capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip():
@@ -322,16 +326,17 @@ def austen(novel: str) -> Path:
     return target
 
 
-def _apt_install_janeaustenr() -> None:
+def apt_install(packages: list[str]) -> None:
+    """Install the Debian packages a text fixture is read from (``strata fixtures`` only)."""
     if os.geteuid() != 0:
         raise FixtureError(
-            "Austen's text comes from the Debian package r-cran-janeaustenr; install it with\n"
-            "  sudo apt-get install -y --no-install-recommends r-cran-janeaustenr"
+            "this text comes from Debian packages; install them with\n"
+            f"  sudo apt-get install -y --no-install-recommends {' '.join(packages)}"
         )
-    log.info("installing r-cran-janeaustenr with apt-get")
+    log.info("installing %s with apt-get", " ".join(packages))
     for cmd in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "r-cran-janeaustenr"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         done = subprocess.run(
             cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -351,11 +356,15 @@ def cached(name: str) -> Path | None:
             raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
         target = cache_dir() / "text" / f"{novel}.txt"
         return target if target.is_file() and target.stat().st_size > 0 else None
+    if name in text_fixtures.TEXTS:
+        target = text_fixtures.text_path(name)
+        return target if target.is_file() and target.stat().st_size > 0 else None
     if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
         folder = cache_dir() / "models" / name
         return folder if _manifest_ok(folder) else None
     known = ", ".join(
         ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
+        + list(text_fixtures.TEXTS)
     )
     raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 
@@ -385,6 +394,8 @@ def fetch_all(families: bool = False) -> dict[str, Path]:
     out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
     for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
         out[f"austen/{novel}"] = austen(novel)
+    for name, fetch in text_fixtures.FETCH.items():
+        out[name] = fetch()
     if families:
         for name in SPLIT_GGUFS:
             out[name] = split_gguf_model(name)

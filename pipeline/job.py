@@ -226,7 +226,16 @@ def llamacpp_available() -> bool:
 def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path | None) -> dict:
     """fp16 reference, the RTN baseline on the same grid, and strata's result (the GGUF as gguf-py
     reads it when there is one, else the dequantized stored results), streamed block by block
-    (pipeline.layerwise: nothing holds a whole model)."""
+    (pipeline.layerwise: nothing holds a whole model), on ``eval.text``; with ``eval.off_domain``
+    the same models on that text too, under ``"off_domain"``."""
+    quality = evaluate_text(cfg, outcome, results, gguf_path, cfg.eval.text)
+    if cfg.eval.off_domain:
+        quality["off_domain"] = evaluate_text(cfg, outcome, results, gguf_path, cfg.eval.off_domain)
+    return quality
+
+
+def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path | None, text: str) -> dict:
+    """The models of :func:`evaluate_job` on ``eval.windows`` windows of one text."""
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline import layerwise
@@ -234,7 +243,7 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    windows = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
     wins = EvalWindows.from_tensor(windows)
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     label = method_label(cfg.quant.model_dump())
@@ -245,10 +254,23 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path
         variants[f"{label} (GGUF via gguf-py)"] = layerwise.gguf_file(gguf_path, outcome.reader.config)
     else:  # AWQ's folded norms and biases come with its results
         variants[label] = layerwise.stored_results(results)
-    log.info("evaluating %d models on %d × %d held-out tokens, block by block", len(variants), *windows.shape)
+    log.info("evaluating %d models on %d × %d tokens of %s, block by block", len(variants), *windows.shape, text)
     heads = layerwise.layerwise_models(outcome.reader, outcome.store, wins, variants)
     rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": cfg.eval.text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+    return {"text": text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+
+
+def quality_lines(quality: dict, role: str) -> list[str]:
+    """The printed table of one held-out text (``role``: which text it is)."""
+    rows = quality["rows"]
+    w = max(len(n) for n in rows)
+    lines = [
+        f"{role} perplexity: {quality['text']}, {quality['windows'][0]} windows × {quality['windows'][1]} tokens",
+        f"{'model'.ljust(w)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'top-1':>6}",
+    ]
+    for name, r in rows.items():
+        lines.append(f"{name.ljust(w)}  {r['ppl']:8.3f}  {r['ppl_increase']:+8.2%}  {r['kld']:7.4f}  {r['top1']:6.1%}")
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -258,18 +280,11 @@ def format_report(report: dict) -> str:
     if (report.get("solver_notes") or {}).get("gptq_linears"):
         lines.append(f"  {solver_notes_line(report['solver_notes'])}")
     if report.get("quality"):
-        rows = report["quality"]["rows"]
-        w = max(len(n) for n in rows)
         lines.append("")
-        lines.append(
-            f"held-out perplexity: {report['quality']['text']}, {report['quality']['windows'][0]} windows × "
-            f"{report['quality']['windows'][1]} tokens"
-        )
-        lines.append(f"{'model'.ljust(w)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'top-1':>6}")
-        for name, r in rows.items():
-            lines.append(
-                f"{name.ljust(w)}  {r['ppl']:8.3f}  {r['ppl_increase']:+8.2%}  {r['kld']:7.4f}  {r['top1']:6.1%}"
-            )
+        lines.extend(quality_lines(report["quality"], "held-out (in domain)"))
+        if report["quality"].get("off_domain"):
+            lines.append("")
+            lines.extend(quality_lines(report["quality"]["off_domain"], "held-out (off domain)"))
     lines.append("")
     lines.append("artifacts:")
     for fmt, a in report["artifacts"].items():

@@ -61,6 +61,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     shapes = linear_shapes(cfg, reader, layers_path)
     for fmt in cfg.output.formats:
         check_format(fmt, cfg, shapes)
+    if (moe_line := check_moe_formats(cfg, reader.config)) is not None:
+        pf.passed.append(moe_line)
     if "gguf" in cfg.output.formats:
         pf.passed.append(check_gguf(cfg, reader, tokenizer, pf.notes))
     if cfg.output.formats:
@@ -68,7 +70,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     check_store(cfg, pf)
     if cfg.eval is not None:
         check_eval(cfg, tokenizer)
-        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {cfg.eval.text}")
+        texts = cfg.eval.text + (f" and (off domain) {cfg.eval.off_domain}" if cfg.eval.off_domain else "")
+        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {texts}")
     if outputs:
         check_outputs(cfg)
     return pf
@@ -191,6 +194,17 @@ def check_format(fmt: str, cfg: JobConfig, shapes: dict[tuple[int, int, QuantSpe
             raise ConfigError(f"{fmt} output cannot hold {linear} ({n_rows}×{n_cols}, {spec}): {err}") from None
 
 
+def check_moe_formats(cfg: JobConfig, config: dict) -> str | None:
+    """A Mixture-of-Experts model: each output format names the reader that loads its experts
+    (pipeline.formats.moe), or the job is refused naming the family; None for a dense model."""
+    from strata_quant.pipeline.formats import moe as moe_format
+
+    if not moe_format.is_moe(config):
+        return None
+    readers = [f"{fmt}: {moe_format.check_moe_format(fmt, config)}" for fmt in cfg.output.formats]
+    return f"Mixture-of-Experts {config.get('model_type')!r}: " + "; ".join(readers)
+
+
 def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
     """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders)."""
     from gguf import GGUFWriter
@@ -297,9 +311,14 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 
 
 def check_eval(cfg: JobConfig, tokenizer) -> None:
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_stream
 
-    eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
+        if text:
+            try:
+                eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
+            except CalibrationError as err:
+                raise CalibrationError(f"{key} {text}: {err}") from None
 
 
 def check_outputs(cfg: JobConfig) -> None:

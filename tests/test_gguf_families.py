@@ -9,7 +9,8 @@ pipeline.run records results, assembled with :func:`assemble_gguf` and read back
   dequantized weights ("dense");
 * llama.cpp: logits on the same tokens against the dense model, and top-1 agreement with transformers.
 
-Families: Llama with llama3 rope and attention biases (permuted with their rows, rope_freqs tensor), Mistral,
+Families: Llama with llama3 rope and attention biases (permuted with their rows, rope_freqs tensor), Llama with
+attention and MLP biases (``mlp_bias``), Mistral,
 Qwen2 (q/k/v biases, tied embeddings) and Qwen2 with yarn rope, Qwen3 (q/k norms, head_dim ≠ hidden / heads),
 Gemma 3 (four norms, +1 norm convention, head_dim 256, sliding window 16 on one of two layers, tied output) and
 Phi-3 (fused qkv_proj / gate_up_proj) with and without longrope. Numbers are printed (run with -s).
@@ -66,6 +67,8 @@ def _configs(vocab: int) -> dict:
     return {
         "llama3": ("LlamaConfig", {**small, **heads, "rope_parameters": llama3}),
         "llama-bias": ("LlamaConfig", {**small, **heads, "attention_bias": True}),
+        # llama.cpp's llama arch reads optional ffn_{gate,up,down}.bias (TENSOR_NOT_REQUIRED, models/llama.cpp)
+        "llama-mlp-bias": ("LlamaConfig", {**small, **heads, "attention_bias": True, "mlp_bias": True}),
         "mistral": ("MistralConfig", {**small, **heads, "head_dim": 16, "sliding_window": None}),
         "qwen2": ("Qwen2Config", {**small, **heads, "tie_word_embeddings": True}),
         "qwen2-yarn": ("Qwen2Config", {**small, **heads, "tie_word_embeddings": True, "rope_parameters": yarn}),
@@ -122,8 +125,8 @@ def ids(tokenizer) -> list[int]:
 #: rope_freqs / rope_factors tensors) and no per-layer sliding-window pattern (it assumes Gemma 3's every-6th-global):
 #: its model differs from the checkpoint's, so only llama.cpp is compared with the checkpoint
 HF_GGUF_LOSSY = {"llama3", "qwen2-yarn", "phi3-longrope", "gemma3-mixed"}
-#: transformers' GGUF loader cannot build these: its llama config has no attention_bias
-HF_GGUF_CANNOT = {"llama-bias"}
+#: transformers' GGUF loader cannot build these: its llama config has no attention_bias nor mlp_bias
+HF_GGUF_CANNOT = {"llama-bias", "llama-mlp-bias"}
 
 
 @pytest.mark.parametrize("family", list(_configs(1)))
@@ -143,6 +146,8 @@ def test_family_gguf_in_llamacpp_and_transformers(family: str, tokenizer, ids, t
     names = {t.name for t in GGUFReader(path).tensors}
     assert ("rope_freqs.weight" in names) is (family == "llama3")
     assert ("rope_factors_long.weight" in names) is (family == "phi3-longrope")
+    mlp_biases = {f"blk.{i}.ffn_{p}.bias" for i in range(2) for p in ("gate", "up", "down")}
+    assert (mlp_biases <= names) is (family == "llama-mlp-bias")
     dense = with_weights(load_reference(folder), {k: r.dequantize() for k, r in results.items()})
     x = torch.tensor([ids])
     with torch.no_grad():

@@ -75,6 +75,7 @@ class WorkerJob:
     act_order: bool = False
     static_groups: bool = True
     mse_grid: int = 0
+    diag_shrink: float = 0.0
     true_sequential: bool = True
     awq_grid: int = 20
     awq_duo: bool | str = False  # True, False or "both"
@@ -124,6 +125,7 @@ class WorkerJob:
             "act_order": self.act_order,
             "static_groups": self.static_groups,
             "mse_grid": self.mse_grid,
+            "diag_shrink": self.diag_shrink,
             "true_sequential": self.true_sequential,
             "awq_clip": self.awq_clip,
             "awq_clip_search": self.awq_clip_search,

@@ -22,6 +22,10 @@ parameters from the original weights, g_idx = k // G) or without (groups along t
 processing order, g_idx non-monotone); group scales from min/max or an MSE shrink
 search; a partial last group when K % G ≠ 0. Dead inputs (diag(H) = 0) get weight 0.
 When the Cholesky fails, the damping λ is multiplied by 10 and retried.
+
+``diag_shrink`` α (:func:`shrink_to_diagonal`) solves with H_α = (1 − α)·H + α·diag(H): the
+off-diagonal correlations of the calibration inputs, which the error feedback exploits and
+which carry the calibration text's style, count (1 − α); the per-channel importance stays.
 """
 
 from __future__ import annotations
@@ -58,6 +62,17 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int =
                 return upper.to(torch.float32), lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
+
+
+def shrink_to_diagonal(hessian: torch.Tensor, alpha: float) -> torch.Tensor:
+    """H_α = (1 − α)·H + α·diag(H), a new tensor: the off-diagonal entries scaled by (1 − α), the
+    diagonal unchanged. α = 0 is GPTQ's H; α = 1 leaves only the per-input importance (no error
+    feedback between columns: importance-weighted rounding). Positive definite whenever H is."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"diag_shrink must lie in [0, 1], got {alpha}")
+    out = hessian * (1.0 - alpha)
+    out.diagonal().copy_(hessian.diagonal())
+    return out
 
 
 def output_error_terms(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -216,6 +231,7 @@ def gptq_quantize(
     mse_grid: int = 0,
     max_rows: int | None = None,
     cuda_graphs: bool | None = None,
+    diag_shrink: float = 0.0,
 ) -> QuantizedLinear:
     """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring.
 
@@ -249,6 +265,8 @@ def gptq_quantize(
     # One intra-op thread: LAPACK's Cholesky rounds differently with 1 and 2 threads (K ≥ 352),
     # which flipped a few codes between a 1-worker run (2 threads) and a 2-worker run (1 each);
     # the per-column ops are too small to gain from threads anyway.
+    if diag_shrink:
+        hessian = shrink_to_diagonal(hessian, diag_shrink)
     threads = torch.get_num_threads()
     if threads != 1:
         torch.set_num_threads(1)
@@ -278,6 +296,7 @@ def gptq_quantize(
             "act_order": act_order,
             "static_groups": static_groups,
             "mse_grid": mse_grid,
+            "diag_shrink": diag_shrink,
             "dead_inputs": dead,
         },
     )

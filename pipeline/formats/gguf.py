@@ -41,6 +41,7 @@ from gguf import (
 from gguf.quants import quant_shape_to_byte_shape
 
 from strata_quant.pipeline.config import ConfigError
+from strata_quant.pipeline.formats import gguf_moe
 from strata_quant.workers.result import QuantizedLinear
 
 QK = 32  # values per Q4_0 / Q8_0 block
@@ -140,8 +141,10 @@ _LLAMA = Family(MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True, rope_types=("
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _LLAMA,  # experts and their keys: gguf_moe.MOE_LAYOUTS
     "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3),
+    "Qwen3MoeForCausalLM": Family(MODEL_ARCH.QWEN3MOE),
     # Gemma3RMSNorm computes x·(1 + w), llama.cpp x·w
     "Gemma3ForCausalLM": Family(
         MODEL_ARCH.GEMMA3, _gemma3_hparams, norm_shift=1.0, rope_types=("linear",), sliding_window=True
@@ -199,6 +202,8 @@ class GGUFLayout:
         ``blk.3.ffn_up.weight``); None where the map has none."""
         if not hf_name.endswith((".weight", ".bias")) or skipped(hf_name):
             return None
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS and (split := gguf_moe.expert_index(hf_name)) is not None:
+            hf_name = split[0]  # one expert of a stack: named as the converter names the stack
         return _tensor_map(self.family.arch, self.n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def qk_heads(self, hf_name: str) -> int | None:
@@ -222,6 +227,8 @@ class GGUFLayout:
         writer.add_quantization_version(2)
         writer.add_block_count(self.n_blocks)
         self.family.hparams(writer, self.config)
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS:
+            gguf_moe.moe_hparams(writer, self.config, self.hf_arch)
 
     def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
         """(GGUF name, float32 data) of the tensors llama.cpp's converter generates from the config."""
@@ -751,6 +758,11 @@ def check_gguf(
     layout = GGUFLayout(config)
     _check_rope(layout)
     _check_family(layout)
+    tensor_names = list(tensor_names)
+    try:
+        gguf_moe.check_moe_gguf(layout.hf_arch, config, tensor_names, layout.name)
+    except ValueError as err:
+        raise GGUFError(str(err)) from None
     unnamed = [n for n in tensor_names if not skipped(n) and layout.name(n) is None]
     if unnamed:
         shown = ", ".join(unnamed[:3]) + (" …" if len(unnamed) > 3 else "")
