@@ -37,7 +37,8 @@ from strata_quant.pipeline.store import (
     open_store,
     sha256_bytes,
 )
-from strata_quant.workers.actor import BlockWorker, WorkerJob, job_overlaps
+from strata_quant.workers.actor import BlockWorker
+from strata_quant.workers.job import WorkerJob, job_overlaps
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")

@@ -79,7 +79,7 @@ def test_stage_layout_follows_the_traced_structure(family):
 def test_stage_passes_give_the_full_pass_statistics_and_output(family):
     """Each stage's sums from the cached passes equal a full pass's, with every earlier stage's
     weights changed in between (as quantization does), and so does the final forward."""
-    from strata_quant.workers.actor import collect_hessians
+    from strata_quant.workers.stats import collect_hessians
 
     layer, x, kwargs = _block_and_inputs(family)
     batches = [(x, kwargs), (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1)), kwargs)]
@@ -153,3 +153,30 @@ def test_stage_cache_gives_the_full_pass_bytes_on_phi3(tmp_path, emma_path, ray_
 
     full = hashes("full", stage_cache=False)
     assert len(full) == 12 and hashes("cached") == full
+
+
+def test_diag_shrink_reaches_the_solver_through_the_block_plan(tmp_path, tiny_model_path):
+    """quant.diag_shrink goes from the worker job through the Solve step to GPTQ: every stored
+    result carries α, and shrinking H changes the codes (in-process worker, one block)."""
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.store import LocalStore
+    from strata_quant.workers.actor import BlockWorker
+    from strata_quant.workers.job import WorkerJob
+    from strata_quant.workers.records import result_from_bytes
+    from strata_quant.workers.result import QuantSpec
+
+    reader = open_checkpoint(str(tiny_model_path))
+    tokens = torch.randint(0, reader.config["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for alpha in (0.0, 0.5):
+        store = LocalStore(tmp_path / str(alpha))
+        job = WorkerJob(reader.config, QuantSpec(4, 32, False), run_prefix="runs/t", diag_shrink=alpha, batch_size=2)
+        worker = BlockWorker(0, 1, reader, store, job)
+        worker.load_samples(tokens)
+        entries = worker.process_block(0)["results"]
+        worker.shutdown()
+        results = {e["name"]: result_from_bytes(store.get_bytes(e["key"])) for e in entries}
+        assert results and all(r.params["diag_shrink"] == alpha for r in results.values())
+        codes[alpha] = {n: r.codes for n, r in results.items()}
+    assert codes[0.0].keys() == codes[0.5].keys()
+    assert any(not torch.equal(codes[0.0][n], codes[0.5][n]) for n in codes[0.0])

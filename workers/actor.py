@@ -10,23 +10,16 @@ from __future__ import annotations
 
 import copy
 import datetime
-import hashlib
 import resource
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from strata_quant.workers.awq import (
-    AbsMeanAccumulator,
-    ScaleGroup,
-    find_scale_groups,
-)
+from strata_quant.workers.awq import ScaleGroup, find_scale_groups
 from strata_quant.workers.block import (
     BlockTrace,
     StageLayout,
@@ -34,202 +27,24 @@ from strata_quant.workers.block import (
     block_linears,
     build_block,
     decoder_layers,
-    materialize_buffers,
     run_block,
     stage_layout,
     trace_block,
 )
-from strata_quant.workers.gptq import relative_output_error
-from strata_quant.workers.methods import (
-    HESSIAN_METHODS,
-    Part,
-    Result,
-    matches_module,
-    outlier_group,
-    result_from_tensors,
-    result_kind,
-    spec_with_overrides,
-)
+from strata_quant.workers.capture import capture_inputs, input_embedding_name
+from strata_quant.workers.job import AWQ_METHODS, GRAM_METHODS, WorkerJob, job_overlaps, one_float_stage
+from strata_quant.workers.methods import HESSIAN_METHODS, Part, matches_module, outlier_group
 from strata_quant.workers.queues import DeferredSolves, SolverQueue, Uploads
-from strata_quant.workers.result import QuantSpec
-from strata_quant.workers.schedule import GroupPlan, plan_solves
-from strata_quant.workers.stats import HessianAccumulator
+from strata_quant.workers.records import ResultWriter, read_block_results
+from strata_quant.workers.schedule import GroupPlan, plan_solves, reduce_order
+from strata_quant.workers.stats import HessianAccumulator, collect_hessians, collect_stats
 from strata_quant.workers.steps import BlockState, plan_block, run_plan
-
-# the names tests and benchmarks import from here
-_Uploads, _SolverQueue, _DeferredSolves = Uploads, SolverQueue, DeferredSolves
-
-
-@dataclass
-class WorkerJob:
-    """What every worker of a run needs to know (plain data, sent once)."""
-
-    model_config: dict
-    spec: QuantSpec
-    method: str = "gptq"  # gptq | rtn | awq | awq_gptq
-    propagate: str = "quantized"  # quantized | float
-    run_prefix: str = "runs/run"
-    batch_size: int = 8
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = True
-    mse_grid: int = 0
-    diag_shrink: float = 0.0
-    true_sequential: bool = True
-    awq_grid: int = 20
-    awq_duo: bool | str = False  # True, False or "both"
-    awq_clip: bool = True
-    awq_clip_search: str = "two_sided"  # block | full | two_sided (workers/awq.py)
-    hessian_dtype: str = "float64"
-    hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
-    overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
-    # how queued solves run: "thread" (a solver thread beside the forward), "deferred" (on the
-    # forward's thread, a block or more behind it), "auto" (deferred for one float stage on a CPU)
-    overlap_mode: str = "auto"
-    split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
-    stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
-    # AWQ's relations as the plan found them (ScaleGroup.to_dict) and {group "a/b": why} for the
-    # groups without one; None: each worker finds them on its first block
-    awq_relations: list[dict] | None = None
-    awq_unfolded: dict[str, str] = field(default_factory=dict)
-    threads: int = 1
-    # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
-    # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
-    device: str = "cpu"
-    extra: dict = field(default_factory=dict)
-    # every torch.distributed collective fails after this long instead of waiting on a hung peer
-    collective_timeout_s: float = 1800.0
-    # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
-    spec_overrides: dict[str, dict] = field(default_factory=dict)
-    # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
-    sensitivity_bits: list[int] = field(default_factory=list)
-    # linears kept in 16-bit: named (dotted-component match) and/or detected from the Gram statistics
-    modules_to_not_convert: list[str] = field(default_factory=list)
-    skip_outliers: bool = False
-    outlier_sigma: float = 6.0
-    nf4_blocksize: int = 64
-    double_quant: bool = True
-    fp8_type: str = "e4m3"
-    fp8_block: tuple[int, int] | None = None
-
-    def spec_for(self, full_name: str) -> QuantSpec:
-        """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
-        return spec_with_overrides(self.spec, full_name, self.spec_overrides)
-
-    def method_options(self) -> dict:
-        """The solver options :func:`workers.methods.quantize_group` takes."""
-        return {
-            "damp": self.damp,
-            "block_size": self.block_size,
-            "act_order": self.act_order,
-            "static_groups": self.static_groups,
-            "mse_grid": self.mse_grid,
-            "diag_shrink": self.diag_shrink,
-            "true_sequential": self.true_sequential,
-            "awq_clip": self.awq_clip,
-            "awq_clip_search": self.awq_clip_search,
-            "awq_grid": self.awq_grid,
-            "nf4_blocksize": self.nf4_blocksize,
-            "double_quant": self.double_quant,
-            "fp8_type": self.fp8_type,
-            "fp8_block": self.fp8_block,
-        }
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def result_to_bytes(result: Result) -> bytes:
-    """Deterministic safetensors bytes of any result (QuantizedLinear, NF4Linear, FP8Linear,
-    KeptLinear): its tensors and one JSON metadata entry (``strata_result``, sorted keys)."""
-    tensors, metadata = result.to_tensors()
-    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def result_from_bytes(data: bytes) -> Result:
-    tensors = load_safetensors(data)
-    metadata = _safetensors_metadata(data)
-    return result_from_tensors(tensors, metadata)
-
-
-def _grid_fields(result: Result) -> dict:
-    """The record fields that describe a result's grid: bits / group_size / sym for every kind
-    (NF4: 4-bit, its block as the group; FP8: 8-bit, per channel = -1; kept: 16-bit, null), plus
-    ``kind`` and the method's own settings for the non-integer kinds."""
-    kind = result_kind(result)
-    if kind == "int":
-        return {"bits": result.spec.bits, "group_size": result.spec.group_size, "sym": result.spec.sym}
-    if kind == "nf4":
-        return {
-            "bits": 4,
-            "group_size": result.blocksize,
-            "sym": True,
-            "kind": "nf4",
-            "double_quant": result.double_quant,
-            "bits_per_weight": result.bits_per_weight(),
-        }
-    if kind == "fp8":
-        return {
-            "bits": 8,
-            "group_size": -1 if result.block is None else result.block[1],
-            "sym": True,
-            "kind": "fp8",
-            "fp8_type": result.fmt,
-            "fp8_block": list(result.block) if result.block else None,
-            "bits_per_weight": result.bits_per_weight(),
-        }
-    return {"bits": 16, "group_size": None, "sym": None, "kind": "kept", "skipped": True, "reason": result.reason}
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
-
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {})
-
-
-GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
-AWQ_METHODS = ("awq", "awq_gptq")
-FLOAT_SCHEMA_VERSION = 1
-
-
-def job_overlaps(job: WorkerJob) -> bool:
-    """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
-    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
-
-
-def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[list[str]]:
-    """The groups of a stage in the order their sums are reduced: every owner's first group,
-    then every owner's second, and so on (stage order within an owner and among equals), so
-    no owner waits for other owners' groups before it can start on its first. Decided from
-    the stage and the owners alone: every worker issues the same order."""
-    nth: dict[int, int] = {}
-    keyed = []
-    for i, names in enumerate(stage):
-        owner = owner_of[tuple(names)]
-        keyed.append((nth.get(owner, 0), i, names))
-        nth[owner] = nth.get(owner, 0) + 1
-    return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]
-
-
-def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
-    """One float tensor (under its checkpoint name) as deterministic safetensors bytes."""
-    import json
-
-    return save_safetensors(
-        {name: tensor.detach().float().cpu().contiguous()},
-        metadata={"strata_float": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
-    )
-
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -247,37 +62,6 @@ class _Statistics:
         return self.sums[self.groups[0][0]].count
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer and records what the model feeds it: the hidden states
-    pass through unchanged, so every layer's catcher sees the arguments of its own layer
-    (the attention mask and rotary tables of its layer type: Gemma's sliding-window layers);
-    the last one stops the forward."""
-
-    def __init__(self, last: bool):
-        super().__init__()
-        self.last = last
-        self.captured: tuple[torch.Tensor, dict] | None = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.captured = (hidden_states, kwargs)
-        if self.last:
-            raise _StopForward
-        return hidden_states
-
-
-def to_device(obj, device: torch.device):
-    """``obj`` (a tensor, or tuples / lists / dicts of them) on ``device``; other values as they are."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 class BlockWorker:
     def __init__(self, rank: int, world: int, reader, store, job: WorkerJob):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -290,7 +74,6 @@ class BlockWorker:
         self.reader, self.store, self.job = reader, store, job
         if rank == 0 and hasattr(reader, "hash_blocks"):
             reader.hash_blocks = True  # one worker fingerprints each block's bytes as it reads them (resume checks)
-        self._uploads = Uploads(store)
         config_dict = dict(job.model_config)
         model_type = config_dict.pop("model_type")
         self.config = AutoConfig.for_model(model_type, **config_dict)
@@ -298,6 +81,8 @@ class BlockWorker:
         with torch.device("meta"):
             self.meta_model = AutoModelForCausalLM.from_config(self.config)
         self.layers_path, self.meta_layers = decoder_layers(self.meta_model)
+        self._uploads = Uploads(store)
+        self.writer = ResultWriter(self._uploads, job.run_prefix, self.layers_path, job.method)
         self.batches: list[tuple[torch.Tensor, dict]] = []
         self.layer_kwargs: list[list[dict]] = []
         self.kwargs_variant: list[int] = []
@@ -326,48 +111,23 @@ class BlockWorker:
     def load_samples(self, token_ids: torch.Tensor, embedding: torch.Tensor | None = None) -> int:
         """Embed this worker's samples and capture the block inputs with the model's own code
         (``embedding``: another input embedding than the checkpoint's, e.g. a GGUF's)."""
-        model = self.meta_model
-        materialize_buffers(model, self.layers_path)  # before the embedding gets its weights
-        embed = model.get_input_embeddings()
-        embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
-        weight = (self.reader.load([embed_name])[embed_name] if embedding is None else embedding).float()
-        embed.weight = nn.Parameter(weight, requires_grad=False)
-        for name, module in list(model.named_modules()):
-            if type(module).__name__.endswith("RotaryEmbedding"):
-                parent_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), attr, type(module)(config=self.config))
-        layers = list(self.meta_layers)
-        catchers = [_Catcher(last=i == len(layers) - 1) for i in range(len(layers))]
-        for i, catcher in enumerate(catchers):
-            self.meta_layers[i] = catcher
-        self.batches = []
-        # each layer's arguments, the same objects for layers of one type: kept once per variant
-        self.layer_kwargs: list[list[dict]] = []  # [variant][batch]
-        self.kwargs_variant: list[int] = [0] * len(layers)
-        try:
-            for start in range(0, token_ids.shape[0], self.job.batch_size):
-                ids = token_ids[start : start + self.job.batch_size]
-                try:
-                    with torch.no_grad():
-                        model(input_ids=ids, use_cache=False)
-                except _StopForward:
-                    pass
-                hidden = catchers[0].captured[0].detach().to(getattr(torch, self.job.hidden_dtype))
-                variants: dict[tuple, int] = {}
-                for i, catcher in enumerate(catchers):
-                    kwargs = {k: v for k, v in catcher.captured[1].items() if k not in ("past_key_values", "cache")}
-                    key = tuple((k, id(v)) for k, v in sorted(kwargs.items()))
-                    if key not in variants:
-                        variants[key] = len(variants)
-                        if len(self.layer_kwargs) < len(variants):
-                            self.layer_kwargs.append([])
-                        self.layer_kwargs[variants[key]].append(to_device(kwargs, self.device))
-                    self.kwargs_variant[i] = variants[key]
-                self.batches.append((hidden.to(self.device), self.layer_kwargs[0][-1]))
-        finally:
-            for i, layer in enumerate(layers):
-                self.meta_layers[i] = layer
-            embed.to("meta")
+        if embedding is None:
+            name = input_embedding_name(self.meta_model)
+            embedding = self.reader.load([name])[name]
+        job = self.job
+        captured = capture_inputs(
+            self.meta_model,
+            self.layers_path,
+            self.meta_layers,
+            self.config,
+            embedding,
+            token_ids,
+            job.batch_size,
+            getattr(torch, job.hidden_dtype),
+            self.device,
+        )
+        self.batches, self.layer_kwargs = captured.batches, captured.layer_kwargs
+        self.kwargs_variant = captured.kwargs_variant
         return sum(h.shape[0] for h, _ in self.batches)
 
     # -- the per-block step --------------------------------------------------------
@@ -399,7 +159,7 @@ class BlockWorker:
         outputs: list[dict] = []
         if replay is not None:
             t = time.perf_counter()
-            quantized, floats = self._read_results(b, replay)
+            quantized, floats = self.results_of(b, replay)
             self.propagate(layer, quantized, floats, None, quantized_weights=self.job.propagate == "quantized")
             timings["forward"] = time.perf_counter() - t
         elif self.one_float_stage():  # the statistics pass is the forward
@@ -462,17 +222,8 @@ class BlockWorker:
     _solver: SolverQueue | None = None
 
     def one_float_stage(self) -> bool:
-        """Whether each block's statistics come from one pass over the float block, which is then
-        also its forward: ``propagate: float`` without true-sequential stages, a Hessian method
-        (GPTQ solvers, or outlier detection), no AWQ fold and no mixed-precision probe."""
-        job = self.job
-        return (
-            job.propagate == "float"
-            and not job.true_sequential
-            and not job.sensitivity_bits
-            and job.method not in AWQ_METHODS
-            and (job.method in HESSIAN_METHODS or job.skip_outliers)
-        )
+        """:func:`workers.job.one_float_stage` of this worker's job."""
+        return one_float_stage(self.job)
 
     def overlaps(self) -> bool:
         """Whether this run's solves queue behind the forward pass: ``propagate: float`` (the
@@ -727,7 +478,7 @@ class BlockWorker:
         """Σ xᵀx (and Σ|x|) of the leaders' inputs over this worker's samples, the forward stopping
         once they have all seen theirs (AWQ's search)."""
         dtype = getattr(torch, self.job.hessian_dtype)
-        return _collect_stats(layer, self.batches, leaders, dtype, stop_early=True, abs_means=abs_means)
+        return collect_stats(layer, self.batches, leaders, dtype, stop_early=True, abs_means=abs_means)
 
     def score_rows_of(self, layer: nn.Module, names: list[str]) -> list[tuple[int, int]]:
         """The rows of a stacked group that feed the attention scores Q·Kᵀ (from the block's
@@ -796,20 +547,6 @@ class BlockWorker:
             return False
         return len({job.spec_for(f) for f in full}) == 1
 
-    def store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
-        full_name = f"{self.layers_path}.{b}.{name}"
-        data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
-        digest = self._uploads.put(key, data)
-        return {
-            "name": full_name,
-            "key": key,
-            "sha256": digest,
-            "bytes": len(data),
-            "shape": list(tensor.shape),
-            "dtype": "float32",
-        }
-
     def group_parts(
         self, b: int, names: list[str], linears: dict[str, nn.Linear], gram: torch.Tensor | None
     ) -> list[Part]:
@@ -829,60 +566,9 @@ class BlockWorker:
             parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
         return parts
 
-    def store_result(self, b, name, result, weight, dequant, hessian, output_error: float | None = None) -> dict:
-        full_name = f"{self.layers_path}.{b}.{name}"
-        data = result_to_bytes(result)
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
-        digest = self._uploads.put(key, data)  # written while the worker goes on; waited for before any record
-        info = {
-            "name": full_name,
-            "key": key,
-            "sha256": digest,
-            "bytes": len(data),
-            "shape": list(result.shape),
-            **_grid_fields(result),
-            "weight_rel_error": float((weight - dequant).pow(2).sum() / weight.pow(2).sum().clamp(min=1e-30)),
-        }
-        params = getattr(result, "params", {})
-        if "damp_used" in params:  # GPTQ: the damping the Cholesky needed, and the inputs it zeroed (H[k, k] = 0)
-            info["damp"] = float(params["damp"])
-            info["damp_used"] = float(params["damp_used"])
-            info["dead_inputs"] = int(params.get("dead_inputs", 0))
-        if output_error is not None:  # summed from the workers' shares (split solves)
-            info["output_rel_error"] = output_error
-        elif hessian is not None:
-            info["output_rel_error"] = relative_output_error(weight, dequant, hessian)
-        return info
-
     def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
-        return self._read_results(b, record)
-
-    def store_activations(self, b: int, name: str, gram: torch.Tensor, tokens: int) -> dict:
-        """The linear's input statistics for an importance matrix: in_sum2[k] = Σ_t x_tk² over the
-        run's calibration tokens (all workers'), = diag(H)·n/2 for H = 2·XᵀX/n; float32 [K]."""
-        full_name = f"{self.layers_path}.{b}.{name}"
-        in_sum2 = torch.diagonal(gram).double() * (tokens / 2.0)
-        data = float_to_bytes(f"{full_name}.in_sum2", in_sum2.float(), {"tokens": int(tokens)})
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.activations.safetensors"
-        digest = self._uploads.put(key, data)
-        return {"key": key, "sha256": digest, "tokens": int(tokens), "in_features": int(gram.shape[0])}
-
-    def _read_results(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Dequantized weights and folded float tensors of a finished block, hash-checked."""
-        prefix = f"{self.layers_path}.{b}."
-        weights, floats = {}, {}
-        for entry in record["results"]:
-            data = self.store.get_bytes(entry["key"])
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError(f"stored result {entry['key']} does not match its record")
-            weights[entry["name"][len(prefix) :]] = result_from_bytes(data).dequantize().to(self.device)
-            for f in entry.get("float_results", []):
-                data = self.store.get_bytes(f["key"])
-                if hashlib.sha256(data).hexdigest() != f["sha256"]:
-                    raise ValueError(f"stored float result {f['key']} does not match its record")
-                floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]].to(self.device)
-        return weights, floats
+        return read_block_results(self.store, f"{self.layers_path}.{b}.", record, self.device)
 
     def store_sees(self, key: str, nonce: str) -> bool:
         """Whether this worker reads ``nonce`` in the store's JSON object ``key`` (the driver's
@@ -897,78 +583,3 @@ class BlockWorker:
         if self.group_ready:
             dist.destroy_process_group()
             self.group_ready = False
-
-
-def collect_hessians(
-    layer: nn.Module,
-    batches: list[tuple[torch.Tensor, dict]],
-    leaders: list[str],
-    dtype: torch.dtype,
-    stop_early: bool = False,
-    passes: StagePasses | None = None,
-    outputs: list[torch.Tensor] | None = None,
-    output_dtype: torch.dtype = torch.float32,
-) -> dict[str, HessianAccumulator]:
-    """Σ xᵀx of the inputs of the named linears over all batches.
-
-    With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
-    its input, so a stage early in the block costs only the part of the block before it;
-    with ``passes`` a stage's pass starts from what the previous stage's pass kept.
-    ``outputs`` (a list, full passes only) receives each batch's block output in ``output_dtype``.
-    """
-    return _collect_stats(
-        layer, batches, leaders, dtype, stop_early, passes=passes, outputs=outputs, output_dtype=output_dtype
-    )[0]
-
-
-def _collect_stats(
-    layer: nn.Module,
-    batches: list[tuple[torch.Tensor, dict]],
-    leaders: list[str],
-    dtype: torch.dtype,
-    stop_early: bool = False,
-    abs_means: bool = False,
-    passes: StagePasses | None = None,
-    outputs: list[torch.Tensor] | None = None,
-    output_dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, HessianAccumulator], dict[str, AbsMeanAccumulator]]:
-    """Σ xᵀx (and with ``abs_means`` Σ|x| per channel) of the named linears' inputs."""
-    if outputs is not None and (stop_early or passes is not None):
-        raise ValueError("block outputs are kept only by full passes")
-    linears = block_linears(layer)
-    # sums live where the block runs (a GPU worker reduces them there)
-    dev = {name: linears[name].weight.device for name in leaders}
-    accs = {name: HessianAccumulator(linears[name].in_features, dev[name], dtype) for name in leaders}
-    means = {name: AbsMeanAccumulator(linears[name].in_features, dev[name]) for name in leaders} if abs_means else {}
-    seen: set[str] = set()
-
-    def hook(name):
-        def fn(_module, args):
-            accs[name].add(args[0])
-            if abs_means:
-                means[name].add(args[0])
-            seen.add(name)
-            if stop_early and len(seen) == len(leaders):
-                raise _StopForward
-
-        return fn
-
-    if not batches:
-        raise ValueError("this worker holds no calibration samples")
-    hooks = [linears[name].register_forward_pre_hook(hook(name)) for name in leaders]
-    try:
-        for i, (hidden, kwargs) in enumerate(batches):
-            seen.clear()
-            try:
-                if passes is None:
-                    y = run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
-                    if outputs is not None:
-                        outputs.append(y.to(output_dtype))
-                else:
-                    passes.run(i, hidden.float(), kwargs, leaders)
-            except _StopForward:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return accs, means

@@ -313,9 +313,9 @@ def _solve_whole(w: BlockWorker, s: BlockState, names: list[str]) -> None:
             part.method = job.method
             part.params.update(awq["params"])
         s.solved[n] = part.dequantize()
-        entry = w.store_result(s.b, n, part, s.originals[n], s.solved[n], hessian)
+        entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], hessian)
         if gram is not None:
-            entry["activations"] = w.store_activations(s.b, n, gram, s.total_rows)
+            entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
         if awq is not None and n == names[0]:
             entry["float_results"] = awq["float_results"]
         if s.scale is not None and gram is not None:  # mixed precision: {bits: error} for strata plan
@@ -357,8 +357,8 @@ def run_gather(w: BlockWorker, s: BlockState, step: Gather) -> None:
             s.solved[n] = part.dequantize()
             if s.owner(key) == w.rank:
                 error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
-                entry = w.store_result(s.b, n, part, s.originals[n], s.solved[n], gram, error)
-                entry["activations"] = w.store_activations(s.b, n, gram, s.total_rows)
+                entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], gram, error)
+                entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
                 entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
                 if s.scale is not None:
                     entry["sensitivity"] = _sensitivity(w, s, n, gram, w.job.method_options())
@@ -541,7 +541,7 @@ def awq_search_and_fold(
             tensor = layer.get_parameter(name).data
             floats[name] = tensor
             if owner == w.rank:
-                entries.append(w.store_float(b, name, tensor, group))
+                entries.append(w.writer.folded(b, name, tensor, group.linears))
         if owner == w.rank:
             params = awq_params(
                 w.job,
