@@ -25,7 +25,7 @@
   These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
-and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
+and is fetched once, by ``strata fixtures`` (:func:`pipeline.cli.fetch_all`) or a test's own call of a
 fetch function. A job naming a ``fixture:`` only reads the cache (:func:`resolve`): it never
 downloads or installs anything, and a fixture missing there fails the job before it starts.
 """
@@ -42,8 +42,6 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-
-from strata_quant.pipeline import text_fixtures
 
 log = logging.getLogger("strata.fixtures")
 
@@ -66,6 +64,7 @@ SPLIT_GGUFS = {
     ),
 }
 NOVELS = ("emma", "mansfieldpark", "persuasion", "prideprejudice", "sensesensibility", "northangerabbey")
+TEXTS = ("kjv", "code/python-stdlib", "calib-mix")  # built by pipeline.text_fixtures, cached under text/
 
 
 class FixtureError(RuntimeError):
@@ -76,6 +75,11 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def text_path(name: str) -> Path:
+    """Where the text fixture ``name`` (one of :data:`TEXTS`) is cached."""
+    return cache_dir() / "text" / (name.replace("/", "-") + ".txt")
 
 
 def file_sha256(path: Path) -> str:
@@ -356,15 +360,15 @@ def cached(name: str) -> Path | None:
             raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
         target = cache_dir() / "text" / f"{novel}.txt"
         return target if target.is_file() and target.stat().st_size > 0 else None
-    if name in text_fixtures.TEXTS:
-        target = text_fixtures.text_path(name)
+    if name in TEXTS:
+        target = text_path(name)
         return target if target.is_file() and target.stat().st_size > 0 else None
     if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
         folder = cache_dir() / "models" / name
         return folder if _manifest_ok(folder) else None
     known = ", ".join(
         ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
-        + list(text_fixtures.TEXTS)
+        + list(TEXTS)
     )
     raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 
@@ -381,25 +385,6 @@ def resolve(ref: str) -> Path:
             "(jobs never download or install them)"
         )
     return path
-
-
-def fetch_all(families: bool = False) -> dict[str, Path]:
-    """The default fixtures (the tiny family models among them: seconds each); with ``families``
-    also the two real split-GGUF models (large downloads, kept out of the default set)."""
-    out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
-    for family in TINY_FAMILIES:
-        out[f"tiny-{family}"] = tiny_family(family)
-    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
-
-    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
-    for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
-        out[f"austen/{novel}"] = austen(novel)
-    for name, fetch in text_fixtures.FETCH.items():
-        out[name] = fetch()
-    if families:
-        for name in SPLIT_GGUFS:
-            out[name] = split_gguf_model(name)
-    return out
 
 
 def synthetic_llama(

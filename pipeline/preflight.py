@@ -14,10 +14,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig
+from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig, check_head_dim
 from strata_quant.workers.methods import matches_module, spec_with_overrides
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
@@ -86,21 +85,6 @@ def _trim_heap() -> None:
         pass
 
 
-def check_head_dim(config: dict) -> int:
-    """The attention head width: head_dim (or hidden / heads) must be even (rotary halves) and the
-    heads must split the KV heads evenly."""
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    if head_dim <= 0 or head_dim % 2:
-        raise ConfigError(f"head_dim {head_dim} of this model is not a positive even number (rotary halves)")
-    if heads % kv:
-        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if config.get("head_dim") is None and hidden % heads:
-        raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim")
-    return head_dim
-
-
 def check_shapes(reader) -> None:
     """Every checkpoint tensor has the shape the model's own class, built from config.json on the
     meta device, gives it (a wrong head_dim, width or vocabulary in config.json shows here)."""
@@ -166,30 +150,16 @@ def stand_in(n_rows: int, n_cols: int, spec: QuantSpec, cfg: JobConfig) -> Quant
 
 
 def check_format(fmt: str, cfg: JobConfig, shapes: dict[tuple[int, int, QuantSpec], str]) -> None:
-    """Each linear shape through ``fmt``'s own storability rules; ConfigError naming the linear."""
-    from strata_quant.pipeline.formats import awq as awq_format
-    from strata_quant.pipeline.formats import compressed_tensors as ct_format
-    from strata_quant.pipeline.formats import gguf as gguf_format
-    from strata_quant.pipeline.formats import gptq as gptq_format
+    """Each linear shape through the registered format's own storability rules (``Format.check``);
+    ConfigError naming the linear."""
+    from strata_quant.pipeline.assemble import format_for, options_of
 
     if cfg.quant.method in TOOLBOX_FORMATS:  # NF4 / FP8 results: checked by config.check_against_model
         return
+    checker, options = format_for(fmt, cfg.quant.method)(), options_of(cfg)
     for (n_rows, n_cols, spec), linear in shapes.items():
-        result = stand_in(n_rows, n_cols, spec, cfg)
         try:
-            if fmt == "gptq":  # qweight packs the inputs, qzeros the outputs, into int32 words
-                gptq_format.pack_bits(np.zeros((n_cols, 1), np.uint8), spec.bits)
-                gptq_format.pack_bits(np.zeros((n_rows, 1), np.uint8), spec.bits)
-            elif fmt == "awq":
-                awq_format.check_storable(result)
-            elif fmt == "compressed-tensors":
-                ct_format.check_storable(result)
-            elif fmt == "gguf":
-                gtype, carry = gguf_format.resolve_type(cfg.output.gguf_type, spec.bits, spec.sym)
-                if carry != "requantized":  # the solver's blocks are written as they are: one row shows the layout
-                    gguf_format.encode(result.rows(0, 1), gtype)
-                elif n_cols % gguf_format.QK:
-                    raise ValueError(f"in_features {n_cols} is not a multiple of ggml's block of {gguf_format.QK}")
+            checker.check(stand_in(n_rows, n_cols, spec, cfg), options)
         except ValueError as err:
             raise ConfigError(f"{fmt} output cannot hold {linear} ({n_rows}×{n_cols}, {spec}): {err}") from None
 
@@ -322,8 +292,7 @@ def check_eval(cfg: JobConfig, tokenizer) -> None:
 
 
 def check_outputs(cfg: JobConfig) -> None:
-    from strata_quant.pipeline.assemble import AssembleError
-    from strata_quant.pipeline.job import artifact_paths
+    from strata_quant.pipeline.assemble import AssembleError, artifact_paths
 
     for path in artifact_paths(cfg).values():
         if Path(path).exists() and not cfg.output.overwrite:

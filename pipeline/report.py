@@ -348,7 +348,9 @@ def config_items(report: dict) -> list[tuple[str, str]]:
         )
     )
     solver = [
-        f"{k} {q[k]}" for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid", "diag_shrink") if k in q
+        f"{k} {q[k]}"
+        for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid", "mse_weight", "diag_shrink")
+        if k in q
     ]
     if solver:
         items.append(("Solver", ", ".join(solver)))

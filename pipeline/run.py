@@ -512,7 +512,7 @@ def load_tokenizer(model_path, name: str | None = None):
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, BlockStructure]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
-    from strata_quant.pipeline.preflight import check_head_dim
+    from strata_quant.pipeline.config import check_head_dim
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
@@ -831,6 +831,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         static_groups=quant.static_groups,
         mse_grid=quant.mse_grid,
         diag_shrink=quant.diag_shrink,
+        mse_weight=quant.mse_weight,
         true_sequential=quant.true_sequential,
         awq_grid=quant.awq_grid,
         awq_duo=quant.awq_duo,

@@ -28,7 +28,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-TEXTS = ("kjv", "code/python-stdlib", "calib-mix")
+from strata_quant.pipeline.fixtures import FixtureError, apt_install, austen, text_path
+
 KJV_SHA256 = "54e826a579c9a22082ac1ce185e15753673a025fb98f0e291e150ad4cc88d74e"
 # the code texts are pinned per CPython version (the standard library's source changes with it)
 CODE_SHA256 = {(3, 11, 7): "801e207a6fd1199fb64d21aa215d2a9324320efda176de355a032959c9fd6529"}
@@ -42,20 +43,12 @@ MIX_PIECE = 4_000  # characters per interleaved piece
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
 
-def text_path(name: str) -> Path:
-    from strata_quant.pipeline.fixtures import cache_dir
-
-    return cache_dir() / "text" / (name.replace("/", "-") + ".txt")
-
-
 def _pinned(name: str) -> str:
     if name == "kjv":
         return KJV_SHA256
     table = CODE_SHA256 if name == "code/python-stdlib" else MIX_SHA256
     version = tuple(sys.version_info[:3])
     if version not in table:
-        from strata_quant.pipeline.fixtures import FixtureError
-
         raise FixtureError(
             f"fixture:{name} is pinned for Python {', '.join('.'.join(map(str, v)) for v in table)}, "
             f"this is {'.'.join(map(str, version))}"
@@ -64,8 +57,6 @@ def _pinned(name: str) -> str:
 
 
 def _write_pinned(name: str, text: str) -> Path:
-    from strata_quant.pipeline.fixtures import FixtureError
-
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if digest != _pinned(name):
         raise FixtureError(f"fixture:{name} built with SHA-256 {digest}, pinned {_pinned(name)}")
@@ -98,8 +89,6 @@ def kjv() -> Path:
     target = text_path("kjv")
     if target.is_file() and target.stat().st_size > 0:
         return target
-    from strata_quant.pipeline.fixtures import FixtureError, apt_install
-
     if shutil.which("bible") is None:
         apt_install(["bible-kjv", "bible-kjv-text"])
     done = subprocess.run(["bible", "-l0", "Gen1:1-Rev22:21"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -142,8 +131,6 @@ def calib_mix() -> Path:
     target = text_path("calib-mix")
     if target.is_file() and target.stat().st_size > 0:
         return target
-    from strata_quant.pipeline.fixtures import apt_install, austen
-
     if not all((FORTUNES_DIR / f).is_file() for f in MIX_FORTUNES):
         apt_install(["fortunes"])
 

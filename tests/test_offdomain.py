@@ -9,6 +9,9 @@ from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.job import format_report
 from strata_quant.pipeline.report import eval_to_report
 from strata_quant.workers.gptq import gptq_quantize, shrink_to_diagonal
+from strata_quant.workers.grids import dequantize, group_params, quantize
+from strata_quant.workers.job import WorkerJob
+from strata_quant.workers.methods import quantize_group
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
 from tests.test_bad_input import tiny_dict
@@ -70,6 +73,70 @@ def test_full_shrink_is_rounding_to_nearest_and_partial_shrink_differs():
     assert torch.equal(gptq_quantize(w, h, spec, diag_shrink=1.0).codes, rtn.codes)
     plain, half = gptq_quantize(w, h, spec), gptq_quantize(w, h, spec, diag_shrink=0.5)
     assert not torch.equal(plain.codes, half.codes) and half.params["diag_shrink"] == 0.5
+
+
+def test_weighted_grid_search_minimises_the_weighted_error():
+    """The importance-weighted scale search picks, per row, the shrink with the least
+    Σ_k c_k·|ŵ_k − w_k|^2.4 among the candidates; uniform weights give the plain search."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 32, generator=gen)
+    c = torch.rand(32, generator=gen) ** 4 * 100  # a few inputs dominate, as in a real H diagonal
+    spec = QuantSpec(4, 32, True)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(group_params(w, spec, 100, col_weight=torch.ones(32)), group_params(w, spec, 100))
+    )
+    s, z = group_params(w, spec, 100, col_weight=c)
+    plain_s, plain_z = group_params(w, spec, 100)
+
+    def weighted(scale, zero):
+        return (dequantize(quantize(w, scale, zero, spec.maxq), scale, zero) - w).abs().pow(2.4) @ c
+
+    assert (weighted(s, z) <= weighted(plain_s, plain_z) + 1e-6).all()
+    assert (weighted(s, z) < weighted(plain_s, plain_z) - 1e-6).any()
+
+
+def test_gptq_weighted_grid_changes_static_group_scales():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=gen)
+    x = torch.randn(512, 64, generator=gen) * torch.linspace(0.1, 3, 64)  # unequal input energies
+    h = 2 * x.T @ x / 512
+    spec = QuantSpec(4, 32, True)
+    plain = gptq_quantize(w, h, spec, act_order=True, mse_grid=100)
+    weighted = gptq_quantize(w, h, spec, act_order=True, mse_grid=100, mse_weight="hessian")
+    assert weighted.params["mse_weight"] == "hessian" and not torch.equal(plain.scales, weighted.scales)
+    # a diagonal H: no error feedback, so the weighted search's own objective is what the codes show
+    d = torch.diag(h.diagonal())
+    err = {}
+    for k in ("uniform", "hessian"):
+        approx = gptq_quantize(w, d, spec, mse_grid=100, mse_weight=k).dequantize()
+        err[k] = float(((approx - w).abs().pow(2.4) @ h.diagonal()).sum())
+    assert err["hessian"] < err["uniform"]
+    try:
+        gptq_quantize(w, h, spec, mse_weight="fisher")
+    except ValueError as e:
+        assert "mse_weight" in str(e)
+    else:
+        raise AssertionError("mse_weight fisher accepted")
+
+
+def test_mse_weight_reaches_the_solver_from_the_config():
+    cfg = JobConfig.model_validate(
+        {"name": "t", "model": "m", "calibration": {"source": "x"}, "quant": {"mse_weight": "hessian", "mse_grid": 50}}
+    )
+    options = WorkerJob(model_config={}, spec=QuantSpec(4, 32, True), mse_weight=cfg.quant.mse_weight).method_options()
+    gen = torch.Generator().manual_seed(4)
+    w, x = torch.randn(8, 64, generator=gen), torch.randn(256, 64, generator=gen)
+    result = quantize_group("gptq", w, 2 * x.T @ x / 256, QuantSpec(4, 32, True), options)
+    assert result.params["mse_weight"] == "hessian"
+    try:
+        JobConfig.model_validate(
+            {"name": "t", "model": "m", "calibration": {"source": "x"}, "quant": {"mse_weight": "fisher"}}
+        )
+    except ValueError as err:
+        assert "mse_weight" in str(err)
+    else:
+        raise AssertionError("mse_weight fisher accepted")
 
 
 def test_config_defaults_and_range():

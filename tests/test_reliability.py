@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from strata_quant.pipeline.assemble_toolbox import quantized_only
+from strata_quant.pipeline.assemble import quantized_only
 from strata_quant.pipeline.checkpoint import CheckpointError
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.run import (

@@ -24,6 +24,7 @@ class WorkerJob:
     static_groups: bool = True
     mse_grid: int = 0
     diag_shrink: float = 0.0
+    mse_weight: str = "uniform"  # uniform | hessian (workers/gptq.py)
     true_sequential: bool = True
     awq_grid: int = 20
     awq_duo: bool | str = False  # True, False or "both"
@@ -74,6 +75,7 @@ class WorkerJob:
             "static_groups": self.static_groups,
             "mse_grid": self.mse_grid,
             "diag_shrink": self.diag_shrink,
+            "mse_weight": self.mse_weight,
             "true_sequential": self.true_sequential,
             "awq_clip": self.awq_clip,
             "awq_clip_search": self.awq_clip_search,

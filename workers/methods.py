@@ -166,7 +166,7 @@ def quantize_group(
 
     ``hessian`` is H [K, K] of the input (needed by gptq / awq_gptq / gptq_nf4 and by awq's
     clip search). ``options`` (all optional): damp, block_size, act_order, static_groups,
-    mse_grid, diag_shrink, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
+    mse_grid, mse_weight, diag_shrink, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
     (AWQ); nf4_blocksize, double_quant (NF4); fp8_type, fp8_block (FP8).
     """
     if method in HESSIAN_METHODS and hessian is None:
@@ -185,6 +185,7 @@ def quantize_group(
             static_groups=bool(options.get("static_groups", True)),
             mse_grid=mse_grid,
             diag_shrink=float(options.get("diag_shrink", 0.0)),
+            mse_weight=str(options.get("mse_weight", "uniform")),
         )
         result.params["true_sequential"] = bool(options.get("true_sequential", True))
         return result

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from strata_quant.pipeline.config import ConfigError
+from strata_quant.pipeline.errors import ConfigError
 
 #: format → {model_type: the reader that loads that format of that family (each checked by a test)}
 MOE_READERS: dict[str, dict[str, str]] = {
@@ -42,8 +42,6 @@ MOE_READERS: dict[str, dict[str, str]] = {
         "qwen3_moe": "GPTQModel 7.6 (per-expert linears mlp.experts.E.gate_proj/up_proj/down_proj)",
     },
 }
-#: the formats whose reader takes the defused names of :func:`loader_names`
-DEFUSED_NAMES = ("gptq", "awq")
 #: per-expert linears by their part of the fused matrices: (fused parameter, first row is 0) → name
 _PARTS = {("gate_up_proj", True): "gate_proj", ("gate_up_proj", False): "up_proj", ("down_proj", True): "down_proj"}
 
@@ -108,3 +106,11 @@ def defused_names(reader) -> dict[str, str] | None:
     model, _, _ = meta_model(reader)
     full = loader_names(model, list(reader.tensor_names))
     return full | {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in full.items()}
+
+
+class DefusedExperts:
+    """Mixed into a format whose reader (GPTQModel) loads a MoE's experts as one linear per expert under the
+    names of :func:`loader_names` (GPTQ, AWQ): the format writes them there, its verifier reads them back."""
+
+    def loader_names(self, reader) -> dict[str, str]:
+        return defused_names(reader) or {}
