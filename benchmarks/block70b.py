@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 from benchmarks.common import machine
 from strata_quant.pipeline.checkpoint import nonfinite_count
 from strata_quant.workers import gptq
-from strata_quant.workers.actor import _collect_stats, collect_hessians
 from strata_quant.workers.awq import find_scale_groups, search_scales
 from strata_quant.workers.block import StagePasses, block_linears, build_block, run_block, trace_block
 from strata_quant.workers.gptq import gptq_quantize, relative_output_error
 from strata_quant.workers.result import QuantSpec
+from strata_quant.workers.stats import collect_hessians, collect_stats
 
 # Assumptions for the CPU-side projection (H100 SXM, dense): stated, not measured
 H100_FP32_TFLOPS = 50.0  # matmul for the Gram and GPTQ updates
@@ -253,7 +253,7 @@ def time_awq(layer, batches, linears, spec: QuantSpec, timer: Timer, steps: dict
     for group in groups:
         leader = group.linears[0]
         with timer as t:
-            grams, means = _collect_stats(layer, batches, [leader], torch.float64, True, abs_means=True)
+            grams, means = collect_stats(layer, batches, [leader], torch.float64, True, abs_means=True)
         stats_s = t.seconds
         w = torch.cat([linears[n].weight.data for n in group.linears])
         with timer as t:

@@ -126,7 +126,7 @@ def store_results(results: dict, root: Path, spec):
     """The results in a local store with a record, as pipeline.run writes them (for :func:`assemble_gguf`)."""
     from strata_quant.pipeline.assemble import ResultSource
     from strata_quant.pipeline.store import LocalStore, sha256_bytes
-    from strata_quant.workers.actor import result_to_bytes
+    from strata_quant.workers.records import result_to_bytes
 
     store, entries = LocalStore(root), []
     for linear, result in results.items():

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from strata_quant.pipeline.eval import EvalError, EvalWindows
-from strata_quant.workers.actor import BlockWorker, WorkerJob
+from strata_quant.workers.actor import BlockWorker
 from strata_quant.workers.block import block_linears
+from strata_quant.workers.job import WorkerJob
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
 

@@ -122,8 +122,8 @@ def moe_results(reader, root: Path, spec: QuantSpec, ids: torch.Tensor, policy: 
 
     from strata_quant.pipeline.assemble import ResultSource
     from strata_quant.pipeline.store import LocalStore, sha256_bytes
-    from strata_quant.workers.actor import result_to_bytes
     from strata_quant.workers.block import block_linears
+    from strata_quant.workers.records import result_to_bytes
     from strata_quant.workers.rtn import rtn_quantize
 
     model = AutoModelForCausalLM.from_pretrained(reader.path, dtype=torch.float32).eval()

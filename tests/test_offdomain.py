@@ -8,9 +8,9 @@ from strata_quant.pipeline import fixtures, text_fixtures
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.job import format_report
 from strata_quant.pipeline.report import eval_to_report
-from strata_quant.workers.actor import WorkerJob
 from strata_quant.workers.gptq import gptq_quantize, shrink_to_diagonal
 from strata_quant.workers.grids import dequantize, group_params, quantize
+from strata_quant.workers.job import WorkerJob
 from strata_quant.workers.methods import quantize_group
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize

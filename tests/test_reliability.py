@@ -377,7 +377,8 @@ def _rank_main(rank: int, port: int, model_config: dict, timeout_s: float, out) 
     import torch
     import torch.distributed as dist
 
-    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.actor import BlockWorker
+    from strata_quant.workers.job import WorkerJob
     from strata_quant.workers.result import QuantSpec
 
     job = WorkerJob(model_config=model_config, spec=QuantSpec(4, 64, True), collective_timeout_s=timeout_s)

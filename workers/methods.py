@@ -276,8 +276,10 @@ def quantize_parts(
         if "awq_no_clip_rows" in options:  # re-map the no-clip rows onto this sub-stack
             no_clip, at = [], 0
             for i in idx:
-                if any(s <= starts[i] and starts[i] + parts[i].rows <= e for s, e in options["awq_no_clip_rows"]):
-                    no_clip.append((at, at + parts[i].rows))
+                lo, hi = starts[i], starts[i] + parts[i].rows
+                for s, e in options["awq_no_clip_rows"]:  # a range may cover part of a linear (fused q/k/v)
+                    if max(s, lo) < min(e, hi):
+                        no_clip.append((at + max(s, lo) - lo, at + min(e, hi) - lo))
                 at += parts[i].rows
             opts["awq_no_clip_rows"] = no_clip
         result = quantize_group(method, stacked, hessian, spec, opts)

@@ -39,7 +39,7 @@ from safetensors.torch import load as load_safetensors
 
 from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader, nonfinite_count
 from strata_quant.pipeline.store import sha256_bytes
-from strata_quant.workers.actor import result_from_bytes
+from strata_quant.workers.records import result_from_bytes
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 TOKENIZER_FILES = (
