@@ -128,7 +128,7 @@ def write_rtn_run(model: Path, store_root: Path, run_id: str, *, bits: int = 4, 
     each block's record.json last), made in this process without Ray. Returns the linears."""
     from strata_quant.pipeline.checkpoint import CheckpointReader
     from strata_quant.pipeline.store import open_store
-    from strata_quant.workers.actor import result_to_bytes
+    from strata_quant.workers.records import result_to_bytes
     from strata_quant.workers.result import QuantSpec
     from strata_quant.workers.rtn import rtn_quantize
 

@@ -25,7 +25,9 @@ import torch
 
 from strata_quant.pipeline.checkpoint import open_checkpoint
 from strata_quant.pipeline.store import LocalStore
-from strata_quant.workers.actor import BlockWorker, WorkerJob, result_from_bytes
+from strata_quant.workers.actor import BlockWorker
+from strata_quant.workers.job import WorkerJob
+from strata_quant.workers.records import result_from_bytes
 from strata_quant.workers.result import QuantSpec
 
 METHOD_JOBS = {

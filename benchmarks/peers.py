@@ -396,7 +396,7 @@ def strata_row(args) -> None:
     results (and AWQ's folded norms) written as a row file for ``table``."""
     from safetensors.torch import save_file
 
-    from strata_quant.pipeline.assemble_toolbox import quantized_only
+    from strata_quant.pipeline.assemble import quantized_only
     from strata_quant.pipeline.config import load_config
     from strata_quant.pipeline.run import run_job
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--ids", required=True, help="safetensors with input_ids int64 [N, T]")
@@ -48,24 +48,15 @@ def main() -> None:
         default="gptq",
         help="awq: AWQModifier then RTN; awq_gptq: then GPTQ",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import llmcompressor
+
+def recipe(args) -> tuple[object, str]:
+    """llm-compressor's modifiers for ``args.method`` on the int grid of ``args`` (lm_head left out), and a
+    description of them for the JSON."""
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
-    ids = load_file(args.ids)["input_ids"]
-    n, t = ids.shape
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * t for _ in range(n)]})
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and name != "lm_head" and m.in_features % args.group_size:
-            raise SystemExit(f"group size {args.group_size} does not divide {name}.in_features = {m.in_features}")
     scheme = {
         "targets": ["Linear"],
         "weights": {
@@ -78,33 +69,30 @@ def main() -> None:
     }
     groups = {"group_0": scheme}
     if args.method == "gptq":
-        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
-        described = "GPTQ (GPTQModifier defaults: dampening_frac 0.01, actorder static)"
-    else:
-        from llmcompressor.modifiers.transform.awq import AWQModifier
-        from llmcompressor.pipelines.cache import IntermediatesCache
+        return (
+            GPTQModifier(config_groups=groups, ignore=["lm_head"]),
+            "GPTQ (GPTQModifier defaults: dampening_frac 0.01, actorder static)",
+        )
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
 
-        if not torch.cuda.is_available():
-            # 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which a
-            # CPU-only torch refuses ("Cannot access accelerator device"); pinning changes no
-            # value, so it is skipped here
-            IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+    if not torch.cuda.is_available():
+        # 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which a
+        # CPU-only torch refuses ("Cannot access accelerator device"); pinning changes no
+        # value, so it is skipped here
+        IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
 
-        # AWQModifier defaults (n_grid 20, duo_scaling True, mappings inferred for Llama); it only
-        # scales, the modifier after it rounds: RTN (QuantizationModifier) or GPTQ
-        then = GPTQModifier if args.method == "awq_gptq" else QuantizationModifier
-        recipe = [AWQModifier(), then(config_groups=groups, ignore=["lm_head"])]
-        described = f"AWQ (AWQModifier defaults) then {'GPTQ' if args.method == 'awq_gptq' else 'RTN'}"
-    t0 = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=data,
-        recipe=recipe,
-        num_calibration_samples=n,
-        max_seq_length=t,
-        shuffle_calibration_samples=False,
-    )
-    quantize_s = time.perf_counter() - t0
+    # AWQModifier defaults (n_grid 20, duo_scaling True, mappings inferred for Llama); it only
+    # scales, the modifier after it rounds: RTN (QuantizationModifier) or GPTQ
+    then = GPTQModifier if args.method == "awq_gptq" else QuantizationModifier
+    described = f"AWQ (AWQModifier defaults) then {'GPTQ' if args.method == 'awq_gptq' else 'RTN'}"
+    return [AWQModifier(), then(config_groups=groups, ignore=["lm_head"])], described
+
+
+def grid_weights(model, args) -> dict:
+    """Each quantized linear's fake-quantized weight as float32 under ``linear:<name>``, checked to lie on the
+    grid (w / s + z within 1e-3 of an integer in [0, 2^b − 1]); with AWQ also the norms it folded 1/s into."""
+    import torch
 
     maxq = 2**args.bits - 1
     tensors = {}
@@ -135,6 +123,40 @@ def main() -> None:
         for name, p in model.named_parameters():
             if p.ndim == 1 and "norm" in name:
                 tensors[f"float:{name}"] = p.detach().float().contiguous()
+    return tensors
+
+
+def main() -> None:
+    args = parse_args()
+
+    import llmcompressor
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    ids = load_file(args.ids)["input_ids"]
+    n, t = ids.shape
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * t for _ in range(n)]})
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head" and m.in_features % args.group_size:
+            raise SystemExit(f"group size {args.group_size} does not divide {name}.in_features = {m.in_features}")
+    modifiers, described = recipe(args)
+    t0 = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=modifiers,
+        num_calibration_samples=n,
+        max_seq_length=t,
+        shuffle_calibration_samples=False,
+    )
+    quantize_s = time.perf_counter() - t0
+
+    tensors = grid_weights(model, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")

@@ -27,10 +27,31 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def fetch_all(families: bool = False) -> dict[str, Path]:
+    """The default fixtures (the tiny family models among them: seconds each); with ``families``
+    also the two real split-GGUF models (large downloads, kept out of the default set). Here, not in
+    pipeline.fixtures, because the MoE and text fixtures build on that module."""
+    from strata_quant.pipeline import fixtures, text_fixtures
+    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
+
+    out = {"smollm2-135m": fixtures.smollm2(), "tiny-llama": fixtures.tiny_llama()}
+    for family in fixtures.TINY_FAMILIES:
+        out[f"tiny-{family}"] = fixtures.tiny_family(family)
+    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
+    for novel in fixtures.NOVELS:  # every text a job may name (a job never fetches one itself)
+        out[f"austen/{novel}"] = fixtures.austen(novel)
+    for name, fetch in text_fixtures.FETCH.items():
+        out[name] = fetch()
+    if families:
+        for name in fixtures.SPLIT_GGUFS:
+            out[name] = fixtures.split_gguf_model(name)
+    return out
+
+
 def cmd_fixtures(args) -> int:
     from strata_quant.pipeline import fixtures
 
-    for name, path in fixtures.fetch_all(families=args.families).items():
+    for name, path in fetch_all(families=args.families).items():
         if args.verify and path.is_dir():
             fixtures.verify_fixture(path)
         print(f"{name:20s} {path}")
@@ -90,7 +111,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from strata_quant.pipeline.assemble_toolbox import quantized_only
+    from strata_quant.pipeline.assemble import quantized_only
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import load_records
@@ -136,7 +157,8 @@ def cmd_verify(args) -> int:
         summary = verifiers[method](path, reader, results)
     print(summary)
     if args.max_ppl_increase is not None:
-        from strata_quant.pipeline.verify import QualityGateError, evaluate_artifact, gate_message, gate_rows
+        from strata_quant.pipeline.layerwise import evaluate_artifact
+        from strata_quant.pipeline.verify import QualityGateError, gate_message, gate_rows
 
         ev = cfg.eval
         quality = evaluate_artifact(
@@ -280,13 +302,18 @@ def _version() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="strata", description="Quantize large checkpoints block by block on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log pipelines)")
-    parser.add_argument("--version", action="version", version=f"strata {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _job_options(p: argparse.ArgumentParser, *, overwrite: str = "replace existing artifacts", quiet: bool = True):
+    """The options every command that runs (or checks) a job takes."""
+    p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_job_commands(sub) -> None:
+    """fixtures, run, demo, check, resume: the commands that fetch inputs or run a job here."""
     p = sub.add_parser("fixtures", help="fetch and cache the model and text fixtures")
     p.add_argument("--verify", action="store_true", help="check every cached file against its checksum")
     p.add_argument(
@@ -302,31 +329,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("config")
         else:
             p.set_defaults(config=str(DEMO_CONFIG))
-        p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-        p.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
-        p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _job_options(p)
         p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="run every check a job makes before block 0 (no Ray, no weights read)")
     p.add_argument("config")
-    p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--overwrite", action="store_true", help="existing artifacts would be replaced")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    _job_options(p, overwrite="existing artifacts would be replaced", quiet=False)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("resume", help="continue a run from its record (config from its run.json)")
     p.add_argument("run_id")
     p.add_argument("--store", required=True, help="the run store: a folder or s3://bucket/prefix")
-    p.add_argument("--workers", type=int, help="number of worker actors (overrides run.workers)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
-    p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _job_options(p)
     p.set_defaults(func=cmd_resume)
 
+
+def _add_verify_command(sub) -> None:
     p = sub.add_parser("verify", help="verify an artifact against its run record")
     p.add_argument("artifact")
     p.add_argument("--run-id", required=True)
@@ -349,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seq-len", type=int, help="tokens per window (default: the run's eval.seq_len)")
     p.set_defaults(func=cmd_verify)
 
+
+def _add_record_commands(sub) -> None:
+    """report, plan, imatrix, compare, config-reference: the commands that read finished runs (or the schema)."""
     p = sub.add_parser("report", help="write the HTML / markdown report and plots for a finished job")
     p.add_argument("report", metavar="RUN_REPORT_JSON")
     p.add_argument("--store", help="the run store (default: the one named in the report)")
@@ -383,10 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write it to this file (docs/configuration.md) instead of standard output")
     p.set_defaults(func=cmd_config_reference)
 
-    from strata_quant.pipeline.evaluate_cli import add_parser as add_eval_parser
 
-    add_eval_parser(sub)
-
+def _add_cluster_commands(sub) -> None:
+    """submit, status, logs: a job on a Ray cluster through the Ray Jobs API."""
     address_help = "the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)"
     p = sub.add_parser("submit", help="submit a job config to a Ray cluster (Ray Jobs API)")
     p.add_argument("config")
@@ -405,19 +425,41 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--follow", action="store_true", help="stream until the job ends")
         p.set_defaults(func=func)
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``strata`` command line: one subcommand per action, each naming its handler (``func``)."""
+    from strata_quant.pipeline.evaluate_cli import add_parser as add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="strata", description="Quantize large checkpoints block by block on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line (for log pipelines)")
+    parser.add_argument("--version", action="version", version=f"strata {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_job_commands(sub)
+    _add_verify_command(sub)
+    _add_record_commands(sub)
+    add_eval_parser(sub)
+    _add_cluster_commands(sub)
+    return parser
+
+
+def configure_logging(verbose: bool, log_json: bool) -> None:
+    """Log lines (or JSON objects) on stderr, credentials redacted, the libraries' chatter at WARNING."""
     handler = logging.StreamHandler()
-    if args.log_json:
+    if log_json:
         handler.setFormatter(JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     from strata_quant.pipeline.store import install_redaction
 
     install_redaction()  # no credential or endpoint userinfo in any log line, whichever logger wrote it
     for noisy in ("urllib3", "filelock", "transformers", "botocore", "boto3", "s3transfer", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def refusals() -> tuple[type[Exception], ...]:
+    """The errors that say what is wrong with the input, printed as one line without a traceback."""
     from strata_quant.pipeline.assemble import AssembleError
     from strata_quant.pipeline.calibration import CalibrationError
     from strata_quant.pipeline.checkpoint import CheckpointError
@@ -429,9 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     from strata_quant.pipeline.submit import SubmitError
     from strata_quant.pipeline.verify import VerifyError
 
-    try:
-        return args.func(args)
-    except (
+    return (
         ConfigError,
         CheckpointError,
         CalibrationError,
@@ -442,7 +482,17 @@ def main(argv: list[str] | None = None) -> int:
         StoreError,
         RunError,
         EvalError,
-    ) as err:
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.log_json)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    expected = refusals()
+    try:
+        return args.func(args)
+    except expected as err:
         print(f"strata: error: {one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # anything else the pipeline raises: one line, the traceback with -v

@@ -8,9 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    pass
+from strata_quant.pipeline.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -60,6 +58,18 @@ class QuantConfig(_Strict):
         True, description="with act_order: groups fixed in column order before the solve (g_idx[k] = k // G)"
     )
     mse_grid: int = Field(0, ge=0, description="shrink steps of the scale search; 0 = min/max")
+    mse_weight: Literal["uniform", "hessian"] = Field(
+        "uniform",
+        description="GPTQ: the MSE scale search's error per input weighted equally (uniform) or by H's diagonal "
+        "(hessian: mean x², the statistic of llama.cpp's importance matrix)",
+    )
+    diag_shrink: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="GPTQ: solve with H ← (1−α)·H + α·diag(H), α this value: the calibration inputs' "
+        "correlations count less, their per-input importance stays (0 = GPTQ's H)",
+    )
     true_sequential: bool = Field(
         True, description="solve q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones before it"
     )
@@ -215,6 +225,11 @@ class EvalConfig(_Strict):
     each window scored alone. ``eval: null`` skips it."""
 
     text: str = Field("fixture:austen/persuasion", description="held-out text, any calibration.source form")
+    off_domain: str | None = Field(
+        "fixture:kjv",
+        description="a second held-out text unlike the calibration (another author, era and genre; code for "
+        "code models), scored the same way and reported beside the first; null: only the first",
+    )
     windows: int = Field(
         32, ge=1, description="windows scored: the text's first non-overlapping windows of seq_len tokens"
     )
@@ -382,3 +397,18 @@ def check_against_model(cfg: JobConfig, model_config: dict, widths: list[int] | 
         )
     if bad and "gguf" in cfg.output.formats and any(k % 32 for k in bad):
         raise ConfigError(f"gguf output needs input widths that are multiples of 32; got {bad}")
+
+
+def check_head_dim(config: dict) -> int:
+    """The attention head width: head_dim (or hidden / heads) must be even (rotary halves) and the
+    heads must split the KV heads evenly."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if head_dim <= 0 or head_dim % 2:
+        raise ConfigError(f"head_dim {head_dim} of this model is not a positive even number (rotary halves)")
+    if heads % kv:
+        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    if config.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim")
+    return head_dim

@@ -90,65 +90,17 @@ def _unique(name: str, taken: dict) -> str:
     return out
 
 
-def run_eval(
-    *,
-    text: str,
-    reference: str | None = None,
-    artifacts: list[str] = (),
-    run_id: str | None = None,
-    store: str = "runs",
-    windows: int = 32,
-    context: int = 512,
-    stride: int | None = None,
-    threads: int | None = None,
-    batch_size: int = 2,
-    gguf_backends: tuple[str, ...] | None = None,
-    speed: bool = True,
-    decode_tokens: int = DECODE_TOKENS,
-    text_field: str = "text",
-    out: str | Path | None = None,
-) -> dict:
-    """Evaluate and return the results dict (written to ``out`` when given)."""
-    from transformers import AutoTokenizer
+class ModelSet:
+    """The models an evaluation scores, by unique name, with what the results file says of each."""
 
-    from strata_quant.pipeline.calibration import load_text, tokenize_stream
-    from strata_quant.pipeline.run import STRATA_VERSION
+    def __init__(self) -> None:
+        self.models: dict[str, object] = {}
+        self.meta: dict[str, dict] = {}
 
-    if threads:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
-    if gguf_backends is None:  # both where llama-cpp-python is installed
-        gguf_backends = GGUF_BACKENDS if llama_cpp_available() else ("transformers",)
-    for b in gguf_backends:
-        if b not in GGUF_BACKENDS:
-            raise EvalError(f"unknown GGUF backend {b!r} (choose from {', '.join(GGUF_BACKENDS)})")
-
-    records = results = None
-    if run_id:
-        run_model, records, results = open_run(run_id, store)
-        reference = reference or run_model
-    if not reference:
-        raise EvalError("name the reference checkpoint (--reference) or a run (--run) whose model it is")
-    from strata_quant.pipeline.checkpoint import open_checkpoint
-
-    ref_reader = open_checkpoint(reference)  # a folder, fixture: or s3:// (small files cached locally)
-    ref_path = ref_reader.path
-
-    tokenizer = AutoTokenizer.from_pretrained(ref_path)
-    body = load_text(text, text_field)
-    stream = tokenize_stream(tokenizer, body)
-    wins = sliding_windows(stream, windows, context, stride)
-    log.info(
-        "%d windows × %d tokens, stride %d: %d scored tokens", wins.count, wins.context, wins.stride, wins.scored_tokens
-    )
-
-    models: dict[str, object] = {}
-    meta: dict[str, dict] = {}
-
-    def add(name, model, *, backend, fmt, path, memory=None, load_s=None, timed=True):
-        name = _unique(name, models)
-        models[name] = model
-        meta[name] = {
+    def add(self, name, model, *, backend, fmt, path, memory=None, load_s=None, timed=True) -> str:
+        name = _unique(name, self.models)
+        self.models[name] = model
+        self.meta[name] = {
             "backend": backend,
             "format": fmt,
             "path": str(path) if path is not None else None,
@@ -159,64 +111,63 @@ def run_eval(
         }
         return name
 
-    warm_imports(ref_path, "llama.cpp" in gguf_backends)  # so the RSS deltas are the models', not the libraries'
-    ref, mem, secs = measure_load(ref_reader.reference_model)
-    ref_name = add(
-        f"{ref_path.name} (reference)", ref, backend="transformers", fmt="safetensors", path=ref_path, memory=mem,
-        load_s=secs,
-    )  # fmt: skip
-    meta[ref_name]["reference"] = True
+    def close(self) -> None:
+        for model in self.models.values():
+            if isinstance(model, LlamaCppModel):
+                model.close()
 
-    fake_quant = None
 
-    def fake_quant_model():
-        nonlocal fake_quant
-        if fake_quant is None:
-            fake_quant = with_weights(ref, results_weights(results))
-        return fake_quant
+def check_backends(gguf_backends: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The GGUF backends asked for; default both where llama-cpp-python is installed."""
+    if gguf_backends is None:
+        return GGUF_BACKENDS if llama_cpp_available() else ("transformers",)
+    for b in gguf_backends:
+        if b not in GGUF_BACKENDS:
+            raise EvalError(f"unknown GGUF backend {b!r} (choose from {', '.join(GGUF_BACKENDS)})")
+    return gguf_backends
 
-    for art in artifacts:
-        path = Path(art)
-        if path.is_file() and path.suffix == ".gguf":
-            for backend in gguf_backends:
-                if backend == "transformers":
-                    model, mem, secs = measure_load(lambda p=path: load_gguf_transformers(p))
-                else:
-                    n_ctx = max(wins.context, DECODE_PROMPT + decode_tokens + 8)
-                    model, mem, secs = measure_load(lambda p=path, n=n_ctx: LlamaCppModel(p, n, threads))
-                add(f"{path.name} ({backend})", model, backend=backend, fmt="gguf", path=path, memory=mem, load_s=secs)
-        elif path.is_dir() and (path / "config.json").is_file():
-            method = folder_method(path)
-            if method in QUANTIZED_FOLDERS:
-                if results is None:
-                    raise EvalError(
-                        f"{path} is a {method} folder, which transformers cannot load without gptqmodel here; "
-                        "name the run it was assembled from (--run RUN_ID --store STORE) to evaluate it by "
-                        "fake-quant from the run's stored results (strata verify checks they match)"
-                    )
-                add(f"{path.name} (fake-quant)", fake_quant_model(), backend="fake-quant", fmt=method, path=path,
-                    timed=False)  # fmt: skip
-            elif method is None:
-                model, mem, secs = measure_load(lambda p=path: load_reference(p))
-                add(f"{path.name} (transformers)", model, backend="transformers", fmt="safetensors", path=path,
-                    memory=mem, load_s=secs)  # fmt: skip
+
+def add_artifact(models: ModelSet, art: str, *, backends, n_ctx: int, threads: int, fake_quant) -> None:
+    """One artifact into ``models``: a GGUF once per backend, a dense folder through transformers, a GPTQ / AWQ /
+    compressed-tensors folder as the run's fake-quant model (``fake_quant()``: None without a run)."""
+    path = Path(art)
+    if path.is_file() and path.suffix == ".gguf":
+        for backend in backends:
+            if backend == "transformers":
+                model, mem, secs = measure_load(lambda p=path: load_gguf_transformers(p))
             else:
-                raise EvalError(f"{path}: quantization method {method!r} is not supported")
+                model, mem, secs = measure_load(lambda p=path: LlamaCppModel(p, n_ctx, threads))
+            models.add(f"{path.name} ({backend})", model, backend=backend, fmt="gguf", path=path, memory=mem,
+                       load_s=secs)  # fmt: skip
+    elif path.is_dir() and (path / "config.json").is_file():
+        method = folder_method(path)
+        if method in QUANTIZED_FOLDERS:
+            model = fake_quant()
+            if model is None:
+                raise EvalError(
+                    f"{path} is a {method} folder, which transformers cannot load without gptqmodel here; "
+                    "name the run it was assembled from (--run RUN_ID --store STORE) to evaluate it by "
+                    "fake-quant from the run's stored results (strata verify checks they match)"
+                )
+            models.add(f"{path.name} (fake-quant)", model, backend="fake-quant", fmt=method, path=path, timed=False)
+        elif method is None:
+            model, mem, secs = measure_load(lambda p=path: load_reference(p))
+            models.add(f"{path.name} (transformers)", model, backend="transformers", fmt="safetensors", path=path,
+                       memory=mem, load_s=secs)  # fmt: skip
         else:
-            raise EvalError(f"{art}: not a .gguf file nor a checkpoint folder with a config.json")
-    if results is not None and fake_quant is None:
-        add(f"run {run_id} (fake-quant)", fake_quant_model(), backend="fake-quant", fmt="results", path=None,
-            timed=False)  # fmt: skip
+            raise EvalError(f"{path}: quantization method {method!r} is not supported")
+    else:
+        raise EvalError(f"{art}: not a .gguf file nor a checkpoint folder with a config.json")
 
-    log.info("evaluating %d models with %d threads", len(models), threads)
-    rows = evaluate(models, wins, reference=ref_name, batch_size=batch_size)
 
-    params = ref_reader.num_params()
+def model_entries(models: ModelSet, rows: dict, wins, *, params: int, speed: bool, threads: int, batch_size: int,
+                  decode_tokens: int) -> list[dict]:  # fmt: skip
+    """``"models"`` of the results: each model's quality row, size, memory and (``speed``) prefill / decode."""
     prompt = wins.ids[0, : min(DECODE_PROMPT, wins.context)].tolist()
     window_tokens = wins.count * wins.context
-    out_models = []
+    out = []
     for name, row in rows.items():
-        m = meta[name]
+        m = models.meta[name]
         entry = {
             "name": name,
             "backend": m["backend"],
@@ -238,18 +189,15 @@ def run_eval(
                 "prefill_s": row["forward_s"],
                 "prefill_tokens_per_s": window_tokens / row["forward_s"] if row["forward_s"] > 0 else 0.0,
                 "prefill_batch": 1 if m["backend"] == "llama.cpp" else batch_size,
-                **decode_speed(models[name], prompt, decode_tokens),
+                **decode_speed(models.models[name], prompt, decode_tokens),
             }
-        out_models.append(entry)
-    for model in models.values():
-        if isinstance(model, LlamaCppModel):
-            model.close()
+        out.append(entry)
+    return out
 
-    data = {
-        "schema": SCHEMA_VERSION,
-        "kind": "strata-eval",
-        "strata_version": STRATA_VERSION,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+
+def text_entry(text: str, text_field: str, body: str, stream: torch.Tensor, wins) -> dict:
+    """``"text"`` and ``"windows"`` of the results: what was scored, pinned by hashes."""
+    return {
         "text": {
             "source": text,
             "text_field": text_field,
@@ -264,6 +212,95 @@ def run_eval(
             "scored_tokens": wins.scored_tokens,
             "token_ids_sha256": wins.sha256(),
         },
+    }
+
+
+def run_eval(
+    *,
+    text: str,
+    reference: str | None = None,
+    artifacts: list[str] = (),
+    run_id: str | None = None,
+    store: str = "runs",
+    windows: int = 32,
+    context: int = 512,
+    stride: int | None = None,
+    threads: int | None = None,
+    batch_size: int = 2,
+    gguf_backends: tuple[str, ...] | None = None,
+    speed: bool = True,
+    decode_tokens: int = DECODE_TOKENS,
+    text_field: str = "text",
+    out: str | Path | None = None,
+    off_domain: str | None = None,
+) -> dict:
+    """Evaluate and return the results dict (written to ``out`` when given). ``off_domain``: a
+    second text unlike the calibration, on which the same models are scored the same way
+    (quality only: ppl, KLD, top-1), under ``"off_domain"``."""
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.run import STRATA_VERSION
+
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    gguf_backends = check_backends(gguf_backends)
+    records = results = None
+    if run_id:
+        run_model, records, results = open_run(run_id, store)
+        reference = reference or run_model
+    if not reference:
+        raise EvalError("name the reference checkpoint (--reference) or a run (--run) whose model it is")
+    ref_reader = open_checkpoint(reference)  # a folder, fixture: or s3:// (small files cached locally)
+    ref_path = ref_reader.path
+
+    tokenizer = AutoTokenizer.from_pretrained(ref_path)
+    body = load_text(text, text_field)
+    stream = tokenize_stream(tokenizer, body)
+    wins = sliding_windows(stream, windows, context, stride)
+    log.info(
+        "%d windows × %d tokens, stride %d: %d scored tokens", wins.count, wins.context, wins.stride, wins.scored_tokens
+    )
+
+    models = ModelSet()
+    warm_imports(ref_path, "llama.cpp" in gguf_backends)  # so the RSS deltas are the models', not the libraries'
+    ref, mem, secs = measure_load(ref_reader.reference_model)
+    ref_name = models.add(f"{ref_path.name} (reference)", ref, backend="transformers", fmt="safetensors",
+                          path=ref_path, memory=mem, load_s=secs)  # fmt: skip
+    models.meta[ref_name]["reference"] = True
+    fake: list = []  # the run's fake-quant model, built once when first asked for
+
+    def fake_quant():
+        if results is not None and not fake:
+            fake.append(with_weights(ref, results_weights(results)))
+        return fake[0] if fake else None
+
+    n_ctx = max(wins.context, DECODE_PROMPT + decode_tokens + 8)
+    for art in artifacts:
+        add_artifact(models, art, backends=gguf_backends, n_ctx=n_ctx, threads=threads, fake_quant=fake_quant)
+    if results is not None and not fake:
+        models.add(f"run {run_id} (fake-quant)", fake_quant(), backend="fake-quant", fmt="results", path=None,
+                   timed=False)  # fmt: skip
+
+    log.info("evaluating %d models with %d threads", len(models.models), threads)
+    rows = evaluate(models.models, wins, reference=ref_name, batch_size=batch_size)
+    params = ref_reader.num_params()
+    out_models = model_entries(models, rows, wins, params=params, speed=speed, threads=threads,
+                               batch_size=batch_size, decode_tokens=decode_tokens)  # fmt: skip
+    off = None
+    if off_domain:
+        off = score_text(models.models, ref_name, tokenizer, off_domain, text_field, windows, context, stride,
+                         batch_size)  # fmt: skip
+    models.close()  # after the last text: a closed llama.cpp model is freed (scoring it again crashes)
+
+    data = {
+        "schema": SCHEMA_VERSION,
+        "kind": "strata-eval",
+        "strata_version": STRATA_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **text_entry(text, text_field, body, stream, wins),
         "reference": {"name": ref_name, "path": str(ref_path)},
         "params": params,
         "machine": machine_info(threads),
@@ -272,12 +309,30 @@ def run_eval(
             {"run_id": run_id, "store": str(store), "linears": linear_errors(records)} if records is not None else None
         ),
     }
+    if off is not None:
+        data["off_domain"] = off
     validate_results(data)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def score_text(models, ref_name, tokenizer, text, text_field, windows, context, stride, batch_size) -> dict:
+    """``"off_domain"`` of the results: the text, its windows and each model's quality on them."""
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+
+    body = load_text(text, text_field)
+    stream = tokenize_stream(tokenizer, body)
+    wins = sliding_windows(stream, windows, context, stride)
+    log.info("off domain: %d windows × %d tokens of %s", wins.count, wins.context, text)
+    rows = evaluate(models, wins, reference=ref_name, batch_size=batch_size)
+    keep = ("ppl", "nll", "ppl_increase", "tokens", "kld", "kld_p50", "kld_p90", "kld_p99", "kld_max", "top1")
+    return {
+        **text_entry(text, text_field, body, stream, wins),
+        "models": [{"name": name, **{k: row[k] for k in keep}} for name, row in rows.items()],
+    }
 
 
 def format_results(data: dict, worst: int = 10) -> str:
@@ -309,6 +364,16 @@ def format_results(data: dict, worst: int = 10) -> str:
             + "  "
             + (f"{sp['decode_tokens_per_s']:8.1f}" if sp.get("decode_tokens_per_s") else f"{'—':>8}")
         )
+    off = data.get("off_domain")
+    if off:
+        ow = off["windows"]
+        lines += ["", f"off domain: {off['text']['source']}: {ow['count']} windows × {ow['context']} tokens"]
+        lines.append(f"{'model'.ljust(width)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'p99':>7}  {'top-1':>6}")
+        for m in off["models"]:
+            lines.append(
+                f"{m['name'].ljust(width)}  {m['ppl']:8.3f}  {m['ppl_increase']:+8.2%}  {m['kld']:7.4f}  "
+                f"{m['kld_p99']:7.4f}  {m['top1']:6.1%}"
+            )
     qe = data.get("quant_error")
     if qe and qe["linears"]:
         lines += ["", f"worst linears of run {qe['run_id']} (output / weight relative error):"]
@@ -335,6 +400,12 @@ def add_parser(sub) -> None:
     p.add_argument("--store", default="runs", help="the run store (default: runs)")
     p.add_argument("--text", required=True, help="text file, .jsonl/.parquet, fixture:austen/NOVEL or hf:NAME[:SPLIT]")
     p.add_argument("--text-field", default="text", help="the text field of jsonl/parquet/hf sources")
+    p.add_argument(
+        "--off-domain",
+        default="fixture:kjv",
+        help="a second text unlike the calibration, scored the same way (code for code models: "
+        "fixture:code/python-stdlib); 'none' to skip",
+    )
     p.add_argument("--windows", type=int, default=32, help="number of windows (0: as many as the text holds)")
     p.add_argument("--seq-len", "--context", dest="context", type=int, default=512, help="tokens per window")
     p.add_argument(
@@ -373,6 +444,7 @@ def cmd_eval(args) -> int:
         decode_tokens=args.decode_tokens,
         text_field=args.text_field,
         out=args.out,
+        off_domain=None if args.off_domain.lower() == "none" else args.off_domain,
     )
     print(format_results(data))
     print(f"\nresults: {args.out}")

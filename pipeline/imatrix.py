@@ -1,7 +1,7 @@
 """`strata imatrix RUN`: a run's activation statistics as llama.cpp's importance matrix.
 
 Workers store, beside each GPTQ result, in_sum2[k] = Σ_t x_tk² over all calibration tokens of
-the linear's input (workers/actor.py, ``activations`` in the record entry). llama-quantize reads
+the linear's input (workers/records.py, ``activations`` in the record entry). llama-quantize reads
 the importance of input k as in_sum2[k] / count, the mean square activation. Two files, as
 tools/imatrix/imatrix.cpp writes them (llama.cpp of the llama-cpp-python 0.3.36 sdist):
 

@@ -9,51 +9,23 @@ from pathlib import Path
 
 from strata_quant.pipeline.assemble import (
     ResultSource,
-    assemble_awq,
-    assemble_compressed_tensors,
-    assemble_gguf,
-    assemble_gptq,
+    artifact_paths,
+    assemble,
+    format_for,
+    options_of,
     parse_size,
+    quantized_only,
+    registered,
 )
-from strata_quant.pipeline.assemble_toolbox import assemble_toolbox, method_label, quantized_only
 from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
 from strata_quant.pipeline.report import build_report, solver_notes, solver_notes_line
 from strata_quant.pipeline.run import STRATA_VERSION, run_job
-from strata_quant.pipeline.verify import (
-    QualityGateError,
-    gate_message,
-    gate_rows,
-    verify_awq,
-    verify_bitsandbytes,
-    verify_compressed_tensors,
-    verify_fp8,
-    verify_gguf,
-    verify_gptq,
-)
+from strata_quant.pipeline.verify import QualityGateError, gate_message, gate_rows, verify_artifact
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.job")
-
-
-def artifact_paths(cfg: JobConfig) -> dict[str, Path]:
-    out = Path(cfg.output.dir)
-    paths = {}
-    if "gptq" in cfg.output.formats:
-        paths["gptq"] = out / f"{cfg.name}-gptq"
-    if "awq" in cfg.output.formats:
-        paths["awq"] = out / f"{cfg.name}-awq"
-    if "compressed-tensors" in cfg.output.formats:
-        paths["compressed-tensors"] = out / f"{cfg.name}-compressed-tensors"
-    if "bitsandbytes" in cfg.output.formats:
-        paths["bitsandbytes"] = out / f"{cfg.name}-bnb-nf4"
-    if "gguf" in cfg.output.formats:
-        from strata_quant.pipeline.formats.gguf import resolve_type
-
-        gguf_type, _ = resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
-        paths["gguf"] = out / f"{cfg.name}-{gguf_type}.gguf"
-    return paths
 
 
 def size_of(path: Path) -> int:
@@ -138,16 +110,11 @@ def publish(cfg: JobConfig, outcome, paths: dict[str, Path]) -> dict:
 
     t = time.perf_counter()
     checks = []
-    folder_verifiers = {"gptq": verify_gptq, "awq": verify_awq, "compressed-tensors": verify_compressed_tensors}
-    folder_verifiers["bitsandbytes"] = verify_bitsandbytes
-    if cfg.quant.method == "fp8":
-        folder_verifiers["compressed-tensors"] = verify_fp8
-    for fmt, verifier in folder_verifiers.items():
-        if fmt in paths:
-            checks.append(verifier(paths[fmt], outcome.reader, results))
-    if "gguf" in paths:
-        summary, _ = verify_gguf(
-            paths["gguf"],
+    order = registered()  # artifacts are verified (and reported) in the registry's order
+    for fmt in sorted(paths, key=lambda f: order.index(format_for(f, cfg.quant.method))):
+        summary = verify_artifact(
+            format_for(fmt, cfg.quant.method),
+            paths[fmt],
             outcome.reader,
             results,
             llamacpp=llamacpp_available(),
@@ -167,35 +134,8 @@ def publish(cfg: JobConfig, outcome, paths: dict[str, Path]) -> dict:
 
 
 def assemble_artifact(cfg: JobConfig, fmt: str, path: Path, reader, results: ResultSource) -> None:
-    if fmt == "gptq":
-        assemble_gptq(
-            reader,
-            results,
-            path,
-            shard_size=cfg.output.shard_size,
-            overwrite=cfg.output.overwrite,
-            tool_version=STRATA_VERSION,
-        )
-    elif fmt == "awq":
-        assemble_awq(reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite)
-    elif fmt == "bitsandbytes" or (fmt == "compressed-tensors" and cfg.quant.method == "fp8"):
-        assemble_toolbox(fmt, reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite)
-    elif fmt == "compressed-tensors":
-        assemble_compressed_tensors(
-            reader, results, path, shard_size=cfg.output.shard_size, overwrite=cfg.output.overwrite
-        )
-    else:
-        assemble_gguf(
-            reader,
-            results,
-            path,
-            tokenizer_pre=cfg.output.gguf_tokenizer_pre,
-            overwrite=cfg.output.overwrite,
-            name=cfg.name,
-            gguf_type=cfg.output.gguf_type,
-            embedding_type=cfg.output.gguf_embedding_type,
-            tool_version=STRATA_VERSION,
-        )
+    """The ``fmt`` artifact of this job's results, by the registry's format for its method."""
+    assemble(fmt, reader, results, path, options_of(cfg, STRATA_VERSION), method=cfg.quant.method)
 
 
 def on_driver_node(fn, *args):
@@ -226,7 +166,16 @@ def llamacpp_available() -> bool:
 def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path | None) -> dict:
     """fp16 reference, the RTN baseline on the same grid, and strata's result (the GGUF as gguf-py
     reads it when there is one, else the dequantized stored results), streamed block by block
-    (pipeline.layerwise: nothing holds a whole model)."""
+    (pipeline.layerwise: nothing holds a whole model), on ``eval.text``; with ``eval.off_domain``
+    the same models on that text too, under ``"off_domain"``."""
+    quality = evaluate_text(cfg, outcome, results, gguf_path, cfg.eval.text)
+    if cfg.eval.off_domain:
+        quality["off_domain"] = evaluate_text(cfg, outcome, results, gguf_path, cfg.eval.off_domain)
+    return quality
+
+
+def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path | None, text: str) -> dict:
+    """The models of :func:`evaluate_job` on ``eval.windows`` windows of one text."""
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline import layerwise
@@ -234,7 +183,7 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    windows = eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
     wins = EvalWindows.from_tensor(windows)
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     label = method_label(cfg.quant.model_dump())
@@ -245,10 +194,23 @@ def evaluate_job(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Path
         variants[f"{label} (GGUF via gguf-py)"] = layerwise.gguf_file(gguf_path, outcome.reader.config)
     else:  # AWQ's folded norms and biases come with its results
         variants[label] = layerwise.stored_results(results)
-    log.info("evaluating %d models on %d × %d held-out tokens, block by block", len(variants), *windows.shape)
+    log.info("evaluating %d models on %d × %d tokens of %s, block by block", len(variants), *windows.shape, text)
     heads = layerwise.layerwise_models(outcome.reader, outcome.store, wins, variants)
     rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": cfg.eval.text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+    return {"text": text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+
+
+def quality_lines(quality: dict, role: str) -> list[str]:
+    """The printed table of one held-out text (``role``: which text it is)."""
+    rows = quality["rows"]
+    w = max(len(n) for n in rows)
+    lines = [
+        f"{role} perplexity: {quality['text']}, {quality['windows'][0]} windows × {quality['windows'][1]} tokens",
+        f"{'model'.ljust(w)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'top-1':>6}",
+    ]
+    for name, r in rows.items():
+        lines.append(f"{name.ljust(w)}  {r['ppl']:8.3f}  {r['ppl_increase']:+8.2%}  {r['kld']:7.4f}  {r['top1']:6.1%}")
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -258,18 +220,11 @@ def format_report(report: dict) -> str:
     if (report.get("solver_notes") or {}).get("gptq_linears"):
         lines.append(f"  {solver_notes_line(report['solver_notes'])}")
     if report.get("quality"):
-        rows = report["quality"]["rows"]
-        w = max(len(n) for n in rows)
         lines.append("")
-        lines.append(
-            f"held-out perplexity: {report['quality']['text']}, {report['quality']['windows'][0]} windows × "
-            f"{report['quality']['windows'][1]} tokens"
-        )
-        lines.append(f"{'model'.ljust(w)}  {'ppl':>8}  {'Δ ppl':>8}  {'KLD':>7}  {'top-1':>6}")
-        for name, r in rows.items():
-            lines.append(
-                f"{name.ljust(w)}  {r['ppl']:8.3f}  {r['ppl_increase']:+8.2%}  {r['kld']:7.4f}  {r['top1']:6.1%}"
-            )
+        lines.extend(quality_lines(report["quality"], "held-out (in domain)"))
+        if report["quality"].get("off_domain"):
+            lines.append("")
+            lines.extend(quality_lines(report["quality"]["off_domain"], "held-out (off domain)"))
     lines.append("")
     lines.append("artifacts:")
     for fmt, a in report["artifacts"].items():
@@ -307,3 +262,16 @@ def format_report(report: dict) -> str:
             f"html report: {report['report_files']['html']}   model card: {report['report_files']['markdown']}"
         )
     return "\n".join(lines)
+
+
+def method_label(quant: dict) -> str:
+    """The eval-table label of a run's method, e.g. ``strata NF4+DQ b64`` or ``strata FP8 E4M3 channel``."""
+    method = quant["method"]
+    if method in ("nf4", "gptq_nf4"):
+        name = "GPTQ-NF4" if method == "gptq_nf4" else "NF4"
+        return f"strata {name}{'+DQ' if quant.get('double_quant', True) else ''} b{quant.get('nf4_blocksize', 64)}"
+    if method == "fp8":
+        block = quant.get("fp8_block")
+        how = "channel" if not block else f"block {block[0]}x{block[1]}"
+        return f"strata FP8 {str(quant.get('fp8_type', 'e4m3')).upper()} {how}"
+    return f"strata {method.upper()} W{quant['bits']} g{quant['group_size']}"

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from strata_quant.pipeline.eval import EvalError, EvalWindows
-from strata_quant.workers.actor import BlockWorker, WorkerJob
+from strata_quant.workers.actor import BlockWorker
 from strata_quant.workers.block import block_linears
+from strata_quant.workers.job import WorkerJob
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
 
@@ -58,7 +60,7 @@ def rtn(spec: QuantSpec) -> Variant:
 def stored_results(results) -> Variant:
     """The run's stored results (dequantized, hash-checked) and folded floats, read as a replay reads
     them (``BlockWorker.results_of``); ``results``: a pipeline.assemble.ResultSource (e.g.
-    ``assemble_toolbox.quantized_only``'s: linears kept in 16-bit stay the checkpoint's)."""
+    ``assemble.quantized_only``'s: linears kept in 16-bit stay the checkpoint's)."""
 
     def block(worker, b, tensors, linears):
         prefix = f"{worker.layers_path}.{b}."
@@ -197,3 +199,32 @@ def _top_tensors(reader, worker: BlockWorker, variant: Variant, cache: dict) -> 
             tensor = cache[source]
         out[name] = tensor.float()
     return out
+
+
+def evaluate_artifact(
+    path: Path,
+    reader,
+    results,
+    *,
+    text: str,
+    windows: int,
+    seq_len: int,
+) -> dict:
+    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from,
+    streamed block by block (:func:`layerwise_models`). A GGUF is scored as gguf-py reads it; a safetensors folder,
+    once verified bit-exact, as the checkpoint carrying the solver's dequantized weights (what it decodes to).
+    """
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(reader.path)
+    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
+    wins = EvalWindows.from_tensor(ids)
+    quantized = gguf_file(path, reader.config) if path.suffix == ".gguf" else stored_results(results)
+    name = f"strata {path.name}"
+    variants = {"fp16 (reference)": reference(), name: quantized}
+    heads = layerwise_models(reader, results.store, wins, variants)
+    rows = evaluate(heads, wins, reference="fp16 (reference)")
+    return {"text": text, "windows": list(ids.shape), "rows": rows}

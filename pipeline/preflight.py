@@ -14,10 +14,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig
+from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig, check_head_dim
 from strata_quant.workers.methods import matches_module, spec_with_overrides
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
@@ -35,7 +34,7 @@ class Preflight:
     reader: object
     token_ids: torch.Tensor
     tokenizer: object
-    structure: object  # the traced block structure (workers.block.BlockStructure)
+    structure: object  # the traced block structure (pipeline.structure.BlockStructure)
     passed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -66,6 +65,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     shapes = linear_shapes(cfg, reader, layers_path)
     for fmt in cfg.output.formats:
         check_format(fmt, cfg, shapes)
+    if (moe_line := check_moe_formats(cfg, reader.config)) is not None:
+        pf.passed.append(moe_line)
     if "gguf" in cfg.output.formats:
         pf.passed.append(check_gguf(cfg, reader, tokenizer, pf.notes))
     if cfg.output.formats:
@@ -73,7 +74,8 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     check_store(cfg, pf)
     if cfg.eval is not None:
         check_eval(cfg, tokenizer)
-        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {cfg.eval.text}")
+        texts = cfg.eval.text + (f" and (off domain) {cfg.eval.off_domain}" if cfg.eval.off_domain else "")
+        pf.passed.append(f"eval: {cfg.eval.windows} windows × {cfg.eval.seq_len} tokens of {texts}")
     if outputs:
         check_outputs(cfg)
     return pf
@@ -86,21 +88,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to give back
         pass
-
-
-def check_head_dim(config: dict) -> int:
-    """The attention head width: head_dim (or hidden / heads) must be even (rotary halves) and the
-    heads must split the KV heads evenly."""
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    if head_dim <= 0 or head_dim % 2:
-        raise ConfigError(f"head_dim {head_dim} of this model is not a positive even number (rotary halves)")
-    if heads % kv:
-        raise ConfigError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
-    if config.get("head_dim") is None and hidden % heads:
-        raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads {heads} and no head_dim")
-    return head_dim
 
 
 def check_shapes(reader) -> None:
@@ -168,32 +155,29 @@ def stand_in(n_rows: int, n_cols: int, spec: QuantSpec, cfg: JobConfig) -> Quant
 
 
 def check_format(fmt: str, cfg: JobConfig, shapes: dict[tuple[int, int, QuantSpec], str]) -> None:
-    """Each linear shape through ``fmt``'s own storability rules; ConfigError naming the linear."""
-    from strata_quant.pipeline.formats import awq as awq_format
-    from strata_quant.pipeline.formats import compressed_tensors as ct_format
-    from strata_quant.pipeline.formats import gguf as gguf_format
-    from strata_quant.pipeline.formats import gptq as gptq_format
+    """Each linear shape through the registered format's own storability rules (``Format.check``);
+    ConfigError naming the linear."""
+    from strata_quant.pipeline.assemble import format_for, options_of
 
     if cfg.quant.method in TOOLBOX_FORMATS:  # NF4 / FP8 results: checked by config.check_against_model
         return
+    checker, options = format_for(fmt, cfg.quant.method)(), options_of(cfg)
     for (n_rows, n_cols, spec), linear in shapes.items():
-        result = stand_in(n_rows, n_cols, spec, cfg)
         try:
-            if fmt == "gptq":  # qweight packs the inputs, qzeros the outputs, into int32 words
-                gptq_format.pack_bits(np.zeros((n_cols, 1), np.uint8), spec.bits)
-                gptq_format.pack_bits(np.zeros((n_rows, 1), np.uint8), spec.bits)
-            elif fmt == "awq":
-                awq_format.check_storable(result)
-            elif fmt == "compressed-tensors":
-                ct_format.check_storable(result)
-            elif fmt == "gguf":
-                gtype, carry = gguf_format.resolve_type(cfg.output.gguf_type, spec.bits, spec.sym)
-                if carry != "requantized":  # the solver's blocks are written as they are: one row shows the layout
-                    gguf_format.encode(result.rows(0, 1), gtype)
-                elif n_cols % gguf_format.QK:
-                    raise ValueError(f"in_features {n_cols} is not a multiple of ggml's block of {gguf_format.QK}")
+            checker.check(stand_in(n_rows, n_cols, spec, cfg), options)
         except ValueError as err:
             raise ConfigError(f"{fmt} output cannot hold {linear} ({n_rows}×{n_cols}, {spec}): {err}") from None
+
+
+def check_moe_formats(cfg: JobConfig, config: dict) -> str | None:
+    """A Mixture-of-Experts model: each output format names the reader that loads its experts
+    (pipeline.formats.moe), or the job is refused naming the family; None for a dense model."""
+    from strata_quant.pipeline.formats import moe as moe_format
+
+    if not moe_format.is_moe(config):
+        return None
+    readers = [f"{fmt}: {moe_format.check_moe_format(fmt, config)}" for fmt in cfg.output.formats]
+    return f"Mixture-of-Experts {config.get('model_type')!r}: " + "; ".join(readers)
 
 
 def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
@@ -302,14 +286,18 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 
 
 def check_eval(cfg: JobConfig, tokenizer) -> None:
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_stream
 
-    eval_windows(tokenize_stream(tokenizer, load_text(cfg.eval.text)), cfg.eval.windows, cfg.eval.seq_len)
+    for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
+        if text:
+            try:
+                eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
+            except CalibrationError as err:
+                raise CalibrationError(f"{key} {text}: {err}") from None
 
 
 def check_outputs(cfg: JobConfig) -> None:
-    from strata_quant.pipeline.assemble import AssembleError
-    from strata_quant.pipeline.job import artifact_paths
+    from strata_quant.pipeline.assemble import AssembleError, artifact_paths
 
     for path in artifact_paths(cfg).values():
         if Path(path).exists() and not cfg.output.overwrite:

@@ -1,6 +1,6 @@
 """The plan-time trace of the decoder layer, in a child process.
 
-:func:`pipeline.run.check_block_structure` runs one random batch through a real float32 copy of
+:func:`pipeline.structure.check_block_structure` runs one random batch through a real float32 copy of
 the model's decoder layer: 3.4 GB at Llama-70B width. Run in the driver, that copy sets the
 driver's peak for the whole job (the driver otherwise stays under 1 GB), and glibc does not
 give all of it back. Here the trace runs in a short-lived child (``python -m
@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict
 from types import SimpleNamespace
 
+from strata_quant.pipeline import structure
 from strata_quant.pipeline.checkpoint import CheckpointError
 
 log = logging.getLogger("strata.run")
@@ -30,11 +31,9 @@ IN_PLACE_BYTES = 256 * 2**20
 def block_structure(reader, awq: bool = False):
     """:func:`check_block_structure` of ``reader``'s config, traced in a child process where the
     layer is large; the same structure, the same refusals (:class:`CheckpointError`)."""
-    from strata_quant.pipeline.run import BlockStructure, check_block_structure, meta_model
-
-    _, _, layers = meta_model(reader)  # on the meta device: the layer's size without its memory
+    _, _, layers = structure.meta_model(reader)  # on the meta device: the layer's size without its memory
     if 4 * sum(p.numel() for p in layers[0].parameters()) < IN_PLACE_BYTES:
-        return check_block_structure(reader, awq=awq)
+        return structure.check_block_structure(reader, awq=awq)
     payload = json.dumps({"config": reader.config, "path": str(reader.path), "awq": awq})
     proc = subprocess.run(
         [sys.executable, "-m", "strata_quant.pipeline.probe"],
@@ -55,20 +54,18 @@ def block_structure(reader, awq: bool = False):
         raise CheckpointError(answer["refused"])
     if "failed" in answer:
         raise RuntimeError(f"the block-structure probe failed: {answer['failed']}")
-    structure = BlockStructure(**answer["structure"])
-    for names, why in structure.awq_unfolded.items():
+    found = structure.BlockStructure(**answer["structure"])
+    for names, why in found.awq_unfolded.items():
         log.warning("AWQ: %s will be quantized without scales: %s", names, why)
-    return structure
+    return found
 
 
 def main() -> None:
-    from strata_quant.pipeline.run import check_block_structure
-
     log.setLevel(logging.ERROR)  # the driver says the warnings, from the structure
     request = json.loads(sys.stdin.read())
     reader = SimpleNamespace(config=request["config"], path=request["path"])
     try:
-        answer = {"structure": asdict(check_block_structure(reader, awq=request["awq"]))}
+        answer = {"structure": asdict(structure.check_block_structure(reader, awq=request["awq"]))}
     except CheckpointError as err:
         answer = {"refused": str(err)}
     except Exception as err:  # anything else: the driver raises it as one line

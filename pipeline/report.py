@@ -135,6 +135,15 @@ def eval_to_report(data: dict) -> dict:
     rows = {}
     for m in data.get("models") or []:
         rows[m["name"]] = {**m, "bytes": m.get("bytes_on_disk"), "ours": not m.get("reference")}
+    off = data.get("off_domain")
+    if off:  # the same models on the second text: size and kind from the first, quality its own
+        ow = off.get("windows") or {}
+        off = {
+            "text": (off.get("text") or {}).get("source", "?"),
+            "windows": [ow.get("count"), ow.get("context")],
+            "stride": ow.get("stride"),
+            "rows": {m["name"]: {**rows.get(m["name"], {}), **m} for m in off.get("models") or []},
+        }
     return {
         "run_id": qe.get("run_id") or f"eval {str(w.get('token_ids_sha256', ''))[:8]}",
         "model": (data.get("reference") or {}).get("path"),
@@ -148,6 +157,7 @@ def eval_to_report(data: dict) -> dict:
             "windows": [w.get("count"), w.get("context")],
             "stride": w.get("stride"),
             "rows": rows,
+            **({"off_domain": off} if off else {}),
         },
         "machine": data.get("machine"),
         "timings": {},
@@ -337,7 +347,11 @@ def config_items(report: dict) -> list[tuple[str, str]]:
             f"group {q.get('group_size', '?')} {'symmetric' if q.get('sym', True) else 'asymmetric'}",
         )
     )
-    solver = [f"{k} {q[k]}" for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid") if k in q]
+    solver = [
+        f"{k} {q[k]}"
+        for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid", "mse_weight", "diag_shrink")
+        if k in q
+    ]
     if solver:
         items.append(("Solver", ", ".join(solver)))
     cal = report.get("calibration") or {}
@@ -361,7 +375,10 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     if quality:
         w = quality.get("windows") or ["?", "?"]
         stride = f", stride {quality['stride']}" if quality.get("stride") not in (None, w[1]) else ""
-        items.append(("Evaluation", f"{quality.get('text', '?')}, {w[0]} windows × {w[1]} tokens{stride}"))
+        texts = quality.get("text", "?")
+        if quality.get("off_domain"):
+            texts = f"{texts} (in domain) and {quality['off_domain'].get('text', '?')} (off domain)"
+        items.append(("Evaluation", f"{texts}, {w[0]} windows × {w[1]} tokens{stride}"))
     machine = report.get("machine")
     if machine:
         items.append(
@@ -729,6 +746,9 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
         title += f" — {report['model']}"
     extras = extra_columns(rows)
     cells = [table_cells(r) + extra_cells(r, extras) for r in rows]
+    off = (report.get("quality") or {}).get("off_domain")
+    off_rows = quality_rows({**report, "quality": off}) if off else []
+    off_cells = [table_cells(r) + extra_cells(r, extra_columns(off_rows)) for r in off_rows]
     cfg = config_items(report)
     checks = check_lines(report)
     artifacts = report.get("artifacts") or {}
@@ -746,6 +766,9 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
             "",
         ]
         md += _md_table(table_head(rows), cells)
+        if off_rows:
+            md += ["", f"Off domain (unlike the calibration): held-out text `{off.get('text', '?')}`, same models.", ""]
+            md += _md_table(table_head(off_rows), off_cells)
         md += ["", f"<sub>{BPW_NOTE}</sub>"]
     if artifacts:
         md += ["", "## Artifacts", ""]
@@ -775,9 +798,15 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
     if rows:
         parts += [
             "<h2>Quality</h2>",
+            f"<p>In domain: held-out text <code>{html.escape(str(report['quality'].get('text', '?')))}</code></p>",
             _html_table(table_head(rows), cells, [r["ours"] for r in rows]),
-            f'<p class="note">{html.escape(BPW_NOTE)}</p>',
         ]
+        if off_rows:
+            parts += [
+                f"<p>Off domain (unlike the calibration): <code>{html.escape(str(off.get('text', '?')))}</code></p>",
+                _html_table(table_head(off_rows), off_cells, [r["ours"] for r in off_rows]),
+            ]
+        parts.append(f'<p class="note">{html.escape(BPW_NOTE)}</p>')
     if artifacts:
         parts += ["<h2>Artifacts</h2>", "<ul>"]
         parts += [

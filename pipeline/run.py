@@ -37,7 +37,9 @@ from strata_quant.pipeline.store import (
     open_store,
     sha256_bytes,
 )
-from strata_quant.workers.actor import BlockWorker, WorkerJob, job_overlaps
+from strata_quant.pipeline.structure import BlockStructure, block_linear_names, expected_block_names
+from strata_quant.workers.actor import BlockWorker
+from strata_quant.workers.job import WorkerJob, job_overlaps
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
@@ -319,14 +321,25 @@ def check_same_shards(run_id: str, recorded: dict[str, str] | None, reader: Chec
     """A resumed run reads the shards it started on: their ETags, where recorded, unchanged."""
     if not recorded:
         return
-    now = shard_etags(reader)
-    changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
+    changed = _changed(recorded, shard_etags(reader))
     if changed:
-        raise CheckpointError(
-            f"run {run_id!r}: checkpoint shard(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} of "
-            f"{reader.uri} changed since the run started (S3 ETag); a resume must read the same model: start a new "
-            "run (another run.run_id) or restore the checkpoint"
+        _model_changed(
+            run_id,
+            f"checkpoint shard(s) {', '.join(changed[:5])}{' …' if len(changed) > 5 else ''} of {reader.uri} "
+            "changed since the run started (S3 ETag)",
         )
+
+
+def _changed(want: dict, got: dict) -> list[str]:
+    """The keys whose values differ between two digests maps (a key missing on one side differs)."""
+    return sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+
+
+def _model_changed(run_id: str, what: str) -> None:
+    raise CheckpointError(
+        f"run {run_id!r}: {what}; a resume must read the same model: start a new run (another run.run_id) "
+        "or restore the checkpoint"
+    )
 
 
 def check_block_data(run_id: str, b: int, record: dict, outs: list[dict]) -> None:
@@ -336,13 +349,12 @@ def check_block_data(run_id: str, b: int, record: dict, outs: list[dict]) -> Non
     got = next((o["tensor_sha256"] for o in outs if o.get("tensor_sha256")), None)
     if not want or got is None:
         return
-    changed = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))
+    changed = _changed(want, got)
     if changed:
-        raise CheckpointError(
-            f"run {run_id!r}: block {b} of the checkpoint changed since the run solved it: "
-            f"{', '.join(changed[:3])}{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} "
-            "hold other bytes (same shapes); a resume must read the same model: start a new run "
-            "(another run.run_id) or restore the checkpoint"
+        _model_changed(
+            run_id,
+            f"block {b} of the checkpoint changed since the run solved it: {', '.join(changed[:3])}"
+            f"{f' and {len(changed) - 3} more' if len(changed) > 3 else ''} hold other bytes (same shapes)",
         )
 
 
@@ -362,108 +374,6 @@ def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> lis
     if any(s.shape[0] == 0 for s in shards):
         raise ConfigError(f"{token_ids.shape[0]} samples leave a worker empty with {workers} workers")
     return shards
-
-
-def meta_model(reader: CheckpointReader):
-    """The model's own transformers class for config.json, built on the meta device (no weights),
-    with the path and the ModuleList of its decoder layers. Refuses an architecture that
-    transformers does not build as the causal LM config.json names."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from strata_quant.workers.block import decoder_layers
-
-    config_dict = dict(reader.config)
-    model_type = config_dict.pop("model_type", None)
-    if not model_type:
-        raise CheckpointError(f"config.json of {str(reader.path)!r} has no model_type")
-    archs = sorted(reader.config.get("architectures") or [])
-    try:
-        config = AutoConfig.for_model(model_type, **config_dict)
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        layers_path, layers = decoder_layers(model)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(
-            f"unsupported architecture {archs or '(none)'}: transformers cannot build model_type {model_type!r} "
-            f"as a causal LM from config.json ({str(err).splitlines()[0][:200]})"
-        ) from None
-    if type(model).__name__ not in archs:
-        raise CheckpointError(
-            f"unsupported architecture {archs or '(none)'}: for model_type {model_type!r} transformers builds "
-            f"{type(model).__name__}"
-        )
-    return model, layers_path, layers
-
-
-def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
-    """The decoder layers' path and the tensor names one block must hold, from the model's own
-    transformers class built on the meta device (no weights are read)."""
-    _, layers_path, layers = meta_model(reader)
-    return layers_path, sorted(layers[0].state_dict())
-
-
-def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
-    """Each block's linears (full names, e.g. model.layers.0.self_attn.q_proj) as the model's own
-    class builds them: what a block's record must hold, one result each."""
-    from strata_quant.workers.block import block_linears
-
-    _, layers_path, layers = meta_model(reader)
-    return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
-
-
-@dataclass
-class BlockStructure:
-    """What the plan learned from tracing the model's decoder layer (:func:`check_block_structure`)."""
-
-    widths: list[int]  # the linears' input widths
-    awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
-    awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
-
-
-def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
-    """Trace one random batch through a random copy of the model's decoder layer (its own code,
-    :func:`workers.block.trace_block`) and refuse what the run could not handle: a block
-    without nn.Linear layers, block weights that are not nn.Linear weights (they would be
-    left unquantized: fused expert tensors …), linears the batch never reaches (routed
-    experts), a block that does not run. With ``awq``, AWQ's relations are found the same
-    way (once, for every block: the relations follow from the code, not the weights) and each
-    group without one is said here, once."""
-    from strata_quant.workers.awq import find_scale_groups
-    from strata_quant.workers.block import block_linears, probe_layer, trace_block
-
-    model, _, layers = meta_model(reader)
-    name = type(layers[0]).__name__
-    linears = block_linears(layers[0])
-    if not linears:
-        raise CheckpointError(f"unsupported architecture: {name} has no nn.Linear layers to quantize")
-    others = [n for n, t in layers[0].named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
-    if others:
-        raise CheckpointError(
-            f"unsupported architecture: {name} holds weights that are not nn.Linear weights "
-            f"({', '.join(others[:4])}); they would be left unquantized"
-        )
-    try:
-        layer, sample, kwargs = probe_layer(model)
-    except Exception as err:  # the model's own code refused the probe: say what it said
-        raise CheckpointError(f"unsupported architecture: cannot run {name} on a probe batch: {err}") from None
-    try:
-        trace = trace_block(layer, sample, kwargs)
-    except Exception as err:
-        raise CheckpointError(f"unsupported architecture: cannot trace a batch through {name}: {err}") from None
-    if trace.unreached:
-        raise CheckpointError(
-            f"unsupported architecture: a batch through {name} never reaches {', '.join(trace.unreached[:4])} "
-            "(routed experts are not handled)"
-        )
-    out = BlockStructure(sorted({m.in_features for m in linears.values()}))
-    if awq:
-        found, missing = find_scale_groups(layer, trace, sample, kwargs)
-        out.awq_relations = [g.to_dict() for g in found]
-        for names, why in missing.items():
-            log.warning("AWQ: %s will be quantized without scales: %s", "/".join(names), why)
-            out.awq_unfolded["/".join(names)] = why
-    return out
 
 
 def check_checkpoint(reader: CheckpointReader) -> str:
@@ -501,7 +411,7 @@ def load_tokenizer(model_path, name: str | None = None):
 def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, BlockStructure]:
     """Everything that can be checked without Ray: checkpoint headers and completeness, the
     config against the model, tokenizer and calibration text."""
-    from strata_quant.pipeline.preflight import check_head_dim
+    from strata_quant.pipeline.config import check_head_dim
     from strata_quant.pipeline.probe import block_structure
 
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
@@ -696,20 +606,91 @@ def run_job(
     ``run.block_timeout_s``, stops the run with a RunError; finished blocks are kept.
     ``worker_class``: the actor class (a subclass of RayBlockWorker; tests inject faults so).
     ``prepared``: :func:`prepare`'s result when the caller has it already (pipeline.preflight).
+
+    The phases: :func:`plan_run` (store, checkpoint, samples, the run's record, the workers'
+    job), placement (Ray, GPUs, the placement group), :func:`_run_groups` (worker groups walking
+    the blocks until every one is recorded), :func:`_finish` (the summary and the outcome).
     """
     import ray
-    from tqdm import tqdm
 
     t_start = time.perf_counter()
+    plan = plan_run(cfg, prepared)
+    start_ray(plan.workers)
+    actor_cls = ray.remote(worker_class)
+    rec = _Recorder(plan, progress)
+    gpus = 1 if cfg.run.device == "cuda" else 0
+    if gpus:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < plan.workers:
+            raise RunError(
+                f"run.device cuda needs one GPU per worker ({plan.workers}); the Ray cluster has {have:g} "
+                "(set run.device: cpu, or fewer run.workers)"
+            )
+    pg = _placement_group(plan.workers, cfg.run.placement, gpus)
+    try:
+        _run_groups(plan, rec, actor_cls, pg, gpus)
+    finally:
+        if pg is not None:
+            _remove_placement_group(pg)
+    rec.bar.close()
+    return _finish(plan, rec, t_start)
+
+
+@dataclass
+class RunPlan:
+    """What a run settles before any worker starts: where it stores, what it reads, its samples
+    (one shard per worker), the blocks already done and the job every worker gets."""
+
+    cfg: JobConfig
+    store: object
+    reader: CheckpointReader
+    token_ids: torch.Tensor
+    prefix_tokens: list[str]
+    run_id: str
+    prefix: str
+    linears: dict[int, list[str]]  # what each block's record must hold
+    done: dict[int, dict]
+    shards: list[torch.Tensor]
+    threads: int
+    job: WorkerJob
+
+    @property
+    def workers(self) -> int:
+        return self.cfg.run.workers
+
+    @property
+    def n_blocks(self) -> int:
+        return self.reader.num_layers
+
+
+def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
+    """The store reached, the checkpoint and calibration prepared, the run's record written (or
+    a resumed one checked), the finished blocks found and the workers' job built."""
     store = open_store(cfg.run.store)
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
     reader, token_ids, tokenizer, structure = prepared or prepare(cfg)
     prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
+    run_id = _open_run(cfg, store, reader, token_ids, prefix_tokens)
+    prefix = f"runs/{run_id}"
+    linears = block_linear_names(reader)
+    done = {
+        b: r
+        for b in range(reader.num_layers)
+        if (r := record_is_complete(store, f"{prefix}/blocks/{b:05d}/record.json", linears[b]))
+    }
+    workers_n = cfg.run.workers
+    shards = shard_samples(token_ids, workers_n, cfg.run.batch_size)
+    threads = cfg.run.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_n)
+    job = worker_job(cfg, reader, structure, prefix, threads)
+    return RunPlan(cfg, store, reader, token_ids, prefix_tokens, run_id, prefix, linears, done, shards, threads, job)
+
+
+def _open_run(cfg: JobConfig, store, reader: CheckpointReader, token_ids: torch.Tensor, prefix_tokens) -> str:
+    """The run's id; its ``run.json`` written, or (resume) checked against this config and checkpoint."""
     parts = fingerprint_parts(cfg, reader, token_ids)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
     run_id = cfg.run.run_id or f"{cfg.name}-{fingerprint[:12]}"
-    prefix = f"runs/{run_id}"
-    run_key = f"{prefix}/run.json"
+    run_key = f"runs/{run_id}/run.json"
     if store.exists(run_key):
         old = store.get_json(run_key)
         if old["fingerprint"] != fingerprint:
@@ -717,117 +698,110 @@ def run_job(
             raise ConfigError(f"run {run_id!r} exists with a different fingerprint: {', '.join(changed)} changed")
         check_same_shards(run_id, old.get("shard_etags"), reader)
         log.info("resuming run %s", run_id)
-    else:
-        store.put_json(
-            run_key,
-            {
-                "run_id": run_id,
-                "fingerprint": fingerprint,
-                "parts": parts,
-                "config": cfg.model_dump(),
-                "strata_version": STRATA_VERSION,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "num_blocks": reader.num_layers,
-                "calibration_prefix": prefix_tokens,
-                **({"shard_etags": etags} if (etags := shard_etags(reader)) else {}),
-            },
-        )
+        return run_id
+    store.put_json(
+        run_key,
+        {
+            "run_id": run_id,
+            "fingerprint": fingerprint,
+            "parts": parts,
+            "config": cfg.model_dump(),
+            "strata_version": STRATA_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "num_blocks": reader.num_layers,
+            "calibration_prefix": prefix_tokens,
+            **({"shard_etags": etags} if (etags := shard_etags(reader)) else {}),
+        },
+    )
+    return run_id
 
-    n_blocks = reader.num_layers
-    linears = block_linear_names(reader)  # what each block's record must hold
-    done = {
-        b: r
-        for b in range(n_blocks)
-        if (r := record_is_complete(store, f"{prefix}/blocks/{b:05d}/record.json", linears[b]))
-    }
-    workers_n = cfg.run.workers
-    shards = shard_samples(token_ids, workers_n, cfg.run.batch_size)
-    threads = cfg.run.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_n)
-    job = WorkerJob(
+
+def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str, threads: int) -> WorkerJob:
+    """The job every worker of the run gets (plain data, sent once)."""
+    quant, run = cfg.quant, cfg.run
+    return WorkerJob(
         model_config=reader.config,
-        spec=QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym),
-        method=cfg.quant.method,
-        propagate=cfg.run.propagate,
+        spec=QuantSpec(quant.bits, quant.group_size, quant.sym),
+        method=quant.method,
+        propagate=run.propagate,
         run_prefix=prefix,
-        batch_size=cfg.run.batch_size,
-        damp=cfg.quant.damp,
-        block_size=cfg.quant.block_size,
-        act_order=cfg.quant.act_order,
-        static_groups=cfg.quant.static_groups,
-        mse_grid=cfg.quant.mse_grid,
-        true_sequential=cfg.quant.true_sequential,
-        awq_grid=cfg.quant.awq_grid,
-        awq_duo=cfg.quant.awq_duo,
-        awq_clip=cfg.quant.awq_clip,
-        awq_clip_search=cfg.quant.awq_clip_search,
-        hessian_dtype=cfg.run.hessian_dtype,
-        hidden_dtype=cfg.run.hidden_dtype,
-        overlap_depth=cfg.run.overlap_depth,
-        overlap_mode=cfg.run.overlap_mode,
-        split_solves=cfg.run.split_solves,
-        stage_cache=cfg.run.stage_cache,
+        batch_size=run.batch_size,
+        damp=quant.damp,
+        block_size=quant.block_size,
+        act_order=quant.act_order,
+        static_groups=quant.static_groups,
+        mse_grid=quant.mse_grid,
+        diag_shrink=quant.diag_shrink,
+        mse_weight=quant.mse_weight,
+        true_sequential=quant.true_sequential,
+        awq_grid=quant.awq_grid,
+        awq_duo=quant.awq_duo,
+        awq_clip=quant.awq_clip,
+        awq_clip_search=quant.awq_clip_search,
+        hessian_dtype=run.hessian_dtype,
+        hidden_dtype=run.hidden_dtype,
+        overlap_depth=run.overlap_depth,
+        overlap_mode=run.overlap_mode,
+        split_solves=run.split_solves,
+        stage_cache=run.stage_cache,
         threads=threads,
-        device=cfg.run.device,
-        modules_to_not_convert=list(cfg.quant.modules_to_not_convert),
-        skip_outliers=cfg.quant.skip_outliers,
-        outlier_sigma=cfg.quant.outlier_sigma,
-        nf4_blocksize=cfg.quant.nf4_blocksize,
-        double_quant=cfg.quant.double_quant,
-        fp8_type=cfg.quant.fp8_type,
-        fp8_block=tuple(cfg.quant.fp8_block) if cfg.quant.fp8_block else None,
-        spec_overrides=bits_spec_overrides(cfg.quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
-        sensitivity_bits=list(cfg.quant.sensitivity_bits),
-        collective_timeout_s=cfg.run.block_timeout_s,  # no collective waits longer than a block may take
+        device=run.device,
+        modules_to_not_convert=list(quant.modules_to_not_convert),
+        skip_outliers=quant.skip_outliers,
+        outlier_sigma=quant.outlier_sigma,
+        nf4_blocksize=quant.nf4_blocksize,
+        double_quant=quant.double_quant,
+        fp8_type=quant.fp8_type,
+        fp8_block=tuple(quant.fp8_block) if quant.fp8_block else None,
+        spec_overrides=bits_spec_overrides(quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
+        sensitivity_bits=list(quant.sensitivity_bits),
+        collective_timeout_s=run.block_timeout_s,  # no collective waits longer than a block may take
         awq_relations=structure.awq_relations,
         awq_unfolded=structure.awq_unfolded,
     )
-    watchdog = cfg.run.block_timeout_s
-    # starting the actors (a node to come up, torch and transformers to import) is not a block's
-    # work: it gets the watchdog or SETUP_MIN_S, whichever is longer
-    setup, setup_limit = max(watchdog, SETUP_MIN_S), f"max(run.block_timeout_s, {SETUP_MIN_S:g} s)"
 
-    start_ray(workers_n)
-    actor_cls = ray.remote(worker_class)
-    phase: dict[str, float] = {}
-    records: dict[int, dict] = dict(done)
-    solved: list[int] = []
-    resumed: list[int] = []
-    restart_replays: list[int] = []
-    losses: list[dict] = []
-    log.info(
-        "run %s: %d blocks, %d workers × %d threads, %d samples × %d tokens, %d blocks already done",
-        run_id,
-        n_blocks,
-        workers_n,
-        threads,
-        *token_ids.shape,
-        len(done),
-    )
-    bar = tqdm(total=n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
-    metrics = RunMetrics()
-    t_loop: float | None = None
-    nodes: dict[str, str] = {}
 
-    def add_phases(timings_list: list[dict]) -> None:
+class _Recorder:
+    """The driver's account of one run: block records written in block order (each after its
+    results are checked to be stored), the phases' seconds, the blocks solved / replayed, the
+    lost workers, the progress bar."""
+
+    def __init__(self, plan: RunPlan, progress: bool):
+        from tqdm import tqdm
+
+        self.plan = plan
+        self.phase: dict[str, float] = {}
+        self.records: dict[int, dict] = dict(plan.done)
+        self.solved: list[int] = []
+        self.resumed: list[int] = []
+        self.restart_replays: list[int] = []
+        self.losses: list[dict] = []
+        self.block = -1  # the block the current worker group is on (-1: its setup)
+        self.t_loop: float | None = None
+        self.nodes: dict[str, str] = {}
+        log.info(
+            "run %s: %d blocks, %d workers × %d threads, %d samples × %d tokens, %d blocks already done",
+            plan.run_id,
+            plan.n_blocks,
+            plan.workers,
+            plan.threads,
+            *plan.token_ids.shape,
+            len(plan.done),
+        )
+        self.bar = tqdm(total=plan.n_blocks, desc="blocks", unit="blk", disable=not progress, dynamic_ncols=True)
+        self.metrics = RunMetrics()
+
+    def add_phases(self, timings_list: list[dict]) -> None:
         for timings in timings_list:
             for k, v in timings.items():
-                phase[k] = phase.get(k, 0.0) + v / workers_n
+                self.phase[k] = self.phase.get(k, 0.0) + v / self.plan.workers
 
-    def write_record(b: int, outs: list[dict], t_block: float) -> None:
+    def write_record(self, b: int, outs: list[dict], t_block: float) -> None:
         """Block b's record (last, after every result it lists is checked to be stored)."""
+        plan = self.plan
         results = sorted((r for out in outs for r in out["results"]), key=lambda r: r["name"])
-        check_block_results(store, b, results, linears[b])
-        notes = solver_notes(results)
-        if notes["damp_raised_linears"] or notes["dead_inputs"]:
-            log.warning(
-                "block %d: GPTQ damping raised in %d linear(s) (up to %.3g× quant.damp), %d dead input(s) "
-                "(never active in the calibration data, weights zeroed) in %d linear(s)",
-                b,
-                notes["damp_raised_linears"],
-                notes["damp_max_factor"],
-                notes["dead_inputs"],
-                notes["dead_input_linears"],
-            )
+        check_block_results(plan.store, b, results, plan.linears[b])
+        _log_solver_notes(b, results)
         digests = next((out["tensor_sha256"] for out in outs if out.get("tensor_sha256")), None)
         record = {
             "block": b,
@@ -841,22 +815,22 @@ def run_job(
             ),
             "wall_s": time.perf_counter() - t_block,
         }
-        metrics.block_done(run_id, record)
-        store.put_json(f"{prefix}/blocks/{b:05d}/record.json", record)
-        records[b] = record
-        solved.append(b)
-        bar.set_postfix_str(f"block {b} {record['wall_s']:.1f}s")
-        bar.update(1)
+        self.metrics.block_done(plan.run_id, record)
+        plan.store.put_json(f"{plan.prefix}/blocks/{b:05d}/record.json", record)
+        self.records[b] = record
+        self.solved.append(b)
+        self.bar.set_postfix_str(f"block {b} {record['wall_s']:.1f}s")
+        self.bar.update(1)
 
-    def note_finished(queued: dict[int, dict], reports: list[dict]) -> None:
+    def note_finished(self, queued: dict[int, dict], reports: list[dict]) -> None:
         """Solves queued on the workers' solver threads (propagate float) that are stored now;
         records are written in block order, each once every worker has stored its part."""
         for report in reports:
             if report["block"] not in queued:
                 raise RunError(f"worker {report['rank']} reported block {report['block']}, which was not queued")
             queued[report["block"]]["finished"][report["rank"]] = report
-            add_phases([report["timings"]])
-        while queued and len(queued[first := min(queued)]["finished"]) == workers_n:
+            self.add_phases([report["timings"]])
+        while queued and len(queued[first := min(queued)]["finished"]) == self.plan.workers:
             entry = queued.pop(first)
             outs = []
             for out in entry["outs"]:
@@ -871,144 +845,170 @@ def run_job(
                         **({"tensor_sha256": out["tensor_sha256"]} if out.get("tensor_sha256") else {}),
                     }
                 )
-            write_record(first, outs, entry["t"])
+            self.write_record(first, outs, entry["t"])
 
-    gpus = 1 if cfg.run.device == "cuda" else 0
-    if gpus:
-        have = ray.cluster_resources().get("GPU", 0)
-        if have < workers_n:
+    def lost(self, err: Exception) -> None:
+        """A worker of the group lost: noted, or past ``run.max_restarts`` the run stops."""
+        cfg, b = self.plan.cfg, self.block
+        self.losses.append({"block": b, "error": str(err)})
+        log.warning(
+            "lost a worker during %s (%s); worker loss %d, run.max_restarts = %d",
+            f"block {b}" if b >= 0 else "setup",
+            err,
+            len(self.losses),
+            cfg.run.max_restarts,
+        )
+        if len(self.losses) > cfg.run.max_restarts:
+            self.bar.close()
             raise RunError(
-                f"run.device cuda needs one GPU per worker ({workers_n}); the Ray cluster has {have:g} "
-                "(set run.device: cpu, or fewer run.workers)"
-            )
-    queues = job_overlaps(job)  # propagate float: solves queued behind the forward
-    pg = _placement_group(workers_n, cfg.run.placement, gpus)
+                f"run {self.plan.run_id}: lost workers {len(self.losses)} times, more than run.max_restarts = "
+                f"{cfg.run.max_restarts} allows (last: {err}); the {len(self.records)} finished block(s) are kept: "
+                f"continue with `strata resume {self.plan.run_id} --store {cfg.run.store}`"
+            ) from None
+
+
+def _log_solver_notes(b: int, results: list[dict]) -> None:
+    notes = solver_notes(results)
+    if notes["damp_raised_linears"] or notes["dead_inputs"]:
+        log.warning(
+            "block %d: GPTQ damping raised in %d linear(s) (up to %.3g× quant.damp), %d dead input(s) "
+            "(never active in the calibration data, weights zeroed) in %d linear(s)",
+            b,
+            notes["damp_raised_linears"],
+            notes["damp_max_factor"],
+            notes["dead_inputs"],
+            notes["dead_input_linears"],
+        )
+
+
+def _run_groups(plan: RunPlan, rec: _Recorder, actor_cls, pg, gpus: int) -> None:
+    """Worker groups, one after another, until every block is recorded: a group that loses a
+    worker is torn down and a fresh one replays the finished blocks and goes on."""
+    cfg, workers_n = plan.cfg, plan.workers
     env = worker_runtime_env(cfg.run.huge_pages, os.environ.get("GLIBC_TUNABLES"))
     env_option = {"runtime_env": env} if env else {}
-    try:
-        while True:
-            actors = [
-                actor_cls.options(
-                    num_cpus=1, num_gpus=gpus, max_concurrency=1, **env_option, **_placement_options(pg, rank)
-                ).remote(rank, workers_n, reader, store, job)
-                for rank in range(workers_n)
-            ]
-            restarting = bool(losses)
-            b = -1
-            ok = False
-            queued: dict[int, dict] = {}  # block → its process_block outputs and the solver reports so far
-            try:
-                # every actor up first: the group's rendezvous then waits for none of them to start
-                ids = _collect([a.node_id.remote() for a in actors], setup, "worker setup", setup_limit)
-                nodes = {str(rank): node for rank, node in enumerate(ids)}
-                if workers_n > 1:
-                    address, port = _collect(
-                        [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], setup, "worker setup", setup_limit
-                    )
-                    _collect([a.init_group.remote(address, port) for a in actors], setup, "worker setup", setup_limit)
-                check_store_seen(store, cfg.run.store, prefix, actors, nodes, setup, setup_limit)
-                _collect(
-                    [a.load_samples.remote(shard) for a, shard in zip(actors, shards)],
-                    setup,
-                    "worker setup",
-                    setup_limit,
-                )
-                if t_loop is None:
-                    t_loop = time.perf_counter()
-                submitted: dict[int, list] = {}  # block → its process_block refs
-                for b in range(n_blocks):
-                    t_block = time.perf_counter()
-                    replay = records.get(b)
-                    # queued solves: the next block's call waits in each worker's queue, so a worker
-                    # goes on without a round trip through the driver (workers then meet only in
-                    # their reductions); a lost worker can take a just-finished block's reply with it
-                    for ahead in (b, b + 1) if queues else (b,):
-                        if ahead < n_blocks and ahead not in submitted:
-                            submitted[ahead] = [a.process_block.remote(ahead, records.get(ahead)) for a in actors]
-                    outs = _collect(submitted.pop(b), watchdog, f"block {b}")
-                    if replay is not None:  # the same bytes as when it was solved
-                        check_block_data(run_id, b, replay, outs)
-                    if not (restarting and replay is not None):  # a restart's replays are not counted twice
-                        add_phases([out["timings"] for out in outs])
-                    if replay is None and all(out.get("queued") for out in outs):
-                        queued[b] = {"t": t_block, "outs": outs, "finished": {}}
-                    elif replay is None:
-                        write_record(b, outs, t_block)
-                    elif b in done and b not in resumed:
-                        resumed.append(b)
-                    else:
-                        restart_replays.append(b)
-                    if replay is not None and not restarting:
-                        bar.set_postfix_str(f"block {b} {time.perf_counter() - t_block:.1f}s (replayed)")
-                        bar.update(1)
-                    note_finished(queued, [r for out in outs for r in out.get("finished", [])])
-                if queued:  # propagate float: wait for the solves still queued behind the forward
-                    drained = _collect([a.drain.remote() for a in actors], watchdog, f"the solves of {sorted(queued)}")
-                    note_finished(queued, [r for reports in drained for r in reports])
-                if queued:
-                    raise RunError(f"run {run_id}: the solves of block(s) {sorted(queued)} never finished")
-                ok = True
-            except _WorkerLost as err:
-                losses.append({"block": b, "error": str(err)})
-                log.warning(
-                    "lost a worker during %s (%s); worker loss %d, run.max_restarts = %d",
-                    f"block {b}" if b >= 0 else "setup",
-                    err,
-                    len(losses),
-                    cfg.run.max_restarts,
-                )
-                if len(losses) > cfg.run.max_restarts:
-                    bar.close()
-                    raise RunError(
-                        f"run {run_id}: lost workers {len(losses)} times, more than run.max_restarts = "
-                        f"{cfg.run.max_restarts} allows (last: {err}); the {len(records)} finished block(s) are kept: "
-                        f"continue with `strata resume {run_id} --store {cfg.run.store}`"
-                    ) from None
-            finally:
-                _teardown(actors, graceful=ok)
-            if ok:
-                break
-            log.warning(
-                "starting %d fresh workers; replaying the %d finished block(s), then solving the rest (lost in block %d)",
-                workers_n,
-                len(records),
-                b,
-            )
-    finally:
-        if pg is not None:
-            _remove_placement_group(pg)
-    bar.close()
+    while True:
+        actors = [
+            actor_cls.options(
+                num_cpus=1, num_gpus=gpus, max_concurrency=1, **env_option, **_placement_options(pg, rank)
+            ).remote(rank, workers_n, plan.reader, plan.store, plan.job)
+            for rank in range(workers_n)
+        ]
+        restarting = bool(rec.losses)
+        rec.block = -1
+        ok = False
+        try:
+            _setup_workers(plan, actors, rec)
+            if rec.t_loop is None:
+                rec.t_loop = time.perf_counter()
+            _run_blocks(plan, actors, rec, restarting)
+            ok = True
+        except _WorkerLost as err:
+            rec.lost(err)
+        finally:
+            _teardown(actors, graceful=ok)
+        if ok:
+            return
+        log.warning(
+            "starting %d fresh workers; replaying the %d finished block(s), then solving the rest (lost in block %d)",
+            workers_n,
+            len(rec.records),
+            rec.block,
+        )
+
+
+def _setup_workers(plan: RunPlan, actors: list, rec: _Recorder) -> None:
+    """Every actor up, the collective group formed, the store seen alike, the samples loaded.
+    Starting the actors (a node to come up, torch and transformers to import) is not a block's
+    work: it gets the watchdog or SETUP_MIN_S, whichever is longer."""
+    cfg = plan.cfg
+    setup, limit = max(cfg.run.block_timeout_s, SETUP_MIN_S), f"max(run.block_timeout_s, {SETUP_MIN_S:g} s)"
+    # every actor up first: the group's rendezvous then waits for none of them to start
+    ids = _collect([a.node_id.remote() for a in actors], setup, "worker setup", limit)
+    rec.nodes = {str(rank): node for rank, node in enumerate(ids)}
+    if plan.workers > 1:
+        address, port = _collect(
+            [actors[0].node_ip.remote(), actors[0].rendezvous.remote()], setup, "worker setup", limit
+        )
+        _collect([a.init_group.remote(address, port) for a in actors], setup, "worker setup", limit)
+    check_store_seen(plan.store, cfg.run.store, plan.prefix, actors, rec.nodes, setup, limit)
+    _collect([a.load_samples.remote(shard) for a, shard in zip(actors, plan.shards)], setup, "worker setup", limit)
+
+
+def _run_blocks(plan: RunPlan, actors: list, rec: _Recorder, restarting: bool) -> None:
+    """One worker group through every block: finished blocks replayed, the others solved and
+    recorded (queued solves recorded as they finish, then drained)."""
+    watchdog = plan.cfg.run.block_timeout_s
+    queues = job_overlaps(plan.job)  # propagate float: solves queued behind the forward
+    queued: dict[int, dict] = {}  # block → its process_block outputs and the solver reports so far
+    submitted: dict[int, list] = {}  # block → its process_block refs
+    for b in range(plan.n_blocks):
+        rec.block = b
+        t_block = time.perf_counter()
+        replay = rec.records.get(b)
+        # queued solves: the next block's call waits in each worker's queue, so a worker
+        # goes on without a round trip through the driver (workers then meet only in
+        # their reductions); a lost worker can take a just-finished block's reply with it
+        for ahead in (b, b + 1) if queues else (b,):
+            if ahead < plan.n_blocks and ahead not in submitted:
+                submitted[ahead] = [a.process_block.remote(ahead, rec.records.get(ahead)) for a in actors]
+        outs = _collect(submitted.pop(b), watchdog, f"block {b}")
+        if replay is not None:  # the same bytes as when it was solved
+            check_block_data(plan.run_id, b, replay, outs)
+        if not (restarting and replay is not None):  # a restart's replays are not counted twice
+            rec.add_phases([out["timings"] for out in outs])
+        if replay is None and all(out.get("queued") for out in outs):
+            queued[b] = {"t": t_block, "outs": outs, "finished": {}}
+        elif replay is None:
+            rec.write_record(b, outs, t_block)
+        elif b in plan.done and b not in rec.resumed:
+            rec.resumed.append(b)
+        else:
+            rec.restart_replays.append(b)
+        if replay is not None and not restarting:
+            rec.bar.set_postfix_str(f"block {b} {time.perf_counter() - t_block:.1f}s (replayed)")
+            rec.bar.update(1)
+        rec.note_finished(queued, [r for out in outs for r in out.get("finished", [])])
+    if queued:  # propagate float: wait for the solves still queued behind the forward
+        drained = _collect([a.drain.remote() for a in actors], watchdog, f"the solves of {sorted(queued)}")
+        rec.note_finished(queued, [r for reports in drained for r in reports])
+    if queued:
+        raise RunError(f"run {plan.run_id}: the solves of block(s) {sorted(queued)} never finished")
+
+
+def _finish(plan: RunPlan, rec: _Recorder, t_start: float) -> RunOutcome:
+    """The run's summary in the store, and its outcome."""
     wall = time.perf_counter() - t_start
-    loop_s = time.perf_counter() - t_loop if t_loop is not None else 0.0
-    store.put_json(
-        f"{prefix}/summary.json",
+    loop_s = time.perf_counter() - rec.t_loop if rec.t_loop is not None else 0.0
+    plan.store.put_json(
+        f"{plan.prefix}/summary.json",
         {
             "wall_s": wall,
             "loop_s": loop_s,
-            "phase_s": phase,
-            "solved_blocks": solved,
-            "replayed_blocks": resumed,
-            "restarts": len(losses),
-            "lost_workers": losses,
-            "restart_replays": restart_replays,
-            "worker_nodes": nodes,
+            "phase_s": rec.phase,
+            "solved_blocks": rec.solved,
+            "replayed_blocks": rec.resumed,
+            "restarts": len(rec.losses),
+            "lost_workers": rec.losses,
+            "restart_replays": rec.restart_replays,
+            "worker_nodes": rec.nodes,
         },
     )
     return RunOutcome(
-        run_id,
-        prefix,
-        store,
-        reader,
-        records,
+        plan.run_id,
+        plan.prefix,
+        plan.store,
+        plan.reader,
+        rec.records,
         wall,
-        phase,
-        solved,
-        resumed,
-        len(losses),
-        restart_replays,
+        rec.phase,
+        rec.solved,
+        rec.resumed,
+        len(rec.losses),
+        rec.restart_replays,
         loop_s,
-        nodes,
-        calibration_prefix=prefix_tokens,
+        rec.nodes,
+        calibration_prefix=plan.prefix_tokens,
     )
 
 

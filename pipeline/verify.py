@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from strata_quant.pipeline.assemble import ResultSource
 from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.formats import awq as awq_format
 from strata_quant.pipeline.formats import compressed_tensors as ct_format
 from strata_quant.pipeline.formats import gptq as gptq_format
+from strata_quant.pipeline.formats.base import Format, ResultSource, registered, unquantized_linears
 from strata_quant.workers.result import QuantizedLinear
 
 
@@ -33,13 +33,15 @@ def _open_safetensors(folder: Path) -> dict[str, Path]:
         return {name: folder / "model.safetensors" for name in f.keys()}
 
 
-def _load(paths: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+def _load(paths: dict[str, Path | tuple[Path, str]], names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors by name from their files (a (file, stored name) entry: stored under another name)."""
     out = {}
     for name in names:
         if name not in paths:
             raise VerifyError(f"tensor {name} is missing from the artifact")
-        with safe_open(paths[name], "pt") as f:
-            out[name] = f.get_tensor(name)
+        path, stored = paths[name] if isinstance(paths[name], tuple) else (paths[name], name)
+        with safe_open(path, "pt") as f:
+            out[name] = f.get_tensor(stored)
     return out
 
 
@@ -50,7 +52,7 @@ def check_every_linear(reader: CheckpointReader, results: ResultSource) -> None:
     """Every linear of every block of the model (as its own class builds them) has a result in
     the run record, quantized or recorded as kept in 16-bit: an artifact is verified against the
     model, not only against the linears a record happens to list."""
-    from strata_quant.pipeline.run import block_linear_names
+    from strata_quant.pipeline.structure import block_linear_names
 
     kept = getattr(results, "kept", set())
     missing = [n for names in block_linear_names(reader).values() for n in names if n not in results and n not in kept]
@@ -73,7 +75,7 @@ def _verify_packed(
     """Every tensor present with the right dtype and shape; packed linears decode (by the
     FORMATS.md rule) to exactly the solver's dequantized weights; other tensors equal."""
     check_every_linear(reader, results)
-    paths = _open_safetensors(folder)
+    paths = _checkpoint_side(_open_safetensors(folder), reader, fmt)
     linears = exact = others = 0
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
@@ -101,6 +103,23 @@ def _verify_packed(
                 raise VerifyError(f"{name} differs from the checkpoint")
             others += 1
     return {"format": fmt, "quantized_linears": linears, "bit_exact_linears": exact, "other_tensors": others}
+
+
+def _checkpoint_side(paths: dict[str, Path], reader: CheckpointReader, fmt: str) -> dict:
+    """The artifact's tensors under the checkpoint's names: a MoE written for GPTQModel names its experts
+    as GPTQModel reads them (pipeline.formats.moe.defused_names), mapped back here by tensor or by linear."""
+    from strata_quant.pipeline.formats.moe import DefusedExperts
+
+    defused = any(cls.name == fmt and issubclass(cls, DefusedExperts) for cls in registered())
+    rename = DefusedExperts().loader_names(reader) if defused else None
+    if not rename:
+        return paths
+    back = {v: k for k, v in rename.items()}
+    out = {}
+    for name, path in paths.items():
+        linear, _, suffix = name.rpartition(".")
+        out[back[name] if name in back else f"{back[linear]}.{suffix}" if linear in back else name] = (path, name)
+    return out
 
 
 def _quantization_config(folder: Path, method: str) -> dict:
@@ -243,6 +262,7 @@ class GGUFTensors:
         from gguf import GGUFReader
 
         from strata_quant.pipeline.formats import gguf as gguf_format
+        from strata_quant.pipeline.formats import gguf_moe
 
         self.path = path
         self.by_gguf_name = {
@@ -255,7 +275,20 @@ class GGUFTensors:
             for t in GGUFReader(path).tensors
         }
         self.layout = gguf_format.GGUFLayout(config)
-        self.hf_to_gguf = self.layout.name
+        self.moe = self.layout.hf_arch in gguf_moe.MOE_LAYOUTS
+        if self.moe:  # a stack of experts [E, N, K]: expert e's rows as tensor "<name>#e" of its own
+            for gname, (qtype, shape, offset, n_bytes) in list(self.by_gguf_name.items()):
+                if len(shape) == 3:
+                    each = n_bytes // shape[0]
+                    for e in range(shape[0]):
+                        self.by_gguf_name[f"{gname}#{e}"] = (qtype, shape[1:], offset + e * each, each)
+
+    def hf_to_gguf(self, name: str) -> str | None:
+        from strata_quant.pipeline.formats import gguf_moe
+
+        gname = self.layout.name(name)
+        split = gguf_moe.expert_index(name) if self.moe else None
+        return f"{gname}#{split[1]}" if gname is not None and split is not None else gname
 
     def type_name(self, name: str) -> str:
         entry = self.by_gguf_name.get(self.hf_to_gguf(name) or "")
@@ -369,53 +402,14 @@ def verify_gguf(
             raise VerifyError(f"{path.name}: {name} has shape {gguf.shape(name)}, the checkpoint {reader.shape(name)}")
         gtype = gguf.type_name(name)
         if linear in results and leaf == "weight":
-            result = results.get(linear)
             types[gtype] = types.get(gtype, 0) + 1
             linears += 1
-            err, equal = None, True
-            for start, end in gguf.row_slices(name):
-                got, want = gguf.rows(name, start, end), result.rows(start, end).dequantize()
-                same = torch.equal(got, want)
-                if not same and carry == "exact":
-                    diff = (got - want).abs().max()
-                    raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
-                equal &= same
-                err = _add_errors(err, _weight_error(got, want))
+            err, equal = _gguf_linear(path, gguf, name, results.get(linear), carry)
             errors.append(err)
-            if equal:
-                exact += 1
-                continue
-            if carry == "nearly":
-                offset = (result.scales.float() * result.zeros.float()).abs().max()
-                bound = 2.0**-10 * float(offset) + 1e-6
-                if err["max_abs"] > bound:
-                    raise VerifyError(f"{path.name}: {name} is off by {err['max_abs']:g} (> {bound:g}) in Q4_1")
-            elif math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30)) > 0.5:
-                raise VerifyError(f"{path.name}: {name} re-quantized is far from the solver's result: {err}")
+            exact += equal
         else:
-            folded = name in results.floats  # AWQ's folded norms / biases: small, read whole
-            err = None
-            for start, end in gguf.row_slices(name):
-                got = gguf.rows(name, start, end)
-                if folded:
-                    want = results.float_tensor(reader, name)
-                elif len(reader.shape(name)) == 1:
-                    want = reader.load([name])[name]
-                else:
-                    want = reader.load_rows(name, start, end)
-                if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
-                    # a shifted norm (Gemma: w + 1 in the file) is compared as the file holds it
-                    shift = layout.norm_shift(name)
-                    want = want.float() + shift if shift else want
-                    want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
-                    if not torch.equal(got, want.reshape(got.shape)):
-                        raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
-                else:  # embeddings / output quantized on request (output.gguf_embedding_type)
-                    err = _add_errors(err, _weight_error(got, want.float().reshape(got.shape)))
-            if err is not None:
-                rel = math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30))
-                if rel > 0.5:
-                    raise VerifyError(f"{path.name}: {name} ({gtype}) is far from the checkpoint: rel RMS {rel:.3f}")
+            rel = _gguf_other(path, gguf, name, gtype, reader, results, layout)
+            if rel is not None:
                 quantized_other[name] = {"type": gtype, "rel_rms": rel}
             others += 1
     summary = {
@@ -434,20 +428,88 @@ def verify_gguf(
         summary["weight_error"] = _merge_errors(errors)
     if quantized_other:
         summary["quantized_other_tensors"] = quantized_other
-    model = None
+    model = _whole_model_checks(summary, path, reader, gguf, llamacpp, prompt, whole_model_limit)
+    return summary, model
+
+
+def _gguf_linear(path: Path, gguf: GGUFTensors, name: str, result: QuantizedLinear, carry: str) -> tuple[dict, bool]:
+    """One quantized linear of a GGUF against the solver's result, a slice of rows at a time: (its error,
+    whether bit-exact). VerifyError where a file that carries the result exactly differs, a Q4_1 ("nearly")
+    is off by more than its fp16 offset rounding, or a re-quantized one has a relative RMS error over 0.5."""
+    err, equal = None, True
+    for start, end in gguf.row_slices(name):
+        got, want = gguf.rows(name, start, end), result.rows(start, end).dequantize()
+        same = torch.equal(got, want)
+        if not same and carry == "exact":
+            diff = (got - want).abs().max()
+            raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
+        equal &= same
+        err = _add_errors(err, _weight_error(got, want))
+    if equal:
+        return err, True
+    if carry == "nearly":
+        offset = (result.scales.float() * result.zeros.float()).abs().max()
+        bound = 2.0**-10 * float(offset) + 1e-6
+        if err["max_abs"] > bound:
+            raise VerifyError(f"{path.name}: {name} is off by {err['max_abs']:g} (> {bound:g}) in Q4_1")
+    elif math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30)) > 0.5:
+        raise VerifyError(f"{path.name}: {name} re-quantized is far from the solver's result: {err}")
+    return err, False
+
+
+def _gguf_other(path: Path, gguf: GGUFTensors, name: str, gtype: str, reader, results, layout) -> float | None:
+    """One tensor that is not a quantized linear against the checkpoint (as published: AWQ's folded copy where
+    there is one): equal in a float type, rounded to it; None then, else (an embedding / output quantized on
+    request, output.gguf_embedding_type) its relative RMS error, VerifyError over 0.5."""
+    folded = name in results.floats  # AWQ's folded norms / biases: small, read whole
+    err = None
+    for start, end in gguf.row_slices(name):
+        got = gguf.rows(name, start, end)
+        if folded:
+            want = results.float_tensor(reader, name)
+        elif len(reader.shape(name)) == 1:
+            want = reader.load([name])[name]
+        else:
+            want = reader.load_rows(name, start, end)
+        if gtype in ("F32", "F16", "BF16"):  # as stored, rounded to the file's float type
+            # a shifted norm (Gemma: w + 1 in the file) is compared as the file holds it
+            shift = layout.norm_shift(name)
+            want = want.float() + shift if shift else want
+            want = want.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[gtype]).float()
+            if not torch.equal(got, want.reshape(got.shape)):
+                raise VerifyError(f"{path.name}: {name} differs from the checkpoint")
+        else:
+            err = _add_errors(err, _weight_error(got, want.float().reshape(got.shape)))
+    if err is None:
+        return None
+    rel = math.sqrt(err["sq_err"] / max(err["sq_ref"], 1e-30))
+    if rel > 0.5:
+        raise VerifyError(f"{path.name}: {name} ({gtype}) is far from the checkpoint: rel RMS {rel:.3f}")
+    return rel
+
+
+def _whole_model_checks(summary: dict, path: Path, reader, gguf: GGUFTensors, llamacpp: bool, prompt: str, limit: int):
+    """transformers (and with ``llamacpp`` llama.cpp) load the whole GGUF when its fp32 size is at most ``limit``
+    and not a MoE; ``summary`` says which readers ran or why none did. Returns the transformers model or None."""
     fp32_bytes = reader.num_params() * 4
-    if fp32_bytes <= whole_model_limit:
-        model = _transformers_cross_check(path, reader, gguf)
-        summary["reader"] += " + transformers"
-        if llamacpp:
-            summary["llamacpp"] = check_llamacpp(path, model, reader.path, prompt)
-            summary["reader"] += " + llama.cpp"
-    else:
+    if gguf.moe:  # the per-expert rows are checked above; the readers' logits are compared by the tests
+        summary["whole_model_checks"] = (
+            "skipped: transformers' GGUF reader builds Mixtral (llama with experts) without experts and Qwen3-MoE "
+            "without its expert width"
+        )
+        return None
+    if fp32_bytes > limit:
         summary["whole_model_checks"] = (
             f"skipped: the model is {fp32_bytes / 1e9:.1f} GB in fp32, over output.whole_model_check_limit "
-            f"{whole_model_limit / 1e9:.1f} GB (transformers{' and llama.cpp' if llamacpp else ''} not loaded)"
+            f"{limit / 1e9:.1f} GB (transformers{' and llama.cpp' if llamacpp else ''} not loaded)"
         )
-    return summary, model
+        return None
+    model = _transformers_cross_check(path, reader, gguf)
+    summary["reader"] += " + transformers"
+    if llamacpp:
+        summary["llamacpp"] = check_llamacpp(path, model, reader.path, prompt)
+        summary["reader"] += " + llama.cpp"
+    return model
 
 
 def _transformers_cross_check(path: Path, reader: CheckpointReader, gguf: GGUFTensors):
@@ -591,42 +653,8 @@ def gate_message(gate: dict) -> str:
     )
 
 
-def evaluate_artifact(
-    path: Path,
-    reader: CheckpointReader,
-    results: ResultSource,
-    *,
-    text: str,
-    windows: int,
-    seq_len: int,
-) -> dict:
-    """Held-out perplexity (and KLD, top-1) of a verified artifact against the fp16 checkpoint it came from,
-    streamed block by block (pipeline.layerwise). A GGUF is scored as gguf-py reads it; a safetensors folder,
-    once verified bit-exact, as the checkpoint carrying the solver's dequantized weights (what it decodes to).
-    """
-    from transformers import AutoTokenizer
-
-    from strata_quant.pipeline import layerwise
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from strata_quant.pipeline.eval import EvalWindows, evaluate
-
-    tokenizer = AutoTokenizer.from_pretrained(reader.path)
-    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
-    wins = EvalWindows.from_tensor(ids)
-    quantized = (
-        layerwise.gguf_file(path, reader.config) if path.suffix == ".gguf" else layerwise.stored_results(results)
-    )
-    name = f"strata {path.name}"
-    variants = {"fp16 (reference)": layerwise.reference(), name: quantized}
-    heads = layerwise.layerwise_models(reader, results.store, wins, variants)
-    rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": text, "windows": list(ids.shape), "rows": rows}
-
-
 def _skip_list_check(folder: Path, listed: list[str] | None, reader: CheckpointReader, results: ResultSource) -> int:
     """Every linear the run left unquantized is in the config's skip list (as its full name)."""
-    from strata_quant.pipeline.assemble_toolbox import unquantized_linears
-
     kept = unquantized_linears(reader, results)
     missing = [m for m in kept if m not in (listed or [])]
     if missing:
@@ -710,3 +738,22 @@ def verify_fp8(folder: Path, reader: CheckpointReader, results: ResultSource) ->
     summary = _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
     summary["kept_linears"] = _skip_list_check(folder, qcfg.get("ignore"), reader, results)
     return summary
+
+
+def verify_artifact(
+    fmt: type[Format],
+    path: Path,
+    reader: CheckpointReader,
+    results: ResultSource,
+    *,
+    llamacpp: bool,
+    whole_model_limit: int,
+) -> dict:
+    """Read the artifact back against the record with the check its format names (``fmt.verifier``)."""
+    if fmt.verifier == "verify_gguf":  # the one check that also runs the file in llama.cpp
+        summary, _ = verify_gguf(path, reader, results, llamacpp=llamacpp, whole_model_limit=whole_model_limit)
+        return summary
+    verifiers = {
+        f.__name__: f for f in (verify_gptq, verify_awq, verify_compressed_tensors, verify_bitsandbytes, verify_fp8)
+    }
+    return verifiers[fmt.verifier](path, reader, results)

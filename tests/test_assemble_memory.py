@@ -93,13 +93,13 @@ def test_finite_screen_counts_exactly_and_survives_overflowing_sums(monkeypatch,
     assert checkpoint.nonfinite_count(huge) == 0
 
 
-def test_row_chunked_dequantize_equals_the_whole(monkeypatch):
+def test_row_chunked_dequantize_equals_the_whole():
     import torch
 
-    from strata_quant.pipeline import assemble
+    from strata_quant.pipeline.assemble import dequantize_half
     from strata_quant.workers.result import QuantSpec
     from strata_quant.workers.rtn import rtn_quantize
 
-    monkeypatch.setattr(assemble, "DEQUANT_CHUNK", 3 * 64)  # 3 rows per chunk of a [37, 64] weight
     result = rtn_quantize(torch.randn(37, 64), QuantSpec(bits=3, group_size=16, sym=False))
-    assert torch.equal(assemble._dequantize_half(result), result.dequantize().half())
+    # 3 rows per chunk of a [37, 64] weight: 13 chunks, the last of one row
+    assert torch.equal(dequantize_half(result, chunk=3 * 64), result.dequantize().half())

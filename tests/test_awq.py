@@ -252,7 +252,7 @@ def test_awq_runs_end_to_end_on_ray_and_float_results_verify(method, tmp_path, t
 
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
-    from strata_quant.workers.actor import result_from_bytes
+    from strata_quant.workers.records import result_from_bytes
 
     cfg = parse_config(
         {

@@ -284,7 +284,7 @@ def test_cuda_device_without_gpus_is_refused(tmp_path, capsys, ray_session):
 def test_to_device_moves_nested_tensors():
     import torch
 
-    from strata_quant.workers.actor import to_device
+    from strata_quant.workers.capture import to_device
 
     kwargs = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": None, "ids": [torch.arange(3)], "n": 4}
     moved = to_device(kwargs, torch.device("meta"))

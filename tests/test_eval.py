@@ -23,7 +23,7 @@ from strata_quant.pipeline.eval import (
     with_weights,
 )
 from strata_quant.pipeline.store import LocalStore, sha256_bytes
-from strata_quant.workers.actor import result_to_bytes
+from strata_quant.workers.records import result_to_bytes
 from strata_quant.workers.result import QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
 

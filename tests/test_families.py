@@ -114,7 +114,8 @@ def test_each_layer_gets_its_own_mask_and_rotary_tables(family, tmp_path):
 
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.store import LocalStore
-    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.actor import BlockWorker
+    from strata_quant.workers.job import WorkerJob
     from strata_quant.workers.result import QuantSpec
 
     reader = open_checkpoint(f"fixture:tiny-{family}")
@@ -193,7 +194,7 @@ def test_awq_folds_into_fused_rows_and_offset_norms_on_two_workers(family, tmp_p
     outcome = run_job(parse_config(_family_config(tmp_path, family, "awq")), progress=False)
     assert outcome.solved_blocks == [0, 1, 2]
     entries = {e["name"].split(".", 3)[-1]: e for e in outcome.records[1]["results"]}
-    from strata_quant.workers.actor import result_from_bytes
+    from strata_quant.workers.records import result_from_bytes
 
     params = {n: result_from_bytes((tmp_path / "store" / e["key"]).read_bytes()).params for n, e in entries.items()}
     _, prevs = LAYOUTS[family]

@@ -35,7 +35,7 @@ from strata_quant.pipeline.formats import awq as awq_format
 from strata_quant.pipeline.formats import compressed_tensors as ct_format
 from strata_quant.pipeline.store import LocalStore, sha256_bytes
 from strata_quant.pipeline.verify import VerifyError, verify_awq, verify_compressed_tensors, verify_gptq
-from strata_quant.workers.actor import result_to_bytes
+from strata_quant.workers.records import result_to_bytes
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 from strata_quant.workers.rtn import rtn_quantize
 

@@ -465,7 +465,7 @@ def stored_results(reader, root: Path, spec: QuantSpec, *, extreme_zeros: bool =
     result}). With ``extreme_zeros`` an asymmetric result gets zero points 0 and 2^b − 1 on two rows."""
     from strata_quant.pipeline.assemble import ResultSource
     from strata_quant.pipeline.store import LocalStore, sha256_bytes
-    from strata_quant.workers.actor import result_to_bytes
+    from strata_quant.workers.records import result_to_bytes
 
     store = LocalStore(root)
     entries, results = [], {}

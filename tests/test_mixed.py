@@ -310,7 +310,7 @@ def test_mixed_gptq_loads_in_gptqmodel(planned, tmp_path) -> None:
 
     from strata_quant.pipeline.run import load_records
     from strata_quant.pipeline.store import open_store
-    from strata_quant.workers.actor import result_from_bytes
+    from strata_quant.workers.records import result_from_bytes
 
     tmp, _, _, report = planned
     store = open_store(str(tmp / "store"))

@@ -11,15 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from strata_quant.pipeline import probe
-from strata_quant.pipeline import run as run_mod
+from strata_quant.pipeline import probe, structure
 from strata_quant.pipeline.checkpoint import CheckpointError
 
 
 def child_only(monkeypatch) -> None:
     """Every layer traced in the child from here on; a trace in the driver fails the test."""
     monkeypatch.setattr(probe, "IN_PLACE_BYTES", 0)
-    monkeypatch.setattr(run_mod, "check_block_structure", lambda *a, **k: pytest.fail("traced in the driver"))
+    monkeypatch.setattr(structure, "check_block_structure", lambda *a, **k: pytest.fail("traced in the driver"))
 
 
 def _reader(config) -> SimpleNamespace:
@@ -36,7 +35,7 @@ def _tiny_llama():
 @pytest.mark.parametrize("awq", [False, True])
 def test_the_child_finds_the_structure_the_driver_finds(monkeypatch, awq):
     reader = _tiny_llama()
-    here = run_mod.check_block_structure(reader, awq=awq)
+    here = structure.check_block_structure(reader, awq=awq)
     assert here.widths and (here.awq_relations if awq else here.awq_relations is None)
     child_only(monkeypatch)
     child = probe.block_structure(reader, awq=awq)
@@ -46,12 +45,12 @@ def test_the_child_finds_the_structure_the_driver_finds(monkeypatch, awq):
 def test_a_small_layer_is_traced_in_the_driver(monkeypatch):
     reader = _tiny_llama()
     monkeypatch.setattr(probe.subprocess, "run", lambda *a, **k: pytest.fail("a child for a small layer"))
-    assert probe.block_structure(reader).widths == run_mod.check_block_structure(reader).widths
+    assert probe.block_structure(reader).widths == structure.check_block_structure(reader).widths
 
 
 def _refusal(config) -> str:
     with pytest.raises(CheckpointError) as err:
-        run_mod.check_block_structure(_reader(config))
+        structure.check_block_structure(_reader(config))
     return str(err.value)
 
 
@@ -92,8 +91,8 @@ def test_awq_groups_without_a_fold_are_said_by_the_driver(monkeypatch, caplog):
         probe.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(cmd, 0, json.dumps(answer) + "\n", "")
     )
     with caplog.at_level(logging.WARNING, logger="strata.run"):
-        structure = probe.block_structure(_tiny_llama(), awq=True)
-    assert structure.awq_unfolded == unfolded
+        found = probe.block_structure(_tiny_llama(), awq=True)
+    assert found.awq_unfolded == unfolded
     said = [r.getMessage() for r in caplog.records if "without scales" in r.getMessage()]
     assert said == [f"AWQ: mlp.down_proj will be quantized without scales: {unfolded['mlp.down_proj']}"]
 

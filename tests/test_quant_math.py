@@ -195,7 +195,7 @@ def test_gptq_v2_asymmetric_zero_of_zero_round_trips():
 
 
 def test_result_bytes_round_trip():
-    from strata_quant.workers.actor import result_from_bytes, result_to_bytes
+    from strata_quant.workers.records import result_from_bytes, result_to_bytes
 
     w, h, _ = _problem()
     q = gptq_quantize(w, h, QuantSpec(4, 32, True), act_order=True, static_groups=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from strata_quant.pipeline.assemble_toolbox import quantized_only
+from strata_quant.pipeline.assemble import quantized_only
 from strata_quant.pipeline.checkpoint import CheckpointError
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.run import (
@@ -377,7 +377,8 @@ def _rank_main(rank: int, port: int, model_config: dict, timeout_s: float, out) 
     import torch
     import torch.distributed as dist
 
-    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.actor import BlockWorker
+    from strata_quant.workers.job import WorkerJob
     from strata_quant.workers.result import QuantSpec
 
     job = WorkerJob(model_config=model_config, spec=QuantSpec(4, 64, True), collective_timeout_s=timeout_s)

@@ -10,8 +10,8 @@ import torch
 from strata_quant.pipeline.config import parse_config
 from strata_quant.pipeline.run import RayBlockWorker, run_job
 from strata_quant.pipeline.store import open_store
-from strata_quant.workers.actor import _SolverQueue, reduce_order
-from strata_quant.workers.schedule import assign_owners
+from strata_quant.workers.queues import SolverQueue
+from strata_quant.workers.schedule import assign_owners, reduce_order
 from tests.faulty_workers import faulty_worker
 
 
@@ -64,7 +64,7 @@ def test_solver_queue_runs_in_order_bounds_depth_and_raises_the_first_failure():
         seen.append(b)
         return {"block": b}
 
-    q = _SolverQueue(solve, 2)
+    q = SolverQueue(solve, 2)
     q.put(0, None, [], depth=2)
     q.put(1, None, [], depth=2)
     blocked = threading.Thread(target=q.put, args=(2, None, [], 2))
@@ -130,10 +130,12 @@ def test_one_stage_float_run_takes_the_next_inputs_from_its_statistics_pass(tmp_
     """propagate float, one stage, solves inline: the statistics pass runs the whole float block,
     so its outputs become the next block's inputs and no second forward runs (in-process)."""
     import strata_quant.workers.actor as actor_mod
+    import strata_quant.workers.stats as stats_mod
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.store import LocalStore
-    from strata_quant.workers.actor import BlockWorker, WorkerJob
+    from strata_quant.workers.actor import BlockWorker
     from strata_quant.workers.block import build_block, run_block
+    from strata_quant.workers.job import WorkerJob
     from strata_quant.workers.result import QuantSpec
 
     reader = open_checkpoint(str(tiny_model_path))
@@ -151,7 +153,8 @@ def test_one_stage_float_run_takes_the_next_inputs_from_its_statistics_pass(tmp_
     inputs = list(worker.batches)
     calls = []
     real = actor_mod.run_block
-    monkeypatch.setattr(actor_mod, "run_block", lambda *a: calls.append(1) or real(*a))
+    for module in (actor_mod, stats_mod):  # every forward through the block: the propagation's and the statistics'
+        monkeypatch.setattr(module, "run_block", lambda *a: calls.append(1) or real(*a))
     worker.process_block(0)
     assert len(calls) == len(inputs)  # one pass per batch: the statistics pass only
     prefix = f"{worker.layers_path}.0."
@@ -210,7 +213,7 @@ def test_deferred_run_survives_a_killed_worker(tmp_path, tiny_model_path, emma_p
 def test_deferred_solves_run_the_oldest_blocks_on_the_callers_thread():
     import threading
 
-    from strata_quant.workers.actor import _DeferredSolves
+    from strata_quant.workers.queues import DeferredSolves
 
     seen = []
 
@@ -219,7 +222,7 @@ def test_deferred_solves_run_the_oldest_blocks_on_the_callers_thread():
         load[b % 2] += 1.0
         return {"block": b}
 
-    queue = _DeferredSolves(solve, 2)
+    queue = DeferredSolves(solve, 2)
     queue.put(0, None, None, 2)
     queue.put(1, None, None, 2)
     assert seen == [] and queue.take() == []  # two blocks may wait
@@ -311,18 +314,23 @@ def test_stage_cache_gives_the_full_pass_bytes(method, tmp_path, tiny_model_path
         assert hashes(run_job(cfg("one", 1), progress=False)) == hashes(full)
 
 
-def test_stage_passes_need_the_llama_stages(tiny_model_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def test_stage_passes_need_the_four_stages(tiny_model_path):
+    from transformers import AutoModelForCausalLM
 
-    from strata_quant.workers.block import LLAMA_STAGES, StagePasses, decoder_layers
+    from strata_quant.workers.block import decoder_layers, stage_layout, trace_block
 
-    config = AutoConfig.from_pretrained(tiny_model_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    seen = {}
     layer = decoder_layers(model)[1][0]
-    assert StagePasses.applies(layer, [[g] for g in LLAMA_STAGES])
-    assert not StagePasses.applies(layer, [LLAMA_STAGES])  # one stage (true_sequential off)
-    assert not StagePasses.applies(layer, [[g] for g in LLAMA_STAGES[:3]])
+    hook = layer.register_forward_pre_hook(lambda _m, a, kw: seen.update(x=a[0], kw=kw), with_kwargs=True)
+    with torch.no_grad():
+        model(torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0)))
+    hook.remove()
+    trace = trace_block(layer, seen["x"], {k: v for k, v in seen["kw"].items() if k != "cache"})
+    groups = [list(g) for g in trace.groups]
+    assert stage_layout(trace, [[g] for g in groups]) is not None
+    assert stage_layout(trace, [groups]) is None  # one stage (true_sequential off)
+    assert stage_layout(trace, [[g] for g in groups[:3]]) is None
 
 
 # ---------------------------------------------------------------- solve plans
@@ -425,7 +433,7 @@ def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
     import threading
 
     from strata_quant.pipeline.store import StoreError
-    from strata_quant.workers.actor import _Uploads
+    from strata_quant.workers.queues import Uploads
 
     release = threading.Event()
     stored: dict[str, tuple[bytes, str]] = {}
@@ -437,7 +445,7 @@ def test_uploads_run_behind_the_worker_and_wait_raises_the_first_failure():
                 raise StoreError("disk full")
             stored[key] = (data, sha256)
 
-    uploads = _Uploads(SlowStore())
+    uploads = Uploads(SlowStore())
     digests = {key: uploads.put(key, data) for key, data in (("a", b"1"), ("bad", b"2"), ("c", b"3"))}
     assert digests["a"] == hashlib.sha256(b"1").hexdigest()
     assert stored == {}  # handed over, not written yet: put returned at once

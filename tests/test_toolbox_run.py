@@ -12,10 +12,11 @@ import torch
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.job import run_full_job
 from strata_quant.pipeline.run import run_job
-from strata_quant.workers.actor import WorkerJob, result_from_bytes, result_to_bytes
 from strata_quant.workers.fp8 import fp8_quantize
+from strata_quant.workers.job import WorkerJob
 from strata_quant.workers.methods import KeptLinear, Part, matches_module, outlier_group, quantize_parts
 from strata_quant.workers.nf4 import gptq_nf4, nf4_quantize
+from strata_quant.workers.records import result_from_bytes, result_to_bytes
 from strata_quant.workers.result import QuantSpec
 
 IDS = torch.tensor([[1, 17, 200, 3, 99, 42, 7, 255, 128, 64, 5, 0, 311, 4000, 12, 9]])

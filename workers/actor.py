@@ -8,276 +8,43 @@ linear's statistics to the worker that owns (solves) it.
 
 from __future__ import annotations
 
-import collections
 import copy
 import datetime
-import hashlib
 import resource
 import socket
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from strata_quant.workers.awq import (
-    AbsMeanAccumulator,
-    ScaleGroup,
-    column_scales,
-    find_scale_groups,
-    fold_scales,
-    scale_gram,
-    search_scales,
-)
+from strata_quant.workers.awq import ScaleGroup, find_scale_groups
 from strata_quant.workers.block import (
     BlockTrace,
+    StageLayout,
     StagePasses,
     block_linears,
     build_block,
     decoder_layers,
-    materialize_buffers,
     run_block,
+    stage_layout,
     trace_block,
 )
-from strata_quant.workers.gptq import output_error_terms, relative_output_error
-from strata_quant.workers.methods import (
-    HESSIAN_METHODS,
-    Part,
-    Result,
-    matches_module,
-    outlier_group,
-    quantize_group,
-    quantize_parts,
-    result_from_tensors,
-    result_kind,
-    spec_with_overrides,
-)
-from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
-from strata_quant.workers.result import QuantizedLinear, QuantSpec
-from strata_quant.workers.schedule import GroupPlan, plan_solves
-from strata_quant.workers.stats import HessianAccumulator
-
-
-@dataclass
-class WorkerJob:
-    """What every worker of a run needs to know (plain data, sent once)."""
-
-    model_config: dict
-    spec: QuantSpec
-    method: str = "gptq"  # gptq | rtn | awq | awq_gptq
-    propagate: str = "quantized"  # quantized | float
-    run_prefix: str = "runs/run"
-    batch_size: int = 8
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = True
-    mse_grid: int = 0
-    true_sequential: bool = True
-    awq_grid: int = 20
-    awq_duo: bool | str = False  # True, False or "both"
-    awq_clip: bool = True
-    awq_clip_search: str = "two_sided"  # block | full | two_sided (workers/awq.py)
-    hessian_dtype: str = "float64"
-    hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
-    overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
-    # how queued solves run: "thread" (a solver thread beside the forward), "deferred" (on the
-    # forward's thread, a block or more behind it), "auto" (deferred for one float stage on a CPU)
-    overlap_mode: str = "auto"
-    split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
-    stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
-    # AWQ's relations as the plan found them (ScaleGroup.to_dict) and {group "a/b": why} for the
-    # groups without one; None: each worker finds them on its first block
-    awq_relations: list[dict] | None = None
-    awq_unfolded: dict[str, str] = field(default_factory=dict)
-    threads: int = 1
-    # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
-    # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
-    device: str = "cpu"
-    extra: dict = field(default_factory=dict)
-    # every torch.distributed collective fails after this long instead of waiting on a hung peer
-    collective_timeout_s: float = 1800.0
-    # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
-    spec_overrides: dict[str, dict] = field(default_factory=dict)
-    # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
-    sensitivity_bits: list[int] = field(default_factory=list)
-    # linears kept in 16-bit: named (dotted-component match) and/or detected from the Gram statistics
-    modules_to_not_convert: list[str] = field(default_factory=list)
-    skip_outliers: bool = False
-    outlier_sigma: float = 6.0
-    nf4_blocksize: int = 64
-    double_quant: bool = True
-    fp8_type: str = "e4m3"
-    fp8_block: tuple[int, int] | None = None
-
-    def spec_for(self, full_name: str) -> QuantSpec:
-        """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
-        return spec_with_overrides(self.spec, full_name, self.spec_overrides)
-
-    def method_options(self) -> dict:
-        """The solver options :func:`workers.methods.quantize_group` takes."""
-        return {
-            "damp": self.damp,
-            "block_size": self.block_size,
-            "act_order": self.act_order,
-            "static_groups": self.static_groups,
-            "mse_grid": self.mse_grid,
-            "true_sequential": self.true_sequential,
-            "awq_clip": self.awq_clip,
-            "awq_clip_search": self.awq_clip_search,
-            "awq_grid": self.awq_grid,
-            "nf4_blocksize": self.nf4_blocksize,
-            "double_quant": self.double_quant,
-            "fp8_type": self.fp8_type,
-            "fp8_block": self.fp8_block,
-        }
+from strata_quant.workers.capture import capture_inputs, input_embedding_name
+from strata_quant.workers.job import AWQ_METHODS, GRAM_METHODS, WorkerJob, job_overlaps, one_float_stage
+from strata_quant.workers.methods import HESSIAN_METHODS, Part, matches_module, outlier_group
+from strata_quant.workers.queues import DeferredSolves, SolverQueue, Uploads
+from strata_quant.workers.records import ResultWriter, read_block_results
+from strata_quant.workers.schedule import GroupPlan, plan_solves, reduce_order
+from strata_quant.workers.stats import HessianAccumulator, collect_hessians, collect_stats
+from strata_quant.workers.steps import BlockState, plan_block, run_plan
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
-
-
-def result_to_bytes(result: Result) -> bytes:
-    """Deterministic safetensors bytes of any result (QuantizedLinear, NF4Linear, FP8Linear,
-    KeptLinear): its tensors and one JSON metadata entry (``strata_result``, sorted keys)."""
-    tensors, metadata = result.to_tensors()
-    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-
-
-def result_from_bytes(data: bytes) -> Result:
-    tensors = load_safetensors(data)
-    metadata = _safetensors_metadata(data)
-    return result_from_tensors(tensors, metadata)
-
-
-def _grid_fields(result: Result) -> dict:
-    """The record fields that describe a result's grid: bits / group_size / sym for every kind
-    (NF4: 4-bit, its block as the group; FP8: 8-bit, per channel = -1; kept: 16-bit, null), plus
-    ``kind`` and the method's own settings for the non-integer kinds."""
-    kind = result_kind(result)
-    if kind == "int":
-        return {"bits": result.spec.bits, "group_size": result.spec.group_size, "sym": result.spec.sym}
-    if kind == "nf4":
-        return {
-            "bits": 4,
-            "group_size": result.blocksize,
-            "sym": True,
-            "kind": "nf4",
-            "double_quant": result.double_quant,
-            "bits_per_weight": result.bits_per_weight(),
-        }
-    if kind == "fp8":
-        return {
-            "bits": 8,
-            "group_size": -1 if result.block is None else result.block[1],
-            "sym": True,
-            "kind": "fp8",
-            "fp8_type": result.fmt,
-            "fp8_block": list(result.block) if result.block else None,
-            "bits_per_weight": result.bits_per_weight(),
-        }
-    return {"bits": 16, "group_size": None, "sym": None, "kind": "kept", "skipped": True, "reason": result.reason}
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    import json
-    import struct
-
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {})
-
-
-GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
-AWQ_METHODS = ("awq", "awq_gptq")
-# AWQ's rule: no clip search for q/k, whose error reaches the output through the q·k product
-AWQ_NO_CLIP = ("q_proj", "k_proj")
-FLOAT_SCHEMA_VERSION = 1
-
-
-def job_overlaps(job: WorkerJob) -> bool:
-    """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
-    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
-
-
-def _share_output_errors(
-    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: list[int], start: int
-) -> torch.Tensor:
-    """Per linear of a stacked group, this share's part of tr(E H Eᵀ) and tr(W H Wᵀ) (float64
-    [len(rows), 2]; E = W − Ŵ over the share's rows, which begin at row ``start`` of the stack):
-    summed over the workers' shares they give each linear's relative output error."""
-    per_row = output_error_terms(weight, approx, hessian).double()
-    out = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
-    at = 0
-    for i, n in enumerate(rows):
-        a, b = max(at - start, 0), min(at + n - start, weight.shape[0])
-        if a < b:
-            out[i] = per_row[a:b].sum(0)
-        at += n
-    return out
-
-
-def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[list[str]]:
-    """The groups of a stage in the order their sums are reduced: every owner's first group,
-    then every owner's second, and so on (stage order within an owner and among equals), so
-    no owner waits for other owners' groups before it can start on its first. Decided from
-    the stage and the owners alone: every worker issues the same order."""
-    nth: dict[int, int] = {}
-    keyed = []
-    for i, names in enumerate(stage):
-        owner = owner_of[tuple(names)]
-        keyed.append((nth.get(owner, 0), i, names))
-        nth[owner] = nth.get(owner, 0) + 1
-    return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]
-
-
-def _pack_share(own: QuantizedLinear) -> torch.Tensor:
-    """A share of a split solve as one uint8 buffer: fp16 scales (as bytes, first: a float16
-    view needs an even offset), codes, zeros."""
-    return torch.cat([own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)])
-
-
-def _empty_share(like: QuantizedLinear, rows: int) -> torch.Tensor:
-    k, n_groups = like.codes.shape[1], like.scales.shape[1]
-    return torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=like.codes.device)
-
-
-def _unpack_share(like: QuantizedLinear, packed: torch.Tensor, rows: int) -> QuantizedLinear:
-    """The inverse of :func:`_pack_share`, with the grid, g_idx, perm and params of ``like``
-    (the same for every share: they follow from H and the job)."""
-    k, n_groups = like.codes.shape[1], like.scales.shape[1]
-    scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
-    return QuantizedLinear(
-        spec=like.spec,
-        codes=codes.reshape(rows, k),
-        scales=scales.view(torch.float16).reshape(rows, n_groups),
-        zeros=zeros.reshape(rows, n_groups),
-        g_idx=like.g_idx,
-        method=like.method,
-        perm=like.perm,
-        params=like.params,
-    )
-
-
-def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
-    """One float tensor (under its checkpoint name) as deterministic safetensors bytes."""
-    import json
-
-    return save_safetensors(
-        {name: tensor.detach().float().cpu().contiguous()},
-        metadata={"strata_float": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
-    )
-
-
-class _StopForward(Exception):
-    pass
 
 
 @dataclass
@@ -295,192 +62,6 @@ class _Statistics:
         return self.sums[self.groups[0][0]].count
 
 
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer and records what the model feeds it: the hidden states
-    pass through unchanged, so every layer's catcher sees the arguments of its own layer
-    (the attention mask and rotary tables of its layer type: Gemma's sliding-window layers);
-    the last one stops the forward."""
-
-    def __init__(self, last: bool):
-        super().__init__()
-        self.last = last
-        self.captured: tuple[torch.Tensor, dict] | None = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.captured = (hidden_states, kwargs)
-        if self.last:
-            raise _StopForward
-        return hidden_states
-
-
-class _Uploads:
-    """Store writes on one background thread, so a worker goes on with its next stage or block
-    while a result is written (synced, or sent to S3); :meth:`wait` returns once every write
-    handed over so far is stored and raises the first failure. Record entries leave the worker
-    only after a ``wait`` (a block is done only when its stored results are), so no record ever
-    names an object that is not there yet."""
-
-    def __init__(self, store):
-        self._store = store
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._pending: list[Future] = []
-
-    def put(self, key: str, data: bytes) -> str:
-        """Hand ``data`` over to be stored under ``key``; returns its sha256 (for the record
-        entry, and passed to the store for its checksum, so the bytes are hashed once)."""
-        digest = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="strata-upload")
-            self._pending.append(self._pool.submit(self._store.put_bytes, key, data, sha256=digest))
-        return digest
-
-    def wait(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        failure = None
-        for future in pending:  # every write finishes (or fails) before the first failure is raised
-            try:
-                future.result()
-            except BaseException as err:
-                failure = failure or err
-        if failure is not None:
-            raise failure
-
-    def close(self) -> None:
-        """Let the writes handed over finish, then stop the thread. Writes still pending here
-        belong to a block that failed, whose error has gone to the driver already: theirs are
-        not raised again."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        with self._lock:
-            self._pending = []
-
-
-class _SolverQueue:
-    """One background thread that runs queued block solves in the order they were queued.
-
-    ``solve(b, layer, inputs, load)`` does one block's statistics, reductions, solves and store
-    writes and returns its report; ``load`` is the per-worker solve work carried across blocks
-    (LPT owners, :func:`workers.schedule.assign_owners`). torch releases the GIL in its kernels, so the thread's
-    solves overlap the caller's forward passes. The first failure stops the thread and is raised
-    by every later call (``check``, ``put``, ``wait_empty``, ``take``).
-    """
-
-    def __init__(self, solve, world: int):
-        self._solve = solve
-        self.load = [0.0] * world
-        self._cond = threading.Condition()
-        self._items: collections.deque = collections.deque()
-        self._pending = 0  # queued or running
-        self._finished: list[dict] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="strata-solver", daemon=True)
-        self._thread.start()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def check(self) -> None:
-        with self._cond:
-            self._raise()
-
-    def put(self, b: int, layer: nn.Module, inputs: list, depth: int) -> None:
-        """Queue block ``b``, first waiting until fewer than ``depth`` blocks are queued or running."""
-        with self._cond:
-            while self._pending >= depth and self._error is None:
-                self._cond.wait()
-            self._raise()
-            self._items.append((b, layer, inputs))
-            self._pending += 1
-            self._cond.notify_all()
-
-    def wait_empty(self) -> None:
-        with self._cond:
-            while self._pending and self._error is None:
-                self._cond.wait()
-            self._raise()
-
-    def take(self) -> list[dict]:
-        """The reports of the blocks finished since the last call, in block order."""
-        with self._cond:
-            self._raise()
-            out, self._finished = self._finished, []
-            return out
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items:
-                    self._cond.wait()
-                b, layer, inputs = self._items.popleft()
-            try:
-                report = self._solve(b, layer, inputs, self.load)
-            except BaseException as err:  # raised to the driver by the next call
-                with self._cond:
-                    self._error = err
-                    self._cond.notify_all()
-                return
-            del layer, inputs  # the block's copy and its inputs are freed before the next block
-            with self._cond:
-                self._finished.append(report)
-                self._pending -= 1
-                self._cond.notify_all()
-
-
-class _DeferredSolves:
-    """Queued block solves run on the caller's own thread, ``depth`` blocks behind its forward:
-    each ``put`` solves the oldest blocks until at most ``depth`` remain. One-stage float blocks
-    come with their reductions already issued (asynchronously, when their sums were complete),
-    so a worker meets the others only when it solves a block whose sums they sent long
-    before; work that differs between workers in one block evens out over the next ones
-    (``load``, carried as in :class:`_SolverQueue`) instead of holding every worker at each
-    block. The same interface and reports as :class:`_SolverQueue`, without a second thread
-    that would share the worker's core with the forward."""
-
-    def __init__(self, solve, world: int):
-        self._solve = solve
-        self.load = [0.0] * world
-        self._items: collections.deque = collections.deque()
-        self._finished: list[dict] = []
-
-    def check(self) -> None:
-        pass
-
-    def put(self, b: int, layer: nn.Module, inputs, depth: int) -> None:
-        self._items.append((b, layer, inputs))
-        while len(self._items) > depth:
-            self._run_oldest()
-
-    def wait_empty(self) -> None:
-        while self._items:
-            self._run_oldest()
-
-    def take(self) -> list[dict]:
-        out, self._finished = self._finished, []
-        return out
-
-    def _run_oldest(self) -> None:
-        b, layer, inputs = self._items.popleft()
-        self._finished.append(self._solve(b, layer, inputs, self.load))
-
-
-def to_device(obj, device: torch.device):
-    """``obj`` (a tensor, or tuples / lists / dicts of them) on ``device``; other values as they are."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
 class BlockWorker:
     def __init__(self, rank: int, world: int, reader, store, job: WorkerJob):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -493,7 +74,6 @@ class BlockWorker:
         self.reader, self.store, self.job = reader, store, job
         if rank == 0 and hasattr(reader, "hash_blocks"):
             reader.hash_blocks = True  # one worker fingerprints each block's bytes as it reads them (resume checks)
-        self._uploads = _Uploads(store)
         config_dict = dict(job.model_config)
         model_type = config_dict.pop("model_type")
         self.config = AutoConfig.for_model(model_type, **config_dict)
@@ -501,6 +81,8 @@ class BlockWorker:
         with torch.device("meta"):
             self.meta_model = AutoModelForCausalLM.from_config(self.config)
         self.layers_path, self.meta_layers = decoder_layers(self.meta_model)
+        self._uploads = Uploads(store)
+        self.writer = ResultWriter(self._uploads, job.run_prefix, self.layers_path, job.method)
         self.batches: list[tuple[torch.Tensor, dict]] = []
         self.layer_kwargs: list[list[dict]] = []
         self.kwargs_variant: list[int] = []
@@ -529,48 +111,23 @@ class BlockWorker:
     def load_samples(self, token_ids: torch.Tensor, embedding: torch.Tensor | None = None) -> int:
         """Embed this worker's samples and capture the block inputs with the model's own code
         (``embedding``: another input embedding than the checkpoint's, e.g. a GGUF's)."""
-        model = self.meta_model
-        materialize_buffers(model, self.layers_path)  # before the embedding gets its weights
-        embed = model.get_input_embeddings()
-        embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
-        weight = (self.reader.load([embed_name])[embed_name] if embedding is None else embedding).float()
-        embed.weight = nn.Parameter(weight, requires_grad=False)
-        for name, module in list(model.named_modules()):
-            if type(module).__name__.endswith("RotaryEmbedding"):
-                parent_name, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), attr, type(module)(config=self.config))
-        layers = list(self.meta_layers)
-        catchers = [_Catcher(last=i == len(layers) - 1) for i in range(len(layers))]
-        for i, catcher in enumerate(catchers):
-            self.meta_layers[i] = catcher
-        self.batches = []
-        # each layer's arguments, the same objects for layers of one type: kept once per variant
-        self.layer_kwargs: list[list[dict]] = []  # [variant][batch]
-        self.kwargs_variant: list[int] = [0] * len(layers)
-        try:
-            for start in range(0, token_ids.shape[0], self.job.batch_size):
-                ids = token_ids[start : start + self.job.batch_size]
-                try:
-                    with torch.no_grad():
-                        model(input_ids=ids, use_cache=False)
-                except _StopForward:
-                    pass
-                hidden = catchers[0].captured[0].detach().to(getattr(torch, self.job.hidden_dtype))
-                variants: dict[tuple, int] = {}
-                for i, catcher in enumerate(catchers):
-                    kwargs = {k: v for k, v in catcher.captured[1].items() if k not in ("past_key_values", "cache")}
-                    key = tuple((k, id(v)) for k, v in sorted(kwargs.items()))
-                    if key not in variants:
-                        variants[key] = len(variants)
-                        if len(self.layer_kwargs) < len(variants):
-                            self.layer_kwargs.append([])
-                        self.layer_kwargs[variants[key]].append(to_device(kwargs, self.device))
-                    self.kwargs_variant[i] = variants[key]
-                self.batches.append((hidden.to(self.device), self.layer_kwargs[0][-1]))
-        finally:
-            for i, layer in enumerate(layers):
-                self.meta_layers[i] = layer
-            embed.to("meta")
+        if embedding is None:
+            name = input_embedding_name(self.meta_model)
+            embedding = self.reader.load([name])[name]
+        job = self.job
+        captured = capture_inputs(
+            self.meta_model,
+            self.layers_path,
+            self.meta_layers,
+            self.config,
+            embedding,
+            token_ids,
+            job.batch_size,
+            getattr(torch, job.hidden_dtype),
+            self.device,
+        )
+        self.batches, self.layer_kwargs = captured.batches, captured.layer_kwargs
+        self.kwargs_variant = captured.kwargs_variant
         return sum(h.shape[0] for h, _ in self.batches)
 
     # -- the per-block step --------------------------------------------------------
@@ -597,31 +154,22 @@ class BlockWorker:
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
 
-        outputs: list[dict] = []
         if replay is None and self.overlaps():
             return {**self._forward_and_queue(b, layer, timings), **data}
-        advanced = False  # the hidden states went through this block already
+        outputs: list[dict] = []
         if replay is not None:
-            quantized, floats = self._read_results(b, replay)
+            t = time.perf_counter()
+            quantized, floats = self.results_of(b, replay)
+            self.propagate(layer, quantized, floats, None, quantized_weights=self.job.propagate == "quantized")
+            timings["forward"] = time.perf_counter() - t
         elif self.one_float_stage():  # the statistics pass is the forward
             t = time.perf_counter()
             statistics = self._one_stage_statistics(layer)
             timings["stats"] = time.perf_counter() - t
-            quantized, outputs, floats = self._solve_block(b, layer, linears, timings, statistics=statistics)
-            advanced = True
-        else:
-            quantized, outputs, floats = self._solve_block(b, layer, linears, timings)
-
-        t = time.perf_counter()
-        passes, self._final_passes = self._final_passes, None
-        if self.job.propagate == "quantized":
-            for name, weight in quantized.items():
-                linears[name].weight.data = weight
-            for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
-                layer.get_parameter(name).data = tensor
-        if not advanced:
-            self._advance(layer, passes if replay is None else None)
-        timings["forward"] = time.perf_counter() - t
+            outputs = self._solve_block(b, layer, linears, timings, statistics=statistics).outputs
+            timings["forward"] = 0.0
+        else:  # the plan ends with the forward through the solved block
+            outputs = self._solve_block(b, layer, linears, timings, propagate=True).outputs
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         out = {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
         out.update(data)
@@ -636,6 +184,24 @@ class BlockWorker:
         """The samples through block ``b`` built from ``tensors`` (names inside the block), in fp32:
         the forward a replay does, for any weights (evaluation streams models block by block)."""
         self._advance(build_block(self.meta_layers[b], tensors, torch.float32).to(self.device))
+
+    def propagate(
+        self,
+        layer: nn.Module,
+        quantized: dict[str, torch.Tensor],
+        floats: dict[str, torch.Tensor],
+        passes: StagePasses | None,
+        quantized_weights: bool,
+    ) -> None:
+        """The hidden states through the solved block: with ``quantized_weights`` its quantized
+        weights and AWQ's folded norms / biases set into ``layer`` first, else the float block."""
+        if quantized_weights:
+            linears = block_linears(layer)
+            for name, weight in quantized.items():
+                linears[name].weight.data = weight
+            for name, tensor in floats.items():  # AWQ's folded norms / biases go with the quantized weights
+                layer.get_parameter(name).data = tensor
+        self._advance(layer, passes)
 
     def _advance(self, layer: nn.Module, passes: StagePasses | None = None) -> None:
         """The hidden states through ``layer`` (in fp32), kept in ``job.hidden_dtype``; with
@@ -653,21 +219,11 @@ class BlockWorker:
 
     # -- propagate float: solves queued behind the forward --------------------------
 
-    _solver: _SolverQueue | None = None
-    _final_passes: StagePasses | None = None  # set by an inline _solve_block for the forward after it
+    _solver: SolverQueue | None = None
 
     def one_float_stage(self) -> bool:
-        """Whether each block's statistics come from one pass over the float block, which is then
-        also its forward: ``propagate: float`` without true-sequential stages, a Hessian method
-        (GPTQ solvers, or outlier detection), no AWQ fold and no mixed-precision probe."""
-        job = self.job
-        return (
-            job.propagate == "float"
-            and not job.true_sequential
-            and not job.sensitivity_bits
-            and job.method not in AWQ_METHODS
-            and (job.method in HESSIAN_METHODS or job.skip_outliers)
-        )
+        """:func:`workers.job.one_float_stage` of this worker's job."""
+        return one_float_stage(self.job)
 
     def overlaps(self) -> bool:
         """Whether this run's solves queue behind the forward pass: ``propagate: float`` (the
@@ -677,7 +233,7 @@ class BlockWorker:
         return job_overlaps(self.job)
 
     def deferred(self) -> bool:
-        """Whether queued solves run on the forward's own thread (:class:`_DeferredSolves`)
+        """Whether queued solves run on the forward's own thread (:class:`DeferredSolves`)
         rather than on a solver thread: ``overlap_mode: deferred``, or ``auto`` for one float
         stage on a CPU, where a solver thread would share the worker's core and cost more in
         switching than it overlaps (a GPU's thread overlaps launches with kernels)."""
@@ -703,7 +259,7 @@ class BlockWorker:
             timings["stats"] = time.perf_counter() - t
             timings["forward"] = 0.0
             solve_layer = layer
-            if isinstance(solver, _DeferredSolves):  # the sums travel while later blocks run
+            if isinstance(solver, DeferredSolves):  # the sums travel while later blocks run
                 t = time.perf_counter()
                 self._issue_reductions(b, layer, work, solver.load)
                 timings["reduce"] = time.perf_counter() - t
@@ -716,7 +272,7 @@ class BlockWorker:
             timings["forward"] = time.perf_counter() - t
         t = time.perf_counter()
         solver.put(b, solve_layer, work, self.job.overlap_depth)
-        if isinstance(solver, _SolverQueue):  # deferred: put ran older solves, timed in their reports
+        if isinstance(solver, SolverQueue):  # deferred: put ran older solves, timed in their reports
             timings["queue_wait"] = time.perf_counter() - t
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
@@ -729,9 +285,9 @@ class BlockWorker:
             "finished": self._take_finished(),
         }
 
-    def _solver_queue(self) -> _SolverQueue | _DeferredSolves:
+    def _solver_queue(self) -> SolverQueue | DeferredSolves:
         if self._solver is None:
-            queue = _DeferredSolves if self.deferred() else _SolverQueue
+            queue = DeferredSolves if self.deferred() else SolverQueue
             self._solver = queue(self._solve_queued, self.world)
         return self._solver
 
@@ -751,9 +307,9 @@ class BlockWorker:
         linears = block_linears(layer)
         statistics.plans = self._plan(b, statistics.groups, [statistics.groups], linears, "gptq", load, level=False)
         self._all_rows(statistics.rows())  # the first block's collective, in the order every worker issues
-        statistics.pending = self._start_reductions(statistics.groups, statistics.sums, statistics.plans)
+        statistics.pending = self.start_reductions(statistics.groups, statistics.sums, statistics.plans)
 
-    def _start_reductions(
+    def start_reductions(
         self, stage: list[list[str]], sums: dict[str, HessianAccumulator], plans: dict[tuple, GroupPlan]
     ) -> dict[tuple, dist.Work]:
         """A stage's Gram sums on their way, all issued at once (``async_op``), each owner's first
@@ -809,10 +365,10 @@ class BlockWorker:
         torch.set_num_threads(max(1, self.job.threads))
         timings: dict[str, float] = {}
         if isinstance(work, _Statistics):  # gathered by the forward thread (its "stats" timing)
-            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, load=load, statistics=work)
+            outputs = self._solve_block(b, layer, block_linears(layer), timings, load=load, statistics=work).outputs
             del timings["stats"]
         else:
-            _, outputs, _ = self._solve_block(b, layer, block_linears(layer), timings, batches=work, load=load)
+            outputs = self._solve_block(b, layer, block_linears(layer), timings, batches=work, load=load).outputs
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"block": b, "rank": self.rank, "results": outputs, "timings": timings, "peak_rss_mib": peak_rss_mib}
 
@@ -839,34 +395,28 @@ class BlockWorker:
         batches: list[tuple[torch.Tensor, dict]] | None = None,
         load: list[float] | None = None,
         statistics: _Statistics | None = None,
-    ) -> tuple[dict, list, dict]:
-        """Solve every linear of the block.
+        propagate: bool = False,
+    ) -> BlockState:
+        """Solve every linear of the block by its plan of steps (:mod:`workers.steps`).
 
         ``batches`` are the block's inputs (default: this worker's current hidden states);
         ``statistics`` (one float stage) are the block's sums, gathered by the pass that was also
-        its forward (:meth:`_one_stage_statistics`);
-        ``load`` is the solve work each worker already has queued (the owners of this block's
-        groups are balanced against it, and it is updated; see :func:`workers.schedule.assign_owners`).
-
-        Returns {linear: dequantized weight}, the record entries this worker wrote, and
-        {float tensor name in the block: folded value} (AWQ; empty otherwise). The layer is
-        left as it came in (the caller decides what propagates).
+        its forward (:meth:`_one_stage_statistics`); ``load`` is the solve work each worker already
+        has queued (the owners of this block's groups are balanced against it, and it is updated;
+        see :func:`workers.schedule.assign_owners`); ``propagate``: the hidden states go through
+        the solved block last (inline solves).
 
         Linears that read the same input form a group with one Hessian. With true_sequential
         each group is a stage: its statistics come from inputs that already pass through the
         quantized groups before it (q/k/v → o → gate/up → down). Otherwise one stage holds all
-        groups and the statistics come from one pass.
+        groups and the statistics come from one pass. AWQ methods first search and fold the
+        scales of every group on the float block (``FoldScales``), then quantize the folded block.
 
-        AWQ methods first search the scales of every group on the float block (Gram and
-        mean|x| reduced to the group's owner, scales broadcast), fold them all, and only
-        then quantize the folded block: RTN with the clip search ("awq"), or GPTQ with
-        fresh statistics of the folded block, true-sequential as for "gptq" ("awq_gptq").
+        Returns the block's state after its steps: ``quantized`` ({linear: dequantized weight}),
+        ``outputs`` (the record entries this worker wrote), ``floats`` (AWQ's folded tensors).
         """
         job = self.job
-        if statistics is not None:
-            batches = []  # the hidden states are past this block already; its sums came with it
-        else:
-            batches = self.batches if batches is None else batches
+        batches = [] if statistics is not None else self.batches if batches is None else batches
         for phase in ("stats", "reduce", "solve", "broadcast"):
             timings.setdefault(phase, 0.0)  # a caller may have timed its statistics pass
         # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
@@ -888,201 +438,57 @@ class BlockWorker:
         # solved weights: for the next stage (true-sequential) or for propagation (quantized)
         to_owner = job.propagate == "float" and len(stages) == 1
         if statistics is not None and statistics.plans is not None:  # deferred: planned at issue
-            plan_of = statistics.plans
+            plans = statistics.plans
         else:
-            plan_of = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
-        total_rows = (
-            self._all_rows(
-                statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
-            )
-            if uses_gram
-            else 0  # no sums to scale
+            plans = self._plan(b, groups, stages, linears, solver, load, level=to_owner)
+        rows_here = statistics.rows() if statistics is not None else sum(h.shape[0] * h.shape[1] for h, _ in batches)
+        total_rows = self._all_rows(rows_here) if uses_gram else 0  # no sums to scale without
+        state = BlockState(b, layer, linears, batches, timings, stages, plans, total_rows, solver)
+        state.unfolded = {name: p.data for name, p in layer.named_parameters()}
+        state.originals = {n: m.weight.data for n, m in linears.items()}
+        if statistics is not None:
+            state.sums, state.pending = statistics.sums, dict(statistics.pending or {})
+        steps = plan_block(
+            stages,
+            solver,
+            probe=probe,
+            awq=job.method in AWQ_METHODS,
+            cache_stages=self._stage_layout(layer, stages, solver),
+            have_sums=statistics is not None,
+            reductions_issued=statistics is not None and statistics.pending is not None,
+            to_owner=to_owner,
+            propagate_quantized=job.propagate == "quantized",
+            sequential=job.true_sequential,
+            propagate=propagate,
         )
-        owner_of = {key: p.owner for key, p in plan_of.items()}
-        if probe:  # mixed precision: the scale of the residual stream entering this block, over all workers
-            energy = channel_energy([h for h, _ in batches])
-            fisher = output_fisher(layer, batches, list(linears), seed=b)  # float block, before any solve
-            if self.group_ready:
-                dist.all_reduce(energy)
-                for sums in fisher.values():
-                    dist.all_reduce(sums)
-            scale = residual_scale(energy)
-        unfolded = {name: p.data for name, p in layer.named_parameters()}
-        floats: dict[str, torch.Tensor] = {}
-        awq_groups: dict[str, dict] = {}
-        if job.method in AWQ_METHODS:
-            floats, awq_groups = self._awq_search_and_fold(b, layer, owner_of, total_rows, timings)
-        originals = {n: m.weight.data for n, m in linears.items()}  # folded, for AWQ
-        split = {key for key, p in plan_of.items() if p.split}
+        return run_plan(self, state, steps)
 
-        def sensitivity(n: str, gram: torch.Tensor, options: dict) -> dict:
-            return linear_sensitivity(
-                originals[n],
-                gram,
-                job.spec,
-                job.sensitivity_bits,
-                scale,
-                method=job.method,
-                options=options,
-                row_weight=fisher[n][:-1] / fisher[n][-1],
-            )
+    def _stage_layout(self, layer: nn.Module, stages: list, solver: str) -> StageLayout | None:
+        """The true-sequential stage passes' layout (:func:`stage_layout`), when the job keeps them."""
+        job = self.job
+        if not (job.stage_cache and solver == "gptq" and job.true_sequential and len(stages) > 1):
+            return None
+        return stage_layout(self._trace(layer, block_linears(layer), self.batches[0]), stages)
 
-        passes = None
-        if job.stage_cache and solver == "gptq" and job.true_sequential and StagePasses.applies(layer, stages):
-            passes = StagePasses(layer, len(batches))
+    def collect(self, layer, batches, leaders, stop_early=False, passes=None) -> dict[str, HessianAccumulator]:
+        """:func:`collect_hessians` in the job's Hessian dtype."""
+        return collect_hessians(layer, batches, leaders, getattr(torch, self.job.hessian_dtype), stop_early, passes)
 
-        quantized, outputs = {}, []
-        pending: dict[tuple, dist.Work] = {}  # reductions in flight, by group
-        for stage in stages:
-            accs: dict[str, HessianAccumulator] = {}
-            if solver == "gptq":
-                t = time.perf_counter()
-                if statistics is not None:  # gathered by the forward thread
-                    accs = statistics.sums
-                else:
-                    accs = collect_hessians(
-                        layer,
-                        batches,
-                        [names[0] for names in stage],
-                        getattr(torch, job.hessian_dtype),
-                        job.true_sequential,
-                        passes,
-                    )
-                timings["stats"] += time.perf_counter() - t
-                t = time.perf_counter()
-                if statistics is not None and statistics.pending is not None:  # issued at the forward
-                    pending.update(statistics.pending)
-                else:
-                    pending.update(self._start_reductions(stage, accs, plan_of))
-                timings["reduce"] += time.perf_counter() - t
+    def collect_with_means(self, layer: nn.Module, leaders: list[str], abs_means: bool) -> tuple[dict, dict]:
+        """Σ xᵀx (and Σ|x|) of the leaders' inputs over this worker's samples, the forward stopping
+        once they have all seen theirs (AWQ's search)."""
+        dtype = getattr(torch, self.job.hessian_dtype)
+        return collect_stats(layer, self.batches, leaders, dtype, stop_early=True, abs_means=abs_means)
 
-            t = time.perf_counter()
-            waited = 0.0
-
-            def arrived(key: tuple) -> None:  # this group's reduced sums are here
-                nonlocal waited
-                if key in pending:
-                    t_wait = time.perf_counter()
-                    pending.pop(key).wait()
-                    waited += time.perf_counter() - t_wait
-
-            solved = {}
-            mine: dict[tuple, QuantizedLinear | None] = {}  # None: no rows of this split group here
-            share_errors: dict[tuple, torch.Tensor] = {}
-            grams: dict[tuple, torch.Tensor] = {}  # split groups' H, formed once for solve and record
-            for names in stage:
-                if tuple(names) in split or owner_of[tuple(names)] == self.rank:
-                    arrived(tuple(names))
-                if tuple(names) in split:
-                    weight = torch.cat([originals[n] for n in names], dim=0)
-                    start, end = plan_of[tuple(names)].shares[self.rank]
-                    rows = [linears[n].out_features for n in names]
-                    if start == end:
-                        mine[tuple(names)] = None
-                        share_errors[tuple(names)] = torch.zeros(
-                            len(rows), 2, dtype=torch.float64, device=weight.device
-                        )
-                        continue
-                    gram = grams[tuple(names)] = accs[names[0]].hessian(total_count=total_rows)
-                    spec = job.spec_for(f"{self.layers_path}.{b}.{names[0]}")
-                    own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
-                    mine[tuple(names)] = own  # type: ignore[assignment]
-                    share_errors[tuple(names)] = _share_output_errors(
-                        weight[start:end], own.dequantize(), gram, rows, start
-                    )
-                    continue
-                if owner_of[tuple(names)] != self.rank:
-                    continue
-                weight = torch.cat([originals[n] for n in names], dim=0)
-                awq = awq_groups.get(names[0])
-                gram = accs[names[0]].hessian(total_count=total_rows) if solver == "gptq" else None
-                hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
-                parts = self._group_parts(b, names, linears, gram)
-                options = job.method_options()
-                if awq is not None:  # q/k keep their full range (clip ratio 1)
-                    rows_at, options["awq_no_clip_rows"] = 0, []
-                    for p in parts:
-                        if p.name.rsplit(".", 1)[-1] in AWQ_NO_CLIP:
-                            options["awq_no_clip_rows"].append((rows_at, rows_at + p.rows))
-                        rows_at += p.rows
-                results = quantize_parts(job.method, weight, hessian, parts, options)  # workers/methods.py
-                for n, part in zip(names, results):
-                    if awq is not None and result_kind(part) == "int":
-                        part.method = job.method
-                        part.params.update(awq["params"])
-                    solved[n] = part.dequantize()
-                    entry = self._store_result(b, n, part, originals[n], solved[n], hessian)
-                    if gram is not None:
-                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
-                    if awq is not None and n == names[0]:
-                        entry["float_results"] = awq["float_results"]
-                    if probe and gram is not None:  # mixed precision: {bits: error} for strata plan
-                        entry["sensitivity"] = sensitivity(n, gram, options)
-                    outputs.append(entry)
-            for key in list(pending):  # the groups owned elsewhere: their sends are done
-                arrived(key)
-            timings["solve"] += time.perf_counter() - t - waited
-            timings["reduce"] += waited
-
-            t = time.perf_counter()
-            for key, own in mine.items():  # split groups: the shares to every worker, or to the owner
-                shares = plan_of[key].shares
-                errors = share_errors[key]
-                dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
-                if to_owner:
-                    full = self._send_rows_to_owner(own, shares, owner_of[key])
-                    if full is None:  # another worker stores it; nothing here needs the weights
-                        continue
-                else:
-                    full = self._gather_rows(own, shares)
-                gram = grams[key]
-                at = 0
-                for i, n in enumerate(key):
-                    part = full.rows(at, at + linears[n].out_features)
-                    at += linears[n].out_features
-                    solved[n] = part.dequantize()
-                    if owner_of[key] == self.rank:
-                        error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
-                        entry = self._store_result(b, n, part, originals[n], solved[n], gram, error)
-                        entry["activations"] = self._store_activations(b, n, gram, total_rows)
-                        entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
-                        if probe:
-                            entry["sensitivity"] = sensitivity(n, gram, job.method_options())
-                        outputs.append(entry)
-            timings["broadcast"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            # every worker needs the weights for the next stage's statistics (true-sequential) or
-            # for propagation (quantized); propagate float's last stage needs them nowhere
-            needed = job.propagate == "quantized" or (job.true_sequential and stage is not stages[-1])
-            for names in stage:
-                owner = owner_of[tuple(names)]
-                for n in names:
-                    if tuple(names) in split:  # gathered above
-                        if needed:
-                            quantized[n] = solved[n]
-                            if job.true_sequential:
-                                linears[n].weight.data = quantized[n]
-                        continue
-                    if owner == self.rank:
-                        quantized[n] = solved[n]
-                    elif needed:
-                        quantized[n] = torch.empty_like(originals[n])
-                    if needed and self.group_ready:
-                        dist.broadcast(quantized[n], src=owner)
-                    if needed and job.true_sequential:
-                        linears[n].weight.data = quantized[n]
-            timings["broadcast"] += time.perf_counter() - t
-
-        for name, p in layer.named_parameters():  # the caller decides what propagates
-            p.data = unfolded[name]
-        if passes is not None:
-            passes.close()
-            # propagation through the quantized block reuses the kept inputs (inline solves only:
-            # the caller's forward then runs on these very batches with these weights)
-            if job.propagate == "quantized" and batches is self.batches:
-                self._final_passes = passes
-        return quantized, outputs, floats
+    def score_rows_of(self, layer: nn.Module, names: list[str]) -> list[tuple[int, int]]:
+        """The rows of a stacked group that feed the attention scores Q·Kᵀ (from the block's
+        trace): AWQ's clip search leaves them unclipped, since their error reaches the output
+        through the Q·Kᵀ product, which the search's own-output error does not measure. Found
+        per output row, not per linear: a fused qkv_proj (Phi-3) keeps its q and k rows whole
+        and has its v rows clipped, as separate q/k/v projections would."""
+        linears = block_linears(layer)
+        trace = self._trace(layer, linears, self.batches[0])
+        return trace.score_rows_of(names, {n: linears[n].out_features for n in names})
 
     def _structure_key(self, layer: nn.Module, linears: dict[str, nn.Linear]) -> tuple:
         return (
@@ -1107,9 +513,9 @@ class BlockWorker:
         """The block's shared-input groups in execution order (:meth:`_trace`)."""
         return [list(g) for g in self._trace(layer, linears, batch).groups]
 
-    def _scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
+    def scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
         """AWQ's relations of the float block: the plan's (found on a probe of the layer's
-        code, pipeline.run.check_block_structure, which says once what has none), else
+        code, pipeline.structure.check_block_structure, which says once what has none), else
         :func:`find_scale_groups` on this block. A group without one is recorded in its
         results (``awq_unfolded``)."""
         linears = block_linears(layer)
@@ -1141,169 +547,7 @@ class BlockWorker:
             return False
         return len({job.spec_for(f) for f in full}) == 1
 
-    def _gather_rows(self, own: QuantizedLinear, shares: tuple[tuple[int, int], ...]) -> QuantizedLinear:
-        """Every worker's share of an evenly split solve (every worker has rows), broadcast from
-        its solver, stacked in row order."""
-        parts = []
-        for rank, (start, end) in enumerate(shares):
-            packed = _pack_share(own) if rank == self.rank else _empty_share(own, end - start)
-            dist.broadcast(packed, src=rank)
-            parts.append(_unpack_share(own, packed, end - start))
-        return QuantizedLinear.stack_rows(parts)
-
-    def _send_rows_to_owner(
-        self, own: QuantizedLinear | None, shares: tuple[tuple[int, int], ...], owner: int
-    ) -> QuantizedLinear | None:
-        """The shares of a split solve sent to its owner, which has rows of its own (the plan
-        gives it the most) and returns them stacked in row order; other workers return None."""
-        if self.rank != owner:
-            if own is not None:
-                dist.send(_pack_share(own), dst=owner)
-            return None
-        if own is None:
-            raise RuntimeError("the owner of a split solve must have rows of its own")
-        parts = []
-        for rank, (start, end) in enumerate(shares):
-            if rank == self.rank:
-                parts.append(own)
-            elif end > start:
-                packed = _empty_share(own, end - start)
-                dist.recv(packed, src=rank)
-                parts.append(_unpack_share(own, packed, end - start))
-        return QuantizedLinear.stack_rows(parts)
-
-    def _awq_search_and_fold(
-        self, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
-    ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-        """AWQ scales for every group of the float block, then all folded into ``layer``.
-
-        Per group (in block order): Σ xᵀx and Σ|x| of its input from this worker's samples
-        (the forward stops at the group), reduced to the group's owner, which searches the
-        scales; the scales are broadcast and, once every group has its scales, every worker
-        folds them into its copy of the block (identical arithmetic, so identical tensors).
-        Searching all groups before folding any keeps each search on the float weights, as
-        the original AWQ does; the folds into v_proj / up_proj rows then precede their own
-        quantization.
-
-        Returns the folded float tensors that are not quantized linear weights (norm
-        weights, biases of v_proj / up_proj) by name in the block, and, for the groups this
-        worker owns, {leader linear: {"hessian": H' of the scaled inputs, "params": …,
-        "float_results": record entries of the folded tensors it stored}}.
-        """
-        job = self.job
-        dtype = getattr(torch, job.hessian_dtype)
-        linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-        searched = []
-        owned: dict[str, dict] = {}
-        relations, unfolded = self._scale_relations(layer, self.batches[0])
-        by_group = {tuple(g.linears): g for g in relations}
-        for key in list(by_group) + [k for k in unfolded if k not in by_group]:
-            group = by_group.get(key)
-            if key not in owner_of:
-                raise ValueError(f"AWQ group {key} does not match the block's shared-input groups")
-            owner, leader = owner_of[key], key[0]
-            t = time.perf_counter()
-            grams, means = _collect_stats(
-                layer, self.batches, [leader], dtype, stop_early=True, abs_means=group is not None
-            )
-            timings["stats"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if self.group_ready:
-                dist.reduce(grams[leader].sum, dst=owner)
-                if group is not None:
-                    dist.reduce(means[leader].sum, dst=owner)
-            timings["reduce"] += time.perf_counter() - t
-            if group is None:  # no op absorbs scales: the linears are quantized as they are
-                if owner == self.rank:
-                    owned[leader] = self._unfolded_entry(unfolded[key], grams[leader].hessian(total_count=total_rows))
-                del grams, means
-                continue
-            t = time.perf_counter()
-            found = None
-            if owner == self.rank:
-                weight = torch.cat([layer.get_submodule(n).weight.data for n in group.linears], dim=0)
-                x_mean = means[leader].mean(total_count=total_rows)
-                found = search_scales(
-                    weight, grams[leader].sum, x_mean, job.spec, grid=job.awq_grid, duo=job.awq_duo, expand=group.expand
-                )
-                scales = found.scales.float().contiguous()
-                hessian = grams[leader].hessian(total_count=total_rows)
-            else:
-                scales = torch.empty(group.slots(layer), dtype=torch.float32, device=self.device)
-                hessian = None
-            del grams, means
-            timings["solve"] += time.perf_counter() - t
-            t = time.perf_counter()
-            if self.group_ready:
-                dist.broadcast(scales, src=owner)
-            timings["broadcast"] += time.perf_counter() - t
-            searched.append((group, owner, scales, found, hessian))
-
-        floats: dict[str, torch.Tensor] = {}
-        for group, owner, scales, found, hessian in searched:
-            changed = fold_scales(layer, group, scales)
-            entries = []
-            for name in changed:
-                if name in linear_weights:
-                    continue  # a quantized linear (v_proj / up_proj rows): stored as its result
-                tensor = layer.get_parameter(name).data
-                floats[name] = tensor
-                if owner == self.rank:
-                    entries.append(self._store_float(b, name, tensor, group))
-            if owner == self.rank:
-                owned[group.linears[0]] = {
-                    "hessian": scale_gram(hessian, column_scales(group, scales)),
-                    "params": {
-                        "awq_alpha": found.alpha,
-                        "awq_duo_chosen": found.duo,
-                        "awq_grid": job.awq_grid,
-                        "awq_duo": job.awq_duo,
-                        "awq_clip": job.awq_clip and job.method == "awq",
-                        "awq_clip_search": job.awq_clip_search,
-                        "awq_prev": group.prev,
-                        "awq_search_gain": 1.0 - found.loss / found.loss_identity if found.loss_identity > 0 else 0.0,
-                    },
-                    "float_results": entries,
-                }
-                if group.offset:  # the norm computes x̂ · (offset + w)
-                    owned[group.linears[0]]["params"]["awq_prev_offset"] = group.offset
-        return floats, owned
-
-    def _unfolded_entry(self, why: str, hessian: torch.Tensor) -> dict:
-        """The owner's record of a group that AWQ leaves unscaled: its Hessian (for the clip
-        search), s = 1, and why (kept in every result of the group)."""
-        job = self.job
-        return {
-            "hessian": hessian,
-            "params": {
-                "awq_alpha": -1.0,
-                "awq_duo_chosen": False,
-                "awq_grid": job.awq_grid,
-                "awq_duo": job.awq_duo,
-                "awq_clip": job.awq_clip and job.method == "awq",
-                "awq_clip_search": job.awq_clip_search,
-                "awq_prev": None,
-                "awq_unfolded": why,
-                "awq_search_gain": 0.0,
-            },
-            "float_results": [],
-        }
-
-    def _store_float(self, b: int, name: str, tensor: torch.Tensor, group) -> dict:
-        full_name = f"{self.layers_path}.{b}.{name}"
-        data = float_to_bytes(full_name, tensor, {"method": self.job.method, "folded_from": group.linears})
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.float.safetensors"
-        digest = self._uploads.put(key, data)
-        return {
-            "name": full_name,
-            "key": key,
-            "sha256": digest,
-            "bytes": len(data),
-            "shape": list(tensor.shape),
-            "dtype": "float32",
-        }
-
-    def _group_parts(
+    def group_parts(
         self, b: int, names: list[str], linears: dict[str, nn.Linear], gram: torch.Tensor | None
     ) -> list[Part]:
         """Each linear of a group with its grid (``job.spec_for``) and whether it stays 16-bit:
@@ -1322,60 +566,9 @@ class BlockWorker:
             parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
         return parts
 
-    def _store_result(self, b, name, result, weight, dequant, hessian, output_error: float | None = None) -> dict:
-        full_name = f"{self.layers_path}.{b}.{name}"
-        data = result_to_bytes(result)
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.safetensors"
-        digest = self._uploads.put(key, data)  # written while the worker goes on; waited for before any record
-        info = {
-            "name": full_name,
-            "key": key,
-            "sha256": digest,
-            "bytes": len(data),
-            "shape": list(result.shape),
-            **_grid_fields(result),
-            "weight_rel_error": float((weight - dequant).pow(2).sum() / weight.pow(2).sum().clamp(min=1e-30)),
-        }
-        params = getattr(result, "params", {})
-        if "damp_used" in params:  # GPTQ: the damping the Cholesky needed, and the inputs it zeroed (H[k, k] = 0)
-            info["damp"] = float(params["damp"])
-            info["damp_used"] = float(params["damp_used"])
-            info["dead_inputs"] = int(params.get("dead_inputs", 0))
-        if output_error is not None:  # summed from the workers' shares (split solves)
-            info["output_rel_error"] = output_error
-        elif hessian is not None:
-            info["output_rel_error"] = relative_output_error(weight, dequant, hessian)
-        return info
-
     def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
-        return self._read_results(b, record)
-
-    def _store_activations(self, b: int, name: str, gram: torch.Tensor, tokens: int) -> dict:
-        """The linear's input statistics for an importance matrix: in_sum2[k] = Σ_t x_tk² over the
-        run's calibration tokens (all workers'), = diag(H)·n/2 for H = 2·XᵀX/n; float32 [K]."""
-        full_name = f"{self.layers_path}.{b}.{name}"
-        in_sum2 = torch.diagonal(gram).double() * (tokens / 2.0)
-        data = float_to_bytes(f"{full_name}.in_sum2", in_sum2.float(), {"tokens": int(tokens)})
-        key = f"{self.job.run_prefix}/blocks/{b:05d}/{full_name}.activations.safetensors"
-        digest = self._uploads.put(key, data)
-        return {"key": key, "sha256": digest, "tokens": int(tokens), "in_features": int(gram.shape[0])}
-
-    def _read_results(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Dequantized weights and folded float tensors of a finished block, hash-checked."""
-        prefix = f"{self.layers_path}.{b}."
-        weights, floats = {}, {}
-        for entry in record["results"]:
-            data = self.store.get_bytes(entry["key"])
-            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise ValueError(f"stored result {entry['key']} does not match its record")
-            weights[entry["name"][len(prefix) :]] = result_from_bytes(data).dequantize().to(self.device)
-            for f in entry.get("float_results", []):
-                data = self.store.get_bytes(f["key"])
-                if hashlib.sha256(data).hexdigest() != f["sha256"]:
-                    raise ValueError(f"stored float result {f['key']} does not match its record")
-                floats[f["name"][len(prefix) :]] = load_safetensors(data)[f["name"]].to(self.device)
-        return weights, floats
+        return read_block_results(self.store, f"{self.layers_path}.{b}.", record, self.device)
 
     def store_sees(self, key: str, nonce: str) -> bool:
         """Whether this worker reads ``nonce`` in the store's JSON object ``key`` (the driver's
@@ -1390,78 +583,3 @@ class BlockWorker:
         if self.group_ready:
             dist.destroy_process_group()
             self.group_ready = False
-
-
-def collect_hessians(
-    layer: nn.Module,
-    batches: list[tuple[torch.Tensor, dict]],
-    leaders: list[str],
-    dtype: torch.dtype,
-    stop_early: bool = False,
-    passes: StagePasses | None = None,
-    outputs: list[torch.Tensor] | None = None,
-    output_dtype: torch.dtype = torch.float32,
-) -> dict[str, HessianAccumulator]:
-    """Σ xᵀx of the inputs of the named linears over all batches.
-
-    With ``stop_early`` the forward of a batch stops as soon as every named linear has seen
-    its input, so a stage early in the block costs only the part of the block before it;
-    with ``passes`` a stage's pass starts from what the previous stage's pass kept.
-    ``outputs`` (a list, full passes only) receives each batch's block output in ``output_dtype``.
-    """
-    return _collect_stats(
-        layer, batches, leaders, dtype, stop_early, passes=passes, outputs=outputs, output_dtype=output_dtype
-    )[0]
-
-
-def _collect_stats(
-    layer: nn.Module,
-    batches: list[tuple[torch.Tensor, dict]],
-    leaders: list[str],
-    dtype: torch.dtype,
-    stop_early: bool = False,
-    abs_means: bool = False,
-    passes: StagePasses | None = None,
-    outputs: list[torch.Tensor] | None = None,
-    output_dtype: torch.dtype = torch.float32,
-) -> tuple[dict[str, HessianAccumulator], dict[str, AbsMeanAccumulator]]:
-    """Σ xᵀx (and with ``abs_means`` Σ|x| per channel) of the named linears' inputs."""
-    if outputs is not None and (stop_early or passes is not None):
-        raise ValueError("block outputs are kept only by full passes")
-    linears = block_linears(layer)
-    # sums live where the block runs (a GPU worker reduces them there)
-    dev = {name: linears[name].weight.device for name in leaders}
-    accs = {name: HessianAccumulator(linears[name].in_features, dev[name], dtype) for name in leaders}
-    means = {name: AbsMeanAccumulator(linears[name].in_features, dev[name]) for name in leaders} if abs_means else {}
-    seen: set[str] = set()
-
-    def hook(name):
-        def fn(_module, args):
-            accs[name].add(args[0])
-            if abs_means:
-                means[name].add(args[0])
-            seen.add(name)
-            if stop_early and len(seen) == len(leaders):
-                raise _StopForward
-
-        return fn
-
-    if not batches:
-        raise ValueError("this worker holds no calibration samples")
-    hooks = [linears[name].register_forward_pre_hook(hook(name)) for name in leaders]
-    try:
-        for i, (hidden, kwargs) in enumerate(batches):
-            seen.clear()
-            try:
-                if passes is None:
-                    y = run_block(layer, hidden.float(), kwargs)  # hidden states may be kept in fp16/bf16
-                    if outputs is not None:
-                        outputs.append(y.to(output_dtype))
-                else:
-                    passes.run(i, hidden.float(), kwargs, leaders)
-            except _StopForward:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
-    return accs, means

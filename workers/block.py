@@ -99,13 +99,32 @@ class BlockTrace:
     same input tensor (q/k/v, gate/up …; a fused qkv_proj alone), in execution order;
     ``feeders``: per group, the module of the block whose output *is* that input tensor (the
     norm before q/k/v or gate/up), or None when the input is computed in the module's own
-    code (attention output, act(gate)·up); ``unreached``: linears the batch never reached.
+    code (attention output, act(gate)·up); ``unreached``: linears the batch never reached;
+    ``score_rows``: per linear, the output rows (ranges) that feed the attention scores Q·Kᵀ
+    (:func:`attention_score_rows`); ``returns``: (module, linear, extra) for each submodule
+    whose output *is* a linear's output (``extra``: None for a bare tensor, else how many
+    ``None`` follow it in the returned tuple, as an attention returns (output, None));
+    ``reads``: (module, group index) for each submodule whose first argument *is* a group's
+    input (the MLP reads the gate/up input).
     """
 
     order: tuple[str, ...]
     groups: tuple[tuple[str, ...], ...]
     feeders: tuple[str | None, ...]
     unreached: tuple[str, ...]
+    score_rows: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    returns: tuple[tuple[str, str, int | None], ...] = ()
+    reads: tuple[tuple[str, int], ...] = ()
+
+    def score_rows_of(self, names: list[str], rows: dict[str, int]) -> list[tuple[int, int]]:
+        """The score rows of a stacked group (``names`` with ``rows`` output rows each), as
+        ranges of the stack's rows."""
+        own = dict(self.score_rows)
+        out, at = [], 0
+        for n in names:
+            out.extend((at + a, at + b) for a, b in own.get(n, ()))
+            at += rows[n]
+        return out
 
 
 def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTrace:
@@ -135,8 +154,16 @@ def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTr
 
         return fn
 
+    linear_out: dict[str, weakref.ref] = {}
+    returns: list[tuple[str, str, int | None]] = []
+    reads: list[tuple[str, int]] = []
+
     def post(name):
-        def fn(_module, _args, out):
+        def fn(_module, args, out):
+            if name in linears:
+                linear_out[name] = weakref.ref(out)
+            else:
+                _note_module(name, args, out, seen, linear_out, returns, reads)
             if not isinstance(out, torch.Tensor):
                 return
             known = produced.get(id(out))
@@ -166,7 +193,103 @@ def trace_block(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> BlockTr
         groups=tuple(tuple(names) for _, names in seen),
         feeders=tuple(feeders),
         unreached=tuple(n for n in linears if n not in order),
+        score_rows=tuple(attention_score_rows(layer, sample, kwargs).items()),
+        returns=tuple(returns),
+        reads=tuple(reads),
     )
+
+
+def _note_module(name, args, out, seen, linear_out, returns, reads) -> None:
+    """:func:`trace_block`'s record of a non-linear submodule: whether its output is a linear's
+    output (bare, or first of a tuple whose other items are None) and whether its first
+    argument is a group's input."""
+    first = out[0] if isinstance(out, tuple) and out else out
+    extra = None if isinstance(out, torch.Tensor) else len(out) - 1 if isinstance(out, tuple) else -1
+    if extra != -1 and (extra is None or all(o is None for o in out[1:])):
+        hit = next((n for n, ref in linear_out.items() if ref() is first), None)
+        if hit is not None:
+            returns.append((name, hit, extra))
+    if args:
+        hit = next((i for i, (tensor, _) in enumerate(seen) if tensor is args[0]), None)
+        if hit is not None:
+            reads.append((name, hit))
+
+
+class _Scores(torch.overrides.TorchFunctionMode):
+    """Catches the first attention-score product of a forward (the query and key of
+    ``scaled_dot_product_attention``, or a 4-D ``matmul`` of eager attention) and stops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.qk = (args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"])
+            raise _Stop
+        if func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and all(
+            isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]
+        ):
+            self.qk = (args[0], args[1])
+            raise _Stop
+        return func(*args, **kwargs)
+
+
+def attention_score_rows(
+    layer: nn.Module, sample: torch.Tensor, kwargs: dict
+) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Per linear, the ranges of its output rows that the attention scores Q·Kᵀ depend on.
+
+    The block runs (with gradients) until its attention forms the scores; the gradient of
+    a random projection of Q and K reaches exactly the output channels of the linears that feed them: all of
+    q_proj and k_proj in a Llama block, the q and k rows of a fused qkv_proj (Phi-3), none of
+    v_proj or of the linears after the attention. Linears whose outputs never reach the scores
+    are left out; a block without attention gives {}.
+    """
+    outputs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def fn(_module, _args, out):
+            outputs[name] = out
+
+        return fn
+
+    linears = block_linears(layer)
+    hooks = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+    mode = _Scores()
+    try:
+        with torch.enable_grad(), mode:
+            sample = sample.detach().requires_grad_()  # every later tensor is in the graph
+            try:
+                layer(sample, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if mode.qk is None:
+        return {}
+    names = [n for n in outputs if outputs[n].requires_grad]
+    # random weights, not a plain sum: a norm inside the attention (q_norm) can make Σ Q constant
+    gen = torch.Generator(device=mode.qk[0].device).manual_seed(0)
+    probe = sum((t * torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)).sum() for t in mode.qk)
+    grads = torch.autograd.grad(probe, [outputs[n] for n in names], allow_unused=True)
+    found = {}
+    for n, g in zip(names, grads):
+        if g is None:
+            continue
+        reached = (g.reshape(-1, g.shape[-1]) != 0).any(0).tolist()
+        ranges, start = [], None
+        for i, hit in enumerate([*reached, False]):
+            if hit and start is None:
+                start = i
+            elif not hit and start is not None:
+                ranges.append((start, i))
+                start = None
+        if ranges:
+            found[n] = tuple(ranges)
+    return found
 
 
 def shared_input_groups(layer: nn.Module, sample: torch.Tensor, kwargs: dict) -> list[list[str]]:
@@ -182,18 +305,50 @@ def run_block(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
     return out[0] if isinstance(out, tuple) else out
 
 
-# the true-sequential stages of a Llama-layout block (Llama, Mistral, Qwen2/3), by linear
-LLAMA_STAGES = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+@dataclass(frozen=True)
+class StageLayout:
+    """The modules the stage passes stand in for, found by :func:`stage_layout`: the attention
+    module (its output is ``o``'s output, followed by ``attn_extra`` Nones) and the MLP module
+    (its input is the ``gate`` group's input, its output is ``down``'s output)."""
+
+    attn: str
+    o: str
+    attn_extra: int | None
+    mlp: str
+    gate: str
+    down: str
+
+
+def stage_layout(trace: BlockTrace, stages: list[list[list[str]]]) -> StageLayout | None:
+    """The layout of a true-sequential block whose four stages are, by the traced structure,
+    attention-in (q/k/v or a fused qkv) → attention-out → MLP-in (gate/up or a fused gate_up) →
+    MLP-out: each stage one group, the attention module returning the second stage's linear's
+    output and enclosing the first's, the MLP module reading the third stage's input, returning
+    the fourth's output and enclosing both. None when the block has another shape (names play
+    no part: Llama, Qwen, Mistral, Gemma 3 and Phi-3 all have this one)."""
+    if len(stages) != 4 or any(len(stage) != 1 for stage in stages):
+        return None
+    (qkv,), (o_group,), (gate_group,), (down_group,) = stages
+    if len(o_group) != 1 or len(down_group) != 1:
+        return None
+    o, down = o_group[0], down_group[0]
+    gate_index = next((i for i, g in enumerate(trace.groups) if list(g) == list(gate_group)), None)
+
+    def inside(module: str, names) -> bool:
+        return all(n.startswith(module + ".") for n in names)
+
+    attn = next((m for m, n, _ in trace.returns if n == o and inside(m, [*qkv, o])), None)
+    reads = {m for m, i in trace.reads if i == gate_index}
+    mlp = next((m for m, n, x in trace.returns if n == down and x is None and m in reads), None)
+    if attn is None or mlp is None or not inside(mlp, [*gate_group, down]) or inside(attn, [down]):
+        return None
+    extra = next(x for m, n, x in trace.returns if m == attn and n == o)
+    return StageLayout(attn, o, extra, mlp, gate_group[0], down)
 
 
 class StagePasses:
-    """The forward passes of one true-sequential Llama-layout block, each reusing what the
-    pass before it computed: about one forward of the block for all four stages' statistics
+    """The forward passes of one true-sequential block (:class:`StageLayout`), each reusing what
+    the pass before it computed: about one forward of the block for all four stages' statistics
     and the propagation, instead of 0 + ¾ + … of a forward per stage plus a full one.
 
     The stages quantize q/k/v, then o, then gate/up, then down; stage s's statistics need the
@@ -211,30 +366,23 @@ class StagePasses:
     running the whole block each time (tests/test_scaleout.py compares the bytes).
     """
 
-    def __init__(self, layer: nn.Module, n_batches: int):
-        self.layer = layer
+    def __init__(self, layer: nn.Module, n_batches: int, layout: StageLayout):
+        self.layer, self.layout = layer, layout
         self.current = 0
         self.o_in: list[torch.Tensor | None] = [None] * n_batches
         self.mlp_in: list[torch.Tensor | None] = [None] * n_batches
         self.down_in: list[torch.Tensor | None] = [None] * n_batches
         modules = dict(layer.named_modules())
+        self.attn, self.mlp = modules[layout.attn], modules[layout.mlp]
+        self.o_proj, self.down_proj = modules[layout.o], modules[layout.down]
         self._hooks = [
             modules[name].register_forward_pre_hook(self._keep(store))
-            for name, store in (
-                ("self_attn.o_proj", self.o_in),
-                ("mlp.gate_proj", self.mlp_in),
-                ("mlp.down_proj", self.down_in),
-            )
+            for name, store in ((layout.o, self.o_in), (layout.gate, self.mlp_in), (layout.down, self.down_in))
         ]
 
-    @staticmethod
-    def applies(layer: nn.Module, stages: list[list[list[str]]]) -> bool:
-        """Whether ``stages`` (each a list of shared-input groups) are the four Llama stages of
-        a layer with the attention / MLP modules the stand-ins replace."""
-        names = {n for n, _ in layer.named_modules()}
-        if not {"self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj"} <= names:
-            return False
-        return [g for stage in stages for g in stage] == LLAMA_STAGES and all(len(s) == 1 for s in stages)
+    def _attn_answer(self, i: int):
+        out = self.o_proj(self.o_in[i])
+        return out if self.layout.attn_extra is None else (out, *[None] * self.layout.attn_extra)
 
     def _keep(self, store: list):
         def fn(_module, args):
@@ -253,10 +401,10 @@ class StagePasses:
         pre-hooks stop the pass once they have seen their input)."""
         self.current = i
         with torch.no_grad():
-            if leaders == ["mlp.down_proj"] and self.mlp_in[i] is not None:
-                self.layer.mlp(self.mlp_in[i])
-            elif leaders == ["mlp.gate_proj"] and self.o_in[i] is not None:
-                with _answers(self.layer.self_attn, lambda: (self.layer.self_attn.o_proj(self.o_in[i]), None)):
+            if leaders == [self.layout.down] and self.mlp_in[i] is not None:
+                self.mlp(self.mlp_in[i])
+            elif leaders == [self.layout.gate] and self.o_in[i] is not None:
+                with _answers(self.attn, lambda: self._attn_answer(i)):
                     run_block(self.layer, hidden, kwargs)
             else:
                 run_block(self.layer, hidden, kwargs)
@@ -265,10 +413,9 @@ class StagePasses:
         """Batch ``i``'s output of the block with every stage's weights final."""
         if self.o_in[i] is None or self.down_in[i] is None:
             return run_block(self.layer, hidden, kwargs)
-        attn, mlp = self.layer.self_attn, self.layer.mlp
         with (
-            _answers(attn, lambda: (attn.o_proj(self.o_in[i]), None)),
-            _answers(mlp, lambda: mlp.down_proj(self.down_in[i])),
+            _answers(self.attn, lambda: self._attn_answer(i)),
+            _answers(self.mlp, lambda: self.down_proj(self.down_in[i])),
         ):
             return run_block(self.layer, hidden, kwargs)
 

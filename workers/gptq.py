@@ -22,6 +22,15 @@ parameters from the original weights, g_idx = k // G) or without (groups along t
 processing order, g_idx non-monotone); group scales from min/max or an MSE shrink
 search; a partial last group when K % G ≠ 0. Dead inputs (diag(H) = 0) get weight 0.
 When the Cholesky fails, the damping λ is multiplied by 10 and retried.
+
+``diag_shrink`` α (:func:`shrink_to_diagonal`) solves with H_α = (1 − α)·H + α·diag(H): the
+off-diagonal correlations of the calibration inputs, which the error feedback exploits and
+which carry the calibration text's style, count (1 − α); the per-channel importance stays.
+
+``mse_weight`` "hessian": the MSE scale search minimises Σ_k H[k, k]·|ŵ_k − w_k|^p per row and
+group instead of the unweighted sum (the importance-weighted search of llama.cpp's imatrix),
+from the original weights with static groups, from the compensated ones otherwise. Note that
+``diag_shrink`` changes H's off-diagonal only, so it does not change these weights.
 """
 
 from __future__ import annotations
@@ -58,6 +67,17 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float, max_tries: int =
                 return upper.to(torch.float32), lam
         lam *= 10.0
     raise ValueError(f"Hessian is not positive definite even with damping {lam / 10:g}")
+
+
+def shrink_to_diagonal(hessian: torch.Tensor, alpha: float) -> torch.Tensor:
+    """H_α = (1 − α)·H + α·diag(H), a new tensor: the off-diagonal entries scaled by (1 − α), the
+    diagonal unchanged. α = 0 is GPTQ's H; α = 1 leaves only the per-input importance (no error
+    feedback between columns: importance-weighted rounding). Positive definite whenever H is."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"diag_shrink must lie in [0, 1], got {alpha}")
+    out = hessian * (1.0 - alpha)
+    out.diagonal().copy_(hessian.diagonal())
+    return out
 
 
 def output_error_terms(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -216,6 +236,8 @@ def gptq_quantize(
     mse_grid: int = 0,
     max_rows: int | None = None,
     cuda_graphs: bool | None = None,
+    diag_shrink: float = 0.0,
+    mse_weight: str = "uniform",
 ) -> QuantizedLinear:
     """Quantize W [N, K] with the Hessian H [K, K] of its input; see the module docstring.
 
@@ -246,6 +268,10 @@ def gptq_quantize(
         raise ValueError("cuda_graphs needs the weight on a CUDA device")
     if max_rows is None and weight.device.type == "cpu":
         max_rows = max(64, _CPU_WORKING_BYTES // (16 * weight.shape[1]))
+    if mse_weight not in ("uniform", "hessian"):
+        raise ValueError(f"mse_weight must be uniform or hessian, got {mse_weight!r}")
+    if diag_shrink:
+        hessian = shrink_to_diagonal(hessian, diag_shrink)
     # One intra-op thread: LAPACK's Cholesky rounds differently with 1 and 2 threads (K ≥ 352),
     # which flipped a few codes between a 1-worker run (2 threads) and a 2-worker run (1 each);
     # the per-column ops are too small to gain from threads anyway.
@@ -257,6 +283,7 @@ def gptq_quantize(
             codes, scales, zeros, g_idx, perm, lam, dead = _solve(
                 weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows,
                 (weight.device.type == "cuda" and CUDA_GRAPHS_DEFAULT) if cuda_graphs is None else cuda_graphs,
+                mse_weight,
             )  # fmt: skip
     finally:
         if threads != 1:
@@ -278,6 +305,8 @@ def gptq_quantize(
             "act_order": act_order,
             "static_groups": static_groups,
             "mse_grid": mse_grid,
+            "diag_shrink": diag_shrink,
+            "mse_weight": mse_weight,
             "dead_inputs": dead,
         },
     )
@@ -298,7 +327,19 @@ def _reversed_hessian(hessian: torch.Tensor, rev: torch.Tensor, dead: torch.Tens
     return out
 
 
-def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, mse_grid, max_rows, graphs=False):
+def _solve(
+    weight,
+    hessian,
+    spec,
+    damp,
+    block_size,
+    act_order,
+    static_groups,
+    mse_grid,
+    max_rows,
+    graphs=False,
+    mse_weight="uniform",
+):
     """The body of :func:`gptq_quantize`: (codes, fp16 scales, uint8 zeros, g_idx, perm, λ, dead)."""
     n_rows, n_cols = weight.shape
     dev = weight.device
@@ -343,6 +384,7 @@ def _solve(weight, hessian, spec, damp, block_size, act_order, static_groups, ms
             act_order and static_groups,
             mse_grid,
             graphs,
+            diag_h if mse_weight == "hessian" else None,
         )
         codes[r0:r1, perm] = codes_t.t().to(torch.uint8)
         del codes_t
@@ -416,9 +458,12 @@ class _SubBatchGraph:
         wt[j1:j2].copy_(self.wt)
 
 
-def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, static_params, mse_grid, graphs=False):
+def _solve_rows(
+    weight, feedback, dead, perm, pos_group, spec, block_size, static_params, mse_grid, graphs=False, col_weight=None
+):
     """One chunk of rows through the column loop: (codes ᵀ [K, rows] in processing order as
-    fp32, scales [rows, nG], zeros [rows, nG]). ``perm`` None: the original column order."""
+    fp32, scales [rows, nG], zeros [rows, nG]). ``perm`` None: the original column order.
+    ``col_weight`` [K] (original order): the scale search's per-input weights (None: uniform)."""
     n_rows, n_cols = weight.shape
     dev = weight.device
     n_groups = len(group_slices(n_cols, spec))
@@ -432,7 +477,8 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
     w0t = (w if perm is None else w[:, perm]).t().contiguous()
     if static_params:
         for g, (start, end) in enumerate(group_slices(n_cols, spec)):
-            scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid)
+            c = None if col_weight is None else col_weight[start:end]
+            scales[:, g], zeros[:, g] = group_params(w[:, start:end], spec, mse_grid=mse_grid, col_weight=c)
             ready[g] = True
     del w  # W0ᵀ (processing order) is the copy kept from here on
     wt = w0t.clone()  # accumulates the feedback: row j ends as w̃_j
@@ -440,6 +486,7 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
     codes_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)
     resid_t = torch.empty(n_cols, n_rows, dtype=torch.float32, device=dev)  # w − ŵ
     pos_group_list = pos_group.tolist()
+    weight_p = None if col_weight is None else (col_weight if perm is None else col_weight[perm])
     maxq = float(spec.maxq)
     sym_zero = float(spec.sym_zero) if spec.sym else None
     sub = _SUB_BATCH
@@ -452,7 +499,8 @@ def _solve_rows(weight, feedback, dead, perm, pos_group, spec, block_size, stati
         error-compensated weights of its columns (the last group may be partial)."""
         end = min((g + 1) * group_len, n_cols)
         current = _compensated(wt, w0t, resid_t, feedback, pos, end, i1, i2, j1, j2)
-        scales[:, g], zeros[:, g] = group_params(current.t(), spec, mse_grid=mse_grid)
+        c = None if weight_p is None else weight_p[pos:end]
+        scales[:, g], zeros[:, g] = group_params(current.t(), spec, mse_grid=mse_grid, col_weight=c)
         ready[g] = True
 
     g_cur, s, lo, hi = -1, None, None, None

@@ -67,9 +67,16 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
 
 
 def group_params(
-    w: torch.Tensor, spec: QuantSpec, mse_grid: int = 0, mse_min_shrink: float = 0.75, norm: float = 2.4
+    w: torch.Tensor,
+    spec: QuantSpec,
+    mse_grid: int = 0,
+    mse_min_shrink: float = 0.75,
+    norm: float = 2.4,
+    col_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero per row for the group w [N, g]; min/max, or the best shrink of it."""
+    """Scale and zero per row for the group w [N, g]; min/max, or the best shrink of it, the shrink
+    minimising Σ_k c_k·|ŵ_k − w_k|^norm per row, c = ``col_weight`` [g] (None: c_k = 1). With c the
+    input's H diagonal (mean x²) this is the importance-weighted search llama.cpp's imatrix runs."""
     scale, zero = minmax_params(w, spec)
     if mse_grid <= 0:
         return scale, zero
@@ -80,7 +87,8 @@ def group_params(
     for i in range(steps + 1):
         shrink = 1.0 - i / mse_grid
         s, z = minmax_params(w, spec, shrink)
-        err = (dequantize(quantize(w, s, z, spec.maxq), s, z) - w).abs().pow(norm).sum(dim=1)
+        err = (dequantize(quantize(w, s, z, spec.maxq), s, z) - w).abs().pow(norm)
+        err = err.sum(dim=1) if col_weight is None else err @ col_weight
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, s, best_scale)

@@ -166,7 +166,7 @@ def quantize_group(
 
     ``hessian`` is H [K, K] of the input (needed by gptq / awq_gptq / gptq_nf4 and by awq's
     clip search). ``options`` (all optional): damp, block_size, act_order, static_groups,
-    mse_grid, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
+    mse_grid, mse_weight, diag_shrink, true_sequential (GPTQ); awq_clip, awq_grid, awq_clip_search, awq_no_clip_rows [(start, end)]
     (AWQ); nf4_blocksize, double_quant (NF4); fp8_type, fp8_block (FP8).
     """
     if method in HESSIAN_METHODS and hessian is None:
@@ -184,6 +184,8 @@ def quantize_group(
             act_order=bool(options.get("act_order", False)),
             static_groups=bool(options.get("static_groups", True)),
             mse_grid=mse_grid,
+            diag_shrink=float(options.get("diag_shrink", 0.0)),
+            mse_weight=str(options.get("mse_weight", "uniform")),
         )
         result.params["true_sequential"] = bool(options.get("true_sequential", True))
         return result
@@ -274,8 +276,10 @@ def quantize_parts(
         if "awq_no_clip_rows" in options:  # re-map the no-clip rows onto this sub-stack
             no_clip, at = [], 0
             for i in idx:
-                if any(s <= starts[i] and starts[i] + parts[i].rows <= e for s, e in options["awq_no_clip_rows"]):
-                    no_clip.append((at, at + parts[i].rows))
+                lo, hi = starts[i], starts[i] + parts[i].rows
+                for s, e in options["awq_no_clip_rows"]:  # a range may cover part of a linear (fused q/k/v)
+                    if max(s, lo) < min(e, hi):
+                        no_clip.append((at + max(s, lo) - lo, at + min(e, hi) - lo))
                 at += parts[i].rows
             opts["awq_no_clip_rows"] = no_clip
         result = quantize_group(method, stacked, hessian, spec, opts)

@@ -182,3 +182,17 @@ def plan_solves(
     low = min(work)
     load[:] = [w - low for w in work]
     return plans
+
+
+def reduce_order(stage: list[list[str]], owner_of: dict[tuple, int]) -> list[list[str]]:
+    """The groups of a stage in the order their sums are reduced: every owner's first group,
+    then every owner's second, and so on (stage order within an owner and among equals), so
+    no owner waits for other owners' groups before it can start on its first. Decided from
+    the stage and the owners alone: every worker issues the same order."""
+    nth: dict[int, int] = {}
+    keyed = []
+    for i, names in enumerate(stage):
+        owner = owner_of[tuple(names)]
+        keyed.append((nth.get(owner, 0), i, names))
+        nth[owner] = nth.get(owner, 0) + 1
+    return [names for _, _, names in sorted(keyed, key=lambda k: (k[0], k[1]))]

@@ -45,7 +45,8 @@ peer_venv() {  # GPTQModel, a real reader of GPTQ/AWQ checkpoints, in a venv of 
 }
 
 fixtures() {
-  apt_install r-cran-janeaustenr   # Austen's novels (calibration and held-out text)
+  # Austen (calibration and held-out text), the KJV (off-domain held-out text), fortunes (calibration mix)
+  apt_install r-cran-janeaustenr bible-kjv bible-kjv-text fortunes
   "$VENV/bin/strata" fixtures
 }
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from strata_quant.pipeline.formats.base import IntegerSafetensorsFormat, unquantized_linears
+from strata_quant.pipeline.formats.moe import DefusedExperts
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble p of a word holds column 8c + ORDER[p]
@@ -117,3 +119,25 @@ def quantization_config(spec: QuantSpec) -> dict:
         "version": "gemm",
         "modules_to_not_convert": None,
     }
+
+
+class AWQFormat(DefusedExperts, IntegerSafetensorsFormat, name="awq"):
+    """AWQ GEMM safetensors (4-bit, zero point); unquantized linears in ``modules_to_not_convert``
+    (under the names the reader loads: a MoE's for GPTQModel)."""
+
+    verifier = "verify_awq"
+    suffix = "awq"
+    loader = "transformers AutoModelForCausalLM with autoawq / GPTQModel's AWQ kernels"
+    quantize_config_file = True
+
+    def check(self, result: QuantizedLinear, options) -> None:
+        check_storable(result)
+
+    def pack_linear(self, result: QuantizedLinear, module: str) -> dict[str, torch.Tensor]:
+        return pack_linear(result, module)
+
+    def quantization_config(self, reader, results) -> dict:
+        qcfg = quantization_config(self.first.spec)
+        kept = [self.rename.get(m, m) for m in unquantized_linears(reader, results)]
+        qcfg["modules_to_not_convert"] = kept or None
+        return qcfg

@@ -31,10 +31,15 @@ from pathlib import Path
 
 import torch
 
+from strata_quant.pipeline.formats.base import (
+    DTYPE_NAMES,
+    SafetensorsFormat,
+    checkpoint_float_dtype,
+    unquantized_linears,
+)
 from strata_quant.workers.nf4 import NF4_LEVELS, NF4Linear, dynamic_map, unpack_nibbles
 
 QS_KEY = "quant_state.bitsandbytes__nf4"
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 def _json_tensor(obj: dict) -> torch.Tensor:
@@ -46,7 +51,7 @@ def linear_tensors(result: NF4Linear, prefix: str, dtype: torch.dtype = torch.fl
     state = {
         "quant_type": "nf4",
         "blocksize": result.blocksize,
-        "dtype": _DTYPE_NAMES[dtype],
+        "dtype": DTYPE_NAMES[dtype],
         "shape": list(result.shape),
     }
     out = {
@@ -128,8 +133,8 @@ def export_model(
         tensors.update(linear_tensors(result, name, dtype))  # quant state stays float32
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
-    config["dtype"] = _DTYPE_NAMES[dtype]
-    config["quantization_config"] = quantization_config(dq.pop() if dq else True, _DTYPE_NAMES[dtype])
+    config["dtype"] = DTYPE_NAMES[dtype]
+    config["quantization_config"] = quantization_config(dq.pop() if dq else True, DTYPE_NAMES[dtype])
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for f in src.iterdir():
         if f.is_file() and (
@@ -137,3 +142,37 @@ def export_model(
         ):
             shutil.copy(f, out / f.name)
     return out
+
+
+class BitsandbytesFormat(SafetensorsFormat, name="bitsandbytes", methods=("nf4", "gptq_nf4")):
+    """A bitsandbytes NF4 checkpoint (transformers ``load_in_4bit``): each NF4 result as the
+    packed codes, absmax (nested with double quant), maps and quant state; the dequantized dtype
+    is the checkpoint's float dtype; linears left unquantized go in ``llm_int8_skip_modules``."""
+
+    verifier = "verify_bitsandbytes"
+    suffix = "bnb-nf4"
+    loader = "transformers AutoModelForCausalLM with bitsandbytes (load_in_4bit)"
+    bias_dtype = None
+
+    def __init__(self) -> None:
+        self.double_quant: set[bool] = set()
+        self.dtype: torch.dtype | None = None
+
+    def pack(self, result, module: str) -> dict[str, torch.Tensor]:
+        if not isinstance(result, NF4Linear):
+            raise ValueError(f"bitsandbytes output holds NF4 results, got {type(result).__name__}")
+        self.double_quant.add(result.double_quant)
+        if len(self.double_quant) > 1:
+            raise ValueError("double-quantized and plain NF4 linears cannot share one quantization_config")
+        return linear_tensors(result, module, self.dtype)
+
+    def write(self, reader, results, dest, options):
+        self.dtype = checkpoint_float_dtype(reader)
+        return super().write(reader, results, dest, options)
+
+    def quantization_config(self, reader, results) -> dict:
+        skip = ["lm_head", *unquantized_linears(reader, results)]
+        return quantization_config(next(iter(self.double_quant)), DTYPE_NAMES[self.dtype], skip)
+
+    def config_dtype(self, reader) -> torch.dtype:
+        return self.dtype

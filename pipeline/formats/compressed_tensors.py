@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 
+from strata_quant.pipeline.formats.base import IntegerSafetensorsFormat, unquantized_linears
 from strata_quant.pipeline.formats.gptq import pack_bits, unpack_bits
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
@@ -143,3 +144,22 @@ def quantization_config(spec: QuantSpec, params: dict | None = None) -> dict:
         "global_compression_ratio": None,
         "sparsity_config": {},
     }
+
+
+class CompressedTensorsFormat(IntegerSafetensorsFormat, name="compressed-tensors"):
+    """compressed-tensors "pack-quantized" safetensors of integer results; unquantized linears under ``ignore``."""
+
+    verifier = "verify_compressed_tensors"
+    suffix = "compressed-tensors"
+    loader = "transformers AutoModelForCausalLM with compressed-tensors (vLLM)"
+
+    def check(self, result: QuantizedLinear, options) -> None:
+        check_storable(result)
+
+    def pack_linear(self, result: QuantizedLinear, module: str) -> dict[str, torch.Tensor]:
+        return pack_linear(result, module)
+
+    def quantization_config(self, reader, results) -> dict:
+        qcfg = quantization_config(self.first.spec, self.first.params)
+        qcfg["ignore"] = ["lm_head", *unquantized_linears(reader, results)]
+        return qcfg

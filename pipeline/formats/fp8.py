@@ -24,6 +24,11 @@ from pathlib import Path
 
 import torch
 
+from strata_quant.pipeline.formats.base import (
+    SafetensorsFormat,
+    checkpoint_float_dtype,
+    unquantized_linears,
+)
 from strata_quant.workers.fp8 import FP8Linear
 
 
@@ -123,3 +128,33 @@ def export_model(
         ):
             shutil.copy(f, out / f.name)
     return out
+
+
+class FP8Format(SafetensorsFormat, name="compressed-tensors", methods=("fp8",)):
+    """compressed-tensors float-quantized (FP8 E4M3): each FP8 result as its float8 weight and
+    scale; one strategy (channel, or one block shape) for all linears; unquantized linears
+    under ``ignore``; biases and config dtype as the checkpoint's."""
+
+    verifier = "verify_fp8"
+    suffix = "compressed-tensors"
+    loader = "transformers AutoModelForCausalLM with compressed-tensors (vLLM FP8 kernels)"
+    bias_dtype = None
+
+    def __init__(self) -> None:
+        self.blocks: set = set()
+
+    def pack(self, result, module: str) -> dict[str, torch.Tensor]:
+        if not isinstance(result, FP8Linear):
+            raise ValueError(f"float-quantized output holds FP8 results, got {type(result).__name__}")
+        self.blocks.add(result.block)
+        if len(self.blocks) > 1:
+            raise ValueError(f"one FP8 strategy per checkpoint, the run has blocks {sorted(self.blocks, key=str)}")
+        return linear_tensors(result, module)
+
+    def quantization_config(self, reader, results) -> dict:
+        qcfg = quantization_config(next(iter(self.blocks)))
+        qcfg["ignore"] = ["lm_head", *unquantized_linears(reader, results)]
+        return qcfg
+
+    def config_dtype(self, reader) -> torch.dtype:
+        return checkpoint_float_dtype(reader)

@@ -40,7 +40,9 @@ from gguf import (
 )
 from gguf.quants import quant_shape_to_byte_shape
 
-from strata_quant.pipeline.config import ConfigError
+from strata_quant.pipeline.errors import ConfigError
+from strata_quant.pipeline.formats import gguf_moe
+from strata_quant.pipeline.formats.base import AssembleError, Format, dequantize_half, linear_bits
 from strata_quant.workers.result import QuantizedLinear
 
 QK = 32  # values per Q4_0 / Q8_0 block
@@ -140,8 +142,10 @@ _LLAMA = Family(MODEL_ARCH.LLAMA, _llama_hparams, permute_qk=True, rope_types=("
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
+    "MixtralForCausalLM": _LLAMA,  # experts and their keys: gguf_moe.MOE_LAYOUTS
     "Qwen2ForCausalLM": Family(MODEL_ARCH.QWEN2),
     "Qwen3ForCausalLM": Family(MODEL_ARCH.QWEN3),
+    "Qwen3MoeForCausalLM": Family(MODEL_ARCH.QWEN3MOE),
     # Gemma3RMSNorm computes x·(1 + w), llama.cpp x·w
     "Gemma3ForCausalLM": Family(
         MODEL_ARCH.GEMMA3, _gemma3_hparams, norm_shift=1.0, rope_types=("linear",), sliding_window=True
@@ -199,6 +203,8 @@ class GGUFLayout:
         ``blk.3.ffn_up.weight``); None where the map has none."""
         if not hf_name.endswith((".weight", ".bias")) or skipped(hf_name):
             return None
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS and (split := gguf_moe.expert_index(hf_name)) is not None:
+            hf_name = split[0]  # one expert of a stack: named as the converter names the stack
         return _tensor_map(self.family.arch, self.n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
 
     def qk_heads(self, hf_name: str) -> int | None:
@@ -222,6 +228,8 @@ class GGUFLayout:
         writer.add_quantization_version(2)
         writer.add_block_count(self.n_blocks)
         self.family.hparams(writer, self.config)
+        if self.hf_arch in gguf_moe.MOE_LAYOUTS:
+            gguf_moe.moe_hparams(writer, self.config, self.hf_arch)
 
     def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
         """(GGUF name, float32 data) of the tensors llama.cpp's converter generates from the config."""
@@ -751,6 +759,11 @@ def check_gguf(
     layout = GGUFLayout(config)
     _check_rope(layout)
     _check_family(layout)
+    tensor_names = list(tensor_names)
+    try:
+        gguf_moe.check_moe_gguf(layout.hf_arch, config, tensor_names, layout.name)
+    except ValueError as err:
+        raise GGUFError(str(err)) from None
     unnamed = [n for n in tensor_names if not skipped(n) and layout.name(n) is None]
     if unnamed:
         shown = ", ".join(unnamed[:3]) + (" …" if len(unnamed) > 3 else "")
@@ -1036,3 +1049,246 @@ def llama_quantize(
     rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
     if rc != 0 or not Path(dst).is_file():
         raise RuntimeError(f"llama_model_quantize({src} → {file_type}) failed with code {rc}")
+
+
+# ------------------------------------------------------------------------------------------- the artifact
+
+
+@dataclass(frozen=True)
+class GGUFTypes:
+    """The types one GGUF artifact gets, resolved from the run record and the options before anything is written."""
+
+    bits: int  # the majority width
+    sym: bool
+    group_size: int | None
+    target: str  # the file's type
+    carry: str  # "exact", "nearly" or "requantized"
+    linear_types: dict[str, str]  # mixed precision: {linear: the exact type of its own width}
+    emb: str | None  # token_embd / output as asked (None: llama.cpp's recipe)
+    emb_native: str  # ... as written by gguf-py (k-quants go in F16, for llama.cpp to quantize)
+
+    @property
+    def requant(self) -> bool:
+        return self.carry == "requantized"
+
+    @property
+    def needs_llama(self) -> bool:
+        return self.requant or (self.emb is not None and self.emb != self.emb_native)
+
+
+def resolve_types(results, config: dict[str, Any], gguf_type: str, embedding_type: str) -> GGUFTypes:
+    """The file, linear and embedding types of a GGUF of ``results``; AssembleError naming what no GGUF holds."""
+    specs = {(bool(e["sym"]), e.get("group_size")) for e in results.entries.values()}
+    if len(specs) != 1:
+        raise AssembleError(f"one GGUF holds one grid (sym, group size); the run record has {sorted(specs, key=str)}")
+    sym, group_size = next(iter(specs))
+    bits, mixed = linear_bits(results)  # mixed precision: {linear: its width} where it differs
+    try:
+        target, carry = resolve_type(gguf_type, bits, sym)
+        linear_types = {n: resolve_type("auto", b, sym)[0] for n, b in mixed.items()}
+    except ValueError as err:
+        raise AssembleError(str(err)) from err
+    requant = carry == "requantized"
+    if mixed and (requant or gguf_type.upper() != "AUTO"):
+        raise AssembleError("per-linear bits need gguf_type auto: each tensor gets the exact type of its own width")
+    emb = embedding_type.upper()
+    if emb == "AUTO":
+        emb = None if requant else "F16"  # llama.cpp's own recipe for re-quantized files
+    elif emb not in NATIVE_TENSOR_TYPES and emb not in KQUANT_TENSOR_TYPES:
+        raise AssembleError(f"unknown embedding type {embedding_type!r}")
+    hidden = int(config["hidden_size"])
+    block = 256 if emb in KQUANT_TENSOR_TYPES else 32
+    if emb not in (None, "F32", "F16", "BF16") and hidden % block:
+        raise AssembleError(
+            f"embedding type {emb} needs rows of a multiple of {block} values; hidden_size is {hidden} "
+            "(pick F16, Q8_0 or another legacy type)"
+        )
+    emb_native = emb if emb in NATIVE_TENSOR_TYPES else "F16"
+    return GGUFTypes(bits, sym, group_size, target, carry, linear_types, emb, emb_native)
+
+
+def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[str, Any]:
+    """The ``strata.*`` keys: how the file was made from the solver's result."""
+    metadata = {
+        "strata.version": tool_version,
+        "strata.method": method,
+        "strata.bits": int(types.bits),
+        "strata.sym": bool(types.sym),
+        "strata.carry": types.carry,
+        "strata.requantized": types.requant,
+        "strata.source_type": "F16 (dequantized solver output)" if types.requant else types.target,
+        "strata.target_type": types.target,
+        "strata.embedding_type": types.emb or "llama.cpp default",
+    }
+    if types.group_size is not None:
+        metadata["strata.group_size"] = int(types.group_size)
+    if types.linear_types:
+        metadata["strata.mixed_linears"] = len(types.linear_types)
+    return metadata
+
+
+def tensor_plan(reader, results, layout: GGUFLayout, types: GGUFTypes, extra: dict) -> list[tuple]:
+    """(hf name, gguf name, type, torch shape) of every tensor, in file order: the tensors generated
+    from the config (rope_freqs …) first, as the converter writes them, then the checkpoint's. A MoE
+    stack of experts is one entry, at its first expert, whose hf name is the list of its experts' tensors."""
+    linear_type = "F16" if types.requant else types.target
+    plan: list[tuple] = [("", g, "F32", tuple(d.shape)) for g, d in extra.items()]
+    stacks = gguf_moe.expert_stacks(reader.tensor_names, layout.name)  # {GGUF name: one tensor per expert}
+    for tname in reader.tensor_names:
+        if skipped(tname):
+            continue
+        gname = layout.name(tname)
+        linear, _, leaf = tname.rpartition(".")
+        shape = reader.shape(tname)
+        if gname in stacks:  # planned once, at its first expert
+            if tname == stacks[gname][0]:
+                gtype = stack_type(stacks[gname], results, types.linear_types, linear_type)
+                plan.append((stacks[gname], gname, gtype, (len(stacks[gname]), *shape)))
+        elif linear in results and leaf == "weight":
+            plan.append((tname, gname, types.linear_types.get(linear, linear_type), shape))
+        elif len(shape) == 1 or gguf_moe.is_router(gname):
+            plan.append((tname, gname, "F32", shape))
+        elif gname in ("token_embd.weight", "output.weight"):
+            plan.append((tname, gname, types.emb_native, shape))
+        else:
+            plan.append((tname, gname, "F16", shape))
+    return plan
+
+
+def stack_type(members: list[str], results, linear_types: dict[str, str], linear_type: str) -> str:
+    """The GGUF type of a stack of experts (one tensor: one type): the type of its experts' results, F16 when
+    none is quantized; AssembleError when they differ."""
+    linears = [m.rpartition(".")[0] for m in members]
+    found = {linear_types.get(lin, linear_type) if lin in results else "F16" for lin in linears}
+    if len(found) != 1:
+        raise AssembleError(f"the experts of {linears[0]} … need {sorted(found)}: one GGUF expert stack has one type")
+    return found.pop()
+
+
+def expert_stack(members: list[str], reader, results, gtype: str, requant: bool) -> np.ndarray:
+    """The data of a stack of experts, expert by expert (expert e's rows after expert e − 1's): each quantized
+    expert's result encoded as it is (exact), or dequantized to F16 for llama.cpp to re-quantize; unquantized
+    experts as stored in F16. Memory: the stack's data, one expert's result at a time."""
+    parts = []
+    for member in members:
+        linear = member.rpartition(".")[0]
+        if linear in results:
+            result = results.get(linear)
+            try:
+                parts.append(dequantize_half(result).numpy() if requant else encode(result, gtype))
+            except ValueError as err:
+                raise AssembleError(f"{linear}: {err}") from err
+            del result
+        else:
+            parts.append(results.float_tensor(reader, member).to(torch.float16).numpy())
+    return np.concatenate(parts, axis=0)
+
+
+def _float_data(array: np.ndarray, gtype: str) -> np.ndarray:
+    """A float tensor's GGUF data: the array itself when it already has the type's dtype
+    (F16 from fp16, F32 from fp32: no copy), else :func:`quantize_float`'s conversion."""
+    if (gtype, array.dtype) in (("F16", np.float16), ("F32", np.float32)):
+        return array
+    return quantize_float(array, gtype)
+
+
+def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, requant: bool) -> np.ndarray:
+    """One checkpoint tensor as the GGUF stores it: a quantized linear from its stored result (its
+    blocks carried over, or dequantized to F16 for llama.cpp), any other tensor from the checkpoint
+    (as published), Q/K rows permuted as llama.cpp's rotary wants them, norms shifted where the family does."""
+    linear = tname.rpartition(".")[0]
+    heads = layout.qk_heads(tname)
+    if linear in results and tname.endswith(".weight"):
+        result = results.get(linear)
+        if heads is not None:
+            result = permute_qk_result(result, heads)
+        try:
+            return dequantize_half(result).numpy() if requant else encode(result, gtype)
+        except ValueError as err:
+            raise AssembleError(f"{linear}: {err}") from err
+    tensor = results.float_tensor(reader, tname)
+    if gtype not in ("F16", "F32") or tensor.dtype not in (torch.float16, torch.float32):
+        tensor = tensor.float()  # gguf-py quantizes from float32; bf16 has no numpy form
+    if heads is not None:
+        tensor = permute_qk_rows(tensor, heads)
+    if shift := layout.norm_shift(tname):
+        tensor = tensor.float() + shift
+    return _float_data(tensor.numpy(), gtype)
+
+
+class GGUFFormat(Format, name="gguf"):
+    """A llama.cpp GGUF of the solver's result; norms F32, embeddings / output per ``embedding_type``.
+
+    ``gguf_type`` "auto" (or a type that holds the result exactly) writes the solver's codes and scales as they
+    are: symmetric ≤ 4-bit → Q4_0, asymmetric ≤ 4-bit → Q5_0 (or Q8_0 when named), symmetric 8-bit → Q8_0;
+    Q4_1 holds ≤ 4-bit results with the offset −scale·z rounded to fp16 ("nearly" exact). Any other type
+    (Q4_K_M, Q6_K …) is a named fallback: an F16 GGUF of the dequantized solver output is written first and
+    re-quantized by llama.cpp. The file says which in ``strata.carry`` / ``strata.requantized`` /
+    ``strata.source_type``; :func:`pipeline.verify.verify_gguf` measures the difference.
+    """
+
+    verifier = "verify_gguf"
+    loader = "llama.cpp (llama-cpp-python), gguf-py, transformers (gguf_file=)"
+
+    @classmethod
+    def artifact_name(cls, job: str, bits: int, sym: bool, options) -> str:
+        return f"{job}-{resolve_type(options.gguf_type, bits, sym)[0]}.gguf"
+
+    def check(self, result: QuantizedLinear, options) -> None:
+        gtype, carry = resolve_type(options.gguf_type, result.spec.bits, result.spec.sym)
+        if carry != "requantized":  # the solver's blocks are written as they are: one row shows the layout
+            encode(result.rows(0, 1), gtype)
+        elif result.shape[1] % QK:
+            raise ValueError(f"in_features {result.shape[1]} is not a multiple of ggml's block of {QK}")
+
+    def write(self, reader, results, dest: Path, options) -> Path:
+        if dest.exists() and not options.overwrite:
+            raise AssembleError(f"output {dest} exists; pass --overwrite (output.overwrite: true) to replace it")
+        try:
+            layout = check_gguf(reader.config, reader.tensor_names)
+        except GGUFError as err:
+            raise AssembleError(str(err)) from None
+        types = resolve_types(results, reader.config, options.gguf_type, options.embedding_type)
+        metadata = artifact_metadata(types, results.get(next(iter(results.entries))).method, options.tool_version)
+        extra = dict(layout.extra_tensors())
+        plan = tensor_plan(reader, results, layout, types, extra)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        first = dest.with_name(f".{dest.name}.src.tmp") if types.needs_llama else tmp
+        writer = GGUFStreamWriter(
+            str(first),
+            reader.config,
+            str(reader.path),
+            tokenizer_pre=options.tokenizer_pre,
+            name=options.name,
+            file_type=FILE_TYPES["F16" if types.requant else types.target],
+            metadata=metadata,
+        )
+        try:
+            for _, gname, gtype, shape in plan:
+                writer.add_tensor_info(gname, gtype, shape)
+            writer.write_header()
+            for tname, gname, gtype, _ in plan:  # one tensor's data alive at a time
+                if not tname:
+                    data = extra[gname]
+                elif isinstance(tname, list):
+                    data = expert_stack(tname, reader, results, gtype, types.requant)
+                else:
+                    data = tensor_data(reader, results, layout, tname, gtype, types.requant)
+                writer.write_data(gname, data)
+                del data
+            writer.close()
+            if types.needs_llama:
+                emb = types.emb
+                llama_quantize(
+                    first, tmp, types.target, token_embedding_type=emb, output_tensor_type=emb, nthread=options.threads
+                )
+        except BaseException:
+            for p in {first, tmp}:
+                p.unlink(missing_ok=True)
+            raise
+        finally:
+            if types.needs_llama:
+                first.unlink(missing_ok=True)
+        os.replace(tmp, dest)
+        return dest

@@ -16,6 +16,8 @@ import re
 import numpy as np
 import torch
 
+from strata_quant.pipeline.formats.base import IntegerSafetensorsFormat, linear_bits
+from strata_quant.pipeline.formats.moe import DefusedExperts
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
 
@@ -142,3 +144,27 @@ def quantization_config(spec: QuantSpec, params: dict, tool_version: str, dynami
     if dynamic_bits:
         qcfg["dynamic"] = {dynamic_pattern(m): {"bits": int(b)} for m, b in sorted(dynamic_bits.items())}
     return qcfg
+
+
+class GPTQFormat(DefusedExperts, IntegerSafetensorsFormat, name="gptq"):
+    """GPTQ safetensors; per-linear widths (mixed precision) go in as ``dynamic`` overrides of
+    the majority width; a MoE's experts under the names GPTQModel loads."""
+
+    verifier = "verify_gptq"
+    suffix = "gptq"
+    loader = "transformers AutoModelForCausalLM with GPTQModel (or optimum)"
+    mixed_bits = True
+    quantize_config_file = True
+
+    def check(self, result: QuantizedLinear, options) -> None:
+        n_rows, n_cols = result.shape  # qweight packs the inputs, qzeros the outputs, into int32 words
+        pack_bits(np.zeros((n_cols, 1), np.uint8), result.spec.bits)
+        pack_bits(np.zeros((n_rows, 1), np.uint8), result.spec.bits)
+
+    def pack_linear(self, result: QuantizedLinear, module: str) -> dict[str, torch.Tensor]:
+        return pack_linear(result, module)
+
+    def quantization_config(self, reader, results) -> dict:
+        base, others = linear_bits(results)
+        spec = QuantSpec(base, self.first.spec.group_size, self.first.spec.sym)
+        return quantization_config(spec, self.first.params, self.options.tool_version, dynamic_bits=others)

@@ -14,7 +14,9 @@ dense model carrying the solver's dequantized weights) and ``weight:<linear>`` (
 [N, K], the solver's dequantized weight of each quantized linear). Prints one JSON line per artifact:
 the kernel classes GPTQModel chose, how many linears it loaded, each reader weight
 (read back by feeding the identity matrix through the quantized module, so the kernel's
-own dequantization is what is measured) against the reference, and max |logit Δ|.
+own dequantization is what is measured) against the reference, and max |logit Δ|. The reader's
+logits are also saved beside REF (``REF.<backend>-logits.safetensors``, named in the line as
+``logits_file``) so the caller can compare them with its own measures.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 def check(model_dir: str, ref_path: str, backend: str) -> dict:
     import torch
     from gptqmodel import GPTQModel
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     if backend == "torch":  # the plain dequantize-then-matmul kernels, per method
         method = json.loads(open(os.path.join(model_dir, "config.json")).read())["quantization_config"]["quant_method"]
@@ -60,6 +62,8 @@ def check(model_dir: str, ref_path: str, backend: str) -> dict:
         loaded += 1
     with torch.no_grad():
         logits = hf(ref["input_ids"]).logits.float()
+    logits_file = f"{ref_path}.{backend}-logits.safetensors"
+    save_file({"logits": logits.contiguous()}, logits_file)
     out = {
         "model": model_dir,
         "kernels": sorted(kernels),
@@ -68,6 +72,7 @@ def check(model_dir: str, ref_path: str, backend: str) -> dict:
         "weight_max_abs_diff": weight_diff,
         "logits_max_abs_diff": (logits - ref["logits"]).abs().max().item(),
         "logits_max_abs": ref["logits"].abs().max().item(),
+        "logits_file": logits_file,
         "dtype": str(dtype),
         "backend": backend,
     }

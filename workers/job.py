@@ -1,0 +1,109 @@
+"""What every worker of a run is told: the job (plain data, sent once) and the modes that follow from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from strata_quant.workers.methods import HESSIAN_METHODS, spec_with_overrides
+from strata_quant.workers.result import QuantSpec
+
+
+@dataclass
+class WorkerJob:
+    """What every worker of a run needs to know (plain data, sent once)."""
+
+    model_config: dict
+    spec: QuantSpec
+    method: str = "gptq"  # gptq | rtn | awq | awq_gptq
+    propagate: str = "quantized"  # quantized | float
+    run_prefix: str = "runs/run"
+    batch_size: int = 8
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = True
+    mse_grid: int = 0
+    diag_shrink: float = 0.0
+    mse_weight: str = "uniform"  # uniform | hessian (workers/gptq.py)
+    true_sequential: bool = True
+    awq_grid: int = 20
+    awq_duo: bool | str = False  # True, False or "both"
+    awq_clip: bool = True
+    awq_clip_search: str = "two_sided"  # block | full | two_sided (workers/awq.py)
+    hessian_dtype: str = "float64"
+    hidden_dtype: str = "float32"  # the hidden states kept between blocks; every forward runs in fp32
+    overlap_depth: int = 2  # propagate float: blocks whose solves may still be queued behind the forward
+    # how queued solves run: "thread" (a solver thread beside the forward), "deferred" (on the
+    # forward's thread, a block or more behind it), "auto" (deferred for one float stage on a CPU)
+    overlap_mode: str = "auto"
+    split_solves: bool = True  # GPTQ groups solved by all workers, each a share of the rows (same results)
+    stage_cache: bool = True  # true-sequential Llama blocks: each pass reuses the last (same results)
+    # AWQ's relations as the plan found them (ScaleGroup.to_dict) and {group "a/b": why} for the
+    # groups without one; None: each worker finds them on its first block
+    awq_relations: list[dict] | None = None
+    awq_unfolded: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+    # where blocks, samples and solves live: "cpu", or "cuda" (the actor's own GPU: Ray sets
+    # CUDA_VISIBLE_DEVICES per actor, so it is cuda:0 there); collectives use NCCL on GPUs
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+    # every torch.distributed collective fails after this long instead of waiting on a hung peer
+    collective_timeout_s: float = 1800.0
+    # per-linear grids: regex on the linear's full name → QuantSpec field overrides ({"bits": 8})
+    spec_overrides: dict[str, dict] = field(default_factory=dict)
+    # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
+    sensitivity_bits: list[int] = field(default_factory=list)
+    # linears kept in 16-bit: named (dotted-component match) and/or detected from the Gram statistics
+    modules_to_not_convert: list[str] = field(default_factory=list)
+    skip_outliers: bool = False
+    outlier_sigma: float = 6.0
+    nf4_blocksize: int = 64
+    double_quant: bool = True
+    fp8_type: str = "e4m3"
+    fp8_block: tuple[int, int] | None = None
+
+    def spec_for(self, full_name: str) -> QuantSpec:
+        """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
+        return spec_with_overrides(self.spec, full_name, self.spec_overrides)
+
+    def method_options(self) -> dict:
+        """The solver options :func:`workers.methods.quantize_group` takes."""
+        return {
+            "damp": self.damp,
+            "block_size": self.block_size,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "mse_grid": self.mse_grid,
+            "diag_shrink": self.diag_shrink,
+            "mse_weight": self.mse_weight,
+            "true_sequential": self.true_sequential,
+            "awq_clip": self.awq_clip,
+            "awq_clip_search": self.awq_clip_search,
+            "awq_grid": self.awq_grid,
+            "nf4_blocksize": self.nf4_blocksize,
+            "double_quant": self.double_quant,
+            "fp8_type": self.fp8_type,
+            "fp8_block": self.fp8_block,
+        }
+
+
+GRAM_METHODS = ("gptq", "awq", "awq_gptq", "gptq_nf4")
+AWQ_METHODS = ("awq", "awq_gptq")
+
+
+def job_overlaps(job: WorkerJob) -> bool:
+    """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
+    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
+
+
+def one_float_stage(job: WorkerJob) -> bool:
+    """Whether each block's statistics come from one pass over the float block, which is then
+    also its forward: ``propagate: float`` without true-sequential stages, a Hessian method
+    (GPTQ solvers, or outlier detection), no AWQ fold and no mixed-precision probe."""
+    return (
+        job.propagate == "float"
+        and not job.true_sequential
+        and not job.sensitivity_bits
+        and job.method not in AWQ_METHODS
+        and (job.method in HESSIAN_METHODS or job.skip_outliers)
+    )

@@ -1,0 +1,617 @@
+"""A block's work as a plan of explicit steps, and the functions that run them.
+
+A worker solves a block by running its plan (:func:`plan_block`): a list of steps, each a small
+frozen dataclass naming what it works on (a stage's index, its groups), run by
+``STEP_RUNNERS[type(step)](worker, state, step)`` over one :class:`BlockState` (what the steps of a
+block share: the layer, each group's solve plan, the Gram sums, the solved weights, the record
+entries). The modes of a run are which steps the plan holds:
+
+* true-sequential stages: ``CollectStats → Reduce → Solve → Gather → Distribute`` once per stage;
+  one stage otherwise;
+* deferred statistics (one float stage): the sums came with the block, so no ``CollectStats``, and
+  no ``Reduce`` when their reductions were issued at the forward already;
+* split solves: the groups whose :class:`~workers.schedule.GroupPlan` is ``split`` take the share
+  path of ``Solve`` and ``Gather`` (``Gather.to_owner``: only the owner needs the stacked rows);
+* AWQ: ``FoldScales`` first (search every group's scales on the float block, fold them all);
+* the mixed-precision probe: ``Probe`` first (the residual scale and output Fisher of the block);
+* propagation: ``Propagate`` last when the block's solves run inline (its forward follows them).
+
+An expert group (MoE) enters as one more step kind and plan-building code, not as a flag: its
+statistics are the Gram sums of the tokens the router sends to one expert (a ``CollectStats``-like
+step whose hook sees the routed rows), its solve is owned by one worker (a GroupPlan per expert,
+balanced by :func:`workers.schedule.plan_solves` like any group), and ``Gather`` / ``Distribute``
+carry its weights as they carry a group's.
+
+The worker supplies what needs its process state (the collective group, the store, the
+calibration batches); this module holds no Ray and no store format of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from strata_quant.workers.awq import column_scales, fold_scales, scale_gram, search_scales
+from strata_quant.workers.block import StageLayout, StagePasses
+from strata_quant.workers.gptq import output_error_terms
+from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
+from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
+from strata_quant.workers.result import QuantizedLinear
+from strata_quant.workers.schedule import GroupPlan
+from strata_quant.workers.stats import HessianAccumulator
+
+if TYPE_CHECKING:
+    from strata_quant.workers.actor import BlockWorker
+
+
+# ---------------------------------------------------------------- the steps
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Mixed precision: the scale of the residual stream entering the block and the output Fisher
+    of every linear, summed over all workers (before any solve: the float block)."""
+
+
+@dataclass(frozen=True)
+class FoldScales:
+    """AWQ: every group's scales searched on the float block, then all folded into it."""
+
+
+@dataclass(frozen=True)
+class CacheStages:
+    """True-sequential passes that start from what the previous stage's pass kept (:class:`StagePasses`),
+    standing in for the modules ``layout`` names."""
+
+    layout: StageLayout
+
+
+@dataclass(frozen=True)
+class CollectStats:
+    """This worker's Σ xᵀx of the inputs of the stage's groups (led by ``leaders``)."""
+
+    stage: int
+    leaders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """The stage's sums on their way to their solvers (asynchronous; ``Solve`` waits per group)."""
+
+    stage: int
+
+
+@dataclass(frozen=True)
+class Solve:
+    """The groups this worker owns solved whole and stored, and its share of every split group."""
+
+    stage: int
+
+
+@dataclass(frozen=True)
+class Gather:
+    """Split groups' shares stacked: at every worker, or (``to_owner``) only at the owner."""
+
+    stage: int
+    to_owner: bool
+
+
+@dataclass(frozen=True)
+class Distribute:
+    """The stage's solved weights to every worker (``needed``: the next stage's statistics or the
+    propagation read them), set into the block for the next stage when ``sequential``."""
+
+    stage: int
+    needed: bool
+    sequential: bool
+
+
+@dataclass(frozen=True)
+class Restore:
+    """The block's parameters back to what came in (the caller decides what propagates)."""
+
+
+@dataclass(frozen=True)
+class Propagate:
+    """The hidden states through the block: quantized weights (and AWQ's folded floats) with
+    ``quantized``, else the float block."""
+
+    quantized: bool
+
+
+Step = Probe | FoldScales | CacheStages | CollectStats | Reduce | Solve | Gather | Distribute | Restore | Propagate
+
+
+@dataclass
+class BlockState:
+    """What the steps of one block share. ``stages``: lists of shared-input groups; ``plans``:
+    each group's owner and row shares; ``sums``: the current stage's Gram sums by leader."""
+
+    b: int
+    layer: nn.Module
+    linears: dict[str, nn.Linear]
+    batches: list
+    timings: dict
+    stages: list[list[list[str]]]
+    plans: dict[tuple, GroupPlan]
+    total_rows: int
+    solver: str  # "gptq": per-stage Hessians are formed; "rtn": weights alone
+    sums: dict[str, HessianAccumulator] = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)  # reductions in flight, by group
+    unfolded: dict[str, torch.Tensor] = field(default_factory=dict)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    floats: dict[str, torch.Tensor] = field(default_factory=dict)
+    awq_groups: dict[str, dict] = field(default_factory=dict)
+    scale: torch.Tensor | None = None
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    passes: StagePasses | None = None
+    quantized: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: list[dict] = field(default_factory=list)
+    # the current stage: solved weights here, split shares and their error terms, split groups' H
+    solved: dict[str, torch.Tensor] = field(default_factory=dict)
+    mine: dict[tuple, QuantizedLinear | None] = field(default_factory=dict)
+    share_errors: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    grams: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    def owner(self, names) -> int:
+        return self.plans[tuple(names)].owner
+
+    def split(self, names) -> bool:
+        return self.plans[tuple(names)].split
+
+
+def plan_block(
+    stages: list[list[list[str]]],
+    solver: str,
+    *,
+    probe: bool,
+    awq: bool,
+    cache_stages: StageLayout | None,
+    have_sums: bool,
+    reductions_issued: bool,
+    to_owner: bool,
+    propagate_quantized: bool,
+    sequential: bool,
+    propagate: bool,
+) -> list[Step]:
+    """The steps of one block, in order. ``have_sums``: the one stage's sums came with the block
+    (and ``reductions_issued``: already on their way); ``propagate``: the solves run inline and
+    the hidden states go through the block after them (``propagate_quantized``: through its
+    quantized weights)."""
+    steps: list[Step] = []
+    if probe:
+        steps.append(Probe())
+    if awq:
+        steps.append(FoldScales())
+    if cache_stages is not None:
+        steps.append(CacheStages(cache_stages))
+    for i, stage in enumerate(stages):
+        if solver == "gptq":
+            if not have_sums:
+                steps.append(CollectStats(i, tuple(names[0] for names in stage)))
+            if not reductions_issued:
+                steps.append(Reduce(i))
+        steps.append(Solve(i))
+        steps.append(Gather(i, to_owner))
+        # every worker needs the weights for the next stage's statistics (true-sequential) or
+        # for propagation (quantized); propagate float's last stage needs them nowhere
+        needed = propagate_quantized or (sequential and i < len(stages) - 1)
+        steps.append(Distribute(i, needed, sequential))
+    steps.append(Restore())
+    if propagate:
+        steps.append(Propagate(propagate_quantized))
+    return steps
+
+
+def run_plan(worker: BlockWorker, state: BlockState, steps: list[Step]) -> BlockState:
+    """Each step's function in turn over the block's state; the state after the last."""
+    for step in steps:
+        STEP_RUNNERS[type(step)](worker, state, step)
+    return state
+
+
+# ---------------------------------------------------------------- the step functions
+
+
+def run_probe(w: BlockWorker, s: BlockState, _step: Probe) -> None:
+    energy = channel_energy([h for h, _ in s.batches])
+    s.fisher = output_fisher(s.layer, s.batches, list(s.linears), seed=s.b)  # float block, before any solve
+    if w.group_ready:
+        dist.all_reduce(energy)
+        for sums in s.fisher.values():
+            dist.all_reduce(sums)
+    s.scale = residual_scale(energy)
+
+
+def run_fold_scales(w: BlockWorker, s: BlockState, _step: FoldScales) -> None:
+    owner_of = {key: p.owner for key, p in s.plans.items()}
+    s.floats, s.awq_groups = awq_search_and_fold(w, s.b, s.layer, owner_of, s.total_rows, s.timings)
+    s.originals = {n: m.weight.data for n, m in s.linears.items()}  # folded
+
+
+def run_cache_stages(_w: BlockWorker, s: BlockState, step: CacheStages) -> None:
+    s.passes = StagePasses(s.layer, len(s.batches), step.layout)
+
+
+def run_collect_stats(w: BlockWorker, s: BlockState, step: CollectStats) -> None:
+    t = time.perf_counter()
+    job = w.job
+    s.sums = w.collect(s.layer, s.batches, list(step.leaders), job.true_sequential, s.passes)
+    s.timings["stats"] += time.perf_counter() - t
+
+
+def run_reduce(w: BlockWorker, s: BlockState, step: Reduce) -> None:
+    t = time.perf_counter()
+    s.pending.update(w.start_reductions(s.stages[step.stage], s.sums, s.plans))
+    s.timings["reduce"] += time.perf_counter() - t
+
+
+def _arrived(s: BlockState, key: tuple) -> float:
+    """Wait for a group's reduced sums (if still in flight); the seconds waited."""
+    if key not in s.pending:
+        return 0.0
+    t = time.perf_counter()
+    s.pending.pop(key).wait()
+    return time.perf_counter() - t
+
+
+def run_solve(w: BlockWorker, s: BlockState, step: Solve) -> None:
+    t = time.perf_counter()
+    waited = 0.0
+    s.solved, s.mine, s.share_errors, s.grams = {}, {}, {}, {}
+    for names in s.stages[step.stage]:
+        key = tuple(names)
+        if s.split(names) or s.owner(names) == w.rank:
+            waited += _arrived(s, key)
+        if s.split(names):
+            _solve_share(w, s, names)
+        elif s.owner(names) == w.rank:
+            _solve_whole(w, s, names)
+    for key in list(s.pending):  # the groups owned elsewhere: their sends are done
+        waited += _arrived(s, key)
+    s.timings["solve"] += time.perf_counter() - t - waited
+    s.timings["reduce"] += waited
+
+
+def _solve_share(w: BlockWorker, s: BlockState, names: list[str]) -> None:
+    """This worker's rows of a split group: solved with the group's H, and their part of each
+    linear's output error terms (summed over the shares by ``Gather``)."""
+    job, key = w.job, tuple(names)
+    weight = torch.cat([s.originals[n] for n in names], dim=0)
+    start, end = s.plans[key].shares[w.rank]
+    rows = [s.linears[n].out_features for n in names]
+    if start == end:
+        s.mine[key] = None
+        s.share_errors[key] = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
+        return
+    gram = s.grams[key] = s.sums[names[0]].hessian(total_count=s.total_rows)
+    spec = job.spec_for(f"{w.layers_path}.{s.b}.{names[0]}")
+    own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
+    s.mine[key] = own
+    s.share_errors[key] = share_output_errors(weight[start:end], own.dequantize(), gram, rows, start)
+
+
+def _solve_whole(w: BlockWorker, s: BlockState, names: list[str]) -> None:
+    """A group this worker owns: every linear solved (workers/methods.py) and stored."""
+    job = w.job
+    weight = torch.cat([s.originals[n] for n in names], dim=0)
+    awq = s.awq_groups.get(names[0])
+    gram = s.sums[names[0]].hessian(total_count=s.total_rows) if s.solver == "gptq" else None
+    hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
+    parts = w.group_parts(s.b, names, s.linears, gram)
+    options = job.method_options()
+    if awq is not None:  # the rows that feed the attention scores keep their full range (clip ratio 1)
+        options["awq_no_clip_rows"] = w.score_rows_of(s.layer, names)
+    results = quantize_parts(job.method, weight, hessian, parts, options)
+    for n, part in zip(names, results):
+        if awq is not None and result_kind(part) == "int":
+            part.method = job.method
+            part.params.update(awq["params"])
+        s.solved[n] = part.dequantize()
+        entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], hessian)
+        if gram is not None:
+            entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
+        if awq is not None and n == names[0]:
+            entry["float_results"] = awq["float_results"]
+        if s.scale is not None and gram is not None:  # mixed precision: {bits: error} for strata plan
+            entry["sensitivity"] = _sensitivity(w, s, n, gram, options)
+        s.outputs.append(entry)
+
+
+def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, options: dict) -> dict:
+    job = w.job
+    return linear_sensitivity(
+        s.originals[n],
+        gram,
+        job.spec,
+        job.sensitivity_bits,
+        s.scale,
+        method=job.method,
+        options=options,
+        row_weight=s.fisher[n][:-1] / s.fisher[n][-1],
+    )
+
+
+def run_gather(w: BlockWorker, s: BlockState, step: Gather) -> None:
+    t = time.perf_counter()
+    for key, own in s.mine.items():  # split groups: the shares to every worker, or to the owner
+        shares = s.plans[key].shares
+        errors = s.share_errors[key]
+        dist.all_reduce(errors)  # Σ over the shares of tr(E H Eᵀ) and tr(W H Wᵀ), per linear
+        if step.to_owner:
+            full = send_rows_to_owner(w.rank, own, shares, s.owner(key))
+            if full is None:  # another worker stores it; nothing here needs the weights
+                continue
+        else:
+            full = gather_rows(w.rank, own, shares)
+        gram = s.grams[key]
+        at = 0
+        for i, n in enumerate(key):
+            part = full.rows(at, at + s.linears[n].out_features)
+            at += s.linears[n].out_features
+            s.solved[n] = part.dequantize()
+            if s.owner(key) == w.rank:
+                error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
+                entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], gram, error)
+                entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
+                entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
+                if s.scale is not None:
+                    entry["sensitivity"] = _sensitivity(w, s, n, gram, w.job.method_options())
+                s.outputs.append(entry)
+    s.timings["broadcast"] += time.perf_counter() - t
+
+
+def run_distribute(w: BlockWorker, s: BlockState, step: Distribute) -> None:
+    t = time.perf_counter()
+    for names in s.stages[step.stage]:
+        owner = s.owner(names)
+        for n in names:
+            if s.split(names):  # gathered already
+                if step.needed:
+                    s.quantized[n] = s.solved[n]
+                    if step.sequential:
+                        s.linears[n].weight.data = s.quantized[n]
+                continue
+            if owner == w.rank:
+                s.quantized[n] = s.solved[n]
+            elif step.needed:
+                s.quantized[n] = torch.empty_like(s.originals[n])
+            if step.needed and w.group_ready:
+                dist.broadcast(s.quantized[n], src=owner)
+            if step.needed and step.sequential:
+                s.linears[n].weight.data = s.quantized[n]
+    s.timings["broadcast"] += time.perf_counter() - t
+
+
+def run_restore(_w: BlockWorker, s: BlockState, _step: Restore) -> None:
+    for name, p in s.layer.named_parameters():
+        p.data = s.unfolded[name]
+    if s.passes is not None:
+        s.passes.close()  # the kept inputs stay: the propagation through the quantized block reuses them
+
+
+def run_propagate(w: BlockWorker, s: BlockState, step: Propagate) -> None:
+    t = time.perf_counter()
+    w.propagate(s.layer, s.quantized, s.floats, s.passes if step.quantized else None, step.quantized)
+    s.timings["forward"] = time.perf_counter() - t
+
+
+STEP_RUNNERS = {
+    Probe: run_probe,
+    FoldScales: run_fold_scales,
+    CacheStages: run_cache_stages,
+    CollectStats: run_collect_stats,
+    Reduce: run_reduce,
+    Solve: run_solve,
+    Gather: run_gather,
+    Distribute: run_distribute,
+    Restore: run_restore,
+    Propagate: run_propagate,
+}
+
+
+# ---------------------------------------------------------------- split solves
+
+
+def share_output_errors(
+    weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor, rows: list[int], start: int
+) -> torch.Tensor:
+    """Per linear of a stacked group, this share's part of tr(E H Eᵀ) and tr(W H Wᵀ) (float64
+    [len(rows), 2]; E = W − Ŵ over the share's rows, which begin at row ``start`` of the stack):
+    summed over the workers' shares they give each linear's relative output error."""
+    per_row = output_error_terms(weight, approx, hessian).double()
+    out = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
+    at = 0
+    for i, n in enumerate(rows):
+        a, b = max(at - start, 0), min(at + n - start, weight.shape[0])
+        if a < b:
+            out[i] = per_row[a:b].sum(0)
+        at += n
+    return out
+
+
+def pack_share(own: QuantizedLinear) -> torch.Tensor:
+    """A share of a split solve as one uint8 buffer: fp16 scales (as bytes, first: a float16
+    view needs an even offset), codes, zeros."""
+    return torch.cat([own.scales.view(torch.uint8).reshape(-1), own.codes.reshape(-1), own.zeros.reshape(-1)])
+
+
+def empty_share(like: QuantizedLinear, rows: int) -> torch.Tensor:
+    k, n_groups = like.codes.shape[1], like.scales.shape[1]
+    return torch.empty(rows * (k + 3 * n_groups), dtype=torch.uint8, device=like.codes.device)
+
+
+def unpack_share(like: QuantizedLinear, packed: torch.Tensor, rows: int) -> QuantizedLinear:
+    """The inverse of :func:`pack_share`, with the grid, g_idx, perm and params of ``like``
+    (the same for every share: they follow from H and the job)."""
+    k, n_groups = like.codes.shape[1], like.scales.shape[1]
+    scales, codes, zeros = packed.split([2 * rows * n_groups, rows * k, rows * n_groups])
+    return QuantizedLinear(
+        spec=like.spec,
+        codes=codes.reshape(rows, k),
+        scales=scales.view(torch.float16).reshape(rows, n_groups),
+        zeros=zeros.reshape(rows, n_groups),
+        g_idx=like.g_idx,
+        method=like.method,
+        perm=like.perm,
+        params=like.params,
+    )
+
+
+def gather_rows(rank: int, own: QuantizedLinear, shares: tuple[tuple[int, int], ...]) -> QuantizedLinear:
+    """Every worker's share of an evenly split solve (every worker has rows), broadcast from
+    its solver, stacked in row order."""
+    parts = []
+    for r, (start, end) in enumerate(shares):
+        packed = pack_share(own) if r == rank else empty_share(own, end - start)
+        dist.broadcast(packed, src=r)
+        parts.append(unpack_share(own, packed, end - start))
+    return QuantizedLinear.stack_rows(parts)
+
+
+def send_rows_to_owner(
+    rank: int, own: QuantizedLinear | None, shares: tuple[tuple[int, int], ...], owner: int
+) -> QuantizedLinear | None:
+    """The shares of a split solve sent to its owner, which has rows of its own (the plan
+    gives it the most) and returns them stacked in row order; other workers return None."""
+    if rank != owner:
+        if own is not None:
+            dist.send(pack_share(own), dst=owner)
+        return None
+    if own is None:
+        raise RuntimeError("the owner of a split solve must have rows of its own")
+    parts = []
+    for r, (start, end) in enumerate(shares):
+        if r == rank:
+            parts.append(own)
+        elif end > start:
+            packed = empty_share(own, end - start)
+            dist.recv(packed, src=r)
+            parts.append(unpack_share(own, packed, end - start))
+    return QuantizedLinear.stack_rows(parts)
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+def awq_params(job, **found) -> dict:
+    """The record params of an AWQ group: the search's findings and the job's AWQ settings."""
+    return {
+        **found,
+        "awq_grid": job.awq_grid,
+        "awq_duo": job.awq_duo,
+        "awq_clip": job.awq_clip and job.method == "awq",
+        "awq_clip_search": job.awq_clip_search,
+    }
+
+
+def awq_search_and_fold(
+    w: BlockWorker, b: int, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """AWQ scales for every group of the float block, then all folded into ``layer``.
+
+    Per group (in block order): Σ xᵀx and Σ|x| of its input from this worker's samples
+    (the forward stops at the group), reduced to the group's owner, which searches the
+    scales; the scales are broadcast and, once every group has its scales, every worker
+    folds them into its copy of the block (identical arithmetic, so identical tensors).
+    Searching all groups before folding any keeps each search on the float weights, as
+    the original AWQ does; the folds into v_proj / up_proj rows then precede their own
+    quantization.
+
+    Returns the folded float tensors that are not quantized linear weights (norm
+    weights, biases of v_proj / up_proj) by name in the block, and, for the groups this
+    worker owns, {leader linear: {"hessian": H' of the scaled inputs, "params": …,
+    "float_results": record entries of the folded tensors it stored}}.
+    """
+    owned: dict[str, dict] = {}
+    searched = _awq_search(w, layer, owner_of, total_rows, timings, owned)
+    linear_weights = {f"{n}.weight" for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    floats: dict[str, torch.Tensor] = {}
+    for group, owner, scales, found, hessian in searched:
+        changed = fold_scales(layer, group, scales)
+        entries = []
+        for name in changed:
+            if name in linear_weights:
+                continue  # a quantized linear (v_proj / up_proj rows): stored as its result
+            tensor = layer.get_parameter(name).data
+            floats[name] = tensor
+            if owner == w.rank:
+                entries.append(w.writer.folded(b, name, tensor, group.linears))
+        if owner == w.rank:
+            params = awq_params(
+                w.job,
+                awq_alpha=found.alpha,
+                awq_duo_chosen=found.duo,
+                awq_prev=group.prev,
+                awq_search_gain=1.0 - found.loss / found.loss_identity if found.loss_identity > 0 else 0.0,
+            )
+            if group.offset:  # the norm computes x̂ · (offset + w)
+                params["awq_prev_offset"] = group.offset
+            owned[group.linears[0]] = {
+                "hessian": scale_gram(hessian, column_scales(group, scales)),
+                "params": params,
+                "float_results": entries,
+            }
+    return floats, owned
+
+
+def _awq_search(
+    w: BlockWorker, layer: nn.Module, owner_of: dict[tuple, int], total_rows: int, timings: dict, owned: dict
+) -> list[tuple]:
+    """Each group's scales searched by its owner and broadcast: (group, owner, scales, found, H)
+    per group with a relation; the groups without one enter ``owned`` unscaled."""
+    job = w.job
+    searched = []
+    relations, unfolded = w.scale_relations(layer, w.batches[0])
+    by_group = {tuple(g.linears): g for g in relations}
+    for key in list(by_group) + [k for k in unfolded if k not in by_group]:
+        group = by_group.get(key)
+        if key not in owner_of:
+            raise ValueError(f"AWQ group {key} does not match the block's shared-input groups")
+        owner, leader = owner_of[key], key[0]
+        t = time.perf_counter()
+        grams, means = w.collect_with_means(layer, [leader], abs_means=group is not None)
+        timings["stats"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if w.group_ready:
+            dist.reduce(grams[leader].sum, dst=owner)
+            if group is not None:
+                dist.reduce(means[leader].sum, dst=owner)
+        timings["reduce"] += time.perf_counter() - t
+        if group is None:  # no op absorbs scales: the linears are quantized as they are
+            if owner == w.rank:
+                owned[leader] = unfolded_entry(job, unfolded[key], grams[leader].hessian(total_count=total_rows))
+            continue
+        t = time.perf_counter()
+        found = hessian = None
+        if owner == w.rank:
+            weight = torch.cat([layer.get_submodule(n).weight.data for n in group.linears], dim=0)
+            x_mean = means[leader].mean(total_count=total_rows)
+            found = search_scales(
+                weight, grams[leader].sum, x_mean, job.spec, grid=job.awq_grid, duo=job.awq_duo, expand=group.expand
+            )
+            scales = found.scales.float().contiguous()
+            hessian = grams[leader].hessian(total_count=total_rows)
+        else:
+            scales = torch.empty(group.slots(layer), dtype=torch.float32, device=w.device)
+        del grams, means
+        timings["solve"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if w.group_ready:
+            dist.broadcast(scales, src=owner)
+        timings["broadcast"] += time.perf_counter() - t
+        searched.append((group, owner, scales, found, hessian))
+    return searched
+
+
+def unfolded_entry(job, why: str, hessian: torch.Tensor) -> dict:
+    """The owner's record of a group that AWQ leaves unscaled: its Hessian (for the clip
+    search), s = 1, and why (kept in every result of the group)."""
+    params = awq_params(job, awq_alpha=-1.0, awq_duo_chosen=False, awq_prev=None, awq_unfolded=why)
+    params["awq_search_gain"] = 0.0
+    return {"hessian": hessian, "params": params, "float_results": []}
