@@ -286,12 +286,15 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 
 
 def check_eval(cfg: JobConfig, tokenizer) -> None:
-    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_stream
+    """Each eval text holds its windows. Only the head the windows need is tokenized: the
+    off-domain default is a whole book, whose ids at once would set the driver's peak."""
+    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_head
 
+    need = cfg.eval.windows * cfg.eval.seq_len
     for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
         if text:
             try:
-                eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
+                eval_windows(tokenize_head(tokenizer, load_text(text), need), cfg.eval.windows, cfg.eval.seq_len)
             except CalibrationError as err:
                 raise CalibrationError(f"{key} {text}: {err}") from None
 
