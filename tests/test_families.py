@@ -244,17 +244,9 @@ def test_a_block_without_linears_is_refused_before_block_0(tmp_path, capsys):
 
 
 def test_routed_experts_are_refused_before_block_0(tmp_path, capsys):
-    from transformers import MixtralConfig
+    from tests.moe_results import tiny_moe_config
 
-    config = MixtralConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-    )
+    config = tiny_moe_config("mixtral", 49152)
     err = _refused(tmp_path, capsys, _save_random(tmp_path / "mixtral", config))
     assert "unsupported architecture: MixtralDecoderLayer" in err
     assert "not nn.Linear weights" in err or "never reaches" in err
@@ -280,14 +272,19 @@ def test_a_format_that_cannot_hold_the_method_is_refused_before_block_0(tmp_path
 def test_stage_cache_gives_the_full_pass_bytes_on_gemma3(tmp_path, emma_path, ray_session):
     """Gemma's block applies its post-attention / post-feedforward norms around the stand-ins the
     stage passes use: the cached passes still give the bytes of running the whole block."""
+    full, cached = stage_cache_hashes(tmp_path, "gemma3")
+    assert len(full) == 21 and cached == full
+
+
+def stage_cache_hashes(tmp_path: Path, family: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Each result's sha256 of a tiny ``family`` run without the stage cache and with it (the default)."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
 
     def hashes(sub, **run):
-        cfg = _family_config(tmp_path / sub, "gemma3")
+        cfg = _family_config(tmp_path / sub, family)
         cfg["run"].update(run)
         outcome = run_job(parse_config(cfg), progress=False)
         return {e["name"]: e["sha256"] for r in outcome.records.values() for e in r["results"]}
 
-    full = hashes("full", stage_cache=False)
-    assert len(full) == 21 and hashes("cached") == full
+    return hashes("full", stage_cache=False), hashes("cached")

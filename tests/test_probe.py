@@ -56,19 +56,13 @@ def _refusal(config) -> str:
 
 def test_the_child_refuses_what_the_driver_refuses(monkeypatch):
     """A block without linears (GPT-2's Conv1D) and routed experts: the driver's own words, from the child."""
-    from transformers import GPT2Config, MixtralConfig
+    from transformers import GPT2Config
+
+    from tests.moe_results import tiny_moe_config
 
     gpt2 = {**GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=256).to_dict(), "num_hidden_layers": 2}
     gpt2["architectures"] = ["GPT2LMHeadModel"]
-    mixtral = MixtralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-    ).to_dict()
+    mixtral = tiny_moe_config("mixtral", 256).to_dict()
     mixtral["architectures"] = ["MixtralForCausalLM"]
     said = {"gpt2": _refusal(gpt2), "mixtral": _refusal(mixtral)}
     assert "unsupported architecture: GPT2Block has no nn.Linear layers" in said["gpt2"]

@@ -141,18 +141,10 @@ def test_unclipped_rows_inside_one_linear_reach_a_sub_stack():
 def test_stage_cache_gives_the_full_pass_bytes_on_phi3(tmp_path, emma_path, ray_session):
     """Phi-3's fused qkv / gate_up stages take the stage passes too (by structure, not names):
     the same bytes as running the whole block for every stage, on two workers."""
-    from strata_quant.pipeline.config import parse_config
-    from strata_quant.pipeline.run import run_job
-    from tests.test_families import _family_config
+    from tests.test_families import stage_cache_hashes
 
-    def hashes(sub, **run):
-        cfg = _family_config(tmp_path / sub, "phi3")
-        cfg["run"].update(run)
-        outcome = run_job(parse_config(cfg), progress=False)
-        return {e["name"]: e["sha256"] for r in outcome.records.values() for e in r["results"]}
-
-    full = hashes("full", stage_cache=False)
-    assert len(full) == 12 and hashes("cached") == full
+    full, cached = stage_cache_hashes(tmp_path, "phi3")
+    assert len(full) == 12 and cached == full
 
 
 def test_diag_shrink_reaches_the_solver_through_the_block_plan(tmp_path, tiny_model_path):
