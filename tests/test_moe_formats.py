@@ -392,15 +392,18 @@ def test_smollm2_moe_gguf_in_llamacpp_and_transformers(fixture_built) -> None:
             compare_logits(got.flatten(0, 1), want.flatten(0, 1)),
         )
         line += f"; llama.cpp vs transformers(GGUF) {cpp_hf}; transformers(GGUF) vs dense max |Δ| {hf_dense['max_abs_diff']}"
-        if not (cpp_hf["top1_agreement"] >= 0.99 or cpp_hf["top1_flip_margin"] <= 0.1 * cpp_hf["logit_std"]):
-            # measured on a 2-core AMD EPYC: top-1 92 %, flip margin 0.19 std, mean |Δ| 0.06 std on the same file;
-            # llama.cpp's 8-bit input rounding may flip the router's top-2 choice; not yet explained, not a pass
-            pytest.xfail(f"llama.cpp and transformers disagree on one Qwen3-MoE GGUF beyond near ties: {cpp_hf}")
         assert hf_dense["max_abs_diff"] <= 1e-3 * hf_dense["logit_std"], hf_dense
     print(line)
     # against the float dense model the difference holds Q4_0's rounding too: flips need not be near ties there
     assert cpp_dense["mean_abs_diff"] <= 0.1 * cpp_dense["logit_std"], cpp_dense
     assert cpp_dense["top1_agreement"] >= 0.9, cpp_dense
+    # every assertion above holds first; then the two readers of one file, held to the near-tie rule
+    if name == "smollm2-qwen3-moe" and not (
+        cpp_hf["top1_agreement"] >= 0.99 or cpp_hf["top1_flip_margin"] <= 0.1 * cpp_hf["logit_std"]
+    ):
+        # measured on a 2-core AMD EPYC: top-1 92 %, flip margin 0.19 std, mean |Δ| 0.06 std on the same file;
+        # llama.cpp's 8-bit input rounding may flip the router's top-2 choice; not yet explained, not a pass
+        pytest.xfail(f"llama.cpp and transformers disagree on one Qwen3-MoE GGUF beyond near ties: {cpp_hf}")
 
 
 @pytest.mark.slow
