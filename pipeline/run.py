@@ -417,10 +417,15 @@ def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
 def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
     """Each block's linears (full names, e.g. model.layers.0.self_attn.q_proj) as the model's own
     class builds them: what a block's record must hold, one result each."""
+    from strata_quant.pipeline.moe import moe_layout
     from strata_quant.workers.block import block_linears
 
-    _, layers_path, layers = meta_model(reader)
-    return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
+    model, layers_path, layers = meta_model(reader)
+    moe_blocks, sources, _ = moe_layout(model, layers_path)
+    return {
+        b: [f"{layers_path}.{b}.{n}" for n in [*block_linears(layer), *(sources if b in moe_blocks else ())]]
+        for b, layer in enumerate(layers)
+    }
 
 
 @dataclass
@@ -430,6 +435,9 @@ class BlockStructure:
     widths: list[int]  # the linears' input widths
     awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
     awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
+    moe_blocks: list[int] = field(default_factory=list)  # the blocks holding routed experts
+    expert_sources: dict[str, list] = field(default_factory=dict)  # pipeline.moe.moe_layout
+    moe_renames: dict[str, str] = field(default_factory=dict)  # pipeline.moe.moe_layout
 
 
 def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
@@ -440,15 +448,26 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     experts), a block that does not run. With ``awq``, AWQ's relations are found the same
     way (once, for every block: the relations follow from the code, not the weights) and each
     group without one is said here, once."""
+    from strata_quant.pipeline.moe import moe_layout
     from strata_quant.workers.awq import find_scale_groups
     from strata_quant.workers.block import block_linears, probe_layer, trace_block
+    from strata_quant.workers.moe import MoeError, experts_modules
 
-    model, _, layers = meta_model(reader)
+    model, layers_path, layers = meta_model(reader)
     name = type(layers[0]).__name__
     linears = block_linears(layers[0])
     if not linears:
         raise CheckpointError(f"unsupported architecture: {name} has no nn.Linear layers to quantize")
-    others = [n for n, t in layers[0].named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
+    try:
+        moe_blocks, sources, renames = moe_layout(model, layers_path)
+    except MoeError as err:
+        raise CheckpointError(f"unsupported architecture: {name}'s experts: {err}") from None
+    fused = {f"{n}.{p}" for layer in layers for n, m in experts_modules(layer).items() for p, _ in m.named_parameters()}
+    others = [
+        n
+        for n, t in layers[0].named_parameters()
+        if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears and n not in fused and not _router(layers[0], n)
+    ]
     if others:
         raise CheckpointError(
             f"unsupported architecture: {name} holds weights that are not nn.Linear weights "
@@ -467,7 +486,11 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
             f"unsupported architecture: a batch through {name} never reaches {', '.join(trace.unreached[:4])} "
             "(routed experts are not handled)"
         )
-    out = BlockStructure(sorted({m.in_features for m in linears.values()}))
+    widths = {m.in_features for m in linears.values()}
+    for layer in (layers[b] for b in moe_blocks[:1]):  # the experts' inputs: the hidden state, their intermediate
+        widths |= {int(m.gate_up_proj.shape[2]) for m in experts_modules(layer).values()}
+        widths |= {int(m.down_proj.shape[2]) for m in experts_modules(layer).values()}
+    out = BlockStructure(sorted(widths), moe_blocks=moe_blocks, expert_sources=sources, moe_renames=renames)
     if awq:
         found, missing = find_scale_groups(layer, trace, sample, kwargs)
         out.awq_relations = [g.to_dict() for g in found]
@@ -477,12 +500,25 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     return out
 
 
+def _router(layer, name: str) -> bool:
+    """Whether parameter ``name`` of ``layer`` is a MoE module's router weight (kept 16-bit): the
+    ``weight`` of the ``gate`` of a module that holds fused experts."""
+    from strata_quant.workers.moe import moe_modules
+
+    return any(name == f"{moe}.gate.weight" for moe in moe_modules(layer))
+
+
 def check_checkpoint(reader: CheckpointReader) -> str:
     """Every block holds exactly the tensors its layer class needs (checked from the index and the
-    shard headers, before any worker starts); returns the decoder layers' path."""
+    shard headers, before any worker starts; a MoE block's per-expert tensors by the family's
+    conversion reversed, :func:`pipeline.moe.block_checkpoint_names`); returns the decoder layers' path."""
+    from strata_quant.pipeline.moe import block_checkpoint_names, moe_layout
+
     layers_path, suffixes = expected_block_names(reader)
-    want = set(suffixes)
+    model, _, _ = meta_model(reader)
+    moe_blocks, _, _ = moe_layout(model, layers_path)
     for b in range(reader.num_layers):
+        want = set(block_checkpoint_names(model, layers_path, b) if b in moe_blocks else suffixes)
         prefix = f"{layers_path}.{b}."
         have = {n[len(prefix) :] for n in reader.block_names(b, layers_path)}
         missing = sorted(want - have)
@@ -519,6 +555,10 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
         check_head_dim(reader.config)  # before transformers builds the layer class from it
     structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
     check_against_model(cfg, reader.config, structure.widths)
+    if structure.moe_blocks and cfg.quant.method not in MOE_METHODS:
+        raise ConfigError(
+            f"quant.method {cfg.quant.method} is not run on routed experts; a MoE model takes {' or '.join(MOE_METHODS)}"
+        )
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
@@ -536,6 +576,9 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     token_ids = calibration_windows(stream, c.num_samples, c.seq_len, c.sampling, c.seed, prefix=prefix)
     return reader, token_ids, tokenizer, structure
 
+
+# the methods a model with routed experts runs (the experts' GPTQ on routed statistics, or RTN)
+MOE_METHODS = ("gptq", "rtn")
 
 # errors a worker raises that say something about the input or the store: re-raised as they are
 _INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
@@ -857,6 +900,11 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         collective_timeout_s=run.block_timeout_s,  # no collective waits longer than a block may take
         awq_relations=structure.awq_relations,
         awq_unfolded=structure.awq_unfolded,
+        expert_sources=structure.expert_sources,
+        moe_blocks=structure.moe_blocks,
+        moe_renames=structure.moe_renames,
+        moe_min_tokens=quant.moe.min_tokens,
+        moe_policy=quant.moe.policy,
     )
 
 

@@ -1,0 +1,107 @@
+"""Mixture-of-Experts through `strata run`: tiny random Mixtral and Qwen3-MoE (tests/moe_results.py's ``tiny_moe``,
+SmolLM2's tokenizer) quantized by the run on one worker, against the reference that tests/moe_results.py makes
+without the run (each expert's statistics from the tokens its own router sends it, GPTQ per expert, gate and up
+stacked): the same codes, scales and zeros, every expert. The run's results are assembled into GGUF and GPTQ and
+verified (pipeline.verify); the block record holds each expert's routed token count and decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from strata_quant.workers.result import QuantSpec
+from tests.moe_results import moe_results, tiny_moe
+
+FAMILIES = ["mixtral", "qwen3_moe"]
+SPEC = QuantSpec(4, 32, True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+def moe_config(root: Path, folder: Path, method: str = "gptq", formats=("gguf", "gptq"), **quant) -> dict:
+    """A one-worker run of the tiny MoE in ``folder``: one batch of all samples (so the run's sums are the
+    reference's, which adds every token at once) and every block's experts fed the float model's hidden states
+    (propagate float, no true-sequential stages: the reference's inputs)."""
+    return {
+        "name": "tiny-moe",
+        "model": str(folder),
+        "calibration": {"source": "fixture:austen/emma", "num_samples": 4, "seq_len": 32},
+        "quant": {"method": method, "bits": 4, "group_size": 32, "true_sequential": False, **quant},
+        "run": {"workers": 1, "batch_size": 4, "store": str(root / "store"), "propagate": "float"},
+        "output": {"dir": str(root / "out"), "formats": list(formats), "gguf_tokenizer_pre": "smollm"},
+        "eval": None,
+    }
+
+
+def stored_results(store_root: Path, run_id: str) -> tuple[dict, dict]:
+    """{linear: entry} and {linear: result} of a finished run in a local store."""
+    from strata_quant.pipeline.run import recorded_entries
+    from strata_quant.pipeline.store import LocalStore
+    from strata_quant.workers.records import result_from_bytes
+
+    store = LocalStore(store_root)
+    _, entries = recorded_entries(store, run_id)
+    return entries, {n: result_from_bytes(store.get_bytes(e["key"])) for n, e in entries.items()}
+
+
+def same_result(a, b) -> bool:
+    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("codes", "scales", "zeros", "g_idx"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_gptq_run_equals_the_reference_and_verifies(family, tokenizer, tmp_path, ray_session):
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+    from strata_quant.pipeline.run import prepare
+
+    folder = tiny_moe(family, tokenizer, tmp_path / "model")
+    cfg = parse_config(moe_config(tmp_path, folder))
+    report = run_full_job(cfg, progress=False)
+    entries, got = stored_results(tmp_path / "store", report["run_id"])
+    _, token_ids, _, _ = prepare(cfg)
+    _, want = moe_results(CheckpointReader(folder), tmp_path / "reference", SPEC, token_ids)
+    experts = sorted(n for n in want if ".experts." in n)
+    assert len(experts) == 2 * 4 * 3 and set(got) == set(want)  # every expert linear, attention, no router
+    for name in experts:
+        assert same_result(got[name], want[name]), name
+    counts = {}
+    for name in experts:
+        info = entries[name]["expert"]
+        counts[(name.split(".")[2], info["index"])] = info["tokens"]
+        assert info["decision"] == "routed"
+    for b in ("0", "1"):  # top-2 of every token of the block: 2·N·T routed tokens in all
+        assert sum(n for (blk, _), n in counts.items() if blk == b) == 2 * 4 * 32
+    print(f"\n{family}: routed tokens per (block, expert) {counts}")
+    assert len(report["checks"]) == 2
+    for check in report["checks"]:  # every result as the formats' readers decode it: the stored result
+        assert check["quantized_linears"] == check["bit_exact_linears"] == len(want), check
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_rtn_run_rounds_every_expert_as_stored(family, tokenizer, tmp_path, ray_session):
+    from safetensors import safe_open
+
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+    from strata_quant.workers.rtn import rtn_quantize
+
+    folder = tiny_moe(family, tokenizer, tmp_path / "model")
+    report = run_full_job(parse_config(moe_config(tmp_path, folder, "rtn", formats=("gptq",))), progress=False)
+    entries, got = stored_results(tmp_path / "store", report["run_id"])
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = [n.removesuffix(".weight") for n in f.keys() if n.removesuffix(".weight") in got]
+        for name in names:  # RTN is row by row: an expert's rows of the fused result are its own rounding
+            assert same_result(got[name], rtn_quantize(f.get_tensor(f"{name}.weight").float(), SPEC)), name
+    assert len(names) == len(got) == 2 * (4 + 4 * 3)
+    assert all(e["expert"]["decision"] == "rtn" for n, e in entries.items() if ".experts." in n)
+    (check,) = report["checks"]
+    assert check["quantized_linears"] == check["bit_exact_linears"] == len(got), check
