@@ -39,6 +39,7 @@ from strata_quant.pipeline.store import (
 )
 from strata_quant.workers.actor import BlockWorker
 from strata_quant.workers.job import WorkerJob, job_overlaps
+from strata_quant.workers.moe import MoeError
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
@@ -451,7 +452,7 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     from strata_quant.pipeline.moe import moe_layout
     from strata_quant.workers.awq import find_scale_groups
     from strata_quant.workers.block import block_linears, probe_layer, trace_block
-    from strata_quant.workers.moe import MoeError, experts_modules
+    from strata_quant.workers.moe import experts_modules
 
     model, layers_path, layers = meta_model(reader)
     name = type(layers[0]).__name__
@@ -581,7 +582,8 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
 MOE_METHODS = ("gptq", "rtn")
 
 # errors a worker raises that say something about the input or the store: re-raised as they are
-_INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
+# (MoeError: quant.moe.policy fail, an expert the calibration does not reach enough)
+_INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError, MoeError)
 
 
 class _WorkerLost(Exception):

@@ -105,3 +105,62 @@ def test_moe_rtn_run_rounds_every_expert_as_stored(family, tokenizer, tmp_path, 
     assert all(e["expert"]["decision"] == "rtn" for n, e in entries.items() if ".experts." in n)
     (check,) = report["checks"]
     assert check["quantized_linears"] == check["bit_exact_linears"] == len(got), check
+
+
+def starve_expert(folder: Path, expert: int) -> None:
+    """Rewrite the saved tiny MoE so that its routers never pick ``expert``: channel 0 of every token's hidden
+    state is held at +4 (embedding column 0 set, attention's and every expert's output row 0 zeroed), so the
+    router input's channel 0 is positive everywhere, and the expert's router row is −30 on that channel alone (the
+    other rows 0 there)."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.embed_tokens.weight"][:, 0] = 4.0
+    for name, t in tensors.items():
+        leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
+        if leaf == "o_proj" or (".experts." in name and leaf in ("w2", "down_proj")):
+            t[0] = 0.0
+        elif leaf == "gate" and t.dim() == 2 and t.shape[0] == 4:  # the router: [experts, hidden]
+            t[:, 0] = 0.0  # the others route on the other channels, as they would
+            t[expert] = 0.0
+            t[expert, 0] = -30.0
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("policy", ["rtn", "all_tokens"])
+def test_a_zero_token_expert_under_the_policy_equals_the_reference(policy, tokenizer, tmp_path, ray_session):
+    """An expert the router never picks: the run completes without NaN, records 0 tokens and the policy's
+    decision for it, and every expert equals the reference made with that policy (``all_tokens``: the
+    expert's statistics from every token of the block, the others' from their routed tokens)."""
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import prepare, run_job
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    starve_expert(folder, 3)
+    cfg = parse_config(moe_config(tmp_path, folder, moe={"policy": policy}))
+    outcome = run_job(cfg, progress=False)
+    entries, got = stored_results(tmp_path / "store", outcome.run_id)
+    _, token_ids, _, _ = prepare(cfg)
+    _, want = moe_results(CheckpointReader(folder), tmp_path / "reference", SPEC, token_ids, policy=policy)
+    for name, result in got.items():
+        assert torch.isfinite(result.dequantize()).all(), name
+        if ".experts." in name:
+            assert same_result(result, want[name]), name
+            info = entries[name]["expert"]
+            starved = info["index"] == 3
+            assert (info["tokens"] == 0) is starved, (name, info)
+            assert info["decision"] == (policy if starved else "routed"), (name, info)
+
+
+def test_policy_fail_names_the_expert_and_its_count(tokenizer, tmp_path, capsys):
+    from tests.test_bad_input import run_cli
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    starve_expert(folder, 3)
+    cfg = moe_config(tmp_path, folder, moe={"policy": "fail", "min_tokens": 1})
+    cfg["run"]["store"] = str(tmp_path / "store")
+    msg = run_cli(tmp_path, cfg, capsys)
+    assert "block 0 mlp: experts below quant.moe.min_tokens=1 routed tokens: 3 (0)" in msg
+    assert len(msg.strip().splitlines()) == 1
