@@ -164,3 +164,25 @@ def test_policy_fail_names_the_expert_and_its_count(tokenizer, tmp_path, capsys)
     msg = run_cli(tmp_path, cfg, capsys)
     assert "block 0 mlp: experts below quant.moe.min_tokens=1 routed tokens: 3 (0)" in msg
     assert len(msg.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_workers_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_session):
+    """W=2: each worker's routed statistics of every expert reduced to the expert's owner (e mod W), solved
+    there, the quantized experts sent to both for the forward through the quantized block (true-sequential
+    stages, propagate quantized): every stored result has the bytes of the one-worker run (the same batches:
+    two samples each), and the token counts are the same."""
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
+
+    folder = tiny_moe(family, tokenizer, tmp_path / "model")
+    runs = {}
+    for workers in (1, 2):
+        cfg = moe_config(tmp_path / f"w{workers}", folder, true_sequential=True)
+        cfg["run"].update(workers=workers, batch_size=2, propagate="quantized")
+        outcome = run_job(parse_config(cfg), progress=False)
+        runs[workers], _ = stored_results(tmp_path / f"w{workers}" / "store", outcome.run_id)
+    assert set(runs[1]) == set(runs[2]) and len(runs[1]) == 2 * (4 + 4 * 3)
+    for name, entry in runs[1].items():
+        assert entry["sha256"] == runs[2][name]["sha256"], name
+        assert entry.get("expert") == runs[2][name].get("expert"), name
