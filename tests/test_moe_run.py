@@ -186,3 +186,22 @@ def test_two_workers_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_
     for name, entry in runs[1].items():
         assert entry["sha256"] == runs[2][name]["sha256"], name
         assert entry.get("expert") == runs[2][name].get("expert"), name
+
+
+def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tmp_path, ray_session):
+    """Block 0 replayed from its stored per-expert results (put back into the fused experts for the forward
+    through the quantized block) and block 1 solved again: block 1's results have the first run's bytes."""
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import run_job
+
+    folder = tiny_moe("qwen3_moe", tokenizer, tmp_path / "model")
+    cfg = moe_config(tmp_path, folder, true_sequential=True)
+    cfg["run"].update(propagate="quantized")
+    first = run_job(parse_config(cfg), progress=False)
+    before, _ = stored_results(tmp_path / "store", first.run_id)
+    victim = tmp_path / "store" / before["model.layers.1.mlp.experts.2.down_proj"]["key"]
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    again = run_job(parse_config(cfg), progress=False)
+    assert again.solved_blocks == [1] and again.resumed_blocks == [0]
+    after, _ = stored_results(tmp_path / "store", again.run_id)
+    assert {n: e["sha256"] for n, e in after.items()} == {n: e["sha256"] for n, e in before.items()}

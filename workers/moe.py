@@ -191,7 +191,7 @@ class ExpertStatistics:
         for e in ids:
             acc[(e, GATE_UP)] = HessianAccumulator(gate_up.shape[2], device=gate_up.device)
             acc[(e, DOWN)] = HessianAccumulator(down.shape[2], device=down.device)
-        return cls(acc, torch.zeros(gate_up.shape[0], dtype=torch.int64))
+        return cls(acc, torch.zeros(gate_up.shape[0], dtype=torch.int64, device=gate_up.device))
 
     def hessian(self, expert: int, which: str) -> torch.Tensor:
         return self.accumulators[(expert, which)].hessian()
