@@ -81,6 +81,11 @@ def test_moe_gptq_run_equals_the_reference_and_verifies(family, tokenizer, tmp_p
     for b in ("0", "1"):  # top-2 of every token of the block: 2·N·T routed tokens in all
         assert sum(n for (blk, _), n in counts.items() if blk == b) == 2 * 4 * 32
     print(f"\n{family}: routed tokens per (block, expert) {counts}")
+    summary = report["experts"]  # the report's and the model card's account of the experts
+    assert summary["modules"] == 2 and summary["experts_per_module"] == 4 and summary["decisions"] == {"routed": 8}
+    assert (summary["tokens_min"], summary["tokens_max"]) == (min(counts.values()), max(counts.values()))
+    assert "| Experts | 4 experts in each of 2 MoE blocks" in Path(report["model_cards"]["gguf"]).read_text()
+    assert Path(report["report_files"]["expert_tokens"]).read_bytes().startswith(b"\x89PNG")
     assert len(report["checks"]) == 2
     for check in report["checks"]:  # every result as the formats' readers decode it: the stored result
         assert check["quantized_linears"] == check["bit_exact_linears"] == len(want), check
@@ -152,6 +157,10 @@ def test_a_zero_token_expert_under_the_policy_equals_the_reference(policy, token
             starved = info["index"] == 3
             assert (info["tokens"] == 0) is starved, (name, info)
             assert info["decision"] == (policy if starved else "routed"), (name, info)
+    from strata_quant.pipeline.report import expert_summary, plot_expert_tokens
+
+    assert expert_summary(outcome.records)["decisions"] == {policy: 2, "routed": 6}  # expert 3 of both blocks
+    assert plot_expert_tokens(outcome.records, tmp_path / "tokens.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_policy_fail_names_the_expert_and_its_count(tokenizer, tmp_path, capsys):
