@@ -2,11 +2,13 @@
 SmolLM2's tokenizer) quantized by the run on one worker, against the reference that tests/moe_results.py makes
 without the run (each expert's statistics from the tokens its own router sends it, GPTQ per expert, gate and up
 stacked): the same codes, scales and zeros, every expert. The run's results are assembled into GGUF and GPTQ and
-verified (pipeline.verify); the block record holds each expert's routed token count and decision.
+verified (pipeline.verify) and evaluated block by block; the block record holds each expert's routed token count
+and decision; the quant.moe policies on an expert the router never picks; W=2 against W=1; a resumed run.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,9 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def moe_config(root: Path, folder: Path, method: str = "gptq", formats=("gguf", "gptq"), **quant) -> dict:
+def moe_config(
+    root: Path, folder: Path, method: str = "gptq", formats=("gguf", "gptq"), eval: dict | None = None, **quant
+) -> dict:
     """A one-worker run of the tiny MoE in ``folder``: one batch of all samples (so the run's sums are the
     reference's, which adds every token at once) and every block's experts fed the float model's hidden states
     (propagate float, no true-sequential stages: the reference's inputs)."""
@@ -37,7 +41,7 @@ def moe_config(root: Path, folder: Path, method: str = "gptq", formats=("gguf", 
         "quant": {"method": method, "bits": 4, "group_size": 32, "true_sequential": False, **quant},
         "run": {"workers": 1, "batch_size": 4, "store": str(root / "store"), "propagate": "float"},
         "output": {"dir": str(root / "out"), "formats": list(formats), "gguf_tokenizer_pre": "smollm"},
-        "eval": None,
+        "eval": eval,
     }
 
 
@@ -64,7 +68,7 @@ def test_moe_gptq_run_equals_the_reference_and_verifies(family, tokenizer, tmp_p
     from strata_quant.pipeline.run import prepare
 
     folder = tiny_moe(family, tokenizer, tmp_path / "model")
-    cfg = parse_config(moe_config(tmp_path, folder))
+    cfg = parse_config(moe_config(tmp_path, folder, eval={"windows": 2, "seq_len": 64}))
     report = run_full_job(cfg, progress=False)
     entries, got = stored_results(tmp_path / "store", report["run_id"])
     _, token_ids, _, _ = prepare(cfg)
@@ -86,6 +90,9 @@ def test_moe_gptq_run_equals_the_reference_and_verifies(family, tokenizer, tmp_p
     assert (summary["tokens_min"], summary["tokens_max"]) == (min(counts.values()), max(counts.values()))
     assert "| Experts | 4 experts in each of 2 MoE blocks" in Path(report["model_cards"]["gguf"]).read_text()
     assert Path(report["report_files"]["expert_tokens"]).read_bytes().startswith(b"\x89PNG")
+    rows = report["quality"]["rows"]  # the evaluation streams the MoE blocks (experts fused from their tensors)
+    assert list(rows) == ["fp16 (reference)", "RTN W4 g32", "strata GPTQ W4 g32 (GGUF via gguf-py)"]
+    assert all(math.isfinite(r["ppl"]) and (r["kld"] > 0) is (name != "fp16 (reference)") for name, r in rows.items())
     assert len(report["checks"]) == 2
     for check in report["checks"]:  # every result as the formats' readers decode it: the stored result
         assert check["quantized_linears"] == check["bit_exact_linears"] == len(want), check

@@ -149,7 +149,9 @@ class BlockWorker:
         data = {"tensor_sha256": digests} if digests else {}  # the block's bytes, for the record
         if b + 1 < len(self.meta_layers) and hasattr(self.reader, "prefetch_block"):
             self.reader.prefetch_block(b + 1)  # read the next block while this one is processed
-        layer = build_block(self.meta_layers[b], self._block_tensors(b, tensors), torch.float32)
+        prefix = f"{self.layers_path}.{b}."
+        inside = self._model_tensors(b, {k[len(prefix) :]: v for k, v in tensors.items()})
+        layer = build_block(self.meta_layers[b], inside, torch.float32)
         layer = layer.to(self.device)
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
@@ -180,15 +182,13 @@ class BlockWorker:
         self._uploads.wait()  # this block's results are stored before its entries leave
         return out
 
-    def _block_tensors(self, b: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Block ``b``'s checkpoint tensors (full names) under the names inside the block, a MoE block's
+    def _model_tensors(self, b: int, inside: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block ``b``'s checkpoint tensors (names inside the block) under the model's names: a MoE block's
         renamed as the family renames them and its per-expert tensors placed into its fused parameters
-        (:func:`workers.moe.fuse_experts`)."""
-        prefix = f"{self.layers_path}.{b}."
-        renames = self.job.moe_renames if b in self.job.moe_blocks else {}
-        inside = {renames.get(k[len(prefix) :], k[len(prefix) :]): v for k, v in tensors.items()}
+        (:func:`workers.moe.fuse_experts`); other blocks' as they are."""
         if b not in self.job.moe_blocks:
             return inside
+        inside = {self.job.moe_renames.get(k, k): v for k, v in inside.items()}
         shapes = {n: tuple(p.shape) for n, p in self.meta_layers[b].named_parameters()}
         return fuse_experts(inside, self._expert_sources(), shapes)
 
@@ -196,9 +196,10 @@ class BlockWorker:
         return {k: tuple(v) for k, v in self.job.expert_sources.items()}
 
     def advance(self, b: int, tensors: dict[str, torch.Tensor]) -> None:
-        """The samples through block ``b`` built from ``tensors`` (names inside the block), in fp32:
-        the forward a replay does, for any weights (evaluation streams models block by block)."""
-        self._advance(build_block(self.meta_layers[b], tensors, torch.float32).to(self.device))
+        """The samples through block ``b`` built from ``tensors`` (checkpoint names inside the block; a MoE
+        block's fused experts may come under their own names), in fp32: the forward a replay does, for any
+        weights (evaluation streams models block by block)."""
+        self._advance(build_block(self.meta_layers[b], self._model_tensors(b, tensors), torch.float32).to(self.device))
 
     def propagate(
         self,

@@ -301,8 +301,9 @@ def fuse_experts(
 ) -> dict[str, torch.Tensor]:
     """Per-expert tensors under the checkpoint's names (``name + suffix``) → the block's fused parameters:
     P[e, first:end] = W_name for every source (param, e, first, end) of ``sources``; every other tensor passes
-    as it is. Each fused parameter (shape from ``shapes``) must be covered row for row, once: a missing or
-    doubled expert raises MoeError."""
+    as it is, and a tensor given under a fused parameter's own name wins over the per-expert ones (an
+    evaluation's quantized experts over the checkpoint's). Each fused parameter (shape from ``shapes``) must
+    be covered row for row, once: a missing or doubled expert raises MoeError."""
     out = {k: v for k, v in tensors.items() if k.removesuffix(suffix) not in sources}
     fused: dict[str, torch.Tensor] = {}
     covered: dict[str, torch.Tensor] = {}
@@ -318,7 +319,7 @@ def fuse_experts(
     for param, hits in covered.items():
         if not bool((hits == 1).all()):
             raise MoeError(f"the checkpoint's per-expert tensors do not cover {param} row for row, once each")
-    return {**out, **fused}
+    return {**fused, **out}
 
 
 class _Reached(Exception):
