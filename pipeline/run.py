@@ -501,6 +501,18 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     return out
 
 
+def check_moe_method(reader: CheckpointReader, method: str) -> None:
+    """A model with routed experts runs the methods of :data:`MOE_METHODS` only (refused before the block
+    structure is traced: AWQ's relations are not found through experts)."""
+    from strata_quant.workers.moe import experts_modules
+
+    _, _, layers = meta_model(reader)
+    if method not in MOE_METHODS and any(experts_modules(layer) for layer in layers):
+        raise ConfigError(
+            f"quant.method {method} is not run on routed experts; a MoE model takes {' or '.join(MOE_METHODS)}"
+        )
+
+
 def _router(layer, name: str) -> bool:
     """Whether parameter ``name`` of ``layer`` is a MoE module's router weight (kept 16-bit): the
     ``weight`` of the ``gate`` of a module that holds fused experts."""
@@ -554,12 +566,9 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
         check_head_dim(reader.config)  # before transformers builds the layer class from it
+    check_moe_method(reader, cfg.quant.method)
     structure = check_block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
     check_against_model(cfg, reader.config, structure.widths)
-    if structure.moe_blocks and cfg.quant.method not in MOE_METHODS:
-        raise ConfigError(
-            f"quant.method {cfg.quant.method} is not run on routed experts; a MoE model takes {' or '.join(MOE_METHODS)}"
-        )
     check_checkpoint(reader)
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run

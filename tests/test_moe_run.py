@@ -221,3 +221,12 @@ def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tm
     assert again.solved_blocks == [1] and again.resumed_blocks == [0]
     after, _ = stored_results(tmp_path / "store", again.run_id)
     assert {n: e["sha256"] for n, e in after.items()} == {n: e["sha256"] for n, e in before.items()}
+
+
+def test_a_method_the_experts_do_not_take_is_refused_before_block_0(tokenizer, tmp_path, capsys):
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    folder = tiny_moe("qwen3_moe", tokenizer, tmp_path / "model")
+    msg = run_cli(tmp_path, moe_config(tmp_path, folder, "awq", formats=("awq",)), capsys)
+    assert "quant.method awq is not run on routed experts; a MoE model takes gptq or rtn" in msg
+    assert_nothing_complete(tmp_path)
