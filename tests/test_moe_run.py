@@ -230,3 +230,28 @@ def test_a_method_the_experts_do_not_take_is_refused_before_block_0(tokenizer, t
     msg = run_cli(tmp_path, moe_config(tmp_path, folder, "awq", formats=("awq",)), capsys)
     assert "quant.method awq is not run on routed experts; a MoE model takes gptq or rtn" in msg
     assert_nothing_complete(tmp_path)
+
+
+def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tmp_path, ray_session):
+    """DeepSeek-V3 (MLA attention, a dense first block, a shared expert beside the routed ones, grouped
+    routing): the dense block and the shared expert are the block's linears, the routed experts equal the
+    reference bit for bit, and each MoE block's routed tokens are top-2 of every token."""
+    from strata_quant.pipeline.checkpoint import CheckpointReader
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.run import prepare, run_job
+
+    folder = tiny_moe("deepseek_v3", tokenizer, tmp_path / "model")
+    cfg = parse_config(moe_config(tmp_path, folder, formats=("gptq",)))
+    outcome = run_job(cfg, progress=False)
+    entries, got = stored_results(tmp_path / "store", outcome.run_id)
+    _, token_ids, _, _ = prepare(cfg)
+    _, want = moe_results(CheckpointReader(folder), tmp_path / "reference", SPEC, token_ids)
+    assert set(got) == set(want)
+    experts = [n for n in want if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3 and not any(n.startswith("model.layers.0.mlp.experts") for n in experts)
+    assert "model.layers.1.mlp.shared_experts.down_proj" in got and "model.layers.0.mlp.down_proj" in got
+    for name in experts:
+        assert same_result(got[name], want[name]), name
+    for b in (1, 2):
+        tokens = {entries[n]["expert"]["index"]: entries[n]["expert"]["tokens"] for n in experts if f".{b}.mlp" in n}
+        assert sum(tokens.values()) == 2 * 4 * 32, tokens
