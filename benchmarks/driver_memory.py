@@ -11,6 +11,13 @@ driver's peak RSS (getrusage, the whole process life, Ray's driver-side threads 
 workers' and the publishing task's peaks (sampled every 50 ms), and the phase times. With
 ``--config`` the job is that config with the synthetic model, a local store and output folder,
 the calibration and eval shrunk to fit the machine (``--set`` overrides more keys).
+
+Before each job, ``strata check`` runs on the same config in a process of its own (its peak,
+the plan's block-structure probe included, is reported beside the driver's). The plan traces
+a layer wider than ``pipeline.probe.IN_PLACE_BYTES`` in a child process; ``--trace-in-driver``
+traces it in the driver instead, the way it was done before, for the comparison.
+``--plan-only`` runs only the plan's checks (``preflight.check_job``, what ``strata check`` and
+the start of every job run) in the measured process: the driver's peak before Ray starts.
 """
 
 from __future__ import annotations
@@ -87,7 +94,32 @@ def one(args) -> dict:
     model = synthetic(args)  # cached by the --make step: only its manifest is read here
     tmp = Path(tempfile.mkdtemp(prefix="strata-drvmem-"))
     try:
-        cfg = parse_config(job_config(args, model, tmp), "benchmark")
+        data = job_config(args, model, tmp)
+        if args.trace_in_driver:
+            from strata_quant.pipeline import probe
+
+            probe.IN_PLACE_BYTES = float("inf")
+        if args.plan_only:
+            from strata_quant.pipeline.preflight import check_job
+
+            pf = check_job(parse_config(data, "benchmark"))
+            return {
+                "layers": layers,
+                "params": pf.reader.num_params(),
+                "trace_in_driver": args.trace_in_driver,
+                "plan_driver_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "plan_children_peak_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            }
+        job_yaml = tmp / "job.yaml"
+        job_yaml.write_text(yaml.safe_dump(data))
+        check = subprocess.run(
+            [sys.executable, "-m", "strata_quant.pipeline.cli", "check", str(job_yaml)], capture_output=True, text=True
+        )
+        if check.returncode != 0:
+            sys.exit(f"strata check refused the job (exit {check.returncode}): {check.stderr.strip()[-2000:]}")
+        # the largest process waited for so far: the check or its probe child
+        check_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        cfg = parse_config(data, "benchmark")
         ray.init(num_cpus=max(2, args.workers), include_dashboard=False, logging_level="WARNING")
         with PeakRSS() as workers, PeakRSS(match="publish") as publisher:
             report = run_full_job(cfg, progress=False)
@@ -99,6 +131,9 @@ def one(args) -> dict:
         "params": report["params"],
         "driver_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "driver_peak_sampled_bytes": workers.driver,
+        "trace_in_driver": args.trace_in_driver,
+        "check": check.stdout.strip().splitlines()[-1],
+        "check_peak_bytes": check_peak,
         "worker_peak_bytes": max(workers.workers.values(), default=0),
         "publish_peak_bytes": max(publisher.workers.values(), default=0),
         "timings": report["timings"],
@@ -123,6 +158,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--trace-in-driver", action="store_true", help="the plan's layer trace in the driver")
+    parser.add_argument("--plan-only", action="store_true", help="only the plan's checks, in the measured process")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +177,9 @@ def main() -> None:
     print(
         f"synthetic Llama {args.hidden} wide, FFN {args.intermediate}, {args.heads}/{args.kv_heads} heads; "
         f"{args.workers} workers; {args.samples} × {args.seq_len} calibration tokens; gptq + gguf; "
-        f"eval {args.eval_windows} × {args.seq_len}" + (f"; {args.config} {' '.join(args.set)}" if args.config else "")
+        f"eval {args.eval_windows} × {args.seq_len}"
+        + (f"; {args.config} {' '.join(args.set)}" if args.config else "")
+        + ("; layer traced in the driver" if args.trace_in_driver else "; layer traced in a child process")
     )
     rows = []
     for layers in args.layers:
@@ -163,6 +202,14 @@ def main() -> None:
             sys.exit(f"{layers} blocks failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         row = json.loads(line[len("RESULT ") :])
         rows.append(row)
+        if args.plan_only:
+            print(
+                f"{layers:3d} blocks ({row['params'] / 1e9:.2f} B params): plan in the driver, peak "
+                f"{row['plan_driver_peak_bytes'] / 2**20:6.0f} MiB; its child processes' peak "
+                f"{row['plan_children_peak_bytes'] / 2**20:6.0f} MiB",
+                flush=True,
+            )
+            continue
         t = row["timings"]
         print(
             f"{layers:3d} blocks ({row['params'] / 1e9:.2f} B params): driver peak {row['driver_peak_bytes'] / 2**20:6.0f} MiB, "
@@ -170,10 +217,11 @@ def main() -> None:
             f"{row['publish_peak_bytes'] / 2**20:6.0f} MiB; " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items()),
             flush=True,
         )
+        print(f"    {row['check']} (peak of strata check and its probe: {row['check_peak_bytes'] / 2**20:.0f} MiB)")
         for check in row["checks"]:
             print(f"    verified {check}")
         print(f"    ppl {row['ppl']}")
-    if len(rows) > 1:
+    if len(rows) > 1 and not args.plan_only:
         growth = rows[-1]["driver_peak_bytes"] / rows[0]["driver_peak_bytes"] - 1
         print(f"driver peak growth {rows[0]['layers']} → {rows[-1]['layers']} blocks: {growth:+.1%}")
     if args.json:

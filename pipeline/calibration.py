@@ -96,6 +96,21 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tokenize_head(tokenizer, text: str, n_tokens: int) -> torch.Tensor:
+    """The ids of the text's head, more than ``n_tokens`` of them, or of the whole text when it has
+    no more: what a plan-time check of a text's length needs, without the ids of a whole book (a
+    4 MB text tokenized at once takes over half a GB). The head is cut at a line end (so its last
+    word is whole), 8 characters a token at first and doubled until it holds enough."""
+    chars = 8 * (n_tokens + 1)
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars) + 1 or chars
+        ids = tokenize_stream(tokenizer, text[:cut])
+        if ids.numel() > n_tokens:
+            return ids
+        chars *= 2
+    return tokenize_stream(tokenizer, text)
+
+
 def tokenizer_prefix(tokenizer) -> list[int]:
     """The ids the model's tokenizer puts before any text it encodes (its BOS where it adds one,
     e.g. Llama 3's <|begin_of_text|>; none for GPT-2-style tokenizers such as SmolLM2's), found

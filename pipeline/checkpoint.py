@@ -157,7 +157,7 @@ class CheckpointReader:
         if not isinstance(self.config, dict):
             raise CheckpointError(f"config.json of {self.uri!r} is not a JSON object")
         # which architectures are supported is decided by tracing the model's own decoder layer
-        # (pipeline.run.check_block_structure); here only that config.json names one
+        # (pipeline.structure.check_block_structure); here only that config.json names one
         if not self.config.get("architectures"):
             raise CheckpointError(f"config.json of {self.uri!r} names no architectures")
         index = self.path / "model.safetensors.index.json"

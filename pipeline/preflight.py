@@ -34,7 +34,7 @@ class Preflight:
     reader: object
     token_ids: torch.Tensor
     tokenizer: object
-    structure: object  # the traced block structure (workers.block.BlockStructure)
+    structure: object  # the traced block structure (pipeline.structure.BlockStructure)
     passed: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -42,7 +42,7 @@ class Preflight:
 def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
     """Run every plan-time check of ``cfg``; the first failure raises (ConfigError, CheckpointError,
     CalibrationError or StoreError) with a message that names the problem."""
-    from strata_quant.pipeline.run import check_checkpoint, prepare
+    from strata_quant.pipeline.run import check_checkpoint, prepare, shard_samples
 
     reader, token_ids, tokenizer, structure = prepare(
         cfg
@@ -54,6 +54,11 @@ def check_job(cfg: JobConfig, *, outputs: bool = True) -> Preflight:
         f"checkpoint: {reader.num_layers} blocks under {layers_path}, {reader.num_params() / 1e9:.2f} B parameters"
     )
     pf.passed.append(f"calibration: {token_ids.shape[0]} samples × {token_ids.shape[1]} tokens")
+    shards = shard_samples(token_ids, cfg.run.workers, cfg.run.batch_size)  # as the run shards them
+    pf.passed.append(
+        f"workers: {cfg.run.workers}, each fed {min(s.shape[0] for s in shards)}-{max(s.shape[0] for s in shards)} "
+        f"samples in batches of {cfg.run.batch_size}"
+    )
     head_dim = check_head_dim(reader.config)  # (prepare checked it before building the layer class)
     check_shapes(reader)
     pf.passed.append(f"shapes: every tensor as config.json gives it (head_dim {head_dim})")
@@ -112,7 +117,7 @@ def linear_shapes(cfg: JobConfig, reader, layers_path: str) -> dict[tuple[int, i
     """(out, in, grid) of every linear the run quantizes (:func:`pipeline.run.block_linear_names`: a MoE's
     per-expert linears, not its routers) → the first linear of that shape."""
     from strata_quant.pipeline.overrides import bits_spec_overrides
-    from strata_quant.pipeline.run import block_linear_names
+    from strata_quant.pipeline.structure import block_linear_names
 
     base = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     overrides = bits_spec_overrides(cfg.quant.bits_overrides)
@@ -282,12 +287,15 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 
 
 def check_eval(cfg: JobConfig, tokenizer) -> None:
-    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_stream
+    """Each eval text holds its windows. Only the head the windows need is tokenized: the
+    off-domain default is a whole book, whose ids at once would set the driver's peak."""
+    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_head
 
+    need = cfg.eval.windows * cfg.eval.seq_len
     for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
         if text:
             try:
-                eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
+                eval_windows(tokenize_head(tokenizer, load_text(text), need), cfg.eval.windows, cfg.eval.seq_len)
             except CalibrationError as err:
                 raise CalibrationError(f"{key} {text}: {err}") from None
 

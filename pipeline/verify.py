@@ -52,7 +52,7 @@ def check_every_linear(reader: CheckpointReader, results: ResultSource) -> None:
     """Every linear of every block of the model (as its own class builds them) has a result in
     the run record, quantized or recorded as kept in 16-bit: an artifact is verified against the
     model, not only against the linears a record happens to list."""
-    from strata_quant.pipeline.run import block_linear_names
+    from strata_quant.pipeline.structure import block_linear_names
 
     kept = getattr(results, "kept", set())
     missing = [n for names in block_linear_names(reader).values() for n in names if n not in results and n not in kept]

@@ -177,10 +177,54 @@ def test_calibration_text_too_short(tmp_path, capsys):
     assert "calibration" in refused(tmp_path, cfg, capsys).lower()
 
 
+def test_too_few_samples_for_the_workers(tmp_path, capsys):
+    """4 samples in batches of 4 are one batch: a second worker would get nothing."""
+    cfg = tiny_dict(tmp_path, calibration={"num_samples": 4, "seq_len": 64}, run={"workers": 2})
+    assert "4 samples in batches of 4 cannot feed 2 workers" in refused(tmp_path, cfg, capsys)
+
+
 def test_eval_text_too_short(tmp_path, capsys):
     cfg = tiny_dict(tmp_path)
     cfg["eval"] = {"windows": 100000, "seq_len": 512}
     assert "evaluation text has" in refused(tmp_path, cfg, capsys)
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+
+    return AutoTokenizer.from_pretrained(open_checkpoint("fixture:tiny-llama").path)
+
+
+def test_a_texts_head_has_the_texts_first_ids():
+    from strata_quant.pipeline.calibration import load_text, tokenize_head, tokenize_stream
+
+    tok, text = _tokenizer(), load_text("fixture:austen/persuasion")
+    whole = tokenize_stream(tok, text)
+    head = tokenize_head(tok, text, 1000)
+    assert 1000 < head.numel() < whole.numel() // 10
+    assert head.tolist() == whole[: head.numel()].tolist()
+    assert tokenize_head(tok, text[:3000], 10**6).tolist() == tokenize_stream(tok, text[:3000]).tolist()
+
+
+def test_the_eval_check_reads_the_head_of_a_book(tmp_path, capsys, monkeypatch):
+    """The off-domain default (the King James Bible, 4 MB) is checked from the head its windows
+    need, not tokenized whole on the driver; a text too short is refused the same."""
+    from strata_quant.pipeline import calibration
+
+    seen = []
+    real = calibration.tokenize_stream
+    monkeypatch.setattr(calibration, "tokenize_stream", lambda tok, text: seen.append(len(text)) or real(tok, text))
+    cfg = tiny_dict(tmp_path)
+    cfg["eval"] = {"windows": 8, "seq_len": 256, "off_domain": "fixture:kjv"}
+    rc, out, err = check(tmp_path, cfg, capsys)
+    assert rc == 0, err
+    assert "(off domain) fixture:kjv" in out
+    kjv = len(calibration.load_text("fixture:kjv"))
+    assert kjv > 4_000_000 and seen and max(seen) < kjv // 50
+    cfg["eval"] = {"windows": 2000, "seq_len": 512, "off_domain": "fixture:kjv"}
+    assert "eval.text fixture:austen/persuasion: evaluation text has" in refused(tmp_path, cfg, capsys)
 
 
 def test_output_that_exists(tmp_path, capsys):

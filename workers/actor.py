@@ -532,7 +532,7 @@ class BlockWorker:
 
     def scale_relations(self, layer: nn.Module, batch: tuple) -> tuple[list[ScaleGroup], dict[tuple[str, ...], str]]:
         """AWQ's relations of the float block: the plan's (found on a probe of the layer's
-        code, pipeline.run.check_block_structure, which says once what has none), else
+        code, pipeline.structure.check_block_structure, which says once what has none), else
         :func:`find_scale_groups` on this block. A group without one is recorded in its
         results (``awq_unfolded``)."""
         linears = block_linears(layer)

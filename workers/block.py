@@ -63,7 +63,7 @@ def probe_layer(model: nn.Module, tokens: int = 16, seed: int = 0) -> tuple[nn.M
         handle.remove()
     import copy
 
-    layer = copy.deepcopy(layers[0]).to_empty(device="cpu").float()
+    layer = copy.deepcopy(layers[0]).float().to_empty(device="cpu")  # float32 on meta first: no fp16 copy
     with torch.no_grad():
         for name, param in layer.named_parameters():
             if param.dim() == 1:  # norms and biases: near one (a norm) or small (a bias)

@@ -101,7 +101,7 @@ def defused_names(reader) -> dict[str, str] | None:
     name; None for a dense model."""
     if not is_moe(reader.config):
         return None
-    from strata_quant.pipeline.run import meta_model
+    from strata_quant.pipeline.structure import meta_model
 
     model, _, _ = meta_model(reader)
     full = loader_names(model, list(reader.tensor_names))
