@@ -470,6 +470,7 @@ def refusals() -> tuple[type[Exception], ...]:
     from strata_quant.pipeline.store import StoreError
     from strata_quant.pipeline.submit import SubmitError
     from strata_quant.pipeline.verify import VerifyError
+    from strata_quant.workers.moe import MoeError
 
     return (
         ConfigError,
@@ -482,6 +483,7 @@ def refusals() -> tuple[type[Exception], ...]:
         StoreError,
         RunError,
         EvalError,
+        MoeError,
     )
 
 

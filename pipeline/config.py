@@ -37,6 +37,19 @@ class CalibrationConfig(_Strict):
     )
 
 
+class MoeConfig(_Strict):
+    """Mixture-of-Experts: experts the calibration barely reaches. Each expert's statistics come from the
+    tokens the model's own router sends it; an expert with fewer than ``min_tokens`` of them (never fewer
+    than one) gets the policy's decision, recorded per expert in the block record."""
+
+    min_tokens: int = Field(1, ge=0, description="routed calibration tokens an expert needs for its own statistics")
+    policy: Literal["all_tokens", "rtn", "fail"] = Field(
+        "rtn",
+        description="an expert below min_tokens: all_tokens = its statistics from every token of the block (the "
+        "forward keeps the model's routing), rtn = rounded to nearest, fail = the run stops naming it",
+    )
+
+
 class QuantConfig(_Strict):
     """The method and its settings, the same for every quantized linear unless bits_overrides says otherwise."""
 
@@ -107,6 +120,7 @@ class QuantConfig(_Strict):
     bits_overrides: dict[str, Literal[2, 3, 4, 8]] = Field(
         {}, description="mixed precision: per-linear bits, {exact linear name or regex (re.search): bits}"
     )
+    moe: MoeConfig = Field(MoeConfig(), description="Mixture-of-Experts (section below)")
 
     @field_validator("fp8_block")
     @classmethod

@@ -87,6 +87,17 @@ def _section_model(annotation: object) -> type[BaseModel] | None:
     return next((a for a in candidates if inspect.isclass(a) and issubclass(a, BaseModel)), None)
 
 
+def _sections(model: type[BaseModel], prefix: str) -> list[tuple[str, type[BaseModel]]]:
+    """Every section under ``model`` (dotted name, model), each followed by its own sections (``quant.moe``)."""
+    out = []
+    for name, field in model.model_fields.items():
+        section = _section_model(field.annotation)
+        if section is not None:
+            out.append((f"{prefix}{name}", section))
+            out += _sections(section, f"{prefix}{name}.")
+    return out
+
+
 def render() -> str:
     """docs/configuration.md as a string."""
     doc = inspect.cleandoc(JobConfig.__doc__ or "")
@@ -107,10 +118,7 @@ def render() -> str:
         "",
         *_section_table(JobConfig, ""),
     ]
-    for name, field in JobConfig.model_fields.items():
-        model = _section_model(field.annotation)
-        if model is None:
-            continue
+    for name, model in _sections(JobConfig, ""):
         out += ["", f"## `{name}`", ""]
         if model.__doc__:
             out += [" ".join(inspect.cleandoc(model.__doc__).split()), ""]

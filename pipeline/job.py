@@ -20,7 +20,7 @@ from strata_quant.pipeline.assemble import (
 from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
-from strata_quant.pipeline.report import build_report, solver_notes, solver_notes_line
+from strata_quant.pipeline.report import build_report, expert_summary, solver_notes, solver_notes_line
 from strata_quant.pipeline.run import STRATA_VERSION, run_job
 from strata_quant.pipeline.verify import QualityGateError, gate_message, gate_rows, verify_artifact
 from strata_quant.workers.result import QuantSpec
@@ -72,6 +72,8 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "replayed_blocks": len(outcome.resumed_blocks),
         "solver_notes": solver_notes([e for r in outcome.records.values() for e in r["results"]]),
     }
+    if (experts := expert_summary(outcome.records)) is not None:  # MoE: routed tokens and decisions per expert
+        report["experts"] = experts
     if quality is not None and cfg.output.max_ppl_increase is not None:
         report["gate"] = gate_rows(quality["rows"], cfg.output.max_ppl_increase)
     report["model_cards"] = {k: str(p) for k, p in write_model_cards(report, outcome.reader.config).items()}

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from strata_quant.pipeline.eval import EvalError, EvalWindows
+from strata_quant.pipeline.moe import moe_layout
 from strata_quant.workers.actor import BlockWorker
 from strata_quant.workers.block import block_linears
 from strata_quant.workers.job import WorkerJob
@@ -144,6 +145,8 @@ def layerwise_models(
     )
     worker = BlockWorker(0, 1, reader, store, job)
     model = worker.meta_model
+    # a MoE: the workers' data for building its blocks from the checkpoint's per-expert tensors
+    job.moe_blocks, job.expert_sources, job.moe_renames = moe_layout(model, worker.layers_path)
     embed = model.get_input_embeddings()
     embed_name = next(n for n, m in model.named_modules() if m is embed) + ".weight"
     hidden: dict[str, list] = {}
@@ -161,7 +164,8 @@ def layerwise_models(
     for b in range(reader.num_layers):
         tensors = reader.load_block(b, path)
         prefix = f"{path}.{b}."
-        linears = [prefix + n for n in block_linears(worker.meta_layers[b])]
+        experts = job.expert_sources if b in job.moe_blocks else {}
+        linears = [prefix + n for n in [*block_linears(worker.meta_layers[b]), *experts]]
         for name, variant in variants.items():
             block = {**tensors, **variant.block(worker, b, tensors, linears)}
             worker.batches = hidden[name]

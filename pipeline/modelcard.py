@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from strata_quant.pipeline.report import expert_summary_line
+
 VLLM_GPTQ_GROUPS = (-1, 32, 64, 128)
 
 FORMAT_TITLES = {
@@ -145,6 +147,8 @@ def model_card(report: dict, fmt: str, model_config: dict | None = None) -> str:
         n, t = cal.get("num_samples", "?"), cal.get("seq_len", "?")
         total = f" = {n * t:,} tokens" if isinstance(n, int) and isinstance(t, int) else ""
         lines.append(f"| Calibration | `{cal.get('source', '?')}`, {n} × {t}{total} ({cal.get('sampling', 'even')}) |")
+    if report.get("experts"):  # MoE: each expert's statistics from the tokens its router sent it
+        lines.append(f"| Experts | {expert_summary_line(report['experts'])} |")
     lines.append(f"| Tool | strata {report.get('tool_version', '?')}, run `{report.get('run_id', '?')}` |")
     if artifact.get("bytes"):
         size = artifact["bytes"]

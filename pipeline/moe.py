@@ -170,3 +170,42 @@ def expert_linears(sources: dict[str, tuple[str, int, int, int]], solved: dict[t
             raise KeyError(f"no result for expert {expert} of {param} (needed by {disk_name})")
         out[disk_name.removesuffix(".weight")] = solved[(param, expert)].rows(start, end)
     return out
+
+
+def moe_layout(meta_model: nn.Module, layers_path: str) -> tuple[list[int], dict[str, list], dict[str, str]]:
+    """What a worker needs to build a MoE block from its checkpoint tensors, as data: the blocks that hold
+    fused experts; each per-expert checkpoint linear of such a block (name inside the block, e.g.
+    ``block_sparse_moe.experts.3.w1``) → [fused parameter inside the block, e, first, end]
+    (:func:`expert_sources`); and the block's other tensors the family renames, checkpoint name → the
+    model's (Mixtral's router ``block_sparse_moe.gate.weight`` → ``mlp.gate.weight``). Found on the first
+    and the last such block (a reverse conversion each); they must agree."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from strata_quant.workers.moe import MoeError, experts_modules
+
+    layers = dict(meta_model.named_modules())[layers_path]
+    blocks = [b for b, layer in enumerate(layers) if experts_modules(layer)]
+    layout: tuple[dict, dict] | None = None
+    for b in blocks[:1] + blocks[-1:]:
+        prefix = f"{layers_path}.{b}."
+        sources = {
+            name.removeprefix(prefix).removesuffix(".weight"): [param.removeprefix(prefix), e, first, end]
+            for name, (param, e, first, end) in expert_sources(meta_model, prefix).items()
+        }
+        renames = {}
+        for name, tensor in layers[b].state_dict().items():
+            if tensor.dim() == 3:
+                continue
+            (disk,) = revert_weight_conversion(meta_model, {prefix + name: tensor})
+            if disk != prefix + name:
+                renames[disk.removeprefix(prefix)] = name
+        if layout is not None and (sources, renames) != layout:
+            raise MoeError(f"block {b}'s experts are not laid out as block {blocks[0]}'s")
+        layout = (sources, renames)
+    return blocks, *(layout or ({}, {}))
+
+
+def block_checkpoint_names(meta_model: nn.Module, layers_path: str, b: int) -> list[str]:
+    """The checkpoint names of block ``b``'s tensors, inside the block (the family's conversion reversed)."""
+    prefix = f"{layers_path}.{b}."
+    return [n.removeprefix(prefix) for n in checkpoint_names(meta_model, prefix)]

@@ -114,17 +114,18 @@ def check_shapes(reader) -> None:
 
 
 def linear_shapes(cfg: JobConfig, reader, layers_path: str) -> dict[tuple[int, int, QuantSpec], str]:
-    """(out, in, grid) of every linear the run quantizes → the first linear of that shape."""
+    """(out, in, grid) of every linear the run quantizes (:func:`pipeline.run.block_linear_names`: a MoE's
+    per-expert linears, not its routers) → the first linear of that shape."""
     from strata_quant.pipeline.overrides import bits_spec_overrides
+    from strata_quant.pipeline.structure import block_linear_names
 
     base = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     overrides = bits_spec_overrides(cfg.quant.bits_overrides)
     out: dict[tuple[int, int, QuantSpec], str] = {}
-    for b in range(reader.num_layers):
-        for name in reader.block_names(b, layers_path):
-            module, _, leaf = name.rpartition(".")
-            shape = reader.shape(name)
-            if leaf != "weight" or len(shape) != 2 or matches_module(module, cfg.quant.modules_to_not_convert):
+    for linears in block_linear_names(reader).values():
+        for module in linears:
+            shape = reader.shape(f"{module}.weight")
+            if len(shape) != 2 or matches_module(module, cfg.quant.modules_to_not_convert):
                 continue
             try:
                 spec = spec_with_overrides(base, module, overrides)

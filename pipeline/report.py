@@ -7,7 +7,8 @@ records (runs/<id>/blocks/<b>/record.json) into a folder holding
 * ``report.md``    markdown for a model card, with the plots linked relatively,
 * ``block_error.png``  output / weight relative error per linear type across blocks,
 * ``ppl_vs_bits.png``  held-out perplexity against bits per weight for every evaluated model,
-* ``block_time.png``   wall time per block, stacked by worker phase (max over ranks).
+* ``block_time.png``   wall time per block, stacked by worker phase (max over ranks),
+* ``expert_tokens.png``  MoE: routed calibration tokens per expert and block, the quant.moe decisions marked.
 
 ``compare_reports`` puts several runs in one table and one perplexity-vs-bits plot.
 
@@ -84,6 +85,50 @@ def read_records(store, run_id: str) -> dict[int, dict]:
             record = store.get_json(key)
             records[int(record.get("block", key[len(prefix) :].split("/")[0]))] = record
     return records
+
+
+def expert_tokens(records: dict[int, dict]) -> dict[str, dict[int, tuple[int, str]]]:
+    """Each MoE module's experts as the block records hold them (entries with ``expert``): module (full name,
+    ``model.layers.3.mlp``) → {expert: (routed calibration tokens, decision)}, modules in block order."""
+    out: dict[str, dict[int, tuple[int, str]]] = {}
+    for b in sorted(records):
+        for e in records[b]["results"]:
+            info = e.get("expert")
+            if info:
+                module = e["name"].split(".experts.")[0]
+                out.setdefault(module, {})[int(info["index"])] = (int(info["tokens"]), str(info["decision"]))
+    return out
+
+
+def expert_summary(records: dict[int, dict]) -> dict | None:
+    """For the report and the model card: experts per MoE module, routed tokens per expert (min, median,
+    max over every expert of the model) and how many experts each decision took; None without experts."""
+    by_module = expert_tokens(records)
+    if not by_module:
+        return None
+    tokens = sorted(n for experts in by_module.values() for n, _ in experts.values())
+    decisions: dict[str, int] = {}
+    for experts in by_module.values():
+        for _, d in experts.values():
+            decisions[d] = decisions.get(d, 0) + 1
+    return {
+        "modules": len(by_module),
+        "experts_per_module": max(len(experts) for experts in by_module.values()),
+        "tokens_min": tokens[0],
+        "tokens_median": tokens[len(tokens) // 2],
+        "tokens_max": tokens[-1],
+        "decisions": dict(sorted(decisions.items())),
+    }
+
+
+def expert_summary_line(summary: dict) -> str:
+    """One line of :func:`expert_summary`: what the card and the report say about the experts."""
+    low = ", ".join(f"{n} {d}" for d, n in summary["decisions"].items() if d != "routed") or "none"
+    return (
+        f"{summary['experts_per_module']} experts in each of {summary['modules']} MoE blocks; routed calibration "
+        f"tokens per expert min {summary['tokens_min']}, median {summary['tokens_median']}, max "
+        f"{summary['tokens_max']}; below quant.moe.min_tokens: {low}"
+    )
 
 
 def solver_notes(results: list[dict]) -> dict:
@@ -363,6 +408,8 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     notes = report.get("solver_notes")
     if notes and notes.get("gptq_linears"):
         items.append(("Damping and dead inputs", solver_notes_line(notes)))
+    if report.get("experts"):
+        items.append(("Experts", expert_summary_line(report["experts"])))
     if "workers" in report:
         items.append(
             (
@@ -507,6 +554,35 @@ def plot_block_error(records: dict[int, dict], path: Path) -> Path:
         axes[1].set_xticks(blocks[::step])
     axes[0].legend(ncol=len(types), loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=9, handlelength=2.2)
     fig.align_ylabels(axes)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_expert_tokens(records: dict[int, dict], path: Path) -> Path:
+    """Routed calibration tokens per expert (columns) and MoE block (rows); an expert that took the
+    quant.moe policy's decision is marked (R: rounded, A: statistics from all tokens)."""
+    plt = _pyplot()
+    by_module = expert_tokens(records)
+    modules = list(by_module)
+    n_exp = max(len(e) for e in by_module.values())
+    grid = [[by_module[m].get(e, (0, "routed"))[0] for e in range(n_exp)] for m in modules]
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 2 + 0.35 * n_exp)), min(10, max(2.5, 1.5 + 0.3 * len(modules)))))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="routed tokens")
+    marks = {"rtn": "R", "all_tokens": "A"}
+    for i, m in enumerate(modules):
+        for e, (_, decision) in by_module[m].items():
+            if decision in marks:
+                ax.text(e, i, marks[decision], ha="center", va="center", color="white", fontsize=8, weight="bold")
+    ax.grid(False)
+    ax.set_xticks(range(0, n_exp, max(1, math.ceil(n_exp / 32))))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE block")
+    step = max(1, math.ceil(len(modules) / 16))
+    ax.set_yticks(range(0, len(modules), step), [m.split(".")[-2] for m in modules[::step]])
+    ax.set_title("Routed tokens per expert (R: rounded, A: all tokens)", loc="left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -691,6 +767,7 @@ FIGURES = (
     ("ppl_vs_bits", "Held-out perplexity against bits per weight for every evaluated model."),
     ("block_error", "Relative error of each linear type across the decoder blocks (output error on calibration data)."),
     ("block_time", "Wall time per block by worker phase; each bar segment is the slowest worker in that phase."),
+    ("expert_tokens", "Calibration tokens the model's router sends each expert, per MoE block."),
 )
 
 
@@ -739,6 +816,8 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
         files["block_error"] = plot_block_error(records, out_dir / "block_error.png")
         if any(r.get("timings") for r in records.values()):
             files["block_time"] = plot_block_time(records, out_dir / "block_time.png")
+        if expert_tokens(records):
+            files["expert_tokens"] = plot_expert_tokens(records, out_dir / "expert_tokens.png")
 
     q = report.get("quant") or {}
     title = f"strata {str(report.get('method', '?')).upper()} W{q.get('bits', '?')} g{q.get('group_size', '?')}"

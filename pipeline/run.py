@@ -37,9 +37,16 @@ from strata_quant.pipeline.store import (
     open_store,
     sha256_bytes,
 )
-from strata_quant.pipeline.structure import BlockStructure, block_linear_names, expected_block_names
+from strata_quant.pipeline.structure import (
+    BlockStructure,
+    block_linear_names,
+    check_moe_method,
+    expected_block_names,
+    meta_model,
+)
 from strata_quant.workers.actor import BlockWorker
 from strata_quant.workers.job import WorkerJob, job_overlaps
+from strata_quant.workers.moe import MoeError
 from strata_quant.workers.result import QuantSpec
 
 log = logging.getLogger("strata.run")
@@ -378,10 +385,15 @@ def shard_samples(token_ids: torch.Tensor, workers: int, batch_size: int) -> lis
 
 def check_checkpoint(reader: CheckpointReader) -> str:
     """Every block holds exactly the tensors its layer class needs (checked from the index and the
-    shard headers, before any worker starts); returns the decoder layers' path."""
+    shard headers, before any worker starts; a MoE block's per-expert tensors by the family's
+    conversion reversed, :func:`pipeline.moe.block_checkpoint_names`); returns the decoder layers' path."""
+    from strata_quant.pipeline.moe import block_checkpoint_names, moe_layout
+
     layers_path, suffixes = expected_block_names(reader)
-    want = set(suffixes)
+    model, _, _ = meta_model(reader)
+    moe_blocks, _, _ = moe_layout(model, layers_path)
     for b in range(reader.num_layers):
+        want = set(block_checkpoint_names(model, layers_path, b) if b in moe_blocks else suffixes)
         prefix = f"{layers_path}.{b}."
         have = {n[len(prefix) :] for n in reader.block_names(b, layers_path)}
         missing = sorted(want - have)
@@ -417,6 +429,7 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     reader = open_checkpoint(cfg.model)  # a folder, fixture: or s3://bucket/prefix
     if {"hidden_size", "num_attention_heads"} <= set(reader.config):  # else the tracing below names the family
         check_head_dim(reader.config)  # before transformers builds the layer class from it
+    check_moe_method(reader, cfg.quant.method)
     # traced in a child process where the layer is large: a float32 copy of it would set the driver's peak
     structure = block_structure(reader, awq=cfg.quant.method in ("awq", "awq_gptq"))
     check_against_model(cfg, reader.config, structure.widths)
@@ -439,7 +452,8 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
 
 
 # errors a worker raises that say something about the input or the store: re-raised as they are
-_INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError)
+# (MoeError: quant.moe.policy fail, an expert the calibration does not reach enough)
+_INPUT_ERRORS = (CheckpointError, CalibrationError, ConfigError, StoreError, MoeError)
 
 
 class _WorkerLost(Exception):
@@ -758,6 +772,11 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         collective_timeout_s=run.block_timeout_s,  # no collective waits longer than a block may take
         awq_relations=structure.awq_relations,
         awq_unfolded=structure.awq_unfolded,
+        expert_sources=structure.expert_sources,
+        moe_blocks=structure.moe_blocks,
+        moe_renames=structure.moe_renames,
+        moe_min_tokens=quant.moe.min_tokens,
+        moe_policy=quant.moe.policy,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from strata_quant.pipeline.checkpoint import CheckpointError, CheckpointReader
+from strata_quant.pipeline.errors import ConfigError
 
 log = logging.getLogger("strata.run")
 
@@ -60,10 +61,15 @@ def expected_block_names(reader: CheckpointReader) -> tuple[str, list[str]]:
 def block_linear_names(reader: CheckpointReader) -> dict[int, list[str]]:
     """Each block's linears (full names, e.g. model.layers.0.self_attn.q_proj) as the model's own
     class builds them: what a block's record must hold, one result each."""
+    from strata_quant.pipeline.moe import moe_layout
     from strata_quant.workers.block import block_linears
 
-    _, layers_path, layers = meta_model(reader)
-    return {b: [f"{layers_path}.{b}.{n}" for n in block_linears(layer)] for b, layer in enumerate(layers)}
+    model, layers_path, layers = meta_model(reader)
+    moe_blocks, sources, _ = moe_layout(model, layers_path)
+    return {
+        b: [f"{layers_path}.{b}.{n}" for n in [*block_linears(layer), *(sources if b in moe_blocks else ())]]
+        for b, layer in enumerate(layers)
+    }
 
 
 @dataclass
@@ -73,6 +79,9 @@ class BlockStructure:
     widths: list[int]  # the linears' input widths
     awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
     awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
+    moe_blocks: list[int] = field(default_factory=list)  # the blocks holding routed experts
+    expert_sources: dict[str, list] = field(default_factory=dict)  # pipeline.moe.moe_layout
+    moe_renames: dict[str, str] = field(default_factory=dict)  # pipeline.moe.moe_layout
 
 
 def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
@@ -83,15 +92,26 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     experts), a block that does not run. With ``awq``, AWQ's relations are found the same
     way (once, for every block: the relations follow from the code, not the weights) and each
     group without one is said here, once."""
+    from strata_quant.pipeline.moe import moe_layout
     from strata_quant.workers.awq import find_scale_groups
     from strata_quant.workers.block import block_linears, probe_layer, trace_block
+    from strata_quant.workers.moe import MoeError, experts_modules
 
-    model, _, layers = meta_model(reader)
+    model, layers_path, layers = meta_model(reader)
     name = type(layers[0]).__name__
     linears = block_linears(layers[0])
     if not linears:
         raise CheckpointError(f"unsupported architecture: {name} has no nn.Linear layers to quantize")
-    others = [n for n, t in layers[0].named_parameters() if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears]
+    try:
+        moe_blocks, sources, renames = moe_layout(model, layers_path)
+    except MoeError as err:
+        raise CheckpointError(f"unsupported architecture: {name}'s experts: {err}") from None
+    fused = {f"{n}.{p}" for layer in layers for n, m in experts_modules(layer).items() for p, _ in m.named_parameters()}
+    others = [
+        n
+        for n, t in layers[0].named_parameters()
+        if t.dim() >= 2 and n.rsplit(".", 1)[0] not in linears and n not in fused and not _router(layers[0], n)
+    ]
     if others:
         raise CheckpointError(
             f"unsupported architecture: {name} holds weights that are not nn.Linear weights "
@@ -110,7 +130,11 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
             f"unsupported architecture: a batch through {name} never reaches {', '.join(trace.unreached[:4])} "
             "(routed experts are not handled)"
         )
-    out = BlockStructure(sorted({m.in_features for m in linears.values()}))
+    widths = {m.in_features for m in linears.values()}
+    for layer in (layers[b] for b in moe_blocks[:1]):  # the experts' inputs: the hidden state, their intermediate
+        widths |= {int(m.gate_up_proj.shape[2]) for m in experts_modules(layer).values()}
+        widths |= {int(m.down_proj.shape[2]) for m in experts_modules(layer).values()}
+    out = BlockStructure(sorted(widths), moe_blocks=moe_blocks, expert_sources=sources, moe_renames=renames)
     if awq:
         found, missing = find_scale_groups(layer, trace, sample, kwargs)
         out.awq_relations = [g.to_dict() for g in found]
@@ -118,3 +142,27 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
             log.warning("AWQ: %s will be quantized without scales: %s", "/".join(names), why)
             out.awq_unfolded["/".join(names)] = why
     return out
+
+
+# the methods a model with routed experts runs (the experts' GPTQ on routed statistics, or RTN)
+MOE_METHODS = ("gptq", "rtn")
+
+
+def check_moe_method(reader: CheckpointReader, method: str) -> None:
+    """A model with routed experts runs the methods of :data:`MOE_METHODS` only (refused before the block
+    structure is traced: AWQ's relations are not found through experts)."""
+    from strata_quant.workers.moe import experts_modules
+
+    _, _, layers = meta_model(reader)
+    if method not in MOE_METHODS and any(experts_modules(layer) for layer in layers):
+        raise ConfigError(
+            f"quant.method {method} is not run on routed experts; a MoE model takes {' or '.join(MOE_METHODS)}"
+        )
+
+
+def _router(layer, name: str) -> bool:
+    """Whether parameter ``name`` of ``layer`` is a MoE module's router weight (kept 16-bit): the
+    ``weight`` of the ``gate`` of a module that holds fused experts."""
+    from strata_quant.workers.moe import moe_modules
+
+    return any(name == f"{moe}.gate.weight" for moe in moe_modules(layer))

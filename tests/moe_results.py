@@ -24,7 +24,7 @@ TINY_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, n
 
 
 def tiny_moe_config(family: str, vocab: int, **extra):
-    """The config of a tiny ``family`` model ("mixtral" or "qwen3_moe"): 4 experts, top-2."""
+    """The config of a tiny ``family`` model ("mixtral", "qwen3_moe" or "deepseek_v3"): 4 experts, top-2."""
     from transformers import MixtralConfig, Qwen3MoeConfig
 
     common = {**TINY_COMMON, "vocab_size": vocab, "max_position_embeddings": 256, **extra}
@@ -33,6 +33,15 @@ def tiny_moe_config(family: str, vocab: int, **extra):
     if family == "qwen3_moe":
         moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)
         return Qwen3MoeConfig(**{**moe, **common}, intermediate_size=128)
+    if family == "deepseek_v3":  # MLA attention, a dense first block, a shared expert, grouped routing
+        from transformers import DeepseekV3Config
+
+        moe = dict(moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2)
+        mla = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32)
+        common = {**common, "num_hidden_layers": 3, "num_key_value_heads": 4}
+        return DeepseekV3Config(
+            **moe, **mla, **common, intermediate_size=128, n_group=2, topk_group=1, first_k_dense_replace=1
+        )
     raise ValueError(f"no tiny MoE family {family!r}")
 
 

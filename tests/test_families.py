@@ -243,13 +243,20 @@ def test_a_block_without_linears_is_refused_before_block_0(tmp_path, capsys):
     assert "unsupported architecture: GPT2Block has no nn.Linear layers to quantize" in err
 
 
-def test_routed_experts_are_refused_before_block_0(tmp_path, capsys):
+def test_a_missing_expert_tensor_is_refused_before_block_0(tmp_path, capsys):
+    """Routed experts run (tests/test_moe_run.py); a checkpoint that lacks one expert's tensor is named at plan
+    time by its checkpoint name (the family's conversion reversed), not found when its block is built."""
+    from safetensors.torch import load_file, save_file
+
     from tests.moe_results import tiny_moe_config
 
     config = tiny_moe_config("mixtral", 49152)
-    err = _refused(tmp_path, capsys, _save_random(tmp_path / "mixtral", config))
-    assert "unsupported architecture: MixtralDecoderLayer" in err
-    assert "not nn.Linear weights" in err or "never reaches" in err
+    folder = _save_random(tmp_path / "mixtral", config)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    err = _refused(tmp_path, capsys, folder)
+    assert "block 1 lacks 1 tensor(s)" in err and "model.layers.1.block_sparse_moe.experts.2.w3.weight" in err
 
 
 def test_an_architecture_transformers_does_not_build_is_refused(tmp_path, capsys):

@@ -54,8 +54,10 @@ def _refusal(config) -> str:
     return str(err.value)
 
 
-def test_the_child_refuses_what_the_driver_refuses(monkeypatch):
-    """A block without linears (GPT-2's Conv1D) and routed experts: the driver's own words, from the child."""
+def test_the_child_refuses_what_the_driver_refuses_and_finds_its_experts(monkeypatch):
+    """A block without linears (GPT-2's Conv1D): the driver's own words, from the child. Routed experts
+    (Mixtral) run: the child finds the layout of the experts the driver finds (blocks, per-expert rows of the
+    fused parameters, the router's rename), carried as JSON."""
     from transformers import GPT2Config
 
     from tests.moe_results import tiny_moe_config
@@ -64,14 +66,16 @@ def test_the_child_refuses_what_the_driver_refuses(monkeypatch):
     gpt2["architectures"] = ["GPT2LMHeadModel"]
     mixtral = tiny_moe_config("mixtral", 256).to_dict()
     mixtral["architectures"] = ["MixtralForCausalLM"]
-    said = {"gpt2": _refusal(gpt2), "mixtral": _refusal(mixtral)}
-    assert "unsupported architecture: GPT2Block has no nn.Linear layers" in said["gpt2"]
-    assert "unsupported architecture: MixtralDecoderLayer" in said["mixtral"]
+    said = _refusal(gpt2)
+    assert "unsupported architecture: GPT2Block has no nn.Linear layers" in said
+    here = structure.check_block_structure(_reader(mixtral))
+    assert here.moe_blocks == [0, 1] and len(here.expert_sources) == 4 * 3
+    assert here.moe_renames == {"block_sparse_moe.gate.weight": "mlp.gate.weight"}
     child_only(monkeypatch)
-    for name, config in (("gpt2", gpt2), ("mixtral", mixtral)):
-        with pytest.raises(CheckpointError) as err:
-            probe.block_structure(_reader(config))
-        assert str(err.value) == said[name]
+    with pytest.raises(CheckpointError) as err:
+        probe.block_structure(_reader(gpt2))
+    assert str(err.value) == said
+    assert asdict(probe.block_structure(_reader(mixtral))) == asdict(here)
 
 
 def test_awq_groups_without_a_fold_are_said_by_the_driver(monkeypatch, caplog):

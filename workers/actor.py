@@ -34,6 +34,7 @@ from strata_quant.workers.block import (
 from strata_quant.workers.capture import capture_inputs, input_embedding_name
 from strata_quant.workers.job import AWQ_METHODS, GRAM_METHODS, WorkerJob, job_overlaps, one_float_stage
 from strata_quant.workers.methods import HESSIAN_METHODS, Part, matches_module, outlier_group
+from strata_quant.workers.moe import fuse_experts, moe_modules
 from strata_quant.workers.queues import DeferredSolves, SolverQueue, Uploads
 from strata_quant.workers.records import ResultWriter, read_block_results
 from strata_quant.workers.schedule import GroupPlan, plan_solves, reduce_order
@@ -140,7 +141,6 @@ class BlockWorker:
         """
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        prefix = f"{self.layers_path}.{b}."
         if len(self.layer_kwargs) > 1:  # this layer's mask and rotary tables (its layer type)
             own = self.layer_kwargs[self.kwargs_variant[b]]
             self.batches = [(h, own[i]) for i, (h, _) in enumerate(self.batches)]
@@ -149,7 +149,9 @@ class BlockWorker:
         data = {"tensor_sha256": digests} if digests else {}  # the block's bytes, for the record
         if b + 1 < len(self.meta_layers) and hasattr(self.reader, "prefetch_block"):
             self.reader.prefetch_block(b + 1)  # read the next block while this one is processed
-        layer = build_block(self.meta_layers[b], {k[len(prefix) :]: v for k, v in tensors.items()}, torch.float32)
+        prefix = f"{self.layers_path}.{b}."
+        inside = self._model_tensors(b, {k[len(prefix) :]: v for k, v in tensors.items()})
+        layer = build_block(self.meta_layers[b], inside, torch.float32)
         layer = layer.to(self.device)
         linears = block_linears(layer)
         timings["load"] = time.perf_counter() - t
@@ -180,10 +182,24 @@ class BlockWorker:
         self._uploads.wait()  # this block's results are stored before its entries leave
         return out
 
+    def _model_tensors(self, b: int, inside: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Block ``b``'s checkpoint tensors (names inside the block) under the model's names: a MoE block's
+        renamed as the family renames them and its per-expert tensors placed into its fused parameters
+        (:func:`workers.moe.fuse_experts`); other blocks' as they are."""
+        if b not in self.job.moe_blocks:
+            return inside
+        inside = {self.job.moe_renames.get(k, k): v for k, v in inside.items()}
+        shapes = {n: tuple(p.shape) for n, p in self.meta_layers[b].named_parameters()}
+        return fuse_experts(inside, self._expert_sources(), shapes)
+
+    def _expert_sources(self) -> dict[str, tuple[str, int, int, int]]:
+        return {k: tuple(v) for k, v in self.job.expert_sources.items()}
+
     def advance(self, b: int, tensors: dict[str, torch.Tensor]) -> None:
-        """The samples through block ``b`` built from ``tensors`` (names inside the block), in fp32:
-        the forward a replay does, for any weights (evaluation streams models block by block)."""
-        self._advance(build_block(self.meta_layers[b], tensors, torch.float32).to(self.device))
+        """The samples through block ``b`` built from ``tensors`` (checkpoint names inside the block; a MoE
+        block's fused experts may come under their own names), in fp32: the forward a replay does, for any
+        weights (evaluation streams models block by block)."""
+        self._advance(build_block(self.meta_layers[b], self._model_tensors(b, tensors), torch.float32).to(self.device))
 
     def propagate(
         self,
@@ -460,13 +476,14 @@ class BlockWorker:
             propagate_quantized=job.propagate == "quantized",
             sequential=job.true_sequential,
             propagate=propagate,
+            experts=tuple(moe_modules(layer)) if b in job.moe_blocks else (),
         )
         return run_plan(self, state, steps)
 
     def _stage_layout(self, layer: nn.Module, stages: list, solver: str) -> StageLayout | None:
         """The true-sequential stage passes' layout (:func:`stage_layout`), when the job keeps them."""
         job = self.job
-        if not (job.stage_cache and solver == "gptq" and job.true_sequential and len(stages) > 1):
+        if job.moe_blocks or not (job.stage_cache and solver == "gptq" and job.true_sequential and len(stages) > 1):
             return None
         return stage_layout(self._trace(layer, block_linears(layer), self.batches[0]), stages)
 
@@ -568,7 +585,14 @@ class BlockWorker:
 
     def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A finished block's dequantized weights and folded floats (names inside the block), as a replay reads them."""
-        return read_block_results(self.store, f"{self.layers_path}.{b}.", record, self.device)
+        weights, floats = read_block_results(self.store, f"{self.layers_path}.{b}.", record, self.device)
+        if b in self.job.moe_blocks:  # the experts' results into the fused parameters the forward reads
+            shapes = {n: tuple(p.shape) for n, p in self.meta_layers[b].named_parameters()}
+            fused = fuse_experts(weights, self._expert_sources(), shapes, suffix="")
+            linears = set(block_linears(self.meta_layers[b]))
+            weights = {n: v for n, v in fused.items() if n in linears}
+            floats.update({n: v for n, v in fused.items() if n not in linears})
+        return weights, floats
 
     def store_sees(self, key: str, nonce: str) -> bool:
         """Whether this worker reads ``nonce`` in the store's JSON object ``key`` (the driver's

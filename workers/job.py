@@ -61,6 +61,13 @@ class WorkerJob:
     double_quant: bool = True
     fp8_type: str = "e4m3"
     fp8_block: tuple[int, int] | None = None
+    # Mixture-of-Experts: each per-expert checkpoint linear (block-relative name) → its rows of a fused
+    # parameter, [param, e, first, end] (workers.moe.ExpertSources); the blocks that hold experts
+    expert_sources: dict[str, list] = field(default_factory=dict)
+    moe_blocks: list[int] = field(default_factory=list)
+    moe_renames: dict[str, str] = field(default_factory=dict)  # a MoE block's other tensors: checkpoint → model name
+    moe_min_tokens: int = 1  # an expert with fewer routed calibration tokens gets the policy's decision
+    moe_policy: str = "rtn"  # all_tokens | rtn | fail (workers.moe.MIN_TOKENS_POLICIES)
 
     def spec_for(self, full_name: str) -> QuantSpec:
         """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
@@ -93,7 +100,8 @@ AWQ_METHODS = ("awq", "awq_gptq")
 
 def job_overlaps(job: WorkerJob) -> bool:
     """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
-    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS
+    # experts' routed statistics are taken from the block's inputs when the experts are solved
+    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS and not job.moe_blocks
 
 
 def one_float_stage(job: WorkerJob) -> bool:
@@ -106,4 +114,5 @@ def one_float_stage(job: WorkerJob) -> bool:
         and not job.sensitivity_bits
         and job.method not in AWQ_METHODS
         and (job.method in HESSIAN_METHODS or job.skip_outliers)
+        and not job.moe_blocks  # the experts' statistics need the block's inputs after the pass
     )

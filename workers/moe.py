@@ -191,7 +191,7 @@ class ExpertStatistics:
         for e in ids:
             acc[(e, GATE_UP)] = HessianAccumulator(gate_up.shape[2], device=gate_up.device)
             acc[(e, DOWN)] = HessianAccumulator(down.shape[2], device=down.device)
-        return cls(acc, torch.zeros(gate_up.shape[0], dtype=torch.int64))
+        return cls(acc, torch.zeros(gate_up.shape[0], dtype=torch.int64, device=gate_up.device))
 
     def hessian(self, expert: int, which: str) -> torch.Tensor:
         return self.accumulators[(expert, which)].hessian()
@@ -286,3 +286,65 @@ def expert_waves(owners: list[int], cap: int) -> list[list[int]]:
             if queues[r]:
                 order.append(queues[r].pop(0))
     return [sorted(order[i : i + cap]) for i in range(0, len(order), cap)]
+
+
+# ---------------------------------------------------------------------------- the block's fused parameters
+
+# block-relative checkpoint linear (``block_sparse_moe.experts.3.w1``) → (fused parameter, expert e, first row,
+# end row): the rows [first, end) of ``param[e]`` are that linear (pipeline.moe.expert_sources, found by the
+# family's own reverse conversion and sent to the workers as data)
+ExpertSources = dict[str, tuple[str, int, int, int]]
+
+
+def fuse_experts(
+    tensors: dict[str, torch.Tensor], sources: ExpertSources, shapes: dict[str, tuple], suffix: str = ".weight"
+) -> dict[str, torch.Tensor]:
+    """Per-expert tensors under the checkpoint's names (``name + suffix``) → the block's fused parameters:
+    P[e, first:end] = W_name for every source (param, e, first, end) of ``sources``; every other tensor passes
+    as it is, and a tensor given under a fused parameter's own name wins over the per-expert ones (an
+    evaluation's quantized experts over the checkpoint's). Each fused parameter (shape from ``shapes``) must
+    be covered row for row, once: a missing or doubled expert raises MoeError."""
+    out = {k: v for k, v in tensors.items() if k.removesuffix(suffix) not in sources}
+    fused: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
+    for name, (param, e, first, end) in sources.items():
+        if name + suffix not in tensors:
+            continue
+        value = tensors[name + suffix]
+        if param not in fused:
+            fused[param] = torch.zeros(shapes[param], dtype=value.dtype, device=value.device)
+            covered[param] = torch.zeros(shapes[param][:2], dtype=torch.int32)
+        fused[param][e, first:end] = value
+        covered[param][e, first:end] += 1
+    for param, hits in covered.items():
+        if not bool((hits == 1).all()):
+            raise MoeError(f"the checkpoint's per-expert tensors do not cover {param} row for row, once each")
+    return {**fused, **out}
+
+
+class _Reached(Exception):
+    pass
+
+
+def moe_inputs(layer: nn.Module, moe_name: str, batches: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    """The input the block hands its MoE module ``moe_name`` on each batch (hidden, kwargs), in fp32: the
+    block's own forward, stopped when the module is reached (the layer's weights as they are now)."""
+    moe = layer.get_submodule(moe_name)
+    seen: list[torch.Tensor] = []
+
+    def take(_module, args):
+        seen.append(args[0].detach())
+        raise _Reached
+
+    handle = moe.register_forward_pre_hook(take)
+    try:
+        for hidden, kwargs in batches:
+            try:
+                with torch.no_grad():
+                    layer(hidden.float(), **kwargs)
+            except _Reached:
+                continue
+            raise MoeError(f"the block's forward never reached {moe_name}")
+    finally:
+        handle.remove()
+    return seen

@@ -16,11 +16,11 @@ entries). The modes of a run are which steps the plan holds:
 * the mixed-precision probe: ``Probe`` first (the residual scale and output Fisher of the block);
 * propagation: ``Propagate`` last when the block's solves run inline (its forward follows them).
 
-An expert group (MoE) enters as one more step kind and plan-building code, not as a flag: its
-statistics are the Gram sums of the tokens the router sends to one expert (a ``CollectStats``-like
-step whose hook sees the routed rows), its solve is owned by one worker (a GroupPlan per expert,
-balanced by :func:`workers.schedule.plan_solves` like any group), and ``Gather`` / ``Distribute``
-carry its weights as they carry a group's.
+* Mixture-of-Experts: ``SolveExperts`` per MoE module after the stages of the block's linears (the
+  experts read what attention hands them): each expert's statistics from the tokens the model's own
+  router sends it (:mod:`workers.moe`), reduced to the expert's owner, solved and stored there under
+  the checkpoint's per-expert names, and the quantized experts sent to every worker that propagates
+  through them.
 
 The worker supplies what needs its process state (the collective group, the store, the
 calibration batches); this module holds no Ray and no store format of its own.
@@ -41,6 +41,20 @@ from strata_quant.workers.block import StageLayout, StagePasses
 from strata_quant.workers.gptq import output_error_terms
 from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
 from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
+from strata_quant.workers.moe import (
+    DOWN,
+    GATE_UP,
+    ROUTED,
+    RTN,
+    ExpertStatistics,
+    MoeError,
+    add_expert_statistics,
+    expert_decisions,
+    moe_inputs,
+    num_experts,
+    routing,
+    token_counts,
+)
 from strata_quant.workers.result import QuantizedLinear
 from strata_quant.workers.schedule import GroupPlan
 from strata_quant.workers.stats import HessianAccumulator
@@ -112,6 +126,16 @@ class Distribute:
 
 
 @dataclass(frozen=True)
+class SolveExperts:
+    """The experts of the MoE module ``moe`` (block-relative name): routed statistics, the min-tokens
+    decision per expert, each expert solved by its owner; ``needed``: every worker gets the quantized
+    experts for the forward."""
+
+    moe: str
+    needed: bool
+
+
+@dataclass(frozen=True)
 class Restore:
     """The block's parameters back to what came in (the caller decides what propagates)."""
 
@@ -124,7 +148,19 @@ class Propagate:
     quantized: bool
 
 
-Step = Probe | FoldScales | CacheStages | CollectStats | Reduce | Solve | Gather | Distribute | Restore | Propagate
+Step = (
+    Probe
+    | FoldScales
+    | CacheStages
+    | CollectStats
+    | Reduce
+    | Solve
+    | Gather
+    | Distribute
+    | SolveExperts
+    | Restore
+    | Propagate
+)
 
 
 @dataclass
@@ -178,11 +214,12 @@ def plan_block(
     propagate_quantized: bool,
     sequential: bool,
     propagate: bool,
+    experts: tuple[str, ...] = (),
 ) -> list[Step]:
     """The steps of one block, in order. ``have_sums``: the one stage's sums came with the block
     (and ``reductions_issued``: already on their way); ``propagate``: the solves run inline and
     the hidden states go through the block after them (``propagate_quantized``: through its
-    quantized weights)."""
+    quantized weights); ``experts``: the block's MoE modules, solved after its linears."""
     steps: list[Step] = []
     if probe:
         steps.append(Probe())
@@ -202,6 +239,8 @@ def plan_block(
         # for propagation (quantized); propagate float's last stage needs them nowhere
         needed = propagate_quantized or (sequential and i < len(stages) - 1)
         steps.append(Distribute(i, needed, sequential))
+    for moe in experts:
+        steps.append(SolveExperts(moe, propagate_quantized))
     steps.append(Restore())
     if propagate:
         steps.append(Propagate(propagate_quantized))
@@ -388,6 +427,120 @@ def run_distribute(w: BlockWorker, s: BlockState, step: Distribute) -> None:
     s.timings["broadcast"] += time.perf_counter() - t
 
 
+def run_solve_experts(w: BlockWorker, s: BlockState, step: SolveExperts) -> None:
+    t = time.perf_counter()
+    moe = s.layer.get_submodule(step.moe)
+    n = num_experts(moe.experts)
+    inputs = moe_inputs(s.layer, step.moe, s.batches)
+    routes = [routing(moe, x) for x in inputs]
+    counts = torch.zeros(n, dtype=torch.int64, device=w.device)
+    tokens = torch.zeros(1, dtype=torch.int64, device=w.device)
+    for r in routes:
+        counts += token_counts(r.top_k_index, n).to(w.device)
+        tokens += r.hidden.shape[0]
+    if w.group_ready:
+        dist.all_reduce(counts)
+        dist.all_reduce(tokens)
+    if s.solver != "gptq":
+        decisions = [RTN] * n
+    else:
+        try:
+            decisions = expert_decisions(counts.cpu(), w.job.moe_min_tokens, w.job.moe_policy)
+        except MoeError as err:
+            raise MoeError(f"block {s.b} {step.moe}: {err}") from None
+    stats = None
+    if s.solver == "gptq":
+        stats = ExpertStatistics.empty(moe.experts)
+        for x, r in zip(inputs, routes):
+            add_expert_statistics(moe, x, stats, decisions, route=r)
+    del inputs, routes
+    s.timings["stats"] += time.perf_counter() - t
+    owners = expert_owners(n, w.world)
+    if stats is not None and w.group_ready:
+        t = time.perf_counter()
+        for (e, _which), acc in sorted(stats.accumulators.items()):
+            dist.reduce(acc.sum, dst=owners[e])
+        s.timings["reduce"] += time.perf_counter() - t
+    t = time.perf_counter()
+    solved = _solve_experts(w, s, step.moe, owners, decisions, stats, counts.cpu(), int(tokens))
+    s.timings["solve"] += time.perf_counter() - t
+    t = time.perf_counter()
+    if step.needed:
+        s.floats.update(_share_experts(w, s, step.moe, owners, solved))
+    s.timings["broadcast"] += time.perf_counter() - t
+
+
+def expert_owners(n_experts: int, world: int) -> list[int]:
+    """Expert e's owner: e mod W (experts of one module have equal solve costs)."""
+    return [e % world for e in range(n_experts)]
+
+
+def _solve_experts(
+    w: BlockWorker,
+    s: BlockState,
+    moe_name: str,
+    owners: list[int],
+    decisions: list[str],
+    stats: ExpertStatistics | None,
+    counts: torch.Tensor,
+    tokens: int,
+) -> dict[tuple[str, int], QuantizedLinear]:
+    """The owned experts solved per fused matrix (gate and up stacked: one H) with H = 2·S / n (n: the
+    expert's routed tokens, or every token for ``all_tokens``), or rounded (``rtn``); each stored as its
+    checkpoint linears (rows of the fused result), the record entry holding the expert's tokens and
+    decision. Returns {(param, e): result} of the experts solved here."""
+    job = w.job
+    experts = s.layer.get_submodule(moe_name).experts
+    prefix = f"{moe_name}.experts."
+    sources = {k: v for k, v in job.expert_sources.items() if v[0].startswith(prefix)}
+    solved: dict[tuple[str, int], QuantizedLinear] = {}
+    hessians: dict[tuple[str, int], torch.Tensor | None] = {}
+    for param, e, _first, _end in sources.values():
+        if owners[e] != w.rank or (param, e) in solved:
+            continue
+        weight = getattr(experts, param.rsplit(".", 1)[1])[e].detach().float()
+        specs = {job.spec_for(f"{w.layers_path}.{s.b}.{n}") for n, v in sources.items() if tuple(v[:2]) == (param, e)}
+        if len(specs) != 1:
+            raise ValueError(f"block {s.b} {param}[{e}]: its stacked linears ask for different grids")
+        spec = specs.pop()
+        if decisions[e] == RTN:
+            hessians[(param, e)] = None
+            solved[(param, e)] = quantize_group("rtn", weight, None, spec, job.method_options())
+            continue
+        acc = stats.accumulators[(e, param.rsplit(".", 1)[1])]
+        n_rows = int(counts[e]) if decisions[e] == ROUTED else tokens
+        hessians[(param, e)] = acc.hessian(total_count=n_rows)
+        solved[(param, e)] = quantize_group(job.method, weight, hessians[(param, e)], spec, job.method_options())
+    for name, (param, e, first, end) in sources.items():
+        if (param, e) not in solved:
+            continue
+        part = solved[(param, e)].rows(first, end)
+        weight = getattr(experts, param.rsplit(".", 1)[1])[e, first:end].detach().float()
+        entry = w.writer.result(s.b, name, part, weight, part.dequantize(), hessians[(param, e)])
+        entry["expert"] = {"index": e, "tokens": int(counts[e]), "decision": decisions[e]}
+        s.outputs.append(entry)
+    return solved
+
+
+def _share_experts(
+    w: BlockWorker, s: BlockState, moe_name: str, owners: list[int], solved: dict[tuple[str, int], QuantizedLinear]
+) -> dict[str, torch.Tensor]:
+    """The quantized fused parameters of the MoE module at every worker, each expert's rows sent by its
+    owner: {param: dequantized [E, rows, K]} for the forward through the quantized block."""
+    experts = s.layer.get_submodule(moe_name).experts
+    out = {}
+    for which in (GATE_UP, DOWN):
+        param = f"{moe_name}.experts.{which}"
+        fused = torch.empty_like(getattr(experts, which).data.float())
+        for e in range(fused.shape[0]):
+            if owners[e] == w.rank:
+                fused[e] = solved[(param, e)].dequantize()
+            if w.group_ready:
+                dist.broadcast(fused[e], src=owners[e])
+        out[param] = fused
+    return out
+
+
 def run_restore(_w: BlockWorker, s: BlockState, _step: Restore) -> None:
     for name, p in s.layer.named_parameters():
         p.data = s.unfolded[name]
@@ -410,6 +563,7 @@ STEP_RUNNERS = {
     Solve: run_solve,
     Gather: run_gather,
     Distribute: run_distribute,
+    SolveExperts: run_solve_experts,
     Restore: run_restore,
     Propagate: run_propagate,
 }
