@@ -918,6 +918,17 @@ class GGUFStreamWriter:
         if not self._header_written or missing:
             raise RuntimeError(f"incomplete GGUF {self.path}: header={self._header_written}, missing {missing[:5]}")
 
+    def close_sparse(self) -> None:
+        """Close after the header with every tensor's data declared but not written: the file is truncated to
+        its full size, so the data region is a hole (a sparse file) that readers see as zeros."""
+        if not self._header_written:
+            raise RuntimeError("close_sparse before write_header")
+        self._closed = True
+        self._writer.close()
+        align = self._writer.data_alignment
+        start = GGUFWriter.ggml_pad(self.path.stat().st_size, align)
+        os.truncate(self.path, start + sum(GGUFWriter.ggml_pad(size, align) for _, _, size in self._pending))
+
     def __enter__(self) -> GGUFStreamWriter:
         return self
 
@@ -981,6 +992,10 @@ FILE_TYPES = {
     "Q8_0": 7,
     "Q5_0": 8,
     "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
     "Q4_K_S": 14,
     "Q4_K_M": 15,
     "Q5_K_S": 16,
@@ -1214,6 +1229,24 @@ def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, req
     if shift := layout.norm_shift(tname):
         tensor = tensor.float() + shift
     return _float_data(tensor.numpy(), gtype)
+
+
+def write_skeleton(reader, path: Path) -> Path:
+    """The checkpoint's GGUF as the converter lays it out (metadata, tensor names, shapes; every weight F16,
+    norms F32), with no data written: the data region is a hole of the file's full size (a sparse file, zeros
+    to a reader). What llama.cpp's quantize dry run reads to choose a mix's types (pipeline/formats/gguf_mix)."""
+    try:
+        layout = check_gguf(reader.config, reader.tensor_names)
+    except GGUFError as err:
+        raise AssembleError(str(err)) from None
+    floats = GGUFTypes(16, True, None, "F16", "requantized", {}, None, "F16")
+    extra = dict(layout.extra_tensors())
+    writer = GGUFStreamWriter(str(path), reader.config, None, file_type=FILE_TYPES["F16"])
+    for _, gname, gtype, shape in tensor_plan(reader, {}, layout, floats, extra):
+        writer.add_tensor_info(gname, gtype, shape)
+    writer.write_header()
+    writer.close_sparse()
+    return path
 
 
 class GGUFFormat(Format, name="gguf"):
