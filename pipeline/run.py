@@ -430,6 +430,7 @@ class BlockStructure:
     widths: list[int]  # the linears' input widths
     awq_relations: list[dict] | None = None  # AWQ: ScaleGroup.to_dict() per group with a relation
     awq_unfolded: dict[str, str] = field(default_factory=dict)  # AWQ: {"q/k/v": why not}
+    ggml_types: dict[str, str] = field(default_factory=dict)  # a llama.cpp mix solved in the run: {linear: type}
 
 
 def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
@@ -523,8 +524,12 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
         from strata_quant.pipeline.formats.gguf import check_gguf
+        from strata_quant.pipeline.formats.gguf_mix import linear_types, solves_mix
 
         check_gguf(reader.config, reader.tensor_names, reader.path)
+        if solves_mix(cfg.output.gguf_type, cfg.quant.method):  # every linear's type, from llama.cpp, before block 0
+            names = [n for block in block_linear_names(reader).values() for n in block]
+            structure.ggml_types = linear_types(reader, cfg.output.gguf_type, names)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     prefix = calibration_prefix(tokenizer, c.bos)
@@ -857,6 +862,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         collective_timeout_s=run.block_timeout_s,  # no collective waits longer than a block may take
         awq_relations=structure.awq_relations,
         awq_unfolded=structure.awq_unfolded,
+        ggml_types=structure.ggml_types,
     )
 
 

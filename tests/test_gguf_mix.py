@@ -177,7 +177,7 @@ def test_dry_run_of_the_skeleton_is_llama_quantizes_file_on_smollm2(mix, smollm2
     import subprocess
 
     from strata_quant.pipeline.checkpoint import open_checkpoint
-    from strata_quant.pipeline.formats.gguf_mix import mix_types
+    from strata_quant.pipeline.formats.gguf import mix_types
 
     dst = tmp_path / f"smol-{mix}.gguf"
     tool = Path.home() / ".cache/strata/llama.cpp/bin/llama-quantize"
@@ -199,8 +199,7 @@ def test_dry_run_agrees_with_the_rules_on_every_mix(family, tmp_path):
 
     from strata_quant.pipeline import fixtures
     from strata_quant.pipeline.checkpoint import open_checkpoint
-    from strata_quant.pipeline.formats.gguf import write_skeleton
-    from strata_quant.pipeline.formats.gguf_mix import dry_run_types
+    from strata_quant.pipeline.formats.gguf import dry_run_types, write_skeleton
 
     reader = open_checkpoint(fixtures.resolve(f"fixture:{family}"))
     cfg = reader.config

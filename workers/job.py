@@ -61,6 +61,8 @@ class WorkerJob:
     double_quant: bool = True
     fp8_type: str = "e4m3"
     fp8_block: tuple[int, int] | None = None
+    # a llama.cpp mix solved in the run: {linear's full name: ggml type}, each solved by GPTQ on that grid
+    ggml_types: dict[str, str] = field(default_factory=dict)
 
     def spec_for(self, full_name: str) -> QuantSpec:
         """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""

@@ -19,19 +19,13 @@ rules (layer predicate → type); the first rule that holds wins, else the base 
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
-import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # values per block of each type strata writes (gguf.GGML_QUANT_SIZES agrees)
 BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32,
          "Q5_1": 32, "Q8_0": 32, "F16": 1}  # fmt: skip
-_LOG_LOCK = threading.Lock()  # llama.cpp has one log callback per process
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
@@ -167,60 +161,38 @@ def tensor_type(mix: str, name: str, shape: tuple[int, ...], model: ModelShape, 
     return fallback(chosen, row)
 
 
-# ------------------------------------------------------------------------------------- llama.cpp's dry run
+# ------------------------------------------------------------------------------------- a mix solved in the run
 
-# llama_model_quantize_impl's line per tensor: "[  i/  n] name - [shape], type = cur, size = a -> b (new)\n",
-# or "size = a MiB\n" without "(new)" when the tensor keeps its type
-_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\], type =\s*(\w+), size =[^\n(]*(?:\((\w+)\))?\n")
+#: llama.cpp mixes whose linears the run solves on their own types' grids (method gptq)
+SOLVED_MIXES = ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
 
 
-def dry_run_types(gguf_path: str | os.PathLike[str], mix: str) -> dict[str, str]:
-    """{tensor name: ggml type} that llama.cpp's ``llama_model_quantize`` gives every tensor of the GGUF at
-    ``gguf_path`` in the file type ``mix`` (Q4_K_M, Q6_K …), from its dry run (``params.dry_run``: the
-    per-tensor choice, llama_tensor_get_type with its fallbacks, is made and logged; no data is read or
-    written). The choice is read from llama.cpp's log, captured through ``llama_log_set`` for the call.
-    Without an importance matrix, as a strata file has none: only the Q4_0 / Q5_0 file types choose otherwise
-    with one. RuntimeError when llama-cpp-python is missing or llama.cpp refuses the file."""
+def solves_mix(gguf_type: str, method: str) -> bool:
+    """Whether a run with ``output.gguf_type`` and ``quant.method`` solves llama.cpp's mix itself."""
+    return method == "gptq" and gguf_type.upper() in SOLVED_MIXES
+
+
+def linear_types(reader, mix: str, linears: list[str]) -> dict[str, str]:
+    """{linear's full name: ggml type} of the decoder ``linears`` in llama.cpp's ``mix`` (its dry run on the
+    checkpoint's skeleton, :func:`pipeline.formats.gguf.mix_types`). ConfigError when llama-cpp-python is missing, or when llama.cpp
+    gives a linear a type strata has no grid for (F16: a row no quantized type holds)."""
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.pipeline.formats.gguf import check_gguf, mix_types
+    from strata_quant.workers.ggml import GRIDS
+
     try:
-        import llama_cpp
-    except ImportError as err:
-        raise RuntimeError("llama.cpp's mixes need llama-cpp-python (pip install 'strata[readers]')") from err
-    from strata_quant.pipeline.formats.gguf import FILE_TYPES
-
-    if mix.upper() not in FILE_TYPES:
-        raise ValueError(f"unknown llama.cpp file type {mix!r}")
-    chunks: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def capture(_level, text, _user):
-        chunks.append(text.decode("utf-8", "replace"))
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FILE_TYPES[mix.upper()]
-    params.allow_requantize = True
-    params.dry_run = True
-    params.nthread = 1
-    with _LOG_LOCK:
-        llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
-        try:
-            rc = llama_cpp.llama_model_quantize(os.fsencode(gguf_path), os.fsencode(os.devnull), ctypes.byref(params))
-        finally:
-            restore = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
-            llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
-    text = "".join(chunks)
-    types = {m[1]: (m[3] or m[2]).upper() for m in _DRY_RUN_LINE.finditer(text)}
-    if rc != 0 or not types:
-        tail = " | ".join(line for line in text.splitlines()[-3:] if line.strip())
-        raise RuntimeError(f"llama.cpp's dry run of {mix} on {gguf_path} failed (code {rc}): {tail}")
-    return types
-
-
-def mix_types(reader, mix: str) -> dict[str, str]:
-    """{GGUF tensor name: ggml type} of the checkpoint ``reader`` in llama.cpp's ``mix``, without writing the
-    model: a skeleton GGUF (the model's metadata and tensor infos, every weight declared F16, the data region a
-    hole in a sparse file) is given to :func:`dry_run_types`. Tensors llama.cpp keeps as they are read F32/F16."""
-    from strata_quant.pipeline.formats.gguf import write_skeleton
-
-    with tempfile.TemporaryDirectory(prefix="strata-mix-") as tmp:
-        path = write_skeleton(reader, Path(tmp) / "skeleton.gguf")
-        return dry_run_types(path, mix)
+        types = mix_types(reader, mix)
+    except RuntimeError as err:
+        raise ConfigError(f"output.gguf_type {mix}: {err}") from None
+    layout = check_gguf(reader.config, reader.tensor_names)
+    out = {}
+    for linear in linears:
+        gname = layout.name(f"{linear}.weight")
+        gtype = types.get(gname or "")
+        if gtype not in GRIDS:
+            raise ConfigError(
+                f"output.gguf_type {mix}: llama.cpp gives {linear} ({gname}) type {gtype}, which has no quantized "
+                f"grid (its rows of {reader.shape(f'{linear}.weight')[-1]} values fit no fallback of the mix)"
+            )
+        out[linear] = gtype
+    return out
