@@ -5,6 +5,7 @@ Refusals at plan time: no llama-cpp-python, a linear llama.cpp leaves in F16, an
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -118,3 +119,42 @@ def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tm
     meta = read_metadata(path)
     assert meta["strata.carry"] == "solved" and not meta["strata.requantized"]
     assert report["solved_blocks"] == 2
+
+
+@pytest.mark.slow
+def test_smollm2_q4_k_m_solved_in_the_run(smollm2_path, tmp_path, ray_session):
+    """SmolLM2 (576 wide: llama.cpp's Q4_K_M falls back to Q5_0 / Q8_0 for most rows, Q4_K / Q6_K for ffn_down):
+    every linear of the file is strata's solve, bit for bit, on the type llama-quantize gives it; llama.cpp loads
+    the file and agrees with transformers reading it."""
+    pytest.importorskip("llama_cpp")
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf import mix_types
+
+    report, check, path = _solved_run(tmp_path, "fixture:smollm2-135m", workers=1)
+    print(f"\nSmolLM2 Q4_K_M solved: {check}\nquality: {report['quality']['rows']}")
+    assert check["bit_exact_linears"] == check["quantized_linears"] == 30 * 7, check
+    assert set(check["linear_types"]) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0"}, check["linear_types"]
+    file_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert file_types == mix_types(open_checkpoint(smollm2_path), "Q4_K_M")
+    # llama.cpp's K-quant and legacy dot products round the activations to 8 bits (Q8_K / Q8_0): its logits on
+    # verify's short prompt (26 tokens) stay close to transformers' reading of the same file, near-ties aside
+    lc = check["llamacpp"]
+    assert lc["top1_agreement"] >= 0.9 and lc["mean_abs_diff"] <= 0.1 * lc["logit_std"], lc
+    _same_perplexity_in_llamacpp_and_transformers(path, smollm2_path)
+
+
+def _same_perplexity_in_llamacpp_and_transformers(path, model_path) -> None:
+    """Persuasion, 4 × 256 tokens: llama.cpp's perplexity of the file within 2 % of transformers' of the same file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.eval import evaluate
+    from strata_quant.pipeline.verify import llamacpp_perplexity
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    windows = eval_windows(tokenize_stream(tok, load_text("fixture:austen/persuasion")), 4, 256)
+    cpp = llamacpp_perplexity(path, windows)["ppl"]
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    got = evaluate({"file": hf}, windows, reference="file")["file"]["ppl"]
+    print(f"SmolLM2 Q4_K_M solved, Persuasion 4 × 256: llama.cpp {cpp:.3f}, transformers {got:.3f}")
+    assert abs(math.log(cpp / got)) < 0.02
