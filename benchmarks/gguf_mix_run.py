@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="/tmp/strata-mix-run")
+    ap.add_argument("--score-only", action="store_true", help="score the files an earlier run left in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -83,13 +84,19 @@ def main() -> None:
     print(f"SmolLM2-135M {args.mix}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {args.eval_windows}×"
           f"{args.seq_len} per text in llama.cpp, {args.threads} threads")  # fmt: skip
     files = {"strata (run)": None}
-    files["strata (run)"], imatrix, _ = strata_run(out, args.mix, args.cal_windows, args.seq_len, args.workers)
+    if args.score_only:  # the files of an earlier invocation with the same --out, scored again
+        files["strata (run)"], imatrix = next((out / "out").glob("*.gguf")), None
+    else:
+        files["strata (run)"], imatrix, _ = strata_run(out, args.mix, args.cal_windows, args.seq_len, args.workers)
     files["llama.cpp"] = out / f"llamacpp-{args.mix}.gguf"
-    llama_quantize(src, files["llama.cpp"], args.mix)
+    if not args.score_only:
+        llama_quantize(src, files["llama.cpp"], args.mix)
     if (TOOLS / "llama-quantize").exists():
         files["llama.cpp + imatrix"] = out / f"llamacpp-imatrix-{args.mix}.gguf"
-        llama_quantize(src, files["llama.cpp + imatrix"], args.mix, imatrix)
+        if not args.score_only:
+            llama_quantize(src, files["llama.cpp + imatrix"], args.mix, imatrix)
     ref = {k: llamacpp_perplexity(src, w, n_threads=args.threads)["ppl"] for k, w in held.items()}
+    print(f"reference scored: {ref}", flush=True)
     print(f"{'file':24s} {'MB':>7s} " + " ".join(f"{k + ' ppl':>15s} {'Δppl':>8s}" for k in texts))
     print(
         f"{'source (reference)':24s} {src.stat().st_size / 1e6:7.1f} "
