@@ -218,8 +218,25 @@ class OutputConfig(_Strict):
         "default", description="GGUF tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer (smollm, llama-bpe …)"
     )
     gguf_type: Literal[
-        "auto", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"
-    ] = Field("auto", description="auto = the type holding the result exactly; others may re-quantize (llama.cpp)")
+        "auto",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K_M",
+        "Q3_K_L",
+        "Q4_K_S",
+        "Q4_K_M",
+        "Q5_K_S",
+        "Q5_K_M",
+        "Q6_K",
+    ] = Field(
+        "auto",
+        description="auto = the type holding the result exactly; a K mix (Q4_K_M …) with method gptq = every tensor "
+        "of llama.cpp's mix, each linear solved by GPTQ on its type's grid; others re-quantize (llama.cpp)",
+    )
     gguf_embedding_type: Literal["auto", "F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] = Field(
         "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
     )
@@ -317,6 +334,8 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
+        from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+
         toolbox_error = _method_format_error(self.quant, self.output.formats)
         if toolbox_error:
             raise ValueError(toolbox_error)
@@ -324,7 +343,13 @@ class JobConfig(_Strict):
             raise ValueError("awq output holds 4-bit results with a group size (not -1) only")
         if "compressed-tensors" in self.output.formats and self.quant.bits == 3 and self.quant.method != "fp8":
             raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
-        if "gguf" in self.output.formats:
+        if "gguf" in self.output.formats and self.output.gguf_type in SOLVED_MIXES and self.quant.method == "gptq":
+            if self.output.formats != ["gguf"]:  # the results are ggml blocks (two-level scales): no other format
+                raise ValueError(
+                    f"gguf_type {self.output.gguf_type} with method gptq solves every linear on llama.cpp's grids, "
+                    f"which only a GGUF holds: output.formats must be [gguf], not {self.output.formats}"
+                )
+        elif "gguf" in self.output.formats:
             from strata_quant.pipeline.formats.gguf import resolve_type
 
             try:

@@ -437,8 +437,18 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
         from strata_quant.pipeline.formats.gguf import check_gguf
+        from strata_quant.pipeline.formats.gguf_mix import linear_types, solves_mix
 
         check_gguf(reader.config, reader.tensor_names, reader.path)
+        if solves_mix(cfg.output.gguf_type, cfg.quant.method):  # every linear's type, from llama.cpp, before block 0
+            if structure.moe_blocks:
+                raise ConfigError(
+                    f"output.gguf_type {cfg.output.gguf_type} with quant.method gptq solves llama.cpp's mix in the "
+                    f"run for dense linears only; blocks {structure.moe_blocks[:4]} hold routed experts (use a "
+                    "legacy type such as Q4_0, or quant.method rtn)"
+                )
+            names = [n for block in block_linear_names(reader).values() for n in block]
+            structure.ggml_types = linear_types(reader, cfg.output.gguf_type, names)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     prefix = calibration_prefix(tokenizer, c.bos)
@@ -777,6 +787,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_renames=structure.moe_renames,
         moe_min_tokens=quant.moe.min_tokens,
         moe_policy=quant.moe.policy,
+        ggml_types=structure.ggml_types,
     )
 
 

@@ -82,6 +82,7 @@ class BlockStructure:
     moe_blocks: list[int] = field(default_factory=list)  # the blocks holding routed experts
     expert_sources: dict[str, list] = field(default_factory=dict)  # pipeline.moe.moe_layout
     moe_renames: dict[str, str] = field(default_factory=dict)  # pipeline.moe.moe_layout
+    ggml_types: dict[str, str] = field(default_factory=dict)  # a llama.cpp mix solved in the run: {linear: type}
 
 
 def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:

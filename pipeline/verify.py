@@ -371,7 +371,7 @@ def verify_gguf(
     """Read the GGUF tensor by tensor with gguf-py (a slice of rows at a time) and compare every weight
     with the run record and the checkpoint.
 
-    Files that carry the solver's result exactly (``strata.carry`` "exact", or no strata keys) must give the
+    Files that carry the solver's result exactly (``strata.carry`` "exact" or "solved", or no strata keys) must give the
     solver's dequantized weights bit for bit. Q4_1 ("nearly": fp16 offsets) and re-quantized files
     (``strata.requantized``) are measured instead: max / mean |Δ| and relative RMS error against the solver's
     weights, bounded so that a broken layout fails (Q4_1: the fp16 rounding of −scale·z; re-quantized:
@@ -424,7 +424,7 @@ def verify_gguf(
         "bit_exact_linears": exact,
         "other_tensors": others,
     }
-    if carry != "exact":
+    if carry not in ("exact", "solved"):
         summary["weight_error"] = _merge_errors(errors)
     if quantized_other:
         summary["quantized_other_tensors"] = quantized_other
@@ -440,7 +440,7 @@ def _gguf_linear(path: Path, gguf: GGUFTensors, name: str, result: QuantizedLine
     for start, end in gguf.row_slices(name):
         got, want = gguf.rows(name, start, end), result.rows(start, end).dequantize()
         same = torch.equal(got, want)
-        if not same and carry == "exact":
+        if not same and carry in ("exact", "solved"):  # the solver's blocks (or a solved mix's) as they are
             diff = (got - want).abs().max()
             raise VerifyError(f"{path.name}: {name} differs from the solver's result (max |Δ| {diff:g})")
         equal &= same

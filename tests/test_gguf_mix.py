@@ -4,6 +4,9 @@ rules as written (llama_tensor_get_type_impl, tensor_type_fallback), on SmolLM2'
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from strata_quant.pipeline.formats.gguf_mix import MIXES, ModelShape, fallback, tensor_type, use_more_bits
@@ -139,3 +142,74 @@ def test_types_are_llama_quantizes_choices_on_smollm2(mix, smollm2_gguf, tmp_pat
         assert t.tensor_type.name == want, f"{mix}: {t.name} {shape} is {t.tensor_type.name}, rules say {want}"
         checked += 1
     assert checked == 1 + 7 * n_layers
+
+
+# ------------------------------------------------------------------------------------- llama.cpp's dry run
+
+
+def _file_types(path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+
+
+def test_skeleton_is_the_layout_with_no_data(tiny_model_path, tmp_path):
+    from gguf import GGUFReader
+
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf import write_skeleton
+
+    reader = open_checkpoint(tiny_model_path)
+    path = write_skeleton(reader, tmp_path / "skeleton.gguf")
+    gguf = GGUFReader(path)
+    weights = [t for t in gguf.tensors if len(t.shape) == 2]
+    assert weights and all(t.tensor_type.name == "F16" and not np.asarray(t.data).any() for t in weights)
+    last = max(gguf.tensors, key=lambda t: t.data_offset)
+    assert path.stat().st_size >= last.data_offset + last.n_bytes  # every tensor's bytes lie in the file
+    assert path.stat().st_blocks * 512 < path.stat().st_size // 4  # ... as a hole: nothing of the data is written
+
+
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_M"])
+def test_dry_run_of_the_skeleton_is_llama_quantizes_file_on_smollm2(mix, smollm2_path, smollm2_gguf, tmp_path):
+    """The types read from llama.cpp's dry run on strata's skeleton of the HF checkpoint are those of the file
+    llama-quantize writes from the model's own GGUF (the tool where built, else its code through the bindings)."""
+    pytest.importorskip("llama_cpp")
+    import subprocess
+
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf import mix_types
+
+    dst = tmp_path / f"smol-{mix}.gguf"
+    tool = Path.home() / ".cache/strata/llama.cpp/bin/llama-quantize"
+    if tool.exists():
+        cmd = [str(tool), "--allow-requantize", str(smollm2_gguf), str(dst), mix, "2"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    else:
+        _llama_quantize(smollm2_gguf, dst, mix)
+    real = _file_types(dst)
+    assert mix_types(open_checkpoint(smollm2_path), mix) == real
+    assert {"Q5_0", "Q8_0"} <= set(real.values())  # 576-wide rows fall back: the choice is not the base type
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_dry_run_agrees_with_the_rules_on_every_mix(family, tmp_path):
+    """llama.cpp's dry run and the transcribed rules give every tensor the same type, for every mix."""
+    pytest.importorskip("llama_cpp")
+    from gguf import GGUFReader
+
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf import dry_run_types, write_skeleton
+
+    reader = open_checkpoint(fixtures.resolve(f"fixture:{family}"))
+    cfg = reader.config
+    model = ModelShape(cfg["num_hidden_layers"], cfg["num_attention_heads"] // cfg["num_key_value_heads"])
+    skeleton = write_skeleton(reader, tmp_path / "skeleton.gguf")
+    shapes = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in GGUFReader(skeleton).tensors}
+    for mix in sorted(MIXES):
+        types = dry_run_types(skeleton, mix)
+        assert set(types) == set(shapes)
+        tied = "output.weight" not in types
+        for name, got in types.items():
+            want = tensor_type(mix, name, shapes[name], model, tied=tied) or "F32"
+            assert got == want, f"{family} {mix}: {name} {shapes[name]} is {got}, rules say {want}"

@@ -232,6 +232,18 @@ def test_a_method_the_experts_do_not_take_is_refused_before_block_0(tokenizer, t
     assert_nothing_complete(tmp_path)
 
 
+def test_a_k_mix_solved_in_the_run_is_refused_on_routed_experts(tokenizer, tmp_path, capsys):
+    """llama.cpp's K mix is solved in the run for dense linears only: a MoE model is told so before block 0."""
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    cfg = moe_config(tmp_path, folder, formats=("gguf",))
+    cfg["output"]["gguf_type"] = "Q4_K_M"
+    msg = run_cli(tmp_path, cfg, capsys)
+    assert "solves llama.cpp's mix in the run for dense linears only; blocks [0, 1] hold routed experts" in msg
+    assert_nothing_complete(tmp_path)
+
+
 def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tmp_path, ray_session):
     """DeepSeek-V3 (MLA attention, a dense first block, a shared expert beside the routed ones, grouped
     routing): the dense block and the shared expert are the block's linears, the routed experts equal the

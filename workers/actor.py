@@ -555,7 +555,7 @@ class BlockWorker:
         feedback), and the solver's per-row arithmetic does not depend on the other rows, so
         the stacked shares equal the one-worker result bit for bit."""
         job = self.job
-        if not job.split_solves or self.world == 1 or job.method != "gptq" or job.skip_outliers:
+        if not job.split_solves or self.world == 1 or job.method != "gptq" or job.skip_outliers or job.ggml_types:
             return False
         full = [f"{self.layers_path}.{b}.{n}" for n in names]
         if sum(linears[n].out_features for n in names) < self.world:
@@ -580,7 +580,7 @@ class BlockWorker:
                 keep = "modules_to_not_convert"
             elif outliers:
                 keep = "outliers"
-            parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep))
+            parts.append(Part(n, linears[n].out_features, job.spec_for(full_name), keep, job.ggml_types.get(full_name)))
         return parts
 
     def results_of(self, b: int, record: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -35,12 +35,14 @@ falls back to another type; choosing it is the mix's job): such a call is refuse
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from strata_quant.workers.gptq import _compensated, damped_cholesky_feedback
 
+GGML_SCHEMA_VERSION = 1
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a block whose largest |w| is below this is all zero
 
 
@@ -114,13 +116,39 @@ class GGMLQuantized:
         """(a, b) float32 [N, K/sub]: ŵ = a·(q − z) − b in each sub-block (see the module docstring)."""
         return sub_grid(self.grid, self.d, self.dmin, self.sc, self.mins)
 
-    def dequantize(self) -> torch.Tensor:
-        """ŵ float32 [N, K], rounded as ggml's dequantizers round it."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ŵ [N, K], rounded (in float32) as ggml's dequantizers round it, then cast to ``dtype``."""
         a, b = self.sub_grids()
         n, k = self.codes.shape
         sub = self.grid.sub
         q = (self.codes.float() - self.grid.zero).view(n, k // sub, sub)
-        return (a.unsqueeze(2) * q - b.unsqueeze(2)).view(n, k)
+        return (a.unsqueeze(2) * q - b.unsqueeze(2)).view(n, k).to(dtype)
+
+    def rows(self, start: int, end: int) -> GGMLQuantized:
+        """Rows ``start:end`` (whole rows: every stored number is per row)."""
+        cut = {k: (v[start:end] if v is not None else None) for k, v in self._fields().items()}
+        return GGMLQuantized(self.grid, **cut, params=self.params)
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        return {k: getattr(self, k) for k in ("codes", "d", "dmin", "sc", "mins")}
+
+    @property
+    def method(self) -> str:
+        return str((self.params or {}).get("method", "gptq"))
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Its stored numbers as tensors and one JSON metadata entry (``kind`` "ggml", the type's name)."""
+        tensors = {k: v.contiguous() for k, v in self._fields().items() if v is not None}
+        meta = {"schema": GGML_SCHEMA_VERSION, "kind": "ggml", "ggml_type": self.grid.name, "params": self.params or {}}
+        return tensors, {"strata_result": json.dumps(meta, sort_keys=True)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> GGMLQuantized:
+        meta = json.loads(metadata["strata_result"])
+        if meta.get("kind") != "ggml" or meta.get("schema") != GGML_SCHEMA_VERSION:
+            raise ValueError("not a ggml result of a known schema")
+        fields = {k: tensors.get(k) for k in ("dmin", "sc", "mins")}
+        return cls(GRIDS[meta["ggml_type"]], tensors["codes"], tensors["d"], **fields, params=meta["params"])
 
 
 def sub_grid(grid: GGMLGrid, d, dmin, sc, mins) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,9 @@ W = [W_1; …; W_m] with W_i [N_i, K], sharing one Hessian H = 2 XᵀX / n of th
 * ``gptq_nf4``: GPTQ's error feedback onto the NF4 grid (:func:`workers.nf4.gptq_nf4`);
 * ``fp8``: E4M3 / E5M2 with per-channel or per-block scales (:func:`workers.fp8.fp8_quantize`).
 
+A part may name a ggml type (llama.cpp's mix gives each linear its own): GPTQ on that type's grid
+(:func:`workers.ggml.gptq_ggml`) with the group's Hessian, one linear at a time.
+
 :func:`quantize_parts` solves a group whose parts may differ: every part has its own
 :class:`workers.result.QuantSpec` (mixed precision) and may be *kept* (not quantized: named
 in ``modules_to_not_convert`` or found outlier-heavy, :func:`workers.int8.int8_skip_modules`).
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from strata_quant.workers.fp8 import FP8Linear, fp8_quantize
+from strata_quant.workers.ggml import GGMLQuantized, gptq_ggml
 from strata_quant.workers.gptq import gptq_quantize
 from strata_quant.workers.int8 import int8_skip_modules
 from strata_quant.workers.nf4 import NF4Linear, gptq_nf4, gptq_nf4_stacked, nf4_quantize
@@ -86,7 +90,7 @@ class KeptLinear:
         return cls(weight=tensors["weight"], reason=meta["reason"], method=meta["method"], params=meta["params"])
 
 
-Result = QuantizedLinear | NF4Linear | FP8Linear | KeptLinear
+Result = QuantizedLinear | NF4Linear | FP8Linear | KeptLinear | GGMLQuantized
 
 
 def result_kind(result: Result) -> str:
@@ -99,6 +103,8 @@ def result_kind(result: Result) -> str:
         return "fp8"
     if isinstance(result, KeptLinear):
         return "kept"
+    if isinstance(result, GGMLQuantized):
+        return "ggml"
     raise TypeError(f"unknown result type {type(result).__name__}")
 
 
@@ -115,6 +121,8 @@ def result_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, st
         return FP8Linear.from_tensors(tensors, metadata)
     if kind == "kept":
         return KeptLinear.from_tensors(tensors, metadata)
+    if kind == "ggml":
+        return GGMLQuantized.from_tensors(tensors, metadata)
     raise ValueError(f"unknown result kind {kind!r}")
 
 
@@ -126,6 +134,7 @@ class Part:
     rows: int
     spec: QuantSpec
     keep: str | None = None  # None = quantize; else the reason it stays 16-bit
+    ggml: str | None = None  # a ggml type (Q4_K …): GPTQ on that type's grid (workers/ggml.py) instead of spec's
 
 
 def matches_module(full_name: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -266,6 +275,10 @@ def quantize_parts(
             out[i] = KeptLinear(weight=rows.float().clone(), reason=p.keep, params={"method": method})
         elif out[i] is not None:  # solved above (gptq_nf4)
             continue
+        elif p.ggml is not None:  # each linear on its own type's grid, with the group's H
+            if method != "gptq" or hessian is None:
+                raise ValueError(f"{p.name}: ggml type {p.ggml} is solved by method gptq with the input's Hessian")
+            out[i] = gptq_ggml(rows, hessian, p.ggml, damp=float(options.get("damp", 0.01)))
         elif per_tensor:
             out[i] = quantize_group(method, rows, hessian, p.spec, options)
         else:

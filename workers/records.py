@@ -56,6 +56,9 @@ def grid_fields(result: Result) -> dict:
             "fp8_block": list(result.block) if result.block else None,
             "bits_per_weight": result.bits_per_weight(),
         }
+    if kind == "ggml":  # a ggml type's grid: its code width, block, offset and name
+        g = result.grid
+        return {"bits": g.bits, "group_size": g.block, "sym": not g.affine, "kind": "ggml", "ggml_type": g.name}
     return {"bits": 16, "group_size": None, "sym": None, "kind": "kept", "skipped": True, "reason": result.reason}
 
 

@@ -14,13 +14,16 @@ See the GGUF section of FORMATS.md. The writer never holds more than one tensor'
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import math
 import os
 import re
+import tempfile
+import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +46,8 @@ from gguf.quants import quant_shape_to_byte_shape
 from strata_quant.pipeline.errors import ConfigError
 from strata_quant.pipeline.formats import gguf_moe
 from strata_quant.pipeline.formats.base import AssembleError, Format, dequantize_half, linear_bits
+from strata_quant.pipeline.formats.gguf_quants import pack
+from strata_quant.workers.ggml import GRIDS, GGMLQuantized, rtn_ggml
 from strata_quant.workers.result import QuantizedLinear
 
 QK = 32  # values per Q4_0 / Q8_0 block
@@ -306,7 +311,8 @@ def permute_qk_result(result: QuantizedLinear, n_head: int) -> QuantizedLinear:
 EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0")
 CARRY_TYPES = (*EXACT_TYPES, "Q4_1")
 #: types written by re-quantizing the dequantized solver output with llama.cpp
-REQUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+REQUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S",
+                 "Q5_K_M", "Q6_K")  # fmt: skip
 
 
 def carry_kind(ggml_type: str, bits: int, sym: bool) -> str | None:
@@ -442,6 +448,8 @@ def quantize_float(array: np.ndarray, ggml_type: str) -> np.ndarray:
         return array.astype(np.float32)
     if t == GGMLQuantizationType.F16:
         return array.astype(np.float16)
+    if t.name in KQUANT_TENSOR_TYPES:  # gguf-py has no K-quant quantizer: llama.cpp's searches in workers/ggml.py
+        return pack(rtn_ggml(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), t.name))
     return quantize(array.astype(np.float32), t)
 
 
@@ -918,6 +926,17 @@ class GGUFStreamWriter:
         if not self._header_written or missing:
             raise RuntimeError(f"incomplete GGUF {self.path}: header={self._header_written}, missing {missing[:5]}")
 
+    def close_sparse(self) -> None:
+        """Close after the header with every tensor's data declared but not written: the file is truncated to
+        its full size, so the data region is a hole (a sparse file) that readers see as zeros."""
+        if not self._header_written:
+            raise RuntimeError("close_sparse before write_header")
+        self._closed = True
+        self._writer.close()
+        align = self._writer.data_alignment
+        start = GGUFWriter.ggml_pad(self.path.stat().st_size, align)
+        os.truncate(self.path, start + sum(GGUFWriter.ggml_pad(size, align) for _, _, size in self._pending))
+
     def __enter__(self) -> GGUFStreamWriter:
         return self
 
@@ -981,6 +1000,10 @@ FILE_TYPES = {
     "Q8_0": 7,
     "Q5_0": 8,
     "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
     "Q4_K_S": 14,
     "Q4_K_M": 15,
     "Q5_K_S": 16,
@@ -1051,6 +1074,63 @@ def llama_quantize(
         raise RuntimeError(f"llama_model_quantize({src} → {file_type}) failed with code {rc}")
 
 
+# ------------------------------------------------------------------------------- llama.cpp's mix, dry run
+
+_LOG_LOCK = threading.Lock()  # llama.cpp has one log callback per process
+
+# llama_model_quantize_impl's line per tensor: "[  i/  n] name - [shape], type = cur, size = a -> b (new)\n",
+# or "size = a MiB\n" without "(new)" when the tensor keeps its type
+_DRY_RUN_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+-\s+\[[^\]]*\], type =\s*(\w+), size =[^\n(]*(?:\((\w+)\))?\n")
+
+
+def dry_run_types(gguf_path: str | os.PathLike[str], mix: str) -> dict[str, str]:
+    """{tensor name: ggml type} that llama.cpp's ``llama_model_quantize`` gives every tensor of the GGUF at
+    ``gguf_path`` in the file type ``mix`` (Q4_K_M, Q6_K …), from its dry run (``params.dry_run``: the
+    per-tensor choice, llama_tensor_get_type with its fallbacks, is made and logged; no data is read or
+    written). The choice is read from llama.cpp's log, captured through ``llama_log_set`` for the call.
+    Without an importance matrix, as a strata file has none: only the Q4_0 / Q5_0 file types choose otherwise
+    with one. RuntimeError when llama-cpp-python is missing or llama.cpp refuses the file."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise RuntimeError("llama.cpp's mixes need llama-cpp-python (pip install 'strata[readers]')") from err
+    if mix.upper() not in FILE_TYPES:
+        raise ValueError(f"unknown llama.cpp file type {mix!r}")
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(_level, text, _user):
+        chunks.append(text.decode("utf-8", "replace"))
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FILE_TYPES[mix.upper()]
+    params.allow_requantize = True
+    params.dry_run = True
+    params.nthread = 1
+    with _LOG_LOCK:
+        llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+        try:
+            rc = llama_cpp.llama_model_quantize(os.fsencode(gguf_path), os.fsencode(os.devnull), ctypes.byref(params))
+        finally:
+            restore = getattr(getattr(llama_cpp, "_logger", None), "llama_log_callback", None)
+            llama_cpp.llama_log_set(restore, ctypes.c_void_p(0))
+    text = "".join(chunks)
+    types = {m[1]: (m[3] or m[2]).upper() for m in _DRY_RUN_LINE.finditer(text)}
+    if rc != 0 or not types:
+        tail = " | ".join(line for line in text.splitlines()[-3:] if line.strip())
+        raise RuntimeError(f"llama.cpp's dry run of {mix} on {gguf_path} failed (code {rc}): {tail}")
+    return types
+
+
+def mix_types(reader, mix: str) -> dict[str, str]:
+    """{GGUF tensor name: ggml type} of the checkpoint ``reader`` in llama.cpp's ``mix``, without writing the
+    model: a skeleton GGUF (the model's metadata and tensor infos, every weight declared F16, the data region a
+    hole in a sparse file) is given to :func:`dry_run_types`. Tensors llama.cpp keeps as they are read F32/F16."""
+    with tempfile.TemporaryDirectory(prefix="strata-mix-") as tmp:
+        path = write_skeleton(reader, Path(tmp) / "skeleton.gguf")
+        return dry_run_types(path, mix)
+
+
 # ------------------------------------------------------------------------------------------- the artifact
 
 
@@ -1066,6 +1146,7 @@ class GGUFTypes:
     linear_types: dict[str, str]  # mixed precision: {linear: the exact type of its own width}
     emb: str | None  # token_embd / output as asked (None: llama.cpp's recipe)
     emb_native: str  # ... as written by gguf-py (k-quants go in F16, for llama.cpp to quantize)
+    tensor_types: dict[str, str] = field(default_factory=dict)  # a solved mix: {GGUF name: type} of the others
 
     @property
     def requant(self) -> bool:
@@ -1107,6 +1188,34 @@ def resolve_types(results, config: dict[str, Any], gguf_type: str, embedding_typ
     return GGUFTypes(bits, sym, group_size, target, carry, linear_types, emb, emb_native)
 
 
+def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTypes | None:
+    """The types of a GGUF of a run that solved llama.cpp's mix (its linears' results are ggml blocks): every
+    tensor as llama.cpp's dry run of ``gguf_type`` gives it (:func:`mix_types`), each linear's result
+    of exactly that type. None for a run whose results are not ggml blocks; AssembleError on a mismatch."""
+    entries = results.entries
+    solved = {n for n, e in entries.items() if e.get("kind") == "ggml"}
+    if not solved:
+        return None
+    if len(solved) != len(entries):
+        raise AssembleError(f"{len(solved)} of {len(entries)} linears were solved on ggml grids: one GGUF, one mix")
+    try:
+        mix = mix_types(reader, gguf_type)
+    except (RuntimeError, ValueError) as err:
+        raise AssembleError(f"gguf_type {gguf_type}: {err}") from None
+    layout = check_gguf(reader.config, reader.tensor_names)
+    linear_types = {n: e["ggml_type"] for n, e in entries.items()}
+    for n, t in linear_types.items():
+        want = mix.get(layout.name(f"{n}.weight") or "")
+        if t != want:
+            raise AssembleError(f"{n} was solved as {t}; llama.cpp's {gguf_type} gives it {want} (another mix's run)")
+    others = {g: t for g, t in mix.items() if g in ("token_embd.weight", "output.weight") or not g.startswith("blk.")}
+    if embedding_type.upper() != "AUTO":
+        others.update({g: embedding_type.upper() for g in ("token_embd.weight", "output.weight")})
+    widths = [GRIDS[t].bits for t in linear_types.values()]
+    bits = max(set(widths), key=widths.count)  # the majority width, as strata.bits says of other files
+    return GGUFTypes(bits, True, None, gguf_type.upper(), "solved", linear_types, None, "F16", others)
+
+
 def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[str, Any]:
     """The ``strata.*`` keys: how the file was made from the solver's result."""
     metadata = {
@@ -1116,7 +1225,9 @@ def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[
         "strata.sym": bool(types.sym),
         "strata.carry": types.carry,
         "strata.requantized": types.requant,
-        "strata.source_type": "F16 (dequantized solver output)" if types.requant else types.target,
+        "strata.source_type": "F16 (dequantized solver output)"
+        if types.requant
+        else ("GPTQ on each linear's type in the mix" if types.carry == "solved" else types.target),
         "strata.target_type": types.target,
         "strata.embedding_type": types.emb or "llama.cpp default",
     }
@@ -1149,9 +1260,9 @@ def tensor_plan(reader, results, layout: GGUFLayout, types: GGUFTypes, extra: di
         elif len(shape) == 1 or gguf_moe.is_router(gname):
             plan.append((tname, gname, "F32", shape))
         elif gname in ("token_embd.weight", "output.weight"):
-            plan.append((tname, gname, types.emb_native, shape))
+            plan.append((tname, gname, types.tensor_types.get(gname, types.emb_native), shape))
         else:
-            plan.append((tname, gname, "F16", shape))
+            plan.append((tname, gname, types.tensor_types.get(gname, "F16"), shape))
     return plan
 
 
@@ -1174,6 +1285,9 @@ def expert_stack(members: list[str], reader, results, gtype: str, requant: bool)
         linear = member.rpartition(".")[0]
         if linear in results:
             result = results.get(linear)
+            if isinstance(result, GGMLQuantized):
+                parts.append(pack(result))
+                continue
             try:
                 parts.append(dequantize_half(result).numpy() if requant else encode(result, gtype))
             except ValueError as err:
@@ -1200,6 +1314,8 @@ def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, req
     heads = layout.qk_heads(tname)
     if linear in results and tname.endswith(".weight"):
         result = results.get(linear)
+        if isinstance(result, GGMLQuantized):  # solved on the mix's type: its blocks, whole rows permuted
+            return pack(result) if heads is None else permute_qk_rows(pack(result), heads)
         if heads is not None:
             result = permute_qk_result(result, heads)
         try:
@@ -1214,6 +1330,24 @@ def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, req
     if shift := layout.norm_shift(tname):
         tensor = tensor.float() + shift
     return _float_data(tensor.numpy(), gtype)
+
+
+def write_skeleton(reader, path: Path) -> Path:
+    """The checkpoint's GGUF as the converter lays it out (metadata, tensor names, shapes; every weight F16,
+    norms F32), with no data written: the data region is a hole of the file's full size (a sparse file, zeros
+    to a reader). What llama.cpp's quantize dry run reads to choose a mix's types (:func:`mix_types`)."""
+    try:
+        layout = check_gguf(reader.config, reader.tensor_names)
+    except GGUFError as err:
+        raise AssembleError(str(err)) from None
+    floats = GGUFTypes(16, True, None, "F16", "requantized", {}, None, "F16")
+    extra = dict(layout.extra_tensors())
+    writer = GGUFStreamWriter(str(path), reader.config, None, file_type=FILE_TYPES["F16"])
+    for _, gname, gtype, shape in tensor_plan(reader, {}, layout, floats, extra):
+        writer.add_tensor_info(gname, gtype, shape)
+    writer.write_header()
+    writer.close_sparse()
+    return path
 
 
 class GGUFFormat(Format, name="gguf"):
@@ -1248,7 +1382,9 @@ class GGUFFormat(Format, name="gguf"):
             layout = check_gguf(reader.config, reader.tensor_names)
         except GGUFError as err:
             raise AssembleError(str(err)) from None
-        types = resolve_types(results, reader.config, options.gguf_type, options.embedding_type)
+        types = solved_types(reader, results, options.gguf_type, options.embedding_type) or resolve_types(
+            results, reader.config, options.gguf_type, options.embedding_type
+        )
         metadata = artifact_metadata(types, results.get(next(iter(results.entries))).method, options.tool_version)
         extra = dict(layout.extra_tensors())
         plan = tensor_plan(reader, results, layout, types, extra)

@@ -159,3 +159,40 @@ def tensor_type(mix: str, name: str, shape: tuple[int, ...], model: ModelShape, 
         elif cat == "attn_output" and mix in _EXPERT8_ATTN_OUTPUT:
             chosen = "Q5_K"
     return fallback(chosen, row)
+
+
+# ------------------------------------------------------------------------------------- a mix solved in the run
+
+#: llama.cpp mixes whose linears the run solves on their own types' grids (method gptq)
+SOLVED_MIXES = ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+
+
+def solves_mix(gguf_type: str, method: str) -> bool:
+    """Whether a run with ``output.gguf_type`` and ``quant.method`` solves llama.cpp's mix itself."""
+    return method == "gptq" and gguf_type.upper() in SOLVED_MIXES
+
+
+def linear_types(reader, mix: str, linears: list[str]) -> dict[str, str]:
+    """{linear's full name: ggml type} of the decoder ``linears`` in llama.cpp's ``mix`` (its dry run on the
+    checkpoint's skeleton, :func:`pipeline.formats.gguf.mix_types`). ConfigError when llama-cpp-python is missing, or when llama.cpp
+    gives a linear a type strata has no grid for (F16: a row no quantized type holds)."""
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.pipeline.formats.gguf import check_gguf, mix_types
+    from strata_quant.workers.ggml import GRIDS
+
+    try:
+        types = mix_types(reader, mix)
+    except RuntimeError as err:
+        raise ConfigError(f"output.gguf_type {mix}: {err}") from None
+    layout = check_gguf(reader.config, reader.tensor_names)
+    out = {}
+    for linear in linears:
+        gname = layout.name(f"{linear}.weight")
+        gtype = types.get(gname or "")
+        if gtype not in GRIDS:
+            raise ConfigError(
+                f"output.gguf_type {mix}: llama.cpp gives {linear} ({gname}) type {gtype}, which has no quantized "
+                f"grid (its rows of {reader.shape(f'{linear}.weight')[-1]} values fit no fallback of the mix)"
+            )
+        out[linear] = gtype
+    return out
