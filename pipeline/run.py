@@ -787,6 +787,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_renames=structure.moe_renames,
         moe_min_tokens=quant.moe.min_tokens,
         moe_policy=quant.moe.policy,
+        moe_max_expert_stats=quant.moe.max_expert_stats,
         ggml_types=structure.ggml_types,
     )
 

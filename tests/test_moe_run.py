@@ -183,25 +183,47 @@ def test_policy_fail_names_the_expert_and_its_count(tokenizer, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_workers_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_session):
-    """W=2: each worker's routed statistics of every expert reduced to the expert's owner (e mod W), solved
-    there, the quantized experts sent to both for the forward through the quantized block (true-sequential
-    stages, propagate quantized): every stored result has the bytes of the one-worker run (the same batches:
-    two samples each), and the token counts are the same."""
+def test_two_workers_and_the_statistics_budget_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_session):
+    """W=2: each worker's routed statistics of every expert reduced to the expert's owner (balanced by modelled
+    solve cost against the block's other solves), solved there, the quantized experts sent to both for the forward
+    through the quantized block (true-sequential stages, propagate quantized). With quant.moe.max_expert_stats=1
+    the experts go one wave each: gathered, reduced, solved and freed before the next. Every stored result has
+    the bytes of the one-worker run with the default budget (the same batches: two samples each), the token
+    counts are the same, and each wave held the statistics of at most the budget's experts."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
+    from strata_quant.workers.moe import expert_statistics_bytes
 
     folder = tiny_moe(family, tokenizer, tmp_path / "model")
     runs = {}
-    for workers in (1, 2):
-        cfg = moe_config(tmp_path / f"w{workers}", folder, true_sequential=True)
+    for workers, budget in ((1, None), (2, None), (1, 1), (2, 1)):
+        root = tmp_path / f"w{workers}-{budget}"
+        cfg = moe_config(root, folder, true_sequential=True, moe={} if budget is None else {"max_expert_stats": budget})
         cfg["run"].update(workers=workers, batch_size=2, propagate="quantized")
         outcome = run_job(parse_config(cfg), progress=False)
-        runs[workers], _ = stored_results(tmp_path / f"w{workers}" / "store", outcome.run_id)
-    assert set(runs[1]) == set(runs[2]) and len(runs[1]) == 2 * (4 + 4 * 3)
-    for name, entry in runs[1].items():
-        assert entry["sha256"] == runs[2][name]["sha256"], name
-        assert entry.get("expert") == runs[2][name].get("expert"), name
+        runs[(workers, budget)], _ = stored_results(root / "store", outcome.run_id)
+    base = runs[(1, None)]
+    assert len(base) == 2 * (4 + 4 * 3)
+    each = expert_statistics_bytes(*_expert_widths(folder))
+    for key, run in runs.items():
+        assert set(run) == set(base), key
+        for name, entry in base.items():
+            assert entry["sha256"] == run[name]["sha256"], (key, name)
+            assert entry.get("expert") == run[name].get("expert"), (key, name)
+        solves = [e["expert_solve"] for n, e in run.items() if ".experts." in n]
+        waves = 1 if key[1] is None else 4
+        assert {s["waves"] for s in solves} == {waves}, key
+        assert max(s["stats_bytes"] for s in solves) == each * 4 // waves, key  # at most the budget's experts
+        owners = {s["owner"] for s in solves}
+        assert owners == set(range(key[0])), key  # W=2: both workers solve experts
+
+
+def _expert_widths(folder: Path) -> tuple[int, int]:
+    """(H, I) of the tiny MoE's experts from its config."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    return config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
 
 
 def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tmp_path, ray_session):
