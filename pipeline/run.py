@@ -640,6 +640,11 @@ def run_job(
     t_start = time.perf_counter()
     plan = plan_run(cfg, prepared)
     start_ray(plan.workers)
+    if plan.job.moe_expert_shapes:  # the statistics budget against the smallest node's memory, before block 0
+        from strata_quant.pipeline.moe import check_expert_budget
+
+        nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+        check_expert_budget(cfg.quant.moe.max_expert_stats, plan.job.moe_expert_shapes, min(nodes, default=0.0))
     actor_cls = ray.remote(worker_class)
     rec = _Recorder(plan, progress)
     gpus = 1 if cfg.run.device == "cuda" else 0
@@ -788,6 +793,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_min_tokens=quant.moe.min_tokens,
         moe_policy=quant.moe.policy,
         moe_max_expert_stats=quant.moe.max_expert_stats,
+        moe_expert_shapes=structure.expert_shapes,
         ggml_types=structure.ggml_types,
     )
 

@@ -289,3 +289,12 @@ def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tm
     for b in (1, 2):
         tokens = {entries[n]["expert"]["index"]: entries[n]["expert"]["tokens"] for n in experts if f".{b}.mlp" in n}
         assert sum(tokens.values()) == 2 * 4 * 32, tokens
+
+
+def test_a_statistics_budget_below_one_expert_is_refused_before_block_0(tokenizer, tmp_path, capsys):
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    msg = run_cli(tmp_path, moe_config(tmp_path, folder, moe={"max_expert_stats": 0}), capsys)
+    assert "quant.moe.max_expert_stats" in msg and "greater than or equal to 1" in msg
+    assert_nothing_complete(tmp_path)
