@@ -239,6 +239,7 @@ def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch
     """What a run's results depend on; a resumed run must match all of it."""
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
+    quant["moe"].pop("max_expert_stats")  # the bytes do not depend on it: a run resumes under a lower budget
     solve = {"quant": quant, "propagate": cfg.run.propagate, "hessian_dtype": cfg.run.hessian_dtype}
     if cfg.run.hidden_dtype != "float32":  # only when set: fp32 runs keep the fingerprints they had
         solve["hidden_dtype"] = cfg.run.hidden_dtype

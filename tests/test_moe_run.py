@@ -228,7 +228,8 @@ def _expert_widths(folder: Path) -> tuple[int, int]:
 
 def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tmp_path, ray_session):
     """Block 0 replayed from its stored per-expert results (put back into the fused experts for the forward
-    through the quantized block) and block 1 solved again: block 1's results have the first run's bytes."""
+    through the quantized block) and block 1 solved again, under a lower statistics budget (the same run: the
+    budget is no part of its fingerprint): block 1's results have the first run's bytes."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
 
@@ -239,8 +240,9 @@ def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tm
     before, _ = stored_results(tmp_path / "store", first.run_id)
     victim = tmp_path / "store" / before["model.layers.1.mlp.experts.2.down_proj"]["key"]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    cfg["quant"]["moe"] = {"max_expert_stats": 1}
     again = run_job(parse_config(cfg), progress=False)
-    assert again.solved_blocks == [1] and again.resumed_blocks == [0]
+    assert again.run_id == first.run_id and again.solved_blocks == [1] and again.resumed_blocks == [0]
     after, _ = stored_results(tmp_path / "store", again.run_id)
     assert {n: e["sha256"] for n, e in after.items()} == {n: e["sha256"] for n, e in before.items()}
 

@@ -18,9 +18,10 @@ entries). The modes of a run are which steps the plan holds:
 
 * Mixture-of-Experts: ``SolveExperts`` per MoE module after the stages of the block's linears (the
   experts read what attention hands them): each expert's statistics from the tokens the model's own
-  router sends it (:mod:`workers.moe`), reduced to the expert's owner, solved and stored there under
-  the checkpoint's per-expert names, and the quantized experts sent to every worker that propagates
-  through them.
+  router sends it (:mod:`workers.moe`), reduced to the expert's owner (by modelled solve cost),
+  solved and stored there under the checkpoint's per-expert names, in waves of at most
+  ``quant.moe.max_expert_stats`` experts, and the quantized experts sent to every worker that
+  propagates through them.
 
 The worker supplies what needs its process state (the collective group, the store, the
 calibration batches); this module holds no Ray and no store format of its own.
