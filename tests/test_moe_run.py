@@ -271,13 +271,14 @@ def test_a_k_mix_solved_in_the_run_is_refused_on_routed_experts(tokenizer, tmp_p
 def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tmp_path, ray_session):
     """DeepSeek-V3 (MLA attention, a dense first block, a shared expert beside the routed ones, grouped
     routing): the dense block and the shared expert are the block's linears, the routed experts equal the
-    reference bit for bit, and each MoE block's routed tokens are top-2 of every token."""
+    reference bit for bit, and each MoE block's routed tokens are top-2 of every token. The statistics budget
+    of 3 experts takes each block's 4 experts in two uneven waves (3, then 1)."""
     from strata_quant.pipeline.checkpoint import CheckpointReader
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import prepare, run_job
 
     folder = tiny_moe("deepseek_v3", tokenizer, tmp_path / "model")
-    cfg = parse_config(moe_config(tmp_path, folder, formats=("gptq",)))
+    cfg = parse_config(moe_config(tmp_path, folder, formats=("gptq",), moe={"max_expert_stats": 3}))
     outcome = run_job(cfg, progress=False)
     entries, got = stored_results(tmp_path / "store", outcome.run_id)
     _, token_ids, _, _ = prepare(cfg)
@@ -291,6 +292,9 @@ def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tm
     for b in (1, 2):
         tokens = {entries[n]["expert"]["index"]: entries[n]["expert"]["tokens"] for n in experts if f".{b}.mlp" in n}
         assert sum(tokens.values()) == 2 * 4 * 32, tokens
+    waves = {(n.split(".")[2], entries[n]["expert_solve"]["wave"]) for n in experts}
+    assert sorted(waves) == [("1", 0), ("1", 1), ("2", 0), ("2", 1)]
+    assert {entries[n]["expert_solve"]["waves"] for n in experts} == {2}
 
 
 def test_a_statistics_budget_below_one_expert_is_refused_before_block_0(tokenizer, tmp_path, capsys):
