@@ -226,6 +226,10 @@ def check_expert_budget(max_expert_stats: int, expert_shapes: list[list[int]], n
         if held > node_bytes:
             raise ConfigError(
                 f"quant.moe.max_expert_stats={max_expert_stats}: {min(max_expert_stats, experts)} experts' "
-                f"statistics at hidden {hidden}, intermediate {intermediate} take {held / 2**30:.1f} GiB, more than "
-                f"the {node_bytes / 2**30:.1f} GiB of the Ray cluster's smallest node (lower the budget)"
+                f"statistics at hidden {hidden}, intermediate {intermediate} take {_size(held)}, more than "
+                f"the {_size(node_bytes)} of the Ray cluster's smallest node (lower the budget)"
             )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"

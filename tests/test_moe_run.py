@@ -304,3 +304,21 @@ def test_a_statistics_budget_below_one_expert_is_refused_before_block_0(tokenize
     msg = run_cli(tmp_path, moe_config(tmp_path, folder, moe={"max_expert_stats": 0}), capsys)
     assert "quant.moe.max_expert_stats" in msg and "greater than or equal to 1" in msg
     assert_nothing_complete(tmp_path)
+
+
+def test_a_statistics_budget_no_node_holds_is_refused_before_block_0(
+    tokenizer, tmp_path, capsys, ray_session, monkeypatch
+):
+    """The cluster's nodes as Ray reports them, made small (100 kB): two of the tiny Mixtral's experts' statistics
+    (8·(64² + 64²) = 64 KiB each) do not fit, so the run stops before block 0 naming the budget."""
+    import ray
+
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    small = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 100_000.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: small)
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    msg = run_cli(tmp_path, moe_config(tmp_path, folder, moe={"max_expert_stats": 2}), capsys)
+    assert "quant.moe.max_expert_stats=2: 2 experts' statistics at hidden 64, intermediate 64" in msg
+    assert "take 0.12 MiB, more than the 0.10 MiB of the Ray cluster's smallest node (lower the budget)" in msg
+    assert_nothing_complete(tmp_path)
