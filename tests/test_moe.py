@@ -488,3 +488,35 @@ def test_expert_costs_follow_the_solve_model():
     gptq, rtn = expert_costs(7168, 2048, [ROUTED, RTN])
     assert gptq == solve_cost(7168, 4096) + solve_cost(2048, 7168)
     assert 0 < rtn < gptq / 5
+
+
+def test_expert_owners_balance_against_the_blocks_other_solves():
+    """The run's owners: each worker's modelled cost of the block's linears first (whole groups at their
+    owners, split groups' shares where they run), then the experts longest first to the least loaded; the
+    same owners every time, and the waves spread each one's solves over the workers."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from strata_quant.workers.schedule import GroupPlan, assign_owners, solve_cost
+    from strata_quant.workers.steps import _block_load
+
+    linears = {"q": nn.Linear(64, 64), "k": nn.Linear(64, 64), "o": nn.Linear(64, 64), "gate": nn.Linear(64, 128)}
+    plans = {
+        ("q", "k"): GroupPlan(0),
+        ("o",): GroupPlan(1, shares=((0, 16), (16, 64))),
+        ("gate",): GroupPlan(0),
+    }
+    s = SimpleNamespace(plans=plans, linears=linears, solver="gptq")
+    load = _block_load(SimpleNamespace(world=2), s)
+    assert load == [solve_cost(64, 128) * 2 + solve_cost(64, 16), solve_cost(64, 48)]
+    costs = expert_costs(64, 32, [ROUTED, ROUTED, RTN, ROUTED, ROUTED, ROUTED])
+    owners = assign_owners(costs, 2, list(load))
+    assert owners == assign_owners(costs, 2, list(load))
+    work = list(load)
+    for e, r in enumerate(owners):
+        work[r] += costs[e]
+    assert max(work) - min(work) <= max(costs)  # balanced to within one expert
+    assert owners.count(1) > owners.count(0)  # rank 0 carries more of the block's linears
+    waves = expert_waves(owners, 2)
+    assert all(len({owners[e] for e in w}) == len(w) for w in waves[:-1])
