@@ -40,13 +40,21 @@ class CalibrationConfig(_Strict):
 class MoeConfig(_Strict):
     """Mixture-of-Experts: experts the calibration barely reaches. Each expert's statistics come from the
     tokens the model's own router sends it; an expert with fewer than ``min_tokens`` of them (never fewer
-    than one) gets the policy's decision, recorded per expert in the block record."""
+    than one) gets the policy's decision, recorded per expert in the block record. A worker holds the
+    statistics of at most ``max_expert_stats`` experts at once; the run refuses, before block 0, a budget whose
+    statistics do not fit in the memory of the Ray cluster's smallest node."""
 
     min_tokens: int = Field(1, ge=0, description="routed calibration tokens an expert needs for its own statistics")
     policy: Literal["all_tokens", "rtn", "fail"] = Field(
         "rtn",
         description="an expert below min_tokens: all_tokens = its statistics from every token of the block (the "
         "forward keeps the model's routing), rtn = rounded to nearest, fail = the run stops naming it",
+    )
+    max_expert_stats: int = Field(
+        16,
+        ge=1,
+        description="the most experts whose statistics a worker holds at once (8·(H² + I²) bytes each): a block's "
+        "experts are gathered, reduced, solved and freed in waves of this many; the results do not depend on it",
     )
 
 

@@ -209,3 +209,27 @@ def block_checkpoint_names(meta_model: nn.Module, layers_path: str, b: int) -> l
     """The checkpoint names of block ``b``'s tensors, inside the block (the family's conversion reversed)."""
     prefix = f"{layers_path}.{b}."
     return [n.removeprefix(prefix) for n in checkpoint_names(meta_model, prefix)]
+
+
+def check_expert_budget(max_expert_stats: int, expert_shapes: list[list[int]], node_bytes: float) -> None:
+    """Refuse a statistics budget that cannot be kept: a worker holds at most ``max_expert_stats``
+    experts' statistics, min(budget, E) · 8·(H² + I²) bytes for the widest MoE module ([E, H, I]
+    each), which must fit in ``node_bytes`` (the Ray cluster's smallest node: a worker may land
+    on any). The budget is at least one (the config refuses less)."""
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.workers.moe import expert_statistics_bytes
+
+    if max_expert_stats < 1:
+        raise ConfigError(f"quant.moe.max_expert_stats must be at least 1, got {max_expert_stats}")
+    for experts, hidden, intermediate in expert_shapes:
+        held = min(max_expert_stats, experts) * expert_statistics_bytes(hidden, intermediate)
+        if held > node_bytes:
+            raise ConfigError(
+                f"quant.moe.max_expert_stats={max_expert_stats}: {min(max_expert_stats, experts)} experts' "
+                f"statistics at hidden {hidden}, intermediate {intermediate} take {_size(held)}, more than "
+                f"the {_size(node_bytes)} of the Ray cluster's smallest node (lower the budget)"
+            )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"

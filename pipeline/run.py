@@ -239,6 +239,7 @@ def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch
     """What a run's results depend on; a resumed run must match all of it."""
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
+    quant["moe"].pop("max_expert_stats")  # the bytes do not depend on it: a run resumes under a lower budget
     solve = {"quant": quant, "propagate": cfg.run.propagate, "hessian_dtype": cfg.run.hessian_dtype}
     if cfg.run.hidden_dtype != "float32":  # only when set: fp32 runs keep the fingerprints they had
         solve["hidden_dtype"] = cfg.run.hidden_dtype
@@ -640,6 +641,11 @@ def run_job(
     t_start = time.perf_counter()
     plan = plan_run(cfg, prepared)
     start_ray(plan.workers)
+    if plan.job.moe_expert_shapes:  # the statistics budget against the smallest node's memory, before block 0
+        from strata_quant.pipeline.moe import check_expert_budget
+
+        nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+        check_expert_budget(cfg.quant.moe.max_expert_stats, plan.job.moe_expert_shapes, min(nodes, default=0.0))
     actor_cls = ray.remote(worker_class)
     rec = _Recorder(plan, progress)
     gpus = 1 if cfg.run.device == "cuda" else 0
@@ -787,6 +793,8 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_renames=structure.moe_renames,
         moe_min_tokens=quant.moe.min_tokens,
         moe_policy=quant.moe.policy,
+        moe_max_expert_stats=quant.moe.max_expert_stats,
+        moe_expert_shapes=structure.expert_shapes,
         ggml_types=structure.ggml_types,
     )
 

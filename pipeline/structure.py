@@ -83,6 +83,7 @@ class BlockStructure:
     expert_sources: dict[str, list] = field(default_factory=dict)  # pipeline.moe.moe_layout
     moe_renames: dict[str, str] = field(default_factory=dict)  # pipeline.moe.moe_layout
     ggml_types: dict[str, str] = field(default_factory=dict)  # a llama.cpp mix solved in the run: {linear: type}
+    expert_shapes: list[list[int]] = field(default_factory=list)  # [E, H, I] of each MoE module of a MoE block
 
 
 def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockStructure:
@@ -135,7 +136,14 @@ def check_block_structure(reader: CheckpointReader, awq: bool = False) -> BlockS
     for layer in (layers[b] for b in moe_blocks[:1]):  # the experts' inputs: the hidden state, their intermediate
         widths |= {int(m.gate_up_proj.shape[2]) for m in experts_modules(layer).values()}
         widths |= {int(m.down_proj.shape[2]) for m in experts_modules(layer).values()}
-    out = BlockStructure(sorted(widths), moe_blocks=moe_blocks, expert_sources=sources, moe_renames=renames)
+    shapes = [
+        [int(m.gate_up_proj.shape[0]), int(m.gate_up_proj.shape[2]), int(m.down_proj.shape[2])]
+        for layer in (layers[b] for b in moe_blocks[:1])
+        for m in experts_modules(layer).values()
+    ]
+    out = BlockStructure(
+        sorted(widths), moe_blocks=moe_blocks, expert_sources=sources, moe_renames=renames, expert_shapes=shapes
+    )
     if awq:
         found, missing = find_scale_groups(layer, trace, sample, kwargs)
         out.awq_relations = [g.to_dict() for g in found]

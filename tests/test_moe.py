@@ -13,6 +13,7 @@ from strata_quant.pipeline.moe import (
     build_moe_block,
     check_block_names,
     check_checkpoint_experts,
+    check_expert_budget,
     checkpoint_names,
     expert_linears,
     expert_sources,
@@ -26,7 +27,9 @@ from strata_quant.workers.moe import (
     RTN,
     ExpertStatistics,
     MoeError,
+    Routing,
     add_expert_statistics,
+    expert_costs,
     expert_decisions,
     expert_inputs,
     expert_statistics_bytes,
@@ -299,6 +302,52 @@ def test_rank_deficient_expert_hessian_is_solved_by_damping():
     )
 
 
+def _rank_deficient_solves(moe, x: torch.Tensor, index: torch.Tensor, expert: int) -> dict:
+    """Expert ``expert``'s GPTQ W4 g16 results (gate/up and down) from the statistics of a wave that
+    holds it alone, under the routing ``index`` [T, k] of the tokens ``x`` (the others' products skipped)."""
+    route = Routing(x, index, torch.full(index.shape, 0.5))
+    n_exp = moe.experts.gate_up_proj.shape[0]
+    stats = ExpertStatistics.empty(moe.experts, which=[expert])
+    add_expert_statistics(moe, x, stats, [ROUTED] * n_exp, route)
+    out = {}
+    for which in (GATE_UP, DOWN):
+        h = stats.hessian(expert, which)
+        weight = getattr(moe.experts, which)[expert].detach().float()
+        out[which] = (h, weight, gptq_quantize(weight, h, QuantSpec(bits=4, group_size=16)))
+    return out
+
+
+@pytest.mark.parametrize("case", ["one_token", "low_rank_tokens"])
+def test_rank_deficient_routed_expert_solves_finitely_and_deterministically(case):
+    """Expert 1 reached by one routed token, or by 40 tokens that lie in a 2-dimensional subspace:
+    its routed Hessians (gate/up: H×H, down: I×I) are rank-deficient (gate/up's of rank 1 or 2), and its solves, gathered as a
+    wave of its own, are finite, no worse than RTN on those Hessians, and the same bit for bit when
+    gathered and solved again."""
+    moe, hidden = _block_and_input("mixtral")
+    x = hidden.reshape(-1, hidden.shape[-1]).float()
+    if case == "one_token":
+        x, rank = x[:1], 1
+    else:
+        basis = x[:2]
+        mix = torch.randn(40, 2, generator=torch.Generator().manual_seed(3))
+        x, rank = mix @ basis, 2
+    index = torch.zeros(x.shape[0], 2, dtype=torch.long)
+    index[:, 1] = 1  # every token to experts 0 and 1
+    first = _rank_deficient_solves(moe, x, index, expert=1)
+    again = _rank_deficient_solves(moe, x, index, expert=1)
+    for which, (h, weight, result) in first.items():
+        found = int(torch.linalg.matrix_rank(h, rtol=1e-5))
+        # down reads σ(G x) ⊙ U x: one token gives rank 1; a low-rank subspace does not stay one through σ
+        assert found < h.shape[0] and (found == rank if which == GATE_UP or case == "one_token" else True), which
+        approx = result.dequantize()
+        assert torch.isfinite(approx).all() and torch.isfinite(result.scales).all(), which
+        spec = QuantSpec(bits=4, group_size=16)
+        rtn = rtn_quantize(weight, spec).dequantize()
+        assert relative_output_error(weight, approx, h) <= relative_output_error(weight, rtn, h), which
+        other = again[which][2]
+        assert all(torch.equal(getattr(result, f), getattr(other, f)) for f in ("codes", "scales", "zeros")), which
+
+
 def test_deepseek_v3_block_structure_and_grouped_routing():
     """Tiny DeepSeek-V3: a first dense layer, then MoE layers with a shared expert (plain linears,
     solved as a dense MLP) beside the routed experts, MLA attention; the routing taken is the
@@ -416,3 +465,58 @@ def test_expert_statistics_of_batches_split_across_workers_add_up_bit_for_bit():
     for key, acc in one.accumulators.items():
         reduced = shards[0].accumulators[key].sum + shards[1].accumulators[key].sum
         assert torch.equal(reduced, acc.sum), key
+
+
+def test_the_statistics_budget_is_refused_when_no_node_holds_it():
+    """The plan's rule: min(budget, E) experts' statistics, 8·(H² + I²) bytes each, within the smallest
+    node's memory; a budget below one is refused whatever the node."""
+    from strata_quant.pipeline.errors import ConfigError
+
+    deepseek = [[256, 7168, 2048]]  # 445 MB an expert
+    check_expert_budget(16, deepseek, 64 * 2**30)  # 7.1 GB
+    with pytest.raises(ConfigError, match=r"max_expert_stats=256: 256 experts' statistics .* 106\.0 GiB, more than"):
+        check_expert_budget(256, deepseek, 64 * 2**30)
+    check_expert_budget(10**6, [[4, 64, 32]], 2**20)  # capped at the module's 4 experts: 160 KiB
+    with pytest.raises(ConfigError, match="at least 1"):
+        check_expert_budget(0, [[4, 64, 32]], 2**40)
+
+
+def test_expert_costs_follow_the_solve_model():
+    """A GPTQ expert costs its two solves (gate/up: K = H, 2I rows; down: K = I, H rows); a rounded one a fraction of it."""
+    from strata_quant.workers.schedule import solve_cost
+
+    gptq, rtn = expert_costs(7168, 2048, [ROUTED, RTN])
+    assert gptq == solve_cost(7168, 4096) + solve_cost(2048, 7168)
+    assert 0 < rtn < gptq / 5
+
+
+def test_expert_owners_balance_against_the_blocks_other_solves():
+    """The run's owners: each worker's modelled cost of the block's linears first (whole groups at their
+    owners, split groups' shares where they run), then the experts longest first to the least loaded; the
+    same owners every time, and the waves spread each one's solves over the workers."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from strata_quant.workers.schedule import GroupPlan, assign_owners, solve_cost
+    from strata_quant.workers.steps import _block_load
+
+    linears = {"q": nn.Linear(64, 64), "k": nn.Linear(64, 64), "o": nn.Linear(64, 64), "gate": nn.Linear(64, 128)}
+    plans = {
+        ("q", "k"): GroupPlan(0),
+        ("o",): GroupPlan(1, shares=((0, 16), (16, 64))),
+        ("gate",): GroupPlan(0),
+    }
+    s = SimpleNamespace(plans=plans, linears=linears, solver="gptq")
+    load = _block_load(SimpleNamespace(world=2), s)
+    assert load == [solve_cost(64, 128) * 2 + solve_cost(64, 16), solve_cost(64, 48)]
+    costs = expert_costs(64, 32, [ROUTED, ROUTED, RTN, ROUTED, ROUTED, ROUTED])
+    owners = assign_owners(costs, 2, list(load))
+    assert owners == assign_owners(costs, 2, list(load))
+    work = list(load)
+    for e, r in enumerate(owners):
+        work[r] += costs[e]
+    assert max(work) - min(work) <= max(costs)  # balanced to within one expert
+    assert owners.count(1) > owners.count(0)  # rank 0 carries more of the block's linears
+    waves = expert_waves(owners, 2)
+    assert all(len({owners[e] for e in w}) == len(w) for w in waves[:-1])

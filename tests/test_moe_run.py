@@ -183,30 +183,53 @@ def test_policy_fail_names_the_expert_and_its_count(tokenizer, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_two_workers_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_session):
-    """W=2: each worker's routed statistics of every expert reduced to the expert's owner (e mod W), solved
-    there, the quantized experts sent to both for the forward through the quantized block (true-sequential
-    stages, propagate quantized): every stored result has the bytes of the one-worker run (the same batches:
-    two samples each), and the token counts are the same."""
+def test_two_workers_and_the_statistics_budget_give_the_one_worker_bytes(family, tokenizer, tmp_path, ray_session):
+    """W=2: each worker's routed statistics of every expert reduced to the expert's owner (balanced by modelled
+    solve cost against the block's other solves), solved there, the quantized experts sent to both for the forward
+    through the quantized block (true-sequential stages, propagate quantized). With quant.moe.max_expert_stats=1
+    the experts go one wave each: gathered, reduced, solved and freed before the next. Every stored result has
+    the bytes of the one-worker run with the default budget (the same batches: two samples each), the token
+    counts are the same, and each wave held the statistics of at most the budget's experts."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
+    from strata_quant.workers.moe import expert_statistics_bytes
 
     folder = tiny_moe(family, tokenizer, tmp_path / "model")
     runs = {}
-    for workers in (1, 2):
-        cfg = moe_config(tmp_path / f"w{workers}", folder, true_sequential=True)
+    for workers, budget in ((1, None), (2, None), (1, 1), (2, 1)):
+        root = tmp_path / f"w{workers}-{budget}"
+        cfg = moe_config(root, folder, true_sequential=True, moe={} if budget is None else {"max_expert_stats": budget})
         cfg["run"].update(workers=workers, batch_size=2, propagate="quantized")
         outcome = run_job(parse_config(cfg), progress=False)
-        runs[workers], _ = stored_results(tmp_path / f"w{workers}" / "store", outcome.run_id)
-    assert set(runs[1]) == set(runs[2]) and len(runs[1]) == 2 * (4 + 4 * 3)
-    for name, entry in runs[1].items():
-        assert entry["sha256"] == runs[2][name]["sha256"], name
-        assert entry.get("expert") == runs[2][name].get("expert"), name
+        runs[(workers, budget)], _ = stored_results(root / "store", outcome.run_id)
+    base = runs[(1, None)]
+    assert len(base) == 2 * (4 + 4 * 3)
+    each = expert_statistics_bytes(*_expert_widths(folder))
+    for key, run in runs.items():
+        assert set(run) == set(base), key
+        for name, entry in base.items():
+            assert entry["sha256"] == run[name]["sha256"], (key, name)
+            assert entry.get("expert") == run[name].get("expert"), (key, name)
+        solves = [e["expert_solve"] for n, e in run.items() if ".experts." in n]
+        waves = 1 if key[1] is None else 4
+        assert {s["waves"] for s in solves} == {waves}, key
+        assert max(s["stats_bytes"] for s in solves) == each * 4 // waves, key  # at most the budget's experts
+        owners = {s["owner"] for s in solves}
+        assert owners == set(range(key[0])), key  # W=2: both workers solve experts
+
+
+def _expert_widths(folder: Path) -> tuple[int, int]:
+    """(H, I) of the tiny MoE's experts from its config."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    return config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
 
 
 def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tmp_path, ray_session):
     """Block 0 replayed from its stored per-expert results (put back into the fused experts for the forward
-    through the quantized block) and block 1 solved again: block 1's results have the first run's bytes."""
+    through the quantized block) and block 1 solved again, under a lower statistics budget (the same run: the
+    budget is no part of its fingerprint): block 1's results have the first run's bytes."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import run_job
 
@@ -217,8 +240,9 @@ def test_a_resumed_moe_run_replays_the_experts_into_the_same_bytes(tokenizer, tm
     before, _ = stored_results(tmp_path / "store", first.run_id)
     victim = tmp_path / "store" / before["model.layers.1.mlp.experts.2.down_proj"]["key"]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
+    cfg["quant"]["moe"] = {"max_expert_stats": 1}
     again = run_job(parse_config(cfg), progress=False)
-    assert again.solved_blocks == [1] and again.resumed_blocks == [0]
+    assert again.run_id == first.run_id and again.solved_blocks == [1] and again.resumed_blocks == [0]
     after, _ = stored_results(tmp_path / "store", again.run_id)
     assert {n: e["sha256"] for n, e in after.items()} == {n: e["sha256"] for n, e in before.items()}
 
@@ -247,13 +271,14 @@ def test_a_k_mix_solved_in_the_run_is_refused_on_routed_experts(tokenizer, tmp_p
 def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tmp_path, ray_session):
     """DeepSeek-V3 (MLA attention, a dense first block, a shared expert beside the routed ones, grouped
     routing): the dense block and the shared expert are the block's linears, the routed experts equal the
-    reference bit for bit, and each MoE block's routed tokens are top-2 of every token."""
+    reference bit for bit, and each MoE block's routed tokens are top-2 of every token. The statistics budget
+    of 3 experts takes each block's 4 experts in two uneven waves (3, then 1)."""
     from strata_quant.pipeline.checkpoint import CheckpointReader
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.run import prepare, run_job
 
     folder = tiny_moe("deepseek_v3", tokenizer, tmp_path / "model")
-    cfg = parse_config(moe_config(tmp_path, folder, formats=("gptq",)))
+    cfg = parse_config(moe_config(tmp_path, folder, formats=("gptq",), moe={"max_expert_stats": 3}))
     outcome = run_job(cfg, progress=False)
     entries, got = stored_results(tmp_path / "store", outcome.run_id)
     _, token_ids, _, _ = prepare(cfg)
@@ -267,3 +292,33 @@ def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tm
     for b in (1, 2):
         tokens = {entries[n]["expert"]["index"]: entries[n]["expert"]["tokens"] for n in experts if f".{b}.mlp" in n}
         assert sum(tokens.values()) == 2 * 4 * 32, tokens
+    waves = {(n.split(".")[2], entries[n]["expert_solve"]["wave"]) for n in experts}
+    assert sorted(waves) == [("1", 0), ("1", 1), ("2", 0), ("2", 1)]
+    assert {entries[n]["expert_solve"]["waves"] for n in experts} == {2}
+
+
+def test_a_statistics_budget_below_one_expert_is_refused_before_block_0(tokenizer, tmp_path, capsys):
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    msg = run_cli(tmp_path, moe_config(tmp_path, folder, moe={"max_expert_stats": 0}), capsys)
+    assert "quant.moe.max_expert_stats" in msg and "greater than or equal to 1" in msg
+    assert_nothing_complete(tmp_path)
+
+
+def test_a_statistics_budget_no_node_holds_is_refused_before_block_0(
+    tokenizer, tmp_path, capsys, ray_session, monkeypatch
+):
+    """The cluster's nodes as Ray reports them, made small (100 kB): two of the tiny Mixtral's experts' statistics
+    (8·(64² + 64²) = 64 KiB each) do not fit, so the run stops before block 0 naming the budget."""
+    import ray
+
+    from tests.test_bad_input import assert_nothing_complete, run_cli
+
+    small = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 100_000.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: small)
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    msg = run_cli(tmp_path, moe_config(tmp_path, folder, moe={"max_expert_stats": 2}), capsys)
+    assert "quant.moe.max_expert_stats=2: 2 experts' statistics at hidden 64, intermediate 64" in msg
+    assert "take 0.12 MiB, more than the 0.10 MiB of the Ray cluster's smallest node (lower the budget)" in msg
+    assert_nothing_complete(tmp_path)

@@ -68,6 +68,8 @@ class WorkerJob:
     moe_renames: dict[str, str] = field(default_factory=dict)  # a MoE block's other tensors: checkpoint → model name
     moe_min_tokens: int = 1  # an expert with fewer routed calibration tokens gets the policy's decision
     moe_policy: str = "rtn"  # all_tokens | rtn | fail (workers.moe.MIN_TOKENS_POLICIES)
+    moe_max_expert_stats: int = 16  # experts whose statistics a worker holds at once (workers.moe.expert_waves)
+    moe_expert_shapes: list[list[int]] = field(default_factory=list)  # [E, H, I] per MoE module (the plan's check)
     # a llama.cpp mix solved in the run: {linear's full name: ggml type}, each solved by GPTQ on that grid
     ggml_types: dict[str, str] = field(default_factory=dict)
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from strata_quant.workers.schedule import round_cost, solve_cost
 from strata_quant.workers.stats import HessianAccumulator
 
 # an expert's two fused matrices: the one reading the token (gate and up stacked), the one reading
@@ -196,6 +197,10 @@ class ExpertStatistics:
     def hessian(self, expert: int, which: str) -> torch.Tensor:
         return self.accumulators[(expert, which)].hessian()
 
+    def nbytes(self) -> int:
+        """Bytes the held sums take (the statistics memory a worker's budget bounds)."""
+        return sum(acc.sum.numel() * acc.sum.element_size() for acc in self.accumulators.values())
+
 
 def count_routed_tokens(moe: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """|T_e| of one batch by the model's own router (the decisions need every batch's counts first)."""
@@ -265,6 +270,14 @@ def experts_per_wave(budget_bytes: int, hidden: int, intermediate: int) -> int:
             f"({each / 2**20:.0f} MiB each at hidden {hidden}, intermediate {intermediate})"
         )
     return budget_bytes // each
+
+
+def expert_costs(hidden: int, intermediate: int, decisions: list[str]) -> list[float]:
+    """Modelled solve seconds of each expert (:mod:`workers.schedule`'s model): GPTQ of gate/up
+    (K = H, 2I rows) and of down (K = I, H rows), or only the rounding for an ``rtn`` expert."""
+    gptq = solve_cost(hidden, 2 * intermediate) + solve_cost(intermediate, hidden)
+    rtn = round_cost(hidden, 2 * intermediate) + round_cost(intermediate, hidden)
+    return [rtn if d == RTN else gptq for d in decisions]
 
 
 def expert_waves(owners: list[int], cap: int) -> list[list[int]]:

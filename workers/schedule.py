@@ -38,6 +38,12 @@ def solve_cost(k: int, rows: int) -> float:
     return solve_fixed_cost(k) + rows * solve_row_cost(k)
 
 
+def round_cost(k: int, rows: int) -> float:
+    """Modelled seconds of rounding ``rows`` outputs over ``k`` inputs without a Hessian (RTN):
+    the row work's quantising, dequantising and hashing, no factorisation."""
+    return _ROW_K * k * rows
+
+
 def assign_owners(costs: list[float], world: int, load: list[float] | None = None) -> list[int]:
     """Longest-processing-time-first: each unit of work to the least-loaded worker (deterministic).
 

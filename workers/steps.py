@@ -18,9 +18,10 @@ entries). The modes of a run are which steps the plan holds:
 
 * Mixture-of-Experts: ``SolveExperts`` per MoE module after the stages of the block's linears (the
   experts read what attention hands them): each expert's statistics from the tokens the model's own
-  router sends it (:mod:`workers.moe`), reduced to the expert's owner, solved and stored there under
-  the checkpoint's per-expert names, and the quantized experts sent to every worker that propagates
-  through them.
+  router sends it (:mod:`workers.moe`), reduced to the expert's owner (by modelled solve cost),
+  solved and stored there under the checkpoint's per-expert names, in waves of at most
+  ``quant.moe.max_expert_stats`` experts, and the quantized experts sent to every worker that
+  propagates through them.
 
 The worker supplies what needs its process state (the collective group, the store, the
 calibration batches); this module holds no Ray and no store format of its own.
@@ -49,14 +50,16 @@ from strata_quant.workers.moe import (
     ExpertStatistics,
     MoeError,
     add_expert_statistics,
+    expert_costs,
     expert_decisions,
+    expert_waves,
     moe_inputs,
     num_experts,
     routing,
     token_counts,
 )
 from strata_quant.workers.result import QuantizedLinear
-from strata_quant.workers.schedule import GroupPlan
+from strata_quant.workers.schedule import GroupPlan, assign_owners, round_cost, solve_cost
 from strata_quant.workers.stats import HessianAccumulator
 
 if TYPE_CHECKING:
@@ -428,11 +431,58 @@ def run_distribute(w: BlockWorker, s: BlockState, step: Distribute) -> None:
 
 
 def run_solve_experts(w: BlockWorker, s: BlockState, step: SolveExperts) -> None:
+    """Routing and token counts of every expert (all-reduced), the min-tokens decisions, owners by
+    modelled solve cost balanced against the block's other solves, then the experts in waves of at
+    most ``job.moe_max_expert_stats``: each wave's routed statistics from the routing taken once,
+    reduced to their owners, solved there and freed before the next wave (no worker holds more than
+    a wave's statistics). The quantized experts go to every worker after the last wave."""
     t = time.perf_counter()
     moe = s.layer.get_submodule(step.moe)
     n = num_experts(moe.experts)
     inputs = moe_inputs(s.layer, step.moe, s.batches)
     routes = [routing(moe, x) for x in inputs]
+    counts, tokens = _routed_counts(w, routes, n)
+    if s.solver != "gptq":
+        decisions = [RTN] * n
+    else:
+        try:
+            decisions = expert_decisions(counts.cpu(), w.job.moe_min_tokens, w.job.moe_policy)
+        except MoeError as err:
+            raise MoeError(f"block {s.b} {step.moe}: {err}") from None
+    s.timings["stats"] += time.perf_counter() - t
+    hidden, intermediate = moe.experts.gate_up_proj.shape[2], moe.experts.down_proj.shape[2]
+    owners = assign_owners(expert_costs(hidden, intermediate, decisions), w.world, _block_load(w, s))
+    waves = expert_waves(owners, w.job.moe_max_expert_stats)
+    solved: dict[tuple[str, int], QuantizedLinear] = {}
+    for i, wave in enumerate(waves):
+        t = time.perf_counter()
+        stats = None
+        if s.solver == "gptq":
+            stats = ExpertStatistics.empty(moe.experts, [e for e in wave if decisions[e] != RTN])
+            if stats.accumulators:  # a wave of rounded experts gathers nothing
+                for x, r in zip(inputs, routes):
+                    add_expert_statistics(moe, x, stats, decisions, route=r)
+        s.timings["stats"] += time.perf_counter() - t
+        if stats is not None and w.group_ready:
+            t = time.perf_counter()
+            for (e, _which), acc in sorted(stats.accumulators.items()):
+                dist.reduce(acc.sum, dst=owners[e])
+            s.timings["reduce"] += time.perf_counter() - t
+        t = time.perf_counter()
+        wave_info = {"wave": i, "waves": len(waves), "stats_bytes": 0 if stats is None else stats.nbytes()}
+        args = (owners, decisions, stats, counts.cpu(), int(tokens), set(wave), wave_info)
+        solved.update(_solve_experts(w, s, step.moe, *args))
+        del stats  # freed before the next wave's
+        s.timings["solve"] += time.perf_counter() - t
+    del inputs, routes
+    t = time.perf_counter()
+    if step.needed:
+        s.floats.update(_share_experts(w, s, step.moe, owners, solved))
+    s.timings["broadcast"] += time.perf_counter() - t
+
+
+def _routed_counts(w: BlockWorker, routes: list, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """|T_e| per expert and the block's token count, over every worker's batches."""
     counts = torch.zeros(n, dtype=torch.int64, device=w.device)
     tokens = torch.zeros(1, dtype=torch.int64, device=w.device)
     for r in routes:
@@ -441,38 +491,23 @@ def run_solve_experts(w: BlockWorker, s: BlockState, step: SolveExperts) -> None
     if w.group_ready:
         dist.all_reduce(counts)
         dist.all_reduce(tokens)
-    if s.solver != "gptq":
-        decisions = [RTN] * n
-    else:
-        try:
-            decisions = expert_decisions(counts.cpu(), w.job.moe_min_tokens, w.job.moe_policy)
-        except MoeError as err:
-            raise MoeError(f"block {s.b} {step.moe}: {err}") from None
-    stats = None
-    if s.solver == "gptq":
-        stats = ExpertStatistics.empty(moe.experts)
-        for x, r in zip(inputs, routes):
-            add_expert_statistics(moe, x, stats, decisions, route=r)
-    del inputs, routes
-    s.timings["stats"] += time.perf_counter() - t
-    owners = expert_owners(n, w.world)
-    if stats is not None and w.group_ready:
-        t = time.perf_counter()
-        for (e, _which), acc in sorted(stats.accumulators.items()):
-            dist.reduce(acc.sum, dst=owners[e])
-        s.timings["reduce"] += time.perf_counter() - t
-    t = time.perf_counter()
-    solved = _solve_experts(w, s, step.moe, owners, decisions, stats, counts.cpu(), int(tokens))
-    s.timings["solve"] += time.perf_counter() - t
-    t = time.perf_counter()
-    if step.needed:
-        s.floats.update(_share_experts(w, s, step.moe, owners, solved))
-    s.timings["broadcast"] += time.perf_counter() - t
+    return counts, tokens
 
 
-def expert_owners(n_experts: int, world: int) -> list[int]:
-    """Expert e's owner: e mod W (experts of one module have equal solve costs)."""
-    return [e % world for e in range(n_experts)]
+def _block_load(w: BlockWorker, s: BlockState) -> list[float]:
+    """Each worker's modelled solve seconds of the block's linears (its plans: whole groups at their
+    owners, split groups' shares where they run), so the experts balance against them."""
+    load = [0.0] * w.world
+    for key, plan in s.plans.items():
+        k = s.linears[key[0]].in_features
+        rows = sum(s.linears[n].out_features for n in key)
+        cost = solve_cost if s.solver == "gptq" else round_cost
+        if plan.split:
+            for r, (start, end) in enumerate(plan.shares):
+                load[r] += cost(k, end - start) if end > start else 0.0
+        else:
+            load[plan.owner] += cost(k, rows)
+    return load
 
 
 def _solve_experts(
@@ -484,11 +519,14 @@ def _solve_experts(
     stats: ExpertStatistics | None,
     counts: torch.Tensor,
     tokens: int,
+    wave: set[int],
+    wave_info: dict,
 ) -> dict[tuple[str, int], QuantizedLinear]:
     """The owned experts solved per fused matrix (gate and up stacked: one H) with H = 2·S / n (n: the
     expert's routed tokens, or every token for ``all_tokens``), or rounded (``rtn``); each stored as its
     checkpoint linears (rows of the fused result), the record entry holding the expert's tokens and
-    decision. Returns {(param, e): result} of the experts solved here."""
+    decision, and (``expert_solve``) its owner, its wave and the statistics bytes this worker held in that
+    wave. Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
     job = w.job
     experts = s.layer.get_submodule(moe_name).experts
     prefix = f"{moe_name}.experts."
@@ -496,7 +534,7 @@ def _solve_experts(
     solved: dict[tuple[str, int], QuantizedLinear] = {}
     hessians: dict[tuple[str, int], torch.Tensor | None] = {}
     for param, e, _first, _end in sources.values():
-        if owners[e] != w.rank or (param, e) in solved:
+        if owners[e] != w.rank or e not in wave or (param, e) in solved:
             continue
         weight = getattr(experts, param.rsplit(".", 1)[1])[e].detach().float()
         specs = {job.spec_for(f"{w.layers_path}.{s.b}.{n}") for n, v in sources.items() if tuple(v[:2]) == (param, e)}
@@ -518,6 +556,7 @@ def _solve_experts(
         weight = getattr(experts, param.rsplit(".", 1)[1])[e, first:end].detach().float()
         entry = w.writer.result(s.b, name, part, weight, part.dequantize(), hessians[(param, e)])
         entry["expert"] = {"index": e, "tokens": int(counts[e]), "decision": decisions[e]}
+        entry["expert_solve"] = {"owner": w.rank, **wave_info}
         s.outputs.append(entry)
     return solved
 
