@@ -138,8 +138,16 @@ def target(mix: str) -> float:
     return 0.7 if mix in ("Q3_K_M", "Q2_K") else 0.75
 
 
-def table(scores: dict, mixes: list[str], windows: int) -> list[str]:
-    """The markdown table of every file, then one verdict line per mix."""
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the file's tensor data (gguf-py's n_bytes summed): the size without metadata and alignment."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
+def table(scores: dict, mixes: list[str], windows: int, tensors: dict[str, dict[str, int]] | None = None) -> list[str]:
+    """The markdown table of every file, then one verdict line per mix (``tensors``: {mix: {kind: tensor data
+    bytes}}, said beside the file sizes where given)."""
     head = "| mix | file | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in TEXTS) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(TEXTS))]
     verdicts = []
@@ -157,8 +165,12 @@ def table(scores: dict, mixes: list[str], windows: int) -> list[str]:
                 ratios = " / ".join(f"{v:.2f}×" for v in r.values())
                 parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
         size = s["Persuasion"]["bytes"] - per["Persuasion"][KINDS[1]]["bytes"]
-        verdicts.append(f"- {mix}: strata Δppl Persuasion / KJV " + "; ".join(parts)
-                        + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
+        line = (f"- {mix}: strata Δppl Persuasion / KJV " + "; ".join(parts)
+                + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
+        if tensors and mix in tensors:
+            data = tensors[mix][KINDS[0]] - tensors[mix][KINDS[1]]
+            line += f", tensor data {'≤' if data <= 0 else '>'} llama.cpp's ({data:+,} bytes)"
+        verdicts.append(line)
     return lines + [""] + verdicts
 
 
@@ -241,7 +253,8 @@ def main() -> None:
     print(
         f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())
     )
-    print("\n".join(table(scores, mixes, w)))
+    tensors = {m: {k: tensor_bytes(f) for k, f in mix_files(out, src, m, args, imatrix_llama).items()} for m in mixes}
+    print("\n".join(table(scores, mixes, w, tensors)))
     if args.plot:
         plot(scores, mixes, w, Path(args.plot))
 

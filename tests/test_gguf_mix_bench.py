@@ -26,9 +26,13 @@ def test_verdicts_follow_the_ratios_and_sizes():
         **_scores("Q4_K_M", 0.02, 0.03, 100, 100),  # 0.67×, same size: met
         **_scores("Q3_K_M", 0.0216, 0.03, 101, 100),  # 0.72× > 0.7× and one byte larger: not met
     }
-    lines = table(scores, ["Q4_K_M", "Q3_K_M"], 16)
+    tensors = {"Q4_K_M": {KINDS[0]: 90, KINDS[1]: 90}}  # the same tensor data, 10 bytes less than the file
+    lines = table(scores, ["Q4_K_M", "Q3_K_M"], 16, tensors)
     assert sum(line.startswith("| Q4_K_M |") for line in lines) == len(KINDS)
     q4 = next(line for line in lines if line.startswith("- Q4_K_M"))
     q3 = next(line for line in lines if line.startswith("- Q3_K_M"))
-    assert "0.67× / 0.67× (met, bar 0.75×)" in q4 and "size ≤ llama.cpp's (+0 bytes)" in q4
-    assert "0.72× / 0.72× (NOT met, bar 0.7×)" in q3 and "size > llama.cpp's (+1 bytes)" in q3
+    assert (
+        "0.67× / 0.67× (met, bar 0.75×)" in q4
+        and "size ≤ llama.cpp's (+0 bytes), tensor data ≤ llama.cpp's (+0 bytes)" in q4
+    )
+    assert "0.72× / 0.72× (NOT met, bar 0.7×)" in q3 and q3.endswith("size > llama.cpp's (+1 bytes)")
