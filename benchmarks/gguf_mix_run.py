@@ -92,7 +92,8 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
     if (TOOLS / "llama-quantize").exists():
-        for kind, im, name in ((KINDS[2], run_imatrix, "run-imatrix"), (KINDS[3], imatrix_llama, "llama-imatrix")):
+        run_im = run_imatrix if args.run_imatrix_at == "all" or mix in args.run_imatrix_at.split(",") else None
+        for kind, im, name in ((KINDS[2], run_im, "run-imatrix"), (KINDS[3], imatrix_llama, "llama-imatrix")):
             if im is None:
                 continue
             files[kind] = d / f"llamacpp-{name}-{mix}.gguf"
@@ -212,6 +213,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="/tmp/strata-mixes")
     ap.add_argument("--plot", help="write the size–Δppl plot (PNG) here")
+    ap.add_argument(
+        "--run-imatrix-at",
+        default="all",
+        help="mixes (comma-separated, or all) also quantized by llama.cpp with the run's imatrix (a file each to score)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
