@@ -1,22 +1,29 @@
-"""A llama.cpp K mix solved by strata's run, against llama.cpp's own file of the mix, without and with an
-importance matrix of the same statistics.
+"""llama.cpp's K mixes solved by strata's run, against llama.cpp's own files of each mix: without an importance
+matrix, with the run's importance matrix, and with llama-imatrix's own.
 
 strata: ``strata run`` with ``output.gguf_type`` the mix and method gptq (every decoder linear solved by GPTQ on the
-type llama.cpp's mix gives it, the whole file as llama.cpp lays it out; pipeline/formats/gguf.py). llama.cpp:
-llama_model_quantize (the code of llama-quantize) from the model's GGUF, and, where llama.cpp's tools are built
-(benchmarks/llamacpp_tools.sh), ``llama-quantize --imatrix`` with the run's own importance matrix
-(pipeline/imatrix.py: mean x² per input over the same calibration tokens).
+type llama.cpp's mix gives it, the whole file as llama.cpp lays it out; pipeline/formats/gguf.py), calibrated on
+64 evenly spaced 512-token windows of Emma. llama.cpp: llama_model_quantize (the code of llama-quantize) from the
+model's GGUF; where llama.cpp's tools are built (benchmarks/llamacpp_tools.sh), ``llama-quantize --imatrix`` with
+(a) the run's importance matrix (pipeline/imatrix.py: mean x² per input over the run's calibration tokens) and
+(b) ``llama-imatrix``'s own, computed on the source GGUF from the same windows (decoded to text, re-tokenized by
+llama.cpp into 512-token chunks).
 
 Every file is scored in llama.cpp (llama-cpp-python) by MEASURE.md: windows of 512 tokens of Persuasion and of the
-King James Bible (off the calibration's domain), each from an empty context; Δppl against the source GGUF (the
-reference weights).
+King James Bible (off the calibration's domain), each from an empty context; Δppl, and KL divergence of the
+next-token distribution (mean over positions), against the source GGUF (the reference weights; the fp16 fixture is
+its dequantization). Files and scores are kept in --out; a second invocation reuses both (delete to redo).
 
-    python -m benchmarks.gguf_mix_run --mix Q4_K_M --out /tmp/strata-mix-run
+    python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
+        --eval-windows 8 --plot docs/gguf_mixes.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import subprocess
 import time
 from pathlib import Path
 
@@ -24,6 +31,9 @@ import torch
 
 from benchmarks.common import machine
 from benchmarks.gguf_mix_file import TOOLS, llama_quantize
+
+TEXTS = {"Persuasion": "fixture:austen/persuasion", "KJV": "fixture:kjv"}
+KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
 def strata_run(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int) -> tuple[Path, Path, float]:
@@ -48,66 +58,211 @@ def strata_run(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int
     report = run_full_job(cfg, progress=False)
     took = time.perf_counter() - t
     (check,) = report["checks"]
-    print(f"strata run: {took:.0f} s; {check['bit_exact_linears']}/{check['quantized_linears']} linears bit-exact, "
-          f"types {check['linear_types']}", flush=True)  # fmt: skip
+    print(f"strata run {mix}: {took:.0f} s; {check['bit_exact_linears']}/{check['quantized_linears']} linears "
+          f"bit-exact, types {check['linear_types']}", flush=True)  # fmt: skip
     imatrix = write_imatrix(open_store(cfg.run.store), report["run_id"], out / "strata.imatrix.gguf")
     return next((out / "out").glob("*.gguf")), imatrix, took
 
 
+def llama_imatrix(src: Path, windows: torch.Tensor, tokenizer, out: Path, threads: int) -> Path:
+    """llama-imatrix's importance matrix of ``src`` on the calibration ``windows`` (decoded to one text; llama.cpp
+    re-tokenizes it and cuts chunks of the windows' length)."""
+    path = out / "llama-imatrix.gguf"
+    if path.exists():
+        return path
+    text = out / "calibration.txt"
+    text.write_text("".join(tokenizer.decode(w) for w in windows.tolist()))
+    n, t = windows.shape
+    cmd = [str(TOOLS / "llama-imatrix"), "-m", str(src), "-f", str(text), "-o", str(path), "-c", str(t),
+           "--chunks", str(n), "--no-ppl", "-t", str(threads)]  # fmt: skip
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    chunks = [line for line in done.stderr.splitlines() if "chunks" in line.lower()][:2]
+    print(f"llama-imatrix: {'; '.join(chunks)}", flush=True)
+    return path
+
+
+def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) -> dict[str, Path]:
+    """The four files of one mix (made where missing, reused where an earlier invocation left them)."""
+    d = out / mix
+    strata = next((d / "out").glob("*.gguf"), None)
+    run_imatrix = d / "strata.imatrix.gguf"
+    if strata is None or not run_imatrix.exists():
+        strata, run_imatrix, _ = strata_run(d, mix, args.cal_windows, args.seq_len, args.workers)
+    files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
+    if not files[KINDS[1]].exists():
+        llama_quantize(src, files[KINDS[1]], mix)
+    if (TOOLS / "llama-quantize").exists():
+        run_im = run_imatrix if args.run_imatrix_at == "all" or mix in args.run_imatrix_at.split(",") else None
+        for kind, im, name in ((KINDS[2], run_im, "run-imatrix"), (KINDS[3], imatrix_llama, "llama-imatrix")):
+            if im is None:
+                continue
+            files[kind] = d / f"llamacpp-{name}-{mix}.gguf"
+            if not files[kind].exists():
+                llama_quantize(src, files[kind], mix, im)
+    return files
+
+
+def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int) -> dict[str, dict]:
+    """{label: ppl, Δppl, KLD, top-1} of every file against ``src`` on ``windows``, each from an empty context; the
+    models are loaded side by side so the reference's distribution is computed once per window."""
+    from strata_quant.pipeline.verify import llamacpp_logits, load_llamacpp
+
+    t = int(windows.shape[1])
+    models = {"ref": load_llamacpp(src, n_ctx=t, n_threads=threads)}
+    models.update({k: load_llamacpp(f, n_ctx=t, n_threads=threads) for k, f in files.items()})
+    nll = dict.fromkeys(models, 0.0)
+    kld = dict.fromkeys(files, 0.0)
+    top1 = dict.fromkeys(files, 0)
+    count = 0
+    for window in windows.tolist():
+        target = torch.tensor(window[1:]).unsqueeze(-1)
+        ref = torch.log_softmax(llamacpp_logits(models["ref"], window)[:-1].double(), -1)
+        nll["ref"] -= float(ref.gather(-1, target).sum())
+        for k in files:
+            logp = torch.log_softmax(llamacpp_logits(models[k], window)[:-1].double(), -1)
+            nll[k] -= float(logp.gather(-1, target).sum())
+            kld[k] += float((ref.exp() * (ref - logp)).sum())  # Σ_t KL(p_ref,t ‖ p_t)
+            top1[k] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+        count += len(window) - 1
+    del models
+    ppl_ref = math.exp(nll["ref"] / count)
+    out = {"reference": {"ppl": ppl_ref, "bytes": src.stat().st_size}}
+    for k, f in files.items():
+        ppl = math.exp(nll[k] / count)
+        out[k] = {"ppl": ppl, "dppl": (ppl - ppl_ref) / ppl_ref, "kld": kld[k] / count, "top1": top1[k] / count,
+                  "bytes": f.stat().st_size}  # fmt: skip
+    return out
+
+
+def target(mix: str) -> float:
+    """The issue's bar: strata's Δppl at most this times llama.cpp's with an importance matrix."""
+    return 0.7 if mix in ("Q3_K_M", "Q2_K") else 0.75
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the file's tensor data (gguf-py's n_bytes summed): the size without metadata and alignment."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+
+
+def table(scores: dict, mixes: list[str], windows: int, tensors: dict[str, dict[str, int]] | None = None) -> list[str]:
+    """The markdown table of every file, then one verdict line per mix (``tensors``: {mix: {kind: tensor data
+    bytes}}, said beside the file sizes where given)."""
+    head = "| mix | file | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in TEXTS) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(TEXTS))]
+    verdicts = []
+    for mix in mixes:
+        per = {t: scores[f"{mix}/{t}/{windows}"] for t in TEXTS}
+        for kind in [k for k in KINDS if k in per["Persuasion"]]:
+            cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in TEXTS)
+            lines.append(f"| {mix} | {kind} | {per['Persuasion'][kind]['bytes']:,} | {cells} |")
+        s = {t: per[t][KINDS[0]] for t in TEXTS}
+        parts = []
+        for anchor in (KINDS[3], KINDS[2]):
+            if anchor in per["Persuasion"]:
+                r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in TEXTS}
+                met = all(0 < v <= target(mix) for v in r.values())
+                ratios = " / ".join(f"{v:.2f}×" for v in r.values())
+                parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
+        size = s["Persuasion"]["bytes"] - per["Persuasion"][KINDS[1]]["bytes"]
+        line = (f"- {mix}: strata Δppl Persuasion / KJV " + "; ".join(parts)
+                + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
+        if tensors and mix in tensors:
+            data = tensors[mix][KINDS[0]] - tensors[mix][KINDS[1]]
+            line += f", tensor data {'≤' if data <= 0 else '>'} llama.cpp's ({data:+,} bytes)"
+        verdicts.append(line)
+    return lines + [""] + verdicts
+
+
+def plot(scores: dict, mixes: list[str], windows: int, path: Path) -> None:
+    """Δppl against file size, one panel per text, one line per maker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2))
+    for ax, t in zip(axes, TEXTS, strict=True):
+        for kind, marker in zip(KINDS, "o^sD", strict=True):
+            pts = [scores[f"{m}/{t}/{windows}"].get(kind) for m in mixes]
+            pts = sorted((p["bytes"] / 1e6, 100 * p["dppl"], m) for p, m in zip(pts, mixes, strict=True) if p)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=kind)
+        for m in mixes:
+            p = scores[f"{m}/{t}/{windows}"][KINDS[1]]
+            ax.annotate(m, (p["bytes"] / 1e6, 100 * p["dppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel("Δppl vs the source GGUF (%)")
+        ax.set_title(f"SmolLM2-135M, {t}, {windows} × 512 tokens")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mix", default="Q4_K_M")
+    ap.add_argument("--mixes", default="Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--cal-windows", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", default="/tmp/strata-mix-run")
-    ap.add_argument("--score-only", action="store_true", help="score the files an earlier run left in --out")
+    ap.add_argument("--out", default="/tmp/strata-mixes")
+    ap.add_argument("--plot", help="write the size–Δppl plot (PNG) here")
+    ap.add_argument(
+        "--run-imatrix-at",
+        default="all",
+        help="mixes (comma-separated, or all) also quantized by llama.cpp with the run's imatrix (a file each to score)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
-    from strata_quant.pipeline.verify import llamacpp_perplexity
+    from strata_quant.pipeline.calibration import (
+        calibration_prefix,
+        calibration_windows,
+        eval_windows,
+        load_text,
+        tokenize_stream,
+    )
 
-    out = Path(args.out)
+    out, mixes, w = Path(args.out), args.mixes.split(","), args.eval_windows
     out.mkdir(parents=True, exist_ok=True)
     src = fixtures._fetch_smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(fixtures.smollm2())
-    texts = {"Persuasion": "fixture:austen/persuasion", "KJV": "fixture:kjv"}
-    held = {
-        k: eval_windows(tokenize_stream(tok, load_text(v)), args.eval_windows, args.seq_len) for k, v in texts.items()
-    }
+    held = {k: eval_windows(tokenize_stream(tok, load_text(v)), w, args.seq_len) for k, v in TEXTS.items()}
     print(machine())
-    print(f"SmolLM2-135M {args.mix}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {args.eval_windows}×"
-          f"{args.seq_len} per text in llama.cpp, {args.threads} threads")  # fmt: skip
-    files = {"strata (run)": None}
-    if args.score_only:  # the files of an earlier invocation with the same --out, scored again
-        files["strata (run)"], imatrix = next((out / "out").glob("*.gguf")), None
-    else:
-        files["strata (run)"], imatrix, _ = strata_run(out, args.mix, args.cal_windows, args.seq_len, args.workers)
-    files["llama.cpp"] = out / f"llamacpp-{args.mix}.gguf"
-    if not args.score_only:
-        llama_quantize(src, files["llama.cpp"], args.mix)
-    if (TOOLS / "llama-quantize").exists():
-        files["llama.cpp + imatrix"] = out / f"llamacpp-imatrix-{args.mix}.gguf"
-        if not args.score_only:
-            llama_quantize(src, files["llama.cpp + imatrix"], args.mix, imatrix)
-    ref = {k: llamacpp_perplexity(src, w, n_threads=args.threads)["ppl"] for k, w in held.items()}
-    print(f"reference scored: {ref}", flush=True)
-    print(f"{'file':24s} {'MB':>7s} " + " ".join(f"{k + ' ppl':>15s} {'Δppl':>8s}" for k in texts))
+    print(f"SmolLM2-135M {mixes}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {w}×{args.seq_len} per "
+          f"text in llama.cpp, {args.threads} threads")  # fmt: skip
+    imatrix_llama = None
+    if (TOOLS / "llama-imatrix").exists():
+        cal = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), args.cal_windows,
+                                  args.seq_len, "even", prefix=calibration_prefix(tok))  # fmt: skip
+        imatrix_llama = llama_imatrix(src, cal, tok, out, args.threads)
+    saved = out / "scores.json"
+    scores = json.loads(saved.read_text()) if saved.exists() else {}
+    for mix in mixes:
+        files = mix_files(out, src, mix, args, imatrix_llama)
+        for t, windows in held.items():
+            key = f"{mix}/{t}/{w}"
+            if key not in scores or set(files) - set(scores[key]):
+                t0 = time.perf_counter()
+                scores[key] = score(src, files, windows, args.threads)
+                saved.write_text(json.dumps(scores, indent=1))
+                print(f"scored {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+    ref = {t: scores[f"{mixes[0]}/{t}/{w}"]["reference"]["ppl"] for t in TEXTS}
     print(
-        f"{'source (reference)':24s} {src.stat().st_size / 1e6:7.1f} "
-        + " ".join(f"{ref[k]:15.3f} {'':8s}" for k in texts)
+        f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())
     )
-    for label, f in files.items():
-        cells = []
-        for k, w in held.items():
-            ppl = llamacpp_perplexity(f, w, n_threads=args.threads)["ppl"]
-            cells.append(f"{ppl:15.3f} {100 * (ppl - ref[k]) / ref[k]:+7.2f}%")
-        print(f"{label:24s} {f.stat().st_size / 1e6:7.1f} " + " ".join(cells), flush=True)
+    tensors = {m: {k: tensor_bytes(f) for k, f in mix_files(out, src, m, args, imatrix_llama).items()} for m in mixes}
+    print("\n".join(table(scores, mixes, w, tensors)))
+    if args.plot:
+        plot(scores, mixes, w, Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-135m-gptq-w4g64.yaml"
+# the demo's second job: the same model and calibration as llama.cpp's Q4_K_M mix, solved in a run of its own
+DEMO_MIX_CONFIG = DEMO_CONFIG.with_name("smollm2-135m-gptq-q4km.yaml")
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -69,7 +71,7 @@ def _job_overrides(args) -> dict:
     return overrides
 
 
-def _run_and_print(cfg, quiet: bool) -> int:
+def _run_and_print(cfg, quiet: bool, return_report: bool = False):
     from strata_quant.pipeline.job import format_report, run_full_job
     from strata_quant.pipeline.verify import QualityGateError
 
@@ -82,13 +84,52 @@ def _run_and_print(cfg, quiet: bool) -> int:
         raise
     print()
     print(format_report(report))
-    return 0
+    return report if return_report else 0
 
 
 def cmd_run(args) -> int:
     from strata_quant.pipeline.config import load_config
 
     return _run_and_print(load_config(args.config, _job_overrides(args)), args.quiet)
+
+
+def cmd_demo(args) -> int:
+    """The embedded default job (GPTQ folder + Q4_0 GGUF), then, unless ``--gguf-mix none``, the same model as
+    llama.cpp's K mix solved in a run of its own (its inputs propagate through the mix's own weights); one
+    table of every artifact's size and quality at the end."""
+    from strata_quant.pipeline.config import load_config
+
+    overrides = _job_overrides(args)
+    configs = [load_config(DEMO_CONFIG, overrides)]
+    if args.gguf_mix != "none":
+        configs.append(load_config(DEMO_MIX_CONFIG, {**overrides, "output.gguf_type": args.gguf_mix}))
+    reports = [_run_and_print(cfg, args.quiet, return_report=True) for cfg in configs]
+    print()
+    print(demo_summary(reports))
+    return 0
+
+
+def demo_summary(reports: list[dict]) -> str:
+    """Every artifact of the demo's jobs: size, and Δ ppl of its job's strata row on each held-out text."""
+
+    def scored(report: dict) -> list[dict]:  # the job's held-out texts (in domain, then off domain)
+        q = report.get("quality") or {}
+        return [x for x in (q, q.get("off_domain")) if x]
+
+    texts = list(dict.fromkeys(q["text"] for r in reports for q in scored(r)))
+    lines = [
+        "demo artifacts (Δ ppl against the fp16 reference; the GPTQ folder and the Q4_0 GGUF hold the same weights)",
+        f"  {'artifact':40s} {'MB':>7s}" + "".join(f"  {t.split(':')[-1]:>18s}" for t in texts),
+    ]
+    for r in reports:
+        deltas = {}
+        for q in scored(r):
+            row = next((v for k, v in q["rows"].items() if k.lower().startswith("strata")), None)
+            deltas[q["text"]] = f"{row['ppl_increase']:+.2%}" if row else "—"
+        for a in r["artifacts"].values():
+            cells = "".join(f"  {deltas.get(t, '—'):>18s}" for t in texts)
+            lines.append(f"  {Path(a['path']).name:40s} {a['bytes'] / 1e6:7.1f}{cells}")
+    return "\n".join(lines)
 
 
 def cmd_check(args) -> int:
@@ -323,14 +364,22 @@ def _add_job_commands(sub) -> None:
     )
     p.set_defaults(func=cmd_fixtures)
 
-    for name, helptext in (("run", "run a job config"), ("demo", "run the embedded default job")):
-        p = sub.add_parser(name, help=helptext)
-        if name == "run":
-            p.add_argument("config")
-        else:
-            p.set_defaults(config=str(DEMO_CONFIG))
-        _job_options(p)
-        p.set_defaults(func=cmd_run)
+    p = sub.add_parser("run", help="run a job config")
+    p.add_argument("config")
+    _job_options(p)
+    p.set_defaults(func=cmd_run)
+
+    from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+
+    p = sub.add_parser("demo", help="run the embedded default jobs (GPTQ + Q4_0 GGUF, then a solved K-mix GGUF)")
+    p.add_argument(
+        "--gguf-mix",
+        default="Q4_K_M",
+        choices=[*SOLVED_MIXES, "none"],
+        help="llama.cpp mix of the second job (default Q4_K_M); none: the first job only",
+    )
+    _job_options(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check", help="run every check a job makes before block 0 (no Ray, no weights read)")
     p.add_argument("config")

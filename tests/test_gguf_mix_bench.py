@@ -1,0 +1,38 @@
+"""benchmarks/gguf_mix_run's verdicts: the issue's bar per mix (0.75×, 0.7× at Q3_K_M and Q2_K) on both texts,
+and the size against llama.cpp's file, read from the scores as measured."""
+
+from __future__ import annotations
+
+from benchmarks.gguf_mix_run import KINDS, TEXTS, table, target
+
+
+def _scores(mix: str, strata: float, anchor: float, strata_bytes: int, llama_bytes: int) -> dict:
+    row = {
+        KINDS[0]: {"dppl": strata, "kld": 0.01, "bytes": strata_bytes},
+        KINDS[1]: {"dppl": 2 * anchor, "kld": 0.03, "bytes": llama_bytes},
+        KINDS[2]: {"dppl": anchor, "kld": 0.02, "bytes": llama_bytes},
+        KINDS[3]: {"dppl": anchor, "kld": 0.02, "bytes": llama_bytes},
+    }
+    return {f"{mix}/{t}/16": row for t in TEXTS}
+
+
+def test_the_bar_is_stricter_at_the_low_mixes():
+    assert target("Q4_K_M") == 0.75 and target("Q6_K") == 0.75
+    assert target("Q3_K_M") == 0.7 and target("Q2_K") == 0.7
+
+
+def test_verdicts_follow_the_ratios_and_sizes():
+    scores = {
+        **_scores("Q4_K_M", 0.02, 0.03, 100, 100),  # 0.67×, same size: met
+        **_scores("Q3_K_M", 0.0216, 0.03, 101, 100),  # 0.72× > 0.7× and one byte larger: not met
+    }
+    tensors = {"Q4_K_M": {KINDS[0]: 90, KINDS[1]: 90}}  # the same tensor data, 10 bytes less than the file
+    lines = table(scores, ["Q4_K_M", "Q3_K_M"], 16, tensors)
+    assert sum(line.startswith("| Q4_K_M |") for line in lines) == len(KINDS)
+    q4 = next(line for line in lines if line.startswith("- Q4_K_M"))
+    q3 = next(line for line in lines if line.startswith("- Q3_K_M"))
+    assert (
+        "0.67× / 0.67× (met, bar 0.75×)" in q4
+        and "size ≤ llama.cpp's (+0 bytes), tensor data ≤ llama.cpp's (+0 bytes)" in q4
+    )
+    assert "0.72× / 0.72× (NOT met, bar 0.7×)" in q3 and q3.endswith("size > llama.cpp's (+1 bytes)")
