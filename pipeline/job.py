@@ -20,7 +20,7 @@ from strata_quant.pipeline.assemble import (
 from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
-from strata_quant.pipeline.report import build_report, expert_summary, solver_notes, solver_notes_line
+from strata_quant.pipeline.report import build_report, expert_summary, method_label, solver_notes, solver_notes_line
 from strata_quant.pipeline.run import STRATA_VERSION, run_job
 from strata_quant.pipeline.verify import QualityGateError, gate_message, gate_rows, verify_artifact
 from strata_quant.workers.result import QuantSpec
@@ -60,6 +60,7 @@ def run_full_job(cfg: JobConfig, progress: bool = True) -> dict:
         "params": outcome.reader.num_params(),
         "method": cfg.quant.method,
         "quant": cfg.quant.model_dump(),
+        "solved_mix": solved_mix(cfg),
         "calibration": {**cfg.calibration.model_dump(), "prefix_tokens": outcome.calibration_prefix},
         "tool_version": STRATA_VERSION,
         "workers": cfg.run.workers,
@@ -188,7 +189,7 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
     windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
     wins = EvalWindows.from_tensor(windows)
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
-    label = method_label(cfg.quant.model_dump())
+    label = method_label(cfg.quant.model_dump(), solved_mix(cfg))
     variants = {"fp16 (reference)": layerwise.reference()}
     if "rtn" in cfg.eval.baselines and cfg.quant.method != "rtn":
         variants[f"RTN W{cfg.quant.bits} g{cfg.quant.group_size}"] = layerwise.rtn(spec)
@@ -200,6 +201,13 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
     heads = layerwise.layerwise_models(outcome.reader, outcome.store, wins, variants)
     rows = evaluate(heads, wins, reference="fp16 (reference)")
     return {"text": text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+
+
+def solved_mix(cfg: JobConfig) -> str | None:
+    """llama.cpp's mix (Q4_K_M …) when the run solves it, else None: then bits and group size mean nothing."""
+    from strata_quant.pipeline.formats.gguf_mix import solves_mix
+
+    return cfg.output.gguf_type if solves_mix(cfg.output.gguf_type, cfg.quant.method) else None
 
 
 def quality_lines(quality: dict, role: str) -> list[str]:
@@ -218,7 +226,9 @@ def quality_lines(quality: dict, role: str) -> list[str]:
 def format_report(report: dict) -> str:
     lines = []
     q = report["quant"]
-    lines.append(f"strata run {report['run_id']}: {method_label(q)}, {report['workers']} worker(s)")
+    lines.append(
+        f"strata run {report['run_id']}: {method_label(q, report.get('solved_mix'))}, {report['workers']} worker(s)"
+    )
     if (report.get("solver_notes") or {}).get("gptq_linears"):
         lines.append(f"  {solver_notes_line(report['solver_notes'])}")
     if report.get("quality"):
@@ -264,16 +274,3 @@ def format_report(report: dict) -> str:
             f"html report: {report['report_files']['html']}   model card: {report['report_files']['markdown']}"
         )
     return "\n".join(lines)
-
-
-def method_label(quant: dict) -> str:
-    """The eval-table label of a run's method, e.g. ``strata NF4+DQ b64`` or ``strata FP8 E4M3 channel``."""
-    method = quant["method"]
-    if method in ("nf4", "gptq_nf4"):
-        name = "GPTQ-NF4" if method == "gptq_nf4" else "NF4"
-        return f"strata {name}{'+DQ' if quant.get('double_quant', True) else ''} b{quant.get('nf4_blocksize', 64)}"
-    if method == "fp8":
-        block = quant.get("fp8_block")
-        how = "channel" if not block else f"block {block[0]}x{block[1]}"
-        return f"strata FP8 {str(quant.get('fp8_type', 'e4m3')).upper()} {how}"
-    return f"strata {method.upper()} W{quant['bits']} g{quant['group_size']}"

@@ -50,6 +50,22 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ---------------------------------------------------------------------------- data
 
 
+def method_label(quant: dict, solved_mix: str | None = None) -> str:
+    """The label of a run's method, e.g. ``strata NF4+DQ b64``, ``strata FP8 E4M3 channel`` or, for llama.cpp's
+    mix solved in the run (each linear on its own type's grid), ``strata GPTQ Q4_K_M``."""
+    method = quant["method"]
+    if solved_mix:
+        return f"strata {method.upper()} {solved_mix}"
+    if method in ("nf4", "gptq_nf4"):
+        name = "GPTQ-NF4" if method == "gptq_nf4" else "NF4"
+        return f"strata {name}{'+DQ' if quant.get('double_quant', True) else ''} b{quant.get('nf4_blocksize', 64)}"
+    if method == "fp8":
+        block = quant.get("fp8_block")
+        how = "channel" if not block else f"block {block[0]}x{block[1]}"
+        return f"strata FP8 {str(quant.get('fp8_type', 'e4m3')).upper()} {how}"
+    return f"strata {method.upper()} W{quant['bits']} g{quant['group_size']}"
+
+
 def linear_type(name: str) -> str:
     """model.layers.3.self_attn.q_proj → q; ...mlp.down_proj → down."""
     last = name.rsplit(".", 1)[-1]
@@ -820,7 +836,9 @@ def build_report(report: dict, records: dict[int, dict], out_dir: Path) -> dict[
             files["expert_tokens"] = plot_expert_tokens(records, out_dir / "expert_tokens.png")
 
     q = report.get("quant") or {}
-    title = f"strata {str(report.get('method', '?')).upper()} W{q.get('bits', '?')} g{q.get('group_size', '?')}"
+    title = method_label(
+        {"method": report.get("method", "?"), "bits": "?", "group_size": "?", **q}, report.get("solved_mix")
+    )
     if report.get("model"):
         title += f" — {report['model']}"
     extras = extra_columns(rows)

@@ -200,6 +200,18 @@ def test_html_is_self_contained(built):
     assert '<tr class="ours">' in page and "&lt;" not in STRATA_ROW
 
 
+def test_a_mix_solved_in_the_run_is_named_by_its_mix(tmp_path):
+    """A K mix solved in the run gives each linear its own type: the unused bits / group size never name it."""
+    from strata_quant.pipeline.report import method_label
+
+    quant = make_report()["quant"]
+    assert method_label(quant) == "strata GPTQ W4 g64"
+    assert method_label(quant, "Q4_K_M") == "strata GPTQ Q4_K_M"
+    assert method_label({**quant, "method": "nf4"}) == "strata NF4+DQ b64"
+    files = build_report(make_report(solved_mix="Q4_K_M"), make_records(), tmp_path)
+    assert files["markdown"].read_text().startswith("# strata GPTQ Q4_K_M — fixture:smollm2-135m\n")
+
+
 def test_nominal_bits_without_parameter_count():
     report = make_report()
     del report["params"]
