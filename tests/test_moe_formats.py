@@ -341,26 +341,123 @@ SLOW_SPEC = QuantSpec(4, 64, True)  # GPTQ W4 g64: Q4_0 in GGUF, carried exactly
 EVAL_WINDOWS, EVAL_LEN = 4, 128
 
 
-@pytest.fixture(scope="module", params=["smollm2-mixtral", "smollm2-qwen3-moe"])
+RUN_FIXTURE = "smollm2-mixtral"  # the one fixture also quantized by `strata run` (W=1 and W=2)
+
+
+def _persuasion(tokenizer) -> tuple[str, list[int]]:
+    from strata_quant.pipeline.calibration import load_text
+
+    text = load_text("fixture:austen/persuasion")
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def _eval_windows(ids: list[int]) -> torch.Tensor:
+    held_out = len(ids) // 2  # eval windows from the second half of the novel, away from the calibration
+    return torch.tensor(ids[held_out : held_out + EVAL_WINDOWS * EVAL_LEN]).reshape(EVAL_WINDOWS, EVAL_LEN)
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tokenizer, tmp_path_factory, ray_session):
+    """The Mixtral fixture through `strata run` (GPTQ W4 g64, propagate quantized) with one worker and with two,
+    on the same batches (4 windows of 256 tokens of Persuasion's first half, two per batch): {workers: (outcome,
+    {linear: entry})}, and the root the runs wrote under."""
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.moe_fixtures import smollm2_moe
+    from strata_quant.pipeline.run import recorded_entries, run_job
+
+    root = tmp_path_factory.mktemp("smollm2-run")
+    text, _ = _persuasion(tokenizer)
+    calib = root / "persuasion-first-half.txt"  # the eval windows are in the second half
+    calib.write_text(text[: len(text) // 2])
+    runs = {}
+    for workers in (1, 2):
+        cfg = {
+            "name": f"{RUN_FIXTURE}-w{workers}",
+            "model": str(smollm2_moe(RUN_FIXTURE)),
+            "calibration": {"source": str(calib), "num_samples": 4, "seq_len": 256},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 64, "true_sequential": False},
+            # one torch thread per worker in both runs: under the default (cores ÷ W: 2 threads against 1) the
+            # runs differed first at block 0's expert 7 down (8 routed tokens, a near-singular Hessian), then in
+            # every later block; the thread count was the one setting the two runs did not share
+            "run": {
+                "workers": workers,
+                "batch_size": 2,
+                "store": str(root / f"w{workers}"),
+                "propagate": "quantized",
+                "threads_per_worker": 1,
+            },
+            "output": {"dir": str(root / "out"), "formats": []},
+            "eval": None,
+        }
+        outcome = run_job(parse_config(cfg), progress=False)
+        runs[workers] = outcome, recorded_entries(outcome.store, outcome.run_id)[1]
+    return runs, root
+
+
+def _run_built(smollm2_run):
+    """fixture_built's tuple from the W=2 run's stored results (the tokens each expert's router sent it)."""
+    from strata_quant.pipeline.assemble import ResultSource
+    from strata_quant.workers.records import result_from_bytes
+
+    runs, root = smollm2_run
+    outcome, entries = runs[2]
+    source = ResultSource(outcome.store, {0: {"results": list(entries.values())}})
+    results = {n: result_from_bytes(outcome.store.get_bytes(e["key"])) for n, e in entries.items()}
+    return source, results, root / "formats"
+
+
+@pytest.fixture(scope="module", params=["smollm2-mixtral", "smollm2-qwen3-moe", f"{RUN_FIXTURE}@run-w2"])
 def fixture_built(request, tokenizer, tmp_path_factory):
     """(fixture, reader, stored results, {linear: result}, eval windows [W, T], dense logits [W, T, V], root):
-    every expert by GPTQ W4 g64 on the Persuasion tokens its router sends it (an expert with no token: RTN)."""
-    from strata_quant.pipeline.calibration import load_text
+    every expert by GPTQ W4 g64 on the Persuasion tokens its router sends it (an expert with no token: RTN), by
+    the reference solver or, for the run's parameter, by `strata run` with two workers."""
     from strata_quant.pipeline.moe_fixtures import smollm2_moe
 
-    name = request.param
-    root = tmp_path_factory.mktemp(name)
+    name = request.param.split("@")[0]
     reader = CheckpointReader(smollm2_moe(name))
-    text = tokenizer.encode(load_text("fixture:austen/persuasion"), add_special_tokens=False)
-    calib = torch.tensor(text[: 4 * 256]).reshape(4, 256)
-    held_out = len(text) // 2  # eval windows from the second half of the novel, away from the calibration
-    windows = torch.tensor(text[held_out : held_out + EVAL_WINDOWS * EVAL_LEN]).reshape(EVAL_WINDOWS, EVAL_LEN)
-    source, results = moe_results(reader, root / "store", SLOW_SPEC, calib)
+    _, ids = _persuasion(tokenizer)
+    windows = _eval_windows(ids)
+    if request.param.endswith("@run-w2"):
+        source, results, root = _run_built(request.getfixturevalue("smollm2_run"))
+        root.mkdir()
+    else:
+        root = tmp_path_factory.mktemp(name)
+        calib = torch.tensor(ids[: 4 * 256]).reshape(4, 256)
+        source, results = moe_results(reader, root / "store", SLOW_SPEC, calib)
     with torch.no_grad():
         dense = dense_moe(reader.path, results)
         want = torch.stack([dense(input_ids=w[None]).logits[0] for w in windows])
     del dense
     return name, reader, source, results, windows, want, root
+
+
+@pytest.mark.slow
+def test_smollm2_moe_run_two_workers_give_the_one_worker_bytes(smollm2_run, tmp_path: Path) -> None:
+    """The Mixtral fixture through `strata run`: W=2 stores W=1's bytes for every linear, and the block records
+    hold every expert's routed token count (top-2 of every calibration token) and its decision, as the report
+    plots them."""
+    from strata_quant.pipeline.report import expert_summary, plot_expert_tokens
+
+    runs, _ = smollm2_run
+    (one, w1), (two, w2) = runs[1], runs[2]
+    experts = [n for n in w2 if ".experts." in n]
+    assert set(w1) == set(w2) and len(experts) == 30 * 8 * 3 and len(w2) == 30 * (4 + 8 * 3)
+    for name, entry in w1.items():
+        assert entry["sha256"] == w2[name]["sha256"], name
+        assert entry.get("expert") == w2[name].get("expert"), name
+    per_block: dict[str, dict[int, int]] = {}
+    for name in experts:
+        info = w2[name]["expert"]
+        per_block.setdefault(name.split(".")[2], {})[info["index"]] = info["tokens"]
+        assert info["decision"] == "routed", (name, info)
+    assert all(sum(t.values()) == 2 * 4 * 256 for t in per_block.values()), per_block
+    summary = expert_summary(two.records)
+    assert summary == expert_summary(one.records)
+    print(f"\n{RUN_FIXTURE} run W=2: {summary}; block 0 tokens per expert {per_block['0']}")
+    assert summary["modules"] == 30 and summary["experts_per_module"] == 8 and summary["decisions"] == {"routed": 240}
+    # the seeded router is uneven: the least-routed expert sees far fewer tokens than the most-routed one
+    assert summary["tokens_min"] * 4 < summary["tokens_max"], summary
+    assert plot_expert_tokens(two.records, tmp_path / "tokens.png").read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow
