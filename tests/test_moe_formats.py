@@ -449,12 +449,15 @@ def test_smollm2_moe_run_two_workers_give_the_one_worker_bytes(smollm2_run, tmp_
     for name in experts:
         info = w2[name]["expert"]
         per_block.setdefault(name.split(".")[2], {})[info["index"]] = info["tokens"]
-        assert info["decision"] == "routed", (name, info)
+        # quant.moe defaults: min_tokens 1, policy rtn (an expert the router never picked is rounded)
+        assert info["decision"] == ("routed" if info["tokens"] >= 1 else "rtn"), (name, info)
     assert all(sum(t.values()) == 2 * 4 * 256 for t in per_block.values()), per_block
     summary = expert_summary(two.records)
     assert summary == expert_summary(one.records)
     print(f"\n{RUN_FIXTURE} run W=2: {summary}; block 0 tokens per expert {per_block['0']}")
-    assert summary["modules"] == 30 and summary["experts_per_module"] == 8 and summary["decisions"] == {"routed": 240}
+    starved = sum(t == 0 for tokens in per_block.values() for t in tokens.values())
+    assert summary["modules"] == 30 and summary["experts_per_module"] == 8
+    assert summary["decisions"] == {"routed": 240 - starved, **({"rtn": starved} if starved else {})}, summary
     # the seeded router is uneven: the least-routed expert sees far fewer tokens than the most-routed one
     assert summary["tokens_min"] * 4 < summary["tokens_max"], summary
     assert plot_expert_tokens(two.records, tmp_path / "tokens.png").read_bytes().startswith(b"\x89PNG")
