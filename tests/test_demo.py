@@ -3,15 +3,10 @@ and one table of every artifact's size and quality."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pytest
-
 from strata_quant.pipeline import cli
 from strata_quant.pipeline.config import load_config
 from strata_quant.pipeline.formats.gguf_mix import solves_mix
-
-needs_llamacpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python missing")
+from tests.test_check import needs_llamacpp
 
 
 def test_the_mix_job_is_the_default_jobs_model_and_calibration_as_a_solved_mix():
