@@ -211,11 +211,15 @@ def block_checkpoint_names(meta_model: nn.Module, layers_path: str, b: int) -> l
     return [n.removeprefix(prefix) for n in checkpoint_names(meta_model, prefix)]
 
 
-def check_expert_budget(max_expert_stats: int, expert_shapes: list[list[int]], node_bytes: float) -> None:
+def check_expert_budget(
+    max_expert_stats: int, expert_shapes: list[list[int]], node_bytes: float, gpu_bytes: dict[int, int] | None = None
+) -> None:
     """Refuse a statistics budget that cannot be kept: a worker holds at most ``max_expert_stats``
     experts' statistics, min(budget, E) · 8·(H² + I²) bytes for the widest MoE module ([E, H, I]
     each), which must fit in ``node_bytes`` (the Ray cluster's smallest node: a worker may land
-    on any). The budget is at least one (the config refuses less)."""
+    on any) and, where workers run on GPUs, in each one's free GPU memory (``gpu_bytes``: {rank:
+    bytes}, as the workers report it before block 0; the statistics live on the GPU). The budget
+    is at least one (the config refuses less)."""
     from strata_quant.pipeline.errors import ConfigError
     from strata_quant.workers.moe import expert_statistics_bytes
 
@@ -229,6 +233,13 @@ def check_expert_budget(max_expert_stats: int, expert_shapes: list[list[int]], n
                 f"statistics at hidden {hidden}, intermediate {intermediate} take {_size(held)}, more than "
                 f"the {_size(node_bytes)} of the Ray cluster's smallest node (lower the budget)"
             )
+        for rank, free in sorted((gpu_bytes or {}).items()):
+            if held > free:
+                raise ConfigError(
+                    f"quant.moe.max_expert_stats={max_expert_stats}: {min(max_expert_stats, experts)} experts' "
+                    f"statistics at hidden {hidden}, intermediate {intermediate} take {_size(held)}, more than "
+                    f"the {_size(free)} free on worker {rank}'s GPU (lower the budget)"
+                )
 
 
 def _size(n: float) -> str:

@@ -970,6 +970,13 @@ def _setup_workers(plan: RunPlan, actors: list, rec: _Recorder) -> None:
         )
         _collect([a.init_group.remote(address, port) for a in actors], setup, "worker setup", limit)
     check_store_seen(plan.store, cfg.run.store, plan.prefix, actors, rec.nodes, setup, limit)
+    if plan.job.moe_expert_shapes:  # the statistics budget against each worker's free GPU memory, before block 0
+        from strata_quant.pipeline.moe import check_expert_budget
+
+        free = _collect([a.device_memory.remote() for a in actors], setup, "worker setup", limit)
+        gpus = {rank: b for rank, b in enumerate(free) if b is not None}
+        if gpus:  # the nodes' memory was checked before the workers started
+            check_expert_budget(cfg.quant.moe.max_expert_stats, plan.job.moe_expert_shapes, math.inf, gpus)
     _collect([a.load_samples.remote(shard) for a, shard in zip(actors, plan.shards)], setup, "worker setup", limit)
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.moe_v3_run import expert_rows
+from strata_quant.pipeline.run import RayBlockWorker
 from strata_quant.workers.result import QuantSpec
 from tests.moe_results import moe_results, tiny_moe
 
@@ -295,6 +297,15 @@ def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tm
     waves = {(n.split(".")[2], entries[n]["expert_solve"]["wave"]) for n in experts}
     assert sorted(waves) == [("1", 0), ("1", 1), ("2", 0), ("2", 1)]
     assert {entries[n]["expert_solve"]["waves"] for n in experts} == {2}
+    for name in experts:  # the seconds the benchmark reads: the wave's statistics and reduce, the fused solve
+        solve = entries[name]["expert_solve"]
+        assert solve["fused_solve_s"] > 0 and solve["wave_stats_s"] > 0 and solve["wave_reduce_s"] >= 0, name
+        if name.endswith("gate_proj"):  # gate and up are one solve of their stacked matrix
+            up = entries[name.replace("gate_proj", "up_proj")]["expert_solve"]
+            assert up["fused_solve_s"] == solve["fused_solve_s"], name
+    rows = expert_rows(entries)
+    assert [(r["block"], r["expert"]) for r in rows] == [(b, e) for b in (1, 2) for e in range(4)]
+    assert all(r["gate_up_solve_s"] > 0 and r["down_solve_s"] > 0 for r in rows)
 
 
 def test_a_statistics_budget_below_one_expert_is_refused_before_block_0(tokenizer, tmp_path, capsys):
@@ -322,3 +333,43 @@ def test_a_statistics_budget_no_node_holds_is_refused_before_block_0(
     assert "quant.moe.max_expert_stats=2: 2 experts' statistics at hidden 64, intermediate 64" in msg
     assert "take 0.12 MiB, more than the 0.10 MiB of the Ray cluster's smallest node (lower the budget)" in msg
     assert_nothing_complete(tmp_path)
+
+
+class SmallGpuWorker(RayBlockWorker):
+    """A CPU worker that reports 100 kB free on a GPU, as a worker on a nearly full GPU would."""
+
+    def device_memory(self) -> int:
+        return 100_000
+
+
+def test_the_budget_is_checked_against_the_workers_gpu_memory():
+    """A budget whose statistics exceed one worker's free GPU memory is refused naming that worker; one that
+    fits every GPU passes; CPU workers (no GPU figures) leave only the nodes' check."""
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.pipeline.moe import check_expert_budget
+
+    shapes = [[256, 7168, 2048]]  # DeepSeek-V3: 424 MiB per expert
+    gib = 2**30
+    check_expert_budget(32, shapes, 1e15, {0: 80 * gib, 1: 14 * gib})  # 13.25 GiB fits both
+    with pytest.raises(ConfigError, match=r"13.2 GiB, more than the 13.0 GiB free on worker 1's GPU"):
+        check_expert_budget(32, shapes, 1e15, {0: 80 * gib, 1: 13 * gib})
+    check_expert_budget(32, shapes, 1e15, None)
+
+
+def test_a_statistics_budget_no_worker_gpu_holds_is_refused_before_block_0(tokenizer, tmp_path, ray_session):
+    """The workers report their free GPU memory at setup (here 100 kB, from a test worker on the CPU): two of the
+    tiny Mixtral's experts' statistics (0.12 MiB) are refused before block 0; one expert's (0.06 MiB) runs."""
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.pipeline.run import run_job
+    from tests.test_bad_input import assert_nothing_complete
+
+    folder = tiny_moe("mixtral", tokenizer, tmp_path / "model")
+    cfg = parse_config(moe_config(tmp_path / "two", folder, formats=("gptq",), moe={"max_expert_stats": 2}))
+    with pytest.raises(ConfigError, match=r"take 0.12 MiB, more than the 0.10 MiB free on worker 0's GPU"):
+        run_job(cfg, progress=False, worker_class=SmallGpuWorker)
+    assert_nothing_complete(tmp_path / "two")
+    cfg = parse_config(moe_config(tmp_path / "one", folder, formats=("gptq",), moe={"max_expert_stats": 1}))
+    outcome = run_job(cfg, progress=False, worker_class=SmallGpuWorker)
+    entries, _ = stored_results(tmp_path / "one" / "store", outcome.run_id)
+    assert {e["expert_solve"]["waves"] for n, e in entries.items() if ".experts." in n} == {4}

@@ -97,6 +97,13 @@ class BlockWorker:
     def rendezvous(self) -> int:
         return free_port()
 
+    def device_memory(self) -> int | None:
+        """Bytes free on this worker's GPU before any block is loaded (None on a CPU): what its statistics
+        budget must fit in, since the statistics live on the block's device."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.mem_get_info(self.device)[0])
+
     def init_group(self, address: str, port: int) -> None:
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"

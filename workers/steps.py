@@ -462,14 +462,22 @@ def run_solve_experts(w: BlockWorker, s: BlockState, step: SolveExperts) -> None
             if stats.accumulators:  # a wave of rounded experts gathers nothing
                 for x, r in zip(inputs, routes):
                     add_expert_statistics(moe, x, stats, decisions, route=r)
-        s.timings["stats"] += time.perf_counter() - t
+        stats_s = time.perf_counter() - t
+        s.timings["stats"] += stats_s
+        t = time.perf_counter()
         if stats is not None and w.group_ready:
-            t = time.perf_counter()
             for (e, _which), acc in sorted(stats.accumulators.items()):
                 dist.reduce(acc.sum, dst=owners[e])
-            s.timings["reduce"] += time.perf_counter() - t
+        reduce_s = time.perf_counter() - t
+        s.timings["reduce"] += reduce_s
         t = time.perf_counter()
-        wave_info = {"wave": i, "waves": len(waves), "stats_bytes": 0 if stats is None else stats.nbytes()}
+        wave_info = {
+            "wave": i,
+            "waves": len(waves),
+            "stats_bytes": 0 if stats is None else stats.nbytes(),
+            "wave_stats_s": stats_s,  # this worker's statistics of the whole wave (its own batches)
+            "wave_reduce_s": reduce_s,
+        }
         args = (owners, decisions, stats, counts.cpu(), int(tokens), set(wave), wave_info)
         solved.update(_solve_experts(w, s, step.moe, *args))
         del stats  # freed before the next wave's
@@ -525,14 +533,16 @@ def _solve_experts(
     """The owned experts solved per fused matrix (gate and up stacked: one H) with H = 2·S / n (n: the
     expert's routed tokens, or every token for ``all_tokens``), or rounded (``rtn``); each stored as its
     checkpoint linears (rows of the fused result), the record entry holding the expert's tokens and
-    decision, and (``expert_solve``) its owner, its wave and the statistics bytes this worker held in that
-    wave. Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
+    decision, and (``expert_solve``) its owner, its wave, the statistics bytes this worker held in that
+    wave, the wave's statistics and reduce seconds, and the seconds of its fused matrix's solve (gate and up
+    share one). Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
     job = w.job
     experts = s.layer.get_submodule(moe_name).experts
     prefix = f"{moe_name}.experts."
     sources = {k: v for k, v in job.expert_sources.items() if v[0].startswith(prefix)}
     solved: dict[tuple[str, int], QuantizedLinear] = {}
     hessians: dict[tuple[str, int], torch.Tensor | None] = {}
+    solve_s: dict[tuple[str, int], float] = {}
     for param, e, _first, _end in sources.values():
         if owners[e] != w.rank or e not in wave or (param, e) in solved:
             continue
@@ -541,14 +551,18 @@ def _solve_experts(
         if len(specs) != 1:
             raise ValueError(f"block {s.b} {param}[{e}]: its stacked linears ask for different grids")
         spec = specs.pop()
+        t = time.perf_counter()
         if decisions[e] == RTN:
             hessians[(param, e)] = None
             solved[(param, e)] = quantize_group("rtn", weight, None, spec, job.method_options())
-            continue
-        acc = stats.accumulators[(e, param.rsplit(".", 1)[1])]
-        n_rows = int(counts[e]) if decisions[e] == ROUTED else tokens
-        hessians[(param, e)] = acc.hessian(total_count=n_rows)
-        solved[(param, e)] = quantize_group(job.method, weight, hessians[(param, e)], spec, job.method_options())
+        else:
+            acc = stats.accumulators[(e, param.rsplit(".", 1)[1])]
+            n_rows = int(counts[e]) if decisions[e] == ROUTED else tokens
+            hessians[(param, e)] = acc.hessian(total_count=n_rows)
+            solved[(param, e)] = quantize_group(job.method, weight, hessians[(param, e)], spec, job.method_options())
+        if weight.is_cuda:
+            torch.cuda.synchronize(weight.device)  # the solve's own seconds, not its launch
+        solve_s[(param, e)] = time.perf_counter() - t
     for name, (param, e, first, end) in sources.items():
         if (param, e) not in solved:
             continue
@@ -556,7 +570,7 @@ def _solve_experts(
         weight = getattr(experts, param.rsplit(".", 1)[1])[e, first:end].detach().float()
         entry = w.writer.result(s.b, name, part, weight, part.dequantize(), hessians[(param, e)])
         entry["expert"] = {"index": e, "tokens": int(counts[e]), "decision": decisions[e]}
-        entry["expert_solve"] = {"owner": w.rank, **wave_info}
+        entry["expert_solve"] = {"owner": w.rank, **wave_info, "fused_solve_s": solve_s[(param, e)]}
         s.outputs.append(entry)
     return solved
 
