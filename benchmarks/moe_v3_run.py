@@ -128,6 +128,7 @@ def expert_rows(entries: dict) -> list[dict]:
             },
         )
         row["down_solve_s" if name.endswith("down_proj") else "gate_up_solve_s"] = s.get("fused_solve_s")
+        row["result_s"] = row.get("result_s", 0.0) + s.get("result_s", 0.0)  # its linears' result writing
     return [rows[k] for k in sorted(rows)]
 
 
@@ -172,6 +173,7 @@ def summary(out: dict, args) -> dict:
         return sum(r[key] for r in solved) / len(solved) if solved else None
 
     return {
+        "result_s_mean": mean("result_s"),
         "expert_statistics_mib": each / 2**20,
         "statistics_budget_mib": budget / 2**20,
         "statistics_held_max_mib": max((r["stats_bytes"] for r in out["experts"]), default=0) / 2**20,

@@ -42,7 +42,8 @@ class MoeConfig(_Strict):
     tokens the model's own router sends it; an expert with fewer than ``min_tokens`` of them (never fewer
     than one) gets the policy's decision, recorded per expert in the block record. A worker holds the
     statistics of at most ``max_expert_stats`` experts at once; the run refuses, before block 0, a budget whose
-    statistics do not fit in the memory of the Ray cluster's smallest node."""
+    statistics do not fit in the memory of the Ray cluster's smallest node or, on GPUs, in any worker's free GPU
+    memory."""
 
     min_tokens: int = Field(1, ge=0, description="routed calibration tokens an expert needs for its own statistics")
     policy: Literal["all_tokens", "rtn", "fail"] = Field(

@@ -300,6 +300,7 @@ def test_tiny_deepseek_v3_runs_its_routed_experts_as_the_reference(tokenizer, tm
     for name in experts:  # the seconds the benchmark reads: the wave's statistics and reduce, the fused solve
         solve = entries[name]["expert_solve"]
         assert solve["fused_solve_s"] > 0 and solve["wave_stats_s"] > 0 and solve["wave_reduce_s"] >= 0, name
+        assert solve["result_s"] > 0, name
         if name.endswith("gate_proj"):  # gate and up are one solve of their stacked matrix
             up = entries[name.replace("gate_proj", "up_proj")]["expert_solve"]
             assert up["fused_solve_s"] == solve["fused_solve_s"], name

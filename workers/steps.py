@@ -534,8 +534,8 @@ def _solve_experts(
     expert's routed tokens, or every token for ``all_tokens``), or rounded (``rtn``); each stored as its
     checkpoint linears (rows of the fused result), the record entry holding the expert's tokens and
     decision, and (``expert_solve``) its owner, its wave, the statistics bytes this worker held in that
-    wave, the wave's statistics and reduce seconds, and the seconds of its fused matrix's solve (gate and up
-    share one). Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
+    wave, the wave's statistics and reduce seconds, the seconds of its fused matrix's solve (gate and up
+    share one) and of writing this linear's result (its output error terms, packing, the upload queued). Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
     job = w.job
     experts = s.layer.get_submodule(moe_name).experts
     prefix = f"{moe_name}.experts."
@@ -566,11 +566,13 @@ def _solve_experts(
     for name, (param, e, first, end) in sources.items():
         if (param, e) not in solved:
             continue
+        t = time.perf_counter()
         part = solved[(param, e)].rows(first, end)
         weight = getattr(experts, param.rsplit(".", 1)[1])[e, first:end].detach().float()
         entry = w.writer.result(s.b, name, part, weight, part.dequantize(), hessians[(param, e)])
         entry["expert"] = {"index": e, "tokens": int(counts[e]), "decision": decisions[e]}
-        entry["expert_solve"] = {"owner": w.rank, **wave_info, "fused_solve_s": solve_s[(param, e)]}
+        solve = {"owner": w.rank, **wave_info, "fused_solve_s": solve_s[(param, e)]}
+        entry["expert_solve"] = {**solve, "result_s": time.perf_counter() - t}  # its error terms, packing, upload
         s.outputs.append(entry)
     return solved
 
