@@ -178,6 +178,7 @@ def summary(out: dict, args) -> dict:
         "statistics_budget_mib": budget / 2**20,
         "statistics_held_max_mib": max((r["stats_bytes"] for r in out["experts"]), default=0) / 2**20,
         "peak_rss_mib_by_rank": moe["peak_rss_mib_by_rank"],
+        **({"peak_gpu_mib_by_rank": moe["peak_gpu_mib_by_rank"]} if "peak_gpu_mib_by_rank" in moe else {}),
         "gate_up_solve_s_mean": mean("gate_up_solve_s"),
         "down_solve_s_mean": mean("down_solve_s"),
         "routed_tokens": routed,
