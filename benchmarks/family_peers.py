@@ -20,7 +20,7 @@ Every row is scored by pipeline.eval.evaluate against the fp32 reference on the 
 unlike the calibration (:data:`FAMILIES`: Python's standard library source for the code model, the
 King James Bible otherwise). The table gives ppl, Δppl, KLD and top-1 per text and the ratio
 strata Δppl / GPTQModel Δppl (the bar: ≤ 0.8). The JSON (rows, text and calibration SHA-256,
-command, commit, machine) goes to benchmarks/results/family-peers-<model>-w4g<G>.json.
+command, commit, machine) goes to benchmarks/results/family-peers-<model without dots>-w4g<G>.json.
 Quantized rows are kept under out/peers/table/ (a rerun scores them again without requantizing).
 """
 
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2, help="strata's Ray workers")
     parser.add_argument("--per-call", type=int, default=2, help="rows scored per reference pass")
     parser.add_argument("--skip", default="", help="tools left out (strata,gptqmodel)")
-    parser.add_argument("--out", help="the JSON (default: benchmarks/results/family-peers-<model>-w4g<G>.json)")
+    parser.add_argument(
+        "--out", help="the JSON (default: benchmarks/results/family-peers-<model without dots>-w4g<G>.json)"
+    )
     args = parser.parse_args(argv)
     if args.model not in FAMILIES:
         parser.error(f"unknown family model {args.model!r} (known: {', '.join(FAMILIES)})")
@@ -188,7 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result.update(command=" ".join(["python -m benchmarks.family_peers", *(argv or sys.argv[1:])]))
     result.update(commit=commit.stdout.strip(), machine=machine(), load_avg=os.getloadavg()[0])
-    out = Path(args.out) if args.out else RESULTS / f"family-peers-{args.model[8:]}-w4g{args.group_size}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else RESULTS / f"family-peers-{args.model[8:].replace('.', '')}-w4g{args.group_size}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     cal = result["calibration"]
