@@ -353,7 +353,7 @@ def quality(args) -> None:
 
 # ---------------------------------------------------------------------------- the side-by-side table
 
-SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w4g32": (4, 32)}
+SETTINGS = {"w4g64": (4, 64), "w3g64": (3, 64), "w4g32": (4, 32), "w4g128": (4, 128)}
 STRATA_CONFIGS = {  # each method's shipped config; bits / group / calibration overridden per row
     "gptq": "configs/smollm2-135m-gptq-w4g64.yaml",
     "awq": "configs/smollm2-135m-awq-w4g64.yaml",
@@ -485,7 +485,8 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
         cmd = [str(ROOT / ".venv-gptqmodel" / "bin" / "python"), str(ROOT / "benchmarks" / "peers_gptqmodel.py")]
         cmd += ["--model", str(model_dir), "--ids", str(ids_path), "--out", str(folder), "--method", method]
         cmd += ["--bits", str(bits), "--group-size", str(group), "--threads", str(args.threads), "--dtype", "float32"]
-        subprocess.run(cmd, check=True, env={**env, "GPTQMODEL_CPU_WORKERS": str(args.threads)})
+        if not (folder / "peers-gptqmodel.json").is_file():  # a finished checkpoint is decoded, not redone
+            subprocess.run(cmd, check=True, env={**env, "GPTQMODEL_CPU_WORKERS": str(args.threads)})
         from safetensors.torch import save_file
 
         save_file(gptqmodel_row_tensors(folder, method), str(row))
