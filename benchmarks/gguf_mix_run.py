@@ -102,9 +102,10 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     return files
 
 
-def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int) -> dict[str, dict]:
+def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int, label: str = "") -> dict[str, dict]:
     """{label: ppl, Δppl, KLD, top-1} of every file against ``src`` on ``windows``, each from an empty context; the
     models are loaded side by side so the reference's distribution is computed once per window."""
+    t0 = time.perf_counter()
     from strata_quant.pipeline.verify import llamacpp_logits, load_llamacpp
 
     t = int(windows.shape[1])
@@ -124,6 +125,9 @@ def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int
             kld[k] += float((ref.exp() * (ref - logp)).sum())  # Σ_t KL(p_ref,t ‖ p_t)
             top1[k] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
         count += len(window) - 1
+        done = count // (len(window) - 1)
+        if done % 8 == 0:  # a 32-window pass takes tens of minutes on a loaded 2-core machine
+            print(f"  {label}: {done}/{len(windows)} windows, {time.perf_counter() - t0:.0f} s", flush=True)
     del models
     ppl_ref = math.exp(nll["ref"] / count)
     out = {"reference": {"ppl": ppl_ref, "bytes": src.stat().st_size}}
@@ -146,26 +150,37 @@ def tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
-def table(scores: dict, mixes: list[str], windows: int, tensors: dict[str, dict[str, int]] | None = None) -> list[str]:
+def table(
+    scores: dict,
+    mixes: list[str],
+    windows: int,
+    tensors: dict[str, dict[str, int]] | None = None,
+    sizes: dict[str, dict[str, int]] | None = None,
+) -> list[str]:
     """The markdown table of every file, then one verdict line per mix (``tensors``: {mix: {kind: tensor data
-    bytes}}, said beside the file sizes where given)."""
+    bytes}}, said beside the file sizes where given; ``sizes``: {mix: {kind: file bytes}} of every file made, a
+    file not scored at ``windows`` listed with its size and no score)."""
     head = "| mix | file | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in TEXTS) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(TEXTS))]
     verdicts = []
     for mix in mixes:
         per = {t: scores[f"{mix}/{t}/{windows}"] for t in TEXTS}
-        for kind in [k for k in KINDS if k in per["Persuasion"]]:
-            cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in TEXTS)
-            lines.append(f"| {mix} | {kind} | {per['Persuasion'][kind]['bytes']:,} | {cells} |")
+        size_of = (sizes or {}).get(mix) or {k: v["bytes"] for k, v in per["Persuasion"].items() if k in KINDS}
+        for kind in [k for k in KINDS if k in size_of]:
+            if all(kind in per[t] for t in TEXTS):
+                cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in TEXTS)
+            else:
+                cells = " | ".join("not scored | —" for _ in TEXTS)
+            lines.append(f"| {mix} | {kind} | {size_of[kind]:,} | {cells} |")
         s = {t: per[t][KINDS[0]] for t in TEXTS}
         parts = []
         for anchor in (KINDS[3], KINDS[2]):
-            if anchor in per["Persuasion"]:
+            if all(anchor in per[t] for t in TEXTS):
                 r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in TEXTS}
                 met = all(0 < v <= target(mix) for v in r.values())
                 ratios = " / ".join(f"{v:.2f}×" for v in r.values())
                 parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
-        size = s["Persuasion"]["bytes"] - per["Persuasion"][KINDS[1]]["bytes"]
+        size = size_of[KINDS[0]] - size_of[KINDS[1]]
         line = (f"- {mix}: strata Δppl Persuasion / KJV " + "; ".join(parts)
                 + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
         if tensors and mix in tensors:
@@ -190,7 +205,7 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path) -> None:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=kind)
         for m in mixes:
-            p = scores[f"{m}/{t}/{windows}"][KINDS[1]]
+            p = scores[f"{m}/{t}/{windows}"][KINDS[0]]
             ax.annotate(m, (p["bytes"] / 1e6, 100 * p["dppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("file size (MB)")
@@ -217,6 +232,12 @@ def main() -> None:
         "--run-imatrix-at",
         default="all",
         help="mixes (comma-separated, or all) also quantized by llama.cpp with the run's imatrix (a file each to score)",
+    )
+    ap.add_argument(
+        "--score",
+        default="all",
+        help="the kinds scored, comma-separated indices into KINDS (0 strata, 1 llama.cpp, 2 + run's imatrix, "
+        "3 + llama-imatrix) or all; every file is still made and its size listed",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -246,21 +267,24 @@ def main() -> None:
         imatrix_llama = llama_imatrix(src, cal, tok, out, args.threads)
     saved = out / "scores.json"
     scores = json.loads(saved.read_text()) if saved.exists() else {}
+    chosen = KINDS if args.score == "all" else tuple(KINDS[int(i)] for i in args.score.split(","))
     for mix in mixes:
-        files = mix_files(out, src, mix, args, imatrix_llama)
+        files = {k: f for k, f in mix_files(out, src, mix, args, imatrix_llama).items() if k in chosen}
         for t, windows in held.items():
             key = f"{mix}/{t}/{w}"
             if key not in scores or set(files) - set(scores[key]):
                 t0 = time.perf_counter()
-                scores[key] = score(src, files, windows, args.threads)
+                scores[key] = score(src, files, windows, args.threads, key)
                 saved.write_text(json.dumps(scores, indent=1))
                 print(f"scored {key} in {time.perf_counter() - t0:.0f} s", flush=True)
     ref = {t: scores[f"{mixes[0]}/{t}/{w}"]["reference"]["ppl"] for t in TEXTS}
     print(
         f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())
     )
-    tensors = {m: {k: tensor_bytes(f) for k, f in mix_files(out, src, m, args, imatrix_llama).items()} for m in mixes}
-    print("\n".join(table(scores, mixes, w, tensors)))
+    made = {m: mix_files(out, src, m, args, imatrix_llama) for m in mixes}
+    tensors = {m: {k: tensor_bytes(f) for k, f in made[m].items()} for m in mixes}
+    sizes = {m: {k: f.stat().st_size for k, f in made[m].items()} for m in mixes}
+    print("\n".join(table(scores, mixes, w, tensors, sizes)))
     if args.plot:
         plot(scores, mixes, w, Path(args.plot))
 

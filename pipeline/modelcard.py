@@ -84,6 +84,9 @@ def _carry_line(check: dict | None) -> str | None:
     t = check.get("gguf_type") or "?"
     if carry == "exact":
         return f"{t}: carries the solver's codes and scales exactly (bit-exact on reload)"
+    types = ", ".join(f"{k} ×{v}" for k, v in sorted((check.get("linear_types") or {}).items()))
+    if carry == "solved":  # a llama.cpp mix solved by strata: each linear's codes are the solver's, on its own type
+        return f"{t}: every linear solved by strata on the type llama.cpp's mix gives it (bit-exact on reload; {types})"
     err = check.get("weight_error") or {}
     measured = (
         f"max |Δ| {err.get('max_abs', float('nan')):.3g}, mean |Δ| {err.get('mean_abs', float('nan')):.3g}, "
@@ -91,7 +94,6 @@ def _carry_line(check: dict | None) -> str | None:
     )
     if carry == "nearly":
         return f"{t}: the solver's codes and scales with the offset −scale·z rounded to fp16 ({measured})"
-    types = ", ".join(f"{k} ×{v}" for k, v in sorted((check.get("linear_types") or {}).items()))
     return (
         f"{t}: **re-quantized** by llama.cpp from {check.get('source_type') or 'the dequantized solver output'} "
         f"— not the solver's rounding ({measured}; linear types: {types})"

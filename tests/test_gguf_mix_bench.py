@@ -36,3 +36,18 @@ def test_verdicts_follow_the_ratios_and_sizes():
         and "size ≤ llama.cpp's (+0 bytes), tensor data ≤ llama.cpp's (+0 bytes)" in q4
     )
     assert "0.72× / 0.72× (NOT met, bar 0.7×)" in q3 and q3.endswith("size > llama.cpp's (+1 bytes)")
+
+
+def test_files_not_scored_are_listed_by_size_and_sized_against_llamacpp():
+    """Scoring only strata and llama-imatrix's file (--score 0,3): the plain llama.cpp file is still listed and the
+    size verdict reads it from the sizes of the files made."""
+    scores = {
+        k: {kind: v[kind] for kind in (KINDS[0], KINDS[3])} for k, v in _scores("Q2_K", 0.02, 0.03, 100, 99).items()
+    }
+    sizes = {"Q2_K": {KINDS[0]: 100, KINDS[1]: 99, KINDS[3]: 101}}
+    lines = table(scores, ["Q2_K"], 16, None, sizes)
+    assert "| Q2_K | llama.cpp | 99 | not scored | — | not scored | — |" in lines
+    assert sum(line.startswith("| Q2_K |") for line in lines) == 3
+    verdict = next(line for line in lines if line.startswith("- Q2_K"))
+    assert "0.67× / 0.67× (met, bar 0.7×)" in verdict and "run's imatrix" not in verdict
+    assert verdict.endswith("size > llama.cpp's (+1 bytes)")
