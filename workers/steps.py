@@ -535,7 +535,8 @@ def _solve_experts(
     checkpoint linears (rows of the fused result), the record entry holding the expert's tokens and
     decision, and (``expert_solve``) its owner, its wave, the statistics bytes this worker held in that
     wave, the wave's statistics and reduce seconds, the seconds of its fused matrix's solve (gate and up
-    share one) and of writing this linear's result (its output error terms, packing, the upload queued). Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
+    share one) and of writing this linear's result (its output error terms, packing, the upload queued).
+    Only the experts of ``wave`` are solved. Returns {(param, e): result} of the experts solved here."""
     job = w.job
     experts = s.layer.get_submodule(moe_name).experts
     prefix = f"{moe_name}.experts."
