@@ -180,7 +180,12 @@ def load_gguf_transformers(path: str | Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    from strata_quant.pipeline.formats.gguf import transformers_config
+
+    config = transformers_config(path)
+    return AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+    ).eval()
 
 
 def with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:

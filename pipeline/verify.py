@@ -518,7 +518,10 @@ def _transformers_cross_check(path: Path, reader: CheckpointReader, gguf: GGUFTe
 
     from strata_quant.pipeline.formats import gguf as gguf_format
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    config = gguf_format.transformers_config(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+    ).eval()
     state = model.state_dict()
     for name in reader.tensor_names:
         if gguf_format.skipped(name):

@@ -835,6 +835,20 @@ def read_metadata(path: str | os.PathLike[str], prefix: str = "strata.") -> dict
     return {k: f.contents() for k, f in fields.items() if k.startswith(prefix)}
 
 
+def transformers_config(path: Path):
+    """transformers' config of the GGUF with the head width the file states. transformers' GGUF reader maps no
+    ``<arch>.attention.key_length``, so it builds e.g. Qwen3 with Qwen3Config's default head_dim 128 whatever the
+    file holds; llama.cpp reads the key, and so must the reader we compare it with."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    keys = read_metadata(path, prefix="")
+    width = keys.get(f"{keys.get('general.architecture')}.attention.key_length")
+    if width is not None and getattr(config, "head_dim", None) not in (None, int(width)):
+        config.head_dim = int(width)
+    return config
+
+
 class GGUFStreamWriter:
     """A Llama GGUF written tensor by tensor: infos first, then the header, then the data in info order."""
 
