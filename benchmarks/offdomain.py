@@ -22,11 +22,13 @@ tokens' SHA-256), so ``--only`` can run a few rows at a time without recollectin
 The anchors: RTN, and llama.cpp's own Q4_0 with and without an importance matrix of the same Emma
 tokens (llama-quantize, as benchmarks/gguf_mix_file.py runs it), its decoder linears read back by
 transformers into the same fp32 model, so every row differs from the reference in the same tensors.
+Each row's ratio is against the imatrix Q4_0 of that row's own calibration tokens (the mix and
+fewer-windows rows get an anchor of their own).
 
 True-sequential inputs need a real run (each stage on quantized inputs); compare
 ``strata run ... --set quant.true_sequential=false`` there.
 
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.offdomain --calib 32 --few 8 --windows 16
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.offdomain --calib 32 --few 8 --windows 4 [--only a,b]
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ def variants(calib_windows: int, few: int) -> dict[str, tuple[str, int, dict]]:
     out["mix"] = ("mix", calib_windows, BASE)
     out[f"{few} windows"] = ("Emma", few, BASE)
     out["mix + weighted grid"] = ("mix", calib_windows, {**BASE, "mse_weight": "hessian"})
+    out["shrink α=1 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 1.0, "mse_weight": "hessian"})
+    out["shrink α=0.1 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.1, "mse_weight": "hessian"})
+    out["shrink α=0.3 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.3, "mse_weight": "hessian"})
+    both = {**BASE, "diag_shrink": 0.2, "mse_weight": "hessian"}
+    out["mix, shrink α=0.2 + weighted grid"] = ("mix", calib_windows, both)
+    out[f"{few} windows, shrink α=0.2 + weighted grid"] = ("Emma", few, both)
     return out
 
 
@@ -239,8 +247,14 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|", flush=True)
 
-    def score(name: str, weights: dict[str, torch.Tensor], calib: str) -> None:
-        """One row against the reference's kept logits, printed (and written) at once."""
+    def anchor_name(calib: str, n_win: int) -> str:
+        """llama.cpp's imatrix row of that calibration (the protocol's Emma × --calib: the plain name)."""
+        plain = (calib, n_win) == ("Emma", args.calib)
+        return "llama.cpp Q4_0 + imatrix" + ("" if plain else f" ({calib} {n_win} × {args.seq_len})")
+
+    def score(name: str, weights: dict[str, torch.Tensor], calib: str, anchor: str = "") -> None:
+        """One row against the reference's kept logits, printed (and written) at once; its ratios
+        against ``anchor`` (llama.cpp's imatrix Q4_0 from the same calibration tokens)."""
         model, row = with_weights(ref, weights), {}
         for text, wins in held.items():
             r = evaluate({"fp32": cached[text], name: model}, wins, reference="fp32")
@@ -248,28 +262,32 @@ def main() -> None:
                 100 * r[name]["ppl_increase"], r[name]["kld"], r["fp32"]["ppl"]
             )  # fmt: skip
         del model
+        row["anchor"] = anchor or name
         rows[name] = row
-        anchor = rows.get("llama.cpp Q4_0 + imatrix", row)
-        ratio = " | ".join(f"{row[t] / anchor[t]:.2f}×" for t in held)
+        base = rows.get(anchor or name, row)
+        ratio = " | ".join(f"{row[t] / base[t]:.2f}×" for t in held)
         cells = " | ".join([f"{row[t]:+.2f} %" for t in held] + [f"{row[t + ' kld']:.4f}" for t in held])
         print(f"| {name} | {calib} | {cells} | {ratio} |", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
-    if (TOOLS / "llama-quantize").exists():  # the anchors, from Emma's statistics (the protocol's calibration)
-        with tempfile.TemporaryDirectory() as tmp:
-            h = hessians_of("Emma", args.calib)
-            anchors = llamacpp_q4_0(ref, h, args.calib * args.seq_len, Path(tmp))
-        score(
-            "llama.cpp Q4_0 + imatrix", anchors.pop("llama.cpp Q4_0 + imatrix"), f"Emma {args.calib} × {args.seq_len}"
-        )
-        for name, w in anchors.items():
-            score(name, w, "—")
-    score("RTN W4 g32", rtn_weights(ref, spec), "—")  # the cheap rows first: the solver rows take minutes
+    have_llamacpp = (TOOLS / "llama-quantize").exists()
+    plain = ("Emma", args.calib)
+    for calib, n_win in dict.fromkeys([plain, *((c, w) for c, w, _ in chosen.values())]) if have_llamacpp else ():
+        with tempfile.TemporaryDirectory() as tmp:  # one imatrix anchor per calibration the rows use
+            h = hessians_of(calib, n_win)
+            anchors = llamacpp_q4_0(ref, h, n_win * args.seq_len, Path(tmp))
+        name = anchor_name(calib, n_win)
+        score(name, anchors.pop("llama.cpp Q4_0 + imatrix"), f"{calib} {n_win} × {args.seq_len}")
+        if (calib, n_win) == plain:
+            score("llama.cpp Q4_0 (no imatrix)", anchors["llama.cpp Q4_0 (no imatrix)"], "—", name)
+    first = anchor_name(*plain) if have_llamacpp else ""
+    score("RTN W4 g32", rtn_weights(ref, spec), "—", first)  # the cheap rows first: the solver rows take minutes
     weights = {n: m.weight.data.float().clone() for n, m in decoder_linears(ref).items()}
     for name, (calib, n_win, opts) in chosen.items():
-        score(name, solve_all(weights, hessians_of(calib, n_win), spec, opts), label[name])
+        anchor = anchor_name(calib, n_win) if have_llamacpp else ""
+        score(name, solve_all(weights, hessians_of(calib, n_win), spec, opts), label[name], anchor)
     ppl = {t: f"{rows['RTN W4 g32'][t + ' ppl_ref']:.3f}" for t in held}
     print(
         f"\nSmolLM2-135M W4 g32 sym (the Q4_0 grid), each linear solved on the float model's inputs; held out "
