@@ -22,6 +22,11 @@ King James Bible otherwise). The table gives ppl, Δppl, KLD and top-1 per text 
 strata Δppl / GPTQModel Δppl (the bar: ≤ 0.8). The JSON (rows, text and calibration SHA-256,
 command, commit, machine) goes to benchmarks/results/family-peers-<model without dots>-w4g<G>.json.
 Quantized rows are kept under out/peers/table/ (a rerun scores them again without requantizing).
+
+``--quant KEY=VALUE`` overrides strata's solver (the config's ``quant:`` section, checked before any
+work; its own row file and run name, and ``--out`` required so the stored figures stay);
+``--peers-from`` takes the skipped tools' rows from a stored result scored on the same ids,
+windows and texts (checked, and the fp16 ppl must agree).
 """
 
 from __future__ import annotations
@@ -117,6 +122,28 @@ def quantize_rows(args, model_dir: Path, ids_path: Path) -> dict[str, Path]:
     return out
 
 
+def adopt_rows(result: dict, stored: dict, source: str) -> None:
+    """The rows of ``stored`` missing from ``result`` (the tools skipped here), only when both were
+    scored on the same texts, windows and calibration ids; the fp16 ppl must agree to 1e-6
+    (the same reference on the same windows), else nothing is taken and the reason raised."""
+    same = (
+        stored["calibration_ids_sha256"] == result["calibration_ids_sha256"]
+        and stored["eval_windows"] == result["eval_windows"]
+        and [t["sha256"] for t in stored["texts"]] == [t["sha256"] for t in result["texts"]]
+        and stored["grid"] == result["grid"]
+    )
+    if not same:
+        raise SystemExit(f"--peers-from {source}: other texts, windows, grid or calibration ids; rows not comparable")
+    for label, rows in result["scores"].items():
+        ref, kept = rows["fp16"]["ppl"], stored["scores"][label]["fp16"]["ppl"]
+        if abs(ref - kept) > 1e-6 * ref:
+            raise SystemExit(f"--peers-from {source}: fp16 ppl on {label} {kept} here {ref}; rows not comparable")
+        for row, r in stored["scores"][label].items():
+            rows.setdefault(row, r)
+    for row, meta in stored.get("meta", {}).items():
+        result["meta"].setdefault(row, {**meta, "from": source, "commit": stored.get("commit")})
+
+
 def run(args) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -175,6 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--per-call", type=int, default=2, help="rows scored per reference pass")
     parser.add_argument("--skip", default="", help="tools left out (strata,gptqmodel)")
     parser.add_argument(
+        "--quant", action="append", help="strata's solver: KEY=VALUE of the config's quant: section (repeatable)"
+    )
+    parser.add_argument(
+        "--peers-from", help="a stored result JSON: its rows of the tools skipped here, when windows and ids match"
+    )
+    parser.add_argument(
         "--out", help="the JSON (default: benchmarks/results/family-peers-<model without dots>-w4g<G>.json)"
     )
     args = parser.parse_args(argv)
@@ -182,11 +215,25 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown family model {args.model!r} (known: {', '.join(FAMILIES)})")
     args.off_domain, args.model = FAMILIES[args.model], f"fixture:{args.model}"
     args.skip = set(filter(None, args.skip.split(",")))
+    if args.quant and not args.out:  # the stored default-solver figures are not overwritten
+        parser.error("--quant needs --out (a JSON name of its own)")
     sys.path.insert(0, str(ROOT))
     import benchmarks  # noqa: F401  (binds strata_quant to this checkout where it is not installed)
+    from benchmarks import peers
     from benchmarks.common import machine
+    from strata_quant.pipeline.config import ConfigError, load_config
+
+    args.quant_overrides = peers.parse_quant(args.quant)
+    try:  # before any work: an unknown key or a bad value names itself here
+        load_config(ROOT / peers.STRATA_CONFIGS["gptq"], {f"quant.{k}": v for k, v in args.quant_overrides.items()})
+    except ConfigError as err:
+        parser.error(f"--quant: {err}")
+    stored = json.loads(Path(args.peers_from).read_text()) if args.peers_from else None
 
     result = run(args)
+    result["quant_overrides"] = args.quant_overrides
+    if stored is not None:
+        adopt_rows(result, stored, args.peers_from)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     result.update(command=" ".join(["python -m benchmarks.family_peers", *(argv or sys.argv[1:])]))
     result.update(commit=commit.stdout.strip(), machine=machine(), load_avg=os.getloadavg()[0])
@@ -200,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     cal = result["calibration"]
     print(f"# {args.model}, {result['grid']}, calibration {cal['windows']} × {cal['seq_len']} of Emma (same ids)")
     print(f"# {args.eval_windows} × 512 windows per text; {result['machine']}; commit {result['commit']}")
+    if args.quant_overrides:
+        print(f"# strata's solver with quant overrides {args.quant_overrides}")
+    if stored is not None:
+        print(f"# rows not run here read from {args.peers_from} (same ids, windows and texts)")
     print(render(result))
     print(f"# JSON: {out}")
     return result

@@ -12,22 +12,29 @@ the demo's solver (damp 0.01, act-order with static groups, MSE scale grid of 10
 * ``act-order off`` / ``min/max scales`` (mse_grid 0);
 * ``weighted grid``: the MSE scale search weights each input's error by diag(H) (mean x², the
   statistic of llama.cpp's importance matrix), before the error feedback (static groups);
-* ``shrink α``: H ← (1 − α)·H + α·diag(H) (``quant.diag_shrink``; α = 1: no error feedback);
+* ``shrink α``: H ← (1 − α)·H + α·diag(H) (``quant.diag_shrink``; α = 1: no error feedback),
+  alone and with the weighted grid;
 * the calibration text: *Emma* or the mix (``fixture:calib-mix``), and fewer windows.
+
+The Hessians are kept between invocations (``--hessians``, safetensors named by the calibration
+tokens' SHA-256), so ``--only`` can run a few rows at a time without recollecting them.
 
 The anchors: RTN, and llama.cpp's own Q4_0 with and without an importance matrix of the same Emma
 tokens (llama-quantize, as benchmarks/gguf_mix_file.py runs it), its decoder linears read back by
 transformers into the same fp32 model, so every row differs from the reference in the same tensors.
+Each row's ratio is against the imatrix Q4_0 of that row's own calibration tokens (the mix and
+fewer-windows rows get an anchor of their own).
 
 True-sequential inputs need a real run (each stage on quantized inputs); compare
 ``strata run ... --set quant.true_sequential=false`` there.
 
-    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.offdomain --calib 32 --few 8 --windows 16
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.offdomain --calib 32 --few 8 --windows 4 [--only a,b]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -76,6 +83,23 @@ def hessians(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]
     out = {n: 2 * s / tokens for n, s in sums.items()}
     for n in lin:
         out.setdefault(n, out[_reader(n)])
+    return out
+
+
+def cached_hessians(model: nn.Module, windows: torch.Tensor, path: Path | None) -> dict[str, torch.Tensor]:
+    """:func:`hessians`, kept in ``path`` (safetensors, one matrix per reading linear) when given: a
+    later invocation with the same model, text and windows reads them instead of recomputing."""
+    from safetensors.torch import load_file, save_file
+
+    if path is not None and path.exists():
+        kept = load_file(str(path))
+        lin = decoder_linears(model)
+        return {n: kept[_reader(n)] for n in lin}
+    out = hessians(model, windows)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readers = {_reader(n) for n in out}
+        save_file({n: out[n].contiguous() for n in sorted(readers)}, str(path))
     return out
 
 
@@ -145,14 +169,22 @@ def variants(calib_windows: int, few: int) -> dict[str, tuple[str, int, dict]]:
     out = {"demo solver": ("Emma", calib_windows, BASE)}
     out["MSE grid weighted by diag H"] = ("Emma", calib_windows, {**BASE, "mse_weight": "hessian"})
     out["shrink α=0.2"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.2})
-    out["mix"] = ("mix", calib_windows, BASE)
+    out["shrink α=0.5"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.5})
     out["shrink α=1 (no error feedback)"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 1.0})
+    out["shrink α=0.2 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.2, "mse_weight": "hessian"})
+    out["shrink α=0.5 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.5, "mse_weight": "hessian"})
+    out["damp 0.1"] = ("Emma", calib_windows, {**BASE, "damp": 0.1})
     out["act-order off"] = ("Emma", calib_windows, {**BASE, "act_order": False})
     out["min/max scales (no MSE grid)"] = ("Emma", calib_windows, {**BASE, "mse_grid": 0})
-    out["damp 0.1"] = ("Emma", calib_windows, {**BASE, "damp": 0.1})
-    out["shrink α=0.5"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.5})
+    out["mix"] = ("mix", calib_windows, BASE)
     out[f"{few} windows"] = ("Emma", few, BASE)
-    out["mix, weighted grid"] = ("mix", calib_windows, {**BASE, "mse_weight": "hessian"})
+    out["mix + weighted grid"] = ("mix", calib_windows, {**BASE, "mse_weight": "hessian"})
+    out["shrink α=1 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 1.0, "mse_weight": "hessian"})
+    out["shrink α=0.1 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.1, "mse_weight": "hessian"})
+    out["shrink α=0.3 + weighted grid"] = ("Emma", calib_windows, {**BASE, "diag_shrink": 0.3, "mse_weight": "hessian"})
+    both = {**BASE, "diag_shrink": 0.2, "mse_weight": "hessian"}
+    out["mix, shrink α=0.2 + weighted grid"] = ("mix", calib_windows, both)
+    out[f"{few} windows, shrink α=0.2 + weighted grid"] = ("Emma", few, both)
     return out
 
 
@@ -164,6 +196,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
     parser.add_argument("--json", default="", help="also write the rows here (after each row)")
+    parser.add_argument(
+        "--hessians",
+        default=str(fixtures.cache_dir() / "offdomain-hessians"),
+        help="folder that keeps the Hessians between invocations ('' : recompute every time)",
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
 
@@ -181,16 +218,25 @@ def main() -> None:
         t: eval_windows(tokenize_stream(tok, load_text(src)), args.windows, args.seq_len) for t, src in TEXTS.items()
     }
     chosen = variants(args.calib, args.few)
-    if args.only:
-        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    if args.only:  # in the order given
+        names = [n.strip() for n in args.only.split(",")]
+        unknown = [n for n in names if n not in chosen]
+        if unknown:
+            parser.error(f"unknown variants {unknown}; the variants: {list(chosen)}")
+        chosen = {n: chosen[n] for n in names}
     streams = {c: tokenize_stream(tok, load_text(CALIB[c])) for c in {"Emma"} | {v[0] for v in chosen.values()}}
     note("texts tokenised")
     hs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def hessians_of(calib: str, n_win: int) -> dict[str, torch.Tensor]:
         if (calib, n_win) not in hs:
-            hs[(calib, n_win)] = hessians(ref, calibration_windows(streams[calib], n_win, args.seq_len))
-            note(f"Hessians: {calib}, {n_win} × {args.seq_len}")
+            wins = calibration_windows(streams[calib], n_win, args.seq_len)
+            digest = hashlib.sha256(wins.numpy().tobytes()).hexdigest()[:16]  # the tokens themselves name the file
+            kept = Path(args.hessians) / f"smollm2-135m-{calib}-{n_win}x{args.seq_len}-{digest}.safetensors"
+            kept = kept if args.hessians else None
+            how = "read" if kept is not None and kept.exists() else "computed"
+            hs[(calib, n_win)] = cached_hessians(ref, wins, kept)
+            note(f"Hessians ({how}): {calib}, {n_win} × {args.seq_len}")
         return hs[(calib, n_win)]
 
     rows: dict[str, dict[str, float]] = {}
@@ -201,8 +247,14 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|", flush=True)
 
-    def score(name: str, weights: dict[str, torch.Tensor], calib: str) -> None:
-        """One row against the reference's kept logits, printed (and written) at once."""
+    def anchor_name(calib: str, n_win: int) -> str:
+        """llama.cpp's imatrix row of that calibration (the protocol's Emma × --calib: the plain name)."""
+        plain = (calib, n_win) == ("Emma", args.calib)
+        return "llama.cpp Q4_0 + imatrix" + ("" if plain else f" ({calib} {n_win} × {args.seq_len})")
+
+    def score(name: str, weights: dict[str, torch.Tensor], calib: str, anchor: str = "") -> None:
+        """One row against the reference's kept logits, printed (and written) at once; its ratios
+        against ``anchor`` (llama.cpp's imatrix Q4_0 from the same calibration tokens)."""
         model, row = with_weights(ref, weights), {}
         for text, wins in held.items():
             r = evaluate({"fp32": cached[text], name: model}, wins, reference="fp32")
@@ -210,30 +262,32 @@ def main() -> None:
                 100 * r[name]["ppl_increase"], r[name]["kld"], r["fp32"]["ppl"]
             )  # fmt: skip
         del model
+        row["anchor"] = anchor or name
         rows[name] = row
-        anchor = rows.get("llama.cpp Q4_0 + imatrix", row)
-        ratio = " | ".join(f"{row[t] / anchor[t]:.2f}×" for t in held)
+        base = rows.get(anchor or name, row)
+        ratio = " | ".join(f"{row[t] / base[t]:.2f}×" for t in held)
         cells = " | ".join([f"{row[t]:+.2f} %" for t in held] + [f"{row[t + ' kld']:.4f}" for t in held])
         print(f"| {name} | {calib} | {cells} | {ratio} |", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "rows": rows}, f, indent=1)
 
-    later = {}
-    if (TOOLS / "llama-quantize").exists():  # the anchors, from Emma's statistics (the protocol's calibration)
-        with tempfile.TemporaryDirectory() as tmp:
-            h = hessians_of("Emma", args.calib)
-            anchors = llamacpp_q4_0(ref, h, args.calib * args.seq_len, Path(tmp))
-        score(
-            "llama.cpp Q4_0 + imatrix", anchors.pop("llama.cpp Q4_0 + imatrix"), f"Emma {args.calib} × {args.seq_len}"
-        )
-        later = anchors
+    have_llamacpp = (TOOLS / "llama-quantize").exists()
+    plain = ("Emma", args.calib)
+    for calib, n_win in dict.fromkeys([plain, *((c, w) for c, w, _ in chosen.values())]) if have_llamacpp else ():
+        with tempfile.TemporaryDirectory() as tmp:  # one imatrix anchor per calibration the rows use
+            h = hessians_of(calib, n_win)
+            anchors = llamacpp_q4_0(ref, h, n_win * args.seq_len, Path(tmp))
+        name = anchor_name(calib, n_win)
+        score(name, anchors.pop("llama.cpp Q4_0 + imatrix"), f"{calib} {n_win} × {args.seq_len}")
+        if (calib, n_win) == plain:
+            score("llama.cpp Q4_0 (no imatrix)", anchors["llama.cpp Q4_0 (no imatrix)"], "—", name)
+    first = anchor_name(*plain) if have_llamacpp else ""
+    score("RTN W4 g32", rtn_weights(ref, spec), "—", first)  # the cheap rows first: the solver rows take minutes
     weights = {n: m.weight.data.float().clone() for n, m in decoder_linears(ref).items()}
     for name, (calib, n_win, opts) in chosen.items():
-        score(name, solve_all(weights, hessians_of(calib, n_win), spec, opts), label[name])
-    for name, w in later.items():
-        score(name, w, "—")
-    score("RTN W4 g32", rtn_weights(ref, spec), "—")
+        anchor = anchor_name(calib, n_win) if have_llamacpp else ""
+        score(name, solve_all(weights, hessians_of(calib, n_win), spec, opts), label[name], anchor)
     ppl = {t: f"{rows['RTN W4 g32'][t + ' ppl_ref']:.3f}" for t in held}
     print(
         f"\nSmolLM2-135M W4 g32 sym (the Q4_0 grid), each linear solved on the float model's inputs; held out "

@@ -390,6 +390,25 @@ def calibration_ids(model_dir: Path, windows: int, tag: str) -> Path:
     return path
 
 
+def parse_quant(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` solver overrides of the config's ``quant:`` section (values read as YAML:
+    ``diag_shrink=0.2`` is a float, ``act_order=false`` a bool), in the order given."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--quant takes KEY=VALUE (a key of the config's quant: section), got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def quant_tag(quant: dict) -> str:
+    """A file-name tag for solver overrides: ``diag_shrink0.2-mse_weighthessian``."""
+    return "-".join(f"{k}{v}" for k, v in quant.items()).replace("/", "_")
+
+
 def strata_row(args) -> None:
     """One strata run (pipeline.run.run_job: Ray workers, the run store) of ``--method`` at
     ``--bits`` / ``--group-size`` with ``--calib-windows`` Emma windows, its dequantized
@@ -413,7 +432,10 @@ def strata_row(args) -> None:
         "output.formats": [],  # nothing is assembled (the AWQ format would refuse 3-bit grids)
         "eval": None,
     }
-    cfg = load_config(ROOT / STRATA_CONFIGS[args.method], overrides)
+    quant = parse_quant(getattr(args, "quant", None))
+    if quant:  # solver overrides: their own run name, so a stored run is not resumed under them
+        overrides["name"] += "-" + quant_tag(quant)
+    cfg = load_config(ROOT / STRATA_CONFIGS[args.method], {**overrides, **{f"quant.{k}": v for k, v in quant.items()}})
     outcome = run_job(cfg, progress=False)
     results = quantized_only(outcome.store, outcome.records)
     tensors = {f"linear:{n}": results.get(n).dequantize().float().contiguous() for n in results.entries}
@@ -424,7 +446,7 @@ def strata_row(args) -> None:
     save_file(tensors, str(tmp))
     os.replace(tmp, out)
     info = {"tool": "strata", "run_id": outcome.run_id, "quantize_s": outcome.wall_s, "phase_s": outcome.phase_s}
-    info.update(method=args.method, bits=args.bits, group_size=args.group_size, workers=args.workers)
+    info.update(method=args.method, bits=args.bits, group_size=args.group_size, workers=args.workers, quant=quant)
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 
@@ -458,7 +480,8 @@ def gptqmodel_row_tensors(folder: Path, method: str) -> dict:
 def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: Path, model_dir: Path) -> Path:
     """Runs one quantization (in its tool's venv) unless its row file exists; returns the file."""
     tag = "" if args.model == "fixture:smollm2-135m" else f"-{model_dir.name}"
-    stem = f"{tool}-{method}-w{bits}g{group}-c{args.calib_windows}{tag}"
+    quant = parse_quant(getattr(args, "quant", None)) if tool == "strata" else {}
+    stem = f"{tool}-{method}-w{bits}g{group}-c{args.calib_windows}{tag}" + (f"-{quant_tag(quant)}" if quant else "")
     row = OUT / "table" / f"{stem}.safetensors"
     if row.is_file():
         return row
@@ -469,6 +492,7 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
         cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "strata-row", "--method", method]
         cmd += ["--bits", str(bits), "--group-size", str(group), "--calib-windows", str(args.calib_windows)]
         cmd += ["--model", args.model, "--workers", str(args.workers), "--out", str(row)]
+        cmd += [f"--quant={q}" for q in getattr(args, "quant", None) or []]
         subprocess.run(cmd, check=True, env=env)
     elif tool == "llmcompressor":
         cmd = [
@@ -645,6 +669,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4, help="strata-row")
     parser.add_argument("--group-size", type=int, default=64, help="strata-row")
     parser.add_argument("--out", help="strata-row: the row file to write")
+    parser.add_argument("--quant", action="append", help="strata-row: KEY=VALUE of the config's quant: section")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import benchmarks  # noqa: F401  (binds strata_quant to this checkout where it is not installed)

@@ -53,3 +53,44 @@ def test_ratio_line():
     assert "A: strata Δppl / GPTQModel Δppl = 0.70 (meets" in text
     assert "B: strata Δppl / GPTQModel Δppl = 0.90 (does not meet" in text
     assert "| RTN | — | — | — | — | — | — | — | — |" in text
+
+
+def test_quant_overrides_parsed_and_checked_before_work(tmp_path, capsys):
+    from benchmarks import peers
+
+    q = peers.parse_quant(["diag_shrink=0.2", "mse_weight=hessian", "act_order=false"])
+    assert q == {"diag_shrink": 0.2, "mse_weight": "hessian", "act_order": False}
+    assert peers.quant_tag(q) == "diag_shrink0.2-mse_weighthessian-act_orderFalse"
+    argv = ["tiny-qwen2", "--skip", "strata,gptqmodel", "--calib-windows", "2", "--eval-windows", "2"]
+    for extra, word in (
+        (["--quant", "diag_shrink=0.2"], "--out"),  # never over the stored default-solver JSON
+        (["--quant", "diag_shrink=1.5", "--out", str(tmp_path / "x.json")], "diag_shrink"),
+        (["--quant", "no_such_option=1", "--out", str(tmp_path / "x.json")], "no_such_option"),
+    ):
+        with pytest.raises(SystemExit):
+            family_peers.main([*argv, *extra])
+        assert word in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def _stored(ids="a" * 64, ppl=10.0):
+    texts = [{"label": "A", "sha256": "t"}]
+    row = {"ppl": 11.0, "ppl_increase": 0.1, "kld": 0.1, "top1": 0.9}
+    scores = {"A": {"fp16": {"ppl": ppl}, "GPTQModel GPTQ": row}}
+    return {"calibration_ids_sha256": ids, "eval_windows": 8, "texts": texts, "grid": "W4 g128 sym", "scores": scores}
+
+
+def test_peers_from_takes_rows_only_when_comparable():
+    result = _stored()
+    result["scores"] = {"A": {"fp16": {"ppl": 10.0}, "strata GPTQ": {"ppl": 10.5}}}
+    result["meta"] = {}
+    family_peers.adopt_rows(result, {**_stored(), "meta": {"GPTQModel GPTQ": {"tool": "gptqmodel"}}}, "s.json")
+    assert result["scores"]["A"]["GPTQModel GPTQ"]["ppl"] == 11.0
+    assert result["scores"]["A"]["strata GPTQ"]["ppl"] == 10.5  # the row run here is kept
+    assert result["meta"]["GPTQModel GPTQ"]["from"] == "s.json"
+    for other in (_stored(ids="b" * 64), _stored(ppl=10.1)):
+        fresh = {**_stored(), "meta": {}}
+        fresh["scores"] = {"A": {"fp16": {"ppl": 10.0}}}
+        with pytest.raises(SystemExit, match="not comparable"):
+            family_peers.adopt_rows(fresh, other, "s.json")
+        assert set(fresh["scores"]["A"]) == {"fp16"}

@@ -209,3 +209,25 @@ def test_eval_results_carry_the_off_domain_rows_into_the_report():
     }
     off = eval_to_report(data)["quality"]["off_domain"]
     assert off["text"] == "fixture:kjv" and off["rows"]["q"]["ppl"] == 6.0 and off["rows"]["q"]["bytes"] == 5
+
+
+def test_offdomain_hessians_kept_between_invocations(tmp_path, tiny_model_path):
+    """benchmarks/offdomain's Hessian cache: written once, read back equal; q/k/v and gate/up share
+    one matrix; a second read does not run the model (its hooks would fail on a broken forward)."""
+    from benchmarks import offdomain
+    from strata_quant.pipeline.eval import load_reference
+
+    model = load_reference(tiny_model_path)
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    kept = tmp_path / "h.safetensors"
+    first = offdomain.cached_hessians(model, windows, kept)
+    assert kept.is_file()
+    names = offdomain.decoder_linears(model)
+    assert set(first) == set(names) and any(n.endswith("k_proj") for n in names)
+    k = next(n for n in names if n.endswith("k_proj"))
+    assert torch.equal(first[k], first[k.replace("k_proj", "q_proj")])
+    model.model.forward = None  # a recomputation would fail now
+    again = offdomain.cached_hessians(model, windows, kept)
+    assert all(torch.equal(first[n], again[n]) for n in names)
+    h = first[k]
+    assert torch.allclose(h, h.T) and (h.diagonal() > 0).all()
