@@ -12,7 +12,8 @@ llama.cpp into 512-token chunks).
 Every file is scored in llama.cpp (llama-cpp-python) by MEASURE.md: windows of 512 tokens of Persuasion and of the
 King James Bible (off the calibration's domain), each from an empty context; Δppl, and KL divergence of the
 next-token distribution (mean over positions), against the source GGUF (the reference weights; the fp16 fixture is
-its dequantization). Files and scores are kept in --out; a second invocation reuses both (delete to redo).
+its dequantization). Files and scores (per file kind) are kept in --out; a second invocation reuses both and
+scores only the kinds missing (delete to redo).
 
     python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
         --eval-windows 8 --plot docs/gguf_mixes.png
@@ -136,6 +137,17 @@ def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int
         out[k] = {"ppl": ppl, "dppl": (ppl - ppl_ref) / ppl_ref, "kld": kld[k] / count, "top1": top1[k] / count,
                   "bytes": f.stat().st_size}  # fmt: skip
     return out
+
+
+def merge_scores(old: dict | None, new: dict) -> dict:
+    """``new``'s kinds added to ``old``'s scores of the same windows; the reference's perplexity, computed again by
+    each pass, must agree (the same source file and windows), else the saved scores are of other windows."""
+    if not old:
+        return new
+    a, b = old["reference"]["ppl"], new["reference"]["ppl"]
+    if abs(a - b) > 1e-6 * a:
+        raise ValueError(f"reference ppl {b} differs from the saved {a}: the saved scores are of other windows")
+    return {**old, **{k: v for k, v in new.items() if k != "reference"}}
 
 
 def target(mix: str) -> float:
@@ -272,11 +284,13 @@ def main() -> None:
         files = {k: f for k, f in mix_files(out, src, mix, args, imatrix_llama).items() if k in chosen}
         for t, windows in held.items():
             key = f"{mix}/{t}/{w}"
-            if key not in scores or set(files) - set(scores[key]):
+            # only the kinds not yet scored: a pass cut off, or a kind added later, keeps the scores saved before
+            todo = {k: f for k, f in files.items() if k not in scores.get(key, {})}
+            if todo:
                 t0 = time.perf_counter()
-                scores[key] = score(src, files, windows, args.threads, key)
+                scores[key] = merge_scores(scores.get(key), score(src, todo, windows, args.threads, key))
                 saved.write_text(json.dumps(scores, indent=1))
-                print(f"scored {key} in {time.perf_counter() - t0:.0f} s", flush=True)
+                print(f"scored {key} ({', '.join(todo)}) in {time.perf_counter() - t0:.0f} s", flush=True)
     ref = {t: scores[f"{mixes[0]}/{t}/{w}"]["reference"]["ppl"] for t in TEXTS}
     print(
         f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())

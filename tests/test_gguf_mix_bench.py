@@ -3,7 +3,9 @@ and the size against llama.cpp's file, read from the scores as measured."""
 
 from __future__ import annotations
 
-from benchmarks.gguf_mix_run import KINDS, TEXTS, table, target
+import pytest
+
+from benchmarks.gguf_mix_run import KINDS, TEXTS, merge_scores, table, target
 
 
 def _scores(mix: str, strata: float, anchor: float, strata_bytes: int, llama_bytes: int) -> dict:
@@ -51,3 +53,14 @@ def test_files_not_scored_are_listed_by_size_and_sized_against_llamacpp():
     verdict = next(line for line in lines if line.startswith("- Q2_K"))
     assert "0.67× / 0.67× (met, bar 0.7×)" in verdict and "run's imatrix" not in verdict
     assert verdict.endswith("size > llama.cpp's (+1 bytes)")
+
+
+def test_a_later_pass_adds_its_kinds_to_the_saved_scores():
+    """A pass over the kinds not yet scored keeps the saved kinds; a reference perplexity that differs (other
+    windows, another source) is refused rather than mixed in."""
+    saved = {"reference": {"ppl": 40.0, "bytes": 9}, KINDS[3]: {"dppl": 0.1}}
+    new = {"reference": {"ppl": 40.0, "bytes": 9}, KINDS[0]: {"dppl": 0.05}}
+    assert merge_scores(saved, new) == {**saved, KINDS[0]: {"dppl": 0.05}}
+    assert merge_scores(None, new) == new
+    with pytest.raises(ValueError, match="other windows"):
+        merge_scores(saved, {**new, "reference": {"ppl": 41.0, "bytes": 9}})
