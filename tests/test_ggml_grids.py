@@ -137,3 +137,22 @@ def test_k_types_refuse_rows_not_multiple_of_256(name, smollm2_layer):
 def test_legacy_types_refuse_rows_not_multiple_of_32(name):
     with pytest.raises(ValueError, match=f"{name} stores rows in blocks of 32 values; a row of 100"):
         gptq_ggml(torch.randn(4, 100), torch.eye(100), name)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_diag_shrink_moves_gptq_towards_importance_weighted_rounding(name):
+    """α = 1 leaves H's diagonal alone: no feedback, each block's grid fitted on W itself, the codes nearest, which
+    is llama.cpp's rounding with the importance matrix diag H (rtn_ggml) bit for bit; α = 0.5 lies between, packs
+    exactly, and its output error under the full H lies between GPTQ's and the rounding's."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 16, 512
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(2048, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k**0.5)
+    h = 2 * x.t() @ x / x.shape[0]
+    rounded = rtn_ggml(w, name, torch.diag(h)).dequantize()
+    assert torch.equal(gptq_ggml(w, h, name, diag_shrink=1.0).dequantize(), rounded)
+    half = gptq_ggml(w, h, name, diag_shrink=0.5)
+    _assert_exact(half, name)
+    assert half.params["diag_shrink"] == 0.5 and "diag_shrink" not in gptq_ggml(w, h, name).params
+    errs = [relative_output_error(w, q, h) for q in (gptq_ggml(w, h, name).dequantize(), half.dequantize(), rounded)]
+    assert errs[0] < errs[1] < errs[2], errs

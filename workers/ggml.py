@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from strata_quant.workers.gptq import _compensated, damped_cholesky_feedback
+from strata_quant.workers.gptq import _compensated, damped_cholesky_feedback, shrink_to_diagonal
 
 GGML_SCHEMA_VERSION = 1
 GROUP_MAX_EPS = 1e-15  # ggml-quants.c: a block whose largest |w| is below this is all zero
@@ -355,14 +355,19 @@ def gptq_ggml(
     *,
     damp: float = 0.01,
     static_grids: bool = False,
+    diag_shrink: float = 0.0,
 ) -> GGMLQuantized:
     """GPTQ of W [N, K] with H [K, K] on a ggml type's grid (see the module docstring): each
     block's grid fitted (:func:`fit_blocks`, importance diag H) when the column loop reaches it,
     from the compensated weights (``static_grids``: from W itself), then every column rounded
-    on it from w̃_j and its error fed forward through F. Dead inputs (diag H = 0) get weight 0."""
+    on it from w̃_j and its error fed forward through F. Dead inputs (diag H = 0) get weight 0.
+    ``diag_shrink`` α: the feedback from H_α = (1 − α)·H + α·diag(H) (gptq.shrink_to_diagonal),
+    the grids' importance diag H unchanged; α = 1 is importance-weighted rounding on the grid."""
     grid = GRIDS[grid_name]
     n, k = weight.shape
     check_row_length(grid, k)
+    if diag_shrink:
+        hessian = shrink_to_diagonal(hessian, diag_shrink)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as gptq_quantize: one thread keeps the factor's bits the same everywhere
     try:
@@ -372,6 +377,8 @@ def gptq_ggml(
         torch.set_num_threads(threads)
     fields = {key: (v.clone() if v is not None else None) for key, v in out.items()}
     params = {"method": "gptq", "damp": damp, "damp_used": lam, "dead_inputs": dead, "static_grids": static_grids}
+    if diag_shrink:  # only when set: the results of α = 0 keep the params they had
+        params["diag_shrink"] = diag_shrink
     return GGMLQuantized(grid, fields["codes"], fields["d"], fields["dmin"], fields["sc"], fields["mins"], params)
 
 

@@ -278,7 +278,8 @@ def quantize_parts(
         elif p.ggml is not None:  # each linear on its own type's grid, with the group's H
             if method != "gptq" or hessian is None:
                 raise ValueError(f"{p.name}: ggml type {p.ggml} is solved by method gptq with the input's Hessian")
-            out[i] = gptq_ggml(rows, hessian, p.ggml, damp=float(options.get("damp", 0.01)))
+            damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
+            out[i] = gptq_ggml(rows, hessian, p.ggml, damp=damp, diag_shrink=shrink)
         elif per_tensor:
             out[i] = quantize_group(method, rows, hessian, p.spec, options)
         else:
