@@ -37,8 +37,11 @@ TEXTS = {"Persuasion": "fixture:austen/persuasion", "KJV": "fixture:kjv"}
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
-def strata_run(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int) -> tuple[Path, Path, float]:
-    """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix."""
+def strata_run(
+    out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None
+) -> tuple[Path, Path, float]:
+    """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix;
+    ``quant``: overrides of the solver (the config's ``quant:`` keys, e.g. ``diag_shrink``)."""
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.imatrix import write_imatrix
     from strata_quant.pipeline.job import run_full_job
@@ -49,7 +52,7 @@ def strata_run(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int
             "name": f"smollm2-{mix}",
             "model": "fixture:smollm2-135m",
             "calibration": {"source": "fixture:austen/emma", "num_samples": cal_windows, "seq_len": seq_len},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 32},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(quant or {})},
             "run": {"workers": workers, "store": str(out / "store")},
             "output": {"dir": str(out / "out"), "formats": ["gguf"], "gguf_type": mix, "overwrite": True},
             "eval": None,
@@ -88,7 +91,7 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     strata = next((d / "out").glob("*.gguf"), None)
     run_imatrix = d / "strata.imatrix.gguf"
     if strata is None or not run_imatrix.exists():
-        strata, run_imatrix, _ = strata_run(d, mix, args.cal_windows, args.seq_len, args.workers)
+        strata, run_imatrix, _ = strata_run(d, mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides)
     files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
@@ -251,7 +254,30 @@ def main() -> None:
         help="the kinds scored, comma-separated indices into KINDS (0 strata, 1 llama.cpp, 2 + run's imatrix, "
         "3 + llama-imatrix) or all; every file is still made and its size listed",
     )
+    ap.add_argument(
+        "--quant",
+        action="append",
+        help="strata's solver: KEY=VALUE of the config's quant: section (repeatable; needs an --out of its own, "
+        "as the files and scores kept there are of one solver)",
+    )
     args = ap.parse_args()
+    from benchmarks.peers import parse_quant
+
+    args.quant_overrides = parse_quant(args.quant)
+    if args.quant_overrides:
+        from strata_quant.pipeline.config import ConfigError, parse_config
+
+        try:  # refused before any work, as the job itself would refuse it
+            check = {"method": "gptq", **args.quant_overrides}
+            parse_config({"name": "check", "model": "m", "calibration": {"source": "t"}, "quant": check})
+        except ConfigError as err:
+            ap.error(f"--quant: {err}")
+        stamp = Path(args.out) / "quant.json"
+        if stamp.exists() and json.loads(stamp.read_text()) != args.quant_overrides:
+            ap.error(f"--quant: {args.out} holds files of the solver {stamp.read_text()}; give another --out")
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(args.quant_overrides))
+        print(f"# strata's solver with quant overrides {args.quant_overrides}")
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

@@ -14,6 +14,9 @@ the demo's solver (damp 0.01, act-order with static groups, MSE scale grid of 10
   statistic of llama.cpp's importance matrix), before the error feedback (static groups);
 * ``shrink α``: H ← (1 − α)·H + α·diag(H) (``quant.diag_shrink``; α = 1: no error feedback),
   alone and with the weighted grid;
+* ``Q4_0 grid fit``: ``workers.ggml.gptq_ggml`` on the Q4_0 grid: each block's scale fitted by
+  the importance-weighted search llama.cpp runs with an imatrix (diag H as the importance, the
+  asymmetric −8…7 range), then GPTQ's feedback in natural column order, with shrink α;
 * the calibration text: *Emma* or the mix (``fixture:calib-mix``), and fewer windows.
 
 The Hessians are kept between invocations (``--hessians``, safetensors named by the calibration
@@ -48,6 +51,7 @@ from benchmarks.gguf_mix_file import TOOLS
 from strata_quant.pipeline import fixtures
 from strata_quant.pipeline.calibration import calibration_windows, eval_windows, load_text, tokenize_stream
 from strata_quant.pipeline.eval import evaluate, load_reference, rtn_weights, with_weights
+from strata_quant.workers.ggml import gptq_ggml
 from strata_quant.workers.gptq import gptq_quantize
 from strata_quant.workers.result import QuantSpec
 
@@ -157,7 +161,12 @@ def solve_all(weights: dict[str, torch.Tensor], h: dict[str, torch.Tensor], spec
         groups.setdefault(_reader(n), []).append(n)
     out = {}
     for key, names in groups.items():
-        stacked = gptq_quantize(torch.cat([weights[n] for n in names]), h[key], spec, **opts).dequantize()
+        rows = torch.cat([weights[n] for n in names])
+        if "ggml" in opts:  # llama.cpp's grid, fitted by its importance-weighted search, then GPTQ's feedback
+            solved = gptq_ggml(rows, h[key], opts["ggml"], damp=opts["damp"], diag_shrink=opts["diag_shrink"])
+        else:
+            solved = gptq_quantize(rows, h[key], spec, **opts)
+        stacked = solved.dequantize()
         for n, part in zip(names, stacked.split([weights[n].shape[0] for n in names])):
             out[n] = part
     return out
@@ -185,6 +194,12 @@ def variants(calib_windows: int, few: int) -> dict[str, tuple[str, int, dict]]:
     both = {**BASE, "diag_shrink": 0.2, "mse_weight": "hessian"}
     out["mix, shrink α=0.2 + weighted grid"] = ("mix", calib_windows, both)
     out[f"{few} windows, shrink α=0.2 + weighted grid"] = ("Emma", few, both)
+    for alpha in (0.0, 0.2, 0.3, 0.5):  # Q4_0's own grid as llama.cpp fits it (workers.ggml), GPTQ on it
+        out[f"Q4_0 grid fit + shrink α={alpha:g}"] = (
+            "Emma",
+            calib_windows,
+            {"ggml": "Q4_0", "damp": 0.01, "diag_shrink": alpha},
+        )
     return out
 
 
