@@ -68,6 +68,9 @@ def collect(model, windows: torch.Tensor) -> tuple[dict[tuple[int, str], torch.T
 
 
 def llama_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -> None:
+    from strata_quant.pipeline.formats.gguf_mix import llama_file_type
+
+    mix = llama_file_type(mix)  # strata's MOSTLY_Q4_0 is llama.cpp's Q4_0
     if imatrix is not None:  # llama_model_quantize cannot take an imatrix from Python: the tool can
         cmd = [str(TOOLS / "llama-quantize"), "--allow-requantize", "--imatrix", str(imatrix), str(src), str(dst), mix]
         subprocess.run(cmd, check=True, capture_output=True)

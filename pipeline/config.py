@@ -241,10 +241,12 @@ class OutputConfig(_Strict):
         "Q5_K_S",
         "Q5_K_M",
         "Q6_K",
+        "MOSTLY_Q4_0",
     ] = Field(
         "auto",
-        description="auto = the type holding the result exactly; a K mix (Q4_K_M …) with method gptq = every tensor "
-        "of llama.cpp's mix, each linear solved by GPTQ on its type's grid; others re-quantize (llama.cpp)",
+        description="auto = the type holding the result exactly; a K mix (Q4_K_M …) or MOSTLY_Q4_0 (llama.cpp's Q4_0 "
+        "file) with method gptq = every tensor of llama.cpp's mix, each linear solved by GPTQ on its type's grid; "
+        "others re-quantize (llama.cpp)",
     )
     gguf_embedding_type: Literal["auto", "F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] = Field(
         "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
@@ -352,6 +354,11 @@ class JobConfig(_Strict):
             raise ValueError("awq output holds 4-bit results with a group size (not -1) only")
         if "compressed-tensors" in self.output.formats and self.quant.bits == 3 and self.quant.method != "fp8":
             raise ValueError("compressed-tensors output does not take 3-bit results (use 2, 4 or 8)")
+        if self.output.gguf_type.startswith("MOSTLY_") and self.quant.method != "gptq":
+            raise ValueError(
+                f"gguf_type {self.output.gguf_type} is llama.cpp's file solved by GPTQ in the run: method gptq only "
+                f"(for {self.quant.method} results name the type itself, e.g. {self.output.gguf_type[7:]})"
+            )
         if "gguf" in self.output.formats and self.output.gguf_type in SOLVED_MIXES and self.quant.method == "gptq":
             if self.output.formats != ["gguf"]:  # the results are ggml blocks (two-level scales): no other format
                 raise ValueError(

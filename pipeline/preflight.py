@@ -186,10 +186,14 @@ def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
     from gguf import GGUFWriter
 
     from strata_quant.pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats.gguf_mix import llama_file_type, solves_mix
 
     layout = gguf_format.GGUFLayout(reader.config)
     writer = GGUFWriter(path, layout.arch)
-    target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
+    if solves_mix(cfg.output.gguf_type, cfg.quant.method):
+        target = llama_file_type(cfg.output.gguf_type)
+    else:
+        target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
     layout.add_metadata(writer, name=cfg.name, file_type=gguf_format.FILE_TYPES.get(target, 2))
     meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
     gguf_format.add_tokenizer_metadata(writer, meta, pre=cfg.output.gguf_tokenizer_pre)

@@ -121,6 +121,29 @@ def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tm
     assert report["solved_blocks"] == 2
 
 
+def test_mostly_q4_0_is_llama_cpps_q4_0_file_solved_in_the_run(k_model, tmp_path, ray_session):
+    """MOSTLY_Q4_0 (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0): every tensor typed as llama.cpp's Q4_0 file, each linear
+    solved by GPTQ on the Q4_0 grid with the shrunk Hessian; plain Q4_0 stays the solver's grid carried exactly."""
+    pytest.importorskip("llama_cpp")
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf import mix_types, read_metadata
+    from strata_quant.pipeline.job import run_full_job
+
+    cfg = _config(tmp_path, str(k_model), mix="MOSTLY_Q4_0").model_dump()
+    cfg["quant"]["diag_shrink"] = 0.3
+    report = run_full_job(parse_config(cfg), progress=False)
+    (check,) = report["checks"]
+    path = next((tmp_path / "out").glob("*.gguf"))
+    assert path.name == "mix-MOSTLY_Q4_0.gguf"
+    assert check["bit_exact_linears"] == check["quantized_linears"] == 14 and set(check["linear_types"]) == {"Q4_0"}
+    file_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert file_types == mix_types(open_checkpoint(k_model), "Q4_0")
+    meta = read_metadata(path)
+    assert meta["strata.target_type"] == "Q4_0" and meta["strata.carry"] == "solved"
+    with pytest.raises(ConfigError, match="MOSTLY_Q4_0 is llama.cpp's file solved by GPTQ in the run: method gptq"):
+        parse_config({**cfg, "quant": {"method": "rtn"}})
+
+
 @pytest.mark.slow
 def test_smollm2_q4_k_m_solved_in_the_run(smollm2_path, tmp_path, ray_session):
     """SmolLM2 (576 wide: llama.cpp's Q4_K_M falls back to Q5_0 / Q8_0 for most rows, Q4_K / Q6_K for ffn_down):

@@ -1212,8 +1212,10 @@ def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTy
         return None
     if len(solved) != len(entries):
         raise AssembleError(f"{len(solved)} of {len(entries)} linears were solved on ggml grids: one GGUF, one mix")
+    from strata_quant.pipeline.formats.gguf_mix import llama_file_type
+
     try:
-        mix = mix_types(reader, gguf_type)
+        mix = mix_types(reader, llama_file_type(gguf_type))
     except (RuntimeError, ValueError) as err:
         raise AssembleError(f"gguf_type {gguf_type}: {err}") from None
     layout = check_gguf(reader.config, reader.tensor_names)
@@ -1227,7 +1229,7 @@ def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTy
         others.update({g: embedding_type.upper() for g in ("token_embd.weight", "output.weight")})
     widths = [GRIDS[t].bits for t in linear_types.values()]
     bits = max(set(widths), key=widths.count)  # the majority width, as strata.bits says of other files
-    return GGUFTypes(bits, True, None, gguf_type.upper(), "solved", linear_types, None, "F16", others)
+    return GGUFTypes(bits, True, None, llama_file_type(gguf_type), "solved", linear_types, None, "F16", others)
 
 
 def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[str, Any]:
@@ -1380,9 +1382,16 @@ class GGUFFormat(Format, name="gguf"):
 
     @classmethod
     def artifact_name(cls, job: str, bits: int, sym: bool, options) -> str:
-        return f"{job}-{resolve_type(options.gguf_type, bits, sym)[0]}.gguf"
+        from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+
+        t = options.gguf_type.upper()  # a mix solved in the run is named as asked (MOSTLY_Q4_0 is not Q4_0)
+        return f"{job}-{t if t in SOLVED_MIXES else resolve_type(t, bits, sym)[0]}.gguf"
 
     def check(self, result: QuantizedLinear, options) -> None:
+        from strata_quant.pipeline.formats.gguf_mix import solves_mix
+
+        if solves_mix(options.gguf_type, result.method):  # ggml grids: the plan checked each linear's type itself
+            return
         gtype, carry = resolve_type(options.gguf_type, result.spec.bits, result.spec.sym)
         if carry != "requantized":  # the solver's blocks are written as they are: one row shows the layout
             encode(result.rows(0, 1), gtype)
