@@ -64,3 +64,25 @@ def test_a_later_pass_adds_its_kinds_to_the_saved_scores():
     assert merge_scores(None, new) == new
     with pytest.raises(ValueError, match="other windows"):
         merge_scores(saved, {**new, "reference": {"ppl": 41.0, "bytes": 9}})
+
+
+def test_quant_overrides_are_checked_before_any_work_and_keep_to_their_folder(tmp_path, monkeypatch, capsys):
+    """--quant: a bad key or value refused by the config's own checks; a folder holding another solver's files
+    refused; nothing is run in either case (the mix name Q9 would fail only after these checks)."""
+    import sys
+
+    from benchmarks import gguf_mix_run
+
+    def run(*quant: str) -> str:
+        argv = ["gguf_mix_run", "--mixes", "Q9", "--out", str(tmp_path / "m")]
+        monkeypatch.setattr(sys, "argv", argv + [a for q in quant for a in ("--quant", q)])
+        with pytest.raises(SystemExit):
+            gguf_mix_run.main()
+        return capsys.readouterr().err
+
+    assert "quant.diag_shrink: Input should be less than or equal to 1" in run("diag_shrink=2")
+    assert "quant.diag_shrnk: unknown key" in run("diag_shrnk=0.2")
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "quant.json").write_text('{"diag_shrink": 0.5}')
+    assert "holds files of the solver" in run("diag_shrink=0.3")

@@ -231,3 +231,24 @@ def test_offdomain_hessians_kept_between_invocations(tmp_path, tiny_model_path):
     assert all(torch.equal(first[n], again[n]) for n in names)
     h = first[k]
     assert torch.allclose(h, h.T) and (h.diagonal() > 0).all()
+
+
+def test_offdomain_grid_fit_rows_solve_on_q4_0s_own_grid():
+    """The "Q4_0 grid fit" variants: q/k/v stacked and solved by workers.ggml.gptq_ggml on Q4_0 with the shrunk H,
+    each linear's rows its share of the stacked result; every other variant stays on the W4 g32 solver."""
+    from benchmarks import offdomain
+    from strata_quant.workers.ggml import gptq_ggml
+
+    g = torch.Generator().manual_seed(3)
+    w = {
+        f"model.layers.0.self_attn.{p}_proj": torch.randn(n, 64, generator=g)
+        for p, n in (("q", 64), ("k", 32), ("v", 32))
+    }
+    x = torch.randn(256, 64, generator=g)
+    h = {"model.layers.0.self_attn.q_proj": 2 * x.T @ x / 256}
+    variants = offdomain.variants(32, 8)
+    opts = variants["Q4_0 grid fit + shrink α=0.3"][2]
+    out = offdomain.solve_all(w, h, QuantSpec(4, 32, True), opts)
+    whole = gptq_ggml(torch.cat(list(w.values())), h["model.layers.0.self_attn.q_proj"], "Q4_0", diag_shrink=0.3)
+    assert torch.equal(torch.cat([out[n] for n in w]), whole.dequantize())
+    assert all("ggml" not in v[2] for k, v in variants.items() if not k.startswith("Q4_0 grid fit"))
