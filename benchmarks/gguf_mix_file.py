@@ -68,7 +68,7 @@ def collect(model, windows: torch.Tensor) -> tuple[dict[tuple[int, str], torch.T
 
 
 def llama_quantize(src: Path, dst: Path, mix: str, imatrix: Path | None = None) -> None:
-    from strata_quant.pipeline.formats.gguf_mix import llama_file_type
+    from strata_quant.pipeline.formats.gguf_solved import llama_file_type
 
     mix = llama_file_type(mix)  # strata's MOSTLY_Q4_0 is llama.cpp's Q4_0
     if imatrix is not None:  # llama_model_quantize cannot take an imatrix from Python: the tool can

@@ -369,7 +369,7 @@ def _add_job_commands(sub) -> None:
     _job_options(p)
     p.set_defaults(func=cmd_run)
 
-    from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+    from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
 
     p = sub.add_parser("demo", help="run the embedded default jobs (GPTQ + Q4_0 GGUF, then a solved K-mix GGUF)")
     p.add_argument(

@@ -345,7 +345,7 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _compatible(self) -> JobConfig:
-        from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+        from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
 
         toolbox_error = _method_format_error(self.quant, self.output.formats)
         if toolbox_error:

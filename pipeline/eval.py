@@ -176,12 +176,26 @@ def load_reference(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def transformers_config(path: Path):
+    """transformers' config of the GGUF with the head width the file states. transformers' GGUF reader maps no
+    ``<arch>.attention.key_length``, so it builds e.g. Qwen3 with Qwen3Config's default head_dim 128 whatever the
+    file holds; llama.cpp reads the key, and so must the reader we compare it with."""
+    from gguf import GGUFReader
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    fields = GGUFReader(path).fields
+    arch = fields["general.architecture"].contents()
+    key = fields.get(f"{arch}.attention.key_length")
+    if key is not None and getattr(config, "head_dim", None) not in (None, int(key.contents())):
+        config.head_dim = int(key.contents())
+    return config
+
+
 def load_gguf_transformers(path: str | Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    from strata_quant.pipeline.formats.gguf import transformers_config
-
     config = transformers_config(path)
     return AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, config=config, dtype=torch.float32

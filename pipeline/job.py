@@ -205,7 +205,7 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
 
 def solved_mix(cfg: JobConfig) -> str | None:
     """llama.cpp's mix (Q4_K_M …) when the run solves it, else None: then bits and group size mean nothing."""
-    from strata_quant.pipeline.formats.gguf_mix import solves_mix
+    from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
     return cfg.output.gguf_type if solves_mix(cfg.output.gguf_type, cfg.quant.method) else None
 

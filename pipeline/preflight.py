@@ -186,7 +186,7 @@ def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
     from gguf import GGUFWriter
 
     from strata_quant.pipeline.formats import gguf as gguf_format
-    from strata_quant.pipeline.formats.gguf_mix import llama_file_type, solves_mix
+    from strata_quant.pipeline.formats.gguf_solved import llama_file_type, solves_mix
 
     layout = gguf_format.GGUFLayout(reader.config)
     writer = GGUFWriter(path, layout.arch)

@@ -438,7 +438,8 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
         from strata_quant.pipeline.formats.gguf import check_gguf
-        from strata_quant.pipeline.formats.gguf_mix import linear_types, solves_mix
+        from strata_quant.pipeline.formats.gguf_mix import linear_types
+        from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
         check_gguf(reader.config, reader.tensor_names, reader.path)
         if solves_mix(cfg.output.gguf_type, cfg.quant.method):  # every linear's type, from llama.cpp, before block 0

@@ -516,9 +516,10 @@ def _transformers_cross_check(path: Path, reader: CheckpointReader, gguf: GGUFTe
     """transformers loads the whole GGUF to exactly the tensors gguf-py gave, tensor by tensor."""
     from transformers import AutoModelForCausalLM
 
+    from strata_quant.pipeline.eval import transformers_config
     from strata_quant.pipeline.formats import gguf as gguf_format
 
-    config = gguf_format.transformers_config(path)
+    config = transformers_config(path)
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, config=config, dtype=torch.float32
     ).eval()

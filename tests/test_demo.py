@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from strata_quant.pipeline import cli
 from strata_quant.pipeline.config import load_config
-from strata_quant.pipeline.formats.gguf_mix import solves_mix
+from strata_quant.pipeline.formats.gguf_solved import solves_mix
 from tests.test_check import needs_llamacpp
 
 

@@ -73,7 +73,7 @@ def _configs(vocab: int) -> dict:
         "qwen2": ("Qwen2Config", {**small, **heads, "tie_word_embeddings": True}),
         "qwen2-yarn": ("Qwen2Config", {**small, **heads, "tie_word_embeddings": True, "rope_parameters": yarn}),
         # head_dim ≠ hidden / heads and ≠ Qwen3Config's default 128, which transformers' GGUF loader would take
-        # without formats.gguf.transformers_config
+        # without eval.transformers_config
         "qwen3": ("Qwen3Config", {**small, **heads, "head_dim": 32}),
         # two layers: both sliding (transformers' default pattern), and one of each (written per layer for llama.cpp)
         "gemma3": ("Gemma3TextConfig", gemma3),

@@ -835,20 +835,6 @@ def read_metadata(path: str | os.PathLike[str], prefix: str = "strata.") -> dict
     return {k: f.contents() for k, f in fields.items() if k.startswith(prefix)}
 
 
-def transformers_config(path: Path):
-    """transformers' config of the GGUF with the head width the file states. transformers' GGUF reader maps no
-    ``<arch>.attention.key_length``, so it builds e.g. Qwen3 with Qwen3Config's default head_dim 128 whatever the
-    file holds; llama.cpp reads the key, and so must the reader we compare it with."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    keys = read_metadata(path, prefix="")
-    width = keys.get(f"{keys.get('general.architecture')}.attention.key_length")
-    if width is not None and getattr(config, "head_dim", None) not in (None, int(width)):
-        config.head_dim = int(width)
-    return config
-
-
 class GGUFStreamWriter:
     """A Llama GGUF written tensor by tensor: infos first, then the header, then the data in info order."""
 
@@ -1212,7 +1198,7 @@ def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTy
         return None
     if len(solved) != len(entries):
         raise AssembleError(f"{len(solved)} of {len(entries)} linears were solved on ggml grids: one GGUF, one mix")
-    from strata_quant.pipeline.formats.gguf_mix import llama_file_type
+    from strata_quant.pipeline.formats.gguf_solved import llama_file_type
 
     try:
         mix = mix_types(reader, llama_file_type(gguf_type))
@@ -1382,13 +1368,13 @@ class GGUFFormat(Format, name="gguf"):
 
     @classmethod
     def artifact_name(cls, job: str, bits: int, sym: bool, options) -> str:
-        from strata_quant.pipeline.formats.gguf_mix import SOLVED_MIXES
+        from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
 
         t = options.gguf_type.upper()  # a mix solved in the run is named as asked (MOSTLY_Q4_0 is not Q4_0)
         return f"{job}-{t if t in SOLVED_MIXES else resolve_type(t, bits, sym)[0]}.gguf"
 
     def check(self, result: QuantizedLinear, options) -> None:
-        from strata_quant.pipeline.formats.gguf_mix import solves_mix
+        from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
         if solves_mix(options.gguf_type, result.method):  # ggml grids: the plan checked each linear's type itself
             return

@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from strata_quant.pipeline.formats.gguf_solved import llama_file_type
+
 # values per block of each type strata writes (gguf.GGML_QUANT_SIZES agrees)
 BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32,
          "Q5_1": 32, "Q8_0": 32, "F16": 1}  # fmt: skip
@@ -162,24 +164,6 @@ def tensor_type(mix: str, name: str, shape: tuple[int, ...], model: ModelShape, 
 
 
 # ------------------------------------------------------------------------------------- a mix solved in the run
-
-#: llama.cpp mixes whose linears the run solves on their own types' grids (method gptq): the name
-#: ``output.gguf_type`` gives each → llama.cpp's file type. A legacy mix is spelled as llama.cpp's enum
-#: (LLAMA_FTYPE_MOSTLY_Q4_0), since plain ``Q4_0`` is the solver's own W4 g32 grid carried into Q4_0 blocks.
-SOLVED_MIXES = {
-    **{m: m for m in ("Q2_K", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")},
-    "MOSTLY_Q4_0": "Q4_0",
-}
-
-
-def solves_mix(gguf_type: str, method: str) -> bool:
-    """Whether a run with ``output.gguf_type`` and ``quant.method`` solves llama.cpp's mix itself."""
-    return method == "gptq" and gguf_type.upper() in SOLVED_MIXES
-
-
-def llama_file_type(gguf_type: str) -> str:
-    """llama.cpp's file type of an ``output.gguf_type`` (MOSTLY_Q4_0 → Q4_0; the others are their own)."""
-    return SOLVED_MIXES.get(gguf_type.upper(), gguf_type.upper())
 
 
 def linear_types(reader, mix: str, linears: list[str]) -> dict[str, str]:
