@@ -37,17 +37,12 @@ TEXTS = {"Persuasion": "fixture:austen/persuasion", "KJV": "fixture:kjv"}
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
-def strata_run(
-    out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None
-) -> tuple[Path, Path, float]:
-    """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix;
+def mix_config(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None):
+    """The job of strata's file of ``mix`` (parsed, so a bad ``quant`` override is refused here);
     ``quant``: overrides of the solver (the config's ``quant:`` keys, e.g. ``diag_shrink``)."""
     from strata_quant.pipeline.config import parse_config
-    from strata_quant.pipeline.imatrix import write_imatrix
-    from strata_quant.pipeline.job import run_full_job
-    from strata_quant.pipeline.store import open_store
 
-    cfg = parse_config(
+    return parse_config(
         {
             "name": f"smollm2-{mix}",
             "model": "fixture:smollm2-135m",
@@ -58,6 +53,17 @@ def strata_run(
             "eval": None,
         }
     )
+
+
+def strata_run(
+    out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None
+) -> tuple[Path, Path, float]:
+    """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix."""
+    from strata_quant.pipeline.imatrix import write_imatrix
+    from strata_quant.pipeline.job import run_full_job
+    from strata_quant.pipeline.store import open_store
+
+    cfg = mix_config(out, mix, cal_windows, seq_len, workers, quant)
     t = time.perf_counter()
     report = run_full_job(cfg, progress=False)
     took = time.perf_counter() - t
@@ -265,11 +271,11 @@ def main() -> None:
 
     args.quant_overrides = parse_quant(args.quant)
     if args.quant_overrides:
-        from strata_quant.pipeline.config import ConfigError, parse_config
+        from strata_quant.pipeline.config import ConfigError
 
-        try:  # refused before any work, as the job itself would refuse it
-            check = {"method": "gptq", **args.quant_overrides}
-            parse_config({"name": "check", "model": "m", "calibration": {"source": "t"}, "quant": check})
+        try:  # refused before any work: the jobs' own configs, parsed with the overrides
+            for mix in args.mixes.split(","):
+                mix_config(Path(args.out), mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides)
         except ConfigError as err:
             ap.error(f"--quant: {err}")
         stamp = Path(args.out) / "quant.json"

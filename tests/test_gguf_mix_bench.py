@@ -67,14 +67,14 @@ def test_a_later_pass_adds_its_kinds_to_the_saved_scores():
 
 
 def test_quant_overrides_are_checked_before_any_work_and_keep_to_their_folder(tmp_path, monkeypatch, capsys):
-    """--quant: a bad key or value refused by the config's own checks; a folder holding another solver's files
-    refused; nothing is run in either case (the mix name Q9 would fail only after these checks)."""
+    """--quant: a bad key or value refused by the jobs' own configs, parsed before any work; a folder holding another
+    solver's files refused; nothing is run or written in either case."""
     import sys
 
     from benchmarks import gguf_mix_run
 
     def run(*quant: str) -> str:
-        argv = ["gguf_mix_run", "--mixes", "Q9", "--out", str(tmp_path / "m")]
+        argv = ["gguf_mix_run", "--mixes", "Q4_K_M", "--out", str(tmp_path / "m")]
         monkeypatch.setattr(sys, "argv", argv + [a for q in quant for a in ("--quant", q)])
         with pytest.raises(SystemExit):
             gguf_mix_run.main()
