@@ -107,7 +107,7 @@ def _solved_run(tmp_path, model, workers: int):
 def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tmp_path, ray_session):
     pytest.importorskip("llama_cpp")
     from strata_quant.pipeline.checkpoint import open_checkpoint
-    from strata_quant.pipeline.formats.gguf import mix_types, read_metadata
+    from strata_quant.pipeline.formats.gguf import llama_quantize, mix_types, read_metadata, write_skeleton
 
     report, check, path = _solved_run(tmp_path, k_model, workers=2)
     assert check["bit_exact_linears"] == check["quantized_linears"] == 14, check
@@ -117,8 +117,14 @@ def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tm
     assert file_types["token_embd.weight"] == "Q6_K"  # tied head, as llama.cpp's mix gives it
     assert "llama.cpp" in check["reader"] and check["llamacpp"]["top1_agreement"] >= 0.9, check["llamacpp"]
     meta = read_metadata(path)
-    assert meta["strata.carry"] == "solved" and not meta["strata.requantized"]
+    keys = {"strata.version", "strata.method", "strata.carry", "strata.target_type"}  # the rest the tensor types say
+    assert meta["strata.carry"] == "solved" and set(meta) == keys
     assert report["solved_blocks"] == 2
+    # no larger than llama.cpp's own file of the mix: llama_model_quantize of the same model's GGUF
+    skeleton = write_skeleton(open_checkpoint(k_model), tmp_path / "f16.gguf")
+    llama_quantize(skeleton, tmp_path / "llama-Q4_K_M.gguf", "Q4_K_M", allow_requantize=True, nthread=1)
+    assert {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "llama-Q4_K_M.gguf").tensors} == file_types
+    assert path.stat().st_size <= (tmp_path / "llama-Q4_K_M.gguf").stat().st_size
 
 
 def test_mostly_q4_0_is_llama_cpps_q4_0_file_solved_in_the_run(k_model, tmp_path, ray_session):

@@ -1219,18 +1219,22 @@ def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTy
 
 
 def artifact_metadata(types: GGUFTypes, method: str, tool_version: str) -> dict[str, Any]:
-    """The ``strata.*`` keys: how the file was made from the solver's result."""
+    """The ``strata.*`` keys: how the file was made from the solver's result. A file solved on llama.cpp's mix
+    says only what its tensor types do not (version, method, carry, the mix): every tensor's type is in the
+    file, and the keys are all the file has beyond llama.cpp's own file of the mix, which it must not outgrow."""
     metadata = {
         "strata.version": tool_version,
         "strata.method": method,
+        "strata.carry": types.carry,
+        "strata.target_type": types.target,
+    }
+    if types.carry == "solved":
+        return metadata
+    metadata |= {
         "strata.bits": int(types.bits),
         "strata.sym": bool(types.sym),
-        "strata.carry": types.carry,
         "strata.requantized": types.requant,
-        "strata.source_type": "F16 (dequantized solver output)"
-        if types.requant
-        else ("GPTQ on each linear's type in the mix" if types.carry == "solved" else types.target),
-        "strata.target_type": types.target,
+        "strata.source_type": "F16 (dequantized solver output)" if types.requant else types.target,
         "strata.embedding_type": types.emb or "llama.cpp default",
     }
     if types.group_size is not None:
