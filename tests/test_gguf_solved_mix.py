@@ -120,11 +120,19 @@ def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tm
     keys = {"strata.version", "strata.method", "strata.carry", "strata.target_type"}  # the rest the tensor types say
     assert meta["strata.carry"] == "solved" and set(meta) == keys
     assert report["solved_blocks"] == 2
-    # no larger than llama.cpp's own file of the mix: llama_model_quantize of the same model's GGUF
-    skeleton = write_skeleton(open_checkpoint(k_model), tmp_path / "f16.gguf")
+    # against llama.cpp's own file of the mix (llama_model_quantize of the same model's F16 GGUF, the same header
+    # writer): the same tensor data to the byte, and a header larger by the four strata keys alone
+    ours = GGUFReader(path)
+    name = ours.fields["general.name"].contents()
+    skeleton = write_skeleton(open_checkpoint(k_model), tmp_path / "f16.gguf", str(k_model), name)
     llama_quantize(skeleton, tmp_path / "llama-Q4_K_M.gguf", "Q4_K_M", allow_requantize=True, nthread=1)
-    assert {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "llama-Q4_K_M.gguf").tensors} == file_types
-    assert path.stat().st_size <= (tmp_path / "llama-Q4_K_M.gguf").stat().st_size
+    theirs = GGUFReader(tmp_path / "llama-Q4_K_M.gguf")
+    assert {t.name: t.tensor_type.name for t in theirs.tensors} == file_types
+    data = path.stat().st_size - ours.data_offset
+    assert data == (tmp_path / "llama-Q4_K_M.gguf").stat().st_size - theirs.data_offset
+    assert set(ours.fields) - set(theirs.fields) == keys
+    key_bytes = sum(p.nbytes for k in keys for p in ours.fields[k].parts)
+    assert ours.data_offset - theirs.data_offset <= key_bytes + 31  # the rest is the data's 32-byte alignment
 
 
 def test_mostly_q4_0_is_llama_cpps_q4_0_file_solved_in_the_run(k_model, tmp_path, ray_session):

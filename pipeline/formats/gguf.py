@@ -1338,17 +1338,18 @@ def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, req
     return _float_data(tensor.numpy(), gtype)
 
 
-def write_skeleton(reader, path: Path) -> Path:
+def write_skeleton(reader, path: Path, tokenizer_dir: str | None = None, name: str = "model") -> Path:
     """The checkpoint's GGUF as the converter lays it out (metadata, tensor names, shapes; every weight F16,
     norms F32), with no data written: the data region is a hole of the file's full size (a sparse file, zeros
-    to a reader). What llama.cpp's quantize dry run reads to choose a mix's types (:func:`mix_types`)."""
+    to a reader). What llama.cpp's quantize dry run reads to choose a mix's types (:func:`mix_types`); with
+    ``tokenizer_dir`` the vocabulary too, as an artifact's header has it."""
     try:
         layout = check_gguf(reader.config, reader.tensor_names)
     except GGUFError as err:
         raise AssembleError(str(err)) from None
     floats = GGUFTypes(16, True, None, "F16", "requantized", {}, None, "F16")
     extra = dict(layout.extra_tensors())
-    writer = GGUFStreamWriter(str(path), reader.config, None, file_type=FILE_TYPES["F16"])
+    writer = GGUFStreamWriter(str(path), reader.config, tokenizer_dir, name=name, file_type=FILE_TYPES["F16"])
     for _, gname, gtype, shape in tensor_plan(reader, {}, layout, floats, extra):
         writer.add_tensor_info(gname, gtype, shape)
     writer.write_header()
