@@ -221,7 +221,7 @@ LLAMACPP_PROMPT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
     "must be in want of a wife."
 )
-# The logits llama.cpp and transformers are compared on: the prompt and the chapter it opens (~170 tokens). The
+# The logits llama.cpp and transformers are compared on: the prompt and the chapter it opens (204 SmolLM2 tokens). The
 # mean over 26 tokens swung by 2× between equally sound K-quant files (their first positions, without context,
 # dominate it); over this passage it sits near its value on long eval windows.
 LLAMACPP_PASSAGE = LLAMACPP_PROMPT + (
