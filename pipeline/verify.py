@@ -601,14 +601,20 @@ def compare_logits(got: torch.Tensor, want: torch.Tensor) -> dict:
     }
 
 
+# check_llamacpp's limits, in the reference logits' std
+MEAN_DIFF_LIMIT = 0.1
+FLIP_MARGIN_LIMIT = 0.25
+
+
 def check_llamacpp(
     path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACPP_PROMPT, passage: str = LLAMACPP_PASSAGE
 ) -> dict:
     """llama.cpp loads the GGUF and tokenizes ``prompt`` as the HF tokenizer does, and on the HF tokens of
     ``passage`` gives the logits transformers gives from the same file, or VerifyError: mean |Δ| ≤ 0.1 · std
-    (logits), and every top-1 that differs is a near tie (flip margin ≤ 0.1 · std). llama.cpp rounds activations
+    (logits), and every top-1 that differs is a near tie (flip margin ≤ 0.25 · std). llama.cpp rounds activations
     to 8 bits for quantized weights, so near ties flip on some CPUs and not others; a count of flips would pass
-    or fail by the machine."""
+    or fail by the machine. The margin is the largest of a tail: files read exactly (their F16 twins agree to
+    100 %) reach 0.19 std by that rounding alone (docs/quality.md), a layout error moves the mean."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -624,7 +630,9 @@ def check_llamacpp(
     out = compare_logits(got, want)
     out["tokenizer_matches"] = True
     del llm
-    if max(out["mean_abs_diff"], out["top1_flip_margin"]) > 0.1 * out["logit_std"]:
+    if out["mean_abs_diff"] > MEAN_DIFF_LIMIT * out["logit_std"] or (
+        out["top1_flip_margin"] > FLIP_MARGIN_LIMIT * out["logit_std"]
+    ):
         raise VerifyError(f"{path.name}: llama.cpp's logits disagree with transformers': {out}")
     return out
 

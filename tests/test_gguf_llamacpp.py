@@ -24,6 +24,8 @@ from strata_quant.pipeline.assemble import assemble_gguf
 from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.formats.gguf import read_metadata
 from strata_quant.pipeline.verify import (
+    VerifyError,
+    check_llamacpp,
     compare_logits,
     llamacpp_logits,
     llamacpp_perplexity,
@@ -178,3 +180,21 @@ def test_smollm2_q4_k_m_is_a_marked_measured_fallback(smol) -> None:
     # llama.cpp's 8-bit activations flip near ties (which ones depends on the CPU): each flip is one
     lc = summary["llamacpp"]
     assert lc["top1_flip_margin"] <= 0.1 * lc["logit_std"] and lc["top1_agreement"] >= 0.75, lc
+
+
+@pytest.mark.slow
+def test_smollm2_without_the_qk_permutation_fails_verifys_check(smol) -> None:
+    """verify's llama.cpp check, whose flip limit leaves room for 8-bit rounding, still refuses a real model's
+    file with one layout error (Q/K rows in HF order): the mean |Δ| moves, not just a tail."""
+    import strata_quant.pipeline.formats.gguf as gguf_format
+
+    reader = smol["reader"]
+    real = gguf_format.permute_qk_result
+    gguf_format.permute_qk_result = lambda result, n_head: result
+    try:
+        path = assemble_gguf(reader, smol["source"], smol["root"] / "broken.gguf", tokenizer_pre="smollm")
+    finally:
+        gguf_format.permute_qk_result = real
+    with pytest.raises(VerifyError, match="disagree") as err:
+        check_llamacpp(path, _dense(reader.path, smol["results"]), reader.path)
+    print(f"\nSmolLM2 Q4_0 without the Q/K permutation: {err.value}")
