@@ -17,6 +17,18 @@ calibration loop (calibration/llm.py, ``calib``) takes a tensor item as the inpu
 with no tokenizing, no shuffling and no packing; it caps the count at ``nsamples``. Writes each
 GGUF file under out/<format>/ and out/peers-autoround.json (per format: quantize + save seconds,
 iters, nsamples, seqlen, file bytes and sha256, the GGUF tensor types; the versions).
+
+What auto-round does here, read from its source and its files on SmolLM2-135M:
+
+* On CPU it casts the model to bfloat16 and tunes in it (amp); ``--no-amp`` tunes in fp32 (slower).
+* ``--iters 0`` is its RTN path with an importance matrix from the same ids (``enable_opt_rtn``), the
+  recipe its GGUF warning recommends; iters > 0 is SignRound, torch.compile on from 10 iters.
+* Rows whose width is not a multiple of 256 (SmolLM2's 576) fall back, before tuning, to Q5_0 for
+  Q2_K..Q5_K and to Q8_0 for Q6_K. llama.cpp's llama-quantize falls back to Q4_0 for Q2_K / Q3_K and
+  to Q5_1 for Q5_K, so auto-round's q4_k_m and q6_k files have llama.cpp's tensor types, its q3_k_m,
+  q2_k_s (larger) and q5_k_m (smaller) files do not.
+* Tied embeddings: lm_head is left out; token_embd is quantized as llama.cpp's output rule says
+  (Q6_K, so Q8_0 at width 576), outside the block tuning.
 """
 
 from __future__ import annotations
