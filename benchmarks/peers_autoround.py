@@ -29,6 +29,9 @@ What auto-round does here, read from its source and its files on SmolLM2-135M:
   q2_k_s (larger) and q5_k_m (smaller) files do not.
 * Tied embeddings: lm_head is left out; token_embd is quantized as llama.cpp's output rule says
   (Q6_K, so Q8_0 at width 576), outside the block tuning.
+* With iters > 0 its Q8_0 tensors (token_embd, the Q8_0 attn_v) are on its own int8 grid (scale =
+  the group's signed extreme / 128, codes clamped at 127; data_type/int.py), not llama.cpp's amax / 127,
+  in bfloat16 and in fp32 alike; iters 0 packs them as llama.cpp does.
 """
 
 from __future__ import annotations
