@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the peer venvs for benchmarks/peers.py, each beside torch 2.13.0 (CPU build):
-#   bash benchmarks/peers_venv.sh [gptqmodel] [llmcompressor]   (default: both)
+#   bash benchmarks/peers_venv.sh [gptqmodel] [llmcompressor] [autoround]   (default: the first two)
 #   .venv-gptqmodel      gptqmodel==7.6.0
 #   .venv-llmcompressor  llmcompressor==0.14.* with the transformers it pins
+#   .venv-autoround      auto-round==0.16.* with gguf==0.19.0 and sentencepiece, which its GGUF export
+#                        imports but does not declare (benchmarks/peers_autoround.py)
 # torch is installed first and alone, so pip takes the CPU wheel (from a local wheel cache
 # when pip is configured with one, else PyPI's CPU build) and the peer cannot move it.
 # Idempotent: a venv is reused once its .strata-ready stamp exists.
@@ -32,6 +34,7 @@ for t in "${targets[@]}"; do
   case "$t" in
     gptqmodel) build .venv-gptqmodel gptqmodel==7.6.0 ;;
     llmcompressor) build .venv-llmcompressor "llmcompressor==0.14.*" ;;
-    *) echo "unknown peer: $t (gptqmodel, llmcompressor)" >&2; exit 2 ;;
+    autoround) build .venv-autoround "auto-round==0.16.*" gguf==0.19.0 "sentencepiece==0.2.*" ;;
+    *) echo "unknown peer: $t (gptqmodel, llmcompressor, autoround)" >&2; exit 2 ;;
   esac
 done
