@@ -377,17 +377,33 @@ METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq_gptq": "AWQ+GPT
 def calibration_ids(model_dir: Path, windows: int, tag: str) -> Path:
     """strata's calibration token ids (Emma, evenly spaced windows, as pipeline.run.prepare
     builds them) saved for the peers, so every tool sees the very same ids."""
+    path = OUT / f"calib-emma-{windows}x{SEQ_LEN}{tag}.safetensors"
+    save_calibration_ids(model_dir, path, windows)
+    return path
+
+
+def save_calibration_ids(
+    model_dir: Path,
+    path: Path,
+    windows: int,
+    seq_len: int = SEQ_LEN,
+    text: str = "fixture:austen/emma",
+    prefixed: bool = False,
+):
+    """``windows`` evenly spaced windows of ``seq_len`` tokens of ``text`` in ``model_dir``'s tokenizer,
+    saved as safetensors ``{input_ids: int64 [N, T]}``; ``prefixed``: each window starts with the
+    tokenizer's own prompt prefix, as the run's ``bos: auto`` (none for SmolLM2). Returns the ids."""
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from strata_quant.pipeline.calibration import calibration_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import calibration_prefix, calibration_windows, load_text, tokenize_stream
 
-    path = OUT / f"calib-emma-{windows}x{SEQ_LEN}{tag}.safetensors"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), windows, SEQ_LEN, "even", 0)
-    OUT.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": ids.contiguous()}, str(path))
-    return path
+    prefix = calibration_prefix(tok) if prefixed else ()
+    ids = calibration_windows(tokenize_stream(tok, load_text(text)), windows, seq_len, "even", 0, prefix=prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"input_ids": ids.contiguous()}, str(path))  # no metadata: family_peers compares the files by sha256
+    return ids
 
 
 def parse_quant(items: list[str] | None) -> dict:

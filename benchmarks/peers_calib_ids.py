@@ -3,7 +3,8 @@
 starting with the tokenizer's own prompt prefix (none for SmolLM2) — the ids pipeline.run.prepare
 feeds strata's solver with ``calibration: {source: fixture:austen/emma, sampling: even, bos: auto}``,
 and benchmarks/gguf_mix_run.py's calibration. Written as safetensors ``{input_ids: int64 [N, T]}``
-(what benchmarks/peers_gptqmodel.py and benchmarks/peers_autoround.py read). Main venv::
+(what benchmarks/peers_gptqmodel.py and benchmarks/peers_autoround.py read), by
+benchmarks.peers.save_calibration_ids. Main venv::
 
     PYTHONPATH=. .venv/bin/python benchmarks/peers_calib_ids.py \
         --model ~/.cache/strata/models/smollm2-135m-instruct --out /tmp/autoround/calib-emma-64x512.safetensors
@@ -25,20 +26,13 @@ def main() -> None:
     parser.add_argument("--text", default="fixture:austen/emma")
     args = parser.parse_args()
 
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
+    from benchmarks.peers import save_calibration_ids
     from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.calibration import calibration_prefix, calibration_windows, load_text, tokenize_stream
 
-    tok = AutoTokenizer.from_pretrained(fixtures.resolve(args.model))
-    stream = tokenize_stream(tok, load_text(args.text))
-    ids = calibration_windows(stream, args.windows, args.seq_len, "even", 0, prefix=calibration_prefix(tok))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"input_ids": ids.contiguous()}, str(out), metadata={"text": args.text, "tokens": str(stream.numel())})
+    ids = save_calibration_ids(fixtures.resolve(args.model), out, args.windows, args.seq_len, args.text, prefixed=True)
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
-    print(f"{out}: input_ids {list(ids.shape)} {ids.dtype}, text {stream.numel()} tokens, ids sha256 {digest}")
+    print(f"{out}: input_ids {list(ids.shape)} {ids.dtype}, ids sha256 {digest}")
 
 
 if __name__ == "__main__":

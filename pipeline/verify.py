@@ -610,8 +610,8 @@ def check_llamacpp(
     path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACPP_PROMPT, passage: str = LLAMACPP_PASSAGE
 ) -> dict:
     """llama.cpp loads the GGUF and tokenizes ``prompt`` as the HF tokenizer does, and on the HF tokens of
-    ``passage`` gives the logits transformers gives from the same file, or VerifyError: mean |Δ| ≤ 0.1 · std
-    (logits), and every top-1 that differs is a near tie (flip margin ≤ 0.25 · std). llama.cpp rounds activations
+    ``passage`` gives the logits transformers gives from the same file, or VerifyError: mean |Δ| ≤ MEAN_DIFF_LIMIT
+    · std (logits), and every top-1 that differs is a near tie (flip margin ≤ FLIP_MARGIN_LIMIT · std). llama.cpp rounds activations
     to 8 bits for quantized weights, so near ties flip on some CPUs and not others; a count of flips would pass
     or fail by the machine. The margin is the largest of a tail: files read exactly (their F16 twins agree to
     100 %) reach 0.19 std by that rounding alone (docs/quality.md), a layout error moves the mean."""

@@ -108,17 +108,22 @@ def test_tiny_verify_gguf_with_llamacpp_and_kquant_fallback(tiny) -> None:
     assert summary["llamacpp"]["tokenizer_matches"] and summary["llamacpp"]["top1_agreement"] >= 0.9
 
 
-def test_a_broken_layout_fails_the_llamacpp_check(tiny, tmp_path: Path) -> None:
-    """Q rows left in HF order (no rotary permutation): llama.cpp's logits no longer match."""
+def _without_qk_permutation(reader, source, path: Path, **kw) -> Path:
+    """The GGUF with Q/K rows left in HF order (no rotary permutation): one layout error."""
     import strata_quant.pipeline.formats.gguf as gguf_format
 
-    source, _, dense = tiny[True]
     real = gguf_format.permute_qk_result
     gguf_format.permute_qk_result = lambda result, n_head: result
     try:
-        path = assemble_gguf(tiny["reader"], source, tmp_path / "broken.gguf")
+        return assemble_gguf(reader, source, path, **kw)
     finally:
         gguf_format.permute_qk_result = real
+
+
+def test_a_broken_layout_fails_the_llamacpp_check(tiny, tmp_path: Path) -> None:
+    """Q rows left in HF order (no rotary permutation): llama.cpp's logits no longer match."""
+    source, _, dense = tiny[True]
+    path = _without_qk_permutation(tiny["reader"], source, tmp_path / "broken.gguf")
     stats = _against_dense(path, dense, _ids(tiny["reader"].path, 96))
     print(f"\ntiny Q4_0 without the Q/K permutation: {stats}")
     assert stats["mean_abs_diff"] > 0.01 * stats["logit_std"] or stats["top1_agreement"] < 0.9
@@ -186,15 +191,8 @@ def test_smollm2_q4_k_m_is_a_marked_measured_fallback(smol) -> None:
 def test_smollm2_without_the_qk_permutation_fails_verifys_check(smol) -> None:
     """verify's llama.cpp check, whose flip limit leaves room for 8-bit rounding, still refuses a real model's
     file with one layout error (Q/K rows in HF order): the mean |Δ| moves, not just a tail."""
-    import strata_quant.pipeline.formats.gguf as gguf_format
-
     reader = smol["reader"]
-    real = gguf_format.permute_qk_result
-    gguf_format.permute_qk_result = lambda result, n_head: result
-    try:
-        path = assemble_gguf(reader, smol["source"], smol["root"] / "broken.gguf", tokenizer_pre="smollm")
-    finally:
-        gguf_format.permute_qk_result = real
+    path = _without_qk_permutation(reader, smol["source"], smol["root"] / "broken.gguf", tokenizer_pre="smollm")
     with pytest.raises(VerifyError, match="disagree") as err:
         check_llamacpp(path, _dense(reader.path, smol["results"]), reader.path)
     print(f"\nSmolLM2 Q4_0 without the Q/K permutation: {err.value}")
