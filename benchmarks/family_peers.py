@@ -4,6 +4,7 @@ One command per model (issues #20 and #22)::
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family_peers qwen2.5-coder-0.5b
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family_peers gemma3-270m
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family_peers smollm2-135m --group-size 64 --eval-windows 32
 
 Both tools get the same calibration token ids (``--calib-windows`` × 512 of *Emma*, strata's
 evenly spaced windows, benchmarks.peers.calibration_ids) at W4 g``--group-size`` symmetric:
@@ -45,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 PERSUASION = "fixture:austen/persuasion"
 # model fixture → the off-domain text scored beside Persuasion
 FAMILIES = {
+    "smollm2-135m": "fixture:kjv",  # the off-domain issue's W4 g64 bar against GPTQModel
     "qwen2.5-coder-0.5b": "fixture:code/python-stdlib",
     "gemma3-270m": "fixture:kjv",
     "tiny-qwen2": "fixture:code/python-stdlib",  # the fast test's model

@@ -26,6 +26,7 @@ import json
 import math
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,18 +35,55 @@ from benchmarks.common import machine
 from benchmarks.gguf_mix_file import TOOLS, llama_quantize
 
 TEXTS = {"Persuasion": "fixture:austen/persuasion", "KJV": "fixture:kjv"}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model the mixes are made of: its title, the texts scored (Persuasion and one off the calibration's domain:
+    code for the code model) and where its source GGUF comes from (the scores' reference)."""
+
+    title: str
+    texts: dict[str, str]
+    split: bool  # the source is one of pipeline.fixtures.SPLIT_GGUFS (else SmolLM2's own GGUF)
+
+
+MODELS = {
+    "smollm2-135m": Model("SmolLM2-135M", TEXTS, split=False),
+    "qwen2.5-coder-1.5b": Model(
+        "Qwen2.5-Coder-1.5B",
+        {"Persuasion": "fixture:austen/persuasion", "Python stdlib": "fixture:code/python-stdlib"},
+        split=True,
+    ),
+}
+
+
+def source_gguf(model: str) -> Path:
+    """The GGUF ``model``'s fixture is converted from: llama.cpp's input and every score's reference."""
+    from strata_quant.pipeline import fixtures
+
+    return fixtures._fetch_split_gguf(model) if MODELS[model].split else fixtures._fetch_smollm2_gguf()
+
+
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
-def mix_config(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None):
-    """The job of strata's file of ``mix`` (parsed, so a bad ``quant`` override is refused here);
-    ``quant``: overrides of the solver (the config's ``quant:`` keys, e.g. ``diag_shrink``)."""
+def mix_config(
+    out: Path,
+    mix: str,
+    cal_windows: int,
+    seq_len: int,
+    workers: int,
+    quant: dict | None = None,
+    model: str = "smollm2-135m",
+):
+    """The job of strata's file of ``mix`` of the fixture ``model`` (parsed, so a bad ``quant`` override is refused
+    here); ``quant``: overrides of the solver (the config's ``quant:`` keys, e.g. ``diag_shrink``)."""
     from strata_quant.pipeline.config import parse_config
 
     return parse_config(
         {
-            "name": f"smollm2-{mix}",
-            "model": "fixture:smollm2-135m",
+            "name": f"{model.replace('.', '')}-{mix}",
+            "model": f"fixture:{model}",
             "calibration": {"source": "fixture:austen/emma", "num_samples": cal_windows, "seq_len": seq_len},
             "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(quant or {})},
             "run": {"workers": workers, "store": str(out / "store")},
@@ -56,14 +94,20 @@ def mix_config(out: Path, mix: str, cal_windows: int, seq_len: int, workers: int
 
 
 def strata_run(
-    out: Path, mix: str, cal_windows: int, seq_len: int, workers: int, quant: dict | None = None
+    out: Path,
+    mix: str,
+    cal_windows: int,
+    seq_len: int,
+    workers: int,
+    quant: dict | None = None,
+    model: str = "smollm2-135m",
 ) -> tuple[Path, Path, float]:
     """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix."""
     from strata_quant.pipeline.imatrix import write_imatrix
     from strata_quant.pipeline.job import run_full_job
     from strata_quant.pipeline.store import open_store
 
-    cfg = mix_config(out, mix, cal_windows, seq_len, workers, quant)
+    cfg = mix_config(out, mix, cal_windows, seq_len, workers, quant, model)
     t = time.perf_counter()
     report = run_full_job(cfg, progress=False)
     took = time.perf_counter() - t
@@ -97,7 +141,9 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     strata = next((d / "out").glob("*.gguf"), None)
     run_imatrix = d / "strata.imatrix.gguf"
     if strata is None or not run_imatrix.exists():
-        strata, run_imatrix, _ = strata_run(d, mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides)
+        strata, run_imatrix, _ = strata_run(
+            d, mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides, args.model
+        )
     files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
@@ -177,32 +223,33 @@ def table(
     windows: int,
     tensors: dict[str, dict[str, int]] | None = None,
     sizes: dict[str, dict[str, int]] | None = None,
+    texts: dict[str, str] = TEXTS,
 ) -> list[str]:
     """The markdown table of every file, then one verdict line per mix (``tensors``: {mix: {kind: tensor data
     bytes}}, said beside the file sizes where given; ``sizes``: {mix: {kind: file bytes}} of every file made, a
-    file not scored at ``windows`` listed with its size and no score)."""
-    head = "| mix | file | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in TEXTS) + " |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(TEXTS))]
+    file not scored at ``windows`` listed with its size and no score; ``texts``: the model's, as MODELS names)."""
+    head = "| mix | file | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in texts) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(texts))]
     verdicts = []
     for mix in mixes:
-        per = {t: scores[f"{mix}/{t}/{windows}"] for t in TEXTS}
+        per = {t: scores[f"{mix}/{t}/{windows}"] for t in texts}
         size_of = (sizes or {}).get(mix) or {k: v["bytes"] for k, v in per["Persuasion"].items() if k in KINDS}
         for kind in [k for k in KINDS if k in size_of]:
-            if all(kind in per[t] for t in TEXTS):
-                cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in TEXTS)
+            if all(kind in per[t] for t in texts):
+                cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in texts)
             else:
-                cells = " | ".join("not scored | —" for _ in TEXTS)
+                cells = " | ".join("not scored | —" for _ in texts)
             lines.append(f"| {mix} | {kind} | {size_of[kind]:,} | {cells} |")
-        s = {t: per[t][KINDS[0]] for t in TEXTS}
+        s = {t: per[t][KINDS[0]] for t in texts}
         parts = []
         for anchor in (KINDS[3], KINDS[2]):
-            if all(anchor in per[t] for t in TEXTS):
-                r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in TEXTS}
+            if all(anchor in per[t] for t in texts):
+                r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in texts}
                 met = all(0 < v <= target(mix) for v in r.values())
                 ratios = " / ".join(f"{v:.2f}×" for v in r.values())
                 parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
         size = size_of[KINDS[0]] - size_of[KINDS[1]]
-        line = (f"- {mix}: strata Δppl Persuasion / KJV " + "; ".join(parts)
+        line = (f"- {mix}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
                 + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
         if tensors and mix in tensors:
             data = tensors[mix][KINDS[0]] - tensors[mix][KINDS[1]]
@@ -211,15 +258,15 @@ def table(
     return lines + [""] + verdicts
 
 
-def plot(scores: dict, mixes: list[str], windows: int, path: Path) -> None:
+def plot(scores: dict, mixes: list[str], windows: int, path: Path, model: str = "smollm2-135m") -> None:
     """Δppl against file size, one panel per text, one line per maker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TEXTS), figsize=(11, 4.2))
-    for ax, t in zip(axes, TEXTS, strict=True):
+    fig, axes = plt.subplots(1, len(MODELS[model].texts), figsize=(11, 4.2))
+    for ax, t in zip(axes, MODELS[model].texts, strict=True):
         for kind, marker in zip(KINDS, "o^sD", strict=True):
             pts = [scores[f"{m}/{t}/{windows}"].get(kind) for m in mixes]
             pts = sorted((p["bytes"] / 1e6, 100 * p["dppl"], m) for p, m in zip(pts, mixes, strict=True) if p)
@@ -231,7 +278,7 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("file size (MB)")
         ax.set_ylabel("Δppl vs the source GGUF (%)")
-        ax.set_title(f"SmolLM2-135M, {t}, {windows} × 512 tokens")
+        ax.set_title(f"{MODELS[model].title}, {t}, {windows} × 512 tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -241,6 +288,7 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=list(MODELS), help="the fixture the mixes are made of")
     ap.add_argument("--mixes", default="Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K")
     ap.add_argument("--cal-windows", type=int, default=64)
     ap.add_argument("--eval-windows", type=int, default=32)
@@ -275,7 +323,9 @@ def main() -> None:
 
         try:  # refused before any work: the jobs' own configs, parsed with the overrides
             for mix in args.mixes.split(","):
-                mix_config(Path(args.out), mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides)
+                mix_config(
+                    Path(args.out), mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides, args.model
+                )
         except ConfigError as err:
             ap.error(f"--quant: {err}")
         stamp = Path(args.out) / "quant.json"
@@ -298,11 +348,12 @@ def main() -> None:
 
     out, mixes, w = Path(args.out), args.mixes.split(","), args.eval_windows
     out.mkdir(parents=True, exist_ok=True)
-    src = fixtures._fetch_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(fixtures.smollm2())
-    held = {k: eval_windows(tokenize_stream(tok, load_text(v)), w, args.seq_len) for k, v in TEXTS.items()}
+    texts = MODELS[args.model].texts
+    src = source_gguf(args.model)
+    tok = AutoTokenizer.from_pretrained(fixtures.resolve(f"fixture:{args.model}"))
+    held = {k: eval_windows(tokenize_stream(tok, load_text(v)), w, args.seq_len) for k, v in texts.items()}
     print(machine())
-    print(f"SmolLM2-135M {mixes}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {w}×{args.seq_len} per "
+    print(f"{MODELS[args.model].title} {mixes}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {w}×{args.seq_len} per "
           f"text in llama.cpp, {args.threads} threads")  # fmt: skip
     imatrix_llama = None
     if (TOOLS / "llama-imatrix").exists():
@@ -323,16 +374,16 @@ def main() -> None:
                 scores[key] = merge_scores(scores.get(key), score(src, todo, windows, args.threads, key))
                 saved.write_text(json.dumps(scores, indent=1))
                 print(f"scored {key} ({', '.join(todo)}) in {time.perf_counter() - t0:.0f} s", flush=True)
-    ref = {t: scores[f"{mixes[0]}/{t}/{w}"]["reference"]["ppl"] for t in TEXTS}
+    ref = {t: scores[f"{mixes[0]}/{t}/{w}"]["reference"]["ppl"] for t in texts}
     print(
         f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())
     )
     made = {m: mix_files(out, src, m, args, imatrix_llama) for m in mixes}
     tensors = {m: {k: tensor_bytes(f) for k, f in made[m].items()} for m in mixes}
     sizes = {m: {k: f.stat().st_size for k, f in made[m].items()} for m in mixes}
-    print("\n".join(table(scores, mixes, w, tensors, sizes)))
+    print("\n".join(table(scores, mixes, w, tensors, sizes, texts)))
     if args.plot:
-        plot(scores, mixes, w, Path(args.plot))
+        plot(scores, mixes, w, Path(args.plot), args.model)
 
 
 if __name__ == "__main__":

