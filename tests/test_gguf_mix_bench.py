@@ -86,3 +86,22 @@ def test_quant_overrides_are_checked_before_any_work_and_keep_to_their_folder(tm
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "quant.json").write_text('{"diag_shrink": 0.5}')
     assert "holds files of the solver" in run("diag_shrink=0.3")
+
+
+def test_each_model_names_its_own_texts_and_a_source_the_fixtures_pin():
+    """The code model is scored on code beside Persuasion: the table's columns and verdict name its texts; a model
+    whose source is a split GGUF is one pipeline.fixtures pins (size and SHA-256)."""
+    from benchmarks.gguf_mix_run import MODELS
+    from strata_quant.pipeline import fixtures
+
+    texts = MODELS["qwen2.5-coder-1.5b"].texts
+    assert list(texts) == ["Persuasion", "Python stdlib"] and texts["Python stdlib"] == "fixture:code/python-stdlib"
+    scores = {f"Q2_K/{t}/16": v for t, v in zip(texts, _scores("Q2_K", 0.02, 0.03, 100, 100).values(), strict=True)}
+    lines = table(scores, ["Q2_K"], 16, None, None, texts)
+    assert lines[0].startswith("| mix | file | bytes | Persuasion Δppl | Persuasion KLD | Python stdlib Δppl |")
+    verdict = next(line for line in lines if line.startswith("- Q2_K"))
+    assert verdict.startswith("- Q2_K: strata Δppl Persuasion / Python stdlib vs llama.cpp + llama-imatrix: 0.67×")
+    for name, model in MODELS.items():
+        assert model.split == (name in fixtures.SPLIT_GGUFS)
+    with pytest.raises(KeyError):  # a table keyed by the other model's texts is not read as this one's
+        table(scores, ["Q2_K"], 16)
