@@ -224,7 +224,9 @@ class OutputConfig(_Strict):
     )
     shard_size: str = Field("5GB", description="largest safetensors shard, e.g. 5GB or 500MB")
     gguf_tokenizer_pre: str = Field(
-        "default", description="GGUF tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer (smollm, llama-bpe …)"
+        "auto",
+        description="GGUF tokenizer.ggml.pre: llama.cpp's name of the pre-tokenizer (smollm, llama-bpe …); auto: "
+        "the first name under which llama.cpp splits probe texts as the model's tokenizer does",
     )
     gguf_type: Literal[
         "auto",

@@ -181,8 +181,9 @@ def check_moe_formats(cfg: JobConfig, config: dict) -> str | None:
     return f"Mixture-of-Experts {config.get('model_type')!r}: " + "; ".join(readers)
 
 
-def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
-    """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders)."""
+def _dry_writer(cfg: JobConfig, reader, path: str | None = None, pre: str | None = None):
+    """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders); ``pre``: the
+    tokenizer's pre-type name, where ``output.gguf_tokenizer_pre`` is auto and resolved."""
     from gguf import GGUFWriter
 
     from strata_quant.pipeline.formats import gguf as gguf_format
@@ -196,7 +197,7 @@ def _dry_writer(cfg: JobConfig, reader, path: str | None = None):
         target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
     layout.add_metadata(writer, name=cfg.name, file_type=gguf_format.FILE_TYPES.get(target, 2))
     meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
-    gguf_format.add_tokenizer_metadata(writer, meta, pre=cfg.output.gguf_tokenizer_pre)
+    gguf_format.add_tokenizer_metadata(writer, meta, pre=pre or cfg.output.gguf_tokenizer_pre)
     return writer, layout.arch
 
 
@@ -229,17 +230,25 @@ def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -
     the run); a different split of :data:`TOKENIZER_PROBE` is noted."""
     import importlib.util
 
+    from strata_quant.pipeline.formats import gguf as gguf_format
     from strata_quant.pipeline.verify import LLAMACPP_PROMPT
 
-    pre = cfg.output.gguf_tokenizer_pre
+    pre, chosen = cfg.output.gguf_tokenizer_pre, ""
     if importlib.util.find_spec("llama_cpp") is None:
+        if pre == "auto":
+            pre = "default"
         notes.append(f"tokenizer pre-type {pre!r} not checked in llama.cpp: llama-cpp-python is not installed")
         return f"tokenizer pre-type {pre!r} unchecked"
     from llama_cpp import Llama
 
+    if pre == "auto":  # the writer asks the same question and reads this answer from the cache
+        meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
+        choice = gguf_format.pre_for(str(reader.path), reader.config, meta)
+        pre, chosen = choice.pre, f" (auto: {choice.how})"
+
     with tempfile.TemporaryDirectory(prefix="strata-vocab-") as tmp:
         path = os.path.join(tmp, "vocab.gguf")
-        writer, _ = _dry_writer(cfg, reader, path)
+        writer, _ = _dry_writer(cfg, reader, path, pre)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -270,7 +279,8 @@ def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -
             "model's tokenizer (a probe text); the GGUF would tokenize some prompts differently"
         )
     return (
-        f"llama.cpp loads the vocabulary with pre-type {pre!r} and tokenizes the verification prompt as the model does"
+        f"llama.cpp loads the vocabulary with pre-type {pre!r}{chosen} and tokenizes the verification prompt as the "
+        "model does"
     )
 
 

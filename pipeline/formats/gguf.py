@@ -784,6 +784,24 @@ def check_gguf(
     return layout
 
 
+def pre_for(tokenizer_dir: str | os.PathLike[str], model_config: dict[str, Any], meta: dict[str, Any]):
+    """:func:`gguf_pre.find_pre` for this model: its vocabulary-only GGUFs carry its architecture and tokenizer."""
+    from strata_quant.pipeline.formats.gguf_pre import find_pre
+
+    layout = GGUFLayout(model_config)
+
+    def write_vocab(path: str, pre: str) -> None:
+        writer = GGUFWriter(path, layout.arch)
+        layout.add_metadata(writer, name="vocab", file_type=1)
+        add_tokenizer_metadata(writer, meta, pre=pre)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+
+    return find_pre(tokenizer_dir, model_config.get("model_type"), write_vocab)
+
+
 def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str) -> None:
     """``tokenizer.*`` keys from :func:`tokenizer_metadata`'s dict."""
     writer.add_tokenizer_model(meta["model"])
@@ -855,6 +873,8 @@ class GGUFStreamWriter:
         self.layout.add_metadata(self._writer, name=name, file_type=file_type)
         if tokenizer_dir is not None:
             meta = tokenizer_metadata(tokenizer_dir, vocab_size=int(model_config["vocab_size"]))
+            if tokenizer_pre == "auto":  # the name llama.cpp splits text by as the model does (gguf_pre.py)
+                tokenizer_pre = pre_for(tokenizer_dir, model_config, meta).pre
             add_tokenizer_metadata(self._writer, meta, pre=tokenizer_pre)
         add_extra_metadata(self._writer, metadata or {})
         self._pending: list[tuple[str, GGMLQuantizationType, int]] = []  # name, type, nbytes, in write order
