@@ -20,8 +20,9 @@ class CalibrationConfig(_Strict):
     sharded over the workers on batch edges."""
 
     source: str = Field(
-        description="a .txt / .md / .jsonl / .parquet file (a path or s3://bucket/key), "
-        "fixture:austen/NOVEL, or hf:DATASET"
+        "fixture:calib-mix",
+        description="a .txt / .md / .jsonl / .parquet file (a path or s3://bucket/key), fixture:austen/NOVEL, "
+        "or hf:DATASET; default: strata's mix of fiction, quotations and verse by many authors, and code",
     )
     num_samples: int = Field(64, ge=1, description="N, the number of calibration windows")
     seq_len: int = Field(512, ge=8, description="T, tokens per window")
@@ -339,7 +340,9 @@ class JobConfig(_Strict):
         description="a folder with config.json + *.safetensors (+ index, tokenizer), s3://bucket/prefix, "
         "or fixture:smollm2-135m"
     )
-    calibration: CalibrationConfig = Field(description="the calibration text (section below)")
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig, description="the calibration text (section below)"
+    )
     quant: QuantConfig = Field(QuantConfig(), description="method and settings (section below)")
     run: RunConfig = Field(RunConfig(), description="workers, store, scheduling (section below)")
     output: OutputConfig = Field(OutputConfig(), description="artifacts and release gate (section below)")

@@ -44,7 +44,8 @@ def test_type_default_bounds_and_allowed_values_are_rendered():
     assert "int, ≥ 1" in row and "| `64` |" in row
     row = next(line for line in text.splitlines() if line.startswith("| `quant.awq_duo` |"))
     assert "mean\\|x\\|" in row  # a pipe inside a cell would split the table
-    assert "| `calibration.source` | str | required |" in text
+    assert "| `model` | str | required |" in text
+    assert "| `calibration.source` | str | `fixture:calib-mix` |" in text  # a job that names no text gets the mix
 
 
 def test_a_new_field_changes_the_reference(monkeypatch):
