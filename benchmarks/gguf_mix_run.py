@@ -17,6 +17,10 @@ scores only the kinds missing (delete to redo).
 
     python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
         --eval-windows 8 --plot docs/gguf_mixes.png
+
+``--model qwen2.5-coder-1.5b`` makes the mixes of Qwen2.5-Coder-1.5B-Instruct (``strata fixtures --families``; its
+source GGUF is llama.cpp's Q4_K_M, so mixes of 4 bits and more re-quantize onto the grid the weights came from) and
+scores Persuasion and Python's standard library source (:data:`MODELS`).
 """
 
 from __future__ import annotations
