@@ -71,47 +71,32 @@ def source_gguf(model: str) -> Path:
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
-def mix_config(
-    out: Path,
-    mix: str,
-    cal_windows: int,
-    seq_len: int,
-    workers: int,
-    quant: dict | None = None,
-    model: str = "smollm2-135m",
-):
-    """The job of strata's file of ``mix`` of the fixture ``model`` (parsed, so a bad ``quant`` override is refused
-    here); ``quant``: overrides of the solver (the config's ``quant:`` keys, e.g. ``diag_shrink``)."""
+def mix_config(out: Path, mix: str, args):
+    """The job of strata's file of ``mix`` of the fixture ``args.model`` (parsed, so a bad ``--quant`` override is
+    refused here); ``args.quant_overrides``: the config's ``quant:`` keys, e.g. ``diag_shrink``."""
     from strata_quant.pipeline.config import parse_config
 
     return parse_config(
         {
-            "name": f"{model.replace('.', '')}-{mix}",
-            "model": f"fixture:{model}",
-            "calibration": {"source": "fixture:austen/emma", "num_samples": cal_windows, "seq_len": seq_len},
-            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(quant or {})},
-            "run": {"workers": workers, "store": str(out / "store")},
+            "name": f"{args.model.replace('.', '')}-{mix}",
+            "model": f"fixture:{args.model}",
+            "calibration": {"source": "fixture:austen/emma", "num_samples": args.cal_windows, "seq_len": args.seq_len},
+            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(args.quant_overrides or {})},
+            "run": {"workers": args.workers, "store": str(out / "store")},
             "output": {"dir": str(out / "out"), "formats": ["gguf"], "gguf_type": mix, "overwrite": True},
             "eval": None,
         }
     )
 
 
-def strata_run(
-    out: Path,
-    mix: str,
-    cal_windows: int,
-    seq_len: int,
-    workers: int,
-    quant: dict | None = None,
-    model: str = "smollm2-135m",
-) -> tuple[Path, Path, float]:
-    """The strata file of ``mix`` (a full job: plan, run, assemble, verify) and the run's importance matrix."""
+def strata_run(out: Path, mix: str, args) -> tuple[Path, Path, float]:
+    """The strata file of ``mix`` (a full job of :func:`mix_config`: plan, run, assemble, verify) and the run's
+    importance matrix."""
     from strata_quant.pipeline.imatrix import write_imatrix
     from strata_quant.pipeline.job import run_full_job
     from strata_quant.pipeline.store import open_store
 
-    cfg = mix_config(out, mix, cal_windows, seq_len, workers, quant, model)
+    cfg = mix_config(out, mix, args)
     t = time.perf_counter()
     report = run_full_job(cfg, progress=False)
     took = time.perf_counter() - t
@@ -145,9 +130,7 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     strata = next((d / "out").glob("*.gguf"), None)
     run_imatrix = d / "strata.imatrix.gguf"
     if strata is None or not run_imatrix.exists():
-        strata, run_imatrix, _ = strata_run(
-            d, mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides, args.model
-        )
+        strata, run_imatrix, _ = strata_run(d, mix, args)
     files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
@@ -327,9 +310,7 @@ def main() -> None:
 
         try:  # refused before any work: the jobs' own configs, parsed with the overrides
             for mix in args.mixes.split(","):
-                mix_config(
-                    Path(args.out), mix, args.cal_windows, args.seq_len, args.workers, args.quant_overrides, args.model
-                )
+                mix_config(Path(args.out), mix, args)
         except ConfigError as err:
             ap.error(f"--quant: {err}")
         stamp = Path(args.out) / "quant.json"

@@ -20,12 +20,6 @@ from strata_quant.pipeline.config import TOOLBOX_FORMATS, ConfigError, JobConfig
 from strata_quant.workers.methods import matches_module, spec_with_overrides
 from strata_quant.workers.result import QuantizedLinear, QuantSpec
 
-# what pre-tokenizers split differently: digit runs, contractions,
-# punctuation, non-ASCII letters, runs of spaces, tabs and newlines
-TOKENIZER_PROBE = (
-    " In 1815, 12345 people paid £3.50 each: naïve café owners' “quotes” (isn't it?)\n\n\tindented   spaces 日本語"
-)
-
 
 @dataclass
 class Preflight:
@@ -181,23 +175,22 @@ def check_moe_formats(cfg: JobConfig, config: dict) -> str | None:
     return f"Mixture-of-Experts {config.get('model_type')!r}: " + "; ".join(readers)
 
 
-def _dry_writer(cfg: JobConfig, reader, path: str | None = None, pre: str | None = None):
-    """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders); ``pre``: the
-    tokenizer's pre-type name, where ``output.gguf_tokenizer_pre`` is auto and resolved."""
+def _dry_writer(cfg: JobConfig, reader):
+    """A GGUFWriter holding the metadata the GGUF of this job gets (gguf.py's own builders)."""
     from gguf import GGUFWriter
 
     from strata_quant.pipeline.formats import gguf as gguf_format
     from strata_quant.pipeline.formats.gguf_solved import llama_file_type, solves_mix
 
     layout = gguf_format.GGUFLayout(reader.config)
-    writer = GGUFWriter(path, layout.arch)
+    writer = GGUFWriter(None, layout.arch)
     if solves_mix(cfg.output.gguf_type, cfg.quant.method):
         target = llama_file_type(cfg.output.gguf_type)
     else:
         target, _ = gguf_format.resolve_type(cfg.output.gguf_type, cfg.quant.bits, cfg.quant.sym)
     layout.add_metadata(writer, name=cfg.name, file_type=gguf_format.FILE_TYPES.get(target, 2))
     meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
-    gguf_format.add_tokenizer_metadata(writer, meta, pre=pre or cfg.output.gguf_tokenizer_pre)
+    gguf_format.add_tokenizer_metadata(writer, meta, pre=cfg.output.gguf_tokenizer_pre)
     return writer, layout.arch
 
 
@@ -227,11 +220,12 @@ def check_gguf(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
 def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -> str:
     """llama.cpp loads a vocabulary-only GGUF with this job's tokenizer metadata and splits the
     verification prompt into the ids the model's tokenizer gives (verify's rule, checked before
-    the run); a different split of :data:`TOKENIZER_PROBE` is noted."""
+    the run); a different split of the other probes (:data:`gguf_pre.PROBES`) is noted. ``auto``
+    takes gguf_pre's answer, whose probes are these."""
     import importlib.util
 
     from strata_quant.pipeline.formats import gguf as gguf_format
-    from strata_quant.pipeline.verify import LLAMACPP_PROMPT
+    from strata_quant.pipeline.formats.gguf_pre import probes_split_otherwise
 
     pre, chosen = cfg.output.gguf_tokenizer_pre, ""
     if importlib.util.find_spec("llama_cpp") is None:
@@ -239,44 +233,29 @@ def _check_llamacpp_vocab(cfg: JobConfig, reader, tokenizer, notes: list[str]) -
             pre = "default"
         notes.append(f"tokenizer pre-type {pre!r} not checked in llama.cpp: llama-cpp-python is not installed")
         return f"tokenizer pre-type {pre!r} unchecked"
-    from llama_cpp import Llama
-
+    meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
     if pre == "auto":  # the writer asks the same question and reads this answer from the cache
-        meta = gguf_format.tokenizer_metadata(str(reader.path), vocab_size=int(reader.config["vocab_size"]))
         choice = gguf_format.pre_for(str(reader.path), reader.config, meta)
-        pre, chosen = choice.pre, f" (auto: {choice.how})"
-
-    with tempfile.TemporaryDirectory(prefix="strata-vocab-") as tmp:
-        path = os.path.join(tmp, "vocab.gguf")
-        writer, _ = _dry_writer(cfg, reader, path, pre)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-        try:
-            llm = Llama(model_path=path, vocab_only=True, verbose=False)
-        except Exception as err:  # llama.cpp refuses an unknown pre-type or a broken vocabulary
+        pre, chosen, differs = choice.pre, f" (auto: {choice.how})", choice.differs
+    else:
+        with tempfile.TemporaryDirectory(prefix="strata-vocab-") as tmp:
+            path = os.path.join(tmp, "vocab.gguf")
+            gguf_format.vocab_writer(reader.config, meta)(path, pre)
+            differs = probes_split_otherwise(path, tokenizer)
+        if differs is None:  # llama.cpp refuses an unknown pre-type or a broken vocabulary
             raise ConfigError(
-                f"gguf output: llama.cpp does not load the vocabulary with output.gguf_tokenizer_pre {pre!r} "
-                f"({str(err).splitlines()[0][:160]}); name a pre-type llama.cpp knows for this tokenizer"
-            ) from None
-        try:
-            split = {
-                text: llm.tokenize(text.encode(), add_bos=False, special=False)
-                for text in (LLAMACPP_PROMPT, TOKENIZER_PROBE)
-            }
-        finally:
-            llm.close() if hasattr(llm, "close") else None
-    differs = [t for t, ids in split.items() if list(ids) != tokenizer.encode(t, add_special_tokens=False)]
-    if LLAMACPP_PROMPT in differs:
+                f"gguf output: llama.cpp does not load the vocabulary with output.gguf_tokenizer_pre {pre!r}; "
+                "name a pre-type llama.cpp knows for this tokenizer (or auto)"
+            )
+    if 0 in differs:  # PROBES[0] is verify's prompt
         raise ConfigError(
             f"gguf output: with output.gguf_tokenizer_pre {pre!r} llama.cpp splits the verification prompt "
             "differently from the model's tokenizer; pick the pre-type llama.cpp's converter uses for this tokenizer"
         )
     if differs:
         notes.append(
-            f"with gguf_tokenizer_pre {pre!r} llama.cpp splits digits / punctuation / spacing differently from the "
-            "model's tokenizer (a probe text); the GGUF would tokenize some prompts differently"
+            f"with gguf_tokenizer_pre {pre!r} llama.cpp splits digits / punctuation / spacing or code differently "
+            "from the model's tokenizer (a probe text); the GGUF would tokenize some prompts differently"
         )
     return (
         f"llama.cpp loads the vocabulary with pre-type {pre!r}{chosen} and tokenizes the verification prompt as the "

@@ -28,18 +28,7 @@ def cache(tmp_path, monkeypatch):
 def _vocab_writer(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     meta = gguf_format.tokenizer_metadata(str(model_dir), vocab_size=int(config["vocab_size"]))
-    layout = gguf_format.GGUFLayout(config)
-
-    def write(path: str, pre: str) -> None:
-        writer = gguf_format.GGUFWriter(path, layout.arch)
-        layout.add_metadata(writer, name="vocab", file_type=1)
-        gguf_format.add_tokenizer_metadata(writer, meta, pre=pre)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        writer.close()
-
-    return config, write
+    return config, gguf_format.vocab_writer(config, meta)
 
 
 def test_the_model_type_is_asked_first_then_default_then_llamacpps_order():

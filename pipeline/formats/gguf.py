@@ -784,13 +784,12 @@ def check_gguf(
     return layout
 
 
-def pre_for(tokenizer_dir: str | os.PathLike[str], model_config: dict[str, Any], meta: dict[str, Any]):
-    """:func:`gguf_pre.find_pre` for this model: its vocabulary-only GGUFs carry its architecture and tokenizer."""
-    from strata_quant.pipeline.formats.gguf_pre import find_pre
-
+def vocab_writer(model_config: dict[str, Any], meta: dict[str, Any]):
+    """``write(path, pre)``: a vocabulary-only GGUF of this model (its architecture's keys, the tokenizer of
+    :func:`tokenizer_metadata`'s ``meta``, ``pre`` as tokenizer.ggml.pre), the file llama.cpp loads with vocab_only."""
     layout = GGUFLayout(model_config)
 
-    def write_vocab(path: str, pre: str) -> None:
+    def write(path: str, pre: str) -> None:
         writer = GGUFWriter(path, layout.arch)
         layout.add_metadata(writer, name="vocab", file_type=1)
         add_tokenizer_metadata(writer, meta, pre=pre)
@@ -799,7 +798,14 @@ def pre_for(tokenizer_dir: str | os.PathLike[str], model_config: dict[str, Any],
         writer.write_ti_data_to_file()
         writer.close()
 
-    return find_pre(tokenizer_dir, model_config.get("model_type"), write_vocab)
+    return write
+
+
+def pre_for(tokenizer_dir: str | os.PathLike[str], model_config: dict[str, Any], meta: dict[str, Any]):
+    """:func:`gguf_pre.find_pre` for this model, asked with its own vocabulary-only GGUFs (:func:`vocab_writer`)."""
+    from strata_quant.pipeline.formats.gguf_pre import find_pre
+
+    return find_pre(tokenizer_dir, model_config.get("model_type"), vocab_writer(model_config, meta))
 
 
 def add_tokenizer_metadata(writer: GGUFWriter, meta: dict[str, Any], *, pre: str) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from strata_quant.pipeline.verify import LLAMACPP_PROMPT
+
 # the names llama.cpp's llama-vocab.cpp (llama-cpp-python 0.3.36) maps to a pre-tokenizer, in its order
 LLAMACPP_PRE_TYPES = (
     "default", "kimi-k2", "minicpm5", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
@@ -38,11 +40,16 @@ LLAMACPP_PRE_TYPES = (
     "seed-coder", "hunyuan", "hunyuan-dense", "hy_v4", "joyai-llm", "ufakzeka", "grok-2", "afmoe", "laguna",
     "minimax-m2", "solar-open", "mellum2",
 )  # fmt: skip
-# what the split is judged on: prose (verify's prompt), then digits / punctuation / spacing / non-Latin, then code
+# what pre-tokenizers split differently: digit runs, contractions, punctuation, non-ASCII letters, runs of spaces,
+# tabs and newlines
+TOKENIZER_PROBE = (
+    " In 1815, 12345 people paid £3.50 each: naïve café owners' “quotes” (isn't it?)\n\n\tindented   spaces 日本語"
+)
+# what the split is judged on: prose (verify's prompt: a file that splits it otherwise is refused), the probe above,
+# then code
 PROBES = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-    "must be in want of a wife.",
-    " In 1815, 12345 people paid £3.50 each: naïve café owners' “quotes” (isn't it?)\n\n\tindented   spaces 日本語",
+    LLAMACPP_PROMPT,
+    TOKENIZER_PROBE,
     "def f(x_1, y):\n    return x_1**2 + y  # 3.14159, 0x1F, 1000000\n\n\n    I'M here; we'll see... ?!",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
