@@ -17,6 +17,7 @@ from strata_quant.pipeline.formats import awq as awq_format
 from strata_quant.pipeline.formats import compressed_tensors as ct_format
 from strata_quant.pipeline.formats import gptq as gptq_format
 from strata_quant.pipeline.formats.base import Format, ResultSource, registered, unquantized_linears
+from strata_quant.pipeline.prompts import LLAMACPP_PASSAGE, LLAMACPP_PROMPT
 from strata_quant.workers.result import QuantizedLinear
 
 
@@ -215,27 +216,6 @@ def verify_compressed_tensors(folder: Path, reader: CheckpointReader, results: R
         return ct_format.unpack_linear(tensors, linear, bits, sym)
 
     return _verify_packed(folder, reader, results, "compressed-tensors", expected, decode)
-
-
-LLAMACPP_PROMPT = (
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-    "must be in want of a wife."
-)
-# The logits llama.cpp and transformers are compared on: the prompt and the chapter it opens (204 SmolLM2 tokens). The
-# mean over 26 tokens swung by 2× between equally sound K-quant files (their first positions, without context,
-# dominate it); over this passage it sits near its value on long eval windows.
-LLAMACPP_PASSAGE = LLAMACPP_PROMPT + (
-    "\n\nHowever little known the feelings or views of such a man may be on his first entering a neighbourhood, "
-    "this truth is so well fixed in the minds of the surrounding families, that he is considered the rightful "
-    "property of some one or other of their daughters.\n\n"
-    '"My dear Mr. Bennet," said his lady to him one day, "have you heard that Netherfield Park is let at last?"\n\n'
-    "Mr. Bennet replied that he had not.\n\n"
-    '"But it is," returned she; "for Mrs. Long has just been here, and she told me all about it."\n\n'
-    "Mr. Bennet made no answer.\n\n"
-    '"Do you not want to know who has taken it?" cried his wife impatiently.\n\n'
-    '"You want to tell me, and I have no objection to hearing it."\n\n'
-    "This was invitation enough."
-)
 
 
 def _weight_error(got: torch.Tensor, want: torch.Tensor) -> dict:

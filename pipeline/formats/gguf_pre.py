@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from strata_quant.pipeline.verify import LLAMACPP_PROMPT
+from strata_quant.pipeline.prompts import LLAMACPP_PROMPT
 
 # the names llama.cpp's llama-vocab.cpp (llama-cpp-python 0.3.36) maps to a pre-tokenizer, in its order
 LLAMACPP_PRE_TYPES = (
