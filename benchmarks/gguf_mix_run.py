@@ -3,7 +3,7 @@ matrix, with the run's importance matrix, and with llama-imatrix's own.
 
 strata: ``strata run`` with ``output.gguf_type`` the mix and method gptq (every decoder linear solved by GPTQ on the
 type llama.cpp's mix gives it, the whole file as llama.cpp lays it out; pipeline/formats/gguf.py), calibrated on
-64 evenly spaced 512-token windows of Emma. llama.cpp: llama_model_quantize (the code of llama-quantize) from the
+64 evenly spaced 512-token windows of Emma (``--calibration``: another text, for strata and llama-imatrix alike). llama.cpp: llama_model_quantize (the code of llama-quantize) from the
 model's GGUF; where llama.cpp's tools are built (benchmarks/llamacpp_tools.sh), ``llama-quantize --imatrix`` with
 (a) the run's importance matrix (pipeline/imatrix.py: mean x² per input over the run's calibration tokens) and
 (b) ``llama-imatrix``'s own, computed on the source GGUF from the same windows (decoded to text, re-tokenized by
@@ -80,7 +80,7 @@ def mix_config(out: Path, mix: str, args):
         {
             "name": f"{args.model.replace('.', '')}-{mix}",
             "model": f"fixture:{args.model}",
-            "calibration": {"source": "fixture:austen/emma", "num_samples": args.cal_windows, "seq_len": args.seq_len},
+            "calibration": {"source": args.calibration, "num_samples": args.cal_windows, "seq_len": args.seq_len},
             "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(args.quant_overrides or {})},
             "run": {"workers": args.workers, "store": str(out / "store")},
             "output": {"dir": str(out / "out"), "formats": ["gguf"], "gguf_type": mix, "overwrite": True},
@@ -290,6 +290,12 @@ def main() -> None:
         help="mixes (comma-separated, or all) also quantized by llama.cpp with the run's imatrix (a file each to score)",
     )
     ap.add_argument(
+        "--calibration",
+        default="fixture:austen/emma",
+        help="the text strata's run and llama-imatrix both calibrate on (a calibration.source; needs an --out of its "
+        "own, as the files kept there are of one calibration)",
+    )
+    ap.add_argument(
         "--score",
         default="all",
         help="the kinds scored, comma-separated indices into KINDS (0 strata, 1 llama.cpp, 2 + run's imatrix, "
@@ -305,14 +311,17 @@ def main() -> None:
     from benchmarks.peers import parse_quant
 
     args.quant_overrides = parse_quant(args.quant)
-    if args.quant_overrides:
-        from strata_quant.pipeline.config import ConfigError
+    from strata_quant.pipeline.config import ConfigError
 
-        try:  # refused before any work: the jobs' own configs, parsed with the overrides
-            for mix in args.mixes.split(","):
-                mix_config(Path(args.out), mix, args)
-        except ConfigError as err:
-            ap.error(f"--quant: {err}")
+    try:  # refused before any work: the jobs' own configs, parsed with the overrides and the calibration
+        for mix in args.mixes.split(","):
+            mix_config(Path(args.out), mix, args)
+    except ConfigError as err:
+        ap.error(f"--quant/--calibration: {err}")
+    calibrated = Path(args.out) / "calibration.json"
+    if calibrated.exists() and json.loads(calibrated.read_text()) != {"source": args.calibration}:
+        ap.error(f"--calibration: {args.out} holds files calibrated on {calibrated.read_text()}; give another --out")
+    if args.quant_overrides:
         stamp = Path(args.out) / "quant.json"
         if stamp.exists() and json.loads(stamp.read_text()) != args.quant_overrides:
             ap.error(f"--quant: {args.out} holds files of the solver {stamp.read_text()}; give another --out")
@@ -333,16 +342,17 @@ def main() -> None:
 
     out, mixes, w = Path(args.out), args.mixes.split(","), args.eval_windows
     out.mkdir(parents=True, exist_ok=True)
+    calibrated.write_text(json.dumps({"source": args.calibration}))
     texts = MODELS[args.model].texts
     src = source_gguf(args.model)
     tok = AutoTokenizer.from_pretrained(fixtures.resolve(f"fixture:{args.model}"))
     held = {k: eval_windows(tokenize_stream(tok, load_text(v)), w, args.seq_len) for k, v in texts.items()}
     print(machine())
-    print(f"{MODELS[args.model].title} {mixes}; calibration {args.cal_windows}×{args.seq_len} Emma, eval {w}×{args.seq_len} per "
+    print(f"{MODELS[args.model].title} {mixes}; calibration {args.cal_windows}×{args.seq_len} {args.calibration}, eval {w}×{args.seq_len} per "
           f"text in llama.cpp, {args.threads} threads")  # fmt: skip
     imatrix_llama = None
     if (TOOLS / "llama-imatrix").exists():
-        cal = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), args.cal_windows,
+        cal = calibration_windows(tokenize_stream(tok, load_text(args.calibration)), args.cal_windows,
                                   args.seq_len, "even", prefix=calibration_prefix(tok))  # fmt: skip
         imatrix_llama = llama_imatrix(src, cal, tok, out, args.threads)
     saved = out / "scores.json"
