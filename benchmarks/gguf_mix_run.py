@@ -6,8 +6,9 @@ type llama.cpp's mix gives it, the whole file as llama.cpp lays it out; pipeline
 64 evenly spaced 512-token windows of Emma (``--calibration``: another text, for strata and llama-imatrix alike).
 llama.cpp: llama_model_quantize (the code of llama-quantize) from the model's GGUF; where llama.cpp's tools are
 built (benchmarks/llamacpp_tools.sh), ``llama-quantize --imatrix`` with (a) the run's importance matrix
-(pipeline/imatrix.py: mean x² per input over the run's calibration tokens) and (b) ``llama-imatrix``'s own, computed on the source GGUF from the same windows (decoded to text, re-tokenized by
-llama.cpp into 512-token chunks).
+(pipeline/imatrix.py: mean x² per input over the run's calibration tokens) and (b) ``llama-imatrix``'s own,
+computed on the source GGUF from the same windows (decoded to text, re-tokenized by llama.cpp into 512-token
+chunks).
 
 Every file is scored in llama.cpp (llama-cpp-python) by MEASURE.md: windows of 512 tokens of Persuasion and of the
 King James Bible (off the calibration's domain), each from an empty context; Δppl, and KL divergence of the
