@@ -319,15 +319,16 @@ def main() -> None:
             mix_config(Path(args.out), mix, args)
     except ConfigError as err:
         ap.error(f"--quant/--calibration: {err}")
-    calibrated = Path(args.out) / "calibration.json"
-    if calibrated.exists() and json.loads(calibrated.read_text()) != {"source": args.calibration}:
-        ap.error(f"--calibration: {args.out} holds files calibrated on {calibrated.read_text()}; give another --out")
+    # what the files kept in --out were made with (written there below): a folder of another recipe is refused
+    stamps = {
+        "quant.json": ("quant", "of the solver", args.quant_overrides or {}),
+        "calibration.json": ("calibration", "calibrated on", {"source": args.calibration}),
+    }
+    for name, (flag, what, value) in stamps.items():
+        stamp = Path(args.out) / name
+        if stamp.exists() and json.loads(stamp.read_text()) != value:
+            ap.error(f"--{flag}: {args.out} holds files {what} {stamp.read_text()}; give another --out")
     if args.quant_overrides:
-        stamp = Path(args.out) / "quant.json"
-        if stamp.exists() and json.loads(stamp.read_text()) != args.quant_overrides:
-            ap.error(f"--quant: {args.out} holds files of the solver {stamp.read_text()}; give another --out")
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(args.quant_overrides))
         print(f"# strata's solver with quant overrides {args.quant_overrides}")
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -343,7 +344,8 @@ def main() -> None:
 
     out, mixes, w = Path(args.out), args.mixes.split(","), args.eval_windows
     out.mkdir(parents=True, exist_ok=True)
-    calibrated.write_text(json.dumps({"source": args.calibration}))
+    for name, (_, _, value) in stamps.items():
+        (out / name).write_text(json.dumps(value))
     texts = MODELS[args.model].texts
     src = source_gguf(args.model)
     tok = AutoTokenizer.from_pretrained(fixtures.resolve(f"fixture:{args.model}"))

@@ -89,6 +89,10 @@ def test_quant_overrides_are_checked_before_any_work_and_keep_to_their_folder(tm
     # files calibrated on one text are not scored as another's
     (tmp_path / "m" / "calibration.json").write_text('{"source": "fixture:calib-mix"}')
     assert "holds files calibrated on" in run("diag_shrink=0.5")
+    # a folder of the default solver's files (stamped {}) is not extended with another solver's
+    (tmp_path / "m" / "calibration.json").unlink()
+    (tmp_path / "m" / "quant.json").write_text("{}")
+    assert "holds files of the solver" in run("diag_shrink=0.5")
 
 
 def test_each_model_names_its_own_texts_and_a_source_the_fixtures_pin():
