@@ -14,7 +14,8 @@ Every file is scored in llama.cpp (llama-cpp-python) by MEASURE.md: windows of 5
 King James Bible (off the calibration's domain), each from an empty context; Δppl, and KL divergence of the
 next-token distribution (mean over positions), against the source GGUF (the reference weights; the fp16 fixture is
 its dequantization). Files and scores (per file kind) are kept in --out; a second invocation reuses both and
-scores only the kinds missing (delete to redo).
+scores only the kinds missing (delete to redo). ``--json`` writes the published record (command, this invocation's
+commit, machine, each strata run's timings and checks from its job report, the scores).
 
     python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
         --eval-windows 8 --plot docs/gguf_mixes.png
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -122,6 +124,9 @@ def llama_imatrix(src: Path, windows: torch.Tensor, tokenizer, out: Path, thread
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     chunks = [line for line in done.stderr.splitlines() if "chunks" in line.lower()][:2]
     print(f"llama-imatrix: {'; '.join(chunks)}", flush=True)
+    counted = re.search(r"computing over (\d+) chunks", done.stderr)
+    if counted:  # llama.cpp re-tokenizes the windows' text: its chunks need not be the windows
+        (out / "llama-imatrix.json").write_text(json.dumps({"chunks": int(counted.group(1))}))
     return path
 
 
@@ -196,6 +201,40 @@ def merge_scores(old: dict | None, new: dict) -> dict:
 def target(mix: str) -> float:
     """The issue's bar: strata's Δppl at most this times llama.cpp's with an importance matrix."""
     return 0.7 if mix in ("Q3_K_M", "Q2_K") else 0.75
+
+
+def record(args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: int | None) -> dict:
+    """The published result of an invocation: its command, commit and machine, what the files were made with (the
+    folder's stamps), each strata run's timings and checks (from its job report in ``out``) and the mixes' scores."""
+    import sys
+
+    from strata_quant.pipeline.fixtures import file_sha256
+
+    runs = {}
+    for mix in mixes:
+        report = json.loads(next((out / mix / "out").glob("*-report.json")).read_text())
+        (check,) = report["checks"]
+        keep = ("linear_types", "bit_exact_linears", "quantized_linears")
+        gguf = next((out / mix / "out").glob("*.gguf"))
+        runs[mix] = {"timings": report["timings"], **{k: check[k] for k in keep}, "file_sha256": file_sha256(gguf)}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {
+        "model": f"fixture:{args.model}",
+        "source_gguf_sha256": file_sha256(src),
+        "command": "python -m benchmarks.gguf_mix_run " + " ".join(sys.argv[1:]),
+        "commit": commit,
+        "machine": machine(),
+        "quant": args.quant_overrides or {},
+        "calibration": {
+            "text": args.calibration,
+            "windows": args.cal_windows,
+            "seq_len": args.seq_len,
+            "llama_imatrix_chunks": chunks,
+        },  # fmt: skip
+        "eval_windows": args.eval_windows,
+        "strata_runs": runs,
+        "scores": {k: v for k, v in scores.items() if k.split("/")[0] in mixes and k.endswith(f"/{args.eval_windows}")},
+    }
 
 
 def tensor_bytes(path: Path) -> int:
@@ -285,6 +324,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="/tmp/strata-mixes")
     ap.add_argument("--plot", help="write the size–Δppl plot (PNG) here")
+    ap.add_argument("--json", help="write the result (command, commit, machine, runs, scores) here")
     ap.add_argument(
         "--run-imatrix-at",
         default="all",
@@ -382,6 +422,11 @@ def main() -> None:
     print("\n".join(table(scores, mixes, w, tensors, sizes, texts)))
     if args.plot:
         plot(scores, mixes, w, Path(args.plot), args.model)
+    if args.json:
+        counted = out / "llama-imatrix.json"
+        chunks = json.loads(counted.read_text())["chunks"] if counted.exists() else None
+        Path(args.json).write_text(json.dumps(record(args, out, src, mixes, scores, chunks), indent=1) + "\n")
+        print(f"result: {args.json}")
 
 
 if __name__ == "__main__":

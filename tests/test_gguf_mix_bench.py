@@ -112,3 +112,33 @@ def test_each_model_names_its_own_texts_and_a_source_the_fixtures_pin():
         assert model.split == (name in fixtures.SPLIT_GGUFS)
     with pytest.raises(KeyError):  # a table keyed by the other model's texts is not read as this one's
         table(scores, ["Q2_K"], 16)
+
+
+def test_the_record_holds_each_runs_report_and_only_the_mixes_scores(tmp_path, monkeypatch):
+    """--json: each mix's timings and checks come from its job report in --out, the scores are those of the mixes
+    and windows asked for (a folder keeps others), and the calibration says llama-imatrix's own chunk count."""
+    import argparse
+    import json
+    import sys
+
+    from benchmarks.gguf_mix_run import record
+
+    out = tmp_path / "m"
+    (out / "Q2_K" / "out").mkdir(parents=True)
+    check = {"linear_types": {"Q3_K": 30}, "bit_exact_linears": 30, "quantized_linears": 30, "reader": "gguf-py"}
+    report = {"timings": {"total_s": 12.0}, "checks": [check]}
+    (out / "Q2_K" / "out" / "x-report.json").write_text(json.dumps(report))
+    (out / "Q2_K" / "out" / "x.gguf").write_bytes(b"GGUF")
+    src = tmp_path / "src.gguf"
+    src.write_bytes(b"source")
+    scores = {**_scores("Q2_K", 0.1, 0.2, 9, 9), **_scores("Q6_K", 0.1, 0.2, 9, 9), "Q2_K/KJV/8": {}}
+    args = argparse.Namespace(model="smollm2-135m", quant_overrides={"diag_shrink": 0.3}, calibration="fixture:calib-mix",
+                              cal_windows=64, seq_len=512, eval_windows=16)  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["gguf_mix_run", "--mixes", "Q2_K"])
+    r = record(args, out, src, ["Q2_K"], scores, 63)
+    assert sorted(r["scores"]) == sorted(f"Q2_K/{t}/16" for t in TEXTS)
+    run = r["strata_runs"]["Q2_K"]
+    assert run["timings"] == {"total_s": 12.0} and run["bit_exact_linears"] == 30 and "reader" not in run
+    assert len(run["file_sha256"]) == 64 and r["source_gguf_sha256"] != run["file_sha256"]
+    assert r["calibration"] == {"text": "fixture:calib-mix", "windows": 64, "seq_len": 512, "llama_imatrix_chunks": 63}
+    assert r["command"].endswith("--mixes Q2_K") and r["quant"] == {"diag_shrink": 0.3}
