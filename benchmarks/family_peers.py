@@ -6,8 +6,9 @@ One command per model (issues #20 and #22)::
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family_peers gemma3-270m
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.family_peers smollm2-135m --group-size 64 --eval-windows 32
 
-Both tools get the same calibration token ids (``--calib-windows`` × 512 of *Emma*, strata's
-evenly spaced windows, benchmarks.peers.calibration_ids) at W4 g``--group-size`` symmetric:
+Both tools get the same calibration token ids (``--calib-windows`` × 512 of *Emma*, or of
+``--calibration`` (e.g. ``fixture:calib-mix``), strata's evenly spaced windows,
+benchmarks.peers.calibration_ids) at W4 g``--group-size`` symmetric:
 
 * strata: a ``strata-row`` subprocess of benchmarks/peers.py (pipeline.run.run_job on 2 Ray
   workers, configs/smollm2-135m-gptq-w4g64.yaml's solver: act-order with static groups, MSE
@@ -25,7 +26,8 @@ command, commit, machine) goes to benchmarks/results/family-peers-<model without
 Quantized rows are kept under out/peers/table/ (a rerun scores them again without requantizing).
 
 ``--quant KEY=VALUE`` overrides strata's solver (the config's ``quant:`` section, checked before any
-work; its own row file and run name, and ``--out`` required so the stored figures stay);
+work; its own row file and run name, and ``--out`` required so the stored figures stay), and so does
+``--calibration`` (both tools' rows);
 ``--peers-from`` takes the skipped tools' rows from a stored result scored on the same ids,
 windows and texts (checked, and the fp16 ppl must agree).
 """
@@ -159,7 +161,7 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model_dir = fixtures.resolve(args.model)
-    ids_path = peers.calibration_ids(model_dir, args.calib_windows, f"-{model_dir.name}")
+    ids_path = peers.calibration_ids(model_dir, args.calib_windows, f"-{model_dir.name}", args.calibration)
     t = time.perf_counter()
     row_files = quantize_rows(args, model_dir, ids_path)
     quantize_wall = time.perf_counter() - t
@@ -174,7 +176,7 @@ def run(args) -> dict:
     result = {
         "model": args.model,
         "grid": f"W4 g{args.group_size} sym",
-        "calibration": {"text": "fixture:austen/emma", "windows": args.calib_windows, "seq_len": peers.SEQ_LEN},
+        "calibration": {"text": args.calibration, "windows": args.calib_windows, "seq_len": peers.SEQ_LEN},
         "calibration_ids_sha256": sha256(ids_path),
         "eval_windows": args.eval_windows,
         "texts": texts,
@@ -196,7 +198,10 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a family fixture: " + ", ".join(FAMILIES))
-    parser.add_argument("--calib-windows", type=int, default=32, help="Emma windows of 512 tokens")
+    parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 512 tokens")
+    parser.add_argument(
+        "--calibration", default="fixture:austen/emma", help="both tools' calibration text (a calibration.source)"
+    )
     parser.add_argument("--eval-windows", type=int, default=8, help="windows of 512 tokens per text")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (scoring, GPTQModel)")
@@ -217,19 +222,27 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown family model {args.model!r} (known: {', '.join(FAMILIES)})")
     args.off_domain, args.model = FAMILIES[args.model], f"fixture:{args.model}"
     args.skip = set(filter(None, args.skip.split(",")))
-    if args.quant and not args.out:  # the stored default-solver figures are not overwritten
-        parser.error("--quant needs --out (a JSON name of its own)")
+    for flag, given in (("--quant", args.quant), ("--calibration", args.calibration != "fixture:austen/emma")):
+        if given and not args.out:  # the stored default figures are not overwritten
+            parser.error(f"{flag} needs --out (a JSON name of its own)")
     sys.path.insert(0, str(ROOT))
     import benchmarks  # noqa: F401  (binds strata_quant to this checkout where it is not installed)
     from benchmarks import peers
     from benchmarks.common import machine
+    from strata_quant.pipeline.calibration import CalibrationError, load_text
     from strata_quant.pipeline.config import ConfigError, load_config
+    from strata_quant.pipeline.fixtures import FixtureError
 
     args.quant_overrides = peers.parse_quant(args.quant)
     try:  # before any work: an unknown key or a bad value names itself here
-        load_config(ROOT / peers.STRATA_CONFIGS["gptq"], {f"quant.{k}": v for k, v in args.quant_overrides.items()})
+        overrides = {f"quant.{k}": v for k, v in args.quant_overrides.items()}
+        load_config(ROOT / peers.STRATA_CONFIGS["gptq"], {**overrides, "calibration.source": args.calibration})
     except ConfigError as err:
-        parser.error(f"--quant: {err}")
+        parser.error(f"--quant/--calibration: {err}")
+    try:  # a calibration text that cannot be read is refused before any tool runs
+        load_text(args.calibration)
+    except (CalibrationError, FixtureError) as err:
+        parser.error(f"--calibration: {err}")
     stored = json.loads(Path(args.peers_from).read_text()) if args.peers_from else None
 
     result = run(args)
@@ -247,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     cal = result["calibration"]
-    print(f"# {args.model}, {result['grid']}, calibration {cal['windows']} × {cal['seq_len']} of Emma (same ids)")
+    print(
+        f"# {args.model}, {result['grid']}, calibration {cal['windows']} × {cal['seq_len']} of {cal['text']} (same ids)"
+    )
     print(f"# {args.eval_windows} × 512 windows per text; {result['machine']}; commit {result['commit']}")
     if args.quant_overrides:
         print(f"# strata's solver with quant overrides {args.quant_overrides}")

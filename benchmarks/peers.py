@@ -374,11 +374,20 @@ TOOL_NAMES = {"strata": "strata", "gptqmodel": "GPTQModel 7.6.0", "llmcompressor
 METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "awq_gptq": "AWQ+GPTQ"}
 
 
-def calibration_ids(model_dir: Path, windows: int, tag: str) -> Path:
-    """strata's calibration token ids (Emma, evenly spaced windows, as pipeline.run.prepare
-    builds them) saved for the peers, so every tool sees the very same ids."""
-    path = OUT / f"calib-emma-{windows}x{SEQ_LEN}{tag}.safetensors"
-    save_calibration_ids(model_dir, path, windows)
+EMMA = "fixture:austen/emma"
+
+
+def text_tag(source: str) -> str:
+    """A file-name tag for a calibration text: ``emma``, ``calib-mix``, a file's stem."""
+    return source.rsplit("/", 1)[-1].split(":")[-1].rsplit(".", 1)[0]
+
+
+def calibration_ids(model_dir: Path, windows: int, tag: str, text: str = EMMA) -> Path:
+    """strata's calibration token ids (``text``, evenly spaced windows, each starting with the
+    tokenizer's prompt prefix, as pipeline.run.prepare builds them under ``calibration.bos: auto``)
+    saved for the peers, so every tool sees the very same ids."""
+    path = OUT / f"calib-{text_tag(text)}-{windows}x{SEQ_LEN}{tag}.safetensors"
+    save_calibration_ids(model_dir, path, windows, text=text, prefixed=True)
     return path
 
 
@@ -427,8 +436,8 @@ def quant_tag(quant: dict) -> str:
 
 def strata_row(args) -> None:
     """One strata run (pipeline.run.run_job: Ray workers, the run store) of ``--method`` at
-    ``--bits`` / ``--group-size`` with ``--calib-windows`` Emma windows, its dequantized
-    results (and AWQ's folded norms) written as a row file for ``table``."""
+    ``--bits`` / ``--group-size`` with ``--calib-windows`` windows of ``--calibration`` (Emma), its
+    dequantized results (and AWQ's folded norms) written as a row file for ``table``."""
     from safetensors.torch import save_file
 
     from strata_quant.pipeline.assemble import quantized_only
@@ -438,6 +447,7 @@ def strata_row(args) -> None:
     overrides = {
         "name": f"peers-{args.method.replace('_', '-')}-w{args.bits}g{args.group_size}-c{args.calib_windows}",
         "model": args.model,
+        "calibration.source": args.calibration,
         "calibration.num_samples": args.calib_windows,
         "calibration.seq_len": SEQ_LEN,
         "quant.bits": args.bits,
@@ -451,6 +461,8 @@ def strata_row(args) -> None:
     quant = parse_quant(getattr(args, "quant", None))
     if quant:  # solver overrides: their own run name, so a stored run is not resumed under them
         overrides["name"] += "-" + quant_tag(quant)
+    if args.calibration != EMMA:  # so is another calibration text
+        overrides["name"] += "-" + text_tag(args.calibration)
     cfg = load_config(ROOT / STRATA_CONFIGS[args.method], {**overrides, **{f"quant.{k}": v for k, v in quant.items()}})
     outcome = run_job(cfg, progress=False)
     results = quantized_only(outcome.store, outcome.records)
@@ -497,7 +509,9 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
     """Runs one quantization (in its tool's venv) unless its row file exists; returns the file."""
     tag = "" if args.model == "fixture:smollm2-135m" else f"-{model_dir.name}"
     quant = parse_quant(getattr(args, "quant", None)) if tool == "strata" else {}
+    calibration = getattr(args, "calibration", EMMA)
     stem = f"{tool}-{method}-w{bits}g{group}-c{args.calib_windows}{tag}" + (f"-{quant_tag(quant)}" if quant else "")
+    stem += "" if calibration == EMMA else f"-{text_tag(calibration)}"
     row = OUT / "table" / f"{stem}.safetensors"
     if row.is_file():
         return row
@@ -507,7 +521,7 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
     if tool == "strata":
         cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "strata-row", "--method", method]
         cmd += ["--bits", str(bits), "--group-size", str(group), "--calib-windows", str(args.calib_windows)]
-        cmd += ["--model", args.model, "--workers", str(args.workers), "--out", str(row)]
+        cmd += ["--model", args.model, "--workers", str(args.workers), "--out", str(row), "--calibration", calibration]
         cmd += [f"--quant={q}" for q in getattr(args, "quant", None) or []]
         subprocess.run(cmd, check=True, env=env)
     elif tool == "llmcompressor":
@@ -686,6 +700,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64, help="strata-row")
     parser.add_argument("--out", help="strata-row: the row file to write")
     parser.add_argument("--quant", action="append", help="strata-row: KEY=VALUE of the config's quant: section")
+    parser.add_argument("--calibration", default=EMMA, help="strata-row: the calibration text (calibration.source)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import benchmarks  # noqa: F401  (binds strata_quant to this checkout where it is not installed)

@@ -94,3 +94,36 @@ def test_peers_from_takes_rows_only_when_comparable():
         with pytest.raises(SystemExit, match="not comparable"):
             family_peers.adopt_rows(fresh, other, "s.json")
         assert set(fresh["scores"]["A"]) == {"fp16"}
+
+
+def test_calibration_text_gives_both_tools_the_runs_own_ids(tiny_result, tmp_path):
+    """--calibration: the ids file GPTQModel reads holds the very windows strata's run calibrates on
+    (pipeline.run.prepare), recorded as that text, refused without --out or when it cannot be read."""
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks import peers
+    from strata_quant.pipeline.config import load_config
+    from strata_quant.pipeline.run import prepare
+
+    mix = "fixture:calib-mix"
+    out = tmp_path / "mix.json"
+    argv = ["tiny-qwen2", "--skip", "strata,gptqmodel", "--calib-windows", "2", "--eval-windows", "2"]
+    argv += ["--group-size", "64", "--threads", "1"]
+    for extra in (["--calibration", mix], ["--calibration", "fixture:no-such-text", "--out", str(out)]):
+        with pytest.raises(SystemExit):
+            family_peers.main([*argv, *extra])
+    assert not out.exists()
+    mixed = family_peers.main([*argv, "--calibration", mix, "--out", str(out)])
+    emma = tiny_result[1]
+    assert (mixed["calibration"]["text"], emma["calibration"]["text"]) == (mix, "fixture:austen/emma")
+    assert mixed["calibration_ids_sha256"] != emma["calibration_ids_sha256"]
+    model_dir = fixtures.resolve("fixture:tiny-qwen2")
+    ids = peers.calibration_ids(model_dir, 2, f"-{model_dir.name}", mix)
+    assert family_peers.sha256(ids) == mixed["calibration_ids_sha256"] and ids.name.startswith("calib-calib-mix-")
+    cfg = load_config(
+        family_peers.ROOT / peers.STRATA_CONFIGS["gptq"],
+        {"model": "fixture:tiny-qwen2", "calibration.source": mix, "calibration.num_samples": 2,
+         "calibration.seq_len": peers.SEQ_LEN, "quant.group_size": 64, "output.formats": [], "eval": None},
+    )  # fmt: skip
+    assert torch.equal(load_file(str(ids))["input_ids"], prepare(cfg)[1])
