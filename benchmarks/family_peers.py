@@ -199,9 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a family fixture: " + ", ".join(FAMILIES))
     parser.add_argument("--calib-windows", type=int, default=32, help="calibration windows of 512 tokens")
-    parser.add_argument(
-        "--calibration", default="fixture:austen/emma", help="both tools' calibration text (a calibration.source)"
-    )
+    parser.add_argument("--calibration", help="both tools' calibration text (a calibration.source; default Emma)")
     parser.add_argument("--eval-windows", type=int, default=8, help="windows of 512 tokens per text")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (scoring, GPTQModel)")
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown family model {args.model!r} (known: {', '.join(FAMILIES)})")
     args.off_domain, args.model = FAMILIES[args.model], f"fixture:{args.model}"
     args.skip = set(filter(None, args.skip.split(",")))
-    for flag, given in (("--quant", args.quant), ("--calibration", args.calibration != "fixture:austen/emma")):
+    for flag, given in (("--quant", args.quant), ("--calibration", args.calibration)):
         if given and not args.out:  # the stored default figures are not overwritten
             parser.error(f"{flag} needs --out (a JSON name of its own)")
     sys.path.insert(0, str(ROOT))
@@ -234,11 +232,11 @@ def main(argv: list[str] | None = None) -> dict:
     from strata_quant.pipeline.fixtures import FixtureError
 
     args.quant_overrides = peers.parse_quant(args.quant)
+    args.calibration = args.calibration or peers.EMMA
     try:  # before any work: an unknown key or a bad value names itself here
-        overrides = {f"quant.{k}": v for k, v in args.quant_overrides.items()}
-        load_config(ROOT / peers.STRATA_CONFIGS["gptq"], {**overrides, "calibration.source": args.calibration})
+        load_config(ROOT / peers.STRATA_CONFIGS["gptq"], {f"quant.{k}": v for k, v in args.quant_overrides.items()})
     except ConfigError as err:
-        parser.error(f"--quant/--calibration: {err}")
+        parser.error(f"--quant: {err}")
     try:  # a calibration text that cannot be read is refused before any tool runs
         load_text(args.calibration)
     except (CalibrationError, FixtureError) as err:

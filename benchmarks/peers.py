@@ -280,12 +280,12 @@ def solve(args) -> None:
 
 def quality(args) -> None:
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from benchmarks.common import machine
     from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.calibration import calibration_windows, eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
     from strata_quant.pipeline.eval import evaluate, load_reference, with_weights
     from strata_quant.pipeline.formats.gptq import unpack_linear
 
@@ -294,9 +294,7 @@ def quality(args) -> None:
     tag = "" if args.model == "fixture:smollm2-135m" else f"-{model_dir.name}"
     tok = AutoTokenizer.from_pretrained(model_dir)
     OUT.mkdir(parents=True, exist_ok=True)
-    ids_path = OUT / f"calib-emma-{args.calib_windows}x{SEQ_LEN}{tag}.safetensors"
-    calib = calibration_windows(tokenize_stream(tok, load_text("fixture:austen/emma")), args.calib_windows, SEQ_LEN)
-    save_file({"input_ids": calib.contiguous()}, str(ids_path))
+    ids_path = calibration_ids(model_dir, args.calib_windows, tag)
     folder = OUT / f"gptqmodel-w4g64-{'desc' if args.desc_act else 'plain'}-{args.dtype}-c{args.calib_windows}{tag}"
     if args.requantize or not (folder / "config.json").is_file():
         cmd = [
@@ -382,6 +380,11 @@ def text_tag(source: str) -> str:
     return source.rsplit("/", 1)[-1].split(":")[-1].rsplit(".", 1)[0]
 
 
+def calibration_tag(text: str) -> str:
+    """The suffix of a row's file and run name calibrated on ``text``: none for the protocol's Emma."""
+    return "" if text == EMMA else f"-{text_tag(text)}"
+
+
 def calibration_ids(model_dir: Path, windows: int, tag: str, text: str = EMMA) -> Path:
     """strata's calibration token ids (``text``, evenly spaced windows, each starting with the
     tokenizer's prompt prefix, as pipeline.run.prepare builds them under ``calibration.bos: auto``)
@@ -396,7 +399,7 @@ def save_calibration_ids(
     path: Path,
     windows: int,
     seq_len: int = SEQ_LEN,
-    text: str = "fixture:austen/emma",
+    text: str = EMMA,
     prefixed: bool = False,
 ):
     """``windows`` evenly spaced windows of ``seq_len`` tokens of ``text`` in ``model_dir``'s tokenizer,
@@ -461,8 +464,7 @@ def strata_row(args) -> None:
     quant = parse_quant(getattr(args, "quant", None))
     if quant:  # solver overrides: their own run name, so a stored run is not resumed under them
         overrides["name"] += "-" + quant_tag(quant)
-    if args.calibration != EMMA:  # so is another calibration text
-        overrides["name"] += "-" + text_tag(args.calibration)
+    overrides["name"] += calibration_tag(args.calibration)  # so is another calibration text
     cfg = load_config(ROOT / STRATA_CONFIGS[args.method], {**overrides, **{f"quant.{k}": v for k, v in quant.items()}})
     outcome = run_job(cfg, progress=False)
     results = quantized_only(outcome.store, outcome.records)
@@ -511,7 +513,7 @@ def produce_row(tool: str, method: str, bits: int, group: int, args, ids_path: P
     quant = parse_quant(getattr(args, "quant", None)) if tool == "strata" else {}
     calibration = getattr(args, "calibration", EMMA)
     stem = f"{tool}-{method}-w{bits}g{group}-c{args.calib_windows}{tag}" + (f"-{quant_tag(quant)}" if quant else "")
-    stem += "" if calibration == EMMA else f"-{text_tag(calibration)}"
+    stem += calibration_tag(calibration)
     row = OUT / "table" / f"{stem}.safetensors"
     if row.is_file():
         return row
