@@ -586,15 +586,36 @@ MEAN_DIFF_LIMIT = 0.1
 FLIP_MARGIN_LIMIT = 0.25
 
 
+def llamacpp_disagreements(got: torch.Tensor, want: torch.Tensor) -> tuple[dict, list[str]]:
+    """:func:`compare_logits` of llama.cpp's logits ``got`` and transformers' ``want`` (one passage, [T, vocab]),
+    with ``top1_flip_margin_from_1``: the flip margin over positions 1… only; and the rules it breaks:
+    mean |Δ| ≤ MEAN_DIFF_LIMIT · std over every position, and every top-1 that differs from position 1 on is
+    a near tie (flip margin ≤ FLIP_MARGIN_LIMIT · std).
+
+    llama.cpp rounds activations to 8 bits for quantized weights, so near ties flip on some CPUs and not others;
+    a count of flips would pass or fail by the machine. The margin is the largest of a tail: files read exactly
+    (their F16 twins agree to 100 %) reach 0.19 std by that rounding alone (docs/quality.md). Position 0 is
+    left out of the margin: a passage's first token is the attention sink, whose outsized activations meet
+    that rounding hardest, and there the readers' top-1 parts by 1.2–1.5 std on llama.cpp's own 3-bit files
+    of Qwen2.5-Coder-1.5B. It stays in the mean, which a layout error moves."""
+    out = compare_logits(got, want)
+    out["top1_flip_margin_from_1"] = compare_logits(got[1:], want[1:])["top1_flip_margin"] if len(want) > 1 else 0.0
+    std, broken = out["logit_std"], []
+    if out["mean_abs_diff"] > MEAN_DIFF_LIMIT * std:
+        broken.append(f"mean |Δ| {out['mean_abs_diff'] / std:.3f} std > {MEAN_DIFF_LIMIT}")
+    if out["top1_flip_margin_from_1"] > FLIP_MARGIN_LIMIT * std:
+        broken.append(
+            f"a top-1 flip {out['top1_flip_margin_from_1'] / std:.3f} std below the best > {FLIP_MARGIN_LIMIT}"
+        )
+    return out, broken
+
+
 def check_llamacpp(
     path: Path, model, tokenizer_dir: Path, prompt: str = LLAMACPP_PROMPT, passage: str = LLAMACPP_PASSAGE
 ) -> dict:
     """llama.cpp loads the GGUF and tokenizes ``prompt`` as the HF tokenizer does, and on the HF tokens of
-    ``passage`` gives the logits transformers gives from the same file, or VerifyError: mean |Δ| ≤ MEAN_DIFF_LIMIT
-    · std (logits), and every top-1 that differs is a near tie (flip margin ≤ FLIP_MARGIN_LIMIT · std). llama.cpp rounds activations
-    to 8 bits for quantized weights, so near ties flip on some CPUs and not others; a count of flips would pass
-    or fail by the machine. The margin is the largest of a tail: files read exactly (their F16 twins agree to
-    100 %) reach 0.19 std by that rounding alone (docs/quality.md), a layout error moves the mean."""
+    ``passage`` gives the logits transformers gives from the same file (:func:`llamacpp_disagreements` names
+    the rules), or VerifyError."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -607,13 +628,11 @@ def check_llamacpp(
     with torch.no_grad():
         want = model(input_ids=torch.tensor([ids])).logits[0].float()
     got = llamacpp_logits(llm, ids)
-    out = compare_logits(got, want)
-    out["tokenizer_matches"] = True
     del llm
-    if out["mean_abs_diff"] > MEAN_DIFF_LIMIT * out["logit_std"] or (
-        out["top1_flip_margin"] > FLIP_MARGIN_LIMIT * out["logit_std"]
-    ):
-        raise VerifyError(f"{path.name}: llama.cpp's logits disagree with transformers': {out}")
+    out, broken = llamacpp_disagreements(got, want)
+    out["tokenizer_matches"] = True
+    if broken:
+        raise VerifyError(f"{path.name}: llama.cpp's logits disagree with transformers' ({'; '.join(broken)}): {out}")
     return out
 
 

@@ -24,9 +24,11 @@ from strata_quant.pipeline.assemble import assemble_gguf
 from strata_quant.pipeline.checkpoint import CheckpointReader
 from strata_quant.pipeline.formats.gguf import read_metadata
 from strata_quant.pipeline.verify import (
+    FLIP_MARGIN_LIMIT,
     VerifyError,
     check_llamacpp,
     compare_logits,
+    llamacpp_disagreements,
     llamacpp_logits,
     llamacpp_perplexity,
     load_llamacpp,
@@ -64,6 +66,29 @@ def _against_dense(path: Path, dense: torch.nn.Module, ids: list[int]) -> dict:
     with torch.no_grad():
         want = dense(input_ids=torch.tensor([ids])).logits[0]
     return compare_logits(got, want)
+
+
+def test_llamacpp_rules_leave_position_0_out_of_the_flip_margin_only() -> None:
+    """A far flip at the passage's first position passes, the same flip one position later is refused, and a
+    shift of every logit breaks the mean rule wherever the flips are."""
+    torch.manual_seed(0)
+    want = torch.randn(6, 50)
+    std = float(want.std())
+
+    def flipped(pos: int) -> torch.Tensor:
+        got = want.clone()  # llama.cpp's pick at pos: a token 1 std below transformers' best
+        low = int((want[pos].max() - want[pos] - std).abs().argmin())
+        got[pos, low] = want[pos].max() + 0.01
+        return got
+
+    first, broken = llamacpp_disagreements(flipped(0), want)
+    assert not broken and first["top1_flip_margin"] > FLIP_MARGIN_LIMIT * std, first
+    assert first["top1_flip_margin_from_1"] == 0.0
+    later, broken = llamacpp_disagreements(flipped(3), want)
+    assert later["top1_flip_margin_from_1"] > FLIP_MARGIN_LIMIT * std and len(broken) == 1
+    assert broken[0].startswith("a top-1 flip"), broken
+    _, broken = llamacpp_disagreements(want + 0.2 * std * torch.randn_like(want).sign(), want)
+    assert broken and broken[0].startswith("mean"), broken
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
@@ -193,6 +218,7 @@ def test_smollm2_without_the_qk_permutation_fails_verifys_check(smol) -> None:
     file with one layout error (Q/K rows in HF order): the mean |Δ| moves, not just a tail."""
     reader = smol["reader"]
     path = _without_qk_permutation(reader, smol["source"], smol["root"] / "broken.gguf", tokenizer_pre="smollm")
-    with pytest.raises(VerifyError, match="disagree") as err:
+    # the mean rule alone refuses it: the flip margin skips position 0, the mean does not
+    with pytest.raises(VerifyError, match=r"mean \|Δ\| [0-9.]+ std > 0\.1") as err:
         check_llamacpp(path, _dense(reader.path, smol["results"]), reader.path)
     print(f"\nSmolLM2 Q4_0 without the Q/K permutation: {err.value}")
