@@ -142,3 +142,36 @@ def test_the_record_holds_each_runs_report_and_only_the_mixes_scores(tmp_path, m
     assert len(run["file_sha256"]) == 64 and r["source_gguf_sha256"] != run["file_sha256"]
     assert r["calibration"] == {"text": "fixture:calib-mix", "windows": 64, "seq_len": 512, "llama_imatrix_chunks": 63}
     assert r["command"].endswith("--mixes Q2_K") and r["quant"] == {"diag_shrink": 0.3}
+
+
+def test_records_of_one_experiment_plot_together_and_others_are_refused(tmp_path, capsys):
+    """benchmarks/gguf_mix_plot draws the mixes of separate --json records in one plot and table; a record of
+    another calibration or solver (its --quant, read from the command where the record predates the field), or a
+    mix scored twice, is refused before anything is drawn."""
+    import json
+
+    from benchmarks import gguf_mix_plot
+
+    def record(mix: str, **change) -> dict:
+        r = {"model": "fixture:smollm2-135m", "source_gguf_sha256": "ab" * 32, "eval_windows": 16,
+             "calibration": {"text": "fixture:calib-mix", "windows": 32, "seq_len": 512, "llama_imatrix_chunks": 31},
+             "quant": {"diag_shrink": 0.3}, "command": "python -m benchmarks.gguf_mix_run", "scores": {}}  # fmt: skip
+        r["scores"] = _scores(mix, 0.02, 0.03, 100, 100)
+        r.update(change)
+        return r
+
+    old = record("Q2_K", command="python -m benchmarks.gguf_mix_run --mixes Q2_K --quant diag_shrink=0.3")
+    del old["quant"]
+    paths = []
+    for i, r in enumerate((old, record("Q3_K_M"), record("Q4_K_M", quant={}), record("Q2_K"))):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    png = tmp_path / "plot.png"
+    gguf_mix_plot.main([str(paths[0]), str(paths[1]), "--plot", str(png)])
+    printed = capsys.readouterr().out
+    assert png.stat().st_size > 10_000 and "- Q2_K:" in printed and "- Q3_K_M:" in printed
+    for bad, field in ((paths[2], "quant"), (paths[3], "Q2_K/Persuasion/16 is scored in an earlier record")):
+        png.unlink(missing_ok=True)
+        with pytest.raises(SystemExit):
+            gguf_mix_plot.main([str(paths[0]), str(bad), "--plot", str(png)])
+        assert field in capsys.readouterr().err and not png.exists()
