@@ -18,7 +18,8 @@ benchmarks.peers.calibration_ids) at W4 g``--group-size`` symmetric:
 * RTN at the same grid (pipeline.eval.rtn_weights).
 
 Every row is scored by pipeline.eval.evaluate against the fp32 reference on the same
-``--eval-windows`` × 512 windows of two texts: *Persuasion* (the calibration's author) and one
+``--eval-windows`` × 512 windows of two texts, each window starting as the tokenizer starts a prompt
+(Gemma's BOS, none for SmolLM2 and Qwen; pipeline.calibration.tokenizer_prefix): *Persuasion* (the calibration's author) and one
 unlike the calibration (:data:`FAMILIES`: Python's standard library source for the code model, the
 King James Bible otherwise). The table gives ppl, Δppl, KLD and top-1 per text and the ratio
 strata Δppl / GPTQModel Δppl (the bar: ≤ 0.8). The JSON (rows, text and calibration SHA-256,
@@ -133,6 +134,7 @@ def adopt_rows(result: dict, stored: dict, source: str) -> None:
     same = (
         stored["calibration_ids_sha256"] == result["calibration_ids_sha256"]
         and stored["eval_windows"] == result["eval_windows"]
+        and stored.get("eval_prefix", []) == result.get("eval_prefix", [])
         and [t["sha256"] for t in stored["texts"]] == [t["sha256"] for t in result["texts"]]
         and stored["grid"] == result["grid"]
     )
@@ -155,7 +157,7 @@ def run(args) -> dict:
 
     from benchmarks import peers
     from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
     from strata_quant.pipeline.eval import load_reference, rtn_weights, with_weights
     from strata_quant.workers.result import QuantSpec
 
@@ -179,6 +181,7 @@ def run(args) -> dict:
         "calibration": {"text": args.calibration, "windows": args.calib_windows, "seq_len": peers.SEQ_LEN},
         "calibration_ids_sha256": sha256(ids_path),
         "eval_windows": args.eval_windows,
+        "eval_prefix": tokenizer_prefix(tok),  # each scored window starts as the model is prompted (Gemma: BOS)
         "texts": texts,
         "scores": {},
         "meta": {},
@@ -188,7 +191,8 @@ def run(args) -> dict:
         result["meta"][label] = json.loads(meta.read_text()) if meta.is_file() else {}
     t = time.perf_counter()
     for text in texts:
-        w = eval_windows(tokenize_stream(tok, load_text(text["source"])), args.eval_windows, peers.SEQ_LEN)
+        stream = tokenize_stream(tok, load_text(text["source"]))
+        w = eval_windows(stream, args.eval_windows, peers.SEQ_LEN, result["eval_prefix"])
         result["scores"][text["label"]] = score_text(ref, builders, w, args.per_call)
         print(f"# scored {text['label']}: {time.perf_counter() - t:.0f} s", flush=True)
     result["wall_s"] = {"quantize": quantize_wall, "score": time.perf_counter() - t}

@@ -165,8 +165,16 @@ def calibration_windows(
     return torch.stack([torch.cat([head, stream[s : s + body]]) for s in starts])
 
 
-def eval_windows(stream: torch.Tensor, windows: int, seq_len: int) -> torch.Tensor:
-    """The first ``windows`` non-overlapping windows of ``seq_len`` tokens."""
-    if stream.numel() < windows * seq_len:
-        raise CalibrationError(f"evaluation text has {stream.numel()} tokens, fewer than {windows} × {seq_len}")
-    return stream[: windows * seq_len].view(windows, seq_len)
+def eval_windows(
+    stream: torch.Tensor, windows: int, seq_len: int, prefix: list[int] | tuple[int, ...] = ()
+) -> torch.Tensor:
+    """The first ``windows`` non-overlapping windows of ``seq_len`` tokens: each ``prefix`` (the tokens a prompt
+    starts with, :func:`tokenizer_prefix`: Gemma's BOS, which the model is not meant to run without) then the
+    next seq_len − |prefix| tokens of the text."""
+    body = seq_len - len(prefix)
+    if body < 2:
+        raise CalibrationError(f"seq_len {seq_len} leaves under two text tokens after the {len(prefix)}-token prefix")
+    if stream.numel() < windows * body:
+        raise CalibrationError(f"evaluation text has {stream.numel()} tokens, fewer than {windows} × {body}")
+    text = stream[: windows * body].view(windows, body)
+    return torch.cat([torch.tensor(list(prefix), dtype=stream.dtype).expand(windows, -1), text], 1)

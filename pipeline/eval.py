@@ -113,7 +113,8 @@ class EvalWindows:
 
     ids: torch.Tensor  # (N, C) int64
     first_scored: torch.Tensor  # (N,) int64
-    stride: int
+    stride: int  # in the text
+    prefix: int = 0  # each window's first ``prefix`` ids are the prompt prefix (BOS), not the text
 
     @property
     def count(self) -> int:
@@ -135,35 +136,48 @@ class EvalWindows:
 
     def scored_positions(self) -> list[int]:
         """Global stream positions of the scored tokens, in scoring order."""
-        return [i * self.stride + j for i in range(self.count) for j in range(int(self.first_scored[i]), self.context)]
+        first = self.first_scored.tolist()
+        return [i * self.stride + j - self.prefix for i in range(self.count) for j in range(first[i], self.context)]
 
     @classmethod
-    def from_tensor(cls, windows: torch.Tensor) -> EvalWindows:
-        """Independent windows (MEASURE.md's non-overlapping default): all C-1 predictions scored."""
-        return cls(windows, torch.ones(windows.shape[0], dtype=torch.long), windows.shape[1])
+    def from_tensor(cls, windows: torch.Tensor, prefix: int = 0) -> EvalWindows:
+        """Independent windows (MEASURE.md's non-overlapping default): all C-1 predictions scored (with a
+        ``prefix``-token prompt prefix the text's first token is predicted from it)."""
+        return cls(windows, torch.ones(windows.shape[0], dtype=torch.long), windows.shape[1] - prefix, prefix)
 
 
-def sliding_windows(stream: torch.Tensor, windows: int, context: int, stride: int | None = None) -> EvalWindows:
-    """``windows`` windows of ``context`` tokens, starts ``stride`` apart (default: context,
-    non-overlapping); windows=0 takes as many as the stream holds."""
-    stride = context if stride is None else stride
-    if context < 2:
-        raise EvalError(f"context must be at least 2 tokens, got {context}")
-    if not 1 <= stride <= context:
-        raise EvalError(f"stride must be between 1 and the context ({context}), got {stride}")
+def sliding_windows(
+    stream: torch.Tensor,
+    windows: int,
+    context: int,
+    stride: int | None = None,
+    prefix: list[int] | tuple[int, ...] = (),
+) -> EvalWindows:
+    """``windows`` windows of ``context`` tokens: ``prefix`` (the tokens a prompt starts with, e.g. Gemma's BOS)
+    then B = context − |prefix| tokens of the text, starts ``stride`` apart in the text (default B,
+    non-overlapping); windows=0 takes as many as the stream holds. Each text token is scored once: in the
+    first window from position 1 (with a prefix, the text's first token is predicted from it), in the others
+    the last ``stride`` positions."""
+    body = context - len(prefix)
+    stride = body if stride is None else stride
+    if body < 2:
+        raise EvalError(f"context must hold at least 2 tokens after the {len(prefix)}-token prefix, got {context}")
+    if not 1 <= stride <= body:
+        raise EvalError(f"stride must be between 1 and the context after the prefix ({body}), got {stride}")
     total = stream.numel()
     if windows <= 0:
-        windows = (total - context) // stride + 1 if total >= context else 0
-    need = (windows - 1) * stride + context
+        windows = (total - body) // stride + 1 if total >= body else 0
+    need = (windows - 1) * stride + body
     if windows <= 0 or total < need:
         raise EvalError(
             f"evaluation text has {total} tokens, fewer than the {need} that {max(windows, 1)} windows of "
             f"{context} tokens with stride {stride} need"
         )
-    ids = torch.stack([stream[i * stride : i * stride + context] for i in range(windows)]).to(torch.long)
+    head = torch.tensor(list(prefix), dtype=torch.long)
+    ids = torch.stack([torch.cat([head, stream[i * stride : i * stride + body].long()]) for i in range(windows)])
     first = torch.full((windows,), max(1, context - stride), dtype=torch.long)
     first[0] = 1
-    return EvalWindows(ids, first, stride)
+    return EvalWindows(ids, first, stride, len(prefix))
 
 
 # ---------------------------------------------------------------------------- models

@@ -209,6 +209,7 @@ def text_entry(text: str, text_field: str, body: str, stream: torch.Tensor, wins
             "count": wins.count,
             "context": wins.context,
             "stride": wins.stride,
+            "prefix": wins.ids[0, : wins.prefix].tolist(),  # the tokenizer's prompt prefix before each window's text
             "scored_tokens": wins.scored_tokens,
             "token_ids_sha256": wins.sha256(),
         },
@@ -239,7 +240,7 @@ def run_eval(
     (quality only: ppl, KLD, top-1), under ``"off_domain"``."""
     from transformers import AutoTokenizer
 
-    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream, tokenizer_prefix
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.run import STRATA_VERSION
 
@@ -259,7 +260,7 @@ def run_eval(
     tokenizer = AutoTokenizer.from_pretrained(ref_path)
     body = load_text(text, text_field)
     stream = tokenize_stream(tokenizer, body)
-    wins = sliding_windows(stream, windows, context, stride)
+    wins = sliding_windows(stream, windows, context, stride, tokenizer_prefix(tokenizer))
     log.info(
         "%d windows × %d tokens, stride %d: %d scored tokens", wins.count, wins.context, wins.stride, wins.scored_tokens
     )
@@ -321,11 +322,11 @@ def run_eval(
 
 def score_text(models, ref_name, tokenizer, text, text_field, windows, context, stride, batch_size) -> dict:
     """``"off_domain"`` of the results: the text, its windows and each model's quality on them."""
-    from strata_quant.pipeline.calibration import load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import load_text, tokenize_stream, tokenizer_prefix
 
     body = load_text(text, text_field)
     stream = tokenize_stream(tokenizer, body)
-    wins = sliding_windows(stream, windows, context, stride)
+    wins = sliding_windows(stream, windows, context, stride, tokenizer_prefix(tokenizer))
     log.info("off domain: %d windows × %d tokens of %s", wins.count, wins.context, text)
     rows = evaluate(models, wins, reference=ref_name, batch_size=batch_size)
     keep = ("ppl", "nll", "ppl_increase", "tokens", "kld", "kld_p50", "kld_p90", "kld_p99", "kld_max", "top1")

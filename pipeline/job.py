@@ -17,7 +17,7 @@ from strata_quant.pipeline.assemble import (
     quantized_only,
     registered,
 )
-from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
 from strata_quant.pipeline.report import build_report, expert_summary, method_label, solver_notes, solver_notes_line
@@ -186,8 +186,9 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len)
-    wins = EvalWindows.from_tensor(windows)
+    prefix = tokenizer_prefix(tokenizer)  # the model is scored as it is prompted (Gemma: BOS first)
+    windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len, prefix)
+    wins = EvalWindows.from_tensor(windows, len(prefix))
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     label = method_label(cfg.quant.model_dump(), solved_mix(cfg))
     variants = {"fp16 (reference)": layerwise.reference()}

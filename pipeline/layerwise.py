@@ -220,12 +220,13 @@ def evaluate_artifact(
     """
     from transformers import AutoTokenizer
 
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
     from strata_quant.pipeline.eval import evaluate
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
-    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len)
-    wins = EvalWindows.from_tensor(ids)
+    prefix = tokenizer_prefix(tokenizer)
+    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len, prefix)
+    wins = EvalWindows.from_tensor(ids, len(prefix))
     quantized = gguf_file(path, reader.config) if path.suffix == ".gguf" else stored_results(results)
     name = f"strata {path.name}"
     variants = {"fp16 (reference)": reference(), name: quantized}

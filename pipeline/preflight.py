@@ -282,13 +282,21 @@ def check_store(cfg: JobConfig, pf: Preflight) -> None:
 def check_eval(cfg: JobConfig, tokenizer) -> None:
     """Each eval text holds its windows. Only the head the windows need is tokenized: the
     off-domain default is a whole book, whose ids at once would set the driver's peak."""
-    from strata_quant.pipeline.calibration import CalibrationError, eval_windows, load_text, tokenize_head
+    from strata_quant.pipeline.calibration import (
+        CalibrationError,
+        eval_windows,
+        load_text,
+        tokenize_head,
+        tokenizer_prefix,
+    )
 
-    need = cfg.eval.windows * cfg.eval.seq_len
+    need, prefix = cfg.eval.windows * cfg.eval.seq_len, tokenizer_prefix(tokenizer)
     for key, text in (("eval.text", cfg.eval.text), ("eval.off_domain", cfg.eval.off_domain)):
         if text:
             try:
-                eval_windows(tokenize_head(tokenizer, load_text(text), need), cfg.eval.windows, cfg.eval.seq_len)
+                eval_windows(
+                    tokenize_head(tokenizer, load_text(text), need), cfg.eval.windows, cfg.eval.seq_len, prefix
+                )
             except CalibrationError as err:
                 raise CalibrationError(f"{key} {text}: {err}") from None
 

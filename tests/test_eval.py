@@ -14,6 +14,7 @@ from strata_quant.pipeline import cli
 from strata_quant.pipeline.calibration import eval_windows, tokenize_stream
 from strata_quant.pipeline.eval import (
     RESULTS_SCHEMA,
+    EvalError,
     EvalWindows,
     kld_stats,
     linear_errors,
@@ -108,6 +109,24 @@ def test_sliding_windows_cover_each_token_once(stream):
     assert n.sha256() == EvalWindows.from_tensor(eval_windows(stream, 4, 32)).sha256() != w.sha256()
     # windows=0: as many as fit
     assert sliding_windows(stream[:100], windows=0, context=32, stride=16).count == (100 - 32) // 16 + 1
+
+
+def test_windows_with_a_prompt_prefix_score_each_text_token_once(stream):
+    """A model prompted with BOS first (Gemma) is scored that way: each window is the prefix then the text,
+    the text's first token predicted from the prefix, every text token scored once, the prefix never."""
+    bos = [stream.max().item() + 1]  # an id the text does not hold
+    w = sliding_windows(stream, windows=5, context=33, stride=8, prefix=bos)
+    body = 32
+    assert w.prefix == 1 and bool((w.ids[:, 0] == bos[0]).all())
+    assert torch.equal(w.ids[3, 1:], stream[24 : 24 + body])
+    assert w.scored_positions() == list(range(0, 4 * 8 + body))  # text token 0 included: BOS predicts it
+    n = sliding_windows(stream, windows=4, context=33, prefix=bos)
+    assert n.stride == body and n.scored_tokens == 4 * body
+    assert torch.equal(n.ids, eval_windows(stream, 4, 33, bos))
+    assert n.sha256() == EvalWindows.from_tensor(eval_windows(stream, 4, 33, bos), 1).sha256()
+    assert EvalWindows.from_tensor(eval_windows(stream, 4, 33, bos), 1).scored_positions() == list(range(4 * body))
+    with pytest.raises(EvalError, match="after the prefix"):
+        sliding_windows(stream, windows=2, context=33, stride=33, prefix=bos)
 
 
 def test_sliding_window_rejects_bad_arguments(stream):
@@ -269,3 +288,28 @@ def test_eval_results_reject_a_broken_file(tmp_path):
     pytest.importorskip("jsonschema")
     with pytest.raises(EvalError, match="schema 1"):
         validate_results({"schema": 1, "kind": "strata-eval", "models": []})
+
+
+def test_strata_eval_starts_each_window_as_the_tokenizer_starts_a_prompt(tiny_model_path, tmp_path):
+    """A tokenizer that puts BOS before every text (Gemma's, Llama 3's) gets its windows scored with BOS first,
+    recorded in the results; SmolLM2's, which adds none, keeps the windows it had."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.evaluate_cli import run_eval
+
+    with_bos = tmp_path / "with-bos"
+    shutil.copytree(tiny_model_path, with_bos)
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    tok.save_pretrained(with_bos)
+    kw = {"text": "fixture:austen/persuasion", "windows": 2, "context": 64, "speed": False, "threads": 1}
+    plain, bos = run_eval(reference=str(tiny_model_path), **kw), run_eval(reference=str(with_bos), **kw)
+    assert plain["windows"]["prefix"] == [] and bos["windows"]["prefix"] == [tok.bos_token_id]
+    assert plain["windows"]["scored_tokens"] == 2 * 63 and bos["windows"]["scored_tokens"] == 2 * 63
+    assert bos["windows"]["token_ids_sha256"] != plain["windows"]["token_ids_sha256"]
+    assert bos["models"][0]["ppl"] != plain["models"][0]["ppl"]

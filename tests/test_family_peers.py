@@ -88,7 +88,7 @@ def test_peers_from_takes_rows_only_when_comparable():
     assert result["scores"]["A"]["GPTQModel GPTQ"]["ppl"] == 11.0
     assert result["scores"]["A"]["strata GPTQ"]["ppl"] == 10.5  # the row run here is kept
     assert result["meta"]["GPTQModel GPTQ"]["from"] == "s.json"
-    for other in (_stored(ids="b" * 64), _stored(ppl=10.1)):
+    for other in (_stored(ids="b" * 64), _stored(ppl=10.1), {**_stored(), "eval_prefix": [2]}):  # BOS-first windows
         fresh = {**_stored(), "meta": {}}
         fresh["scores"] = {"A": {"fp16": {"ppl": 10.0}}}
         with pytest.raises(SystemExit, match="not comparable"):
