@@ -278,7 +278,9 @@ class EvalConfig(_Strict):
     windows: int = Field(
         32, ge=1, description="windows scored: the text's first non-overlapping windows of seq_len tokens"
     )
-    seq_len: int = Field(512, ge=8, description="tokens per window")
+    seq_len: int = Field(
+        512, ge=8, description="tokens per window, the tokenizer's prompt prefix (Gemma's BOS) first where it adds one"
+    )
     baselines: list[Literal["rtn"]] = Field(["rtn"], description="extra rows computed in-process for comparison")
 
 
