@@ -75,17 +75,22 @@ def stored_results(results) -> Variant:
 
 
 def gguf_file(path, config: dict) -> Variant:
-    """Every tensor as gguf-py reads it from a GGUF file (pipeline.verify.GGUFTensors)."""
+    """Every tensor as gguf-py reads it from a GGUF file (pipeline.verify.GGUFTensors), as transformers takes it
+    from the file: a norm the family stores shifted (Gemma 3: 1 + w) with the shift taken back off."""
     from strata_quant.pipeline.formats.gguf import hf_to_gguf_name
     from strata_quant.pipeline.verify import GGUFTensors
 
     gguf = GGUFTensors(path, config)
 
+    def read(name: str) -> torch.Tensor:  # a shifted norm (Gemma's file holds 1 + w) in the model's convention
+        shift = gguf.layout.norm_shift(name)
+        return gguf.tensor(name) - shift if shift else gguf.tensor(name)
+
     def block(worker, b, tensors, linears):
-        return {name: gguf.tensor(name) for name in tensors}
+        return {name: read(name) for name in tensors}
 
     def top(name):
-        return gguf.tensor(name) if hf_to_gguf_name(name) in gguf.by_gguf_name else None
+        return read(name) if hf_to_gguf_name(name) in gguf.by_gguf_name else None
 
     return Variant(block, top)
 

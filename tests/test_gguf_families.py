@@ -180,6 +180,29 @@ def test_family_gguf_in_llamacpp_and_transformers(family: str, tokenizer, ids, t
         assert cpp_hf["top1_agreement"] >= 0.95, cpp_hf
 
 
+def test_eval_of_a_gemma3_gguf_reads_its_norms_as_the_model_takes_them(tokenizer, ids, tmp_path: Path) -> None:
+    """The run's eval of a GGUF (pipeline.layerwise.gguf_file, block by block) scores the model the file holds:
+    Gemma 3's file stores its norms as 1 + w, which the eval takes back to w, so the streamed GGUF scores as the
+    whole checkpoint carrying the same results (read as the file stores them, each norm 1 off, it is noise)."""
+    from strata_quant.pipeline import layerwise
+    from strata_quant.pipeline.eval import EvalWindows, evaluate, load_reference, with_weights
+
+    folder = _build("gemma3", tokenizer, tmp_path / "gemma3")
+    reader = CheckpointReader(folder)
+    source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
+    path = assemble_gguf(reader, source, tmp_path / "gemma3.gguf", tokenizer_pre="smollm", name="tiny")
+    windows = EvalWindows.from_tensor(torch.tensor([ids[:48], ids[48:96]]))
+    ref = load_reference(folder)
+    dense = with_weights(ref, {k: r.dequantize() for k, r in results.items()})
+    whole = evaluate({"ref": ref, "gguf": dense}, windows, reference="ref")
+    variants = {"ref": layerwise.reference(), "gguf": layerwise.gguf_file(path, reader.config)}
+    streamed = evaluate(layerwise.layerwise_models(reader, source.store, windows, variants), windows, reference="ref")
+    print(f"\ngemma3 GGUF streamed: {streamed['gguf']}; whole: {whole['gguf']}")
+    assert whole["gguf"]["kld"] > 0
+    assert streamed["gguf"]["ppl"] == pytest.approx(whole["gguf"]["ppl"], rel=1e-3)
+    assert streamed["gguf"]["kld"] == pytest.approx(whole["gguf"]["kld"], rel=1e-2, abs=1e-5)
+
+
 def test_gemma3_norms_without_the_shift_fail_in_llamacpp(tokenizer, ids, tmp_path: Path, monkeypatch) -> None:
     """Gemma's norms written as stored (w, not 1 + w): llama.cpp computes another model, and the check sees it."""
     import strata_quant.pipeline.formats.gguf as gguf_format
