@@ -615,12 +615,16 @@ def check_llamacpp(
 ) -> dict:
     """llama.cpp loads the GGUF and tokenizes ``prompt`` as the HF tokenizer does, and on the HF tokens of
     ``passage`` gives the logits transformers gives from the same file (:func:`llamacpp_disagreements` names
-    the rules), or VerifyError."""
+    the rules), or VerifyError. The passage starts as the tokenizer starts a prompt (Gemma's BOS): without it
+    Gemma runs outside the regime it is used in (its perplexity triples), where 8-bit activation rounding
+    parts the readers on files both read exactly."""
     from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.calibration import tokenizer_prefix
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     hf_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    ids = tokenizer.encode(passage, add_special_tokens=False)
+    ids = tokenizer_prefix(tokenizer) + tokenizer.encode(passage, add_special_tokens=False)
     llm = load_llamacpp(path, n_ctx=max(64, len(ids) + 8))
     cpp_ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
     if list(cpp_ids) != list(hf_ids):

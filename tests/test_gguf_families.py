@@ -203,6 +203,33 @@ def test_eval_of_a_gemma3_gguf_reads_its_norms_as_the_model_takes_them(tokenizer
     assert streamed["gguf"]["kld"] == pytest.approx(whole["gguf"]["kld"], rel=1e-2, abs=1e-5)
 
 
+def test_llamacpp_check_starts_the_passage_as_the_tokenizer_starts_a_prompt(tokenizer, tmp_path: Path) -> None:
+    """verify's llama.cpp check runs the passage as the model is prompted: with a tokenizer that puts BOS first
+    (Gemma's), the compared positions are BOS then the passage; the checkpoint-equal file passes."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline.eval import load_reference, with_weights
+    from strata_quant.pipeline.prompts import LLAMACPP_PASSAGE
+    from strata_quant.pipeline.verify import check_llamacpp
+
+    folder = _build("gemma3", tokenizer, tmp_path / "gemma3")
+    with_bos = AutoTokenizer.from_pretrained(folder)  # SmolLM2's, putting its BOS first as Gemma's does
+    bos = with_bos.bos_token
+    with_bos._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, with_bos.bos_token_id)]
+    )
+    with_bos.save_pretrained(folder)
+    reader = CheckpointReader(folder)
+    source, results = stored_results(reader, tmp_path / "store", QuantSpec(4, 32, True))
+    path = assemble_gguf(reader, source, tmp_path / "gemma3.gguf", tokenizer_pre="smollm", name="tiny")
+    dense = with_weights(load_reference(folder), {k: r.dequantize() for k, r in results.items()})
+    out = check_llamacpp(path, dense, folder)
+    passage = len(tokenizer.encode(LLAMACPP_PASSAGE, add_special_tokens=False))
+    assert AutoTokenizer.from_pretrained(folder)("a")["input_ids"][0] == with_bos.bos_token_id
+    assert out["tokens"] == passage + 1, out
+
+
 def test_gemma3_norms_without_the_shift_fail_in_llamacpp(tokenizer, ids, tmp_path: Path, monkeypatch) -> None:
     """Gemma's norms written as stored (w, not 1 + w): llama.cpp computes another model, and the check sees it."""
     import strata_quant.pipeline.formats.gguf as gguf_format
