@@ -146,6 +146,16 @@ class EvalWindows:
         return cls(windows, torch.ones(windows.shape[0], dtype=torch.long), windows.shape[1] - prefix, prefix)
 
 
+def prompted_windows(tokenizer, text: str, count: int, seq_len: int) -> EvalWindows:
+    """The first ``count`` non-overlapping windows of ``seq_len`` tokens of ``text`` (a calibration.source), each
+    starting as ``tokenizer`` starts a prompt (Gemma's BOS; nothing for SmolLM2): the run's eval windows."""
+    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
+
+    prefix = tokenizer_prefix(tokenizer)
+    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), count, seq_len, prefix)
+    return EvalWindows.from_tensor(ids, len(prefix))
+
+
 def sliding_windows(
     stream: torch.Tensor,
     windows: int,

@@ -17,7 +17,6 @@ from strata_quant.pipeline.assemble import (
     quantized_only,
     registered,
 )
-from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
 from strata_quant.pipeline.config import JobConfig
 from strata_quant.pipeline.modelcard import write_model_cards
 from strata_quant.pipeline.report import build_report, expert_summary, method_label, solver_notes, solver_notes_line
@@ -182,13 +181,11 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline import layerwise
-    from strata_quant.pipeline.eval import EvalWindows, evaluate
+    from strata_quant.pipeline.eval import evaluate, prompted_windows
 
     model_path = outcome.reader.path  # the model folder (of an s3:// model: its local metadata folder)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prefix = tokenizer_prefix(tokenizer)  # the model is scored as it is prompted (Gemma: BOS first)
-    windows = eval_windows(tokenize_stream(tokenizer, load_text(text)), cfg.eval.windows, cfg.eval.seq_len, prefix)
-    wins = EvalWindows.from_tensor(windows, len(prefix))
+    wins = prompted_windows(tokenizer, text, cfg.eval.windows, cfg.eval.seq_len)  # scored as prompted
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     label = method_label(cfg.quant.model_dump(), solved_mix(cfg))
     variants = {"fp16 (reference)": layerwise.reference()}
@@ -198,10 +195,10 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
         variants[f"{label} (GGUF via gguf-py)"] = layerwise.gguf_file(gguf_path, outcome.reader.config)
     else:  # AWQ's folded norms and biases come with its results
         variants[label] = layerwise.stored_results(results)
-    log.info("evaluating %d models on %d × %d tokens of %s, block by block", len(variants), *windows.shape, text)
+    log.info("evaluating %d models on %d × %d tokens of %s, block by block", len(variants), *wins.ids.shape, text)
     heads = layerwise.layerwise_models(outcome.reader, outcome.store, wins, variants)
     rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": text, "windows": list(windows.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
+    return {"text": text, "windows": list(wins.ids.shape), "token_ids_sha256": wins.sha256(), "rows": rows}
 
 
 def solved_mix(cfg: JobConfig) -> str | None:

@@ -225,16 +225,13 @@ def evaluate_artifact(
     """
     from transformers import AutoTokenizer
 
-    from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream, tokenizer_prefix
-    from strata_quant.pipeline.eval import evaluate
+    from strata_quant.pipeline.eval import evaluate, prompted_windows
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
-    prefix = tokenizer_prefix(tokenizer)
-    ids = eval_windows(tokenize_stream(tokenizer, load_text(text)), windows, seq_len, prefix)
-    wins = EvalWindows.from_tensor(ids, len(prefix))
+    wins = prompted_windows(tokenizer, text, windows, seq_len)
     quantized = gguf_file(path, reader.config) if path.suffix == ".gguf" else stored_results(results)
     name = f"strata {path.name}"
     variants = {"fp16 (reference)": reference(), name: quantized}
     heads = layerwise_models(reader, results.store, wins, variants)
     rows = evaluate(heads, wins, reference="fp16 (reference)")
-    return {"text": text, "windows": list(ids.shape), "rows": rows}
+    return {"text": text, "windows": list(wins.ids.shape), "rows": rows}
