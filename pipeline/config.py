@@ -36,6 +36,12 @@ class CalibrationConfig(_Strict):
         description="what each window starts with: auto = as the model's tokenizer starts a prompt (its BOS where "
         "it adds one), always = the BOS token, never = text only",
     )
+    statistics: str | None = Field(
+        None,
+        description="a finished run in run.store that kept its statistics (run.keep_statistics): this run solves "
+        "GPTQ from its stored Hessians, with no calibration forward (another mix, grid or solver setting for the "
+        "cost of the solves); the calibration, propagation and stages are that run's, checked equal at plan time",
+    )
 
 
 class MoeConfig(_Strict):
@@ -197,6 +203,11 @@ class RunConfig(_Strict):
         description="workers' large allocations on transparent huge pages (glibc.malloc.hugetlb=1, where the "
         "kernel's THP mode is madvise): about a tenth of the page faults, same results; faster on SmolLM2, "
         "not on a 1536-wide model (docs/performance.md)",
+    )
+    keep_statistics: bool = Field(
+        False,
+        description="store every shared-input group's Hessian beside its results (8·K² bytes per group, K its "
+        "input width), so later runs solve from them (calibration.statistics)",
     )
     max_restarts: int = Field(3, ge=0, description="worker-group restarts after lost workers before the run fails")
     block_timeout_s: float = Field(
@@ -392,6 +403,16 @@ class JobConfig(_Strict):
                 raise ValueError(f"per-linear bits (quant.bits_overrides) export as gptq / gguf only, not {bad}")
             if self.quant.bits_overrides and "gguf" in self.output.formats and self.output.gguf_type != "auto":
                 raise ValueError("gguf output of per-linear bits needs gguf_type auto (each tensor's exact type)")
+        if self.calibration.statistics is not None:
+            if self.quant.method != "gptq":
+                raise ValueError(
+                    f"calibration.statistics solves GPTQ from kept Hessians; quant.method {self.quant.method} "
+                    + ("needs the calibration's activations" if "awq" in self.quant.method else "does not use them")
+                )
+            if self.quant.sensitivity_bits:
+                raise ValueError(
+                    "calibration.statistics: the sensitivity probe (quant.sensitivity_bits) needs a forward"
+                )
         if self.output.max_ppl_increase is not None and self.eval is None:
             raise ValueError("output.max_ppl_increase needs an eval section (the gate compares held-out perplexity)")
         return self

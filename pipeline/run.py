@@ -235,17 +235,22 @@ class RunMetrics:
             log.debug("could not record Ray metrics: %s", err)
 
 
-def fingerprint_parts(cfg: JobConfig, reader: CheckpointReader, token_ids: torch.Tensor) -> dict[str, str]:
-    """What a run's results depend on; a resumed run must match all of it."""
+def fingerprint_parts(
+    cfg: JobConfig, reader: CheckpointReader, token_ids: torch.Tensor, statistics: str | None = None
+) -> dict[str, str]:
+    """What a run's results depend on; a resumed run must match all of it. ``statistics``: the run
+    whose kept statistics this one solves from (pipeline.kept_statistics), its calibration."""
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
     quant["moe"].pop("max_expert_stats")  # the bytes do not depend on it: a run resumes under a lower budget
     solve = {"quant": quant, "propagate": cfg.run.propagate, "hessian_dtype": cfg.run.hessian_dtype}
     if cfg.run.hidden_dtype != "float32":  # only when set: fp32 runs keep the fingerprints they had
         solve["hidden_dtype"] = cfg.run.hidden_dtype
+    if cfg.run.keep_statistics:  # a resumed run keeps them for every block or for none
+        solve["keep_statistics"] = True
     return {
         "model": reader.fingerprint(),
-        "calibration": sha256_bytes(token_ids.numpy().tobytes()) + f":{tuple(token_ids.shape)}",
+        "calibration": statistics or sha256_bytes(token_ids.numpy().tobytes()) + f":{tuple(token_ids.shape)}",
         "solve": sha256_bytes(json.dumps(solve, sort_keys=True).encode()),
     }
 
@@ -701,9 +706,17 @@ def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
     store.exists("runs/strata-probe")  # an unreachable store, a missing bucket, bad credentials: fail now
     reader, token_ids, tokenizer, structure = prepared or prepare(cfg)
     prefix_tokens = tokenizer.convert_ids_to_tokens(calibration_prefix(tokenizer, cfg.calibration.bos))
-    run_id = _open_run(cfg, store, reader, token_ids, prefix_tokens)
-    prefix = f"runs/{run_id}"
     linears = block_linear_names(reader)
+    statistics, kept = None, None
+    if cfg.calibration.statistics is not None:  # checked before this run's record is written
+        from strata_quant.pipeline.kept_statistics import kept_statistics
+
+        statistics, kept = kept_statistics(
+            store, cfg, reader.fingerprint(), linears, structure.moe_blocks, record_is_complete
+        )
+        log.info("solving from the statistics run %s kept: no calibration forward", cfg.calibration.statistics)
+    run_id = _open_run(cfg, store, reader, token_ids, prefix_tokens, statistics)
+    prefix = f"runs/{run_id}"
     done = {
         b: r
         for b in range(reader.num_layers)
@@ -713,12 +726,15 @@ def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
     shards = shard_samples(token_ids, workers_n, cfg.run.batch_size)
     threads = cfg.run.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_n)
     job = worker_job(cfg, reader, structure, prefix, threads)
+    job.kept_statistics = kept
     return RunPlan(cfg, store, reader, token_ids, prefix_tokens, run_id, prefix, linears, done, shards, threads, job)
 
 
-def _open_run(cfg: JobConfig, store, reader: CheckpointReader, token_ids: torch.Tensor, prefix_tokens) -> str:
+def _open_run(
+    cfg: JobConfig, store, reader: CheckpointReader, token_ids: torch.Tensor, prefix_tokens, statistics: str | None
+) -> str:
     """The run's id; its ``run.json`` written, or (resume) checked against this config and checkpoint."""
-    parts = fingerprint_parts(cfg, reader, token_ids)
+    parts = fingerprint_parts(cfg, reader, token_ids, statistics)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
     run_id = cfg.run.run_id or f"{cfg.name}-{fingerprint[:12]}"
     run_key = f"runs/{run_id}/run.json"
@@ -797,6 +813,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_max_expert_stats=quant.moe.max_expert_stats,
         moe_expert_shapes=structure.expert_shapes,
         ggml_types=structure.ggml_types,
+        keep_statistics=run.keep_statistics,
     )
 
 
@@ -978,7 +995,8 @@ def _setup_workers(plan: RunPlan, actors: list, rec: _Recorder) -> None:
         gpus = {rank: b for rank, b in enumerate(free) if b is not None}
         if gpus:  # the nodes' memory was checked before the workers started
             check_expert_budget(cfg.quant.moe.max_expert_stats, plan.job.moe_expert_shapes, math.inf, gpus)
-    _collect([a.load_samples.remote(shard) for a, shard in zip(actors, plan.shards)], setup, "worker setup", limit)
+    if plan.job.kept_statistics is None:  # solving from kept statistics: no samples, no forward
+        _collect([a.load_samples.remote(shard) for a, shard in zip(actors, plan.shards)], setup, "worker setup", limit)
 
 
 def _run_blocks(plan: RunPlan, actors: list, rec: _Recorder, restarting: bool) -> None:

@@ -36,7 +36,7 @@ from strata_quant.workers.job import AWQ_METHODS, GRAM_METHODS, WorkerJob, job_o
 from strata_quant.workers.methods import HESSIAN_METHODS, Part, matches_module, outlier_group
 from strata_quant.workers.moe import fuse_experts, moe_modules
 from strata_quant.workers.queues import DeferredSolves, SolverQueue, Uploads
-from strata_quant.workers.records import ResultWriter, read_block_results
+from strata_quant.workers.records import ResultWriter, read_block_results, read_statistics
 from strata_quant.workers.schedule import GroupPlan, plan_solves, reduce_order
 from strata_quant.workers.stats import HessianAccumulator, collect_hessians, collect_stats
 from strata_quant.workers.steps import BlockState, plan_block, run_plan
@@ -166,7 +166,10 @@ class BlockWorker:
         if replay is None and self.overlaps():
             return {**self._forward_and_queue(b, layer, timings), **data}
         outputs: list[dict] = []
-        if replay is not None:
+        if self.job.kept_statistics is not None:  # no samples: a finished block needs nothing more
+            if replay is None:
+                outputs = self._solve_kept(b, layer, linears, timings).outputs
+        elif replay is not None:
             t = time.perf_counter()
             quantized, floats = self.results_of(b, replay)
             self.propagate(layer, quantized, floats, None, quantized_weights=self.job.propagate == "quantized")
@@ -486,6 +489,42 @@ class BlockWorker:
             experts=tuple(moe_modules(layer)) if b in job.moe_blocks else (),
         )
         return run_plan(self, state, steps)
+
+    def _solve_kept(self, b: int, layer: nn.Module, linears: dict[str, nn.Linear], timings: dict) -> BlockState:
+        """Solve the block from another run's kept statistics (``job.kept_statistics``): its groups
+        and true-sequential stages as that run recorded them, each group's H read by its solvers,
+        no forward. With that run's solver settings the results are that run's, byte for byte."""
+        entries = self.job.kept_statistics[b]
+        stages = [
+            [list(e["group"]) for e in entries if e["stage"] == i] for i in range(1 + max(e["stage"] for e in entries))
+        ]
+        groups = [g for stage in stages for g in stage]
+        for phase in ("stats", "reduce", "solve", "broadcast"):
+            timings.setdefault(phase, 0.0)
+        plans = self._plan(b, groups, stages, linears, "gptq", None, level=True)
+        state = BlockState(b, layer, linears, [], timings, stages, plans, entries[0]["tokens"], "gptq")
+        state.unfolded = {name: p.data for name, p in layer.named_parameters()}
+        state.originals = {n: m.weight.data for n, m in linears.items()}
+        steps = plan_block(
+            stages,
+            "gptq",
+            probe=False,
+            awq=False,
+            cache_stages=None,
+            have_sums=False,
+            reductions_issued=False,
+            to_owner=True,  # no worker but the owner needs the solved weights
+            propagate_quantized=False,
+            sequential=False,
+            propagate=False,
+            kept=True,
+        )
+        return run_plan(self, state, steps)
+
+    def kept_hessian(self, b: int, leader: str) -> torch.Tensor:
+        """The H another run kept for block ``b``'s group led by ``leader`` (checked against its sha256)."""
+        entry = next(e for e in self.job.kept_statistics[b] if e["group"][0] == leader)
+        return read_statistics(self.store, entry, f"{self.layers_path}.{b}.{leader}", self.device)
 
     def _stage_layout(self, layer: nn.Module, stages: list, solver: str) -> StageLayout | None:
         """The true-sequential stage passes' layout (:func:`stage_layout`), when the job keeps them."""

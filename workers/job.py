@@ -72,6 +72,11 @@ class WorkerJob:
     moe_expert_shapes: list[list[int]] = field(default_factory=list)  # [E, H, I] per MoE module (the plan's check)
     # a llama.cpp mix solved in the run: {linear's full name: ggml type}, each solved by GPTQ on that grid
     ggml_types: dict[str, str] = field(default_factory=dict)
+    # each group's H stored beside its results, for later runs that solve from it
+    keep_statistics: bool = False
+    # a run solved from another run's kept statistics: {block: [its groups' statistics entries]}
+    # (workers.records.ResultWriter.statistics); no calibration samples, no forward
+    kept_statistics: dict[int, list[dict]] | None = None
 
     def spec_for(self, full_name: str) -> QuantSpec:
         """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
@@ -105,7 +110,13 @@ AWQ_METHODS = ("awq", "awq_gptq")
 def job_overlaps(job: WorkerJob) -> bool:
     """Whether a job's solves queue behind the forward (:meth:`BlockWorker.overlaps`)."""
     # experts' routed statistics are taken from the block's inputs when the experts are solved
-    return job.propagate == "float" and job.overlap_depth > 0 and job.method not in AWQ_METHODS and not job.moe_blocks
+    return (
+        job.propagate == "float"
+        and job.overlap_depth > 0
+        and job.method not in AWQ_METHODS
+        and not job.moe_blocks
+        and job.kept_statistics is None  # no forward to overlap
+    )
 
 
 def one_float_stage(job: WorkerJob) -> bool:

@@ -81,6 +81,21 @@ def float_from_bytes(data: bytes, name: str) -> torch.Tensor:
     return load_safetensors(data)[name]
 
 
+def statistics_to_bytes(name: str, hessian: torch.Tensor, meta: dict) -> bytes:
+    """A group's Hessian (under its first linear's name + ``.hessian``) as deterministic safetensors
+    bytes, in the dtype the solve used (float64 by default: a solve from it is the solve that was)."""
+    return save_safetensors(
+        {f"{name}.hessian": hessian.detach().cpu().contiguous()},
+        metadata={"strata_statistics": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
+    )
+
+
+def read_statistics(store, entry: dict, name: str, device: torch.device) -> torch.Tensor:
+    """The Hessian a statistics entry names, checked against its sha256 (``name``: the group's first
+    linear, full name)."""
+    return load_safetensors(_checked(store, entry))[f"{name}.hessian"].to(device)
+
+
 def result_entry(
     full_name: str,
     key: str,
@@ -158,6 +173,16 @@ class ResultWriter:
         data = float_to_bytes(f"{full_name}.in_sum2", in_sum2.float(), {"tokens": int(tokens)})
         _, key, digest = self._put(b, name, ".activations.safetensors", data)
         return {"key": key, "sha256": digest, "tokens": int(tokens), "in_features": int(gram.shape[0])}
+
+    def statistics(self, b: int, names: list[str], stage: int, hessian: torch.Tensor, tokens: int) -> dict:
+        """A shared-input group's H = 2·XᵀX / n as its solve used it, stored under the group's first
+        linear (``.hessian.safetensors``); the entry names the group, its true-sequential stage and n,
+        what a run solving from it (``calibration.statistics``) rebuilds the block's plan from."""
+        full_name = f"{self.layers_path}.{b}.{names[0]}"
+        meta = {"group": list(names), "stage": stage, "tokens": int(tokens)}
+        data = statistics_to_bytes(full_name, hessian, meta)
+        _, key, digest = self._put(b, names[0], ".hessian.safetensors", data)
+        return {"key": key, "sha256": digest, "bytes": len(data), **meta}
 
 
 def read_block_results(

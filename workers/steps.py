@@ -15,6 +15,8 @@ entries). The modes of a run are which steps the plan holds:
 * AWQ: ``FoldScales`` first (search every group's scales on the float block, fold them all);
 * the mixed-precision probe: ``Probe`` first (the residual scale and output Fisher of the block);
 * propagation: ``Propagate`` last when the block's solves run inline (its forward follows them).
+* kept statistics (a run solving from another run's stored Hessians): ``LoadStats`` in place of
+  ``CollectStats → Reduce``, nothing distributed, no ``Propagate``: no forward at all.
 
 * Mixture-of-Experts: ``SolveExperts`` per MoE module after the stages of the block's linears (the
   experts read what attention hands them): each expert's statistics from the tokens the model's own
@@ -97,6 +99,14 @@ class CollectStats:
 
 
 @dataclass(frozen=True)
+class LoadStats:
+    """The stage's groups' H as another run kept them (``run.keep_statistics``), read from the store
+    by the workers that solve them (the owner; every worker of a split group)."""
+
+    stage: int
+
+
+@dataclass(frozen=True)
 class Reduce:
     """The stage's sums on their way to their solvers (asynchronous; ``Solve`` waits per group)."""
 
@@ -156,6 +166,7 @@ Step = (
     | FoldScales
     | CacheStages
     | CollectStats
+    | LoadStats
     | Reduce
     | Solve
     | Gather
@@ -196,6 +207,7 @@ class BlockState:
     mine: dict[tuple, QuantizedLinear | None] = field(default_factory=dict)
     share_errors: dict[tuple, torch.Tensor] = field(default_factory=dict)
     grams: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # H read back (LoadStats), by leader
 
     def owner(self, names) -> int:
         return self.plans[tuple(names)].owner
@@ -218,11 +230,13 @@ def plan_block(
     sequential: bool,
     propagate: bool,
     experts: tuple[str, ...] = (),
+    kept: bool = False,
 ) -> list[Step]:
     """The steps of one block, in order. ``have_sums``: the one stage's sums came with the block
     (and ``reductions_issued``: already on their way); ``propagate``: the solves run inline and
     the hidden states go through the block after them (``propagate_quantized``: through its
-    quantized weights); ``experts``: the block's MoE modules, solved after its linears."""
+    quantized weights); ``experts``: the block's MoE modules, solved after its linears;
+    ``kept``: every stage's H read from another run's kept statistics."""
     steps: list[Step] = []
     if probe:
         steps.append(Probe())
@@ -231,7 +245,9 @@ def plan_block(
     if cache_stages is not None:
         steps.append(CacheStages(cache_stages))
     for i, stage in enumerate(stages):
-        if solver == "gptq":
+        if kept:
+            steps.append(LoadStats(i))
+        elif solver == "gptq":
             if not have_sums:
                 steps.append(CollectStats(i, tuple(names[0] for names in stage)))
             if not reductions_issued:
@@ -287,6 +303,21 @@ def run_collect_stats(w: BlockWorker, s: BlockState, step: CollectStats) -> None
     s.timings["stats"] += time.perf_counter() - t
 
 
+def run_load_stats(w: BlockWorker, s: BlockState, step: LoadStats) -> None:
+    t = time.perf_counter()
+    for names in s.stages[step.stage]:
+        if s.split(names) or s.owner(names) == w.rank:
+            s.kept[names[0]] = w.kept_hessian(s.b, names[0])
+    s.timings["stats"] += time.perf_counter() - t
+
+
+def _gram(s: BlockState, names: list[str]) -> torch.Tensor:
+    """The group's H: kept by another run, or from the reduced sums of this one."""
+    if names[0] in s.kept:
+        return s.kept[names[0]]
+    return s.sums[names[0]].hessian(total_count=s.total_rows)
+
+
 def run_reduce(w: BlockWorker, s: BlockState, step: Reduce) -> None:
     t = time.perf_counter()
     s.pending.update(w.start_reductions(s.stages[step.stage], s.sums, s.plans))
@@ -313,7 +344,7 @@ def run_solve(w: BlockWorker, s: BlockState, step: Solve) -> None:
         if s.split(names):
             _solve_share(w, s, names)
         elif s.owner(names) == w.rank:
-            _solve_whole(w, s, names)
+            _solve_whole(w, s, names, step.stage)
     for key in list(s.pending):  # the groups owned elsewhere: their sends are done
         waited += _arrived(s, key)
     s.timings["solve"] += time.perf_counter() - t - waited
@@ -331,19 +362,19 @@ def _solve_share(w: BlockWorker, s: BlockState, names: list[str]) -> None:
         s.mine[key] = None
         s.share_errors[key] = torch.zeros(len(rows), 2, dtype=torch.float64, device=weight.device)
         return
-    gram = s.grams[key] = s.sums[names[0]].hessian(total_count=s.total_rows)
+    gram = s.grams[key] = _gram(s, names)
     spec = job.spec_for(f"{w.layers_path}.{s.b}.{names[0]}")
     own = quantize_group(job.method, weight[start:end], gram, spec, job.method_options())
     s.mine[key] = own
     s.share_errors[key] = share_output_errors(weight[start:end], own.dequantize(), gram, rows, start)
 
 
-def _solve_whole(w: BlockWorker, s: BlockState, names: list[str]) -> None:
+def _solve_whole(w: BlockWorker, s: BlockState, names: list[str], stage: int) -> None:
     """A group this worker owns: every linear solved (workers/methods.py) and stored."""
     job = w.job
     weight = torch.cat([s.originals[n] for n in names], dim=0)
     awq = s.awq_groups.get(names[0])
-    gram = s.sums[names[0]].hessian(total_count=s.total_rows) if s.solver == "gptq" else None
+    gram = _gram(s, names) if s.solver == "gptq" else None
     hessian = awq["hessian"] if awq is not None and job.method == "awq" else gram
     parts = w.group_parts(s.b, names, s.linears, gram)
     options = job.method_options()
@@ -358,6 +389,8 @@ def _solve_whole(w: BlockWorker, s: BlockState, names: list[str]) -> None:
         entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], hessian)
         if gram is not None:
             entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
+            if job.keep_statistics and n == names[0]:
+                entry["statistics"] = w.writer.statistics(s.b, names, stage, gram, s.total_rows)
         if awq is not None and n == names[0]:
             entry["float_results"] = awq["float_results"]
         if s.scale is not None and gram is not None:  # mixed precision: {bits: error} for strata plan
@@ -401,6 +434,8 @@ def run_gather(w: BlockWorker, s: BlockState, step: Gather) -> None:
                 error = float(errors[i, 0] / errors[i, 1].clamp(min=1e-30))
                 entry = w.writer.result(s.b, n, part, s.originals[n], s.solved[n], gram, error)
                 entry["activations"] = w.writer.activations(s.b, n, gram, s.total_rows)
+                if w.job.keep_statistics and i == 0:
+                    entry["statistics"] = w.writer.statistics(s.b, list(key), step.stage, gram, s.total_rows)
                 entry["solve_shares"] = [list(share) for share in shares]  # rows of the stacked group
                 if s.scale is not None:
                     entry["sensitivity"] = _sensitivity(w, s, n, gram, w.job.method_options())
@@ -615,6 +650,7 @@ STEP_RUNNERS = {
     FoldScales: run_fold_scales,
     CacheStages: run_cache_stages,
     CollectStats: run_collect_stats,
+    LoadStats: run_load_stats,
     Reduce: run_reduce,
     Solve: run_solve,
     Gather: run_gather,
