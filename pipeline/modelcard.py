@@ -149,6 +149,8 @@ def model_card(report: dict, fmt: str, model_config: dict | None = None) -> str:
         n, t = cal.get("num_samples", "?"), cal.get("seq_len", "?")
         total = f" = {n * t:,} tokens" if isinstance(n, int) and isinstance(t, int) else ""
         lines.append(f"| Calibration | `{cal.get('source', '?')}`, {n} × {t}{total} ({cal.get('sampling', 'even')}) |")
+        if cal.get("statistics"):  # solved from another run's kept Hessians: that run's calibration
+            lines.append(f"| Statistics | kept by run `{cal['statistics']}` (no calibration forward in this run) |")
     if report.get("experts"):  # MoE: each expert's statistics from the tokens its router sent it
         lines.append(f"| Experts | {expert_summary_line(report['experts'])} |")
     lines.append(f"| Tool | strata {report.get('tool_version', '?')}, run `{report.get('run_id', '?')}` |")

@@ -421,6 +421,10 @@ def config_items(report: dict) -> list[tuple[str, str]]:
         start = f"each starting with {' '.join(tokens)}" if tokens else "text only, no BOS"
         windows = f"{cal.get('num_samples', '?')} windows × {cal.get('seq_len', '?')} tokens"
         items.append(("Calibration", f"{cal.get('source', '?')}, {windows}, {start} (bos: {cal.get('bos', 'auto')})"))
+    if cal.get("statistics"):
+        items.append(
+            ("Statistics", f"kept by run {cal['statistics']} (solved from its Hessians, no calibration forward)")
+        )
     notes = report.get("solver_notes")
     if notes and notes.get("gptq_linears"):
         items.append(("Damping and dead inputs", solver_notes_line(notes)))

@@ -130,3 +130,17 @@ def test_plan_refuses_statistics_it_cannot_solve_from(source, tiny_model_path, t
 
     with pytest.raises(ConfigError, match="quant.method awq needs the calibration's activations"):
         parse_config(cfg(quant={"method": "awq"}))
+
+
+def test_the_card_and_the_report_name_the_run_whose_statistics_were_solved_from():
+    from strata_quant.pipeline.modelcard import model_card
+    from strata_quant.pipeline.report import config_items
+
+    cal = {"source": "fixture:austen/emma", "num_samples": 8, "seq_len": 64, "prefix_tokens": []}
+    report = {"method": "gptq", "quant": {"bits": 4, "group_size": 32}, "calibration": {**cal, "statistics": "src-1"}}
+    assert "| Statistics | kept by run `src-1` (no calibration forward in this run) |" in model_card(report, "gguf")
+    assert ("Statistics", "kept by run src-1 (solved from its Hessians, no calibration forward)") in config_items(
+        report
+    )
+    report["calibration"] = cal  # a run that did its own forward says nothing of kept statistics
+    assert "Statistics" not in model_card(report, "gguf") and "Statistics" not in dict(config_items(report))
