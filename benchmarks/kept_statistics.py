@@ -79,16 +79,18 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def table(runs: dict[str, dict], scores: dict[str, dict]) -> list[str]:
-    """Each mix's direct and kept-statistics rows: quantize seconds, its forward seconds, file bytes, Δppl / KLD
-    per text; then the kept run's time as a fraction of the direct one's."""
+    """Each mix's direct and kept-statistics rows: quantize seconds, the seconds of its statistics and forward
+    phases (per worker; a kept run's statistics phase is reading the kept H), file bytes, Δppl / KLD per text."""
     texts = list(next(iter(scores.values())))
-    head = "| file | quantize s | forward s | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in texts) + " |"
+    head = (
+        "| file | quantize s | stats + forward s | bytes | " + " | ".join(f"{t} Δppl | {t} KLD" for t in texts) + " |"
+    )
     lines = [head, "|" + "---|" * (4 + 2 * len(texts))]
     for name, run in runs.items():
         cells = " | ".join(f"{100 * scores[name][t]['dppl']:+.2f} % | {scores[name][t]['kld']:.4f}" for t in texts)
-        forward = run["phase_s"].get("forward", 0.0)
+        passes = run["phase_s"].get("stats", 0.0) + run["phase_s"].get("forward", 0.0)
         lines.append(
-            f"| {name} | {run['quantize_s']:.0f} | {forward:.0f} | {scores[name][texts[0]]['bytes']:,} | {cells} |"
+            f"| {name} | {run['quantize_s']:.0f} | {passes:.0f} | {scores[name][texts[0]]['bytes']:,} | {cells} |"
         )
     return lines
 
