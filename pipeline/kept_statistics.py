@@ -16,19 +16,19 @@ from collections.abc import Callable
 
 from strata_quant.pipeline.config import ConfigError, JobConfig
 
-# what a group's H depends on besides the checkpoint: (section, key, default of older records)
+# what a group's H depends on besides the checkpoint: (section, key) of the config
 STATISTICS_DEPEND_ON = (
-    ("calibration", "source", None),
-    ("calibration", "num_samples", None),
-    ("calibration", "seq_len", None),
-    ("calibration", "sampling", "even"),
-    ("calibration", "seed", 0),
-    ("calibration", "text_field", "text"),
-    ("calibration", "bos", "auto"),
-    ("run", "propagate", "quantized"),
-    ("run", "hessian_dtype", "float64"),
-    ("run", "hidden_dtype", "float32"),
-    ("quant", "true_sequential", True),
+    ("calibration", "source"),
+    ("calibration", "num_samples"),
+    ("calibration", "seq_len"),
+    ("calibration", "sampling"),
+    ("calibration", "seed"),
+    ("calibration", "text_field"),
+    ("calibration", "bos"),
+    ("run", "propagate"),
+    ("run", "hessian_dtype"),
+    ("run", "hidden_dtype"),
+    ("quant", "true_sequential"),
 )
 
 
@@ -51,7 +51,7 @@ def kept_statistics(
         raise ConfigError(f"{where} does not exist")
     run = store.get_json(f"runs/{source}/run.json")
     old = run["config"]
-    if not old["run"].get("keep_statistics", False):
+    if not old["run"].get("keep_statistics"):  # absent from records older than the key
         raise ConfigError(f"{where} did not keep its statistics (rerun it with run.keep_statistics: true)")
     if run["parts"]["model"] != fingerprint:
         raise ConfigError(f"{where} was made from another checkpoint than {cfg.model}")
@@ -59,9 +59,9 @@ def kept_statistics(
         raise ConfigError(f"{where}: blocks {moe_blocks[:4]} hold routed experts, whose statistics are not kept")
     mine = cfg.model_dump()
     differ = [
-        f"{section}.{key} {old[section].get(key, default)!r} there, {mine[section][key]!r} here"
-        for section, key, default in STATISTICS_DEPEND_ON
-        if old[section].get(key, default) != mine[section][key]
+        f"{section}.{key} {old[section][key]!r} there, {mine[section][key]!r} here"
+        for section, key in STATISTICS_DEPEND_ON
+        if old[section][key] != mine[section][key]
     ]
     if differ:
         raise ConfigError(f"{where} collected its statistics otherwise: {'; '.join(differ)}")

@@ -725,8 +725,7 @@ def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
     workers_n = cfg.run.workers
     shards = shard_samples(token_ids, workers_n, cfg.run.batch_size)
     threads = cfg.run.threads_per_worker or max(1, (os.cpu_count() or 1) // workers_n)
-    job = worker_job(cfg, reader, structure, prefix, threads)
-    job.kept_statistics = kept
+    job = worker_job(cfg, reader, structure, prefix, threads, kept)
     return RunPlan(cfg, store, reader, token_ids, prefix_tokens, run_id, prefix, linears, done, shards, threads, job)
 
 
@@ -763,8 +762,11 @@ def _open_run(
     return run_id
 
 
-def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str, threads: int) -> WorkerJob:
-    """The job every worker of the run gets (plain data, sent once)."""
+def worker_job(
+    cfg: JobConfig, reader: CheckpointReader, structure, prefix: str, threads: int, kept: dict | None = None
+) -> WorkerJob:
+    """The job every worker of the run gets (plain data, sent once); ``kept``: the statistics entries
+    per block of the run it solves from (pipeline.kept_statistics)."""
     quant, run = cfg.quant, cfg.run
     return WorkerJob(
         model_config=reader.config,
@@ -814,6 +816,7 @@ def worker_job(cfg: JobConfig, reader: CheckpointReader, structure, prefix: str,
         moe_expert_shapes=structure.expert_shapes,
         ggml_types=structure.ggml_types,
         keep_statistics=run.keep_statistics,
+        kept_statistics=kept,
     )
 
 

@@ -68,12 +68,17 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
-    """One float tensor (under its checkpoint name) as deterministic safetensors bytes."""
+def _tensor_bytes(name: str, tensor: torch.Tensor, tag: str, meta: dict) -> bytes:
+    """One tensor under ``name`` as deterministic safetensors bytes, ``meta`` as sorted JSON under ``tag``."""
     return save_safetensors(
-        {name: tensor.detach().float().cpu().contiguous()},
-        metadata={"strata_float": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
+        {name: tensor.detach().cpu().contiguous()},
+        metadata={tag: json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
     )
+
+
+def float_to_bytes(name: str, tensor: torch.Tensor, meta: dict) -> bytes:
+    """One float tensor (under its checkpoint name) as deterministic safetensors bytes, in float32."""
+    return _tensor_bytes(name, tensor.float(), "strata_float", meta)
 
 
 def float_from_bytes(data: bytes, name: str) -> torch.Tensor:
@@ -81,19 +86,10 @@ def float_from_bytes(data: bytes, name: str) -> torch.Tensor:
     return load_safetensors(data)[name]
 
 
-def statistics_to_bytes(name: str, hessian: torch.Tensor, meta: dict) -> bytes:
-    """A group's Hessian (under its first linear's name + ``.hessian``) as deterministic safetensors
-    bytes, in the dtype the solve used (float64 by default: a solve from it is the solve that was)."""
-    return save_safetensors(
-        {f"{name}.hessian": hessian.detach().cpu().contiguous()},
-        metadata={"strata_statistics": json.dumps({"schema": FLOAT_SCHEMA_VERSION, **meta}, sort_keys=True)},
-    )
-
-
 def read_statistics(store, entry: dict, name: str, device: torch.device) -> torch.Tensor:
     """The Hessian a statistics entry names, checked against its sha256 (``name``: the group's first
     linear, full name)."""
-    return load_safetensors(_checked(store, entry))[f"{name}.hessian"].to(device)
+    return float_from_bytes(_checked(store, entry), f"{name}.hessian").to(device)
 
 
 def result_entry(
@@ -180,7 +176,8 @@ class ResultWriter:
         what a run solving from it (``calibration.statistics``) rebuilds the block's plan from."""
         full_name = f"{self.layers_path}.{b}.{names[0]}"
         meta = {"group": list(names), "stage": stage, "tokens": int(tokens)}
-        data = statistics_to_bytes(full_name, hessian, meta)
+        # in the dtype the solve used (float64 by default): a solve from it is the solve that was
+        data = _tensor_bytes(f"{full_name}.hessian", hessian, "strata_statistics", meta)
         _, key, digest = self._put(b, names[0], ".hessian.safetensors", data)
         return {"key": key, "sha256": digest, "bytes": len(data), **meta}
 
