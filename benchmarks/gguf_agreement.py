@@ -2,6 +2,7 @@
 
     python -m benchmarks.gguf_agreement configs/gemma3-270m-gptq-w4g128.yaml --windows 8
     python -m benchmarks.gguf_agreement configs/qwen2.5-coder-0.5b-gptq-w4g128.yaml --run RUN_ID --store runs
+    python -m benchmarks.gguf_agreement configs/smollm2-135m-gptq-w4g64.yaml --model fixture:smollm2-mixtral
 
 The linears are a strata run's stored results (``--run``/``--store``) or, without ``--run``, RTN with the
 config's grid computed here (the agreement question is about the file and its readers, not the solver). The
@@ -20,6 +21,11 @@ the same dequantized weights, then on the config's eval windows of its eval text
   ``cpp_vs_emulated_<leaf>``, one linear kind rounded at a time;
 * ``ppl`` of each reader, and ``q8_0_input_rel_error``: ‖x − q8(x)‖ / ‖x‖ per linear kind.
 
+A Mixture-of-Experts checkpoint (per-expert tensors on disk) takes the same path: the files hold llama.cpp's expert
+stacks, the dense model carries each expert's weight in its fused expert parameters (the family's own conversion),
+``*_vs_hf`` appear where transformers builds the file's model (Qwen3-MoE with the checkpoint's config; not Mixtral,
+whose experts its GGUF loader leaves out), and there is no emulation (fused experts are no ``nn.Linear`` to hook).
+
 ``--bos`` puts the tokenizer's BOS before each window (the windows keep their length). Positions are also split
 at the sliding window (``before_window`` / ``after_window``) for models that have one. Prints one JSON object.
 """
@@ -35,7 +41,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from strata_quant.pipeline.eval import LlamaCppModel
@@ -84,42 +89,91 @@ def _merge(stats: list[dict]) -> dict:
     }
 
 
-def write_f16_gguf(reader, weights: dict[str, torch.Tensor], path: Path, tokenizer_pre: str) -> Path:
-    """An F16 GGUF of the checkpoint with ``weights`` (linear name → dense weight) in place of its linears;
-    norms F32 with the family's shift, Q/K rows in the family's rotary order, as :func:`assemble_gguf` lays out."""
+def write_f16_gguf(reader, results, path: Path, tokenizer_pre: str) -> Path:
+    """An F16 GGUF of the checkpoint with the results (a :class:`ResultSource`) dequantized in place of its
+    linears: the assembler's own tensor plan and data with every linear (and expert stack) F16, as the file it
+    hands llama.cpp to re-quantize; norms F32 with the family's shift, Q/K rows in the family's rotary order."""
     from strata_quant.pipeline.formats import gguf as gguf_format
 
     layout = gguf_format.check_gguf(reader.config, reader.tensor_names)
-    names = [n for n in reader.tensor_names if not gguf_format.skipped(n)]
-
-    def array(name: str) -> np.ndarray:
-        linear = name.rpartition(".")[0]
-        t = weights[linear] if name.endswith(".weight") and linear in weights else reader.load([name])[name]
-        t = t.float() + layout.norm_shift(name)
-        if (heads := layout.qk_heads(name)) is not None:
-            t = gguf_format.permute_qk_rows(t, heads)
-        return t.numpy().astype(np.float32 if t.dim() == 1 else np.float16)
-
-    extra = layout.extra_tensors()
-    descriptors = [(layout.name(n), "F32" if len(reader.shape(n)) == 1 else "F16", reader.shape(n)) for n in names]
-    descriptors += [(n, "F32", a.shape) for n, a in extra]
-    arrays = (*(array(n) for n in names), *(a for _, a in extra))
-    gguf_format.write_gguf(
-        str(path), reader.config, str(reader.path), descriptors, iter(arrays), tokenizer_pre=tokenizer_pre, file_type=1
+    floats = gguf_format.GGUFTypes(16, True, None, "F16", "requantized", {}, None, "F16")
+    extra = dict(layout.extra_tensors())
+    plan = gguf_format.tensor_plan(reader, results, layout, floats, extra)
+    writer = gguf_format.GGUFStreamWriter(
+        str(path), reader.config, str(reader.path), tokenizer_pre=tokenizer_pre, file_type=1
     )
+    for _, gname, gtype, shape in plan:
+        writer.add_tensor_info(gname, gtype, shape)
+    writer.write_header()
+    for tname, gname, gtype, _ in plan:
+        if not tname:
+            data = extra[gname]
+        elif isinstance(tname, list):
+            data = gguf_format.expert_stack(tname, reader, results, gtype, True)
+        else:
+            data = gguf_format.tensor_data(reader, results, layout, tname, gtype, True)
+        writer.write_data(gname, data)
+    writer.close()
     return path
 
 
 def rtn_results(reader, spec) -> dict:
-    """RTN results of every decoder linear with the run's grid."""
+    """RTN results of every decoder linear (each expert's too) with the run's grid; routers stay float, as the
+    job keeps them."""
+    from strata_quant.pipeline.formats import gguf as gguf_format
+    from strata_quant.pipeline.formats.gguf_moe import is_router
     from strata_quant.workers.rtn import rtn_quantize
 
+    layout = gguf_format.check_gguf(reader.config, reader.tensor_names)
     out = {}
     for name in reader.tensor_names:
         linear, _, leaf = name.rpartition(".")
-        if leaf == "weight" and ".layers." in name and "norm" not in linear and len(reader.shape(name)) == 2:
+        if leaf != "weight" or ".layers." not in name or "norm" in linear or len(reader.shape(name)) != 2:
+            continue
+        if not is_router(layout.name(name)):
             out[linear] = rtn_quantize(reader.load([name])[name].float(), spec)
     return out
+
+
+def dense_model(reader, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The checkpoint's model (float32) carrying ``weights`` (linear name → dense weight); a MoE's per-expert
+    weights go into its fused expert parameters by the family's own conversion (:func:`pipeline.moe.block_state`)."""
+    from strata_quant.pipeline.eval import load_reference, with_weights
+    from strata_quant.pipeline.moe import block_state
+
+    model = load_reference(reader.path)
+    if not is_moe(reader):
+        return with_weights(model, weights)
+    state = block_state(model, {f"{name}.weight": w for name, w in weights.items()})
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def is_moe(reader) -> bool:
+    """Whether the checkpoint stores per-expert tensors (``…experts.3.w1.weight``)."""
+    from strata_quant.pipeline.formats.gguf_moe import expert_index
+
+    return any(expert_index(name) is not None for name in reader.tensor_names)
+
+
+def load_transformers(path: Path, reader):
+    """transformers' reading of the GGUF; for a MoE with the checkpoint's own config (its GGUF loader maps no
+    expert width), or None where transformers cannot build the file's model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from strata_quant.pipeline.eval import load_gguf_transformers
+
+    if not is_moe(reader):
+        return load_gguf_transformers(path)
+    try:
+        config = AutoConfig.from_pretrained(reader.path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+        )
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as err:
+        print(f"transformers does not read {path.name}: {err}")
+        return None
+    return model.eval()
 
 
 def store_results(results: dict, root: Path, spec):
@@ -198,11 +252,10 @@ def measure(args: argparse.Namespace) -> dict:
     from strata_quant.pipeline.calibration import eval_windows, load_text, tokenize_stream
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.config import load_config
-    from strata_quant.pipeline.eval import load_gguf_transformers, load_reference, with_weights
     from strata_quant.workers.result import QuantSpec
 
     cfg = load_config(args.config)
-    reader = open_checkpoint(cfg.model)
+    reader = open_checkpoint(args.model or cfg.model)
     spec = QuantSpec(cfg.quant.bits, cfg.quant.group_size, cfg.quant.sym)
     pre = args.tokenizer_pre or cfg.output.gguf_tokenizer_pre
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gguf-agreement-"))
@@ -219,7 +272,8 @@ def measure(args: argparse.Namespace) -> dict:
         method = f"RTN W{spec.bits} g{spec.group_size}"
     dense_weights = {k: r.dequantize() for k, r in results.items()}
     q4 = assemble_gguf(reader, source, work / "model-q4_0.gguf", overwrite=True, tokenizer_pre=pre)
-    f16 = write_f16_gguf(reader, dense_weights, work / "model-f16.gguf", pre)
+    f16 = write_f16_gguf(reader, source, work / "model-f16.gguf", pre)
+    moe = is_moe(reader)
 
     tokenizer = AutoTokenizer.from_pretrained(reader.path)
     seq_len = args.seq_len or cfg.eval.seq_len
@@ -231,21 +285,26 @@ def measure(args: argparse.Namespace) -> dict:
 
     # the vocabulary is wide (Gemma: 262,144): keep each window's final hidden states per transformers model
     # (one model body loaded at a time), and make logits from them a chunk of positions at a time
-    hf_head = _Head(load_gguf_transformers(q4))
-    hidden = {"hf": [hf_head.hidden(torch.tensor([r])) for r in rows]}
-    hf_head.drop_body()
-    dense = _Head(with_weights(load_reference(reader.path), dense_weights))
+    hf_model = load_transformers(q4, reader)
+    hidden = {}
+    if hf_model is not None:
+        hf_head = _Head(hf_model)
+        hidden["hf"] = [hf_head.hidden(torch.tensor([r])) for r in rows]
+        hf_head.drop_body()
+    dense = _Head(dense_model(reader, dense_weights))
     del dense_weights, results
     hidden["dense"] = [dense.hidden(torch.tensor([r])) for r in rows]
     # transformers' reading of the file computes the dense model bit for bit: its logits are the dense ones
-    hf_is_dense = torch.equal(hf_head.lm_head.weight, dense.lm_head.weight) and all(
-        torch.equal(a, b) for a, b in zip(hidden["hf"], hidden["dense"], strict=True)
+    hf_is_dense = hf_model is not None and (
+        torch.equal(hf_head.lm_head.weight, dense.lm_head.weight)
+        and all(torch.equal(a, b) for a, b in zip(hidden["hf"], hidden["dense"], strict=True))
     )
     # llama.cpp's activation rounding emulated in transformers: every decoder linear's input as Q8_0, the
-    # output head's input as fp16 (an F16 weight's vec_dot_type); with --ablate, one linear kind at a time
+    # output head's input as fp16 (an F16 weight's vec_dot_type); with --ablate, one linear kind at a time.
+    # A MoE's fused experts are no nn.Linear the hooks can round: no emulation there.
     rounding = ActivationRounding(dense.model)
-    variants = {"emulated": {"*"}}
-    if args.ablate:
+    variants = {} if moe else {"emulated": {"*"}}
+    if args.ablate and not moe:
         variants |= {f"emulated_{leaf}": {leaf} for leaf in dict.fromkeys(rounding.names)}
     for key, leaves in variants.items():
         rounding.leaves = leaves
@@ -258,10 +317,11 @@ def measure(args: argparse.Namespace) -> dict:
         return dense.logits(h.half().float() if key.startswith("emulated") else h)
 
     files = {"q4_0": q4, "f16": f16}
-    pairs = {"cpp_vs_hf": ("q4_0", "hf"), "cpp_vs_dense": ("q4_0", "dense"), "cpp_vs_emulated": ("q4_0", "emulated")}
-    pairs |= {f"cpp_vs_{k}": ("q4_0", k) for k in variants if k != "emulated"}
-    pairs |= {"f16_cpp_vs_dense": ("f16", "dense"), "f16_cpp_vs_hf": ("f16", "hf")}
-    per: dict[str, list[dict]] = {p: [] for p in (*pairs, "hf_vs_dense")}
+    pairs = {"cpp_vs_dense": ("q4_0", "dense"), "f16_cpp_vs_dense": ("f16", "dense")}
+    pairs |= {f"cpp_vs_{k}": ("q4_0", k) for k in variants}
+    if hf_model is not None:
+        pairs |= {"cpp_vs_hf": ("q4_0", "hf"), "f16_cpp_vs_hf": ("f16", "hf")}
+    per: dict[str, list[dict]] = {p: [] for p in (*pairs, *(("hf_vs_dense",) if hf_model is not None else ()))}
     split: dict[str, list[dict]] = {f"cpp_vs_hf_{s}": [] for s in ("before_window", "after_window")}
     nll: dict[str, float] = {k: 0.0 for k in ("dense", "hf", "cpp_q4_0", "cpp_f16")}
     llms = {tag: LlamaCppModel(path, seq_len, args.threads).llm for tag, path in files.items()}
@@ -276,24 +336,28 @@ def measure(args: argparse.Namespace) -> dict:
             scored = slice(0, b - a - (b == seq_len))
             cpp = {tag: torch.from_numpy(llm.scores[a:b]) for tag, llm in llms.items()}  # views of llama.cpp's
             ref = {k: logits(k, i, a, b) for k in {*variants, "dense"}}
-            ref["hf"] = ref["dense"] if hf_is_dense else hf_head.logits(hidden["hf"][i][a:b])
+            if hf_model is not None:
+                ref["hf"] = ref["dense"] if hf_is_dense else hf_head.logits(hidden["hf"][i][a:b])
+                per["hf_vs_dense"].append(compare_logits(ref["hf"], ref["dense"]))
             for name, (tag, key) in pairs.items():
                 per[name].append(compare_logits(cpp[tag], ref[key]))
-            per["hf_vs_dense"].append(compare_logits(ref["hf"], ref["dense"]))
-            if swa and seq_len > swa:
+            if swa and seq_len > swa and hf_model is not None:
                 split[f"cpp_vs_hf_{'before_window' if b <= swa else 'after_window'}"].append(per["cpp_vs_hf"][-1])
             t = targets[a:b][scored]
             nll["dense"] += _nll(ref["dense"][scored], t)
-            nll["hf"] += _nll(ref["hf"][scored], t)
+            if hf_model is not None:
+                nll["hf"] += _nll(ref["hf"][scored], t)
             for tag in llms:
                 nll[f"cpp_{tag}"] += _nll(cpp[tag][scored], t)
             del cpp, ref
     del llms
     per_window = len(range(0, seq_len, CHUNK))
-    top1 = [_merge(per["cpp_vs_hf"][i : i + per_window]) for i in range(0, len(per["cpp_vs_hf"]), per_window)]
+    against = per.get("cpp_vs_hf", per["cpp_vs_dense"])  # per window: against transformers where it reads the file
+    top1 = [_merge(against[i : i + per_window]) for i in range(0, len(against), per_window)]
     scored_tokens = len(rows) * (seq_len - 1)
     return {
         "config": args.config,
+        "model": args.model or cfg.model,
         "results": method,
         "windows": len(rows),
         "seq_len": seq_len,
@@ -302,8 +366,11 @@ def measure(args: argparse.Namespace) -> dict:
         "hf_gguf_equals_dense": hf_is_dense,
         **{p: _merge(v) for p, v in per.items()},
         **{p: _merge(v) for p, v in split.items() if v},
-        "per_window_cpp_vs_hf_top1": [round(s["top1_agreement"], 4) for s in top1],
-        "ppl": {k: round(math.exp(v / scored_tokens), 4) for k, v in nll.items()},
+        "transformers_reads_gguf": hf_model is not None,
+        f"per_window_cpp_vs_{'hf' if hf_model is not None else 'dense'}_top1": [
+            round(s["top1_agreement"], 4) for s in top1
+        ],
+        "ppl": {k: round(math.exp(v / scored_tokens), 4) for k, v in nll.items() if k != "hf" or hf_model is not None},
         "q8_0_input_rel_error": act_error,
         "seconds": round(time.perf_counter() - t0, 1),
         "commit": _commit(),
@@ -322,6 +389,7 @@ def _commit() -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="the job config (model, quant grid, eval text)")
+    p.add_argument("--model", help="another checkpoint than the config's (a path or fixture:NAME)")
     p.add_argument("--run", help="a stored strata run's id (default: RTN results computed here)")
     p.add_argument("--store", default="runs", help="the store holding --run")
     p.add_argument("--windows", type=int, default=8)

@@ -372,12 +372,18 @@ def cached(name: str) -> Path | None:
     if name in TEXTS:
         target = text_path(name)
         return target if target.is_file() and target.stat().st_size > 0 else None
-    if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
+    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES  # here: that module builds on this one
+
+    if (
+        name in SPLIT_GGUFS
+        or name in MOE_FIXTURES
+        or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES)
+    ):
         folder = cache_dir() / "models" / name
         return folder if _manifest_ok(folder) else None
     known = ", ".join(
-        ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
-        + list(TEXTS)
+        ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, *MOE_FIXTURES]
+        + ["austen/<novel>", *TEXTS]
     )
     raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from strata_quant.pipeline.fixtures import austen, file_sha256, smollm2
+from strata_quant.pipeline.fixtures import austen, file_sha256, resolve, smollm2
 from strata_quant.pipeline.moe import build_moe_block
 from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES, N_EXPERTS, dense_twin, moe_config, smollm2_moe
 from strata_quant.workers.moe import DOWN, GATE_UP, ROUTED, ExpertStatistics, add_expert_statistics, token_counts
@@ -44,6 +44,7 @@ def _tensors(folder, prefix: str = "") -> dict[str, torch.Tensor]:
 def test_fixture_is_pinned_and_named_per_expert(name):
     folder = smollm2_moe(name)
     assert {p.name: file_sha256(p) for p in folder.glob("*.safetensors")} == MOE_FIXTURES[name].sha256
+    assert resolve(f"fixture:{name}") == folder  # a job names it as any other fixture
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     gate, up, down = EXPERT_NAMES[name]

@@ -170,6 +170,33 @@ def test_moe_gguf_asymmetric_experts_carry_exactly_as_q5_0(built, tmp_path: Path
             assert torch.equal(got, results[linear].dequantize()), (gguf_type, linear)
 
 
+def test_moe_f16_gguf_of_the_results_is_the_dense_model_in_llamacpp(built, ids, tmp_path: Path) -> None:
+    """benchmarks.gguf_agreement's F16 file of a MoE (the assembler's plan, every stack F16): each expert's rows
+    are its result, and llama.cpp on it computes the dense model up to fp16 activations, where the Q4_0 file of
+    the same results differs by its 8-bit activations (the reason the agreement figures give)."""
+    from gguf import GGMLQuantizationType
+
+    from benchmarks.gguf_agreement import write_f16_gguf
+
+    family, reader, source, results, want, root = built
+    path = write_f16_gguf(reader, source, tmp_path / "f16.gguf", "smollm")
+    tensors = _gguf_tensors(path)
+    parts = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    for linear in _experts(results):
+        b, e, leaf = int(linear.split(".")[2]), int(linear.split(".")[-2]), linear.split(".")[-1]
+        t = tensors[f"blk.{b}.ffn_{parts[leaf]}_exps.weight"]
+        assert t.tensor_type == GGMLQuantizationType.F16
+        got = torch.from_numpy(np.array(t.data[e])).float()
+        assert torch.equal(got, results[linear].dequantize().half().float()), linear
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == GGMLQuantizationType.F32
+    llm = load_llamacpp(path, n_ctx=len(ids))
+    f16 = compare_logits(llamacpp_logits(llm, ids), want)
+    del llm
+    print(f"\n{family} F16 GGUF of the results: llama.cpp vs dense {f16}")
+    assert f16["mean_abs_diff"] <= 0.005 * f16["logit_std"], f16
+    assert f16["top1_flip_margin"] <= 0.01 * f16["logit_std"], f16
+
+
 # ------------------------------------------------------------------------------------------------ compressed-tensors
 
 
