@@ -79,13 +79,21 @@ def mix_config(out: Path, mix: str, args):
     refused here); ``args.quant_overrides``: the config's ``quant:`` keys, e.g. ``diag_shrink``."""
     from strata_quant.pipeline.config import parse_config
 
+    calibration = {"source": args.calibration, "num_samples": args.cal_windows, "seq_len": args.seq_len}
+    run = {"workers": args.workers, "store": str(out / "store")}
+    if getattr(args, "kept_statistics", False):  # one store; the first mix keeps, the others solve from it
+        run["store"] = str(Path(args.out) / "store")
+        if mix == args.mixes.split(",")[0]:
+            run["keep_statistics"] = True
+        else:
+            calibration["statistics"] = getattr(args, "kept_run", None) or "the first mix's run"
     return parse_config(
         {
             "name": f"{args.model.replace('.', '')}-{mix}",
             "model": f"fixture:{args.model}",
-            "calibration": {"source": args.calibration, "num_samples": args.cal_windows, "seq_len": args.seq_len},
+            "calibration": calibration,
             "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(args.quant_overrides or {})},
-            "run": {"workers": args.workers, "store": str(out / "store")},
+            "run": run,
             "output": {"dir": str(out / "out"), "formats": ["gguf"], "gguf_type": mix, "overwrite": True},
             "eval": None,
         }
@@ -107,6 +115,7 @@ def strata_run(out: Path, mix: str, args) -> tuple[Path, Path, float]:
     print(f"strata run {mix}: {took:.0f} s; {check['bit_exact_linears']}/{check['quantized_linears']} linears "
           f"bit-exact, types {check['linear_types']}", flush=True)  # fmt: skip
     imatrix = write_imatrix(open_store(cfg.run.store), report["run_id"], out / "strata.imatrix.gguf")
+    (out / "run-id").write_text(report["run_id"])
     return next((out / "out").glob("*.gguf")), imatrix, took
 
 
@@ -232,6 +241,9 @@ def record(args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: i
             "llama_imatrix_chunks": chunks,
         },  # fmt: skip
         "eval_windows": args.eval_windows,
+        "statistics_kept_by": mixes[0]
+        if getattr(args, "kept_statistics", False)
+        else None,  # the others solved from its statistics
         "strata_runs": runs,
         "scores": {k: v for k, v in scores.items() if k.split("/")[0] in mixes and k.endswith(f"/{args.eval_windows}")},
     }
@@ -343,6 +355,12 @@ def main() -> None:
         "3 + llama-imatrix) or all; every file is still made and its size listed",
     )
     ap.add_argument(
+        "--kept-statistics",
+        action="store_true",
+        help="the first of --mixes keeps its statistics (run.keep_statistics) and every other mix is solved from "
+        "them (calibration.statistics: no calibration forward of its own); needs an --out of its own",
+    )
+    ap.add_argument(
         "--quant",
         action="append",
         help="strata's solver: KEY=VALUE of the config's quant: section (repeatable; needs an --out of its own, "
@@ -363,6 +381,7 @@ def main() -> None:
     stamps = {
         "quant.json": ("quant", "of the solver", args.quant_overrides or {}),
         "calibration.json": ("calibration", "calibrated on", {"source": args.calibration}),
+        "kept.json": ("kept-statistics", "made with kept statistics", {"kept": args.kept_statistics}),
     }
     for name, (flag, what, value) in stamps.items():
         stamp = Path(args.out) / name
@@ -402,6 +421,8 @@ def main() -> None:
     scores = json.loads(saved.read_text()) if saved.exists() else {}
     chosen = KINDS if args.score == "all" else tuple(KINDS[int(i)] for i in args.score.split(","))
     for mix in mixes:
+        if args.kept_statistics and mix != mixes[0]:
+            args.kept_run = (out / mixes[0] / "run-id").read_text()
         files = {k: f for k, f in mix_files(out, src, mix, args, imatrix_llama).items() if k in chosen}
         for t, windows in held.items():
             key = f"{mix}/{t}/{w}"

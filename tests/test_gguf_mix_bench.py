@@ -175,3 +175,22 @@ def test_records_of_one_experiment_plot_together_and_others_are_refused(tmp_path
         with pytest.raises(SystemExit):
             gguf_mix_plot.main([str(paths[0]), str(bad), "--plot", str(png)])
         assert field in capsys.readouterr().err and not png.exists()
+
+
+def test_kept_statistics_the_first_mix_keeps_and_the_others_solve_from_it(tmp_path):
+    """--kept-statistics: every mix's job in one store; the first keeps its statistics, each other names the first
+    run (calibration.statistics) and so runs no calibration forward; without the flag each mix has its own store."""
+    import argparse
+
+    from benchmarks.gguf_mix_run import mix_config
+
+    args = argparse.Namespace(model="smollm2-135m", mixes="Q4_K_M,Q6_K", calibration="fixture:austen/emma",
+                              cal_windows=8, seq_len=512, workers=2, quant_overrides={}, out=str(tmp_path),
+                              kept_statistics=True, kept_run="smollm2-135m-Q4_K_M-abc")  # fmt: skip
+    first, other = mix_config(tmp_path / "Q4_K_M", "Q4_K_M", args), mix_config(tmp_path / "Q6_K", "Q6_K", args)
+    assert first.run.keep_statistics and first.calibration.statistics is None
+    assert not other.run.keep_statistics and other.calibration.statistics == "smollm2-135m-Q4_K_M-abc"
+    assert first.run.store == other.run.store == str(tmp_path / "store")
+    args.kept_statistics = False
+    alone = mix_config(tmp_path / "Q6_K", "Q6_K", args)
+    assert alone.run.store == str(tmp_path / "Q6_K" / "store") and alone.calibration.statistics is None
