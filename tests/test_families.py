@@ -210,6 +210,37 @@ def test_awq_folds_into_fused_rows_and_offset_norms_on_two_workers(family, tmp_p
     assert all(e["output_rel_error"] < 0.2 for e in entries.values())
 
 
+@pytest.mark.parametrize(
+    "family, formats",
+    [
+        # tiny Mistral has sliding-window layers, which llama.cpp's llama architecture lacks: its GGUF is refused
+        ("mistral", ["awq", "compressed-tensors"]),
+        ("qwen3", ["awq", "compressed-tensors", "gguf"]),
+        ("phi3", ["awq", "compressed-tensors", "gguf"]),
+    ],
+)
+def test_awq_run_on_two_workers_into_every_format_it_has(family, formats, tmp_path, emma_path, ray_session):
+    """AWQ through W=2 into the AWQ folder, compressed-tensors and the Q4_0 GGUF where the family has one: every
+    linear of each bit-exact against the run's results (the GGUF also read by llama.cpp in the job's verify)."""
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+
+    cfg = _family_config(tmp_path, family, "awq")
+    # llama.cpp gives a model named like Phi-3 (general.name) Phi-3's special tokens, which SmolLM2's vocabulary
+    # (the tiny models') lacks: a name without the family's keeps the file loadable
+    cfg["name"] = "tiny-awq"
+    cfg["output"]["formats"] = formats
+    report = run_full_job(parse_config(cfg), progress=False)
+    per_block = 4 if family == "phi3" else 7
+    assert report["solved_blocks"] == 3
+    assert len(report["checks"]) == len(formats)
+    for check in report["checks"]:
+        assert check["quantized_linears"] == check["bit_exact_linears"] == 3 * per_block, check
+    made = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "tiny-awq-awq" in made and "tiny-awq-compressed-tensors" in made
+    assert ("tiny-awq-Q4_0.gguf" in made) is ("gguf" in formats)
+
+
 def _refused(tmp_path, capsys, model_dir: Path, **quant) -> str:
     """`strata run` on a tiny config for ``model_dir``: exit 2, one error line, nothing complete."""
     from tests.test_bad_input import assert_nothing_complete, run_cli
