@@ -372,18 +372,15 @@ def cached(name: str) -> Path | None:
     if name in TEXTS:
         target = text_path(name)
         return target if target.is_file() and target.stat().st_size > 0 else None
-    from strata_quant.pipeline.moe_fixtures import MOE_FIXTURES  # here: that module builds on this one
-
-    if (
-        name in SPLIT_GGUFS
-        or name in MOE_FIXTURES
-        or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES)
-    ):
-        folder = cache_dir() / "models" / name
+    folder = cache_dir() / "models" / name
+    if name in SPLIT_GGUFS or (name.startswith("tiny-") and name[len("tiny-") :] in TINY_FAMILIES):
         return folder if _manifest_ok(folder) else None
+    if "/" not in name and _manifest_ok(folder):  # a model built on these (the MoE fixtures), by its manifest
+        return folder
     known = ", ".join(
-        ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, *MOE_FIXTURES]
-        + ["austen/<novel>", *TEXTS]
+        ["smollm2-135m", "tiny-llama", *(f"tiny-{f}" for f in TINY_FAMILIES), *SPLIT_GGUFS, "austen/<novel>"]
+        + list(TEXTS)
+        + ["a model `strata fixtures` built (smollm2-mixtral, smollm2-qwen3-moe)"]
     )
     raise FixtureError(f"unknown fixture {'fixture:' + name!r} (known: {known})")
 
