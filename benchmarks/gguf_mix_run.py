@@ -284,7 +284,14 @@ def table(
         for anchor in (KINDS[3], KINDS[2]):
             if all(anchor in per[t] for t in texts):
                 r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in texts}
-                met = all(0 < v <= target(mix) for v in r.values())
+                # a file below the reference (Δppl < 0) beats any anchor above it; against an anchor at or
+                # below the reference, strata's Δppl must be no higher than the anchor's
+                met = all(
+                    s[t]["dppl"] <= target(mix) * per[t][anchor]["dppl"]
+                    if per[t][anchor]["dppl"] > 0
+                    else s[t]["dppl"] <= per[t][anchor]["dppl"]
+                    for t in texts
+                )
                 ratios = " / ".join(f"{v:.2f}×" for v in r.values())
                 parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
         size = size_of[KINDS[0]] - size_of[KINDS[1]]

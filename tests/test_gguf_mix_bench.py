@@ -40,6 +40,17 @@ def test_verdicts_follow_the_ratios_and_sizes():
     assert "0.72× / 0.72× (NOT met, bar 0.7×)" in q3 and q3.endswith("size > llama.cpp's (+1 bytes)")
 
 
+def test_a_file_below_the_reference_meets_the_bar_and_a_worse_one_under_a_negative_anchor_does_not():
+    """Δppl < 0 (a lower perplexity than the source) beats any anchor above the source; against an anchor below
+    it, strata must be no higher: the ratio's sign alone decides nothing."""
+    scores = {**_scores("Q4_K_M", -0.002, 0.005, 100, 100), **_scores("Q6_K", 0.001, -0.002, 100, 100)}
+    lines = table(scores, ["Q4_K_M", "Q6_K"], 16, {})
+    q4 = next(line for line in lines if line.startswith("- Q4_K_M"))
+    q6 = next(line for line in lines if line.startswith("- Q6_K"))
+    assert "-0.40× / -0.40× (met, bar 0.75×)" in q4
+    assert "-0.50× / -0.50× (NOT met, bar 0.75×)" in q6
+
+
 def test_files_not_scored_are_listed_by_size_and_sized_against_llamacpp():
     """Scoring only strata and llama-imatrix's file (--score 0,3): the plain llama.cpp file is still listed and the
     size verdict reads it from the sizes of the files made."""
