@@ -51,6 +51,9 @@ EXCLUDES = [
     "*.tmp",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Ray answers this (HTTP 500) while the head's job agent has not registered yet, e.g. just
+# after `ray start`; the request did nothing and may be sent again
+AGENT_NOT_READY = "No available agent to submit job"
 
 
 class SubmitError(RuntimeError):
@@ -130,6 +133,24 @@ def _client(address: str | None):
     return JobSubmissionClient(address)
 
 
+def retry_until_agent(call, timeout: float = 120.0, sleep=time.sleep, clock=time.monotonic):
+    """``call()``, sent again while the cluster says its job agent is not up yet (at most ``timeout`` s).
+
+    Any other error is raised at once; so is this one once the time is spent.
+    """
+    deadline = clock() + timeout
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except RuntimeError as err:
+            if AGENT_NOT_READY not in str(err) or clock() + delay > deadline:
+                raise
+            print(f"strata: the cluster's job agent is not up yet; trying again in {delay:.0f}s", file=sys.stderr)
+            sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
 def submit(
     config_path: str | Path,
     address: str | None = None,
@@ -141,18 +162,22 @@ def submit(
     pip: list[str] | None = None,
     entrypoint_num_cpus: float | None = None,
     entrypoint_num_gpus: float | None = None,
+    agent_timeout: float = 120.0,
 ) -> str:
     """Submit ``strata run CONFIG`` to the cluster at ``address`` (the dashboard, :8265); returns the job id."""
     sub = build_submission(config_path, working_dir=working_dir, args=args, env_vars=env_vars, pip=pip)
     client = _client(address)
     try:
-        return client.submit_job(
-            entrypoint=sub.entrypoint,
-            runtime_env=sub.runtime_env,
-            submission_id=job_id,
-            metadata={"strata_config": Path(config_path).name},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-            entrypoint_num_gpus=entrypoint_num_gpus,
+        return retry_until_agent(
+            lambda: client.submit_job(
+                entrypoint=sub.entrypoint,
+                runtime_env=sub.runtime_env,
+                submission_id=job_id,
+                metadata={"strata_config": Path(config_path).name},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                entrypoint_num_gpus=entrypoint_num_gpus,
+            ),
+            timeout=agent_timeout,
         )
     finally:
         if sub.staged is not None:  # the working_dir is uploaded by submit_job; the copy can go

@@ -71,6 +71,45 @@ def test_bad_config_fails_before_submitting(tmp_path):
         sub.build_submission(tmp_path / "missing.yaml")
 
 
+def test_submit_waits_for_the_job_agent_and_nothing_else():
+    """Ray refuses a job with HTTP 500 until the head's agent registers; that one error is retried."""
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    calls = iter(
+        [RuntimeError(f"Request failed with status code 500: {sub.AGENT_NOT_READY}, please try again later.")] * 3
+    )
+
+    def call():
+        err = next(calls, None)
+        if err is not None:
+            raise err
+        return "job-1"
+
+    assert sub.retry_until_agent(call, timeout=60, sleep=sleep, clock=lambda: now[0]) == "job-1"
+    assert slept == [1.0, 2.0, 4.0]
+
+    def always_down():
+        raise RuntimeError(sub.AGENT_NOT_READY)
+
+    now[0], slept[:] = 0.0, []
+    with pytest.raises(RuntimeError, match=sub.AGENT_NOT_READY):
+        sub.retry_until_agent(always_down, timeout=20, sleep=sleep, clock=lambda: now[0])
+    assert sum(slept) <= 20 and len(slept) >= 3
+
+    def other():
+        raise RuntimeError("Request failed with status code 400: bad runtime_env")
+
+    slept[:] = []
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        sub.retry_until_agent(other, timeout=60, sleep=sleep, clock=lambda: now[0])
+    assert slept == []
+
+
 # ---------------------------------------------------------------- a real cluster
 
 
