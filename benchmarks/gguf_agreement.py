@@ -106,13 +106,7 @@ def write_f16_gguf(reader, results, path: Path, tokenizer_pre: str) -> Path:
         writer.add_tensor_info(gname, gtype, shape)
     writer.write_header()
     for tname, gname, gtype, _ in plan:
-        if not tname:
-            data = extra[gname]
-        elif isinstance(tname, list):
-            data = gguf_format.expert_stack(tname, reader, results, gtype, True)
-        else:
-            data = gguf_format.tensor_data(reader, results, layout, tname, gtype, True)
-        writer.write_data(gname, data)
+        writer.write_data(gname, gguf_format.planned_data(tname, gname, gtype, reader, results, layout, extra, True))
     writer.close()
     return path
 

@@ -1364,6 +1364,25 @@ def tensor_data(reader, results, layout: GGUFLayout, tname: str, gtype: str, req
     return _float_data(tensor.numpy(), gtype)
 
 
+def planned_data(
+    tname: str | list[str] | None,
+    gname: str,
+    gtype: str,
+    reader,
+    results,
+    layout: GGUFLayout,
+    extra: dict,
+    requant: bool,
+) -> np.ndarray:
+    """The data of one :func:`tensor_plan` entry: a tensor of the layout's own (``extra``, no checkpoint name),
+    a stack of experts (:func:`expert_stack`) or one checkpoint tensor (:func:`tensor_data`)."""
+    if not tname:
+        return extra[gname]
+    if isinstance(tname, list):
+        return expert_stack(tname, reader, results, gtype, requant)
+    return tensor_data(reader, results, layout, tname, gtype, requant)
+
+
 def write_skeleton(reader, path: Path, tokenizer_dir: str | None = None, name: str = "model") -> Path:
     """The checkpoint's GGUF as the converter lays it out (metadata, tensor names, shapes; every weight F16,
     norms F32), with no data written: the data region is a hole of the file's full size (a sparse file, zeros
@@ -1445,12 +1464,7 @@ class GGUFFormat(Format, name="gguf"):
                 writer.add_tensor_info(gname, gtype, shape)
             writer.write_header()
             for tname, gname, gtype, _ in plan:  # one tensor's data alive at a time
-                if not tname:
-                    data = extra[gname]
-                elif isinstance(tname, list):
-                    data = expert_stack(tname, reader, results, gtype, types.requant)
-                else:
-                    data = tensor_data(reader, results, layout, tname, gtype, types.requant)
+                data = planned_data(tname, gname, gtype, reader, results, layout, extra, types.requant)
                 writer.write_data(gname, data)
                 del data
             writer.close()
