@@ -8,6 +8,9 @@ from strata::
         --out /tmp/autoround --format gguf:q4_k_m --threads 1
 
 (the ids from benchmarks/peers_calib_ids.py: strata's own 64 evenly spaced 512-token windows of Emma).
+auto-round 0.16's bundled llama.cpp converter fails to import its Qwen module with gguf 0.19 (it names
+``MODEL_ARCH.DFLASH``); ``--llama-cpp ~/.cache/strata/llama.cpp/llama_cpp_python-0.3.36/vendor/llama.cpp`` has
+the converter and gguf-py of the llama.cpp that reads the files write them instead.
 Each ``--format`` (repeatable, or a comma list: gguf:q4_k_m, gguf:q3_k_m, gguf:q5_k_m, gguf:q6_k,
 gguf:q2_k_s, ...) is its own AutoRound run: ``AutoRound(model, scheme=FORMAT, dataset=ids, iters=...,
 nsamples=N, seqlen=T)`` then ``quantize_and_save(out/FORMAT, format=FORMAT)``; auto-round's own
@@ -70,10 +73,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42, help="auto-round's default")
     parser.add_argument(
+        "--llama-cpp",
+        help="a llama.cpp source tree (the llama-cpp-python sdist's vendor/llama.cpp): its converter and its gguf-py "
+        "write the file, for families auto-round's bundled converter cannot import with gguf 0.19 (qwen2)",
+    )
+    parser.add_argument(
         "--no-amp", action="store_true", help="tune in fp32 (auto-round's CPU default casts the model to bfloat16)"
     )
     args = parser.parse_args()
     formats = [f.strip().lower() for item in args.format for f in item.split(",") if f.strip()]
+    if args.llama_cpp:  # read by auto-round's export (LLAMA_CPP_ROOT), before gguf is first imported
+        import os
+        import sys
+
+        root = Path(args.llama_cpp).expanduser().resolve()
+        os.environ["LLAMA_CPP_ROOT"] = str(root)
+        sys.path.insert(0, str(root / "gguf-py"))
 
     import auto_round
     import gguf
@@ -104,7 +119,8 @@ def main() -> None:
         "auto_round": auto_round.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "gguf": getattr(gguf, "__version__", None),
+        "gguf": getattr(gguf, "__version__", None) or gguf.__file__,
+        "llama_cpp_root": args.llama_cpp,
         "runs": {},
     }
     for fmt in formats:
