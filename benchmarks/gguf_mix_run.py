@@ -74,6 +74,32 @@ def source_gguf(model: str) -> Path:
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
 
 
+def peer_files(specs: list[str], mixes: list[str]) -> dict[str, dict[str, Path]]:
+    """{mix: {label: file}} of ``--peer LABEL=PATTERN`` (a glob; ``{mix}`` is the mix as named, ``{mix_lower}`` in
+    lower case): another tool's file of each mix (auto-round's, made in its own venv), scored beside the others.
+    Every pattern must match exactly one file for every mix; ValueError before any work otherwise."""
+    import glob
+
+    out: dict[str, dict[str, Path]] = {m: {} for m in mixes}
+    for spec in specs:
+        label, sep, pattern = spec.partition("=")
+        if not sep or not label or not pattern:
+            raise ValueError(f"--peer {spec!r}: want LABEL=PATTERN")
+        if label in KINDS or label == "reference":
+            raise ValueError(f"--peer {spec!r}: {label!r} names one of strata's own files")
+        for mix in mixes:
+            found = sorted(glob.glob(pattern.format(mix=mix, mix_lower=mix.lower())))
+            if len(found) != 1:
+                raise ValueError(f"--peer {label}: {len(found)} files match {pattern!r} for {mix} (want one)")
+            out[mix][label] = Path(found[0])
+    return out
+
+
+def kinds_of(row: dict) -> list[str]:
+    """The kinds of a mix's files in table order: strata's and llama.cpp's (KINDS), then the peers' as given."""
+    return [k for k in KINDS if k in row] + [k for k in row if k not in KINDS and k != "reference"]
+
+
 def mix_config(out: Path, mix: str, args):
     """The job of strata's file of ``mix`` of the fixture ``args.model`` (parsed, so a bad ``--quant`` override is
     refused here); ``args.quant_overrides``: the config's ``quant:`` keys, e.g. ``diag_shrink``."""
@@ -272,8 +298,8 @@ def table(
     verdicts = []
     for mix in mixes:
         per = {t: scores[f"{mix}/{t}/{windows}"] for t in texts}
-        size_of = (sizes or {}).get(mix) or {k: v["bytes"] for k, v in per["Persuasion"].items() if k in KINDS}
-        for kind in [k for k in KINDS if k in size_of]:
+        size_of = (sizes or {}).get(mix) or {k: v["bytes"] for k, v in per["Persuasion"].items() if k != "reference"}
+        for kind in kinds_of(size_of):
             if all(kind in per[t] for t in texts):
                 cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in texts)
             else:
@@ -312,8 +338,9 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path, model: str = 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(MODELS[model].texts), figsize=(11, 4.2))
+    kinds = kinds_of({k: 1 for m in mixes for t in MODELS[model].texts for k in scores[f"{m}/{t}/{windows}"]})
     for ax, t in zip(axes, MODELS[model].texts, strict=True):
-        for kind, marker in zip(KINDS, "o^sD", strict=True):
+        for kind, marker in zip(kinds, "o^sDvP*X", strict=False):
             pts = [scores[f"{m}/{t}/{windows}"].get(kind) for m in mixes]
             pts = sorted((p["bytes"] / 1e6, 100 * p["dppl"], m) for p, m in zip(pts, mixes, strict=True) if p)
             if pts:
@@ -368,6 +395,14 @@ def main() -> None:
         "them (calibration.statistics: no calibration forward of its own); needs an --out of its own",
     )
     ap.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="LABEL=PATTERN",
+        help="another tool's file of each mix, scored beside (repeatable): a glob with {mix} or {mix_lower}, e.g. "
+        "'auto-round (iters 0)=/tmp/ar/gguf:{mix_lower}/*.gguf' (benchmarks/peers_autoround.py's --out)",
+    )
+    ap.add_argument(
         "--quant",
         action="append",
         help="strata's solver: KEY=VALUE of the config's quant: section (repeatable; needs an --out of its own, "
@@ -384,6 +419,10 @@ def main() -> None:
             mix_config(Path(args.out), mix, args)
     except ConfigError as err:
         ap.error(f"--quant/--calibration: {err}")
+    try:
+        peers = peer_files(args.peer, args.mixes.split(","))
+    except ValueError as err:
+        ap.error(str(err))
     # what the files kept in --out were made with (written there below): a folder of another recipe is refused
     stamps = {
         "quant.json": ("quant", "of the solver", args.quant_overrides or {}),
@@ -430,7 +469,7 @@ def main() -> None:
     for mix in mixes:
         if args.kept_statistics and mix != mixes[0]:
             args.kept_run = (out / mixes[0] / "run-id").read_text()
-        files = {k: f for k, f in mix_files(out, src, mix, args, imatrix_llama).items() if k in chosen}
+        files = {k: f for k, f in mix_files(out, src, mix, args, imatrix_llama).items() if k in chosen} | peers[mix]
         for t, windows in held.items():
             key = f"{mix}/{t}/{w}"
             # only the kinds not yet scored: a pass cut off, or a kind added later, keeps the scores saved before
@@ -444,7 +483,7 @@ def main() -> None:
     print(
         f"source GGUF {src.stat().st_size:,} bytes; reference ppl " + ", ".join(f"{t} {v:.3f}" for t, v in ref.items())
     )
-    made = {m: mix_files(out, src, m, args, imatrix_llama) for m in mixes}
+    made = {m: mix_files(out, src, m, args, imatrix_llama) | peers[m] for m in mixes}
     tensors = {m: {k: tensor_bytes(f) for k, f in made[m].items()} for m in mixes}
     sizes = {m: {k: f.stat().st_size for k, f in made[m].items()} for m in mixes}
     print("\n".join(table(scores, mixes, w, tensors, sizes, texts)))
@@ -453,7 +492,13 @@ def main() -> None:
     if args.json:
         counted = out / "llama-imatrix.json"
         chunks = json.loads(counted.read_text())["chunks"] if counted.exists() else None
-        Path(args.json).write_text(json.dumps(record(args, out, src, mixes, scores, chunks), indent=1) + "\n")
+        result = record(args, out, src, mixes, scores, chunks)
+        if args.peer:
+            from strata_quant.pipeline.fixtures import file_sha256
+
+            result["peer_files"] = {m: {k: {"path": str(f), "sha256": file_sha256(f)} for k, f in peers[m].items()}
+                                    for m in mixes}  # fmt: skip
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"result: {args.json}")
 
 

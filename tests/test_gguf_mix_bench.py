@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gguf_mix_run import KINDS, TEXTS, merge_scores, table, target
+from benchmarks.gguf_mix_run import KINDS, TEXTS, merge_scores, peer_files, table, target
 
 
 def _scores(mix: str, strata: float, anchor: float, strata_bytes: int, llama_bytes: int) -> dict:
@@ -205,3 +205,27 @@ def test_kept_statistics_the_first_mix_keeps_and_the_others_solve_from_it(tmp_pa
     args.kept_statistics = False
     alone = mix_config(tmp_path / "Q6_K", "Q6_K", args)
     assert alone.run.store == str(tmp_path / "Q6_K" / "store") and alone.calibration.statistics is None
+
+
+def test_a_peers_file_of_each_mix_is_found_before_any_work_and_listed_after_strata_and_llamacpp(tmp_path):
+    """--peer LABEL=PATTERN: one file per mix or a refusal that names the pattern; its rows follow KINDS' rows and
+    leave the verdict (strata against llama.cpp) as it was."""
+    for mix in ("q4_k_m", "q2_k"):
+        (tmp_path / f"gguf:{mix}").mkdir()
+        (tmp_path / f"gguf:{mix}" / "model.gguf").write_bytes(b"x")
+    peers = peer_files([f"auto-round (iters 0)={tmp_path}/gguf:{{mix_lower}}/*.gguf"], ["Q4_K_M", "Q2_K"])
+    assert peers["Q2_K"]["auto-round (iters 0)"] == tmp_path / "gguf:q2_k" / "model.gguf"
+    for bad, why in (
+        ([f"ar={tmp_path}/gguf:{{mix_lower}}/*.gguf"], "0 files match"),  # no Q3_K_M file
+        (["ar"], "LABEL=PATTERN"),
+        ([f"{KINDS[1]}={tmp_path}/*"], "strata's own"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            peer_files(bad, ["Q4_K_M", "Q3_K_M"])
+    scores = _scores("Q4_K_M", 0.02, 0.03, 100, 100)
+    for row in scores.values():
+        row["auto-round (iters 0)"] = {"dppl": 0.025, "kld": 0.015, "bytes": 100}
+    lines = table(scores, ["Q4_K_M"], 16)
+    rows = [line for line in lines if line.startswith("| Q4_K_M |")]
+    assert len(rows) == len(KINDS) + 1 and rows[-1].startswith("| Q4_K_M | auto-round (iters 0) | 100 | +2.50 % |")
+    assert "0.67× / 0.67× (met, bar 0.75×)" in next(line for line in lines if line.startswith("- Q4_K_M"))
