@@ -348,9 +348,10 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path, model: str = 
         for m in mixes:
             p = scores[f"{m}/{t}/{windows}"][KINDS[0]]
             ax.annotate(m, (p["bytes"] / 1e6, 100 * p["dppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_yscale("log")
+        ax.set_yscale("symlog", linthresh=1.0)  # a file can score below the source (Δppl < 0)
+        ax.axhline(0.0, color="0.5", lw=0.8)
         ax.set_xlabel("file size (MB)")
-        ax.set_ylabel("Δppl vs the source GGUF (%)")
+        ax.set_ylabel("Δppl vs the source GGUF (%; linear within ±1 %)")
         ax.set_title(f"{MODELS[model].title}, {t}, {windows} × 512 tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
