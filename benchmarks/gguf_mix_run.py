@@ -238,9 +238,12 @@ def target(mix: str) -> float:
     return 0.7 if mix in ("Q3_K_M", "Q2_K") else 0.75
 
 
-def record(args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: int | None) -> dict:
+def record(
+    args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: int | None, peers: dict | None = None
+) -> dict:
     """The published result of an invocation: its command, commit and machine, what the files were made with (the
-    folder's stamps), each strata run's timings and checks (from its job report in ``out``) and the mixes' scores."""
+    folder's stamps), each strata run's timings and checks (from its job report in ``out``), the mixes' scores and
+    the peers' files scored beside (``peers``: :func:`peer_files`), each with its sha256."""
     import sys
 
     from strata_quant.pipeline.fixtures import file_sha256
@@ -272,6 +275,15 @@ def record(args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: i
         else None,  # the others solved from its statistics
         "strata_runs": runs,
         "scores": {k: v for k, v in scores.items() if k.split("/")[0] in mixes and k.endswith(f"/{args.eval_windows}")},
+        **(
+            {
+                "peer_files": {
+                    m: {k: {"path": str(f), "sha256": file_sha256(f)} for k, f in peers[m].items()} for m in mixes
+                }
+            }
+            if any((peers or {}).values())
+            else {}
+        ),  # fmt: skip
     }
 
 
@@ -338,7 +350,7 @@ def plot(scores: dict, mixes: list[str], windows: int, path: Path, model: str = 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(MODELS[model].texts), figsize=(11, 4.2))
-    kinds = kinds_of({k: 1 for m in mixes for t in MODELS[model].texts for k in scores[f"{m}/{t}/{windows}"]})
+    kinds = kinds_of(dict.fromkeys(k for m in mixes for t in MODELS[model].texts for k in scores[f"{m}/{t}/{windows}"]))
     for ax, t in zip(axes, MODELS[model].texts, strict=True):
         for kind, marker in zip(kinds, "o^sDvP*X", strict=False):
             pts = [scores[f"{m}/{t}/{windows}"].get(kind) for m in mixes]
@@ -493,12 +505,7 @@ def main() -> None:
     if args.json:
         counted = out / "llama-imatrix.json"
         chunks = json.loads(counted.read_text())["chunks"] if counted.exists() else None
-        result = record(args, out, src, mixes, scores, chunks)
-        if args.peer:
-            from strata_quant.pipeline.fixtures import file_sha256
-
-            result["peer_files"] = {m: {k: {"path": str(f), "sha256": file_sha256(f)} for k, f in peers[m].items()}
-                                    for m in mixes}  # fmt: skip
+        result = record(args, out, src, mixes, scores, chunks, peers)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"result: {args.json}")
 

@@ -129,6 +129,7 @@ def test_the_record_holds_each_runs_report_and_only_the_mixes_scores(tmp_path, m
     """--json: each mix's timings and checks come from its job report in --out, the scores are those of the mixes
     and windows asked for (a folder keeps others), and the calibration says llama-imatrix's own chunk count."""
     import argparse
+    import hashlib
     import json
     import sys
 
@@ -153,6 +154,12 @@ def test_the_record_holds_each_runs_report_and_only_the_mixes_scores(tmp_path, m
     assert len(run["file_sha256"]) == 64 and r["source_gguf_sha256"] != run["file_sha256"]
     assert r["calibration"] == {"text": "fixture:calib-mix", "windows": 64, "seq_len": 512, "llama_imatrix_chunks": 63}
     assert r["command"].endswith("--mixes Q2_K") and r["quant"] == {"diag_shrink": 0.3}
+    assert "peer_files" not in r
+    peer = tmp_path / "peer.gguf"
+    peer.write_bytes(b"peer")
+    with_peer = record(args, out, src, ["Q2_K"], scores, 63, {"Q2_K": {"auto-round": peer}})
+    assert with_peer["peer_files"]["Q2_K"]["auto-round"]["path"] == str(peer)
+    assert with_peer["peer_files"]["Q2_K"]["auto-round"]["sha256"] == hashlib.sha256(b"peer").hexdigest()
 
 
 def test_records_of_one_experiment_plot_together_and_others_are_refused(tmp_path, capsys):
