@@ -59,6 +59,7 @@ def options_of(cfg, tool_version: str = AssembleOptions.tool_version) -> Assembl
         tokenizer_pre=cfg.output.gguf_tokenizer_pre,
         gguf_type=cfg.output.gguf_type,
         embedding_type=cfg.output.gguf_embedding_type,
+        gguf_types=dict(cfg.output.gguf_types),
     )
 
 

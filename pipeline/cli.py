@@ -270,6 +270,8 @@ def cmd_plan(args) -> int:
     from strata_quant.pipeline.store import open_store
 
     config, entries = probe_entries(open_store(args.store), args.run_id)
+    if args.gguf_mix:
+        return _plan_gguf_mix(args, config, entries)
     candidates = [int(b) for b in args.candidates.split(",")] if args.candidates else None
     plan = plan_bits(
         entries,
@@ -281,6 +283,24 @@ def cmd_plan(args) -> int:
     )  # a ValueError (no plan meets the budget) reaches main as one line
     print(plan.summary())
     print(write_planned_config(config, plan, Path(args.out), name=args.name))
+    return 0
+
+
+def _plan_gguf_mix(args, config: dict, entries: dict) -> int:
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf_mix import linear_types
+    from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
+    from strata_quant.pipeline.plan import plan_gguf_types, write_gguf_mix_config
+
+    mix = args.gguf_mix.upper()
+    if mix not in SOLVED_MIXES:
+        raise ValueError(f"--gguf-mix {args.gguf_mix}: one of {', '.join(SOLVED_MIXES)}")
+    reader = open_checkpoint(config["model"])
+    mix_types = linear_types(reader, mix, sorted(entries))  # llama.cpp's own choice: the budget
+    candidates = args.candidates.split(",") if args.candidates else None
+    plan = plan_gguf_types(entries, mix, mix_types, candidates)
+    print(plan.summary())
+    print(write_gguf_mix_config(config, plan, Path(args.out), run_id=args.run_id, name=args.name))
     return 0
 
 
@@ -432,8 +452,15 @@ def _add_record_commands(sub) -> None:
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--target-bpw", type=float, help="stored bits per weight of the quantized linears (GPTQ)")
     budget.add_argument("--match-bits", type=int, help="exactly the size of every linear at this width (uniform)")
+    budget.add_argument(
+        "--gguf-mix",
+        help="a GGUF mix of strata's own: llama.cpp types per linear at the byte size of this llama.cpp mix "
+        "(Q4_K_M …; the probe recorded quant.sensitivity_types)",
+    )
     p.add_argument("--match-group", type=int, help="with --match-bits: at this group size (default: the run's)")
-    p.add_argument("--candidates", help="widths to choose from, e.g. 3,4,8 (default: those the probe recorded)")
+    p.add_argument(
+        "--candidates", help="widths (3,4,8) or llama.cpp types (Q4_K,Q6_K) to choose from (default: all recorded)"
+    )
     p.add_argument("--out", required=True, help="the planned job config (YAML) to write")
     p.add_argument("--name", help="job name in the planned config (default: the probe's, with -mixedX)")
     p.set_defaults(func=cmd_plan)

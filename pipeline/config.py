@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from strata_quant.pipeline.errors import ConfigError
 
+#: llama.cpp's types strata solves on (workers.ggml.GRIDS), as a mix of strata's own names them
+GGMLType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -132,6 +135,11 @@ class QuantConfig(_Strict):
     outlier_sigma: float = Field(6.0, gt=0, description="skip_outliers: robust z-score threshold of a channel's rms")
     sensitivity_bits: list[Literal[2, 3, 4, 8]] = Field(
         [], description="mixed precision: record each linear's error at these bit widths (read by strata plan)"
+    )
+    sensitivity_types: list[GGMLType] = Field(
+        [],
+        description="mixed precision: record each linear's error on these llama.cpp types (read by strata plan "
+        "--gguf-mix); a type that cannot hold a linear's rows is left out for it",
     )
     bits_overrides: dict[str, Literal[2, 3, 4, 8]] = Field(
         {}, description="mixed precision: per-linear bits, {exact linear name or regex (re.search): bits}"
@@ -261,6 +269,11 @@ class OutputConfig(_Strict):
         description="auto = the type holding the result exactly; a K mix (Q4_K_M …) or MOSTLY_Q4_0 (llama.cpp's Q4_0 "
         "file) with method gptq = every tensor of llama.cpp's mix, each linear solved by GPTQ on its type's grid; "
         "others re-quantize (llama.cpp)",
+    )
+    gguf_types: dict[str, GGMLType] = Field(
+        {},
+        description="a mix of strata's own: per-linear llama.cpp types over gguf_type's mix (a K mix or MOSTLY_Q4_0 "
+        "with method gptq), {exact linear name or regex (re.search): type}; written by strata plan --gguf-mix",
     )
     gguf_embedding_type: Literal["auto", "F32", "F16", "BF16", "Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"] = Field(
         "auto", description="token_embd / output type; auto = F16 (exact files) or llama.cpp's recipe (re-quantized)"
@@ -403,15 +416,26 @@ class JobConfig(_Strict):
                 raise ValueError(f"per-linear bits (quant.bits_overrides) export as gptq / gguf only, not {bad}")
             if self.quant.bits_overrides and "gguf" in self.output.formats and self.output.gguf_type != "auto":
                 raise ValueError("gguf output of per-linear bits needs gguf_type auto (each tensor's exact type)")
+        if self.quant.sensitivity_types and self.quant.method not in ("gptq", "rtn"):
+            raise ValueError("quant.sensitivity_types take method gptq or rtn")
+        if self.output.gguf_types:
+            from strata_quant.pipeline.formats.gguf_solved import solves_mix
+
+            if "gguf" not in self.output.formats or not solves_mix(self.output.gguf_type, self.quant.method):
+                raise ValueError(
+                    "output.gguf_types (per-linear llama.cpp types) need gguf output of a mix solved in the run: "
+                    "method gptq and gguf_type a K mix (Q4_K_M …) or MOSTLY_Q4_0"
+                )
         if self.calibration.statistics is not None:
             if self.quant.method != "gptq":
                 raise ValueError(
                     f"calibration.statistics solves GPTQ from kept Hessians; quant.method {self.quant.method} "
                     + ("needs the calibration's activations" if "awq" in self.quant.method else "does not use them")
                 )
-            if self.quant.sensitivity_bits:
+            if self.quant.sensitivity_bits or self.quant.sensitivity_types:
                 raise ValueError(
-                    "calibration.statistics: the sensitivity probe (quant.sensitivity_bits) needs a forward"
+                    "calibration.statistics: the sensitivity probe (quant.sensitivity_bits / sensitivity_types) "
+                    "needs a forward"
                 )
         if self.output.max_ppl_increase is not None and self.eval is None:
             raise ValueError("output.max_ppl_increase needs an eval section (the gate compares held-out perplexity)")

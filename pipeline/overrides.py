@@ -30,3 +30,22 @@ def bits_spec_overrides(bits_overrides: dict[str, int]) -> dict[str, dict]:
             raise ConfigError(f"quant.bits_overrides: {key!r} is not a valid regex: {err}") from None
         out[pattern] = {"bits": int(bits)}
     return out
+
+
+def type_overrides(overrides: dict[str, str], linears: list[str]) -> dict[str, str]:
+    """``output.gguf_types`` resolved on the run's linears (full names): {linear: type} for every linear a key
+    matches (keys as :func:`override_pattern`; of several matching keys the last wins, as for
+    ``quant.bits_overrides``). ConfigError for a key that is not a regex or matches no linear (a typo would
+    otherwise leave the mix as it was, silently)."""
+    out: dict[str, str] = {}
+    for key, ggml_type in overrides.items():
+        pattern = override_pattern(key)
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(f"output.gguf_types: {key!r} is not a valid regex: {err}") from None
+        hits = [n for n in linears if rx.search(n)]
+        if not hits:
+            raise ConfigError(f"output.gguf_types: {key!r} matches no quantized linear (e.g. {linears[0]})")
+        out |= {n: ggml_type for n in hits}
+    return out

@@ -154,3 +154,120 @@ def write_planned_config(config: dict, plan: Plan, dest: Path, *, name: str | No
     tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
     tmp.replace(dest)
     return dest
+
+
+# ------------------------------------------------------------------------------ a GGUF mix of strata's own
+
+
+def gguf_bytes(ggml_type: str, rows: int, cols: int) -> int:
+    """Bytes a [rows, cols] tensor takes in a GGUF as ``ggml_type`` (gguf-py's block sizes)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[ggml_type]]
+    if cols % block:
+        raise ValueError(f"{ggml_type} cannot hold rows of {cols} values (block {block})")
+    return rows * (cols // block) * size
+
+
+@dataclass
+class TypePlan:
+    """A per-linear llama.cpp type assignment at the byte size of one of llama.cpp's mixes."""
+
+    mix: str  # the llama.cpp mix whose linears' bytes are the budget (and whose other tensors the file keeps)
+    types: dict[str, str]  # linear name → chosen type
+    mix_types: dict[str, str]  # linear name → the type llama.cpp's mix gives it
+    budget_bytes: int  # Σ bytes of the linears in llama.cpp's mix
+    stored_bytes: int  # what the choice takes (≤ budget)
+    sensitivity: float  # Σ recorded sensitivity of the choice
+    mix_sensitivity: float  # Σ recorded sensitivity of llama.cpp's types (nan where one was not recorded)
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The linears whose type differs from the mix's (what ``output.gguf_types`` holds)."""
+        return {n: t for n, t in self.types.items() if t != self.mix_types[n]}
+
+    def summary(self) -> str:
+        hist = Counter(self.types.values())
+        kinds = ", ".join(f"{t} × {hist[t]}" for t in sorted(hist))
+        return (
+            f"{len(self.types)} linears: {kinds}; {self.stored_bytes:,} bytes (llama.cpp's {self.mix}: "
+            f"{self.budget_bytes:,}); Σ sensitivity {self.sensitivity:.4g} (llama.cpp's types: "
+            f"{self.mix_sensitivity:.4g}); {len(self.overrides)} linears differ from the mix"
+        )
+
+
+def plan_gguf_types(
+    entries: dict[str, dict], mix: str, mix_types: dict[str, str], candidates: list[str] | None = None
+) -> TypePlan:
+    """Each linear's llama.cpp type from its recorded sensitivities (``quant.sensitivity_types``) that minimises
+    Σ s_i(t_i) subject to Σ bytes_i(t_i) ≤ Σ bytes_i(mix_i): the multiple-choice knapsack of
+    :func:`workers.mixed.choose_bits_by_cost` over the exact GGUF bytes of every linear (:func:`gguf_bytes`), with
+    llama.cpp's own ``mix_types`` as the budget, so the file is no larger than llama.cpp's (its other tensors, the
+    embedding and the head, keep the mix's types). ``candidates`` defaults to the recorded types."""
+    missing = [n for n in entries if n not in mix_types]
+    if missing:
+        raise ValueError(f"llama.cpp's {mix} gives no type to {missing[0]}")
+    names = sorted(entries)
+    all_types = sorted({t for n in names for t in _recorded_types(entries[n])} | set(mix_types.values()))
+    index = {t: i for i, t in enumerate(all_types)}
+    errors: dict[str, dict[int, float]] = {}
+    costs: dict[str, dict[int, int]] = {}
+    budget = 0
+    for n in names:
+        rows, cols = entries[n]["shape"]
+        recorded = _recorded_types(entries[n])
+        offered = {t: s for t, s in recorded.items() if candidates is None or t in candidates}
+        if not offered:
+            raise ValueError(f"{n}: no sensitivity recorded on a llama.cpp type (probe with quant.sensitivity_types)")
+        errors[n] = {index[t]: s for t, s in offered.items()}
+        costs[n] = {index[t]: gguf_bytes(t, rows, cols) for t in offered}
+        budget += gguf_bytes(mix_types[n], rows, cols)
+    try:
+        choice = choose_bits_by_cost(errors, costs, budget, max_states=400_000)
+    except ValueError:
+        raise ValueError(f"no choice of the recorded types fits llama.cpp's {mix} ({budget:,} bytes)") from None
+    types = {n: all_types[i] for n, i in choice.items()}
+    mix_s = sum(_recorded_types(entries[n]).get(mix_types[n], float("nan")) for n in names)
+    return TypePlan(
+        mix=mix,
+        types=types,
+        mix_types={n: mix_types[n] for n in names},
+        budget_bytes=budget,
+        stored_bytes=sum(costs[n][choice[n]] for n in names),
+        sensitivity=sum(errors[n][choice[n]] for n in names),
+        mix_sensitivity=mix_s,
+    )
+
+
+def _recorded_types(entry: dict) -> dict[str, float]:
+    """{llama.cpp type: sensitivity} of a record entry (its widths' keys are digits)."""
+    return {k: float(v) for k, v in (entry.get("sensitivity") or {}).items() if not k.isdigit()}
+
+
+def write_gguf_mix_config(config: dict, plan: TypePlan, dest: Path, *, run_id: str, name: str | None = None) -> Path:
+    """The probe's config solving ``plan``: ``output.gguf_type`` the mix, ``output.gguf_types`` the linears that
+    differ from it, method gptq, no probe; from the probe's kept statistics (``calibration.statistics``) when it
+    kept them, so the run costs solves, not a forward. Written as YAML to ``dest`` (through a temporary name)."""
+    from strata_quant.pipeline.config import parse_config
+
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
+    data["quant"] = {**data["quant"], "method": "gptq", "sensitivity_bits": [], "sensitivity_types": []}
+    formats = list(data.get("output", {}).get("formats") or [])
+    data["output"] = {
+        **data.get("output", {}),
+        "formats": formats if "gguf" in formats else [*formats, "gguf"],
+        "gguf_type": plan.mix,
+        "gguf_types": plan.overrides,
+    }
+    kept = bool(data.get("run", {}).get("keep_statistics"))
+    data["run"] = {**data.get("run", {}), "run_id": None, "keep_statistics": False}
+    if kept:
+        data["calibration"] = {**data["calibration"], "statistics": run_id}
+    data["name"] = name or f"{data.get('name', 'job')}-{plan.mix}-own".replace("_", "-").lower()
+    parse_config(data, f"planned config {dest}")  # what we write must load
+    header = f"# strata plan --gguf-mix {plan.mix}: {plan.summary()}\n"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(dest)
+    return dest

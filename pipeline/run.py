@@ -443,7 +443,7 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
     tokenizer = load_tokenizer(reader.path, reader.uri)
     if "gguf" in cfg.output.formats:  # layout, rope, tensor names, tokenizer: refused here, not after the run
         from strata_quant.pipeline.formats.gguf import check_gguf
-        from strata_quant.pipeline.formats.gguf_mix import linear_types
+        from strata_quant.pipeline.formats.gguf_mix import linear_types, own_linear_types
         from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
         check_gguf(reader.config, reader.tensor_names, reader.path)
@@ -456,6 +456,7 @@ def prepare(cfg: JobConfig) -> tuple[CheckpointReader, torch.Tensor, object, Blo
                 )
             names = [n for block in block_linear_names(reader).values() for n in block]
             structure.ggml_types = linear_types(reader, cfg.output.gguf_type, names)
+            structure.ggml_types |= own_linear_types(reader, cfg.output.gguf_types, names)
     c = cfg.calibration
     stream = tokenize_stream(tokenizer, load_text(c.source, c.text_field))
     prefix = calibration_prefix(tokenizer, c.bos)
@@ -804,6 +805,7 @@ def worker_job(
         fp8_block=tuple(quant.fp8_block) if quant.fp8_block else None,
         spec_overrides=bits_spec_overrides(quant.bits_overrides),  # mixed precision (pipeline/overrides.py)
         sensitivity_bits=list(quant.sensitivity_bits),
+        sensitivity_types=list(quant.sensitivity_types),
         collective_timeout_s=run.block_timeout_s,  # no collective waits longer than a block may take
         awq_relations=structure.awq_relations,
         awq_unfolded=structure.awq_unfolded,

@@ -447,7 +447,7 @@ class BlockWorker:
             timings.setdefault(phase, 0.0)  # a caller may have timed its statistics pass
         # "gptq": per-stage Hessians are collected (GPTQ solvers, and outlier detection for any method)
         # (and for a mixed-precision probe, whose sensitivities are Hessian-weighted errors)
-        probe = bool(job.sensitivity_bits)
+        probe = job.probes
         solver = "gptq" if job.method in HESSIAN_METHODS or job.skip_outliers or probe else "rtn"
         uses_gram = job.method in GRAM_METHODS or job.skip_outliers or probe
         if statistics is not None:

@@ -53,6 +53,8 @@ class WorkerJob:
     spec_overrides: dict[str, dict] = field(default_factory=dict)
     # mixed precision: record each linear's sensitivity at these widths (workers/mixed.py)
     sensitivity_bits: list[int] = field(default_factory=list)
+    # … and on these llama.cpp types (workers.mixed.ggml_sensitivity), for a GGUF mix of strata's own
+    sensitivity_types: list[str] = field(default_factory=list)
     # linears kept in 16-bit: named (dotted-component match) and/or detected from the Gram statistics
     modules_to_not_convert: list[str] = field(default_factory=list)
     skip_outliers: bool = False
@@ -77,6 +79,11 @@ class WorkerJob:
     # a run solved from another run's kept statistics: {block: [its groups' statistics entries]}
     # (workers.records.ResultWriter.statistics); no calibration samples, no forward
     kept_statistics: dict[int, list[dict]] | None = None
+
+    @property
+    def probes(self) -> bool:
+        """A mixed-precision probe: every linear's sensitivity recorded (at widths or on ggml types)."""
+        return bool(self.sensitivity_bits or self.sensitivity_types)
 
     def spec_for(self, full_name: str) -> QuantSpec:
         """The grid of one linear: ``spec`` with every matching ``spec_overrides`` entry applied."""
@@ -126,7 +133,7 @@ def one_float_stage(job: WorkerJob) -> bool:
     return (
         job.propagate == "float"
         and not job.true_sequential
-        and not job.sensitivity_bits
+        and not job.probes
         and job.method not in AWQ_METHODS
         and (job.method in HESSIAN_METHODS or job.skip_outliers)
         and not job.moe_blocks  # the experts' statistics need the block's inputs after the pass

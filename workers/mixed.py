@@ -307,13 +307,50 @@ def linear_sensitivity(
 
     if scale <= 0:
         raise ValueError(f"residual scale must be positive, got {scale}")
-    h = hessian.double()
     out = {}
     for b in sorted(set(bits)):
         approx = quantize_group(method, weight, hessian, replace(spec, bits=int(b)), options or {}).dequantize()
-        err = weight.double() - approx.double()
-        rows = ((err @ h) * err).sum(1)  # (ΔW H ΔWᵀ)_rr
-        if row_weight is not None:
-            rows = rows * row_weight.double()
-        out[str(int(b))] = float(rows.sum()) / scale
+        out[str(int(b))] = _weighted_error(weight, approx, hessian, scale, row_weight)
+    return out
+
+
+def _weighted_error(weight, approx, hessian, scale: float, row_weight: torch.Tensor | None) -> float:
+    """Σ_r F̂_r · ((W − Ŵ) H (W − Ŵ)ᵀ)_rr / ē (F̂_r = 1 when ``row_weight`` is None)."""
+    err = weight.double() - approx.double()
+    rows = ((err @ hessian.double()) * err).sum(1)  # (ΔW H ΔWᵀ)_rr
+    if row_weight is not None:
+        rows = rows * row_weight.double()
+    return float(rows.sum()) / scale
+
+
+def ggml_sensitivity(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    types: list[str],
+    scale: float,
+    *,
+    row_weight: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The sensitivity of one linear on each of llama.cpp's types in ``types`` that can hold its rows
+    (a row of K values needs K divisible by the type's block), as :func:`linear_sensitivity` defines it
+
+        s(t) = Σ_r F̂_r · ((W − Ŵ_t) H (W − Ŵ_t)ᵀ)_rr / ē
+
+    with Ŵ_t the importance-weighted rounding of W on type t's grid (:func:`workers.ggml.rtn_ggml`,
+    importance diag H: what llama-quantize makes with an importance matrix). Rounding, not GPTQ: a probe
+    over every type would otherwise cost one solve per type; a solve lowers the error of every type of a
+    linear by a similar factor, and the choice compares types. Returns {type: s(t)}; a type that cannot
+    hold the rows is absent (the plan never offers it)."""
+    from strata_quant.workers.ggml import GRIDS, rtn_ggml
+
+    if scale <= 0:
+        raise ValueError(f"residual scale must be positive, got {scale}")
+    cols = weight.shape[1]
+    importance = torch.diag(hessian).float()
+    out = {}
+    for t in dict.fromkeys(types):
+        if cols % GRIDS[t].block:
+            continue
+        approx = rtn_ggml(weight, t, importance).dequantize()
+        out[t] = _weighted_error(weight, approx, hessian, scale, row_weight)
     return out

@@ -43,7 +43,13 @@ from strata_quant.workers.awq import column_scales, fold_scales, scale_gram, sea
 from strata_quant.workers.block import StageLayout, StagePasses
 from strata_quant.workers.gptq import output_error_terms
 from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
-from strata_quant.workers.mixed import channel_energy, linear_sensitivity, output_fisher, residual_scale
+from strata_quant.workers.mixed import (
+    channel_energy,
+    ggml_sensitivity,
+    linear_sensitivity,
+    output_fisher,
+    residual_scale,
+)
 from strata_quant.workers.moe import (
     DOWN,
     GATE_UP,
@@ -400,7 +406,8 @@ def _solve_whole(w: BlockWorker, s: BlockState, names: list[str], stage: int) ->
 
 def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, options: dict) -> dict:
     job = w.job
-    return linear_sensitivity(
+    row_weight = s.fisher[n][:-1] / s.fisher[n][-1]
+    out = linear_sensitivity(
         s.originals[n],
         gram,
         job.spec,
@@ -408,8 +415,11 @@ def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, opti
         s.scale,
         method=job.method,
         options=options,
-        row_weight=s.fisher[n][:-1] / s.fisher[n][-1],
+        row_weight=row_weight,
     )
+    if job.sensitivity_types:  # keyed by type name, beside the widths' "3", "4" …
+        out |= ggml_sensitivity(s.originals[n], gram, job.sensitivity_types, s.scale, row_weight=row_weight)
+    return out
 
 
 def run_gather(w: BlockWorker, s: BlockState, step: Gather) -> None:

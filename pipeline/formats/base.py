@@ -30,7 +30,7 @@ import importlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -75,6 +75,7 @@ class AssembleOptions:
     gguf_type: str = "auto"
     embedding_type: str = "auto"
     threads: int = 0
+    gguf_types: dict[str, str] = field(default_factory=dict)  # a mix of strata's own: per-linear types
 
 
 class Format:

@@ -1214,10 +1214,13 @@ def resolve_types(results, config: dict[str, Any], gguf_type: str, embedding_typ
     return GGUFTypes(bits, sym, group_size, target, carry, linear_types, emb, emb_native)
 
 
-def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTypes | None:
+def solved_types(
+    reader, results, gguf_type: str, embedding_type: str, overrides: dict[str, str] | None = None
+) -> GGUFTypes | None:
     """The types of a GGUF of a run that solved llama.cpp's mix (its linears' results are ggml blocks): every
-    tensor as llama.cpp's dry run of ``gguf_type`` gives it (:func:`mix_types`), each linear's result
-    of exactly that type. None for a run whose results are not ggml blocks; AssembleError on a mismatch."""
+    tensor as llama.cpp's dry run of ``gguf_type`` gives it (:func:`mix_types`), but the linears ``overrides``
+    (``output.gguf_types``, a mix of strata's own) names, each linear's result of exactly its type. None for a
+    run whose results are not ggml blocks; AssembleError on a mismatch."""
     entries = results.entries
     solved = {n for n, e in entries.items() if e.get("kind") == "ggml"}
     if not solved:
@@ -1231,11 +1234,18 @@ def solved_types(reader, results, gguf_type: str, embedding_type: str) -> GGUFTy
     except (RuntimeError, ValueError) as err:
         raise AssembleError(f"gguf_type {gguf_type}: {err}") from None
     layout = check_gguf(reader.config, reader.tensor_names)
+    from strata_quant.pipeline.overrides import type_overrides
+
     linear_types = {n: e["ggml_type"] for n, e in entries.items()}
+    try:
+        own = type_overrides(overrides or {}, sorted(linear_types)) if overrides else {}
+    except ConfigError as err:
+        raise AssembleError(str(err)) from None
     for n, t in linear_types.items():
-        want = mix.get(layout.name(f"{n}.weight") or "")
+        want = own.get(n) or mix.get(layout.name(f"{n}.weight") or "")
         if t != want:
-            raise AssembleError(f"{n} was solved as {t}; llama.cpp's {gguf_type} gives it {want} (another mix's run)")
+            whose = "output.gguf_types" if n in own else f"llama.cpp's {gguf_type}"
+            raise AssembleError(f"{n} was solved as {t}; {whose} gives it {want} (another mix's run)")
     others = {g: t for g, t in mix.items() if g in ("token_embd.weight", "output.weight") or not g.startswith("blk.")}
     if embedding_type.upper() != "AUTO":
         others.update({g: embedding_type.upper() for g in ("token_embd.weight", "output.weight")})
@@ -1441,9 +1451,9 @@ class GGUFFormat(Format, name="gguf"):
             layout = check_gguf(reader.config, reader.tensor_names)
         except GGUFError as err:
             raise AssembleError(str(err)) from None
-        types = solved_types(reader, results, options.gguf_type, options.embedding_type) or resolve_types(
-            results, reader.config, options.gguf_type, options.embedding_type
-        )
+        types = solved_types(
+            reader, results, options.gguf_type, options.embedding_type, options.gguf_types
+        ) or resolve_types(results, reader.config, options.gguf_type, options.embedding_type)
         metadata = artifact_metadata(types, results.get(next(iter(results.entries))).method, options.tool_version)
         extra = dict(layout.extra_tensors())
         plan = tensor_plan(reader, results, layout, types, extra)

@@ -190,3 +190,23 @@ def linear_types(reader, mix: str, linears: list[str]) -> dict[str, str]:
             )
         out[linear] = gtype
     return out
+
+
+def own_linear_types(reader, overrides: dict[str, str], linears: list[str]) -> dict[str, str]:
+    """``output.gguf_types`` (a mix of strata's own) on the decoder ``linears``: {linear: type} of every linear
+    a key matches (:func:`pipeline.overrides.type_overrides`). ConfigError, before block 0, for a key that
+    matches nothing or a type whose block does not divide the linear's rows."""
+    from strata_quant.pipeline.errors import ConfigError
+    from strata_quant.pipeline.overrides import type_overrides
+
+    if not overrides:
+        return {}
+    out = type_overrides(overrides, linears)
+    for linear, ggml_type in out.items():
+        row = reader.shape(f"{linear}.weight")[-1]
+        if row % BLOCK[ggml_type]:
+            raise ConfigError(
+                f"output.gguf_types: {linear} cannot be {ggml_type}: its rows of {row} values are not a multiple "
+                f"of the type's block of {BLOCK[ggml_type]}"
+            )
+    return out
