@@ -49,11 +49,20 @@ def test_ggml_sensitivity_is_the_weighted_error_of_importance_rounding_on_each_t
     rows = torch.linspace(0.5, 2.0, 16)
     weighted = ggml_sensitivity(w, h, ["Q4_K"], 2.0, row_weight=rows)["Q4_K"]
     assert weighted != pytest.approx(s["Q4_K"])  # the rows' Fisher weights count
+    # a tall linear: the sum over its rows estimated from evenly spaced rows, N/n times their sum
+    sampled = ggml_sensitivity(w, h, ["Q4_K"], 2.0, max_rows=4)["Q4_K"]
+    rows4 = torch.linspace(0, 15, 4).round().long()
+    assert sampled == pytest.approx(s_rows(w[rows4], h) * 16 / 4 / 2.0, rel=1e-9)
+    assert sampled == pytest.approx(s["Q4_K"], rel=0.5)  # random rows: an estimate of the whole
     # rows of 96 values: no K type (block 256) holds them, the legacy types do
     short = ggml_sensitivity(w[:, :96], h[:96, :96], ["Q4_K", "Q4_0", "Q8_0"], 1.0)
     assert set(short) == {"Q4_0", "Q8_0"}
     with pytest.raises(ValueError, match="residual scale"):
         ggml_sensitivity(w, h, ["Q4_0"], 0.0)
+
+
+def s_rows(w, h) -> float:
+    return hessian_error(w, rtn_ggml(w, "Q4_K", torch.diag(h)).dequantize(), h)
 
 
 def _entry(shape, sens):
