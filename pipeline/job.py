@@ -202,10 +202,14 @@ def evaluate_text(cfg: JobConfig, outcome, results: ResultSource, gguf_path: Pat
 
 
 def solved_mix(cfg: JobConfig) -> str | None:
-    """llama.cpp's mix (Q4_K_M …) when the run solves it, else None: then bits and group size mean nothing."""
+    """llama.cpp's mix (Q4_K_M …) when the run solves it, with how many linears ``output.gguf_types`` retypes,
+    else None: then bits and group size mean nothing."""
     from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
-    return cfg.output.gguf_type if solves_mix(cfg.output.gguf_type, cfg.quant.method) else None
+    if not solves_mix(cfg.output.gguf_type, cfg.quant.method):
+        return None
+    own = cfg.output.gguf_types
+    return f"{cfg.output.gguf_type}, {len(own)} linear type(s) of strata's own" if own else cfg.output.gguf_type
 
 
 def quality_lines(quality: dict, role: str) -> list[str]:

@@ -166,6 +166,7 @@ def test_own_mix_from_the_probe_is_no_larger_than_llama_cpps_and_solved_from_kep
     report = run_full_job(parse_config(data), progress=False)
     (check,) = report["checks"]
     assert check["bit_exact_linears"] == check["quantized_linears"] == 14, check
+    assert report["solved_mix"] == f"Q4_K_M, {len(own)} linear type(s) of strata's own"
     path = next((tmp_path / "own-out").glob("*.gguf"))
     file_types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     want = mix_types(open_checkpoint(k_model), "Q4_K_M")
