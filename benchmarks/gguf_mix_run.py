@@ -20,6 +20,11 @@ commit, machine, each strata run's timings and checks from its job report, the s
     python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
         --eval-windows 8 --plot docs/gguf_mixes.png
 
+``--own-mix`` (with ``--kept-statistics``) adds strata's own mix at each mix's size: the first mix's run also
+records every linear's sensitivity on each type strata solves on (:data:`PROBE_TYPES`), ``strata plan --gguf-mix``
+chooses each linear's type under the bytes llama.cpp's mix gives the linears, and that run is solved from the
+kept statistics (:func:`own_mix_config`).
+
 ``--model qwen2.5-coder-1.5b`` makes the mixes of Qwen2.5-Coder-1.5B-Instruct (``strata fixtures --families``; its
 source GGUF is llama.cpp's Q4_K_M, so mixes of 4 bits and more re-quantize onto the grid the weights came from) and
 scores Persuasion and Python's standard library source (:data:`MODELS`).
@@ -72,6 +77,11 @@ def source_gguf(model: str) -> Path:
 
 
 KINDS = ("strata (run)", "llama.cpp", "llama.cpp + run's imatrix", "llama.cpp + llama-imatrix")
+#: --own-mix: strata's own types at the mix's size (``strata plan --gguf-mix`` on the first mix's probe), solved
+#: from the first mix's kept statistics; listed after strata's file of llama.cpp's mix
+OWN = "strata (own mix)"
+#: the types the first mix's run probes (quant.sensitivity_types): every type strata solves on
+PROBE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def peer_files(specs: list[str], mixes: list[str]) -> dict[str, dict[str, Path]]:
@@ -97,7 +107,8 @@ def peer_files(specs: list[str], mixes: list[str]) -> dict[str, dict[str, Path]]
 
 def kinds_of(row: dict) -> list[str]:
     """The kinds of a mix's files in table order: strata's and llama.cpp's (KINDS), then the peers' as given."""
-    return [k for k in KINDS if k in row] + [k for k in row if k not in KINDS and k != "reference"]
+    order = (KINDS[0], OWN, *KINDS[1:])
+    return [k for k in order if k in row] + [k for k in row if k not in order and k != "reference"]
 
 
 def mix_config(out: Path, mix: str, args):
@@ -107,10 +118,13 @@ def mix_config(out: Path, mix: str, args):
 
     calibration = {"source": args.calibration, "num_samples": args.cal_windows, "seq_len": args.seq_len}
     run = {"workers": args.workers, "store": str(out / "store")}
+    quant = {"method": "gptq", "bits": 4, "group_size": 32, **(args.quant_overrides or {})}
     if getattr(args, "kept_statistics", False):  # one store; the first mix keeps, the others solve from it
         run["store"] = str(Path(args.out) / "store")
         if mix == args.mixes.split(",")[0]:
             run["keep_statistics"] = True
+            if getattr(args, "own_mix", False):  # the probe every mix's own types are planned from
+                quant["sensitivity_types"] = PROBE_TYPES
         else:
             calibration["statistics"] = getattr(args, "kept_run", None) or "the first mix's run"
     return parse_config(
@@ -118,7 +132,7 @@ def mix_config(out: Path, mix: str, args):
             "name": f"{args.model.replace('.', '')}-{mix}",
             "model": f"fixture:{args.model}",
             "calibration": calibration,
-            "quant": {"method": "gptq", "bits": 4, "group_size": 32, **(args.quant_overrides or {})},
+            "quant": quant,
             "run": run,
             "output": {"dir": str(out / "out"), "formats": ["gguf"], "gguf_type": mix, "overwrite": True},
             "eval": None,
@@ -143,6 +157,40 @@ def strata_run(out: Path, mix: str, args) -> tuple[Path, Path, float]:
     imatrix = write_imatrix(open_store(cfg.run.store), report["run_id"], out / "strata.imatrix.gguf")
     (out / "run-id").write_text(report["run_id"])
     return next((out / "out").glob("*.gguf")), imatrix, took
+
+
+def own_mix_config(out: Path, mix: str, args) -> Path:
+    """``strata plan --gguf-mix MIX`` on the first mix's run (the probe): the config of strata's own types at the
+    byte size llama.cpp's ``mix`` gives the linears, solved from the probe's kept statistics, written to
+    ``out / mix / own / own.yaml`` (its first line the plan's summary)."""
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf_mix import linear_types
+    from strata_quant.pipeline.plan import plan_gguf_types, probe_entries, write_gguf_mix_config
+    from strata_quant.pipeline.store import open_store
+
+    probe = (out / args.mixes.split(",")[0] / "run-id").read_text()
+    config, entries = probe_entries(open_store(str(out / "store")), probe)
+    plan = plan_gguf_types(entries, mix, linear_types(open_checkpoint(config["model"]), mix, sorted(entries)))
+    print(f"strata plan --gguf-mix {mix}: {plan.summary()}", flush=True)
+    name = f"{args.model.replace('.', '')}-{mix}-own"
+    return write_gguf_mix_config(config, plan, out / mix / "own" / "own.yaml", run_id=probe, name=name)
+
+
+def own_mix_run(out: Path, mix: str, args) -> Path:
+    """strata's file of its own types at ``mix``'s size (:func:`own_mix_config`, a full job)."""
+    import yaml
+
+    from strata_quant.pipeline.config import parse_config
+    from strata_quant.pipeline.job import run_full_job
+
+    d = out / mix / "own"
+    data = yaml.safe_load(own_mix_config(out, mix, args).read_text())
+    data["output"] |= {"dir": str(d / "out"), "overwrite": True}
+    t = time.perf_counter()
+    (check,) = run_full_job(parse_config(data), progress=False)["checks"]
+    print(f"strata own mix at {mix}: {time.perf_counter() - t:.0f} s; {check['bit_exact_linears']}/"
+          f"{check['quantized_linears']} linears bit-exact, types {check['linear_types']}", flush=True)  # fmt: skip
+    return next((d / "out").glob("*.gguf"))
 
 
 def llama_imatrix(src: Path, windows: torch.Tensor, tokenizer, out: Path, threads: int) -> Path:
@@ -173,6 +221,8 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
     if strata is None or not run_imatrix.exists():
         strata, run_imatrix, _ = strata_run(d, mix, args)
     files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
+    if getattr(args, "own_mix", False):
+        files[OWN] = next((d / "own" / "out").glob("*.gguf"), None) or own_mix_run(out, mix, args)
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
     if (TOOLS / "llama-quantize").exists():
@@ -255,6 +305,16 @@ def record(
         keep = ("linear_types", "bit_exact_linears", "quantized_linears")
         gguf = next((out / mix / "out").glob("*.gguf"))
         runs[mix] = {"timings": report["timings"], **{k: check[k] for k in keep}, "file_sha256": file_sha256(gguf)}
+        own = out / mix / "own"
+        if (own / "own.yaml").exists():  # --own-mix: the plan (its summary line) and the run of strata's own types
+            report = json.loads(next((own / "out").glob("*-report.json")).read_text())
+            (check,) = report["checks"]
+            runs[mix]["own_mix"] = {
+                "plan": (own / "own.yaml").read_text().splitlines()[0].lstrip("# "),
+                "timings": report["timings"],
+                **{k: check[k] for k in keep},
+                "file_sha256": file_sha256(next((own / "out").glob("*.gguf"))),
+            }
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {
         "model": f"fixture:{args.model}",
@@ -317,29 +377,36 @@ def table(
             else:
                 cells = " | ".join("not scored | —" for _ in texts)
             lines.append(f"| {mix} | {kind} | {size_of[kind]:,} | {cells} |")
-        s = {t: per[t][KINDS[0]] for t in texts}
-        parts = []
-        for anchor in (KINDS[3], KINDS[2]):
-            if all(anchor in per[t] for t in texts):
-                r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in texts}
-                # a file below the reference (Δppl < 0) beats any anchor above it; against an anchor at or
-                # below the reference, strata's Δppl must be no higher than the anchor's
-                met = all(
-                    s[t]["dppl"] <= target(mix) * per[t][anchor]["dppl"]
-                    if per[t][anchor]["dppl"] > 0
-                    else s[t]["dppl"] <= per[t][anchor]["dppl"]
-                    for t in texts
-                )
-                ratios = " / ".join(f"{v:.2f}×" for v in r.values())
-                parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
-        size = size_of[KINDS[0]] - size_of[KINDS[1]]
-        line = (f"- {mix}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
-                + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
-        if tensors and mix in tensors:
-            data = tensors[mix][KINDS[0]] - tensors[mix][KINDS[1]]
-            line += f", tensor data {'≤' if data <= 0 else '>'} llama.cpp's ({data:+,} bytes)"
-        verdicts.append(line)
+        for kind, who in ((KINDS[0], mix), (OWN, f"{mix} (own mix)")):
+            if all(kind in per[t] for t in texts):
+                verdicts.append(_verdict(who, mix, kind, per, size_of, (tensors or {}).get(mix), texts))
     return lines + [""] + verdicts
+
+
+def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: dict | None, texts) -> str:
+    """One verdict line: strata's file ``kind`` of ``mix`` against llama.cpp's imatrix files and in size."""
+    s = {t: per[t][kind] for t in texts}
+    parts = []
+    for anchor in (KINDS[3], KINDS[2]):
+        if all(anchor in per[t] for t in texts):
+            r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in texts}
+            # a file below the reference (Δppl < 0) beats any anchor above it; against an anchor at or
+            # below the reference, strata's Δppl must be no higher than the anchor's
+            met = all(
+                s[t]["dppl"] <= target(mix) * per[t][anchor]["dppl"]
+                if per[t][anchor]["dppl"] > 0
+                else s[t]["dppl"] <= per[t][anchor]["dppl"]
+                for t in texts
+            )
+            ratios = " / ".join(f"{v:.2f}×" for v in r.values())
+            parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
+    size = size_of[kind] - size_of[KINDS[1]]
+    line = (f"- {who}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
+            + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
+    if tensors and kind in tensors:
+        data = tensors[kind] - tensors[KINDS[1]]
+        line += f", tensor data {'≤' if data <= 0 else '>'} llama.cpp's ({data:+,} bytes)"
+    return line
 
 
 def plot(scores: dict, mixes: list[str], windows: int, path: Path, model: str = "smollm2-135m") -> None:
@@ -408,6 +475,13 @@ def main() -> None:
         "them (calibration.statistics: no calibration forward of its own); needs an --out of its own",
     )
     ap.add_argument(
+        "--own-mix",
+        action="store_true",
+        help="with --kept-statistics: the first mix's run also probes every linear on llama.cpp's types "
+        "(quant.sensitivity_types), and each mix gets a file of strata's own types at its size (strata plan "
+        "--gguf-mix), solved from the kept statistics and scored beside",
+    )
+    ap.add_argument(
         "--peer",
         action="append",
         default=[],
@@ -422,6 +496,9 @@ def main() -> None:
         "as the files and scores kept there are of one solver)",
     )
     args = ap.parse_args()
+    if args.own_mix and not args.kept_statistics:
+        ap.error("--own-mix plans every mix from the first mix's probe and solves it from its kept statistics: "
+                 "give --kept-statistics")  # fmt: skip
     from benchmarks.peers import parse_quant
 
     args.quant_overrides = parse_quant(args.quant)
@@ -479,6 +556,7 @@ def main() -> None:
     saved = out / "scores.json"
     scores = json.loads(saved.read_text()) if saved.exists() else {}
     chosen = KINDS if args.score == "all" else tuple(KINDS[int(i)] for i in args.score.split(","))
+    chosen += (OWN,) if args.own_mix else ()
     for mix in mixes:
         if args.kept_statistics and mix != mixes[0]:
             args.kept_run = (out / mixes[0] / "run-id").read_text()

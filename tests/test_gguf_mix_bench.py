@@ -236,3 +236,35 @@ def test_a_peers_file_of_each_mix_is_found_before_any_work_and_listed_after_stra
     rows = [line for line in lines if line.startswith("| Q4_K_M |")]
     assert len(rows) == len(KINDS) + 1 and rows[-1].startswith("| Q4_K_M | auto-round (iters 0) | 100 | +2.50 % |")
     assert "0.67× / 0.67× (met, bar 0.75×)" in next(line for line in lines if line.startswith("- Q4_K_M"))
+
+
+def test_own_mix_is_planned_from_the_first_mix_probe_and_judged_beside_strata_run(tmp_path, monkeypatch, capsys):
+    """--own-mix: the first mix's job probes every type strata solves on; strata's own file is listed right after
+    its file of llama.cpp's mix and gets a verdict line of its own; without --kept-statistics it is refused."""
+    import argparse
+    import sys
+
+    from benchmarks import gguf_mix_run
+    from benchmarks.gguf_mix_run import OWN, PROBE_TYPES, mix_config
+    from strata_quant.workers.ggml import GRIDS
+
+    args = argparse.Namespace(model="smollm2-135m", mixes="Q4_K_M,Q2_K", calibration="fixture:austen/emma",
+                              cal_windows=8, seq_len=512, workers=2, quant_overrides={}, out=str(tmp_path),
+                              kept_statistics=True, kept_run="probe-id", own_mix=True)  # fmt: skip
+    first, other = mix_config(tmp_path / "Q4_K_M", "Q4_K_M", args), mix_config(tmp_path / "Q2_K", "Q2_K", args)
+    assert first.quant.sensitivity_types == PROBE_TYPES and sorted(PROBE_TYPES) == sorted(GRIDS)
+    assert first.run.keep_statistics and other.quant.sensitivity_types == []
+    scores = _scores("Q2_K", 0.03, 0.03, 100, 100)
+    for row in scores.values():
+        row[OWN] = {"dppl": 0.02, "kld": 0.01, "bytes": 99}
+    lines = table(scores, ["Q2_K"], 16, {"Q2_K": {KINDS[0]: 90, KINDS[1]: 90, OWN: 89}})
+    rows = [line.split(" | ")[1] for line in lines if line.startswith("| Q2_K |")]
+    assert rows[:2] == [KINDS[0], OWN] and len(rows) == len(KINDS) + 1
+    own = next(line for line in lines if line.startswith("- Q2_K (own mix)"))
+    assert "0.67× / 0.67× (met, bar 0.7×)" in own and "size ≤ llama.cpp's (-1 bytes)" in own
+    assert "tensor data ≤ llama.cpp's (-1 bytes)" in own
+    assert "1.00× / 1.00× (NOT met" in next(line for line in lines if line.startswith("- Q2_K:"))
+    monkeypatch.setattr(sys, "argv", ["gguf_mix_run", "--own-mix", "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit):
+        gguf_mix_run.main()
+    assert "give --kept-statistics" in capsys.readouterr().err and not (tmp_path / "m").exists()
