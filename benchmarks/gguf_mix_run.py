@@ -170,10 +170,33 @@ def own_mix_config(out: Path, mix: str, args) -> Path:
 
     probe = (out / args.mixes.split(",")[0] / "run-id").read_text()
     config, entries = probe_entries(open_store(str(out / "store")), probe)
-    plan = plan_gguf_types(entries, mix, linear_types(open_checkpoint(config["model"]), mix, sorted(entries)))
+    candidates = own_candidates(args)
+    mix_types = linear_types(open_checkpoint(config["model"]), mix, sorted(entries))
+    plan = plan_gguf_types(entries, mix, mix_types, candidates)
+    (out / mix / "own").mkdir(parents=True, exist_ok=True)
+    (out / mix / "own" / "candidates.json").write_text(json.dumps(candidates))
     print(f"strata plan --gguf-mix {mix}: {plan.summary()}", flush=True)
     name = f"{args.model.replace('.', '')}-{mix}-own"
     return write_gguf_mix_config(config, plan, out / mix / "own" / "own.yaml", run_id=probe, name=name)
+
+
+def own_candidates(args) -> list[str] | None:
+    """The types strata's own mix chooses from (``--own-candidates``; None: every type the probe recorded)."""
+    given = getattr(args, "own_candidates", None)
+    return given.split(",") if given else None
+
+
+def own_mix_file(out: Path, mix: str, args) -> Path:
+    """strata's own file of ``mix``: the one kept in ``out / mix / own`` when it was planned from the same candidate
+    types (else refused: another --out), or a new run (:func:`own_mix_run`)."""
+    d = out / mix / "own"
+    kept = next((d / "out").glob("*.gguf"), None)
+    if kept is None:
+        return own_mix_run(out, mix, args)
+    planned = json.loads((d / "candidates.json").read_text())
+    if planned != own_candidates(args):
+        raise SystemExit(f"--own-candidates: {d} holds a file planned from {planned}; give another --out")
+    return kept
 
 
 def own_mix_run(out: Path, mix: str, args) -> Path:
@@ -222,7 +245,7 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
         strata, run_imatrix, _ = strata_run(d, mix, args)
     files = {KINDS[0]: strata, KINDS[1]: d / f"llamacpp-{mix}.gguf"}
     if getattr(args, "own_mix", False):
-        files[OWN] = next((d / "own" / "out").glob("*.gguf"), None) or own_mix_run(out, mix, args)
+        files[OWN] = own_mix_file(out, mix, args)
     if not files[KINDS[1]].exists():
         llama_quantize(src, files[KINDS[1]], mix)
     if (TOOLS / "llama-quantize").exists():
@@ -311,6 +334,7 @@ def record(
             (check,) = report["checks"]
             runs[mix]["own_mix"] = {
                 "plan": (own / "own.yaml").read_text().splitlines()[0].lstrip("# "),
+                "candidates": json.loads((own / "candidates.json").read_text()),
                 "timings": report["timings"],
                 **{k: check[k] for k in keep},
                 "file_sha256": file_sha256(next((own / "out").glob("*.gguf"))),
@@ -480,6 +504,12 @@ def main() -> None:
         help="with --kept-statistics: the first mix's run also probes every linear on llama.cpp's types "
         "(quant.sensitivity_types), and each mix gets a file of strata's own types at its size (strata plan "
         "--gguf-mix), solved from the kept statistics and scored beside",
+    )
+    ap.add_argument(
+        "--own-candidates",
+        help="the types strata's own mix chooses from, comma-separated (default: every type the probe recorded); "
+        "leave out the grids that hold the source's own blocks exactly (a fixture dequantized from Q4_1 is "
+        "stored losslessly as Q4_1 or Q5_1, and nearly so as Q4_K or Q5_K)",
     )
     ap.add_argument(
         "--peer",

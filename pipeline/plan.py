@@ -217,8 +217,10 @@ def plan_gguf_types(
         rows, cols = entries[n]["shape"]
         recorded = _recorded_types(entries[n])
         offered = {t: s for t, s in recorded.items() if candidates is None or t in candidates}
-        if not offered:
+        if not recorded:
             raise ValueError(f"{n}: no sensitivity recorded on a llama.cpp type (probe with quant.sensitivity_types)")
+        if not offered:
+            raise ValueError(f"{n}: none of the candidates {candidates} holds its rows (recorded: {sorted(recorded)})")
         errors[n] = {index[t]: s for t, s in offered.items()}
         costs[n] = {index[t]: gguf_bytes(t, rows, cols) for t in offered}
         budget += gguf_bytes(mix_types[n], rows, cols)

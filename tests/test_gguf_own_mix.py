@@ -88,6 +88,8 @@ def test_type_plan_moves_bytes_to_the_sensitive_linears_within_the_mix_size():
     assert plan_gguf_types(flat, "Q4_K_M", mix).overrides == {}
     with pytest.raises(ValueError, match="no choice of the recorded types fits"):
         plan_gguf_types(entries, "Q4_K_M", mix, candidates=["Q6_K"])  # all Q6_K is larger than the mix
+    with pytest.raises(ValueError, match=r"none of the candidates \['Q4_0'\] holds its rows"):
+        plan_gguf_types(entries, "Q4_K_M", mix, candidates=["Q4_0"])
     with pytest.raises(ValueError, match="probe with quant.sensitivity_types"):
         plan_gguf_types({"a": {"shape": [256, 512], "sensitivity": {"4": 1.0}}}, "Q4_K_M", {"a": "Q4_K"})
     with pytest.raises(ValueError, match="cannot hold rows of 96"):
