@@ -236,10 +236,15 @@ class RunMetrics:
 
 
 def fingerprint_parts(
-    cfg: JobConfig, reader: CheckpointReader, token_ids: torch.Tensor, statistics: str | None = None
+    cfg: JobConfig,
+    reader: CheckpointReader,
+    token_ids: torch.Tensor,
+    statistics: str | None = None,
+    ggml_types: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """What a run's results depend on; a resumed run must match all of it. ``statistics``: the run
-    whose kept statistics this one solves from (pipeline.kept_statistics), its calibration."""
+    whose kept statistics this one solves from (pipeline.kept_statistics), its calibration;
+    ``ggml_types``: each linear's llama.cpp type in a run that solves a mix (its grid)."""
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
     quant["moe"].pop("max_expert_stats")  # the bytes do not depend on it: a run resumes under a lower budget
@@ -248,6 +253,8 @@ def fingerprint_parts(
         solve["hidden_dtype"] = cfg.run.hidden_dtype
     if cfg.run.keep_statistics:  # a resumed run keeps them for every block or for none
         solve["keep_statistics"] = True
+    if ggml_types:  # a solved mix: another mix (or own types) under the same name must not resume these results
+        solve["ggml_types"] = dict(sorted(ggml_types.items()))
     return {
         "model": reader.fingerprint(),
         "calibration": statistics or sha256_bytes(token_ids.numpy().tobytes()) + f":{tuple(token_ids.shape)}",
@@ -716,7 +723,7 @@ def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
             store, cfg, reader.fingerprint(), linears, structure.moe_blocks, record_is_complete
         )
         log.info("solving from the statistics run %s kept: no calibration forward", cfg.calibration.statistics)
-    run_id = _open_run(cfg, store, reader, token_ids, prefix_tokens, statistics)
+    run_id = _open_run(cfg, store, reader, token_ids, prefix_tokens, statistics, structure.ggml_types)
     prefix = f"runs/{run_id}"
     done = {
         b: r
@@ -731,10 +738,16 @@ def plan_run(cfg: JobConfig, prepared: tuple | None = None) -> RunPlan:
 
 
 def _open_run(
-    cfg: JobConfig, store, reader: CheckpointReader, token_ids: torch.Tensor, prefix_tokens, statistics: str | None
+    cfg: JobConfig,
+    store,
+    reader: CheckpointReader,
+    token_ids: torch.Tensor,
+    prefix_tokens,
+    statistics: str | None,
+    ggml_types: dict[str, str] | None = None,
 ) -> str:
     """The run's id; its ``run.json`` written, or (resume) checked against this config and checkpoint."""
-    parts = fingerprint_parts(cfg, reader, token_ids, statistics)
+    parts = fingerprint_parts(cfg, reader, token_ids, statistics, ggml_types)
     fingerprint = sha256_bytes(json.dumps(parts, sort_keys=True).encode())
     run_id = cfg.run.run_id or f"{cfg.name}-{fingerprint[:12]}"
     run_key = f"runs/{run_id}/run.json"

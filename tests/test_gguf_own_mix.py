@@ -130,6 +130,25 @@ def test_plan_time_refusals_of_per_linear_types(tmp_path):
         prepare(parse_config(cfg))
 
 
+def test_another_mix_under_the_same_name_is_a_new_run_not_a_resume(tmp_path):
+    """The per-linear types are part of what a run's results depend on: a run of the same name, store and
+    calibration with other types gets a run of its own instead of resuming the first one's results."""
+    pytest.importorskip("llama_cpp")
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.run import plan_run
+
+    model = fixtures.synthetic_llama(tmp_path / "m256", hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+    cfg = _config(tmp_path, model, quant={"sensitivity_types": []}, run={"keep_statistics": False})
+    ids = {plan_run(parse_config(cfg)).run_id}
+    ids.add(plan_run(parse_config(cfg)).run_id)  # the same config: the same run
+    assert len(ids) == 1
+    cfg["output"]["gguf_types"] = {"model.layers.0.mlp.down_proj": "Q8_0"}
+    ids.add(plan_run(parse_config(cfg)).run_id)
+    cfg["output"] |= {"gguf_types": {}, "gguf_type": "Q5_K_M"}
+    ids.add(plan_run(parse_config(cfg)).run_id)
+    assert len(ids) == 3
+
+
 @pytest.fixture(scope="module")
 def k_model(tmp_path_factory):
     """A random Llama whose rows are multiples of 256 (every K type holds them): 2 blocks, 256 wide, FFN 512."""
