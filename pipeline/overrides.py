@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from strata_quant.pipeline.config import ConfigError
+from strata_quant.pipeline.errors import ConfigError
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
