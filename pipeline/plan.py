@@ -145,13 +145,18 @@ def write_planned_config(config: dict, plan: Plan, dest: Path, *, name: str | No
     data["quant"] = {**data["quant"], "bits_overrides": plan.overrides, "sensitivity_bits": []}
     data["run"] = {**data.get("run", {}), "run_id": None}
     data["name"] = name or f"{data.get('name', 'job')}-mixed{plan.bpw:.2f}".replace(".", "p")
+    return _write_config(data, dest, f"strata plan: {plan.summary()}")
+
+
+def _write_config(data: dict, dest: Path, header: str) -> Path:
+    """A planned config, checked to load, written as YAML under a ``# header`` line to ``dest`` (through a
+    temporary name, so a reader never sees half a file)."""
     from strata_quant.pipeline.config import parse_config
 
     parse_config(data, f"planned config {dest}")  # what we write must load
-    header = f"# strata plan: {plan.summary()}\n"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    tmp.write_text(f"# {header}\n" + yaml.safe_dump(data, sort_keys=False))
     tmp.replace(dest)
     return dest
 
@@ -250,8 +255,6 @@ def write_gguf_mix_config(config: dict, plan: TypePlan, dest: Path, *, run_id: s
     """The probe's config solving ``plan``: ``output.gguf_type`` the mix, ``output.gguf_types`` the linears that
     differ from it, method gptq, no probe; from the probe's kept statistics (``calibration.statistics``) when it
     kept them, so the run costs solves, not a forward. Written as YAML to ``dest`` (through a temporary name)."""
-    from strata_quant.pipeline.config import parse_config
-
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
     data["quant"] = {**data["quant"], "method": "gptq", "sensitivity_bits": [], "sensitivity_types": []}
     formats = list(data.get("output", {}).get("formats") or [])
@@ -266,10 +269,4 @@ def write_gguf_mix_config(config: dict, plan: TypePlan, dest: Path, *, run_id: s
     if kept:
         data["calibration"] = {**data["calibration"], "statistics": run_id}
     data["name"] = name or f"{data.get('name', 'job')}-{plan.mix}-own".replace("_", "-").lower()
-    parse_config(data, f"planned config {dest}")  # what we write must load
-    header = f"# strata plan --gguf-mix {plan.mix}: {plan.summary()}\n"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(dest)
-    return dest
+    return _write_config(data, dest, f"strata plan --gguf-mix {plan.mix}: {plan.summary()}")

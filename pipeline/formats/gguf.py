@@ -1238,7 +1238,7 @@ def solved_types(
 
     linear_types = {n: e["ggml_type"] for n, e in entries.items()}
     try:
-        own = type_overrides(overrides or {}, sorted(linear_types)) if overrides else {}
+        own = type_overrides(overrides, sorted(linear_types)) if overrides else {}
     except ConfigError as err:
         raise AssembleError(str(err)) from None
     for n, t in linear_types.items():
