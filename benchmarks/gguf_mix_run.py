@@ -163,21 +163,19 @@ def own_mix_config(out: Path, mix: str, args) -> Path:
     """``strata plan --gguf-mix MIX`` on the first mix's run (the probe): the config of strata's own types at the
     byte size llama.cpp's ``mix`` gives the linears, solved from the probe's kept statistics, written to
     ``out / mix / own / own.yaml`` (its first line the plan's summary)."""
-    from strata_quant.pipeline.checkpoint import open_checkpoint
-    from strata_quant.pipeline.formats.gguf_mix import linear_types
-    from strata_quant.pipeline.plan import plan_gguf_types, probe_entries, write_gguf_mix_config
+    from strata_quant.pipeline.plan import plan_own_mix
     from strata_quant.pipeline.store import open_store
 
     probe = (out / args.mixes.split(",")[0] / "run-id").read_text()
-    config, entries = probe_entries(open_store(str(out / "store")), probe)
     candidates = own_candidates(args)
-    mix_types = linear_types(open_checkpoint(config["model"]), mix, sorted(entries))
-    plan = plan_gguf_types(entries, mix, mix_types, candidates)
-    (out / mix / "own").mkdir(parents=True, exist_ok=True)
-    (out / mix / "own" / "candidates.json").write_text(json.dumps(candidates))
-    print(f"strata plan --gguf-mix {mix}: {plan.summary()}", flush=True)
+    d = out / mix / "own"
     name = f"{args.model.replace('.', '')}-{mix}-own"
-    return write_gguf_mix_config(config, plan, out / mix / "own" / "own.yaml", run_id=probe, name=name)
+    plan, path = plan_own_mix(
+        open_store(str(out / "store")), probe, mix, d / "own.yaml", candidates=candidates, name=name
+    )
+    (d / "candidates.json").write_text(json.dumps(candidates))
+    print(f"strata plan --gguf-mix {mix}: {plan.summary()}", flush=True)
+    return path
 
 
 def own_candidates(args) -> list[str] | None:

@@ -269,9 +269,17 @@ def cmd_plan(args) -> int:
     from strata_quant.pipeline.plan import plan_bits, probe_entries, write_planned_config
     from strata_quant.pipeline.store import open_store
 
-    config, entries = probe_entries(open_store(args.store), args.run_id)
     if args.gguf_mix:
-        return _plan_gguf_mix(args, config, entries)
+        from strata_quant.pipeline.plan import plan_own_mix
+
+        candidates = args.candidates.split(",") if args.candidates else None
+        plan, path = plan_own_mix(
+            open_store(args.store), args.run_id, args.gguf_mix, Path(args.out), candidates=candidates, name=args.name
+        )
+        print(plan.summary())
+        print(path)
+        return 0
+    config, entries = probe_entries(open_store(args.store), args.run_id)
     candidates = [int(b) for b in args.candidates.split(",")] if args.candidates else None
     plan = plan_bits(
         entries,
@@ -283,24 +291,6 @@ def cmd_plan(args) -> int:
     )  # a ValueError (no plan meets the budget) reaches main as one line
     print(plan.summary())
     print(write_planned_config(config, plan, Path(args.out), name=args.name))
-    return 0
-
-
-def _plan_gguf_mix(args, config: dict, entries: dict) -> int:
-    from strata_quant.pipeline.checkpoint import open_checkpoint
-    from strata_quant.pipeline.formats.gguf_mix import linear_types
-    from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
-    from strata_quant.pipeline.plan import plan_gguf_types, write_gguf_mix_config
-
-    mix = args.gguf_mix.upper()
-    if mix not in SOLVED_MIXES:
-        raise ValueError(f"--gguf-mix {args.gguf_mix}: one of {', '.join(SOLVED_MIXES)}")
-    reader = open_checkpoint(config["model"])
-    mix_types = linear_types(reader, mix, sorted(entries))  # llama.cpp's own choice: the budget
-    candidates = args.candidates.split(",") if args.candidates else None
-    plan = plan_gguf_types(entries, mix, mix_types, candidates)
-    print(plan.summary())
-    print(write_gguf_mix_config(config, plan, Path(args.out), run_id=args.run_id, name=args.name))
     return 0
 
 

@@ -270,3 +270,22 @@ def write_gguf_mix_config(config: dict, plan: TypePlan, dest: Path, *, run_id: s
         data["calibration"] = {**data["calibration"], "statistics": run_id}
     data["name"] = name or f"{data.get('name', 'job')}-{plan.mix}-own".replace("_", "-").lower()
     return _write_config(data, dest, f"strata plan --gguf-mix {plan.mix}: {plan.summary()}")
+
+
+def plan_own_mix(
+    store, run_id: str, mix: str, dest: Path, *, candidates: list[str] | None = None, name: str | None = None
+) -> tuple[TypePlan, Path]:
+    """``strata plan RUN --gguf-mix MIX``: the probe run's sensitivities, llama.cpp's own types of ``mix`` on the
+    checkpoint (its quantize dry run, :func:`pipeline.formats.gguf_mix.linear_types`) as the budget,
+    :func:`plan_gguf_types`, and the config :func:`write_gguf_mix_config` writes to ``dest``."""
+    from strata_quant.pipeline.checkpoint import open_checkpoint
+    from strata_quant.pipeline.formats.gguf_mix import linear_types
+    from strata_quant.pipeline.formats.gguf_solved import SOLVED_MIXES
+
+    if mix.upper() not in SOLVED_MIXES:
+        raise ValueError(f"--gguf-mix {mix}: one of {', '.join(SOLVED_MIXES)}")
+    mix = mix.upper()
+    config, entries = probe_entries(store, run_id)
+    mix_types = linear_types(open_checkpoint(config["model"]), mix, sorted(entries))
+    plan = plan_gguf_types(entries, mix, mix_types, candidates)
+    return plan, write_gguf_mix_config(config, plan, dest, run_id=run_id, name=name)
