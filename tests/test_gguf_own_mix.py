@@ -53,7 +53,8 @@ def test_ggml_sensitivity_is_the_weighted_error_of_importance_rounding_on_each_t
     sampled = ggml_sensitivity(w, h, ["Q4_K"], 2.0, max_rows=4)["Q4_K"]
     rows4 = torch.linspace(0, 15, 4).round().long()
     assert sampled == pytest.approx(s_rows(w[rows4], h) * 16 / 4 / 2.0, rel=1e-9)
-    assert sampled == pytest.approx(s["Q4_K"], rel=0.5)  # random rows: an estimate of the whole
+    # an estimate, not the sum: i.i.d. rows differ in error by a few per cent, so 4 of 16 land within 10 %
+    assert sampled == pytest.approx(s["Q4_K"], rel=0.1)
     # rows of 96 values: no K type (block 256) holds them, the legacy types do
     short = ggml_sensitivity(w[:, :96], h[:96, :96], ["Q4_K", "Q4_0", "Q8_0"], 1.0)
     assert set(short) == {"Q4_0", "Q8_0"}
