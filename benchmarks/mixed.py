@@ -35,7 +35,6 @@ from strata_quant.pipeline.calibration import calibration_windows, eval_windows,
 from strata_quant.pipeline.eval import evaluate, load_reference, with_weights
 from strata_quant.workers.gptq import gptq_quantize
 from strata_quant.workers.mixed import (
-    channel_energy,
     choose_bits_by_cost,
     gptq_stored_bits,
     output_fisher,
@@ -123,9 +122,10 @@ def main() -> None:
     # what a probe run records: per block, ē and the local output Fisher F̂ (workers.mixed)
     scale, local = {}, {}
     for i, layer in enumerate(ref.model.layers):
-        scale[i] = residual_scale(channel_energy([h for h, _ in block_inputs[i]]))
         names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        for n, sums in output_fisher(layer, block_inputs[i], names, seed=i).items():
+        sums_of, energy = output_fisher(layer, block_inputs[i], names, seed=i)
+        scale[i] = residual_scale(energy)  # of the block's output, as the probe
+        for n, sums in sums_of.items():
             local[f"model.layers.{i}.{n}"] = sums[:-1] / sums[-1]
     del block_inputs
     note("local output Fisher + residual scales")

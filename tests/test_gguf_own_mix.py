@@ -15,7 +15,7 @@ from gguf import GGUFReader
 
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.plan import gguf_bytes, plan_gguf_types
-from strata_quant.workers.ggml import rtn_ggml
+from strata_quant.workers.ggml import gptq_ggml, rtn_ggml
 from strata_quant.workers.mixed import ggml_sensitivity, hessian_error
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -60,6 +60,27 @@ def test_ggml_sensitivity_is_the_weighted_error_of_importance_rounding_on_each_t
     assert set(short) == {"Q4_0", "Q8_0"}
     with pytest.raises(ValueError, match="residual scale"):
         ggml_sensitivity(w, h, ["Q4_0"], 0.0)
+
+
+def test_ggml_sensitivity_by_gptq_is_the_weighted_error_of_the_runs_own_solve_on_each_type():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 512, generator=g) * 0.05
+    x = torch.randn(900, 512, generator=g) @ (torch.eye(512) + 0.3 * torch.randn(512, 512, generator=g) / 512**0.5)
+    h = 2 * x.t() @ x / 900  # correlated inputs: GPTQ's feedback has something to recover
+    opts = {"damp": 0.01, "diag_shrink": 0.3}
+    s = ggml_sensitivity(w, h, ["Q4_0", "Q3_K", "Q6_K"], 2.0, method="gptq", options=opts)
+    rtn = ggml_sensitivity(w, h, ["Q4_0", "Q3_K", "Q6_K"], 2.0)
+    for t, v in s.items():
+        solved = gptq_ggml(w, h, t, damp=0.01, diag_shrink=0.3).dequantize()
+        assert v == pytest.approx(hessian_error(w, solved, h) / 2.0, rel=1e-9)
+        assert v < rtn[t]  # the solve's error, below rounding's on the same grid
+    # GPTQ's rows are independent given H: the sampled rows' solve is the full solve's rows
+    rows4 = torch.linspace(0, 15, 4).round().long()
+    sampled = ggml_sensitivity(w, h, ["Q4_0"], 2.0, method="gptq", options=opts, max_rows=4)["Q4_0"]
+    full = gptq_ggml(w, h, "Q4_0", damp=0.01, diag_shrink=0.3).dequantize()
+    assert sampled == pytest.approx(hessian_error(w[rows4], full[rows4], h) * 16 / 4 / 2.0, rel=1e-6)
+    with pytest.raises(ValueError, match="ggml sensitivity by method 'awq'"):
+        ggml_sensitivity(w, h, ["Q4_0"], 1.0, method="awq")
 
 
 def s_rows(w, h) -> float:

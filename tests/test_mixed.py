@@ -111,13 +111,18 @@ def test_output_fisher_estimates_the_block_jacobian_rows() -> None:
     torch.manual_seed(0)
     block = _Block()
     batches = [(torch.randn(4, 500, 16), {"scale": 1.0}) for _ in range(5)]
-    sums = output_fisher(block, batches, ["a", "b"], seed=1)
+    sums, energy = output_fisher(block, batches, ["a", "b"], seed=1)
     assert sums["b"][-1] == 10_000 and sums["a"][-1] == 10_000
+    # ē's energy is of the block's outputs (the stream it writes), not of its inputs
+    with torch.no_grad():
+        outputs = [block(h, **kw) for h, kw in batches]
+    assert torch.allclose(energy, channel_energy(outputs), rtol=1e-6)
+    assert not torch.allclose(energy, channel_energy([h for h, _ in batches]), rtol=0.05)
     fb = sums["b"][:-1] / sums["b"][-1]
     assert torch.allclose(fb, torch.full((16,), 9.0, dtype=torch.float64), rtol=0.05)  # (3·I)ᵀ(3·I)
     want_a = 9.0 * (block.b.weight.double() ** 2).sum(0)  # diag((3B)ᵀ 3B)
     assert torch.allclose(sums["a"][:-1] / sums["a"][-1], want_a, rtol=0.05)
-    again = output_fisher(block, batches, ["a", "b"], seed=1)
+    again, _ = output_fisher(block, batches, ["a", "b"], seed=1)
     assert all(torch.equal(sums[n], again[n]) for n in sums)  # seeded: the same record on a rerun
     w = torch.randn(8, 16)
     h = torch.eye(16) * 2

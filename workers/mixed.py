@@ -237,13 +237,14 @@ def residual_scale(energy: torch.Tensor) -> float:
 
 def output_fisher(
     layer: torch.nn.Module, batches: list[tuple[torch.Tensor, dict]], names: list[str], seed: int = 0
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """How much each output channel of each linear moves the block's output: for linear i with output
     z_i and the block output y, F̂_i[r] = Σ_t (J_tᵀ u_t)_r² with J_t = ∂y_t/∂z_{i,t} and u_t ~ N(0, I) —
     an unbiased estimate of Σ_t (J_tᵀ J_t)_rr, i.e. the row Fisher of the linear under a loss whose
     gradient at the block output is isotropic. One forward and one backward of the float block per
-    batch (``batches``: (hidden [B, T, d], forward kwargs)). Returns {name: float64 [out + 1]}: the
-    sums, then the token count (summable across workers)."""
+    batch (``batches``: (hidden [B, T, d], forward kwargs)). Returns ({name: float64 [out + 1]}: the
+    sums, then the token count; :func:`channel_energy` of the outputs y, the residual stream the block
+    writes into), all summable across workers."""
     modules = dict(layer.named_modules())
     grads: dict[str, torch.Tensor] = {}
     device = next(layer.parameters()).device
@@ -256,12 +257,14 @@ def output_fisher(
 
         hooks.append(modules[n].register_forward_hook(keep))
     gen = torch.Generator().manual_seed(seed)
+    energy = None
     try:
         with torch.enable_grad():
             for hidden, kwargs in batches:
                 x = hidden.detach().float().requires_grad_(True)
                 y = layer(x, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
+                energy = channel_energy([y.detach()]) if energy is None else energy + channel_energy([y.detach()])
                 grads.clear()
                 # drawn on the CPU generator on every device, so a GPU run draws the same u_t
                 u = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
@@ -273,7 +276,7 @@ def output_fisher(
     finally:
         for h in hooks:
             h.remove()
-    return sums
+    return sums, energy
 
 
 def linear_sensitivity(
@@ -294,12 +297,15 @@ def linear_sensitivity(
     Ŵ_b is W quantized by ``method`` (rtn or gptq, with ``options``) on ``spec``'s grid at b bits; H = 2·XᵀX/n
     is the Hessian of the linear's input, so row r's term is 2·mean (ΔW_r x)², the error of output channel r;
     F̂_r (``row_weight``, :func:`output_fisher` divided by its count; 1 when None) is how much channel r moves
-    the block's output; ē = :func:`residual_scale` of the block's input residual stream. Together this is a
-    block-local estimate of the loss increase ½·Σ_r F_r (ΔW H ΔWᵀ)_rr (the K-FAC form of a diagonal-output
-    Fisher F): the gradient at a block's output is taken as isotropic with variance ∝ 1/ē, because every later
-    block reads the residual stream through an RMSNorm. On SmolLM2 the empirical Fisher of the residual
-    writers (o_proj, down_proj) times ē stays within 2.5× across blocks 1–29 while each alone moves ~200×
-    (benchmarks/mixed.py). Returns {str(b): s(b)} (JSON keys).
+    the block's output; ē = :func:`residual_scale` of the block's *output*, the residual stream the error is
+    written into. Together this is a block-local estimate of the loss increase ½·Σ_r F_r (ΔW H ΔWᵀ)_rr (the
+    K-FAC form of a diagonal-output Fisher F): the gradient at a block's output is taken as isotropic with
+    variance ∝ 1/ē of that output, because every later block reads it through an RMSNorm. The input's ē would
+    misjudge a block that grows the stream: SmolLM2's block 0 reads the embeddings (ē 0.011) and writes a
+    stream of ē 1.03, so by its input its FFN weighed 100× too much and took the bytes of a GGUF mix of
+    strata's own (docs/quality.md). On SmolLM2 the empirical Fisher of the residual writers (o_proj,
+    down_proj) times ē stays within 2.5× across blocks 1–29 while each alone moves ~200× (benchmarks/mixed.py).
+    Returns {str(b): s(b)} (JSON keys).
     """
     from dataclasses import replace
 
@@ -329,6 +335,8 @@ def ggml_sensitivity(
     types: list[str],
     scale: float,
     *,
+    method: str = "rtn",
+    options: dict | None = None,
     row_weight: torch.Tensor | None = None,
     max_rows: int = 512,
 ) -> dict[str, float]:
@@ -337,28 +345,49 @@ def ggml_sensitivity(
 
         s(t) = Σ_r F̂_r · ((W − Ŵ_t) H (W − Ŵ_t)ᵀ)_rr / ē
 
-    with Ŵ_t the importance-weighted rounding of W on type t's grid (:func:`workers.ggml.rtn_ggml`,
-    importance diag H: what llama-quantize makes with an importance matrix). Rounding, not GPTQ: a probe
-    over every type would otherwise cost one solve per type; a solve lowers the error of every type of a
-    linear by a similar factor, and the choice compares types. Every row is rounded on its own, so the
-    sum over the N rows is estimated from n = ``max_rows`` evenly spaced rows as N/n times their sum
-    (exact when N ≤ n): a wide FFN's 8960 rows on six types would cost minutes per linear.
+    with Ŵ_t what ``method`` makes of W on type t's grid: ``gptq`` the solve the run itself would make
+    (:func:`workers.ggml.gptq_ggml` with ``options``' damp and diag_shrink), ``rtn`` importance-weighted
+    rounding (:func:`workers.ggml.rtn_ggml`, importance diag H: what llama-quantize makes with an
+    importance matrix). The two differ by type, not by a common factor: GPTQ's error feedback recovers
+    more of a coarse grid's error than of a fine one's, so a plan from rounding errors sends too many
+    linears to the coarse types. GPTQ's rows are independent given H (the feedback runs along a row), so
+    the sum over the N rows is estimated from n = ``max_rows`` evenly spaced rows as N/n times their sum,
+    for either method (exact when N ≤ n): a wide FFN's 8960 rows on six types would cost minutes per linear.
     Returns {type: s(t)}; a type that cannot hold the rows is absent (the plan never offers it)."""
-    from strata_quant.workers.ggml import GRIDS, rtn_ggml
+    from strata_quant.workers.ggml import GRIDS
 
     if scale <= 0:
         raise ValueError(f"residual scale must be positive, got {scale}")
+    solve = _GGML_SOLVES.get(method)
+    if solve is None:
+        raise ValueError(f"ggml sensitivity by method {method!r}: one of {sorted(_GGML_SOLVES)}")
     n, cols = weight.shape
     if n > max_rows:
         rows = torch.linspace(0, n - 1, max_rows).round().long().to(weight.device)
         weight = weight[rows]
         row_weight = row_weight[rows] if row_weight is not None else None
         scale = scale * max_rows / n
-    importance = torch.diag(hessian).float()
     out = {}
     for t in dict.fromkeys(types):
         if cols % GRIDS[t].block:
             continue
-        approx = rtn_ggml(weight, t, importance).dequantize()
+        approx = solve(weight, hessian, t, options or {}).dequantize()
         out[t] = _weighted_error(weight, approx, hessian, scale, row_weight)
     return out
+
+
+def _ggml_rtn(weight: torch.Tensor, hessian: torch.Tensor, t: str, options: dict):
+    from strata_quant.workers.ggml import rtn_ggml
+
+    return rtn_ggml(weight, t, torch.diag(hessian).float())
+
+
+def _ggml_gptq(weight: torch.Tensor, hessian: torch.Tensor, t: str, options: dict):
+    from strata_quant.workers.ggml import gptq_ggml
+
+    damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
+    return gptq_ggml(weight, hessian, t, damp=damp, diag_shrink=shrink)
+
+
+# how a probe makes Ŵ_t on a type's grid, by the run's method
+_GGML_SOLVES = {"rtn": _ggml_rtn, "gptq": _ggml_gptq}

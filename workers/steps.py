@@ -44,7 +44,6 @@ from strata_quant.workers.block import StageLayout, StagePasses
 from strata_quant.workers.gptq import output_error_terms
 from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
 from strata_quant.workers.mixed import (
-    channel_energy,
     ggml_sensitivity,
     linear_sensitivity,
     output_fisher,
@@ -79,8 +78,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Probe:
-    """Mixed precision: the scale of the residual stream entering the block and the output Fisher
-    of every linear, summed over all workers (before any solve: the float block)."""
+    """Mixed precision: the scale of the residual stream the block writes (its output) and the output
+    Fisher of every linear, summed over all workers (before any solve: the float block)."""
 
 
 @dataclass(frozen=True)
@@ -283,8 +282,8 @@ def run_plan(worker: BlockWorker, state: BlockState, steps: list[Step]) -> Block
 
 
 def run_probe(w: BlockWorker, s: BlockState, _step: Probe) -> None:
-    energy = channel_energy([h for h, _ in s.batches])
-    s.fisher = output_fisher(s.layer, s.batches, list(s.linears), seed=s.b)  # float block, before any solve
+    # float block, before any solve; ē of its output, the stream its errors are written into
+    s.fisher, energy = output_fisher(s.layer, s.batches, list(s.linears), seed=s.b)
     if w.group_ready:
         dist.all_reduce(energy)
         for sums in s.fisher.values():
@@ -418,7 +417,15 @@ def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, opti
         row_weight=row_weight,
     )
     if job.sensitivity_types:  # keyed by type name, beside the widths' "3", "4" …
-        out |= ggml_sensitivity(s.originals[n], gram, job.sensitivity_types, s.scale, row_weight=row_weight)
+        out |= ggml_sensitivity(
+            s.originals[n],
+            gram,
+            job.sensitivity_types,
+            s.scale,
+            method=job.method,
+            options=options,
+            row_weight=row_weight,
+        )
     return out
 
 
