@@ -138,8 +138,8 @@ class QuantConfig(_Strict):
     )
     sensitivity_types: list[GGMLType] = Field(
         [],
-        description="mixed precision: record each linear's error on these llama.cpp types (read by strata plan "
-        "--gguf-mix); a type that cannot hold a linear's rows is left out for it",
+        description="mixed precision: record each linear's error on these llama.cpp types, solved by quant.method "
+        "on each (read by strata plan --gguf-mix); a type that cannot hold a linear's rows is left out for it",
     )
     bits_overrides: dict[str, Literal[2, 3, 4, 8]] = Field(
         {}, description="mixed precision: per-linear bits, {exact linear name or regex (re.search): bits}"

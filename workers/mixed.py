@@ -17,7 +17,7 @@ In a run the sizes are exact stored bits (:func:`gptq_stored_bits`, solved by
 :func:`choose_bits_by_cost`) and e_i is not the bare output error — that one ranks linears of
 different depths and roles on incomparable scales (on SmolLM2 it chooses *worse* than uniform
 4-bit) — but :func:`linear_sensitivity`: the output error weighted per output channel by its
-block-local Fisher (:func:`output_fisher`) and divided by the residual stream's scale
+block-local Fisher (:func:`output_fisher`) and divided by the scale of the residual stream the block writes
 (:func:`residual_scale`), all computable by the worker that owns the block.
 """
 
