@@ -422,9 +422,13 @@ def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: d
             )
             ratios = " / ".join(f"{v:.2f}×" for v in r.values())
             parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
-    size = size_of[kind] - size_of[KINDS[1]]
-    line = (f"- {who}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
-            + f"; size {'≤' if size <= 0 else '>'} llama.cpp's ({size:+,} bytes)")  # fmt: skip
+    # llama.cpp's file of the mix; in a record that did not score it, its imatrix file (the same types)
+    ref = next((k for k in (KINDS[1], KINDS[3], KINDS[2]) if k in size_of), None)
+    line = f"- {who}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
+    if ref is not None:
+        size = size_of[kind] - size_of[ref]
+        name = "llama.cpp's" if ref == KINDS[1] else f"{ref}'s"
+        line += f"; size {'≤' if size <= 0 else '>'} {name} ({size:+,} bytes)"
     if tensors and kind in tensors:
         data = tensors[kind] - tensors[KINDS[1]]
         line += f", tensor data {'≤' if data <= 0 else '>'} llama.cpp's ({data:+,} bytes)"

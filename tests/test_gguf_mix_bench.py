@@ -188,6 +188,14 @@ def test_records_of_one_experiment_plot_together_and_others_are_refused(tmp_path
     gguf_mix_plot.main([str(paths[0]), str(paths[1]), "--plot", str(png)])
     printed = capsys.readouterr().out
     assert png.stat().st_size > 10_000 and "- Q2_K:" in printed and "- Q3_K_M:" in printed
+    # a record that scored only strata's and the llama-imatrix file (--score 0,3): sizes against the latter
+    only = record("Q6_K")
+    for row in only["scores"].values():  # one row object shared by the texts
+        row.pop(KINDS[1], None), row.pop(KINDS[2], None)
+    paths.append(tmp_path / "only.json")
+    paths[-1].write_text(json.dumps(only))
+    gguf_mix_plot.main([str(paths[-1]), "--plot", str(png)])
+    assert "size ≤ llama.cpp + llama-imatrix's (+0 bytes)" in capsys.readouterr().out
     for bad, field in ((paths[2], "quant"), (paths[3], "Q2_K/Persuasion/16 is scored in an earlier record")):
         png.unlink(missing_ok=True)
         with pytest.raises(SystemExit):
