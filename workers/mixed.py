@@ -304,7 +304,8 @@ def linear_sensitivity(
     misjudge a block that grows the stream: SmolLM2's block 0 reads the embeddings (ē 0.011) and writes a
     stream of ē 1.03, so by its input its FFN weighed 100× too much and took the bytes of a GGUF mix of
     strata's own (docs/quality.md). On SmolLM2 the empirical Fisher of the residual writers (o_proj,
-    down_proj) times ē stays within 2.5× across blocks 1–29 while each alone moves ~200× (benchmarks/mixed.py).
+    down_proj) times the input's ē stays within 2.5× across blocks 1–29 while each alone moves ~200×
+    (benchmarks/mixed.py); by the output's ē the width plan wins at both sizes it was measured at.
     Returns {str(b): s(b)} (JSON keys).
     """
     from dataclasses import replace
@@ -348,9 +349,9 @@ def ggml_sensitivity(
     with Ŵ_t what ``method`` makes of W on type t's grid: ``gptq`` the solve the run itself would make
     (:func:`workers.ggml.gptq_ggml` with ``options``' damp and diag_shrink), ``rtn`` importance-weighted
     rounding (:func:`workers.ggml.rtn_ggml`, importance diag H: what llama-quantize makes with an
-    importance matrix). The two differ by type, not by a common factor: GPTQ's error feedback recovers
-    more of a coarse grid's error than of a fine one's, so a plan from rounding errors sends too many
-    linears to the coarse types. GPTQ's rows are independent given H (the feedback runs along a row), so
+    importance matrix). The solve is the error the file will have, at 2–3.5× the cost of rounding on
+    SmolLM2's shapes; its plans differed little from rounding's there (docs/quality.md, "A mix of strata's
+    own"). GPTQ's rows are independent given H (the feedback runs along a row), so
     the sum over the N rows is estimated from n = ``max_rows`` evenly spaced rows as N/n times their sum,
     for either method (exact when N ≤ n): a wide FFN's 8960 rows on six types would cost minutes per linear.
     Returns {type: s(t)}; a type that cannot hold the rows is absent (the plan never offers it)."""
