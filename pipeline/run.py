@@ -253,6 +253,10 @@ def fingerprint_parts(
         solve["hidden_dtype"] = cfg.run.hidden_dtype
     if cfg.run.keep_statistics:  # a resumed run keeps them for every block or for none
         solve["keep_statistics"] = True
+    if cfg.quant.sensitivity_bits or cfg.quant.sensitivity_types:  # a probe: only its records depend on the measure
+        from strata_quant.workers.mixed import SENSITIVITY_MEASURE
+
+        solve["sensitivity_measure"] = SENSITIVITY_MEASURE
     if ggml_types:  # a solved mix: another mix (or own types) under the same name must not resume these results
         solve["ggml_types"] = dict(sorted(ggml_types.items()))
     return {

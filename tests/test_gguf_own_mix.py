@@ -171,6 +171,28 @@ def test_another_mix_under_the_same_name_is_a_new_run_not_a_resume(tmp_path):
     assert len(ids) == 3
 
 
+def test_a_probe_under_another_sensitivity_measure_is_a_new_run(tmp_path, monkeypatch):
+    """A probe's records depend on the measure's definition: a probe begun under another one is not resumed
+    into a record whose blocks were measured two ways; a run that probes nothing keeps its run id."""
+    pytest.importorskip("llama_cpp")
+    from strata_quant.pipeline.run import plan_run
+    from strata_quant.workers import mixed
+
+    model = fixtures_llama(tmp_path)
+    probe = _config(tmp_path, model)
+    plain = _config(tmp_path, model, quant={"sensitivity_types": []})
+    before = plan_run(parse_config(probe)).run_id, plan_run(parse_config(plain)).run_id
+    monkeypatch.setattr(mixed, "SENSITIVITY_MEASURE", "another measure")
+    after = plan_run(parse_config(probe)).run_id, plan_run(parse_config(plain)).run_id
+    assert after[0] != before[0] and after[1] == before[1]
+
+
+def fixtures_llama(tmp_path):
+    from strata_quant.pipeline import fixtures
+
+    return fixtures.synthetic_llama(tmp_path / "m256", hidden=256, intermediate=512, layers=1, heads=4, kv_heads=2)
+
+
 @pytest.fixture(scope="module")
 def k_model(tmp_path_factory):
     """A random Llama whose rows are multiples of 256 (every K type holds them): 2 blocks, 256 wide, FFN 512."""

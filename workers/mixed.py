@@ -279,6 +279,11 @@ def output_fisher(
     return sums, energy
 
 
+# What a probe's recorded sensitivities mean; a probe run's fingerprint holds it, so a probe begun under
+# another definition is not resumed into a record whose blocks were measured two ways.
+SENSITIVITY_MEASURE = "fisher-weighted run's solve / residual scale of the block's output"
+
+
 def linear_sensitivity(
     weight: torch.Tensor,
     hessian: torch.Tensor,
