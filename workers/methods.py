@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from strata_quant.workers.fp8 import FP8Linear, fp8_quantize
-from strata_quant.workers.ggml import GGMLQuantized, gptq_ggml
+from strata_quant.workers.ggml import GGMLQuantized, gptq_ggml, rtn_ggml
 from strata_quant.workers.gptq import gptq_quantize
 from strata_quant.workers.int8 import int8_skip_modules
 from strata_quant.workers.nf4 import NF4Linear, gptq_nf4, gptq_nf4_stacked, nf4_quantize
@@ -238,6 +238,23 @@ def quantize_group(
     raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(METHODS)}")
 
 
+GGML_METHODS = ("gptq", "rtn")
+
+
+def quantize_ggml(
+    method: str, weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str, options: dict
+) -> GGMLQuantized:
+    """W [N, K] on llama.cpp type ``ggml_type``'s grid by ``method``: ``gptq`` GPTQ on that grid
+    (:func:`workers.ggml.gptq_ggml`, ``options``' damp and diag_shrink), ``rtn`` importance-weighted rounding
+    with importance diag H (:func:`workers.ggml.rtn_ggml`, what llama-quantize makes with an imatrix)."""
+    if method == "gptq":
+        damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
+        return gptq_ggml(weight, hessian, ggml_type, damp=damp, diag_shrink=shrink)
+    if method == "rtn":
+        return rtn_ggml(weight, ggml_type, torch.diag(hessian).float())
+    raise ValueError(f"ggml type {ggml_type} by method {method!r}: one of {', '.join(GGML_METHODS)}")
+
+
 def quantize_parts(
     method: str, weight: torch.Tensor, hessian: torch.Tensor | None, parts: list[Part], options: dict
 ) -> list[Result]:
@@ -278,8 +295,7 @@ def quantize_parts(
         elif p.ggml is not None:  # each linear on its own type's grid, with the group's H
             if method != "gptq" or hessian is None:
                 raise ValueError(f"{p.name}: ggml type {p.ggml} is solved by method gptq with the input's Hessian")
-            damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
-            out[i] = gptq_ggml(rows, hessian, p.ggml, damp=damp, diag_shrink=shrink)
+            out[i] = quantize_ggml(method, rows, hessian, p.ggml, options)
         elif per_tensor:
             out[i] = quantize_group(method, rows, hessian, p.spec, options)
         else:

@@ -361,12 +361,12 @@ def ggml_sensitivity(
     for either method (exact when N ≤ n): a wide FFN's 8960 rows on six types would cost minutes per linear.
     Returns {type: s(t)}; a type that cannot hold the rows is absent (the plan never offers it)."""
     from strata_quant.workers.ggml import GRIDS
+    from strata_quant.workers.methods import GGML_METHODS, quantize_ggml
 
     if scale <= 0:
         raise ValueError(f"residual scale must be positive, got {scale}")
-    solve = _GGML_SOLVES.get(method)
-    if solve is None:
-        raise ValueError(f"ggml sensitivity by method {method!r}: one of {sorted(_GGML_SOLVES)}")
+    if method not in GGML_METHODS:
+        raise ValueError(f"ggml sensitivity by method {method!r}: one of {', '.join(GGML_METHODS)}")
     n, cols = weight.shape
     if n > max_rows:
         rows = torch.linspace(0, n - 1, max_rows).round().long().to(weight.device)
@@ -377,23 +377,6 @@ def ggml_sensitivity(
     for t in dict.fromkeys(types):
         if cols % GRIDS[t].block:
             continue
-        approx = solve(weight, hessian, t, options or {}).dequantize()
+        approx = quantize_ggml(method, weight, hessian, t, options or {}).dequantize()
         out[t] = _weighted_error(weight, approx, hessian, scale, row_weight)
     return out
-
-
-def _ggml_rtn(weight: torch.Tensor, hessian: torch.Tensor, t: str, options: dict):
-    from strata_quant.workers.ggml import rtn_ggml
-
-    return rtn_ggml(weight, t, torch.diag(hessian).float())
-
-
-def _ggml_gptq(weight: torch.Tensor, hessian: torch.Tensor, t: str, options: dict):
-    from strata_quant.workers.ggml import gptq_ggml
-
-    damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
-    return gptq_ggml(weight, hessian, t, damp=damp, diag_shrink=shrink)
-
-
-# how a probe makes Ŵ_t on a type's grid, by the run's method
-_GGML_SOLVES = {"rtn": _ggml_rtn, "gptq": _ggml_gptq}
