@@ -12,10 +12,14 @@ size" means equal bytes of the quantized tensors in the checkpoint:
 Sensitivities (the names used in the table):
 
 * ``in-run``  — what a probe run records (``workers.mixed.linear_sensitivity`` with
-  ``output_fisher`` row weights and the block's residual scale ē): Σ_r F̂_r (ΔW H ΔWᵀ)_rr / ē;
+  ``output_fisher`` row weights, the block's residual scale ē and H' over every position but each
+  window's first, the attention sink): Σ_r F̂_r (ΔW H' ΔWᵀ)_rr / ē;
+* ``in-run on the whole H`` — the same weighed by H (the sink included), as the probe was;
 * ``hessian`` — the plain Hessian-weighted output error tr(ΔW H ΔWᵀ) (the first proxy strata used);
 * ``fisher``  — an oracle the run cannot compute (it needs the whole model's backward):
-  Σ_r F_r (ΔW H ΔWᵀ)_rr with F_r the empirical Fisher of the loss w.r.t. output channel r.
+  Σ_r F_r (ΔW H ΔWᵀ)_rr with F_r the empirical Fisher of the loss w.r.t. output channel r;
+* ``fisher on token-weighted H`` — the oracle on H weighted per token by its loss gradient
+  (``calibrate``'s ``tok``), which gives the sink the weight its gradient says.
 
 Scored with pipeline.eval.evaluate on Persuasion (perplexity, KLD and top-1 against the fp32 model).
 
@@ -50,19 +54,30 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor):
-    """One forward + backward per calibration window: H = 2·XᵀX/n per linear, the empirical row Fisher
-    F_r = mean_t (∂ NLL_t / ∂ z_r)² per linear output, and every block's inputs (for the local measures)."""
+    """One forward + backward per calibration window: Hessians per linear, the empirical row Fisher
+    F_r = mean_t (∂ NLL_t / ∂ z_r)² per linear output, and every block's inputs (for the local measures).
+    Hessians ``{kind: {linear: H}}``: ``all`` H = 2·XᵀX/n; ``rest`` the same without each window's first
+    position (the attention sink, whose inputs to some linears are outsized), over the same n; ``tok``
+    weighted per token by its loss gradient at the linear's output, H = 2·Σ_t a_t x_t x_tᵀ / Σ_t a_t with
+    a_t = ‖∂ NLL / ∂ z_t‖² (with F_r, a rank-one split of the per-token, per-channel gradient that K-FAC
+    pools into F_r alone)."""
     lin = decoder_linears(model)
-    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()}
+    kinds = ("all", "rest", "tok")
+    H = {k: {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()} for k in kinds}
+    weight_sum = dict.fromkeys(lin, 0.0)
     F = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lin.items()}
     block_inputs: dict[int, list] = {}
     grads: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
     hooks = []
     for n, m in lin.items():
 
         def fwd(_m, args, out, n=n):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            H[n] += x.T @ x
+            inputs[n] = x
+            H["all"][n] += x.T @ x
+            rest = args[0].detach()[:, 1:].reshape(-1, x.shape[-1]).double()
+            H["rest"][n] += rest.T @ rest
             out.register_hook(lambda g, n=n: grads.__setitem__(n, g.detach()))
 
         hooks.append(m.register_forward_hook(fwd))
@@ -87,12 +102,18 @@ def calibrate(model: nn.Module, windows: torch.Tensor):
         for n in lin:
             g = grads[n].reshape(-1, grads[n].shape[-1]).double()
             F[n] += (g * g).sum(0)
+            a = (g * g).sum(1)
+            H["tok"][n] += (inputs[n] * a[:, None]).T @ inputs[n]
+            weight_sum[n] += float(a.sum())
+        inputs.clear()
         tokens += ids.shape[1]
     for h in hooks:
         h.remove()
     for p in model.parameters():
         p.requires_grad_(False)
-    return {n: 2 * h / tokens for n, h in H.items()}, {n: f / tokens for n, f in F.items()}, block_inputs
+    hessians = {k: {n: 2 * h / tokens for n, h in H[k].items()} for k in ("all", "rest")}
+    hessians["tok"] = {n: 2 * h / weight_sum[n] for n, h in H["tok"].items()}
+    return hessians, {n: f / tokens for n, f in F.items()}, block_inputs
 
 
 def main() -> None:
@@ -116,17 +137,19 @@ def main() -> None:
     calw = calibration_windows(tokenize_stream(tok, fixtures.austen("emma").read_text()), args.calib, args.seq_len)
     lin = decoder_linears(ref)
     weights = {n: m.weight.data.float().clone() for n, m in lin.items()}
-    hs, fisher, block_inputs = calibrate(ref, calw)
+    hessians, fisher, block_inputs = calibrate(ref, calw)
+    hs = hessians["all"]
     note("calibration: Hessians, empirical Fisher, block inputs")
 
     # what a probe run records: per block, ē and the local output Fisher F̂ (workers.mixed)
-    scale, local = {}, {}
+    scale, local, past_sink = {}, {}, {}
     for i, layer in enumerate(ref.model.layers):
         names = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-        sums_of, energy = output_fisher(layer, block_inputs[i], names, seed=i)
-        scale[i] = residual_scale(energy)  # of the block's output, as the probe
-        for n, sums in sums_of.items():
+        probe = output_fisher(layer, block_inputs[i], names, seed=i)
+        scale[i] = residual_scale(probe.energy)  # of the block's output, as the probe
+        for n, sums in probe.fisher.items():
             local[f"model.layers.{i}.{n}"] = sums[:-1] / sums[-1]
+            past_sink[f"model.layers.{i}.{n}"] = probe.rest_hessian(n).float()
     del block_inputs
     note("local output Fisher + residual scales")
 
@@ -140,17 +163,25 @@ def main() -> None:
     def block_of(n: str) -> int:
         return int(n.split(".layers.")[1].split(".")[0])
 
-    sens: dict[str, dict[str, dict[int, float]]] = {"in-run": {}, "hessian": {}, "fisher": {}}
+    # measure: (row weight, the H the error is weighed by); the solve is always on the whole H
+    measures = {
+        "in-run": ("local", "past sink"),
+        "in-run on the whole H": ("local", "all"),
+        "hessian": ("one", "all"),
+        "fisher": ("fisher", "all"),
+        "fisher on token-weighted H": ("fisher", "tok"),
+    }
+    sens: dict[str, dict[str, dict[int, float]]] = {key: {} for key in measures}
     for n, w in weights.items():
-        h = hs[n].float()
+        on = {"all": hs[n].float(), "past sink": past_sink[n], "tok": hessians["tok"][n].float()}
+        weigh = {"local": local[n] / scale[block_of(n)], "one": torch.ones_like(fisher[n]), "fisher": fisher[n]}
         for key in sens:
             sens[key][n] = {}
         for b in WIDTHS:
             err = w - deq[(n, b, 64)]
-            rows = ((err @ h) * err).sum(1).double()
-            sens["hessian"][n][b] = float(rows.sum())
-            sens["in-run"][n][b] = float((local[n] * rows).sum()) / scale[block_of(n)]
-            sens["fisher"][n][b] = float((fisher[n] * rows).sum())
+            rows = {k: ((err @ h) * err).sum(1).double() for k, h in on.items()}
+            for key, (row_weight, kind) in measures.items():
+                sens[key][n][b] = float((weigh[row_weight] * rows[kind]).sum())
     shape = {n: tuple(w.shape) for n, w in weights.items()}
     numel = sum(w.numel() for w in weights.values())
     costs = {n: {b: gptq_stored_bits(b, *shape[n], 64) for b in WIDTHS} for n in weights}
@@ -162,7 +193,7 @@ def main() -> None:
     variants["GPTQ W4 g64 (uniform)"] = ({n: deq[(n, 4, 64)] for n in weights}, size(4, 64), "")
     plans = {}
     for budget_name, budget in [("W4 g64", size(4, 64)), ("W4 g32", size(4, 32))]:
-        for key in ("in-run", "hessian", "fisher"):
+        for key in measures:
             if budget_name == "W4 g32" and key == "hessian":
                 continue
             choice = choose_bits_by_cost(sens[key], costs, budget, max_states=200_000)

@@ -55,6 +55,10 @@ def test_ggml_sensitivity_is_the_weighted_error_of_importance_rounding_on_each_t
     assert sampled == pytest.approx(s_rows(w[rows4], h) * 16 / 4 / 2.0, rel=1e-9)
     # an estimate, not the sum: i.i.d. rows differ in error by a few per cent, so 4 of 16 land within 10 %
     assert sampled == pytest.approx(s["Q4_K"], rel=0.1)
+    # solved on H, weighed by another H' (the probe's H past the sink position)
+    other = 2 * x[100:].t() @ x[100:] / 600
+    measured = ggml_sensitivity(w, h, ["Q4_K"], 2.0, measure=other)["Q4_K"]
+    assert measured == pytest.approx(hessian_error(w, rtn_ggml(w, "Q4_K", torch.diag(h)).dequantize(), other) / 2.0)
     # rows of 96 values: no K type (block 256) holds them, the legacy types do
     short = ggml_sensitivity(w[:, :96], h[:96, :96], ["Q4_K", "Q4_0", "Q8_0"], 1.0)
     assert set(short) == {"Q4_0", "Q8_0"}

@@ -111,7 +111,8 @@ def test_output_fisher_estimates_the_block_jacobian_rows() -> None:
     torch.manual_seed(0)
     block = _Block()
     batches = [(torch.randn(4, 500, 16), {"scale": 1.0}) for _ in range(5)]
-    sums, energy = output_fisher(block, batches, ["a", "b"], seed=1)
+    probe = output_fisher(block, batches, ["a", "b"], seed=1)
+    sums, energy = probe.fisher, probe.energy
     assert sums["b"][-1] == 10_000 and sums["a"][-1] == 10_000
     # ē's energy is of the block's outputs (the stream it writes), not of its inputs
     with torch.no_grad():
@@ -122,8 +123,17 @@ def test_output_fisher_estimates_the_block_jacobian_rows() -> None:
     assert torch.allclose(fb, torch.full((16,), 9.0, dtype=torch.float64), rtol=0.05)  # (3·I)ᵀ(3·I)
     want_a = 9.0 * (block.b.weight.double() ** 2).sum(0)  # diag((3B)ᵀ 3B)
     assert torch.allclose(sums["a"][:-1] / sums["a"][-1], want_a, rtol=0.05)
-    again, _ = output_fisher(block, batches, ["a", "b"], seed=1)
+    again = output_fisher(block, batches, ["a", "b"], seed=1).fisher
     assert all(torch.equal(sums[n], again[n]) for n in sums)  # seeded: the same record on a rerun
+    # the inputs' Gram past each sequence's first position (the attention sink), from the same forward
+    tails = torch.cat([h[:, 1:].reshape(-1, 16) for h, _ in batches]).double()
+    assert float(probe.rest_rows) == 5 * 4 * 499
+    gram = tails.T @ tails  # summed in float32 by the probe: equal to 10⁻⁶ of its diagonal
+    assert torch.allclose(probe.rest["a"], gram, rtol=1e-5, atol=1e-2)
+    assert torch.allclose(probe.rest_hessian("a"), 2 * gram / tails.shape[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        mid = block.a(tails.float()).double()
+    assert torch.allclose(probe.rest["b"], mid.T @ mid, rtol=1e-4, atol=1e-2)
     w = torch.randn(8, 16)
     h = torch.eye(16) * 2
     plain = linear_sensitivity(w, h, QuantSpec(4, 8, True), [4], 1.0)
@@ -131,6 +141,32 @@ def test_output_fisher_estimates_the_block_jacobian_rows() -> None:
     assert plain["4"] == pytest.approx(ones["4"], rel=1e-12)
     doubled = linear_sensitivity(w, h, QuantSpec(4, 8, True), [4], 1.0, row_weight=torch.full((8,), 2.0))
     assert doubled["4"] == pytest.approx(2 * plain["4"], rel=1e-12)
+
+
+class _Shared(nn.Module):
+    """Two linears that read one input (as q/k/v do), then a third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 8, bias=False)
+        self.k = nn.Linear(16, 8, bias=False)
+        self.o = nn.Linear(8, 16, bias=False)
+
+    def forward(self, x):
+        return x + self.o(self.q(x) * self.k(x))
+
+
+def test_the_probe_sums_a_shared_input_once_and_leaves_out_each_sequences_first_position() -> None:
+    torch.manual_seed(0)
+    block = _Shared()
+    batches = [(torch.randn(2, 30, 16), {}) for _ in range(3)]
+    batches[0][0][:, 0] *= 500.0  # an outsized first position, as the attention sink's
+    probe = output_fisher(block, batches, ["q", "k", "o"], seed=0)
+    assert probe.rest["q"] is probe.rest["k"]  # one Gram for the input q and k share …
+    assert len(probe.tensors()) == 3 + 1 + 2 + 1  # … and one all-reduce of it
+    tails = torch.cat([h[:, 1:].reshape(-1, 16) for h, _ in batches]).double()
+    assert torch.allclose(probe.rest["q"], tails.T @ tails, rtol=1e-5, atol=1e-3)  # the sink's rows are not in it
+    assert float(probe.rest_rows) == 3 * 2 * 29
 
 
 def test_override_patterns() -> None:

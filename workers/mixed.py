@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -235,24 +236,64 @@ def residual_scale(energy: torch.Tensor) -> float:
     return float(torch.median(energy[:-1] / count))
 
 
+@dataclass
+class BlockProbe:
+    """What the probe measures of one float block, every tensor a sum over tokens (all-reduced across workers).
+
+    ``fisher``: {linear: float64 [out + 1]}, Σ_t (J_tᵀ u_t)_r² then the token count (:func:`output_fisher`);
+    ``energy``: :func:`channel_energy` of the block's outputs; ``rest``: {linear: float64 [K, K]} Σ x xᵀ of the
+    linear's inputs over every position but each sequence's first (linears that read one input share one
+    tensor); ``rest_rows``: float64 [1], the count of those positions. The Grams are as large as the block's H
+    (one K×K per distinct input: 8 GB at Llama-70B's widths), held by a probe run only."""
+
+    fisher: dict[str, torch.Tensor]
+    energy: torch.Tensor
+    rest: dict[str, torch.Tensor]
+    rest_rows: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every sum once (a shared input's Gram once), for an all-reduce in place."""
+        unique = {id(t): t for t in [*self.fisher.values(), self.energy, *self.rest.values(), self.rest_rows]}
+        return list(unique.values())
+
+    def rest_hessian(self, name: str) -> torch.Tensor:
+        """H' = 2·Σ x xᵀ / n' of ``name``'s inputs past each sequence's first position."""
+        return self.rest[name] * (2.0 / float(self.rest_rows))
+
+
 def output_fisher(
     layer: torch.nn.Module, batches: list[tuple[torch.Tensor, dict]], names: list[str], seed: int = 0
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+) -> BlockProbe:
     """How much each output channel of each linear moves the block's output: for linear i with output
     z_i and the block output y, F̂_i[r] = Σ_t (J_tᵀ u_t)_r² with J_t = ∂y_t/∂z_{i,t} and u_t ~ N(0, I) —
     an unbiased estimate of Σ_t (J_tᵀ J_t)_rr, i.e. the row Fisher of the linear under a loss whose
     gradient at the block output is isotropic. One forward and one backward of the float block per
-    batch (``batches``: (hidden [B, T, d], forward kwargs)). Returns ({name: float64 [out + 1]}: the
-    sums, then the token count; :func:`channel_energy` of the outputs y, the residual stream the block
-    writes into), all summable across workers."""
+    batch (``batches``: (hidden [B, T, d], forward kwargs)). The same forward also sums each linear's input
+    Gram over positions 1… of every sequence (:class:`BlockProbe` ``rest``): position 0 is the attention
+    sink, whose inputs to some linears (SmolLM2's down projections: ~500× the others' norm, 99.8 % of H's
+    trace) outweigh every other token in H while its output barely reaches the loss."""
     modules = dict(layer.named_modules())
     grads: dict[str, torch.Tensor] = {}
     device = next(layer.parameters()).device
     sums = {n: torch.zeros(modules[n].out_features + 1, dtype=torch.float64, device=device) for n in names}
+    rest: dict[str, torch.Tensor] = {}
+    rest_rows = torch.zeros(1, dtype=torch.float64, device=device)
+    seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs (held, so no id is reused) by leader
     hooks = []
     for n in names:
 
-        def keep(_m, _args, out, n=n):
+        def keep(_m, args, out, n=n):
+            x = args[0]
+            if id(x) in seen:  # another linear read this very tensor: one Gram for both
+                rest.setdefault(n, rest[seen[id(x)][1]])
+            else:
+                seen[id(x)] = (x, n)
+                tail = x.detach()[..., 1:, :].reshape(-1, x.shape[-1]).float()
+                gram = (tail.t() @ tail).double()
+                if n in rest:
+                    rest[n] += gram
+                else:
+                    rest[n] = gram
             out.register_hook(lambda g: grads.__setitem__(n, g.detach()))
 
         hooks.append(modules[n].register_forward_hook(keep))
@@ -262,9 +303,11 @@ def output_fisher(
         with torch.enable_grad():
             for hidden, kwargs in batches:
                 x = hidden.detach().float().requires_grad_(True)
+                seen.clear()
                 y = layer(x, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 energy = channel_energy([y.detach()]) if energy is None else energy + channel_energy([y.detach()])
+                rest_rows += x.shape[0] * (x.shape[1] - 1)
                 grads.clear()
                 # drawn on the CPU generator on every device, so a GPU run draws the same u_t
                 u = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
@@ -274,14 +317,15 @@ def output_fisher(
                     sums[n][:-1] += (g * g).sum(0)
                     sums[n][-1] += g.shape[0]
     finally:
+        seen.clear()
         for h in hooks:
             h.remove()
-    return sums, energy
+    return BlockProbe(sums, energy, rest, rest_rows)
 
 
 # What a probe's recorded sensitivities mean; a probe run's fingerprint holds it, so a probe begun under
 # another definition is not resumed into a record whose blocks were measured two ways.
-SENSITIVITY_MEASURE = "fisher-weighted run's solve / residual scale of the block's output"
+SENSITIVITY_MEASURE = "fisher-weighted run's solve on H past the sink / residual scale of the block's output"
 
 
 def linear_sensitivity(
@@ -294,13 +338,19 @@ def linear_sensitivity(
     method: str = "rtn",
     options: dict | None = None,
     row_weight: torch.Tensor | None = None,
+    measure: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The sensitivity of one linear at each width b in ``bits``, as recorded in a probe run:
 
-        s(b) = Σ_r F̂_r · ((W − Ŵ_b) H (W − Ŵ_b)ᵀ)_rr / ē
+        s(b) = Σ_r F̂_r · ((W − Ŵ_b) H' (W − Ŵ_b)ᵀ)_rr / ē
 
-    Ŵ_b is W quantized by ``method`` (rtn or gptq, with ``options``) on ``spec``'s grid at b bits; H = 2·XᵀX/n
-    is the Hessian of the linear's input, so row r's term is 2·mean (ΔW_r x)², the error of output channel r;
+    Ŵ_b is W quantized by ``method`` (rtn or gptq, with ``options``) on ``spec``'s grid at b bits, solved on H =
+    2·XᵀX/n, the Hessian of the linear's input; the error is weighed by H' (``measure``; H when None), in a probe
+    H over every position but each sequence's first (:class:`BlockProbe`), so row r's term is 2·mean (ΔW_r x)²
+    over those tokens, the error of output channel r. The first position is the attention sink: on SmolLM2 its
+    input to a down projection is ~500× any other token's and makes 99.8 % of H, so on H a type that happens to
+    round the sink's few channels well (Q2_K on block 11's, 16× below Q3_K) looked better than one a bit wider,
+    while the loss says the opposite (docs/quality.md, "What the measure missed"); the solve itself keeps H;
     F̂_r (``row_weight``, :func:`output_fisher` divided by its count; 1 when None) is how much channel r moves
     the block's output; ē = :func:`residual_scale` of the block's *output*, the residual stream the error is
     written into. Together this is a block-local estimate of the loss increase ½·Σ_r F_r (ΔW H ΔWᵀ)_rr (the
@@ -322,7 +372,7 @@ def linear_sensitivity(
     out = {}
     for b in sorted(set(bits)):
         approx = quantize_group(method, weight, hessian, replace(spec, bits=int(b)), options or {}).dequantize()
-        out[str(int(b))] = _weighted_error(weight, approx, hessian, scale, row_weight)
+        out[str(int(b))] = _weighted_error(weight, approx, hessian if measure is None else measure, scale, row_weight)
     return out
 
 
@@ -344,14 +394,15 @@ def ggml_sensitivity(
     method: str = "rtn",
     options: dict | None = None,
     row_weight: torch.Tensor | None = None,
+    measure: torch.Tensor | None = None,
     max_rows: int = 512,
 ) -> dict[str, float]:
     """The sensitivity of one linear on each of llama.cpp's types in ``types`` that can hold its rows
     (a row of K values needs K divisible by the type's block), as :func:`linear_sensitivity` defines it
 
-        s(t) = Σ_r F̂_r · ((W − Ŵ_t) H (W − Ŵ_t)ᵀ)_rr / ē
+        s(t) = Σ_r F̂_r · ((W − Ŵ_t) H' (W − Ŵ_t)ᵀ)_rr / ē
 
-    with Ŵ_t what ``method`` makes of W on type t's grid: ``gptq`` the solve the run itself would make
+    with Ŵ_t what ``method`` makes of W on type t's grid from H, weighed by H' (``measure``; H when None): ``gptq`` the solve the run itself would make
     (:func:`workers.ggml.gptq_ggml` with ``options``' damp and diag_shrink), ``rtn`` importance-weighted
     rounding (:func:`workers.ggml.rtn_ggml`, importance diag H: what llama-quantize makes with an
     importance matrix). The solve is the error the file will have, at 2–3.5× the cost of rounding on
@@ -378,5 +429,5 @@ def ggml_sensitivity(
         if cols % GRIDS[t].block:
             continue
         approx = quantize_ggml(method, weight, hessian, t, options or {}).dequantize()
-        out[t] = _weighted_error(weight, approx, hessian, scale, row_weight)
+        out[t] = _weighted_error(weight, approx, hessian if measure is None else measure, scale, row_weight)
     return out

@@ -44,6 +44,7 @@ from strata_quant.workers.block import StageLayout, StagePasses
 from strata_quant.workers.gptq import output_error_terms
 from strata_quant.workers.methods import quantize_group, quantize_parts, result_kind
 from strata_quant.workers.mixed import (
+    BlockProbe,
     ggml_sensitivity,
     linear_sensitivity,
     output_fisher,
@@ -202,8 +203,8 @@ class BlockState:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     floats: dict[str, torch.Tensor] = field(default_factory=dict)
     awq_groups: dict[str, dict] = field(default_factory=dict)
-    scale: torch.Tensor | None = None
-    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
+    scale: float | None = None  # the probe's ē (mixed precision), with what it measured of the float block
+    probe: BlockProbe | None = None
     passes: StagePasses | None = None
     quantized: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: list[dict] = field(default_factory=list)
@@ -283,12 +284,11 @@ def run_plan(worker: BlockWorker, state: BlockState, steps: list[Step]) -> Block
 
 def run_probe(w: BlockWorker, s: BlockState, _step: Probe) -> None:
     # float block, before any solve; ē of its output, the stream its errors are written into
-    s.fisher, energy = output_fisher(s.layer, s.batches, list(s.linears), seed=s.b)
+    s.probe = output_fisher(s.layer, s.batches, list(s.linears), seed=s.b)
     if w.group_ready:
-        dist.all_reduce(energy)
-        for sums in s.fisher.values():
+        for sums in s.probe.tensors():
             dist.all_reduce(sums)
-    s.scale = residual_scale(energy)
+    s.scale = residual_scale(s.probe.energy)
 
 
 def run_fold_scales(w: BlockWorker, s: BlockState, _step: FoldScales) -> None:
@@ -405,7 +405,8 @@ def _solve_whole(w: BlockWorker, s: BlockState, names: list[str], stage: int) ->
 
 def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, options: dict) -> dict:
     job = w.job
-    row_weight = s.fisher[n][:-1] / s.fisher[n][-1]
+    row_weight = s.probe.fisher[n][:-1] / s.probe.fisher[n][-1]
+    measure = s.probe.rest_hessian(n).to(gram.dtype)
     out = linear_sensitivity(
         s.originals[n],
         gram,
@@ -415,6 +416,7 @@ def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, opti
         method=job.method,
         options=options,
         row_weight=row_weight,
+        measure=measure,
     )
     if job.sensitivity_types:  # keyed by type name, beside the widths' "3", "4" …
         out |= ggml_sensitivity(
@@ -425,6 +427,7 @@ def _sensitivity(w: BlockWorker, s: BlockState, n: str, gram: torch.Tensor, opti
             method=job.method,
             options=options,
             row_weight=row_weight,
+            measure=measure,
         )
     return out
 
