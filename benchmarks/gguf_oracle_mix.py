@@ -16,7 +16,7 @@ probe), and the per-row errors are weighted by each measure:
 * ``in-run``  — the probe's: Σ_r F̂_r e_r / ē (``workers.mixed.ggml_sensitivity``'s definition);
 * ``fisher``  — the oracle: Σ_r F_r e_r;
 * ``in-run-rest``, ``fisher-rest`` — the same with e_r measured on H without each window's first position (the
-  attention sink, whose inputs to the down projections are ~500× the others' and make most of H's trace);
+  attention sink, whose inputs to some down projections are ~500× the others' and make most of their H);
 * ``fisher-tok`` — the oracle with e_r measured on H weighted per token by its loss gradient at the linear's
   output (``benchmarks.mixed.calibrate``'s ``tok``): the sink, whose output barely reaches the loss, weighs
   what its gradient says.

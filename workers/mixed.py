@@ -270,8 +270,8 @@ def output_fisher(
     gradient at the block output is isotropic. One forward and one backward of the float block per
     batch (``batches``: (hidden [B, T, d], forward kwargs)). The same forward also sums each linear's input
     Gram over positions 1… of every sequence (:class:`BlockProbe` ``rest``): position 0 is the attention
-    sink, whose inputs to some linears (SmolLM2's down projections: ~500× the others' norm, 99.8 % of H's
-    trace) outweigh every other token in H while its output barely reaches the loss."""
+    sink, whose inputs to some linears (SmolLM2's block-11 down projection: ~500× any other token's norm, up
+    to 97 % of H's trace) outweigh every other token in H while its output barely reaches the loss."""
     modules = dict(layer.named_modules())
     grads: dict[str, torch.Tensor] = {}
     device = next(layer.parameters()).device
@@ -347,10 +347,10 @@ def linear_sensitivity(
     Ŵ_b is W quantized by ``method`` (rtn or gptq, with ``options``) on ``spec``'s grid at b bits, solved on H =
     2·XᵀX/n, the Hessian of the linear's input; the error is weighed by H' (``measure``; H when None), in a probe
     H over every position but each sequence's first (:class:`BlockProbe`), so row r's term is 2·mean (ΔW_r x)²
-    over those tokens, the error of output channel r. The first position is the attention sink: on SmolLM2 its
-    input to a down projection is ~500× any other token's and makes 99.8 % of H, so on H a type that happens to
-    round the sink's few channels well (Q2_K on block 11's, 16× below Q3_K) looked better than one a bit wider,
-    while the loss says the opposite (docs/quality.md, "What the measure missed"); the solve itself keeps H;
+    over those tokens, the error of output channel r. The first position is the attention sink: in some of
+    SmolLM2's down projections its input is ~500× any other token's and makes up to 97 % of H, so on H a type that
+    happens to round the sink's channels well (Q2_K on block 11's, 15× below Q3_K) looked better than one a bit
+    wider, while the loss says the opposite (docs/quality.md, "What the measure missed"); the solve keeps H;
     F̂_r (``row_weight``, :func:`output_fisher` divided by its count; 1 when None) is how much channel r moves
     the block's output; ē = :func:`residual_scale` of the block's *output*, the residual stream the error is
     written into. Together this is a block-local estimate of the loss increase ½·Σ_r F_r (ΔW H ΔWᵀ)_rr (the
