@@ -127,7 +127,7 @@ def test_output_fisher_estimates_the_block_jacobian_rows() -> None:
     assert all(torch.equal(sums[n], again[n]) for n in sums)  # seeded: the same record on a rerun
     # the inputs' Gram past each sequence's first position (the attention sink), from the same forward
     tails = torch.cat([h[:, 1:].reshape(-1, 16) for h, _ in batches]).double()
-    assert float(probe.rest_rows) == 5 * 4 * 499
+    assert float(probe.rest_rows["a"]) == float(probe.rest_rows["b"]) == 5 * 4 * 499
     gram = tails.T @ tails  # summed in float32 by the probe: equal to 10⁻⁶ of its diagonal
     assert torch.allclose(probe.rest["a"], gram, rtol=1e-5, atol=1e-2)
     assert torch.allclose(probe.rest_hessian("a"), 2 * gram / tails.shape[0], rtol=1e-5, atol=1e-6)
@@ -163,10 +163,13 @@ def test_the_probe_sums_a_shared_input_once_and_leaves_out_each_sequences_first_
     batches[0][0][:, 0] *= 500.0  # an outsized first position, as the attention sink's
     probe = output_fisher(block, batches, ["q", "k", "o"], seed=0)
     assert probe.rest["q"] is probe.rest["k"]  # one Gram for the input q and k share …
-    assert len(probe.tensors()) == 3 + 1 + 2 + 1  # … and one all-reduce of it
+    assert len(probe.tensors()) == 3 + 1 + 2 + 2  # … and one all-reduce of it
     tails = torch.cat([h[:, 1:].reshape(-1, 16) for h, _ in batches]).double()
     assert torch.allclose(probe.rest["q"], tails.T @ tails, rtol=1e-5, atol=1e-3)  # the sink's rows are not in it
-    assert float(probe.rest_rows) == 3 * 2 * 29
+    assert float(probe.rest_rows["q"]) == 3 * 2 * 29
+    # flattened tokens (a shared expert behind a router): no positions to tell apart, every row counts
+    flat = output_fisher(block, [(torch.randn(40, 16), {})], ["q", "o"], seed=0)
+    assert float(flat.rest_rows["q"]) == 40
 
 
 def test_override_patterns() -> None:

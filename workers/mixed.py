@@ -242,23 +242,24 @@ class BlockProbe:
 
     ``fisher``: {linear: float64 [out + 1]}, Σ_t (J_tᵀ u_t)_r² then the token count (:func:`output_fisher`);
     ``energy``: :func:`channel_energy` of the block's outputs; ``rest``: {linear: float64 [K, K]} Σ x xᵀ of the
-    linear's inputs over every position but each sequence's first (linears that read one input share one
-    tensor); ``rest_rows``: float64 [1], the count of those positions. The Grams are as large as the block's H
-    (one K×K per distinct input: 8 GB at Llama-70B's widths), held by a probe run only."""
+    linear's inputs over every position but each sequence's first, and ``rest_rows`` {linear: float64 [1]} their
+    count (linears that read one input share both tensors; a linear fed flattened tokens [rows, K], as a
+    shared expert behind a router, has no positions to tell apart: all its rows). The Grams are as large as
+    the block's H (one K×K per distinct input: 8 GB at Llama-70B's widths), held by a probe run only."""
 
     fisher: dict[str, torch.Tensor]
     energy: torch.Tensor
     rest: dict[str, torch.Tensor]
-    rest_rows: torch.Tensor
+    rest_rows: dict[str, torch.Tensor]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every sum once (a shared input's Gram once), for an all-reduce in place."""
-        unique = {id(t): t for t in [*self.fisher.values(), self.energy, *self.rest.values(), self.rest_rows]}
-        return list(unique.values())
+        every = [*self.fisher.values(), self.energy, *self.rest.values(), *self.rest_rows.values()]
+        return list({id(t): t for t in every}.values())
 
     def rest_hessian(self, name: str) -> torch.Tensor:
         """H' = 2·Σ x xᵀ / n' of ``name``'s inputs past each sequence's first position."""
-        return self.rest[name] * (2.0 / float(self.rest_rows))
+        return self.rest[name] * (2.0 / float(self.rest_rows[name]))
 
 
 def output_fisher(
@@ -277,7 +278,7 @@ def output_fisher(
     device = next(layer.parameters()).device
     sums = {n: torch.zeros(modules[n].out_features + 1, dtype=torch.float64, device=device) for n in names}
     rest: dict[str, torch.Tensor] = {}
-    rest_rows = torch.zeros(1, dtype=torch.float64, device=device)
+    rest_rows: dict[str, torch.Tensor] = {}
     seen: dict[int, tuple[torch.Tensor, str]] = {}  # this batch's inputs (held, so no id is reused) by leader
     hooks = []
     for n in names:
@@ -285,15 +286,18 @@ def output_fisher(
         def keep(_m, args, out, n=n):
             x = args[0]
             if id(x) in seen:  # another linear read this very tensor: one Gram for both
-                rest.setdefault(n, rest[seen[id(x)][1]])
+                leader = seen[id(x)][1]
+                rest.setdefault(n, rest[leader])
+                rest_rows.setdefault(n, rest_rows[leader])
             else:
                 seen[id(x)] = (x, n)
-                tail = x.detach()[..., 1:, :].reshape(-1, x.shape[-1]).float()
-                gram = (tail.t() @ tail).double()
-                if n in rest:
-                    rest[n] += gram
-                else:
-                    rest[n] = gram
+                tail = x.detach()[:, 1:] if x.dim() >= 3 else x.detach()  # [B, T, …, K]: past position 0
+                tail = tail.reshape(-1, x.shape[-1]).float()
+                if n not in rest:
+                    rest[n] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+                    rest_rows[n] = torch.zeros(1, dtype=torch.float64, device=x.device)
+                rest[n] += (tail.t() @ tail).double()
+                rest_rows[n] += tail.shape[0]
             out.register_hook(lambda g: grads.__setitem__(n, g.detach()))
 
         hooks.append(modules[n].register_forward_hook(keep))
@@ -307,7 +311,6 @@ def output_fisher(
                 y = layer(x, **kwargs)
                 y = y[0] if isinstance(y, tuple) else y
                 energy = channel_energy([y.detach()]) if energy is None else energy + channel_energy([y.detach()])
-                rest_rows += x.shape[0] * (x.shape[1] - 1)
                 grads.clear()
                 # drawn on the CPU generator on every device, so a GPU run draws the same u_t
                 u = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
