@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine
+from benchmarks.gguf_oracle_mix import run_calibration
 from benchmarks.mixed import decoder_linears
 from benchmarks.sink_hessian import hessians, mean_nll
 
@@ -55,12 +56,8 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {step}", flush=True)
 
     import yaml
-    from transformers import AutoTokenizer
 
-    from strata_quant.pipeline import fixtures
     from strata_quant.pipeline.calibration import (
-        calibration_prefix,
-        calibration_windows,
         eval_windows,
         load_text,
         tokenize_stream,
@@ -77,12 +74,7 @@ def main() -> None:
     probe = (probe_out / args.probe_mix / "run-id").read_text()
     config, entries = probe_entries(open_store(str(probe_out / "store")), probe)
     cal = config["calibration"]
-    path = fixtures.resolve(config["model"])
-    tok = AutoTokenizer.from_pretrained(path)
-    calw = calibration_windows(
-        tokenize_stream(tok, load_text(cal["source"])), cal["num_samples"], cal["seq_len"], cal["sampling"],
-        cal["seed"], prefix=calibration_prefix(tok, cal["bos"]),
-    )  # fmt: skip
+    path, tok, calw = run_calibration(config)
     texts = {
         "calibration": calw[torch.linspace(0, calw.shape[0] - 1, args.windows).round().long()],
         "Persuasion": eval_windows(

@@ -73,6 +73,24 @@ def row_errors(
     return rows, out
 
 
+def run_calibration(config: dict):
+    """(model path, tokenizer, windows) of a run's config: its calibration windows exactly as the run drew them."""
+    from transformers import AutoTokenizer
+
+    from strata_quant.pipeline import fixtures
+    from strata_quant.pipeline.calibration import calibration_prefix, calibration_windows, load_text, tokenize_stream
+
+    cal = config["calibration"]
+    path = fixtures.resolve(config["model"])
+    tok = AutoTokenizer.from_pretrained(path)
+    stream = tokenize_stream(tok, load_text(cal["source"]))
+    prefix = calibration_prefix(tok, cal["bos"])
+    windows = calibration_windows(
+        stream, cal["num_samples"], cal["seq_len"], cal["sampling"], cal["seed"], prefix=prefix
+    )
+    return path, tok, windows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probe-out", required=True, help="a gguf_mix_run --own-mix --kept-statistics folder")
@@ -91,10 +109,7 @@ def main() -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {step}", flush=True)
 
     import yaml
-    from transformers import AutoTokenizer
 
-    from strata_quant.pipeline import fixtures
-    from strata_quant.pipeline.calibration import calibration_prefix, calibration_windows, load_text, tokenize_stream
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.config import parse_config
     from strata_quant.pipeline.eval import load_reference
@@ -114,12 +129,7 @@ def main() -> None:
     print(machine())
     print(f"probe run {probe}: calibration {cal['num_samples']}×{cal['seq_len']} {cal['source']}; solve {options}")
 
-    path = fixtures.resolve(config["model"])
-    tok = AutoTokenizer.from_pretrained(path)
-    windows = calibration_windows(
-        tokenize_stream(tok, load_text(cal["source"])), cal["num_samples"], cal["seq_len"], cal["sampling"],
-        cal["seed"], prefix=calibration_prefix(tok, cal["bos"]),
-    )  # fmt: skip
+    path, _, windows = run_calibration(config)
     model = load_reference(path)
     weights = {n: m.weight.data.float().clone() for n, m in decoder_linears(model).items()}
     hs, fisher, block_inputs = calibrate(model, windows)
