@@ -259,38 +259,59 @@ def mix_files(out: Path, src: Path, mix: str, args, imatrix_llama: Path | None) 
 
 def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int, label: str = "") -> dict[str, dict]:
     """{label: ppl, Δppl, KLD, top-1} of every file against ``src`` on ``windows``, each from an empty context; the
-    models are loaded side by side so the reference's distribution is computed once per window."""
+    models are loaded side by side so the reference's distribution is computed once per window. Each entry keeps
+    its per-window mean NLL (``window_nll``; the files' also ``window_kld``), so any two files scored on the same
+    windows, in this pass or another, compare paired (:func:`paired_gap`)."""
     t0 = time.perf_counter()
     from strata_quant.pipeline.verify import llamacpp_logits, load_llamacpp
 
     t = int(windows.shape[1])
     models = {"ref": load_llamacpp(src, n_ctx=t, n_threads=threads)}
     models.update({k: load_llamacpp(f, n_ctx=t, n_threads=threads) for k, f in files.items()})
-    nll = dict.fromkeys(models, 0.0)
-    kld = dict.fromkeys(files, 0.0)
+    window_nll = {k: [] for k in models}
+    window_kld = {k: [] for k in files}
     top1 = dict.fromkeys(files, 0)
     count = 0
     for window in windows.tolist():
         target = torch.tensor(window[1:]).unsqueeze(-1)
         ref = torch.log_softmax(llamacpp_logits(models["ref"], window)[:-1].double(), -1)
-        nll["ref"] -= float(ref.gather(-1, target).sum())
+        window_nll["ref"].append(-float(ref.gather(-1, target).mean()))
         for k in files:
             logp = torch.log_softmax(llamacpp_logits(models[k], window)[:-1].double(), -1)
-            nll[k] -= float(logp.gather(-1, target).sum())
-            kld[k] += float((ref.exp() * (ref - logp)).sum())  # Σ_t KL(p_ref,t ‖ p_t)
+            window_nll[k].append(-float(logp.gather(-1, target).mean()))
+            window_kld[k].append(float((ref.exp() * (ref - logp)).sum(-1).mean()))  # mean_t KL(p_ref,t ‖ p_t)
             top1[k] += int((logp.argmax(-1) == ref.argmax(-1)).sum())
         count += len(window) - 1
         done = count // (len(window) - 1)
         if done % 8 == 0:  # a 32-window pass takes tens of minutes on a loaded 2-core machine
             print(f"  {label}: {done}/{len(windows)} windows, {time.perf_counter() - t0:.0f} s", flush=True)
     del models
-    ppl_ref = math.exp(nll["ref"] / count)
-    out = {"reference": {"ppl": ppl_ref, "bytes": src.stat().st_size}}
+    # every window has the same length: the mean of the windows' means is the mean over tokens
+    ppl_ref = math.exp(sum(window_nll["ref"]) / len(windows))
+    out = {"reference": {"ppl": ppl_ref, "bytes": src.stat().st_size, "window_nll": window_nll["ref"]}}
     for k, f in files.items():
-        ppl = math.exp(nll[k] / count)
-        out[k] = {"ppl": ppl, "dppl": (ppl - ppl_ref) / ppl_ref, "kld": kld[k] / count, "top1": top1[k] / count,
-                  "bytes": f.stat().st_size}  # fmt: skip
+        ppl = math.exp(sum(window_nll[k]) / len(windows))
+        out[k] = {"ppl": ppl, "dppl": (ppl - ppl_ref) / ppl_ref, "kld": sum(window_kld[k]) / len(windows),
+                  "top1": top1[k] / count, "bytes": f.stat().st_size, "window_nll": window_nll[k],
+                  "window_kld": window_kld[k]}  # fmt: skip
     return out
+
+
+def paired_gap(per: dict, a: str, b: str = "reference") -> tuple[float, float | None]:
+    """Δppl of file ``a`` minus that of ``b`` (``b`` the reference: ``a``'s Δppl), and its standard error over the
+    windows, or None where a side has no per-window NLLs (scores saved before they were kept).
+
+    Paired by window: d_w = NLL_a,w − NLL_b,w (each a mean over the window's tokens), so what a window's text costs
+    both files cancels. With W windows of equal length, ln(ppl_a / ppl_b) = mean_w d_w, and Δppl_a − Δppl_b =
+    (ppl_a − ppl_b) / ppl_ref; by the delta method its SE ≈ ppl_a / ppl_ref · sd(d) / √W. Tokens within a window
+    are correlated; the window is the unit that is drawn independently (evenly spaced through the text)."""
+    gap = per[a]["dppl"] - (0.0 if b == "reference" else per[b]["dppl"])
+    da, db = per[a].get("window_nll"), per.get(b, {}).get("window_nll")
+    if not da or not db or len(da) != len(db) or len(da) < 2:
+        return gap, None
+    d = torch.tensor(da, dtype=torch.float64) - torch.tensor(db, dtype=torch.float64)
+    se = per[a]["ppl"] / per["reference"]["ppl"] * float(d.std()) / math.sqrt(len(d))
+    return gap, se
 
 
 def merge_scores(old: dict | None, new: dict) -> dict:
@@ -301,7 +322,12 @@ def merge_scores(old: dict | None, new: dict) -> dict:
     a, b = old["reference"]["ppl"], new["reference"]["ppl"]
     if abs(a - b) > 1e-6 * a:
         raise ValueError(f"reference ppl {b} differs from the saved {a}: the saved scores are of other windows")
-    return {**old, **{k: v for k, v in new.items() if k != "reference"}}
+    # the reference's per-window NLLs, where the saved scores predate them, come from this pass
+    return {
+        **old,
+        **{k: v for k, v in new.items() if k != "reference"},
+        "reference": {**new["reference"], **old["reference"]},
+    }
 
 
 def target(mix: str) -> float:
@@ -395,7 +421,7 @@ def table(
         size_of = (sizes or {}).get(mix) or {k: v["bytes"] for k, v in per["Persuasion"].items() if k != "reference"}
         for kind in kinds_of(size_of):
             if all(kind in per[t] for t in texts):
-                cells = " | ".join(f"{100 * per[t][kind]['dppl']:+.2f} % | {per[t][kind]['kld']:.4f}" for t in texts)
+                cells = " | ".join(f"{_dppl_cell(per[t], kind)} | {per[t][kind]['kld']:.4f}" for t in texts)
             else:
                 cells = " | ".join("not scored | —" for _ in texts)
             lines.append(f"| {mix} | {kind} | {size_of[kind]:,} | {cells} |")
@@ -403,6 +429,12 @@ def table(
             if all(kind in per[t] for t in texts):
                 verdicts.append(_verdict(who, mix, kind, per, size_of, (tensors or {}).get(mix), texts))
     return lines + [""] + verdicts
+
+
+def _dppl_cell(per: dict, kind: str) -> str:
+    """Δppl in percent, ± its paired standard error over the windows where they were kept."""
+    gap, se = paired_gap(per, kind)
+    return f"{100 * gap:+.2f} %" + ("" if se is None else f" ± {100 * se:.2f}")
 
 
 def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: dict | None, texts) -> str:
@@ -421,7 +453,13 @@ def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: d
                 for t in texts
             )
             ratios = " / ".join(f"{v:.2f}×" for v in r.values())
-            parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×)")
+            gaps = [paired_gap(per[t], kind, anchor) for t in texts]
+            paired = (
+                "; strata − anchor " + " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in gaps) + " points"
+                if all(e is not None for _, e in gaps)
+                else ""
+            )
+            parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×{paired})")
     # llama.cpp's file of the mix; in a record that did not score it, its imatrix file (the same types)
     ref = next((k for k in (KINDS[1], KINDS[3], KINDS[2]) if k in size_of), None)
     line = f"- {who}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.gguf_mix_run import KINDS, TEXTS, merge_scores, peer_files, table, target
+from benchmarks.gguf_mix_run import KINDS, TEXTS, merge_scores, paired_gap, peer_files, table, target
 
 
 def _scores(mix: str, strata: float, anchor: float, strata_bytes: int, llama_bytes: int) -> dict:
@@ -276,3 +276,47 @@ def test_own_mix_is_planned_from_the_first_mix_probe_and_judged_beside_strata_ru
     with pytest.raises(SystemExit):
         gguf_mix_run.main()
     assert "give --kept-statistics" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_paired_gap_is_the_window_mean_difference_with_its_standard_error():
+    """Δppl and the gap between two files carry the SE of the per-window NLL differences (paired by window):
+    a constant offset between two files has no spread, so its SE is zero however noisy the windows are."""
+    import math
+
+    ref_w = [2.0, 3.0, 2.5, 3.5]
+    a_w = [w + d for w, d in zip(ref_w, [0.10, 0.05, 0.12, 0.03], strict=True)]
+    b_w = [w + 0.02 for w in a_w]  # b is a shifted by 0.02 nats on every window
+    ppl = {k: math.exp(sum(v) / len(v)) for k, v in {"ref": ref_w, "a": a_w, "b": b_w}.items()}
+    per = {
+        "reference": {"ppl": ppl["ref"], "window_nll": ref_w},
+        "a": {"ppl": ppl["a"], "dppl": ppl["a"] / ppl["ref"] - 1, "window_nll": a_w},
+        "b": {"ppl": ppl["b"], "dppl": ppl["b"] / ppl["ref"] - 1, "window_nll": b_w},
+    }
+    gap, se = paired_gap(per, "a")
+    d = [x - y for x, y in zip(a_w, ref_w, strict=True)]
+    mean = sum(d) / 4
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
+    assert gap == pytest.approx(math.exp(mean) - 1) and se == pytest.approx(ppl["a"] / ppl["ref"] * sd / 2)
+    gap, se = paired_gap(per, "b", "a")
+    assert gap == pytest.approx((ppl["b"] - ppl["a"]) / ppl["ref"]) and se == pytest.approx(0.0, abs=1e-12)
+    # scores saved without per-window NLLs: the gap, no SE, and the table shows no ±
+    old = {k: {x: y for x, y in v.items() if x != "window_nll"} for k, v in per.items()}
+    assert paired_gap(old, "a")[1] is None
+
+
+def test_the_table_gives_each_dppl_and_each_gap_to_the_anchor_with_its_se():
+    scores = _scores("Q2_K", 0.02, 0.03, 100, 100)
+    for row in scores.values():
+        row["reference"] = {"ppl": 10.0, "window_nll": [2.0, 2.4]}
+        for kind, v in row.items():
+            if kind != "reference":
+                v["ppl"] = 10.0 * (1 + v["dppl"])
+                v["window_nll"] = [2.0 + v["dppl"], 2.4 + v["dppl"] + 0.01]
+    lines = table(scores, ["Q2_K"], 16, {})
+    strata_row = next(line for line in lines if line.startswith(f"| Q2_K | {KINDS[0]} |"))
+    assert "+2.00 % ± 0.51 | 0.0100" in strata_row  # 1.02 · sd(0.02, 0.03) / √2 = 0.0051
+    verdict = next(line for line in lines if line.startswith("- Q2_K"))
+    assert "strata − anchor -1.00 ± 0.00 / -1.00 ± 0.00 points" in verdict
+    saved = {"reference": {"ppl": 10.0, "bytes": 9}, KINDS[3]: {"dppl": 0.1}}
+    merged = merge_scores(saved, {"reference": {"ppl": 10.0, "bytes": 9, "window_nll": [2.0]}, KINDS[0]: {}})
+    assert merged["reference"]["window_nll"] == [2.0]  # the saved reference gains this pass's windows
