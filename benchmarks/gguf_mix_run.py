@@ -297,21 +297,25 @@ def score(src: Path, files: dict[str, Path], windows: torch.Tensor, threads: int
     return out
 
 
-def paired_gap(per: dict, a: str, b: str = "reference") -> tuple[float, float | None]:
-    """Δppl of file ``a`` minus that of ``b`` (``b`` the reference: ``a``'s Δppl), and its standard error over the
-    windows, or None where a side has no per-window NLLs (scores saved before they were kept).
+def paired_gap(per: dict, a: str, b: str = "reference", scale: float = 1.0) -> tuple[float, float | None]:
+    """Δppl_a − scale · Δppl_b for two files scored on the same windows (``b`` the reference: ``a``'s Δppl; scale the
+    bar: the margin by which ``a`` meets it), and its standard error over the windows, or None where a side has no
+    per-window NLLs (scores saved before they were kept).
 
-    Paired by window: d_w = NLL_a,w − NLL_b,w (each a mean over the window's tokens), so what a window's text costs
-    both files cancels. With W windows of equal length, ln(ppl_a / ppl_b) = mean_w d_w, and Δppl_a − Δppl_b =
-    (ppl_a − ppl_b) / ppl_ref; by the delta method its SE ≈ ppl_a / ppl_ref · sd(d) / √W. Tokens within a window
-    are correlated; the window is the unit that is drawn independently (evenly spaced through the text)."""
-    gap = per[a]["dppl"] - (0.0 if b == "reference" else per[b]["dppl"])
-    da, db = per[a].get("window_nll"), per.get(b, {}).get("window_nll")
-    if not da or not db or len(da) != len(db) or len(da) < 2:
+    With W windows of equal length and n_x,w a file's mean NLL on window w, Δppl_x = exp(mean_w (n_x,w − n_ref,w))
+    − 1; by the delta method the gap's SE is sd(g) / √W over the windows' paired terms g_w = ppl_a / ppl_ref ·
+    (n_a,w − n_ref,w) − scale · ppl_b / ppl_ref · (n_b,w − n_ref,w), so what a window's text costs every file
+    cancels. Tokens within a window are correlated; the window is the unit drawn independently (evenly spaced)."""
+    gap = per[a]["dppl"] - scale * (0.0 if b == "reference" else per[b]["dppl"])
+    na, nb, nr = (per.get(k, {}).get("window_nll") for k in (a, b, "reference"))
+    if not na or not nb or not nr or not len(na) == len(nb) == len(nr) or len(na) < 2:
         return gap, None
-    d = torch.tensor(da, dtype=torch.float64) - torch.tensor(db, dtype=torch.float64)
-    se = per[a]["ppl"] / per["reference"]["ppl"] * float(d.std()) / math.sqrt(len(d))
-    return gap, se
+    na, nb, nr = (torch.tensor(x, dtype=torch.float64) for x in (na, nb, nr))
+    ppl_ref = per["reference"]["ppl"]
+    g = per[a]["ppl"] / ppl_ref * (na - nr)
+    if b != "reference":
+        g = g - scale * per[b]["ppl"] / ppl_ref * (nb - nr)
+    return gap, float(g.std()) / math.sqrt(len(g))
 
 
 def merge_scores(old: dict | None, new: dict) -> dict:
@@ -453,10 +457,12 @@ def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: d
                 for t in texts
             )
             ratios = " / ".join(f"{v:.2f}×" for v in r.values())
-            gaps = [paired_gap(per[t], kind, anchor) for t in texts]
+            margins = [paired_gap(per[t], kind, anchor, target(mix)) for t in texts]
             paired = (
-                "; strata − anchor " + " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in gaps) + " points"
-                if all(e is not None for _, e in gaps)
+                "; Δppl − bar × anchor's "
+                + " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in margins)
+                + " points, SE over windows"
+                if all(e is not None for _, e in margins)
                 else ""
             )
             parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×{paired})")

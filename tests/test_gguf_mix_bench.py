@@ -278,33 +278,40 @@ def test_own_mix_is_planned_from_the_first_mix_probe_and_judged_beside_strata_ru
     assert "give --kept-statistics" in capsys.readouterr().err and not (tmp_path / "m").exists()
 
 
-def test_paired_gap_is_the_window_mean_difference_with_its_standard_error():
-    """Δppl and the gap between two files carry the SE of the per-window NLL differences (paired by window):
-    a constant offset between two files has no spread, so its SE is zero however noisy the windows are."""
+def test_paired_gap_is_the_delta_method_over_windows():
+    """Δppl, a gap between two files and the margin to a bar carry the SE of their per-window terms, paired by
+    window: what a window costs every file cancels, so windows of very different difficulty give a small SE."""
     import math
 
     ref_w = [2.0, 3.0, 2.5, 3.5]
     a_w = [w + d for w, d in zip(ref_w, [0.10, 0.05, 0.12, 0.03], strict=True)]
-    b_w = [w + 0.02 for w in a_w]  # b is a shifted by 0.02 nats on every window
+    b_w = [w + d for w, d in zip(ref_w, [0.20, 0.15, 0.20, 0.17], strict=True)]
     ppl = {k: math.exp(sum(v) / len(v)) for k, v in {"ref": ref_w, "a": a_w, "b": b_w}.items()}
     per = {
         "reference": {"ppl": ppl["ref"], "window_nll": ref_w},
         "a": {"ppl": ppl["a"], "dppl": ppl["a"] / ppl["ref"] - 1, "window_nll": a_w},
         "b": {"ppl": ppl["b"], "dppl": ppl["b"] / ppl["ref"] - 1, "window_nll": b_w},
     }
-    gap, se = paired_gap(per, "a")
-    d = [x - y for x, y in zip(a_w, ref_w, strict=True)]
-    mean = sum(d) / 4
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 3)
-    assert gap == pytest.approx(math.exp(mean) - 1) and se == pytest.approx(ppl["a"] / ppl["ref"] * sd / 2)
-    gap, se = paired_gap(per, "b", "a")
-    assert gap == pytest.approx((ppl["b"] - ppl["a"]) / ppl["ref"]) and se == pytest.approx(0.0, abs=1e-12)
+
+    def se(terms):
+        mean = sum(terms) / len(terms)
+        return math.sqrt(sum((x - mean) ** 2 for x in terms) / (len(terms) - 1) / len(terms))
+
+    da = [x - r for x, r in zip(a_w, ref_w, strict=True)]
+    db = [x - r for x, r in zip(b_w, ref_w, strict=True)]
+    gap, err = paired_gap(per, "a")
+    assert gap == pytest.approx(math.exp(sum(da) / 4) - 1)
+    assert err == pytest.approx(se([ppl["a"] / ppl["ref"] * x for x in da]))
+    gap, err = paired_gap(per, "a", "b", 0.7)  # a's margin to a bar of 0.7× b
+    assert gap == pytest.approx(per["a"]["dppl"] - 0.7 * per["b"]["dppl"])
+    terms = [(ppl["a"] * x - 0.7 * ppl["b"] * y) / ppl["ref"] for x, y in zip(da, db, strict=True)]
+    assert err == pytest.approx(se(terms)) and err < paired_gap(per, "a")[1]  # the windows' spread cancels
     # scores saved without per-window NLLs: the gap, no SE, and the table shows no ±
     old = {k: {x: y for x, y in v.items() if x != "window_nll"} for k, v in per.items()}
-    assert paired_gap(old, "a")[1] is None
+    assert paired_gap(old, "a") == (pytest.approx(per["a"]["dppl"]), None)
 
 
-def test_the_table_gives_each_dppl_and_each_gap_to_the_anchor_with_its_se():
+def test_the_table_gives_each_dppl_and_the_margin_to_the_bar_with_its_se():
     scores = _scores("Q2_K", 0.02, 0.03, 100, 100)
     for row in scores.values():
         row["reference"] = {"ppl": 10.0, "window_nll": [2.0, 2.4]}
@@ -316,7 +323,8 @@ def test_the_table_gives_each_dppl_and_each_gap_to_the_anchor_with_its_se():
     strata_row = next(line for line in lines if line.startswith(f"| Q2_K | {KINDS[0]} |"))
     assert "+2.00 % ± 0.51 | 0.0100" in strata_row  # 1.02 · sd(0.02, 0.03) / √2 = 0.0051
     verdict = next(line for line in lines if line.startswith("- Q2_K"))
-    assert "strata − anchor -1.00 ± 0.00 / -1.00 ± 0.00 points" in verdict
+    # 0.02 − 0.7 · 0.03; per window 1.02 · (0.02, 0.03) − 0.7 · 1.03 · (0.03, 0.04) = (−0.00123, 0.00176)
+    assert "Δppl − bar × anchor's -0.10 ± 0.15 / -0.10 ± 0.15 points" in verdict
     saved = {"reference": {"ppl": 10.0, "bytes": 9}, KINDS[3]: {"dppl": 0.1}}
     merged = merge_scores(saved, {"reference": {"ppl": 10.0, "bytes": 9, "window_nll": [2.0]}, KINDS[0]: {}})
     assert merged["reference"]["window_nll"] == [2.0]  # the saved reference gains this pass's windows
