@@ -14,8 +14,10 @@ Every file is scored in llama.cpp (llama-cpp-python) by MEASURE.md: windows of 5
 King James Bible (off the calibration's domain), each from an empty context; Δppl, and KL divergence of the
 next-token distribution (mean over positions), against the source GGUF (the reference weights; the fp16 fixture is
 its dequantization). Files and scores (per file kind) are kept in --out; a second invocation reuses both and
-scores only the kinds missing (delete to redo). ``--json`` writes the published record (command, this invocation's
-commit, machine, each strata run's timings and checks from its job report, the scores).
+scores only the kinds missing (delete to redo). Each Δppl, and each margin to the bar (Δppl − bar × the anchor's),
+carries its standard error over the windows, paired by window (:func:`paired_gap`). ``--json`` writes the published
+record (command, this invocation's commit, machine, each strata run's timings and checks from its job report, the
+scores, every file's per-window NLL and KLD among them).
 
     python -m benchmarks.gguf_mix_run --mixes Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K --out /tmp/strata-mixes \\
         --eval-windows 8 --plot docs/gguf_mixes.png
@@ -457,9 +459,12 @@ def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: d
                 for t in texts
             )
             ratios = " / ".join(f"{v:.2f}×" for v in r.values())
-            margins = [paired_gap(per[t], kind, anchor, target(mix)) for t in texts]
+            # the quantity the verdict reads: Δppl − bar × the anchor's (− the anchor's where it is ≤ 0)
+            margins = [
+                paired_gap(per[t], kind, anchor, target(mix) if per[t][anchor]["dppl"] > 0 else 1.0) for t in texts
+            ]
             paired = (
-                "; Δppl − bar × anchor's "
+                "; margin "
                 + " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in margins)
                 + " points, SE over windows"
                 if all(e is not None for _, e in margins)

@@ -324,7 +324,7 @@ def test_the_table_gives_each_dppl_and_the_margin_to_the_bar_with_its_se():
     assert "+2.00 % ± 0.51 | 0.0100" in strata_row  # 1.02 · sd(0.02, 0.03) / √2 = 0.0051
     verdict = next(line for line in lines if line.startswith("- Q2_K"))
     # 0.02 − 0.7 · 0.03; per window 1.02 · (0.02, 0.03) − 0.7 · 1.03 · (0.03, 0.04) = (−0.00123, 0.00176)
-    assert "Δppl − bar × anchor's -0.10 ± 0.15 / -0.10 ± 0.15 points" in verdict
+    assert "margin -0.10 ± 0.15 / -0.10 ± 0.15 points" in verdict
     saved = {"reference": {"ppl": 10.0, "bytes": 9}, KINDS[3]: {"dppl": 0.1}}
     merged = merge_scores(saved, {"reference": {"ppl": 10.0, "bytes": 9, "window_nll": [2.0]}, KINDS[0]: {}})
     assert merged["reference"]["window_nll"] == [2.0]  # the saved reference gains this pass's windows
