@@ -5,6 +5,10 @@ The records must describe one experiment: the same model and source GGUF, calibr
 solver overrides and scored windows; a record that differs is refused before anything is drawn, naming the field.
 
     python -m benchmarks.gguf_mix_plot benchmarks/results/A.json benchmarks/results/B.json --plot docs/X.png
+
+The table gives each Δppl with its standard error over windows where the records kept per-window scores, the
+margin to the bar, and every strata-made file paired against strata's run and that run against llama.cpp's
+imatrix file (Δppl and KLD, each ± its SE).
 """
 
 from __future__ import annotations
@@ -63,14 +67,15 @@ def merge(records: list[dict]) -> tuple[str, list[str], int, dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("records", nargs="+", help="gguf_mix_run --json results of one model")
-    ap.add_argument("--plot", required=True, help="the PNG written")
+    ap.add_argument("--plot", help="the PNG written (else the table alone)")
     args = ap.parse_args(argv)
     try:
         model, mixes, windows, scores = merge([json.loads(Path(p).read_text()) for p in args.records])
     except ValueError as err:
         ap.error(str(err))
     print("\n".join(table(scores, mixes, windows, texts=MODELS[model].texts)))
-    plot(scores, mixes, windows, Path(args.plot), model)
+    if args.plot:
+        plot(scores, mixes, windows, Path(args.plot), model)
 
 
 if __name__ == "__main__":

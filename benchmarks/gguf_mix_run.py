@@ -341,6 +341,25 @@ def target(mix: str) -> float:
     return 0.7 if mix in ("Q3_K_M", "Q2_K") else 0.75
 
 
+def bar_scale(mix: str, anchor_dppl: float) -> float:
+    """The bar as a margin: a file meets it where Δppl − this × the anchor's Δppl ≤ 0. A file below the reference
+    (Δppl < 0) beats any anchor above it; against an anchor at or below the reference, strata's Δppl must be no
+    higher than the anchor's (the ratio's sign alone decides nothing)."""
+    return target(mix) if anchor_dppl > 0 else 1.0
+
+
+def paired_kld(per: dict, a: str, b: str) -> tuple[float, float | None]:
+    """KLD_a − KLD_b for two files scored on the same windows and its standard error over the windows (the
+    mean of the windows' paired differences; KLD is a mean over positions, so no delta method), or None where a
+    side has no per-window KLDs."""
+    gap = per[a]["kld"] - per[b]["kld"]
+    ka, kb = per[a].get("window_kld"), per[b].get("window_kld")
+    if not ka or not kb or len(ka) != len(kb) or len(ka) < 2:
+        return gap, None
+    d = torch.tensor(ka, dtype=torch.float64) - torch.tensor(kb, dtype=torch.float64)
+    return gap, float(d.std()) / math.sqrt(len(d))
+
+
 def record(
     args, out: Path, src: Path, mixes: list[str], scores: dict, chunks: int | None, peers: dict | None = None
 ) -> dict:
@@ -431,10 +450,16 @@ def table(
             else:
                 cells = " | ".join("not scored | —" for _ in texts)
             lines.append(f"| {mix} | {kind} | {size_of[kind]:,} | {cells} |")
-        for kind, who in ((KINDS[0], mix), (OWN, f"{mix} (own mix)")):
-            if all(kind in per[t] for t in texts):
-                verdicts.append(_verdict(who, mix, kind, per, size_of, (tensors or {}).get(mix), texts))
-    return lines + [""] + verdicts
+        scored = [k for k in kinds_of(size_of) if all(k in per[t] for t in texts)]
+        # strata's files, then each peer's (another solver of strata's, or another tool) against the same bar
+        judged = [(KINDS[0], mix, "strata"), (OWN, f"{mix} (own mix)", "strata")]
+        judged += [(k, f"{mix} ({k})", k) for k in scored if k not in KINDS and k != OWN]
+        for kind, who, maker in judged:
+            if kind in scored:
+                verdicts.append(_verdict(who, mix, kind, per, size_of, (tensors or {}).get(mix), texts, maker))
+        pairs = [(KINDS[0], KINDS[3])] + [(k, KINDS[0]) for k in scored if k not in KINDS]
+        verdicts += [_paired_line(mix, a, b, per, texts) for a, b in pairs if a in scored and b in scored]
+    return lines + [""] + [v for v in verdicts if v]
 
 
 def _dppl_cell(per: dict, kind: str) -> str:
@@ -443,26 +468,28 @@ def _dppl_cell(per: dict, kind: str) -> str:
     return f"{100 * gap:+.2f} %" + ("" if se is None else f" ± {100 * se:.2f}")
 
 
-def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: dict | None, texts) -> str:
-    """One verdict line: strata's file ``kind`` of ``mix`` against llama.cpp's imatrix files and in size."""
-    s = {t: per[t][kind] for t in texts}
+def _paired_line(mix: str, a: str, b: str, per: dict, texts) -> str:
+    """``a`` − ``b`` in Δppl (points) and KLD on each text with their SEs over the windows, paired by window; empty
+    where the scores kept no per-window values."""
+    dppl = [paired_gap(per[t], a, b) for t in texts]
+    kld = [paired_kld(per[t], a, b) for t in texts]
+    if any(e is None for _, e in dppl + kld):
+        return ""
+    cell = " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in dppl)
+    return f"- {mix}: {a} − {b}, paired: Δppl {cell} points; KLD " + " / ".join(f"{g:+.4f} ± {e:.4f}" for g, e in kld)
+
+
+def _verdict(
+    who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: dict | None, texts, maker: str = "strata"
+) -> str:
+    """One verdict line: ``maker``'s file ``kind`` of ``mix`` against llama.cpp's imatrix files and in size."""
     parts = []
     for anchor in (KINDS[3], KINDS[2]):
         if all(anchor in per[t] for t in texts):
-            r = {t: s[t]["dppl"] / per[t][anchor]["dppl"] for t in texts}
-            # a file below the reference (Δppl < 0) beats any anchor above it; against an anchor at or
-            # below the reference, strata's Δppl must be no higher than the anchor's
-            met = all(
-                s[t]["dppl"] <= target(mix) * per[t][anchor]["dppl"]
-                if per[t][anchor]["dppl"] > 0
-                else s[t]["dppl"] <= per[t][anchor]["dppl"]
-                for t in texts
-            )
+            r = {t: per[t][kind]["dppl"] / per[t][anchor]["dppl"] for t in texts}
+            margins = [paired_gap(per[t], kind, anchor, bar_scale(mix, per[t][anchor]["dppl"])) for t in texts]
+            met = all(g <= 0 for g, _ in margins)
             ratios = " / ".join(f"{v:.2f}×" for v in r.values())
-            # the quantity the verdict reads: Δppl − bar × the anchor's (− the anchor's where it is ≤ 0)
-            margins = [
-                paired_gap(per[t], kind, anchor, target(mix) if per[t][anchor]["dppl"] > 0 else 1.0) for t in texts
-            ]
             paired = (
                 "; margin "
                 + " / ".join(f"{100 * g:+.2f} ± {100 * e:.2f}" for g, e in margins)
@@ -473,7 +500,7 @@ def _verdict(who: str, mix: str, kind: str, per: dict, size_of: dict, tensors: d
             parts.append(f"vs {anchor}: {ratios} ({'met' if met else 'NOT met'}, bar {target(mix)}×{paired})")
     # llama.cpp's file of the mix; in a record that did not score it, its imatrix file (the same types)
     ref = next((k for k in (KINDS[1], KINDS[3], KINDS[2]) if k in size_of), None)
-    line = f"- {who}: strata Δppl {' / '.join(texts)} " + "; ".join(parts)
+    line = f"- {who}: {maker} Δppl {' / '.join(texts)} " + "; ".join(parts)
     if ref is not None:
         size = size_of[kind] - size_of[ref]
         name = "llama.cpp's" if ref == KINDS[1] else f"{ref}'s"

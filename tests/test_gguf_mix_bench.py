@@ -328,3 +328,31 @@ def test_the_table_gives_each_dppl_and_the_margin_to_the_bar_with_its_se():
     saved = {"reference": {"ppl": 10.0, "bytes": 9}, KINDS[3]: {"dppl": 0.1}}
     merged = merge_scores(saved, {"reference": {"ppl": 10.0, "bytes": 9, "window_nll": [2.0]}, KINDS[0]: {}})
     assert merged["reference"]["window_nll"] == [2.0]  # the saved reference gains this pass's windows
+
+
+def test_peers_get_the_bar_and_every_strata_file_is_paired_against_the_run_in_dppl_and_kld():
+    """A peer scored beside (another solver's file) gets its own verdict against the bar; the table pairs it with
+    strata's run, and strata's run with llama.cpp's imatrix file, in Δppl and KLD, each ± its SE over windows."""
+    peer = "strata, another α"
+    scores = _scores("Q2_K", 0.02, 0.03, 100, 100)
+    for row in scores.values():
+        row[peer] = {"dppl": 0.018, "kld": 0.012, "bytes": 100}
+        row["reference"] = {"ppl": 10.0, "window_nll": [2.0, 2.4]}
+        for kind, v in row.items():
+            if kind != "reference":
+                v["ppl"] = 10.0 * (1 + v["dppl"])
+                v["window_nll"] = [2.0 + v["dppl"], 2.4 + v["dppl"]]
+                v["window_kld"] = [v["kld"] - 0.001, v["kld"] + 0.001]
+        row[peer]["window_kld"] = [0.0115, 0.0125]
+    lines = table(scores, ["Q2_K"], 16, {})
+    peer_verdict = next(line for line in lines if line.startswith(f"- Q2_K ({peer}): {peer} Δppl"))
+    assert "0.60× / 0.60× (met, bar 0.7×; margin -0.30 ± 0.00" in peer_verdict
+    pair = next(line for line in lines if line.startswith(f"- Q2_K: {peer} − {KINDS[0]}, paired"))
+    # KLD: windows (0.0115 − 0.009, 0.0125 − 0.011) = (0.0025, 0.0015): mean 0.0020, sd 0.000707 / √2 = 0.0005
+    assert "Δppl -0.20 ± 0.00 / -0.20 ± 0.00 points; KLD +0.0020 ± 0.0005 / +0.0020 ± 0.0005" in pair
+    assert any(line.startswith(f"- Q2_K: {KINDS[0]} − {KINDS[3]}, paired: Δppl -1.00 ± 0.00") for line in lines)
+    # without per-window scores no paired line is printed (the verdicts stay)
+    for row in scores.values():
+        for v in row.values():
+            v.pop("window_kld", None)
+    assert not any("paired" in line for line in table(scores, ["Q2_K"], 16, {}))
