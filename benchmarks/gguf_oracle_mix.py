@@ -74,20 +74,20 @@ def row_errors(
 
 
 def run_calibration(config: dict):
-    """(model path, tokenizer, windows) of a run's config: its calibration windows exactly as the run drew them."""
+    """(model path, tokenizer, windows) of a run's config: its calibration windows exactly as the run drew them
+    (pipeline.run's draw, on the config as stored: a raw mapping, so its defaults are parse_config's)."""
     from transformers import AutoTokenizer
 
     from strata_quant.pipeline import fixtures
     from strata_quant.pipeline.calibration import calibration_prefix, calibration_windows, load_text, tokenize_stream
+    from strata_quant.pipeline.config import parse_config
 
-    cal = config["calibration"]
+    cal = parse_config(config).calibration
     path = fixtures.resolve(config["model"])
     tok = AutoTokenizer.from_pretrained(path)
-    stream = tokenize_stream(tok, load_text(cal["source"]))
-    prefix = calibration_prefix(tok, cal["bos"])
-    windows = calibration_windows(
-        stream, cal["num_samples"], cal["seq_len"], cal["sampling"], cal["seed"], prefix=prefix
-    )
+    stream = tokenize_stream(tok, load_text(cal.source, cal.text_field))
+    prefix = calibration_prefix(tok, cal.bos)
+    windows = calibration_windows(stream, cal.num_samples, cal.seq_len, cal.sampling, cal.seed, prefix=prefix)
     return path, tok, windows
 
 
