@@ -3,7 +3,9 @@ one group of tensors taken from the other, scored in llama.cpp beside both origi
 
 A group is a name pattern (``ffn_down``, ``attn_v|attn_output``, ...); ``A+B:group`` is file A with the group's
 tensors copied byte for byte from B. Files are made in --out and scored as benchmarks/gguf_mix_run scores (Δppl and
-KLD against the source GGUF, windows of 512 tokens of Persuasion and the KJV, each from an empty context).
+KLD against the model's source GGUF, windows of 512 tokens of the model's texts, each from an empty context);
+``--model`` is one of gguf_mix_run's (``qwen2.5-coder-1.5b``: Persuasion and Python's standard library), ``--texts``
+a subset of its texts, ``--one-way`` makes only the A+B files.
 
     python -m benchmarks.gguf_tensor_swap --a STRATA.gguf --b LLAMACPP.gguf --groups ffn_down \\
         --out /tmp/swap --eval-windows 8
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import machine
-from benchmarks.gguf_mix_run import TEXTS, score
+from benchmarks.gguf_mix_run import MODELS, paired_gap, score, source_gguf
 
 
 def swap_tensors(a: Path, b: Path, pattern: str, out: Path) -> list[str]:
@@ -51,6 +53,9 @@ def main() -> None:
     ap.add_argument("--a", required=True, help="the first file (e.g. strata's)")
     ap.add_argument("--b", required=True, help="the second file of the same mix (e.g. llama.cpp + imatrix)")
     ap.add_argument("--groups", default="ffn_down", help="comma-separated regexes of tensor names")
+    ap.add_argument("--model", default="smollm2-135m", choices=list(MODELS), help="the fixture both files are of")
+    ap.add_argument("--texts", default=None, help="comma-separated names of the model's texts (default: all)")
+    ap.add_argument("--one-way", action="store_true", help="only A with each group from B (not B with A's)")
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
@@ -65,27 +70,37 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     a, b = Path(args.a), Path(args.b)
+    texts = MODELS[args.model].texts
+    if args.texts:
+        texts = {t: texts[t] for t in args.texts.split(",")}
     files = {"A": a, "B": b}
     for i, group in enumerate(args.groups.split(",")):
-        for x, y, tag in ((a, b, "A+B"), (b, a, "B+A")):
+        for x, y, tag in ((a, b, "A+B"), (b, a, "B+A"))[: 1 if args.one_way else 2]:
             path = out / f"{tag.replace('+', '_with_')}-{i}.gguf"
             names = swap_tensors(x, y, group, path)
             files[f"{tag}:{group}"] = path
             print(f"{tag}:{group}: {len(names)} tensors swapped -> {path}", flush=True)
-    src = fixtures._fetch_smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(fixtures.smollm2())
+    src = source_gguf(args.model)
+    tok = AutoTokenizer.from_pretrained(fixtures.resolve(f"fixture:{args.model}"))
     print(machine())
     print(f"A = {a}\nB = {b}\n{args.eval_windows}×{args.seq_len} windows per text, {args.threads} threads")
     result = {}
-    for t, source in TEXTS.items():
+    for t, source in texts.items():
         windows = eval_windows(tokenize_stream(tok, load_text(source)), args.eval_windows, args.seq_len)
         result[t] = score(src, files, windows, args.threads, t)
         (out / "scores.json").write_text(json.dumps(result, indent=1))
-    print("| file | " + " | ".join(f"{t} Δppl | {t} KLD" for t in TEXTS) + " |")
-    print("|---|" + "---|---|" * len(TEXTS))
+    # each row paired against A: what taking the group from B (or B's file) moves, and its SE over the windows
+    print("| file | " + " | ".join(f"{t} Δppl | − A, paired | {t} KLD" for t in texts) + " |")
+    print("|---|" + "---|---|---|" * len(texts))
     for k in files:
-        cells = " | ".join(f"{100 * result[t][k]['dppl']:+.2f} % | {result[t][k]['kld']:.4f}" for t in TEXTS)
-        print(f"| {k} | {cells} |")
+        cells = []
+        for t in texts:
+            per = result[t]
+            gap, se = paired_gap(per, k, "A")
+            cells.append(
+                f"{100 * per[k]['dppl']:+.2f} % | {100 * gap:+.2f} ± {100 * (se or 0):.2f} | {per[k]['kld']:.4f}"
+            )
+        print(f"| {k} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

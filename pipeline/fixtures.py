@@ -7,8 +7,8 @@
   (8 experts copying its MLP, a seeded router), built by :mod:`pipeline.moe_fixtures`.
 * ``fixture:austen/<novel>`` — Jane Austen's novels (public domain) from the Debian
   package ``r-cran-janeaustenr``, read out through Rscript.
-* ``fixture:kjv``, ``fixture:code/python-stdlib``, ``fixture:calib-mix`` — the off-domain
-  held-out texts and the default calibration mix (:mod:`pipeline.text_fixtures`).
+* ``fixture:kjv``, ``fixture:code/python-stdlib``, ``fixture:calib-mix``, ``fixture:calib-code`` — the
+  held-out texts, the default calibration mix and its code-weighted twin (:mod:`pipeline.text_fixtures`).
 * ``fixture:tiny-llama`` — a small random Llama (seeded) with SmolLM2's tokenizer, for
   fast tests.
 * ``fixture:tiny-<family>`` — small random models of the other dense families from
@@ -73,7 +73,7 @@ SPLIT_GGUFS = {
     ),
 }
 NOVELS = ("emma", "mansfieldpark", "persuasion", "prideprejudice", "sensesensibility", "northangerabbey")
-TEXTS = ("kjv", "code/python-stdlib", "calib-mix")  # built by pipeline.text_fixtures, cached under text/
+TEXTS = ("kjv", "code/python-stdlib", "calib-mix", "calib-code")  # built by pipeline.text_fixtures, cached under text/
 
 
 class FixtureError(RuntimeError):

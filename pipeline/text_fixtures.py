@@ -12,6 +12,9 @@
   (:data:`MIX_CODE_FILES` of the standard library), interleaved in pieces of :data:`MIX_PIECE`
   characters so that evenly spaced windows draw from every source. It holds neither held-out
   text (*Persuasion*, *Mansfield Park*, the KJV, :data:`CODE_EVAL_FILES`).
+* ``fixture:calib-code`` — the mix weighted for a code model: half its fiction and half its
+  quotations, and the same code in two streams of three files, so that 45 % of the characters
+  (more of the tokens) are code. It holds no held-out text either.
 
 Each text is pinned by SHA-256 (the standard library's by the Python version it was built
 from); a mismatch is a FixtureError, never a silently different text.
@@ -33,7 +36,10 @@ from strata_quant.pipeline.fixtures import FixtureError, apt_install, austen, te
 KJV_SHA256 = "54e826a579c9a22082ac1ce185e15753673a025fb98f0e291e150ad4cc88d74e"
 # the code texts are pinned per CPython version (the standard library's source changes with it)
 CODE_SHA256 = {(3, 11, 7): "801e207a6fd1199fb64d21aa215d2a9324320efda176de355a032959c9fd6529"}
-MIX_SHA256 = {(3, 11, 7): "090e621b1501ca732ba412bb816af2e59cde45bdb1b101699f17a90ff8812f76"}
+MIX_SHA256 = {
+    "calib-mix": {(3, 11, 7): "090e621b1501ca732ba412bb816af2e59cde45bdb1b101699f17a90ff8812f76"},
+    "calib-code": {(3, 11, 7): "ea224035e9896185399f6bf5b1dc173d2878ac094a47d457d034624ea13e7b28"},
+}
 CODE_EVAL_FILES = ("argparse.py", "textwrap.py", "heapq.py", "functools.py")
 MIX_CODE_FILES = ("dataclasses.py", "pathlib.py", "shutil.py", "tokenize.py", "csv.py", "ast.py")
 MIX_NOVELS = ("emma", "prideprejudice", "northangerabbey")
@@ -46,7 +52,7 @@ FORTUNES_DIR = Path("/usr/share/games/fortunes")
 def _pinned(name: str) -> str:
     if name == "kjv":
         return KJV_SHA256
-    table = CODE_SHA256 if name == "code/python-stdlib" else MIX_SHA256
+    table = CODE_SHA256 if name == "code/python-stdlib" else MIX_SHA256[name]
     version = tuple(sys.version_info[:3])
     if version not in table:
         raise FixtureError(
@@ -127,21 +133,44 @@ def interleave(sources: list[str], share: int, piece: int) -> str:
     return "".join(out)
 
 
-def calib_mix() -> Path:
-    target = text_path("calib-mix")
+#: each mix's streams: (source, characters taken from it, its files or texts). A stream takes an
+#: equal part of its characters from each of its texts; the streams are interleaved piece by piece.
+MIXES = {
+    "calib-mix": (("fiction", MIX_SHARE, MIX_NOVELS), ("quotes", MIX_SHARE, MIX_FORTUNES),
+                  ("code", MIX_SHARE, MIX_CODE_FILES)),
+    "calib-code": (("fiction", MIX_SHARE // 2, MIX_NOVELS), ("quotes", MIX_SHARE // 2, MIX_FORTUNES),
+                   ("code", MIX_SHARE // 2, MIX_CODE_FILES[:3]), ("code", MIX_SHARE // 2, MIX_CODE_FILES[3:])),
+}  # fmt: skip
+
+
+def _source_texts(kind: str, names: tuple[str, ...]) -> list[str]:
+    if kind == "fiction":
+        return [austen(n).read_text() for n in names]
+    if kind == "quotes":  # fortune files separate their entries with "%" lines: keep the entries, drop the marks
+        return [(FORTUNES_DIR / f).read_text(encoding="utf-8").replace("\n%\n", "\n\n") for f in names]
+    return [_stdlib_files((f,)) for f in names]
+
+
+def mixed_text(name: str) -> Path:
+    """The calibration mix ``name`` (one of :data:`MIXES`), built and pinned on first use."""
+    target = text_path(name)
     if target.is_file() and target.stat().st_size > 0:
         return target
     if not all((FORTUNES_DIR / f).is_file() for f in MIX_FORTUNES):
         apt_install(["fortunes"])
-
-    def shares(texts: list[str]) -> str:  # each item an equal part of the source's share
-        return "\n".join(t[: MIX_SHARE // len(texts)] for t in texts)
-
-    fiction = shares([austen(n).read_text() for n in MIX_NOVELS])
-    # fortune files separate their entries with "%" lines: keep the entries, drop the marks
-    quotes = shares([(FORTUNES_DIR / f).read_text(encoding="utf-8").replace("\n%\n", "\n\n") for f in MIX_FORTUNES])
-    code = shares([_stdlib_files((f,)) for f in MIX_CODE_FILES])
-    return _write_pinned("calib-mix", interleave([fiction, quotes, code], MIX_SHARE, MIX_PIECE))
+    streams = []
+    for kind, share, names in MIXES[name]:
+        texts = _source_texts(kind, names)
+        streams.append("\n".join(t[: share // len(texts)] for t in texts)[:share])
+    return _write_pinned(name, interleave(streams, max(s for _, s, _ in MIXES[name]), MIX_PIECE))
 
 
-FETCH = {"kjv": kjv, "code/python-stdlib": python_stdlib, "calib-mix": calib_mix}
+def calib_mix() -> Path:
+    return mixed_text("calib-mix")
+
+
+def calib_code() -> Path:
+    return mixed_text("calib-code")
+
+
+FETCH = {"kjv": kjv, "code/python-stdlib": python_stdlib, "calib-mix": calib_mix, "calib-code": calib_code}

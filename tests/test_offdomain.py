@@ -39,18 +39,30 @@ def test_text_fixtures_are_pinned_and_mix_holds_no_eval_text():
     for name, path in texts.items():
         assert fixtures.resolve(f"fixture:{name}") == path
         assert fixtures.file_sha256(path) == text_fixtures._pinned(name)
-    mix = texts["calib-mix"].read_text()
     kjv = texts["kjv"].read_text()
     persuasion = fixtures.austen("persuasion").read_text()
-    for held in (persuasion, kjv):  # spot checks: lines from all along each held-out text
-        lines = [x for x in held.splitlines() if len(x) > 60]
-        assert not any(x in mix for x in lines[:: max(1, len(lines) // 200)])
-    for f in text_fixtures.CODE_EVAL_FILES:
-        assert f"# file: {f}\n" not in mix
-    for f in text_fixtures.MIX_CODE_FILES:
-        assert f"# file: {f}\n" in mix
-    assert "Emma Woodhouse" in mix and "def " in mix  # fiction and code, interleaved from the start
-    assert mix.index("def ") < len(mix) // 10
+    for name in text_fixtures.MIXES:
+        mix = texts[name].read_text()
+        for held in (persuasion, kjv):  # spot checks: lines from all along each held-out text
+            lines = [x for x in held.splitlines() if len(x) > 60]
+            assert not any(x in mix for x in lines[:: max(1, len(lines) // 200)])
+        for f in text_fixtures.CODE_EVAL_FILES:
+            assert f"# file: {f}\n" not in mix
+        for f in text_fixtures.MIX_CODE_FILES:
+            assert f"# file: {f}\n" in mix
+        assert "Emma Woodhouse" in mix and "def " in mix  # fiction and code, interleaved from the start
+        assert mix.index("def ") < len(mix) // 10
+
+
+def test_code_weighted_mix_is_the_mix_with_half_its_prose():
+    """calib-code keeps every line of the mix's code and about half of its fiction and quotations."""
+    mix, code = text_fixtures.calib_mix().read_text(), text_fixtures.calib_code().read_text()
+    defs = [x for x in mix.splitlines() if x.startswith("    def ")]
+    assert defs and all(x in code for x in defs)
+    prose = [x for x in mix.splitlines() if len(x) > 60 and not x.startswith((" ", "#"))][::50]
+    kept = sum(x in code for x in prose) / len(prose)
+    assert 0.3 < kept < 0.7, kept
+    assert 0.5 * len(mix) < len(code) < 0.7 * len(mix)
 
 
 def test_shrink_to_diagonal_math():
