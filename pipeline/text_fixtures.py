@@ -13,8 +13,8 @@
   characters so that evenly spaced windows draw from every source. It holds neither held-out
   text (*Persuasion*, *Mansfield Park*, the KJV, :data:`CODE_EVAL_FILES`).
 * ``fixture:calib-code`` — the mix weighted for a code model: half its fiction and half its
-  quotations, and the same code in two streams of three files, so that 45 % of the characters
-  (more of the tokens) are code. It holds no held-out text either.
+  quotations, and the same code in two streams of three files: code is 45 % of the characters
+  (43 % of Qwen2.5-Coder's tokens, against 27 % in the mix). It holds no held-out text either.
 
 Each text is pinned by SHA-256 (the standard library's by the Python version it was built
 from); a mismatch is a FixtureError, never a silently different text.
