@@ -102,6 +102,14 @@ class QuantConfig(_Strict):
         description="GPTQ: solve with H ← (1−α)·H + α·diag(H), α this value: the calibration inputs' "
         "correlations count less, their per-input importance stays (0 = GPTQ's H)",
     )
+    refine_passes: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="GPTQ on a GGUF type's grid (output.gguf_type): passes of coordinate descent over the codes "
+        "afterwards, each moving a code one step where that lowers the layer's error under GPTQ's H "
+        "(workers.ggml.refine_codes; 0 = GPTQ's codes)",
+    )
     true_sequential: bool = Field(
         True, description="solve q/k/v, o, gate/up, down in turn, each on inputs through the quantized ones before it"
     )
@@ -418,6 +426,14 @@ class JobConfig(_Strict):
                 raise ValueError("gguf output of per-linear bits needs gguf_type auto (each tensor's exact type)")
         if self.quant.sensitivity_types and self.quant.method not in ("gptq", "rtn"):
             raise ValueError("quant.sensitivity_types take method gptq or rtn")
+        if self.quant.refine_passes:
+            from strata_quant.pipeline.formats.gguf_solved import solves_mix
+
+            if "gguf" not in self.output.formats or not solves_mix(self.output.gguf_type, self.quant.method):
+                raise ValueError(
+                    "quant.refine_passes refines codes on llama.cpp's grids: it needs gguf output of a mix solved "
+                    "in the run (method gptq and gguf_type a K mix (Q4_K_M …) or MOSTLY_Q4_0)"
+                )
         if self.output.gguf_types:
             from strata_quant.pipeline.formats.gguf_solved import solves_mix
 

@@ -410,7 +410,16 @@ def config_items(report: dict) -> list[tuple[str, str]]:
     )
     solver = [
         f"{k} {q[k]}"
-        for k in ("damp", "block_size", "act_order", "static_groups", "mse_grid", "mse_weight", "diag_shrink")
+        for k in (
+            "damp",
+            "block_size",
+            "act_order",
+            "static_groups",
+            "mse_grid",
+            "mse_weight",
+            "diag_shrink",
+            "refine_passes",
+        )
         if k in q
     ]
     if solver:

@@ -799,6 +799,7 @@ def worker_job(
         static_groups=quant.static_groups,
         mse_grid=quant.mse_grid,
         diag_shrink=quant.diag_shrink,
+        refine_passes=quant.refine_passes,
         mse_weight=quant.mse_weight,
         true_sequential=quant.true_sequential,
         awq_grid=quant.awq_grid,

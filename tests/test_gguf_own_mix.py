@@ -137,6 +137,15 @@ def test_per_linear_types_need_a_mix_solved_in_the_run(tmp_path, tiny_model_path
         parse_config({**cfg, "calibration": {**cfg["calibration"], "statistics": "some-run"}})
 
 
+def test_refine_passes_need_a_mix_solved_in_the_run(tmp_path, tiny_model_path):
+    cfg = _config(tmp_path, tiny_model_path)
+    cfg["quant"]["refine_passes"] = 2
+    assert parse_config(cfg).quant.refine_passes == 2
+    for output in ({"gguf_type": "auto"}, {"gguf_type": "Q4_0"}, {"formats": ["gptq"]}):
+        with pytest.raises(ConfigError, match="refine_passes refines codes on llama.cpp's grids"):
+            parse_config({**cfg, "output": {**cfg["output"], **output}})
+
+
 def test_plan_time_refusals_of_per_linear_types(tmp_path):
     """Before block 0: a key that matches no linear; a type whose block does not divide the rows (96 values
     take Q5_0 in llama.cpp's Q4_K_M, never Q4_K)."""

@@ -356,13 +356,16 @@ def gptq_ggml(
     damp: float = 0.01,
     static_grids: bool = False,
     diag_shrink: float = 0.0,
+    refine_passes: int = 0,
 ) -> GGMLQuantized:
     """GPTQ of W [N, K] with H [K, K] on a ggml type's grid (see the module docstring): each
     block's grid fitted (:func:`fit_blocks`, importance diag H) when the column loop reaches it,
     from the compensated weights (``static_grids``: from W itself), then every column rounded
     on it from w̃_j and its error fed forward through F. Dead inputs (diag H = 0) get weight 0.
     ``diag_shrink`` α: the feedback from H_α = (1 − α)·H + α·diag(H) (gptq.shrink_to_diagonal),
-    the grids' importance diag H unchanged; α = 1 is importance-weighted rounding on the grid."""
+    the grids' importance diag H unchanged; α = 1 is importance-weighted rounding on the grid.
+    ``refine_passes``: that many passes of :func:`refine_codes` over the codes afterwards, on the
+    damped H_α the feedback was factored from (the grids kept)."""
     grid = GRIDS[grid_name]
     n, k = weight.shape
     check_row_length(grid, k)
@@ -379,7 +382,75 @@ def gptq_ggml(
     params = {"method": "gptq", "damp": damp, "damp_used": lam, "dead_inputs": dead, "static_grids": static_grids}
     if diag_shrink:  # only when set: the results of α = 0 keep the params they had
         params["diag_shrink"] = diag_shrink
-    return GGMLQuantized(grid, fields["codes"], fields["d"], fields["dmin"], fields["sc"], fields["mins"], params)
+    result = GGMLQuantized(grid, fields["codes"], fields["d"], fields["dmin"], fields["sc"], fields["mins"], params)
+    if refine_passes:
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                damped = hessian.float().clone()  # H_α + λ·mean(diag H_α)·I, as factored
+                damped.diagonal().add_(lam * float(torch.diag(hessian).double().mean()))
+                w = weight.float().clone()
+                w[:, torch.diag(hessian) == 0] = 0.0  # dead inputs: weight 0, as the solve
+                codes, moved = refine_codes(w, damped, result, refine_passes)
+                del damped, w
+        finally:
+            torch.set_num_threads(threads)
+        params |= {"refine_passes": refine_passes, "refine_moves": moved}
+        result = GGMLQuantized(grid, codes, result.d, result.dmin, result.sc, result.mins, params)
+    return result
+
+
+def refine_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, q: GGMLQuantized, passes: int, block: int = 64
+) -> tuple[torch.Tensor, int]:
+    """Coordinate descent on ``q``'s codes for the objective GPTQ minimises, every grid (a, b) kept:
+
+        L(Ŵ) = Σ_r e_r H e_rᵀ,     e_r = w_r − ŵ_r,     ŵ_rj = a_rj·(q_rj − z) − b_rj.
+
+    Moving one code by δ = ±1 moves ŵ_rj by a_rj·δ and changes row r's term by
+
+        ΔL_r = −2·δ·a_rj·g_rj + a_rj²·H_jj,     g = E H,
+
+    so column j in turn takes δ = sign(a_rj·g_rj) in every row where ΔL_r < 0 and the code stays
+    in [0, 2^bits − 1]; g is kept current (rank one inside a block of ``block`` columns, one GEMM
+    for the rest after the block, computed afresh each pass). Every move lowers L, so L never rises
+    above GPTQ's; GPTQ fixes each code once, from the columns before it, and a pass lets a code
+    answer the columns after it too (the descent QuantEase, Behdin et al. 2023, runs on uniform
+    grids). Returns the codes (uint8 [N, K]) and how many moves were made; the new ŵ is computed
+    as :meth:`GGMLQuantized.dequantize` rounds it, so the result stays bit-exact."""
+    grid = q.grid
+    n, k = q.codes.shape
+    a, b = q.sub_grids()
+    a, b = a.repeat_interleave(grid.sub, 1), b.repeat_interleave(grid.sub, 1)
+    w = weight.float()
+    codes = q.codes.float()
+    h = hessian.float()
+    hdiag = torch.diag(h)
+    err = w - (a * (codes - grid.zero) - b)
+    moved = 0
+    for _ in range(passes):
+        g = err @ h
+        for c1 in range(0, k, block):
+            c2 = min(c1 + block, k)
+            delta = torch.zeros(n, c2 - c1)
+            for j in range(c1, c2):
+                step = torch.sign(a[:, j] * g[:, j])
+                new = codes[:, j] + step
+                gain = 2 * (a[:, j] * g[:, j]).abs() - a[:, j].square() * hdiag[j]
+                ok = (step != 0) & (gain > 0) & (new >= 0) & (new <= grid.qmax)
+                if not bool(ok.any()):
+                    continue
+                moved += int(ok.sum())
+                codes[:, j] = torch.where(ok, new, codes[:, j])
+                e = w[:, j] - (a[:, j] * (codes[:, j] - grid.zero) - b[:, j])
+                delta[:, j - c1] = e - err[:, j]
+                err[:, j] = e
+                g[:, c1:c2].addr_(delta[:, j - c1], h[j, c1:c2])
+            if c1 > 0:
+                g[:, :c1].addmm_(delta, h[c1:c2, :c1])
+            if c2 < k:
+                g[:, c2:].addmm_(delta, h[c1:c2, c2:])
+    return codes.to(torch.uint8), moved
 
 
 def _solve_ggml(weight, hessian, grid: GGMLGrid, damp: float, static_grids: bool):

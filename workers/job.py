@@ -24,6 +24,7 @@ class WorkerJob:
     static_groups: bool = True
     mse_grid: int = 0
     diag_shrink: float = 0.0
+    refine_passes: int = 0  # GGUF grids: coordinate-descent passes over GPTQ's codes (workers/ggml.py)
     mse_weight: str = "uniform"  # uniform | hessian (workers/gptq.py)
     true_sequential: bool = True
     awq_grid: int = 20
@@ -98,6 +99,7 @@ class WorkerJob:
             "static_groups": self.static_groups,
             "mse_grid": self.mse_grid,
             "diag_shrink": self.diag_shrink,
+            "refine_passes": self.refine_passes,
             "mse_weight": self.mse_weight,
             "true_sequential": self.true_sequential,
             "awq_clip": self.awq_clip,

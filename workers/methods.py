@@ -245,11 +245,13 @@ def quantize_ggml(
     method: str, weight: torch.Tensor, hessian: torch.Tensor, ggml_type: str, options: dict
 ) -> GGMLQuantized:
     """W [N, K] on llama.cpp type ``ggml_type``'s grid by ``method``: ``gptq`` GPTQ on that grid
-    (:func:`workers.ggml.gptq_ggml`, ``options``' damp and diag_shrink), ``rtn`` importance-weighted rounding
-    with importance diag H (:func:`workers.ggml.rtn_ggml`, what llama-quantize makes with an imatrix)."""
+    (:func:`workers.ggml.gptq_ggml`, ``options``' damp, diag_shrink and refine_passes), ``rtn``
+    importance-weighted rounding with importance diag H (:func:`workers.ggml.rtn_ggml`, what llama-quantize
+    makes with an imatrix)."""
     if method == "gptq":
         damp, shrink = float(options.get("damp", 0.01)), float(options.get("diag_shrink", 0.0))
-        return gptq_ggml(weight, hessian, ggml_type, damp=damp, diag_shrink=shrink)
+        passes = int(options.get("refine_passes", 0))
+        return gptq_ggml(weight, hessian, ggml_type, damp=damp, diag_shrink=shrink, refine_passes=passes)
     if method == "rtn":
         return rtn_ggml(weight, ggml_type, torch.diag(hessian).float())
     raise ValueError(f"ggml type {ggml_type} by method {method!r}: one of {', '.join(GGML_METHODS)}")
