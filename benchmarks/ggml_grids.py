@@ -5,6 +5,8 @@ from windows of another; each ggml type that fits the row length is solved four 
 GPTQ on the grid (H_cal), strata's grid search with round-to-nearest (importance diag H_cal),
 llama.cpp's quantizer with the importance matrix of the same calibration (mean x²), and without
 one — and scored by the output error on the held-out text, tr(E H_eval Eᵀ) / tr(W H_eval Wᵀ).
+``--shrink α`` solves GPTQ with H_α; ``--refine N`` adds GPTQ followed by N passes of coordinate
+descent over its codes (workers.ggml.refine_codes), with its time and its error ÷ GPTQ's.
 llama.cpp runs in llama-cpp-python's libggml (tests/ggml_reference.py).
 
     python -m benchmarks.ggml_grids --model fixture:smollm2-135m --layers 5,20 --types Q4_K,Q6_K
@@ -66,6 +68,8 @@ def main() -> None:
     ap.add_argument("--eval", default="fixture:austen/persuasion")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--shrink", type=float, default=0.0, help="GPTQ's diag_shrink α")
+    ap.add_argument("--refine", type=int, default=0, help="also GPTQ with this many refine passes")
     args = ap.parse_args()
     from strata_quant.pipeline.fixtures import resolve
 
@@ -76,22 +80,31 @@ def main() -> None:
           f"H_eval from {args.windows}×{args.seq_len} of {args.eval}")  # fmt: skip
     cal = hessians(path, args.cal, layers, args.windows, args.seq_len)
     held = hessians(path, args.eval, layers, args.windows, args.seq_len)
-    print(f"{'linear':14s} {'type':5s} {'gptq':>10s} {'ours-rtn':>10s} {'llama-imat':>10s} {'llama':>10s}  gptq/imat")
+    extra = f" {'refined':>10s}  refined/gptq" if args.refine else ""
+    print(f"{'linear':14s} {'type':5s} {'gptq':>10s} {'ours-rtn':>10s} {'llama-imat':>10s} {'llama':>10s}  gptq/imat"
+          + extra)  # fmt: skip
     for key, (w, h_cal) in cal.items():
         h_eval = held[key][1]
         for name in args.types.split(","):
             if w.shape[1] % GRIDS[name].block:
                 continue
             t = time.perf_counter()
-            g = gptq_ggml(w, h_cal, name).dequantize()
+            g = gptq_ggml(w, h_cal, name, diag_shrink=args.shrink).dequantize()
             t = time.perf_counter() - t
             r = rtn_ggml(w, name, torch.diag(h_cal)).dequantize()
             imat = (torch.diag(h_cal) / 2).numpy()
             li = torch.from_numpy(ggml_dequantize(ggml_quantize(w.numpy(), name, imat), name, w.shape[1]))
             lp = torch.from_numpy(ggml_dequantize(ggml_quantize(w.numpy(), name, None), name, w.shape[1]))
             e = [relative_output_error(w, x, h_eval) for x in (g, r, li, lp)]
-            print(f"{key[0]:>3d}.{key[1]:10s} {name:5s} " + " ".join(f"{v:10.3e}" for v in e)
-                  + f"  {e[0] / e[2]:.2f}  ({t:.1f} s)", flush=True)  # fmt: skip
+            line = f"{key[0]:>3d}.{key[1]:10s} {name:5s} " + " ".join(f"{v:10.3e}" for v in e)
+            line += f"  {e[0] / e[2]:.2f}  ({t:.1f} s)"
+            if args.refine:
+                t = time.perf_counter()
+                f = gptq_ggml(w, h_cal, name, diag_shrink=args.shrink, refine_passes=args.refine).dequantize()
+                t = time.perf_counter() - t
+                er = relative_output_error(w, f, h_eval)
+                line += f" {er:10.3e}  {er / e[0]:.3f}  ({t:.1f} s)"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

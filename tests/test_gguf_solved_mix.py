@@ -137,7 +137,8 @@ def test_solved_q4_k_m_file_is_llama_cpps_layout_bit_exact_and_loads(k_model, tm
 
 def test_mostly_q4_0_is_llama_cpps_q4_0_file_solved_in_the_run(k_model, tmp_path, ray_session):
     """MOSTLY_Q4_0 (llama.cpp's LLAMA_FTYPE_MOSTLY_Q4_0): every tensor typed as llama.cpp's Q4_0 file, each linear
-    solved by GPTQ on the Q4_0 grid with the shrunk Hessian; plain Q4_0 stays the solver's grid carried exactly."""
+    solved by GPTQ on the Q4_0 grid with the shrunk Hessian and its codes refined (quant.refine_passes), bit-exact
+    in the file; plain Q4_0 stays the solver's grid carried exactly."""
     pytest.importorskip("llama_cpp")
     from strata_quant.pipeline.checkpoint import open_checkpoint
     from strata_quant.pipeline.formats.gguf import mix_types, read_metadata
@@ -145,6 +146,7 @@ def test_mostly_q4_0_is_llama_cpps_q4_0_file_solved_in_the_run(k_model, tmp_path
 
     cfg = _config(tmp_path, str(k_model), mix="MOSTLY_Q4_0").model_dump()
     cfg["quant"]["diag_shrink"] = 0.3
+    cfg["quant"]["refine_passes"] = 1
     report = run_full_job(parse_config(cfg), progress=False)
     (check,) = report["checks"]
     path = next((tmp_path / "out").glob("*.gguf"))
