@@ -248,6 +248,8 @@ def fingerprint_parts(
     quant = cfg.quant.model_dump()
     quant.pop("allow_partial_group")
     quant["moe"].pop("max_expert_stats")  # the bytes do not depend on it: a run resumes under a lower budget
+    if not quant["refine_passes"]:  # only when set: runs without it keep the fingerprints they had
+        quant.pop("refine_passes")
     solve = {"quant": quant, "propagate": cfg.run.propagate, "hessian_dtype": cfg.run.hessian_dtype}
     if cfg.run.hidden_dtype != "float32":  # only when set: fp32 runs keep the fingerprints they had
         solve["hidden_dtype"] = cfg.run.hidden_dtype

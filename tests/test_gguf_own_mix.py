@@ -8,15 +8,19 @@ per-linear types without a mix solved in the run."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 from gguf import GGUFReader
 
+from strata_quant.pipeline.checkpoint import open_checkpoint
 from strata_quant.pipeline.config import ConfigError, parse_config
 from strata_quant.pipeline.plan import gguf_bytes, plan_gguf_types
+from strata_quant.pipeline.run import fingerprint_parts
+from strata_quant.pipeline.store import sha256_bytes
 from strata_quant.workers.ggml import gptq_ggml, rtn_ggml
-from strata_quant.workers.mixed import ggml_sensitivity, hessian_error
+from strata_quant.workers.mixed import SENSITIVITY_MEASURE, ggml_sensitivity, hessian_error
 
 TYPES = ["Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 
@@ -144,6 +148,17 @@ def test_refine_passes_need_a_mix_solved_in_the_run(tmp_path, tiny_model_path):
     for output in ({"gguf_type": "auto"}, {"gguf_type": "Q4_0"}, {"formats": ["gptq"]}):
         with pytest.raises(ConfigError, match="refine_passes refines codes on llama.cpp's grids"):
             parse_config({**cfg, "output": {**cfg["output"], **output}})
+    # part of the solve's fingerprint when set; a run without it keeps the fingerprint it had before the option:
+    # the hash of the solve's settings with no refine_passes among them
+    reader, ids = open_checkpoint(tiny_model_path), torch.zeros(2, 8, dtype=torch.long)
+    configs = {n: parse_config({**cfg, "quant": {**cfg["quant"], "refine_passes": n}}) for n in (0, 1, 2)}
+    parts = {n: fingerprint_parts(c, reader, ids) for n, c in configs.items()}
+    assert len({p["solve"] for p in parts.values()}) == 3
+    quant = configs[0].quant.model_dump()
+    del quant["allow_partial_group"], quant["moe"]["max_expert_stats"], quant["refine_passes"]
+    solve = {"quant": quant, "propagate": "quantized", "hessian_dtype": "float64", "keep_statistics": True,
+             "sensitivity_measure": SENSITIVITY_MEASURE}  # fmt: skip
+    assert parts[0]["solve"] == sha256_bytes(json.dumps(solve, sort_keys=True).encode())
 
 
 def test_plan_time_refusals_of_per_linear_types(tmp_path):
