@@ -97,9 +97,8 @@ def main() -> None:
         for t in texts:
             per = result[t]
             gap, se = paired_gap(per, k, "A")
-            cells.append(
-                f"{100 * per[k]['dppl']:+.2f} % | {100 * gap:+.2f} ± {100 * (se or 0):.2f} | {per[k]['kld']:.4f}"
-            )
+            paired = f"{100 * gap:+.2f}" + ("" if se is None else f" ± {100 * se:.2f}")
+            cells.append(f"{100 * per[k]['dppl']:+.2f} % | {paired} | {per[k]['kld']:.4f}")
         print(f"| {k} | {' | '.join(cells)} |")
 
 

@@ -426,21 +426,18 @@ class JobConfig(_Strict):
                 raise ValueError("gguf output of per-linear bits needs gguf_type auto (each tensor's exact type)")
         if self.quant.sensitivity_types and self.quant.method not in ("gptq", "rtn"):
             raise ValueError("quant.sensitivity_types take method gptq or rtn")
-        if self.quant.refine_passes:
+        # what only a mix solved in the run has: per-linear llama.cpp types, codes on llama.cpp's grids
+        needs_mix = {
+            "output.gguf_types (per-linear llama.cpp types) need": self.output.gguf_types,
+            "quant.refine_passes refines codes on llama.cpp's grids: it needs": self.quant.refine_passes,
+        }
+        for what in (w for w, on in needs_mix.items() if on):
             from strata_quant.pipeline.formats.gguf_solved import solves_mix
 
             if "gguf" not in self.output.formats or not solves_mix(self.output.gguf_type, self.quant.method):
                 raise ValueError(
-                    "quant.refine_passes refines codes on llama.cpp's grids: it needs gguf output of a mix solved "
-                    "in the run (method gptq and gguf_type a K mix (Q4_K_M …) or MOSTLY_Q4_0)"
-                )
-        if self.output.gguf_types:
-            from strata_quant.pipeline.formats.gguf_solved import solves_mix
-
-            if "gguf" not in self.output.formats or not solves_mix(self.output.gguf_type, self.quant.method):
-                raise ValueError(
-                    "output.gguf_types (per-linear llama.cpp types) need gguf output of a mix solved in the run: "
-                    "method gptq and gguf_type a K mix (Q4_K_M …) or MOSTLY_Q4_0"
+                    f"{what} gguf output of a mix solved in the run: method gptq and gguf_type a K mix (Q4_K_M …) "
+                    "or MOSTLY_Q4_0"
                 )
         if self.calibration.statistics is not None:
             if self.quant.method != "gptq":

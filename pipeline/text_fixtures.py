@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from functools import partial
 from pathlib import Path
 
 from strata_quant.pipeline.fixtures import FixtureError, apt_install, austen, text_path
@@ -165,12 +166,4 @@ def mixed_text(name: str) -> Path:
     return _write_pinned(name, interleave(streams, max(s for _, s, _ in MIXES[name]), MIX_PIECE))
 
 
-def calib_mix() -> Path:
-    return mixed_text("calib-mix")
-
-
-def calib_code() -> Path:
-    return mixed_text("calib-code")
-
-
-FETCH = {"kjv": kjv, "code/python-stdlib": python_stdlib, "calib-mix": calib_mix, "calib-code": calib_code}
+FETCH = {"kjv": kjv, "code/python-stdlib": python_stdlib} | {name: partial(mixed_text, name) for name in MIXES}

@@ -162,7 +162,7 @@ def test_diag_shrink_moves_gptq_towards_importance_weighted_rounding(name):
 def test_refine_passes_lower_the_objective_and_pack_exactly(name, random_case):
     """Coordinate descent after GPTQ keeps every grid, moves codes only within range, never raises the error
     under the damped H it descends (each pass lowers it or leaves it), and the file's blocks are the result."""
-    from strata_quant.workers.ggml import refine_codes
+    from strata_quant.workers.ggml import refine_codes, refine_ggml
 
     w, h = random_case
     w = w.clone()
@@ -189,3 +189,4 @@ def test_refine_passes_lower_the_objective_and_pack_exactly(name, random_case):
         a, b = getattr(r, key), getattr(g, key)
         assert (a is None and b is None) or torch.equal(a, b)
     assert torch.equal(r.codes, refine_codes(w, damped, g, 2)[0])
+    assert torch.equal(r.codes, refine_ggml(w, h, g, 2).codes)  # the refine of GPTQ's result, as a benchmark calls it

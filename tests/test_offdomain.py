@@ -56,7 +56,7 @@ def test_text_fixtures_are_pinned_and_mix_holds_no_eval_text():
 
 def test_code_weighted_mix_is_the_mix_with_half_its_prose():
     """calib-code keeps every line of the mix's code and about half of its fiction and quotations."""
-    mix, code = text_fixtures.calib_mix().read_text(), text_fixtures.calib_code().read_text()
+    mix, code = (text_fixtures.mixed_text(n).read_text() for n in ("calib-mix", "calib-code"))
     defs = [x for x in mix.splitlines() if x.startswith("    def ")]
     assert defs and all(x in code for x in defs)
     prose = [x for x in mix.splitlines() if len(x) > 60 and not x.startswith((" ", "#"))][::50]

@@ -373,31 +373,33 @@ def gptq_ggml(
         hessian = shrink_to_diagonal(hessian, diag_shrink)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as gptq_quantize: one thread keeps the factor's bits the same everywhere
-    try:
-        with torch.inference_mode():
-            out, lam, dead = _solve_ggml(weight, hessian, grid, damp, static_grids)
-    finally:
-        torch.set_num_threads(threads)
-    fields = {key: (v.clone() if v is not None else None) for key, v in out.items()}
-    params = {"method": "gptq", "damp": damp, "damp_used": lam, "dead_inputs": dead, "static_grids": static_grids}
+    params = {"method": "gptq", "damp": damp, "damp_used": damp, "dead_inputs": 0, "static_grids": static_grids}
     if diag_shrink:  # only when set: the results of α = 0 keep the params they had
         params["diag_shrink"] = diag_shrink
-    result = GGMLQuantized(grid, fields["codes"], fields["d"], fields["dmin"], fields["sc"], fields["mins"], params)
-    if refine_passes:
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                damped = hessian.float().clone()  # H_α + λ·mean(diag H_α)·I, as factored
-                damped.diagonal().add_(lam * float(torch.diag(hessian).double().mean()))
-                w = weight.float().clone()
-                w[:, torch.diag(hessian) == 0] = 0.0  # dead inputs: weight 0, as the solve
-                codes, moved = refine_codes(w, damped, result, refine_passes)
-                del damped, w
-        finally:
-            torch.set_num_threads(threads)
-        params |= {"refine_passes": refine_passes, "refine_moves": moved}
-        result = GGMLQuantized(grid, codes, result.d, result.dmin, result.sc, result.mins, params)
-    return result
+    try:
+        with torch.inference_mode():
+            out, params["damp_used"], params["dead_inputs"] = _solve_ggml(weight, hessian, grid, damp, static_grids)
+            result = GGMLQuantized(grid, out["codes"], out["d"], out["dmin"], out["sc"], out["mins"], params)
+            if refine_passes:
+                result = refine_ggml(weight, hessian, result, refine_passes)
+    finally:
+        torch.set_num_threads(threads)
+    # out of inference mode: the caller may use the tensors anywhere
+    fields = {key: (v.clone() if v is not None else None) for key, v in result._fields().items()}
+    return GGMLQuantized(grid, **fields, params=result.params)
+
+
+def refine_ggml(weight: torch.Tensor, hessian: torch.Tensor, q: GGMLQuantized, passes: int) -> GGMLQuantized:
+    """``q`` (:func:`gptq_ggml`'s result of W with H, H already shrunk where the solve shrank it) with its codes
+    refined by :func:`refine_codes` on the damped H the feedback was factored from, H + λ·mean(diag H)·I with the
+    solve's λ (``damp_used``), dead inputs (diag H = 0) at weight 0 as in the solve; the grids kept."""
+    damped = hessian.float().clone()
+    damped.diagonal().add_(q.params["damp_used"] * float(torch.diag(hessian).double().mean()))
+    w = weight.float().clone()
+    w[:, torch.diag(hessian) == 0] = 0.0
+    codes, moved = refine_codes(w, damped, q, passes)
+    params = q.params | {"refine_passes": passes, "refine_moves": moved}
+    return GGMLQuantized(q.grid, codes, q.d, q.dmin, q.sc, q.mins, params)
 
 
 def refine_codes(
